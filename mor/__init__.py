@@ -1,0 +1,1 @@
+"""MoR wire contract (generated stubs live in mor.v1)."""

@@ -1,0 +1,1 @@
+"""Generated wire contract (package mor.v1)."""

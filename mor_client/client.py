@@ -1,0 +1,268 @@
+"""``FederationClient``: the SDK an institution embeds to join a MoR federation.
+
+It dials the server outbound over mutual TLS, registers its reward model's card, keeps one ``Session`` stream open,
+scores each task with the institution's own ``scorer`` and sends back only what its :class:`ReleasePolicy` allows.
+It reconnects with exponential backoff (full jitter), honours task deadlines, keeps no global state, and shuts down
+cleanly (``await client.stop()`` or ``client.stop_threadsafe()``).
+
+    from mor_client import FederationClient, ClientCredentials
+    client = FederationClient("federation.example.org:50051", ClientCredentials.from_dir("creds/"), scorer,
+                              card={"architecture": "cnn", "parameter_count": 12345, "supported_modes": ["plain"]})
+    asyncio.run(client.run())      # or client.run_sync()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+
+from mor.v1 import federation_pb2 as pb
+from mor.v1 import federation_pb2_grpc as pb_grpc
+from privacy.pki import ClientCredentials
+
+from .release import Release, ReleasePolicy
+from .types import Scorer
+from .wire import PB_TO_MODE, SDK_VERSION, card_to_pb, expected_scores, flatten, items_from_pb
+
+log = logging.getLogger("mor.client")
+_PERMANENT = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+              grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION}
+
+
+class ClientError(Exception):
+    """The federation refused this client for a reason retrying will not fix (bad card, revoked certificate...)."""
+
+
+@dataclass
+class ClientStats:
+    tasks: int = 0
+    reports: int = 0
+    refusals: int = 0
+    rejected: list = field(default_factory=list)   # (round_id, code, field, message) of rejected messages
+    sessions: int = 0
+    reconnects: int = 0
+
+
+class FederationClient:
+    def __init__(self, server: str, credentials: ClientCredentials | None, scorer: Scorer, *, card: dict,
+                 policy: ReleasePolicy | None = None, insecure_client_id: str | None = None,
+                 server_name_override: str | None = None, backoff_initial: float = 0.2, backoff_max: float = 15.0,
+                 max_attempts: int | None = None, max_message_bytes: int = 16 << 20,
+                 on_event: Callable[[str, dict], None] | None = None, secagg_handler=None):
+        if credentials is None and insecure_client_id is None:
+            raise ValueError("credentials are required (mTLS); pass insecure_client_id only for local debugging")
+        if not hasattr(scorer, "score"):
+            raise TypeError("scorer must have a .score(items) -> list[list[float]] method (see mor_client.Scorer)")
+        self.server = server
+        self.credentials = credentials
+        self.scorer = scorer
+        self.card = dict(card)
+        self.policy = policy or ReleasePolicy(tuple(card.get("supported_modes", ["plain"])))
+        self.card.setdefault("supported_modes", list(self.policy.supported_modes))
+        self.insecure_client_id = insecure_client_id
+        self.server_name_override = server_name_override
+        self.backoff_initial, self.backoff_max, self.max_attempts = backoff_initial, backoff_max, max_attempts
+        self.max_message_bytes = max_message_bytes
+        self.on_event = on_event or (lambda kind, info: None)
+        self.secagg_handler = secagg_handler
+        self.stats = ClientStats()
+        self.client_id: str | None = None
+        self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._call = None
+        self.connected = asyncio.Event()
+
+    # -- lifecycle --------------------------------------------------------------------------------------------------
+    def _channel(self) -> grpc.aio.Channel:
+        opts = [("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", self.max_message_bytes),
+                ("grpc.keepalive_time_ms", 10000), ("grpc.keepalive_timeout_ms", 10000),
+                ("grpc.keepalive_permit_without_calls", 1)]
+        if self.credentials is None:
+            log.warning("!!! INSECURE: connecting WITHOUT TLS as %r; never use this outside local debugging !!!",
+                        self.insecure_client_id)
+            return grpc.aio.insecure_channel(self.server, options=opts)
+        if self.server_name_override:
+            opts.append(("grpc.ssl_target_name_override", self.server_name_override))
+        creds = grpc.ssl_channel_credentials(root_certificates=self.credentials.ca_pem,
+                                             private_key=self.credentials.tls_key_pem,
+                                             certificate_chain=self.credentials.tls_cert_pem)
+        return grpc.aio.secure_channel(self.server, creds, options=opts)
+
+    def _metadata(self):
+        return (("x-mor-client-id", self.insecure_client_id),) if self.credentials is None else None
+
+    async def run(self) -> None:
+        """Connect, serve tasks, reconnect on failure; returns after :meth:`stop`. Raises ClientError on a
+        permanent refusal (e.g. revoked certificate) or after ``max_attempts`` failed connections."""
+        self._loop = asyncio.get_running_loop()
+        delay, attempts = self.backoff_initial, 0
+        while not self._stop.is_set():
+            try:
+                served = await self._session_once()
+                if served:
+                    delay, attempts = self.backoff_initial, 0
+            except grpc.aio.AioRpcError as e:
+                if e.code() in _PERMANENT:
+                    raise ClientError(f"the federation refused this client: {e.code().name}: {e.details()}") from None
+                if e.code() == grpc.StatusCode.CANCELLED and self._stop.is_set():
+                    break
+                attempts += 1
+                log.info("connection to %s failed (%s: %s); retrying in <= %.1fs", self.server, e.code().name,
+                         e.details(), delay)
+                self.on_event("disconnected", {"code": e.code().name, "details": e.details()})
+            finally:
+                self.connected.clear()
+            if self._stop.is_set():
+                break
+            if self.max_attempts is not None and attempts >= self.max_attempts:
+                raise ClientError(f"could not keep a session with {self.server} after {attempts} attempts")
+            self.stats.reconnects += 1
+            try:  # full jitter, interruptible by stop()
+                await asyncio.wait_for(self._stop.wait(), random.uniform(0, delay))
+            except asyncio.TimeoutError:
+                pass
+            delay = min(self.backoff_max, delay * 2)
+
+    def run_sync(self) -> None:
+        asyncio.run(self.run())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._call is not None:
+            self._call.cancel()
+
+    def stop_threadsafe(self) -> None:
+        """Stop from another thread (e.g. a signal handler of the embedding program)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.stop()))
+
+    # -- one session ------------------------------------------------------------------------------------------------
+    async def _session_once(self) -> bool:
+        async with self._channel() as channel:
+            stub = pb_grpc.FederationStub(channel)
+            req = pb.RegisterRequest(card=card_to_pb(self.card), sdk_version=SDK_VERSION)
+            if self.credentials is not None and self.credentials.identity_cert_pem:
+                req.identity_certificate = self.credentials.identity_cert_pem
+            resp = await stub.Register(req, metadata=self._metadata(), timeout=15)
+            self.client_id = resp.client_id
+            send_q: asyncio.Queue = asyncio.Queue()
+            send_q.put_nowait(pb.ClientMessage(hello=pb.Hello(sdk_version=SDK_VERSION)))
+
+            async def outgoing():
+                while True:
+                    msg = await send_q.get()
+                    if msg is None:
+                        return
+                    yield msg
+
+            call = stub.Session(outgoing(), metadata=self._metadata())
+            self._call = call
+            workers: set[asyncio.Task] = set()
+            try:
+                async for msg in call:
+                    kind = msg.WhichOneof("body")
+                    if kind == "welcome":
+                        self.stats.sessions += 1
+                        self.connected.set()
+                        self.on_event("connected", {"client_id": msg.welcome.client_id})
+                    elif kind == "task":
+                        self.stats.tasks += 1
+                        t = asyncio.create_task(self._handle_task(msg.task, send_q))
+                        workers.add(t)
+                        t.add_done_callback(workers.discard)
+                    elif kind == "secagg":
+                        if self.secagg_handler is not None:
+                            t = asyncio.create_task(self.secagg_handler.on_stage(msg.secagg, send_q))
+                            workers.add(t)
+                            t.add_done_callback(workers.discard)
+                    elif kind == "ack" and msg.ack.code != 0:
+                        rej = (msg.ack.round_id, _code_name(msg.ack.code),
+                               msg.ack.field, msg.ack.message)
+                        self.stats.rejected.append(rej)
+                        log.warning("server rejected our message for round %s: %s %s", *rej[:2], rej[3])
+                        self.on_event("rejected", {"round_id": rej[0], "code": rej[1], "field": rej[2],
+                                                   "message": rej[3]})
+                return self.stats.sessions > 0
+            finally:
+                send_q.put_nowait(None)
+                for t in workers:
+                    t.cancel()
+                self._call = None
+
+    async def _handle_task(self, task: pb.ScoringTask, send_q: asyncio.Queue) -> None:
+        mode = PB_TO_MODE.get(task.mode, "unspecified")
+        items = items_from_pb(task.items)
+        timeout = task.timeout_ms / 1000 if task.timeout_ms else 30.0
+        if mode in ("secagg", "secagg+dp") and self.secagg_handler is not None:
+            await self.secagg_handler.on_task(task, items, self, send_q)
+            return
+        try:
+            scores = await asyncio.wait_for(asyncio.to_thread(self.scorer.score, items), timeout)
+            flat = flatten(scores)
+            if len(flat) != expected_scores(items):
+                raise ValueError(f"scorer returned {len(flat)} scores for {expected_scores(items)} candidates")
+            rel = self.policy.release(mode=mode, round_id=task.round_id, scores=flat,
+                                      clip=task.dp.clip if task.HasField("dp") else 0.0,
+                                      noise_multiplier=task.dp.noise_multiplier if task.HasField("dp") else 0.0)
+        except asyncio.TimeoutError:
+            rel = Release("refuse", code="DEADLINE_EXCEEDED", reason=f"local scoring exceeded the {timeout:.1f}s deadline")
+        except Exception as e:  # the scorer is the institution's code: report, do not crash the session
+            log.exception("scorer failed on round %s", task.round_id)
+            rel = Release("refuse", code="INTERNAL", reason=f"local scorer failed: {type(e).__name__}: {e}"[:400])
+        send_q.put_nowait(self.release_message(task.round_id, rel))
+        self.on_event("task", {"round_id": task.round_id, "mode": mode, "items": len(items), "release": rel.kind})
+
+    def release_message(self, round_id: str, rel: Release) -> pb.ClientMessage:
+        if rel.kind == "refuse":
+            self.stats.refusals += 1
+            return pb.ClientMessage(refusal=pb.Refusal(
+                round_id=round_id, reason=rel.reason, code=grpc.StatusCode[rel.code].value[0],
+                remaining_epsilon=0.0 if math.isnan(rel.remaining_epsilon) else rel.remaining_epsilon))
+        self.stats.reports += 1
+        if rel.kind == "plain":
+            return pb.ClientMessage(report=pb.ScoreReport(round_id=round_id, plain=pb.PlainScores(scores=rel.scores)))
+        return pb.ClientMessage(report=pb.ScoreReport(round_id=round_id, dp=pb.NoisedScores(
+            scores=rel.scores, clip=rel.clip, noise_multiplier=rel.noise_multiplier,
+            epsilon_charged=rel.epsilon_total)))
+
+
+def _code_name(code: int) -> str:
+    for c in grpc.StatusCode:
+        if c.value[0] == code:
+            return c.name
+    return str(code)
+
+
+class ClientThread:
+    """Runs a FederationClient on its own event loop in a background thread (for embedding in sync programs)."""
+
+    def __init__(self, client: FederationClient):
+        self.client = client
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="mor-client", daemon=True)
+
+    def _main(self):
+        try:
+            asyncio.run(self.client.run())
+        except BaseException as e:  # surfaced to the embedding program via .error
+            self.error = e
+
+    def start(self) -> "ClientThread":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.client.stop_threadsafe()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()

@@ -1,0 +1,83 @@
+"""Conversions between the SDK's Python types and the generated ``mor.v1`` messages (shared by client and server)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Sequence
+
+from mor.v1 import federation_pb2 as pb
+
+from .types import ScoringItem
+
+MODE_TO_PB = {
+    "plain": pb.PRIVACY_MODE_PLAIN,
+    "dp": pb.PRIVACY_MODE_DP,
+    "secagg": pb.PRIVACY_MODE_SECAGG,
+    "secagg+dp": pb.PRIVACY_MODE_SECAGG_DP,
+}
+PB_TO_MODE = {v: k for k, v in MODE_TO_PB.items()}
+SDK_VERSION = "0.1.0"
+
+
+def mode_to_pb(mode: str) -> int:
+    try:
+        return MODE_TO_PB[mode]
+    except KeyError:
+        raise ValueError(f"unknown privacy mode {mode!r}; choose one of {sorted(MODE_TO_PB)}") from None
+
+
+def items_to_pb(items: Sequence[ScoringItem]) -> list[pb.Item]:
+    return [pb.Item(item_id=i.item_id, image=i.image, question=i.question, candidates=list(i.candidates))
+            for i in items]
+
+
+def items_from_pb(items) -> list[ScoringItem]:
+    return [ScoringItem(i.item_id, bytes(i.image), i.question, tuple(i.candidates)) for i in items]
+
+
+def expected_scores(items) -> int:
+    return sum(len(i.candidates) for i in items)
+
+
+def flatten(scores: Sequence[Sequence[float]]) -> list[float]:
+    return [float(s) for row in scores for s in row]
+
+
+def unflatten(flat: Sequence[float], items) -> list[list[float]]:
+    out, k = [], 0
+    for i in items:
+        n = len(i.candidates)
+        out.append(list(flat[k:k + n]))
+        k += n
+    return out
+
+
+def card_to_pb(card: dict) -> pb.RewardModelCard:
+    eps = card.get("training_epsilon", card.get("epsilon"))
+    eps = math.inf if eps in (None, "inf", "Infinity") else float(eps)
+    modes = card.get("supported_modes", ["plain"])
+    return pb.RewardModelCard(
+        architecture=str(card.get("architecture", "")),
+        parameter_count=int(card.get("parameter_count", 0)),
+        training_epsilon=eps,
+        training_delta=float(card.get("training_delta", card.get("delta", 0.0)) or 0.0),
+        supported_modes=[mode_to_pb(m) for m in modes],
+        privacy_unit=str(card.get("privacy_unit", "pair")),
+        domain=str(card.get("domain", "")),
+        training_examples=int(card.get("training_examples", card.get("data_size", 0)) or 0),
+        card_json=json.dumps(card, sort_keys=True, default=str),
+    )
+
+
+def card_from_pb(card: pb.RewardModelCard) -> dict:
+    return {
+        "architecture": card.architecture,
+        "parameter_count": card.parameter_count,
+        "training_epsilon": card.training_epsilon,
+        "training_delta": card.training_delta,
+        "supported_modes": [PB_TO_MODE.get(m, f"unknown({m})") for m in card.supported_modes],
+        "privacy_unit": card.privacy_unit,
+        "domain": card.domain,
+        "training_examples": card.training_examples,
+    }

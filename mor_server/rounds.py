@@ -1,0 +1,187 @@
+"""Round orchestration as pure logic: no grpc, no asyncio, no clocks of its own (times are passed in).
+
+A *round* sends one scoring task to a set of participants and gathers their reports until every participant has
+answered or dropped, or the deadline passes. It completes with the responders when at least ``min_clients``
+answered; otherwise it fails with a reason. A participant that disconnects mid-round is *dropped*: it is never
+counted as a zero score.
+
+Validation errors are :class:`ReportRejected` with a gRPC status-code *name* (the servicer maps it to the wire) and
+the offending field path, so the client is told exactly what was wrong and the round carries on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Sequence
+
+
+class RoundState(str, Enum):
+    OPEN = "open"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class ReportRejected(Exception):
+    """A client's report was refused; ``code`` is a gRPC status-code name, ``field`` the offending field path."""
+
+    def __init__(self, code: str, field: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    round_id: str
+    state: RoundState
+    participants: tuple[str, ...]
+    responders: tuple[str, ...]
+    dropped: dict[str, str]            # client -> why (disconnected, deadline, refused: ...)
+    reports: dict[str, object]         # client -> validated payload (only responders)
+    reason: str = ""
+    started_at: float = 0.0
+    closed_at: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.state is RoundState.COMPLETED
+
+    @property
+    def latency(self) -> float:
+        return self.closed_at - self.started_at
+
+
+def validate_scores(values: Sequence[float], expected: int, field_path: str) -> list[float]:
+    """Check a flat score vector: exact length, every value finite. Returns it as a list of floats."""
+    if len(values) != expected:
+        raise ReportRejected("INVALID_ARGUMENT", field_path,
+                             f"{field_path} has {len(values)} values; the task expects {expected} "
+                             "(one per candidate, item-major)")
+    out = []
+    for i, v in enumerate(values):
+        fv = float(v)
+        if not math.isfinite(fv):
+            raise ReportRejected("INVALID_ARGUMENT", f"{field_path}[{i}]",
+                                 f"{field_path}[{i}] is {fv}; scores must be finite numbers")
+        out.append(fv)
+    return out
+
+
+@dataclass
+class Round:
+    """One scoring round. ``expected`` is the number of score values each participant must return."""
+
+    round_id: str
+    participants: tuple[str, ...]
+    min_clients: int
+    deadline: float
+    started_at: float
+    expected: int
+    mode: str = "plain"
+    state: RoundState = RoundState.OPEN
+    reports: dict[str, object] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    outcome: RoundOutcome | None = None
+
+    def __post_init__(self):
+        if not self.participants:
+            raise ValueError("a round needs at least one participant")
+        if len(set(self.participants)) != len(self.participants):
+            raise ValueError(f"round {self.round_id}: participants must be distinct, got {list(self.participants)}")
+        if not 1 <= self.min_clients <= len(self.participants):
+            raise ValueError(f"min_clients={self.min_clients} must be between 1 and the number of participants "
+                             f"({len(self.participants)})")
+
+    # -- events -----------------------------------------------------------------------------------------------------
+    def submit(self, client_id: str, payload: object, now: float) -> None:
+        """Accept a validated payload from ``client_id``; raises ReportRejected (round state unchanged)."""
+        if client_id not in self.participants:
+            raise ReportRejected("PERMISSION_DENIED", "report.round_id",
+                                 f"client {client_id!r} is not a participant of round {self.round_id}")
+        if self.state is not RoundState.OPEN or now > self.deadline:
+            raise ReportRejected("DEADLINE_EXCEEDED", "report.round_id",
+                                 f"round {self.round_id} is closed ({self.state.value}); the report came too late")
+        if client_id in self.reports:
+            raise ReportRejected("ALREADY_EXISTS", "report.round_id",
+                                 f"client {client_id!r} already reported for round {self.round_id}; replays are refused")
+        if client_id in self.dropped:
+            raise ReportRejected("FAILED_PRECONDITION", "report.round_id",
+                                 f"client {client_id!r} was dropped from round {self.round_id} "
+                                 f"({self.dropped[client_id]})")
+        self.reports[client_id] = payload
+
+    def drop(self, client_id: str, reason: str) -> bool:
+        """Mark a participant as dropped (disconnect, refusal). Returns False if it already answered or is unknown."""
+        if self.state is not RoundState.OPEN or client_id not in self.participants:
+            return False
+        if client_id in self.reports or client_id in self.dropped:
+            return False
+        self.dropped[client_id] = reason
+        return True
+
+    @property
+    def settled(self) -> bool:
+        """Every participant has either answered or dropped: nothing more can arrive."""
+        return len(self.reports) + len(self.dropped) == len(self.participants)
+
+    def close(self, now: float) -> RoundOutcome:
+        """Close the round (idempotent): participants that did not answer are dropped at the deadline."""
+        if self.outcome is not None:
+            return self.outcome
+        for c in self.participants:
+            if c not in self.reports and c not in self.dropped:
+                self.dropped[c] = "no report before the deadline"
+        n = len(self.reports)
+        if n >= self.min_clients:
+            self.state, reason = RoundState.COMPLETED, ""
+        else:
+            self.state = RoundState.FAILED
+            reason = (f"only {n} of {len(self.participants)} clients reported (min_clients={self.min_clients}); "
+                      "dropped: " + ", ".join(f"{c} ({why})" for c, why in sorted(self.dropped.items())))
+        responders = tuple(c for c in self.participants if c in self.reports)
+        self.outcome = RoundOutcome(self.round_id, self.state, self.participants, responders, dict(self.dropped),
+                                    dict(self.reports), reason, self.started_at, now)
+        return self.outcome
+
+
+class RoundBook:
+    """Open rounds plus a bounded memory of closed ones, so late and replayed reports get a precise answer."""
+
+    def __init__(self, remember_closed: int = 4096):
+        self.open: dict[str, Round] = {}
+        self._closed: OrderedDict[str, RoundState] = OrderedDict()
+        self._remember = remember_closed
+
+    def add(self, rnd: Round) -> Round:
+        if rnd.round_id in self.open or rnd.round_id in self._closed:
+            raise ValueError(f"round id {rnd.round_id!r} was already used")
+        self.open[rnd.round_id] = rnd
+        return rnd
+
+    def lookup(self, round_id: str) -> Round:
+        if not round_id:
+            raise ReportRejected("INVALID_ARGUMENT", "report.round_id", "report.round_id is empty")
+        rnd = self.open.get(round_id)
+        if rnd is not None:
+            return rnd
+        if round_id in self._closed:
+            raise ReportRejected("DEADLINE_EXCEEDED", "report.round_id",
+                                 f"round {round_id} is already closed ({self._closed[round_id].value}); "
+                                 "the report came too late")
+        raise ReportRejected("NOT_FOUND", "report.round_id", f"unknown round id {round_id!r}")
+
+    def finish(self, round_id: str, now: float) -> RoundOutcome:
+        rnd = self.open.pop(round_id)
+        outcome = rnd.close(now)
+        self._closed[round_id] = outcome.state
+        while len(self._closed) > self._remember:
+            self._closed.popitem(last=False)
+        return outcome
+
+    def drop_everywhere(self, client_id: str, reason: str) -> list[Round]:
+        """Drop a client from every open round it takes part in (e.g. it disconnected)."""
+        return [r for r in self.open.values() if r.drop(client_id, reason)]

@@ -1,0 +1,541 @@
+"""The federation server: a thin grpc.aio servicer over the pure registry and round book.
+
+Clients dial out, call ``Register`` and keep one ``Session`` stream open; the server pushes scoring tasks over it.
+Identity is the Common Name of the client's mTLS certificate (checked against the federation CA by TLS and against
+the CRL here); nothing a client says can change it. Every client message is validated and answered with an ``Ack``
+carrying a gRPC status code and the offending field; a bad message never ends another client's round or the server.
+
+Use it from asyncio (``await server.start()``, ``await server.run_round(...)``) or from synchronous code through
+:class:`ServerThread`, which runs the server's event loop in a background thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import itertools
+import logging
+import math
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import grpc
+from cryptography import x509
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mor.v1 import federation_pb2 as pb
+from mor.v1 import federation_pb2_grpc as pb_grpc
+from mor_client.types import ScoringItem
+from mor_client.wire import SDK_VERSION, card_from_pb, expected_scores, items_to_pb, mode_to_pb, unflatten
+from privacy import pki
+
+from .metrics import FederationMetrics
+from .registry import CardInvalid, ClientRegistry
+from .rounds import ReportRejected, Round, RoundBook, RoundOutcome, RoundState, validate_scores
+
+log = logging.getLogger("mor.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Federation"].full_name
+MiB = 1 << 20
+
+
+@dataclass
+class ServerConfig:
+    """Settings of a federation server. Every field has a safe default for a loopback pilot."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = 0
+    """TCP port; 0 picks a free port (read it from ``FederationServer.port`` after start)."""
+    pki_dir: Path | None = None
+    """Folder made by ``mor-server pki init``; required unless ``insecure``."""
+    insecure: bool = False
+    """Serve without TLS. Only for local debugging: identities are then taken on trust from metadata."""
+    max_message_bytes: int = 16 * MiB
+    """Largest message accepted or sent; larger ones are refused with RESOURCE_EXHAUSTED."""
+    max_items_per_task: int = 1024
+    """Largest number of items in one scoring task."""
+    max_candidates_per_item: int = 64
+    """Largest number of candidate answers per item."""
+    metrics_port: int | None = None
+    """Port of the Prometheus /metrics endpoint; None disables it, 0 picks a free port."""
+    federation_id: str = "mor-federation"
+    """Name of this federation, echoed to clients on registration."""
+    keepalive_s: float = 10.0
+    """HTTP/2 keepalive ping interval, so dead connections are detected and counted as dropouts."""
+    deadline_grace_s: float = 0.5
+    """Extra time the server waits past a task's timeout for reports in flight."""
+    audit: object | None = None
+    """Optional audit log (privacy.audit.AuditLog) receiving registrations, rounds and refusals."""
+
+
+@dataclass
+class _Conn:
+    client_id: str
+    session_id: str
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    closed: bool = False
+
+
+@dataclass
+class _Pending:
+    round: Round
+    items: list
+    changed: asyncio.Event
+    mode: str
+    dp: tuple[float, float] | None = None
+
+
+class FederationServer(pb_grpc.FederationServicer):
+    def __init__(self, config: ServerConfig | None = None, *, clock: Callable[[], float] = time.monotonic):
+        self.config = config or ServerConfig()
+        self.metrics = FederationMetrics()
+        self.registry = ClientRegistry()
+        self.book = RoundBook()
+        self._clock = clock
+        self._conns: dict[str, _Conn] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._round_seq = itertools.count(1)
+        self._ca_cert: x509.Certificate | None = None
+        self._crl_path: Path | None = None
+        self._crl_mtime = -1.0
+        self._revoked: dict[int, _dt.datetime] = {}
+        self._metrics_http = None
+        self._online_changed = asyncio.Event()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------------------------
+    async def start(self) -> int:
+        cfg = self.config
+        opts = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.keepalive_time_ms", int(cfg.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(cfg.keepalive_s * 1000)),
+            ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        self._server = grpc.aio.server(options=opts)
+        pb_grpc.add_FederationServicer_to_server(self, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server)
+        addr = f"{cfg.host}:{cfg.port}"
+        if cfg.insecure:
+            log.warning("!!! INSECURE MODE: serving WITHOUT TLS; client identities are NOT authenticated. "
+                        "Never use this outside a local debugging session. !!!")
+            self.port = self._server.add_insecure_port(addr)
+        else:
+            if cfg.pki_dir is None:
+                raise ValueError("ServerConfig.pki_dir is required for mTLS (run `mor-server pki init --dir PKI`), "
+                                 "or set insecure=True for local debugging only")
+            creds = pki.ServerCredentials.from_dir(cfg.pki_dir)
+            self._ca_cert = creds.ca_cert
+            self._crl_path = creds.crl_path
+            self._reload_crl()
+            server_creds = grpc.ssl_server_credentials([(creds.key_pem, creds.cert_pem)],
+                                                       root_certificates=creds.ca_pem, require_client_auth=True)
+            self.port = self._server.add_secure_port(addr, server_creds)
+        if not self.port:
+            raise OSError(f"could not bind {addr}")
+        await self._server.start()
+        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        if cfg.metrics_port is not None:
+            self._metrics_http, _ = self.metrics.serve(cfg.metrics_port, cfg.host if cfg.host != "0.0.0.0" else "")
+            self.metrics_port = self._metrics_http.server_port
+        self._audit("config", {"federation_id": cfg.federation_id, "port": self.port, "insecure": cfg.insecure,
+                               "max_message_bytes": cfg.max_message_bytes})
+        return self.port
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._server is None:
+            return
+        await self._health.enter_graceful_shutdown()
+        for conn in list(self._conns.values()):
+            conn.closed = True
+            conn.queue.put_nowait(None)
+        await self._server.stop(grace)
+        self._server = None
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+
+    def _audit(self, event: str, payload: dict) -> None:
+        if self.config.audit is not None:
+            self.config.audit.append(event, payload)
+
+    # -- identity ---------------------------------------------------------------------------------------------------
+    def _reload_crl(self) -> None:
+        if self._crl_path is None or not self._crl_path.exists():
+            return
+        mtime = self._crl_path.stat().st_mtime
+        if mtime != self._crl_mtime:
+            self._revoked = pki.load_crl(self._crl_path, self._ca_cert)
+            self._crl_mtime = mtime
+
+    async def _identify(self, context) -> str:
+        if self.config.insecure:
+            md = dict(context.invocation_metadata() or ())
+            cid = md.get("x-mor-client-id", "")
+            if not cid:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                    "insecure mode: send metadata x-mor-client-id (no TLS identity available)")
+            return cid
+        auth = context.auth_context()
+        pems = auth.get("x509_pem_cert")
+        if not pems:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate: mTLS is required")
+        cert = x509.load_pem_x509_certificate(pems[0])
+        self._reload_crl()
+        if cert.serial_number in self._revoked:
+            when = self._revoked[cert.serial_number]
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"client certificate (serial {cert.serial_number:x}) was revoked on {when:%Y-%m-%d %H:%M}Z")
+        try:
+            return pki.common_name(cert)
+        except pki.PKIError as e:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+
+    # -- RPCs -------------------------------------------------------------------------------------------------------
+    async def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterResponse:
+        client_id = await self._identify(context)
+        self.metrics.bytes_in.inc(request.ByteSize())
+        if not request.HasField("card"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "card is missing: send the reward model's card")
+        card = card_from_pb(request.card)
+        if any(m.startswith("unknown") for m in card["supported_modes"]) or pb.PRIVACY_MODE_UNSPECIFIED in \
+                request.card.supported_modes:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "card.supported_modes contains an unknown or unspecified mode")
+        identity_key = None
+        if request.identity_certificate:
+            if self._ca_cert is None:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    "identity_certificate cannot be checked: the server runs without a CA (insecure)")
+            try:
+                identity_key = pki.verify_identity_certificate(request.identity_certificate, self._ca_cert,
+                                                               expected_name=client_id, revoked=self._revoked)
+            except pki.PKIError as e:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"identity_certificate: {e}")
+        try:
+            self.registry.register(client_id, card, self._clock(), identity_public_key=identity_key,
+                                   identity_certificate=bytes(request.identity_certificate))
+        except CardInvalid as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        self.metrics.clients_registered.set(len(self.registry.all()))
+        self._audit("registration", {"client_id": client_id, "card": card,
+                                     "identity_certificate": bool(request.identity_certificate)})
+        log.info("registered %s (%s, %d params)", client_id, card["architecture"], card["parameter_count"])
+        resp = pb.RegisterResponse(client_id=client_id, federation_id=self.config.federation_id,
+                                   max_items_per_task=self.config.max_items_per_task,
+                                   max_message_bytes=self.config.max_message_bytes)
+        self.metrics.bytes_out.inc(resp.ByteSize())
+        return resp
+
+    async def Session(self, request_iterator, context):
+        client_id = await self._identify(context)
+        if self.registry.get(client_id) is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"client {client_id!r} must call Register first")
+        try:
+            first = await request_iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        self.metrics.bytes_in.inc(first.ByteSize())
+        if first.WhichOneof("body") != "hello":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the first message of a session must be hello, got {first.WhichOneof('body')}")
+        conn = _Conn(client_id, secrets.token_hex(8))
+        old_sid = self.registry.connect(client_id, conn.session_id, self._clock())
+        old = self._conns.get(client_id)
+        if old is not None:  # a reconnect replaces the previous session
+            old.closed = True
+            old.queue.put_nowait(None)
+            self._drop_client(client_id, "replaced by a new session")
+        self._conns[client_id] = conn
+        self._online_changed_set()
+        log.info("session %s opened by %s%s", conn.session_id, client_id, f" (replacing {old_sid})" if old_sid else "")
+        reader = asyncio.create_task(self._read_loop(conn, request_iterator))
+        try:
+            yield self._out(pb.ServerMessage(welcome=pb.Welcome(client_id=client_id, session_id=conn.session_id)))
+            while True:
+                msg = await conn.queue.get()
+                if msg is None:
+                    break
+                yield self._out(msg)
+        finally:
+            reader.cancel()
+            conn.closed = True
+            if self._conns.get(client_id) is conn:
+                del self._conns[client_id]
+                self._drop_client(client_id, "disconnected")
+            self.registry.disconnect(client_id, conn.session_id, self._clock())
+            self._online_changed_set()
+            log.info("session %s of %s closed", conn.session_id, client_id)
+
+    def _out(self, msg: pb.ServerMessage) -> pb.ServerMessage:
+        self.metrics.bytes_out.inc(msg.ByteSize())
+        return msg
+
+    def _online_changed_set(self) -> None:
+        self.metrics.clients_online.set(len(self._conns))
+        self._online_changed.set()
+        self._online_changed = asyncio.Event()
+
+    async def _read_loop(self, conn: _Conn, request_iterator) -> None:
+        try:
+            async for msg in request_iterator:
+                self.metrics.bytes_in.inc(msg.ByteSize())
+                self.registry.seen(conn.client_id, self._clock())
+                ack = self._on_message(conn, msg)
+                if ack is not None and not conn.closed:
+                    conn.queue.put_nowait(pb.ServerMessage(ack=ack))
+        except (asyncio.CancelledError, grpc.aio.AioRpcError, grpc.RpcError):
+            pass
+        except Exception:  # never let one client's stream take the server down
+            log.exception("session of %s failed", conn.client_id)
+        finally:
+            if not conn.closed:
+                conn.queue.put_nowait(None)
+
+    # -- message handling (validation; pure logic lives in rounds.py) ------------------------------------------------
+    def _on_message(self, conn: _Conn, msg: pb.ClientMessage) -> pb.Ack | None:
+        kind = msg.WhichOneof("body")
+        if kind == "heartbeat":
+            return None
+        if kind == "report":
+            return self._on_report(conn.client_id, msg.report)
+        if kind == "refusal":
+            return self._on_refusal(conn.client_id, msg.refusal)
+        return self._reject("", "INVALID_ARGUMENT", "body",
+                            f"unexpected message {kind or '(empty)'} in an open session; send report, refusal or "
+                            "heartbeat")
+
+    def _reject(self, round_id: str, code: str, field_path: str, message: str) -> pb.Ack:
+        self.metrics.reports_rejected.labels(code=code).inc()
+        return pb.Ack(round_id=round_id, code=grpc.StatusCode[code].value[0], message=message, field=field_path)
+
+    def _on_report(self, client_id: str, report: pb.ScoreReport) -> pb.Ack:
+        try:
+            rnd = self.book.lookup(report.round_id)
+            pending = self._pending[rnd.round_id]
+            kind = report.WhichOneof("payload")
+            if kind is None:
+                raise ReportRejected("INVALID_ARGUMENT", "report.payload", "report.payload is empty: send scores")
+            if kind != _PAYLOAD_FOR_MODE[pending.mode]:
+                raise ReportRejected("INVALID_ARGUMENT", f"report.{kind}",
+                                     f"round {rnd.round_id} runs in mode {pending.mode!r}; expected payload "
+                                     f"report.{_PAYLOAD_FOR_MODE[pending.mode]}, got report.{kind}")
+            if kind == "plain":
+                payload = validate_scores(report.plain.scores, rnd.expected, "report.plain.scores")
+            else:  # dp
+                payload = validate_scores(report.dp.scores, rnd.expected, "report.dp.scores")
+                clip, nm = pending.dp
+                if not math.isclose(report.dp.clip, clip) or not math.isclose(report.dp.noise_multiplier, nm):
+                    raise ReportRejected("INVALID_ARGUMENT", "report.dp",
+                                         f"report.dp used clip={report.dp.clip}, noise_multiplier="
+                                         f"{report.dp.noise_multiplier}; the task asked for clip={clip}, "
+                                         f"noise_multiplier={nm}")
+                payload = {"scores": payload, "epsilon": report.dp.epsilon_charged}
+            rnd.submit(client_id, payload, self._clock())
+        except ReportRejected as e:
+            return self._reject(report.round_id, e.code, e.field, e.message)
+        pending.changed.set()
+        return pb.Ack(round_id=report.round_id, code=0, message="accepted")
+
+    def _on_refusal(self, client_id: str, refusal: pb.Refusal) -> pb.Ack:
+        try:
+            rnd = self.book.lookup(refusal.round_id)
+        except ReportRejected as e:
+            return self._reject(refusal.round_id, e.code, "refusal.round_id", e.message)
+        reason = refusal.reason[:500] or "no reason given"
+        if rnd.drop(client_id, f"refused: {reason}"):
+            self.metrics.refusals.inc()
+            info = self.registry.get(client_id)
+            if info:
+                info.refusals += 1
+            self._audit("refusal", {"round_id": rnd.round_id, "client_id": client_id, "reason": reason,
+                                    "code": refusal.code, "remaining_epsilon": refusal.remaining_epsilon})
+            self._pending[rnd.round_id].changed.set()
+        return pb.Ack(round_id=refusal.round_id, code=0, message="refusal recorded")
+
+    def _drop_client(self, client_id: str, reason: str) -> None:
+        for rnd in self.book.drop_everywhere(client_id, reason):
+            self._pending[rnd.round_id].changed.set()
+
+    # -- rounds -----------------------------------------------------------------------------------------------------
+    def online_clients(self, mode: str | None = None) -> list[str]:
+        return [c for c in self.registry.online(mode) if c in self._conns]
+
+    async def wait_for_clients(self, n: int, timeout: float = 30.0, mode: str | None = None) -> list[str]:
+        """Wait until at least ``n`` clients are online (supporting ``mode``); raises TimeoutError naming who is."""
+        end = self._clock() + timeout
+        while len(self.online_clients(mode)) < n:
+            remaining = end - self._clock()
+            if remaining <= 0:
+                raise TimeoutError(f"only {len(self.online_clients(mode))} of {n} clients online after {timeout:.0f} "
+                                   f"s: {self.online_clients(mode)}")
+            ev = self._online_changed
+            try:
+                await asyncio.wait_for(ev.wait(), min(remaining, 0.5))
+            except asyncio.TimeoutError:
+                pass
+        return self.online_clients(mode)
+
+    def new_round_id(self) -> str:
+        return f"r{next(self._round_seq):06d}-{secrets.token_hex(4)}"
+
+    async def run_round(self, items: Sequence[ScoringItem], *, participants: Sequence[str] | None = None,
+                        mode: str = "plain", min_clients: int | None = None, timeout: float = 30.0,
+                        dp_clip: float = 1.0, dp_noise_multiplier: float = 1.0,
+                        round_id: str | None = None) -> RoundOutcome:
+        """Send one scoring task and gather reports. Never raises for client behaviour: a failed round comes back as
+        a RoundOutcome with state FAILED and a reason. For ``plain``, ``reports[c]`` is the flat score list; use
+        :meth:`scores_by_client` for per-item lists."""
+        if mode not in _PAYLOAD_FOR_MODE:
+            raise ValueError(f"run_round supports modes {sorted(_PAYLOAD_FOR_MODE)}; got {mode!r} "
+                             "(secure aggregation runs through run_secagg_round)")
+        self._check_items(items)
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        round_id = round_id or self.new_round_id()
+        now = self._clock()
+        chosen = tuple(participants) if participants is not None else tuple(self.online_clients(mode))
+        min_clients = len(chosen) if min_clients is None else min_clients
+        self.metrics.rounds_started.labels(mode=mode).inc()
+        if len(chosen) < max(min_clients, 1):
+            return self._fail_early(round_id, mode, chosen, now,
+                                    f"{len(chosen)} clients online for mode {mode!r}, min_clients={min_clients}")
+        rnd = self.book.add(Round(round_id, chosen, min_clients, now + timeout + self.config.deadline_grace_s, now,
+                                  expected_scores(items), mode))
+        pending = _Pending(rnd, list(items), asyncio.Event(), mode,
+                           (dp_clip, dp_noise_multiplier) if mode == "dp" else None)
+        self._pending[round_id] = pending
+        task = pb.ScoringTask(round_id=round_id, items=items_to_pb(items), timeout_ms=int(timeout * 1000),
+                              mode=mode_to_pb(mode))
+        if mode == "dp":
+            task.dp.CopyFrom(pb.DpParams(clip=dp_clip, noise_multiplier=dp_noise_multiplier))
+        msg = pb.ServerMessage(task=task)
+        for c in chosen:
+            conn = self._conns.get(c)
+            if conn is None or conn.closed:
+                rnd.drop(c, "not connected")
+            else:
+                conn.queue.put_nowait(msg)
+        try:
+            while not rnd.settled:
+                remaining = rnd.deadline - self._clock()
+                if remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(pending.changed.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+                pending.changed.clear()
+        finally:
+            outcome = self.book.finish(round_id, self._clock())
+            del self._pending[round_id]
+        self._account(outcome, mode)
+        return outcome
+
+    def _check_items(self, items: Sequence[ScoringItem]) -> None:
+        if not items:
+            raise ValueError("a scoring task needs at least one item")
+        if len(items) > self.config.max_items_per_task:
+            raise ValueError(f"{len(items)} items exceed max_items_per_task={self.config.max_items_per_task}; "
+                             "split the batch")
+        for i, it in enumerate(items):
+            if not it.candidates or len(it.candidates) > self.config.max_candidates_per_item:
+                raise ValueError(f"items[{i}] has {len(it.candidates)} candidates; allowed 1.."
+                                 f"{self.config.max_candidates_per_item}")
+
+    def _fail_early(self, round_id, mode, chosen, now, reason) -> RoundOutcome:
+        outcome = RoundOutcome(round_id, RoundState.FAILED, tuple(chosen), (), {}, {}, reason, now, now)
+        self._account(outcome, mode)
+        return outcome
+
+    def _account(self, outcome: RoundOutcome, mode: str) -> None:
+        m = self.metrics
+        (m.rounds_completed if outcome.ok else m.rounds_failed).labels(mode=mode).inc()
+        m.round_latency.labels(mode=mode).observe(outcome.latency)
+        for c, why in outcome.dropped.items():
+            m.dropouts.labels(reason=why.split(":")[0].split(" (")[0][:40]).inc()
+            info = self.registry.get(c)
+            if info:
+                info.dropouts += 1
+        for c in outcome.responders:
+            info = self.registry.get(c)
+            if info:
+                info.rounds_answered += 1
+        eps = {c: r["epsilon"] for c, r in outcome.reports.items() if isinstance(r, dict) and "epsilon" in r}
+        self._audit("round", {"round_id": outcome.round_id, "mode": mode, "state": outcome.state.value,
+                              "participants": list(outcome.participants), "responders": list(outcome.responders),
+                              "dropouts": outcome.dropped, "reason": outcome.reason,
+                              "latency_s": round(outcome.latency, 6), "epsilon_total": eps})
+        if not outcome.ok:
+            log.warning("round %s failed: %s", outcome.round_id, outcome.reason)
+
+    @staticmethod
+    def scores_by_client(outcome: RoundOutcome, items: Sequence[ScoringItem]) -> dict[str, list[list[float]]]:
+        """Per-client, per-item score lists of a completed plain or dp round."""
+        out = {}
+        for c, payload in outcome.reports.items():
+            flat = payload["scores"] if isinstance(payload, dict) else payload
+            out[c] = unflatten(flat, items)
+        return out
+
+
+_PAYLOAD_FOR_MODE = {"plain": "plain", "dp": "dp"}
+
+
+class ServerThread:
+    """Runs a :class:`FederationServer` on its own event loop in a background thread, with a synchronous facade.
+
+    For synchronous callers such as TRL's trainer: ``with ServerThread(config) as srv: srv.run_round(items)``.
+    """
+
+    def __init__(self, config: ServerConfig | None = None):
+        self.server = FederationServer(config)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="mor-server", daemon=True)
+
+    def call(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def start(self) -> int:
+        self._thread.start()
+        return self.call(self.server.start(), 30)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.call(self.server.stop(), 30)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop.close()
+
+    def run_round(self, items, **kw) -> RoundOutcome:
+        return self.call(self.server.run_round(items, **kw))
+
+    def wait_for_clients(self, n: int, timeout: float = 30.0, mode: str | None = None) -> list[str]:
+        return self.call(self.server.wait_for_clients(n, timeout, mode))
+
+    @property
+    def port(self) -> int | None:
+        return self.server.port
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()

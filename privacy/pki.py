@@ -1,0 +1,347 @@
+"""Federation PKI: a CA, the server's TLS certificate, client TLS + identity certificates, revocation.
+
+Layout of a PKI folder (``mor-server pki init --dir pki``)::
+
+    pki/ca/ca.key  ca.crt  crl.pem  issued.json       (the CA's key never leaves this folder)
+    pki/server/server.key  server.crt  ca.crt  crl.pem
+    pki/clients/NAME/tls.key  tls.crt  identity.key  identity.crt  ca.crt
+
+Every client gets two keys: an ECDSA P-256 key for mutual TLS (its identity on the wire is the certificate's Common
+Name), and an Ed25519 *identity* key used to sign secure-aggregation keys and audit-log entries. Both certificates are
+issued by the federation CA and carry the same Common Name, so anyone holding ``ca.crt`` can check a signature's author.
+
+Pure functions over ``cryptography``; the only I/O is reading and writing PEM files (atomically, keys mode 0600).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import ipaddress
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+class PKIError(Exception):
+    """A PKI operation failed; the message names the file or argument and what to do."""
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def _atomic_write(path: Path, data: bytes, *, private: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600 if private else 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _key_pem(key) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def check_name(name: str, what: str = "client name") -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise PKIError(
+            f"invalid {what} {name!r}: use 1-63 characters from letters, digits, '_', '.', '-', starting with a "
+            "letter or digit"
+        )
+    return name
+
+
+def _name(cn: str, org: str = "MoR federation") -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org), x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+@dataclass(frozen=True)
+class CA:
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+    @classmethod
+    def load(cls, pki_dir: str | Path) -> "CA":
+        d = Path(pki_dir) / "ca"
+        try:
+            key = serialization.load_pem_private_key((d / "ca.key").read_bytes(), password=None)
+            cert = x509.load_pem_x509_certificate((d / "ca.crt").read_bytes())
+        except FileNotFoundError as e:
+            raise PKIError(f"no federation CA in {pki_dir}: {e.filename} is missing; run `mor-server pki init --dir "
+                           f"{pki_dir}` first") from None
+        return cls(key, cert)
+
+    def _builder(self, subject: x509.Name, public_key, days: float, not_before: _dt.datetime | None = None):
+        start = not_before or (_now() - _dt.timedelta(minutes=5))
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(start + _dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
+        )
+
+
+def init_ca(pki_dir: str | Path, *, name: str = "MoR federation CA", days: float = 3650,
+            server_hosts: tuple[str, ...] = DEFAULT_HOSTS, force: bool = False) -> CA:
+    """Create the federation CA and the server certificate (SANs: ``server_hosts``)."""
+    pki_dir = Path(pki_dir)
+    if (pki_dir / "ca" / "ca.key").exists() and not force:
+        raise PKIError(f"{pki_dir}/ca/ca.key already exists: refusing to overwrite a federation CA (pass --force to "
+                       "replace it; every issued certificate then stops working)")
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = _name(name)
+    start = _now() - _dt.timedelta(minutes=5)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + _dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _atomic_write(pki_dir / "ca" / "ca.key", _key_pem(key), private=True)
+    _atomic_write(pki_dir / "ca" / "ca.crt", _cert_pem(cert))
+    _atomic_write(pki_dir / "ca" / "issued.json", b"{}")
+    ca = CA(key, cert)
+    write_crl(pki_dir, ca)
+    issue_server(pki_dir, hosts=server_hosts, ca=ca)
+    return ca
+
+
+def issue_server(pki_dir: str | Path, *, hosts: tuple[str, ...] = DEFAULT_HOSTS, days: float = 825,
+                 ca: CA | None = None) -> Path:
+    pki_dir = Path(pki_dir)
+    ca = ca or CA.load(pki_dir)
+    if not hosts:
+        raise PKIError("server certificate needs at least one host name or IP address (--hosts)")
+    sans = []
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        ca._builder(_name(hosts[0]), key.public_key(), days)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    out = pki_dir / "server"
+    _atomic_write(out / "server.key", _key_pem(key), private=True)
+    _atomic_write(out / "server.crt", _cert_pem(cert))
+    _atomic_write(out / "ca.crt", _cert_pem(ca.cert))
+    return out
+
+
+def _record_issued(pki_dir: Path, name: str, kind: str, cert: x509.Certificate) -> None:
+    path = pki_dir / "ca" / "issued.json"
+    issued = json.loads(path.read_text()) if path.exists() else {}
+    issued.setdefault(name, []).append(
+        {"kind": kind, "serial": format(cert.serial_number, "x"), "not_after": cert.not_valid_after_utc.isoformat()}
+    )
+    _atomic_write(path, json.dumps(issued, indent=1).encode())
+
+
+def issue_client(pki_dir: str | Path, name: str, *, days: float = 365, out_dir: str | Path | None = None,
+                 not_before: _dt.datetime | None = None, ca: CA | None = None) -> Path:
+    """Issue a client's TLS certificate and Ed25519 identity certificate into ``pki/clients/NAME`` (or out_dir)."""
+    check_name(name)
+    if days <= 0 and not_before is None:
+        raise PKIError(f"--days must be positive, got {days}")
+    pki_dir = Path(pki_dir)
+    ca = ca or CA.load(pki_dir)
+    out = Path(out_dir) if out_dir else pki_dir / "clients" / name
+    tls_key = ec.generate_private_key(ec.SECP256R1())
+    tls_cert = (
+        ca._builder(_name(name), tls_key.public_key(), days, not_before)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    id_key = ed25519.Ed25519PrivateKey.generate()
+    id_cert = (
+        ca._builder(_name(name), id_key.public_key(), days, not_before)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=True, key_cert_sign=False,
+                                     crl_sign=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca.key, hashes.SHA256())
+    )
+    _atomic_write(out / "tls.key", _key_pem(tls_key), private=True)
+    _atomic_write(out / "tls.crt", _cert_pem(tls_cert))
+    _atomic_write(out / "identity.key", _key_pem(id_key), private=True)
+    _atomic_write(out / "identity.crt", _cert_pem(id_cert))
+    _atomic_write(out / "ca.crt", _cert_pem(ca.cert))
+    _record_issued(pki_dir, name, "tls", tls_cert)
+    _record_issued(pki_dir, name, "identity", id_cert)
+    return out
+
+
+def write_crl(pki_dir: str | Path, ca: CA | None = None, revoked: dict[int, _dt.datetime] | None = None) -> Path:
+    pki_dir = Path(pki_dir)
+    ca = ca or CA.load(pki_dir)
+    now = _now()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now)
+        .next_update(now + _dt.timedelta(days=30))
+    )
+    for serial, when in sorted((revoked or {}).items()):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+        )
+    crl = builder.sign(ca.key, hashes.SHA256())
+    data = crl.public_bytes(serialization.Encoding.PEM)
+    _atomic_write(pki_dir / "ca" / "crl.pem", data)
+    if (pki_dir / "server").exists():
+        _atomic_write(pki_dir / "server" / "crl.pem", data)
+    return pki_dir / "ca" / "crl.pem"
+
+
+def load_crl(path: str | Path, ca_cert: x509.Certificate) -> dict[int, _dt.datetime]:
+    """Revoked serials -> revocation time, after checking the CRL's signature against the CA."""
+    crl = x509.load_pem_x509_crl(Path(path).read_bytes())
+    if not crl.is_signature_valid(ca_cert.public_key()):
+        raise PKIError(f"{path}: CRL signature does not verify against the federation CA; refusing to use it")
+    return {r.serial_number: r.revocation_date_utc for r in crl}
+
+
+def revoke(pki_dir: str | Path, name: str) -> list[int]:
+    """Revoke every certificate issued to ``name``; returns the revoked serials."""
+    pki_dir = Path(pki_dir)
+    ca = CA.load(pki_dir)
+    issued = json.loads((pki_dir / "ca" / "issued.json").read_text())
+    if name not in issued:
+        raise PKIError(f"no certificate was issued to {name!r} by this CA (known: {', '.join(sorted(issued)) or 'none'})")
+    crl_path = pki_dir / "ca" / "crl.pem"
+    revoked = load_crl(crl_path, ca.cert) if crl_path.exists() else {}
+    serials = [int(e["serial"], 16) for e in issued[name]]
+    for s in serials:
+        revoked.setdefault(s, _now())
+    write_crl(pki_dir, ca, revoked)
+    return serials
+
+
+def common_name(cert: x509.Certificate) -> str:
+    attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not attrs:
+        raise PKIError("certificate has no Common Name")
+    return str(attrs[0].value)
+
+
+def verify_identity_certificate(pem: bytes, ca_cert: x509.Certificate, *, expected_name: str | None = None,
+                                revoked: dict[int, _dt.datetime] | None = None,
+                                at: _dt.datetime | None = None) -> ed25519.Ed25519PublicKey:
+    """Check an Ed25519 identity certificate against the CA; return its public key or raise PKIError."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError as e:
+        raise PKIError(f"identity certificate is not a PEM certificate: {e}") from None
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except Exception:
+        raise PKIError("identity certificate was not issued by this federation's CA") from None
+    at = at or _now()
+    if not (cert.not_valid_before_utc <= at <= cert.not_valid_after_utc):
+        raise PKIError(f"identity certificate of {common_name(cert)!r} is not valid now "
+                       f"(valid {cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d})")
+    if revoked and cert.serial_number in revoked:
+        raise PKIError(f"identity certificate of {common_name(cert)!r} was revoked")
+    if expected_name is not None and common_name(cert) != expected_name:
+        raise PKIError(f"identity certificate names {common_name(cert)!r}, but the TLS certificate names "
+                       f"{expected_name!r}")
+    key = cert.public_key()
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise PKIError("identity certificate does not hold an Ed25519 key")
+    return key
+
+
+@dataclass(frozen=True)
+class ClientCredentials:
+    """What a client needs to dial the federation: CA certificate, its TLS key/cert, its identity key/cert."""
+
+    ca_pem: bytes
+    tls_key_pem: bytes
+    tls_cert_pem: bytes
+    identity_key_pem: bytes | None = None
+    identity_cert_pem: bytes | None = None
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "ClientCredentials":
+        d = Path(path)
+        missing = [n for n in ("ca.crt", "tls.key", "tls.crt") if not (d / n).exists()]
+        if missing:
+            raise PKIError(f"credentials folder {d} lacks {', '.join(missing)}; issue one with `mor-server pki "
+                           "issue-client NAME` and copy pki/clients/NAME to the client")
+        opt = lambda n: (d / n).read_bytes() if (d / n).exists() else None  # noqa: E731
+        return cls((d / "ca.crt").read_bytes(), (d / "tls.key").read_bytes(), (d / "tls.crt").read_bytes(),
+                   opt("identity.key"), opt("identity.crt"))
+
+    @property
+    def name(self) -> str:
+        return common_name(x509.load_pem_x509_certificate(self.tls_cert_pem))
+
+    def identity_key(self) -> ed25519.Ed25519PrivateKey | None:
+        if self.identity_key_pem is None:
+            return None
+        return serialization.load_pem_private_key(self.identity_key_pem, password=None)
+
+
+@dataclass(frozen=True)
+class ServerCredentials:
+    ca_pem: bytes
+    key_pem: bytes
+    cert_pem: bytes
+    crl_path: Path | None
+
+    @classmethod
+    def from_dir(cls, pki_dir: str | Path) -> "ServerCredentials":
+        d = Path(pki_dir) / "server"
+        missing = [n for n in ("ca.crt", "server.key", "server.crt") if not (d / n).exists()]
+        if missing:
+            raise PKIError(f"server credentials in {d} lack {', '.join(missing)}; run `mor-server pki init --dir "
+                           f"{pki_dir}`")
+        crl = d / "crl.pem"
+        return cls((d / "ca.crt").read_bytes(), (d / "server.key").read_bytes(), (d / "server.crt").read_bytes(),
+                   crl if crl.exists() else None)
+
+    @property
+    def ca_cert(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.ca_pem)
