@@ -1,0 +1,142 @@
+"""``mor-client``: join a federation, train a reward model, show its card, print the privacy ledger.
+
+Thin shell over the SDK. Errors a user can fix are printed as one line naming the argument (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from privacy.pki import ClientCredentials, PKIError
+
+from .client import ClientError, FederationClient
+from .release import ReleasePolicy
+
+
+class UsageError(Exception):
+    pass
+
+
+def load_scorer(model: Path | None, scorer_spec: str | None):
+    """A scorer from a trained reward-model folder (--model) or a user's ``module:attr`` (--scorer)."""
+    if (model is None) == (scorer_spec is None):
+        raise UsageError("give exactly one of --model DIR (a trained reward model) or --scorer module:attr")
+    if model is not None:
+        from .rewards import RewardModelScorer
+
+        if not (model / "card.json").exists() and not any(model.glob("*.json")):
+            raise UsageError(f"--model {model}: no reward model there (expected a folder made by `mor-client train`)")
+        return RewardModelScorer.from_dir(model)
+    mod_name, _, attr = scorer_spec.partition(":")
+    if not attr:
+        raise UsageError(f"--scorer {scorer_spec!r}: use the form package.module:attribute")
+    try:
+        obj = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise UsageError(f"--scorer {scorer_spec!r}: {e}") from None
+    scorer = obj() if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "score")) else obj
+    if not hasattr(scorer, "score"):
+        raise UsageError(f"--scorer {scorer_spec!r} has no .score(items) method")
+    return scorer
+
+
+def _card_for(scorer, args) -> dict:
+    card = dict(getattr(scorer, "card", None) or {})
+    card.setdefault("architecture", type(scorer).__name__)
+    card.setdefault("parameter_count", 0)
+    if "training_epsilon" not in card:
+        eps = card.get("epsilon")
+        card["training_epsilon"] = float("inf") if eps in (None, "inf") else float(eps)
+    card.setdefault("training_delta", card.get("delta") or 0.0)
+    card["supported_modes"] = list(args.modes)
+    return card
+
+
+def _join(args) -> int:
+    modes = tuple(m.strip() for m in args.modes_csv.split(",") if m.strip())
+    args.modes = modes
+    scorer = load_scorer(args.model, args.scorer)
+    creds = None if args.insecure else ClientCredentials.from_dir(args.creds)
+    ledger = None
+    if args.ledger is not None:
+        from privacy.ledger import PrivacyLedger
+
+        ledger = PrivacyLedger(args.ledger, client_level_budget=args.budget, delta=args.delta)
+    elif "dp" in modes or "secagg+dp" in modes:
+        raise UsageError("--modes includes dp: give --ledger PATH (and --budget EPS) so releases are charged")
+    policy = ReleasePolicy(modes, ledger=ledger)
+    secagg = None
+    if "secagg" in modes or "secagg+dp" in modes:
+        from .secagg_session import SecAggSession
+
+        secagg = SecAggSession(creds, ledger=ledger)
+    client = FederationClient(args.server, creds, scorer, card=_card_for(scorer, args), policy=policy,
+                              insecure_client_id=args.insecure_id if args.insecure else None,
+                              max_attempts=args.max_attempts, secagg_handler=secagg,
+                              on_event=lambda kind, info: print(f"[{kind}] {json.dumps(info)}", flush=True)
+                              if args.verbose or kind in ("connected", "rejected") else None)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(client.stop()))
+        await client.run()
+
+    asyncio.run(main())
+    s = client.stats
+    print(f"mor-client: stopped after {s.tasks} tasks, {s.reports} reports, {s.refusals} refusals", flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mor-client", description="MoR federation client (institution side)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    j = sub.add_parser("join", help="connect to the federation and answer scoring tasks until stopped")
+    j.add_argument("--server", required=True, help="host:port of the federation server")
+    j.add_argument("--creds", type=Path, help="credentials folder from `mor-server pki issue-client NAME`")
+    j.add_argument("--model", type=Path, help="reward-model folder made by `mor-client train`")
+    j.add_argument("--scorer", help="your own scorer as package.module:attribute (an object with .score(items))")
+    j.add_argument("--modes", dest="modes_csv", default="plain",
+                   help="comma-separated privacy modes this client accepts: plain,dp,secagg,secagg+dp")
+    j.add_argument("--ledger", type=Path, help="privacy ledger (SQLite) charged for dp releases")
+    j.add_argument("--budget", type=float, default=None, help="client-level epsilon budget enforced by the ledger")
+    j.add_argument("--delta", type=float, default=1e-5, help="delta of the client-level guarantee")
+    j.add_argument("--max-attempts", type=int, default=None, help="give up after this many failed connections")
+    j.add_argument("--insecure", action="store_true", help="DANGER: no TLS (server must run --insecure)")
+    j.add_argument("--insecure-id", default="insecure-client")
+    j.set_defaults(func=_join)
+    for modname in ("train_cli", "budget_cli"):
+        try:
+            mod = importlib.import_module(f"mor_client.{modname}")
+        except ImportError:  # pragma: no cover - ships with the reward-model / privacy packages
+            continue
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.cmd == "join" and not args.insecure and args.creds is None:
+        parser.error("--creds is required (or --insecure for local debugging)")
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, PKIError, ClientError, ValueError, FileNotFoundError) as e:
+        print(f"mor-client: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
