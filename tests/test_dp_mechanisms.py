@@ -1,0 +1,81 @@
+"""Score-release mechanisms: clipping, calibrated noise variance, lattice-valued outputs, input validation."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from privacy import dp
+
+
+def test_clip_scores_clips_and_rejects_bad_input():
+    assert dp.clip_scores([-3.0, 0.5, 2.0], 1.0).tolist() == [-1.0, 0.5, 1.0]
+    with pytest.raises(ValueError, match="clip C"):
+        dp.clip_scores([0.0], 0.0)
+    with pytest.raises(ValueError, match="non-finite values at positions \\[1\\]"):
+        dp.clip_scores([0.0, float("nan")], 1.0)
+
+
+def test_discrete_gaussian_has_calibrated_variance_and_mean():
+    rng = np.random.default_rng(1234)
+    for sigma in (0.7, 3.0, 50.0):
+        z = dp.discrete_gaussian(sigma, 60_000, rng)
+        assert z.dtype == np.int64
+        # variance of N_Z(0, s^2) equals s^2 up to exp(-2 pi^2 s^2) terms for s >= 0.7 (within 0.5%)
+        var = z.var()
+        se = sigma ** 2 * math.sqrt(2 / len(z))
+        assert abs(var - sigma ** 2) < 5 * se + 0.005 * sigma ** 2, (sigma, var)
+        assert abs(z.mean()) < 5 * sigma / math.sqrt(len(z))
+
+
+def test_discrete_gaussian_pmf_matches_exact_pmf():
+    rng = np.random.default_rng(7)
+    sigma = 1.5
+    z = dp.discrete_gaussian(sigma, 40_000, rng)
+    support = np.arange(-8, 9)
+    w = np.exp(-support ** 2 / (2 * sigma ** 2))
+    expected = w / w.sum() * len(z)
+    observed = np.array([(z == k).sum() for k in support])
+    assert observed.sum() == len(z)  # no mass beyond 8 sigma/1.5 in 40k draws
+    keep = expected > 5
+    chi2 = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    assert chi2 < stats.chi2.ppf(0.999, keep.sum() - 1)
+
+
+def test_gaussian_release_noise_has_calibrated_std():
+    rng = np.random.default_rng(42)
+    m, C, nm = 16, 1.0, 0.8
+    x = np.linspace(-0.9, 0.9, m)
+    samples = np.stack([dp.gaussian_release(x, clip=C, noise_multiplier=nm, rng=rng) for _ in range(3000)])
+    sigma = nm * 2 * C * math.sqrt(m)
+    assert dp.release_sigma(clip=C, noise_multiplier=nm, m=m) == pytest.approx(sigma)
+    resid = samples - x
+    assert abs(resid.std() - sigma) < 0.02 * sigma
+    assert np.all(np.abs(resid.mean(axis=0)) < 5 * sigma / math.sqrt(3000))
+
+
+def test_gaussian_release_is_lattice_valued_and_clipped_input():
+    C = 2.0
+    out = dp.gaussian_release([100.0, -100.0, 0.3], clip=C, noise_multiplier=1.0, rng=dp.SecureRandom(b"k" * 32))
+    sigma = dp.release_sigma(clip=C, noise_multiplier=1.0, m=3)
+    k = max(20, math.ceil(math.log2(2 ** 16 * C / sigma)))
+    g = C / 2 ** k
+    ints = out / g
+    assert np.allclose(ints, np.rint(ints), atol=1e-6)  # output is a function of an integer only
+    # out-of-range scores were clipped to +-C before noising: residual is ~N(0, sigma), not ~100
+    assert abs(out[0] - C) < 6 * sigma and abs(out[1] + C) < 6 * sigma
+
+
+def test_gaussian_release_refuses_zero_noise():
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        dp.gaussian_release([0.1], clip=1.0, noise_multiplier=0.0)
+
+
+def test_secure_random_default_is_not_reproducible_and_uniform():
+    a, b = dp.SecureRandom().random(1000), dp.SecureRandom().random(1000)
+    assert not np.array_equal(a, b)
+    assert a.min() > 0 and a.max() <= 1
+    assert stats.kstest(np.concatenate([a, b]), "uniform").pvalue > 1e-4
+    # seeded key is reproducible (tests only)
+    assert np.array_equal(dp.SecureRandom(b"x" * 32).random(5), dp.SecureRandom(b"x" * 32).random(5))
