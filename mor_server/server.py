@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
+import hashlib
 import itertools
 import logging
 import math
@@ -26,6 +27,7 @@ from typing import Callable, Sequence
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -70,8 +72,11 @@ class ServerConfig:
     """HTTP/2 keepalive ping interval, so dead connections are detected and counted as dropouts."""
     deadline_grace_s: float = 0.5
     """Extra time the server waits past a task's timeout for reports in flight."""
+    audit_path: Path | None = None
+    """Where the server's signed, hash-chained audit log is written (JSON Lines); signed with the server's identity
+    key from ``pki_dir/server/identity.key``. None disables auditing (not recommended outside tests)."""
     audit: object | None = None
-    """Optional audit log (privacy.audit.AuditLog) receiving registrations, rounds and refusals."""
+    """An already open audit log (``privacy.audit.AuditLog``); takes precedence over ``audit_path``."""
 
 
 @dataclass
@@ -89,6 +94,7 @@ class _Pending:
     changed: asyncio.Event
     mode: str
     dp: tuple[float, float] | None = None
+    task_digest: str = ""
 
 
 class FederationServer(pb_grpc.FederationServicer):
@@ -111,6 +117,7 @@ class FederationServer(pb_grpc.FederationServicer):
         self._online_changed = asyncio.Event()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self._owns_audit = False
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
     async def start(self) -> int:
@@ -147,6 +154,14 @@ class FederationServer(pb_grpc.FederationServicer):
             self.port = self._server.add_secure_port(addr, server_creds)
         if not self.port:
             raise OSError(f"could not bind {addr}")
+        if cfg.audit is None and cfg.audit_path is not None:
+            if cfg.pki_dir is None:
+                raise ValueError("audit_path needs pki_dir: the audit log is signed with the server's identity key")
+            from privacy.audit import AuditLog
+
+            cfg.audit = AuditLog(cfg.audit_path, signing_key=pki.load_identity_key(
+                Path(cfg.pki_dir) / "server" / "identity.key"), actor="server")
+            self._owns_audit = True
         await self._server.start()
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -170,10 +185,14 @@ class FederationServer(pb_grpc.FederationServicer):
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
+        if self._owns_audit and self.config.audit is not None:
+            self.config.audit.close()
+            self.config.audit = None
 
     def _audit(self, event: str, payload: dict) -> None:
+        """Durably log an event before the action it records is acknowledged (AuditLog.append fsyncs)."""
         if self.config.audit is not None:
-            self.config.audit.append(event, payload)
+            self.config.audit.append(event, _jsonable(payload))
 
     # -- identity ---------------------------------------------------------------------------------------------------
     def _reload_crl(self) -> None:
@@ -185,13 +204,16 @@ class FederationServer(pb_grpc.FederationServicer):
             self._crl_mtime = mtime
 
     async def _identify(self, context) -> str:
+        return (await self._identify_cert(context))[0]
+
+    async def _identify_cert(self, context) -> tuple[str, x509.Certificate | None]:
         if self.config.insecure:
             md = dict(context.invocation_metadata() or ())
             cid = md.get("x-mor-client-id", "")
             if not cid:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                     "insecure mode: send metadata x-mor-client-id (no TLS identity available)")
-            return cid
+            return cid, None
         auth = context.auth_context()
         pems = auth.get("x509_pem_cert")
         if not pems:
@@ -203,13 +225,13 @@ class FederationServer(pb_grpc.FederationServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"client certificate (serial {cert.serial_number:x}) was revoked on {when:%Y-%m-%d %H:%M}Z")
         try:
-            return pki.common_name(cert)
+            return pki.common_name(cert), cert
         except pki.PKIError as e:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
 
     # -- RPCs -------------------------------------------------------------------------------------------------------
     async def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterResponse:
-        client_id = await self._identify(context)
+        client_id, cert = await self._identify_cert(context)
         self.metrics.bytes_in.inc(request.ByteSize())
         if not request.HasField("card"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "card is missing: send the reward model's card")
@@ -235,6 +257,10 @@ class FederationServer(pb_grpc.FederationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.metrics.clients_registered.set(len(self.registry.all()))
         self._audit("registration", {"client_id": client_id, "card": card,
+                                     "certificate": None if cert is None else {
+                                         "subject": cert.subject.rfc4514_string(),
+                                         "serial": format(cert.serial_number, "x"),
+                                         "fingerprint_sha256": cert.fingerprint(hashes.SHA256()).hex()},
                                      "identity_certificate": bool(request.identity_certificate)})
         log.info("registered %s (%s, %d params)", client_id, card["architecture"], card["parameter_count"])
         resp = pb.RegisterResponse(client_id=client_id, federation_id=self.config.federation_id,
@@ -426,6 +452,7 @@ class FederationServer(pb_grpc.FederationServicer):
         if mode == "dp":
             task.dp.CopyFrom(pb.DpParams(clip=dp_clip, noise_multiplier=dp_noise_multiplier))
         msg = pb.ServerMessage(task=task)
+        pending.task_digest = hashlib.sha256(task.SerializeToString(deterministic=True)).hexdigest()
         for c in chosen:
             conn = self._conns.get(c)
             if conn is None or conn.closed:
@@ -445,7 +472,8 @@ class FederationServer(pb_grpc.FederationServicer):
         finally:
             outcome = self.book.finish(round_id, self._clock())
             del self._pending[round_id]
-        self._account(outcome, mode)
+        self._account(outcome, mode, task_digest=pending.task_digest,
+                      extra={"dp": {"clip": dp_clip, "noise_multiplier": dp_noise_multiplier}} if mode == "dp" else None)
         return outcome
 
     def _check_items(self, items: Sequence[ScoringItem]) -> None:
@@ -464,7 +492,7 @@ class FederationServer(pb_grpc.FederationServicer):
         self._account(outcome, mode)
         return outcome
 
-    def _account(self, outcome: RoundOutcome, mode: str) -> None:
+    def _account(self, outcome: RoundOutcome, mode: str, *, task_digest: str = "", extra: dict | None = None) -> None:
         m = self.metrics
         (m.rounds_completed if outcome.ok else m.rounds_failed).labels(mode=mode).inc()
         m.round_latency.labels(mode=mode).observe(outcome.latency)
@@ -481,7 +509,8 @@ class FederationServer(pb_grpc.FederationServicer):
         self._audit("round", {"round_id": outcome.round_id, "mode": mode, "state": outcome.state.value,
                               "participants": list(outcome.participants), "responders": list(outcome.responders),
                               "dropouts": outcome.dropped, "reason": outcome.reason,
-                              "latency_s": round(outcome.latency, 6), "epsilon_total": eps})
+                              "latency_s": round(outcome.latency, 6), "task_digest": task_digest,
+                              "epsilon_total": eps, **(extra or {})})
         if not outcome.ok:
             log.warning("round %s failed: %s", outcome.round_id, outcome.reason)
 
@@ -496,6 +525,17 @@ class FederationServer(pb_grpc.FederationServicer):
 
 
 _PAYLOAD_FOR_MODE = {"plain": "plain", "dp": "dp"}
+
+
+def _jsonable(obj):
+    """Audit payloads are canonical JSON: non-finite floats become strings ("inf"), tuples lists."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "inf" if obj > 0 else "-inf" if obj < 0 else "nan"
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
 
 
 class ServerThread:

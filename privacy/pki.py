@@ -168,6 +168,11 @@ def issue_server(pki_dir: str | Path, *, hosts: tuple[str, ...] = DEFAULT_HOSTS,
     _atomic_write(out / "server.key", _key_pem(key), private=True)
     _atomic_write(out / "server.crt", _cert_pem(cert))
     _atomic_write(out / "ca.crt", _cert_pem(ca.cert))
+    # the server's Ed25519 identity key signs its audit log; its certificate lets a third party pin it
+    id_key = ed25519.Ed25519PrivateKey.generate()
+    id_cert = ca._builder(_name(f"server:{hosts[0]}"), id_key.public_key(), days).sign(ca.key, hashes.SHA256())
+    _atomic_write(out / "identity.key", _key_pem(id_key), private=True)
+    _atomic_write(out / "identity.crt", _cert_pem(id_cert))
     return out
 
 
@@ -345,3 +350,14 @@ class ServerCredentials:
     @property
     def ca_cert(self) -> x509.Certificate:
         return x509.load_pem_x509_certificate(self.ca_pem)
+
+
+def load_identity_key(path: str | Path) -> ed25519.Ed25519PrivateKey:
+    """Load an Ed25519 identity (signing) key written by this module."""
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except FileNotFoundError:
+        raise PKIError(f"identity key {path} is missing; re-issue the credentials with `mor-server pki`") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise PKIError(f"{path} is not an Ed25519 identity key")
+    return key

@@ -101,3 +101,27 @@ def test_silent_client_times_out_as_dropout(pki_dir, png_bytes):
             assert out.dropped["carol"] in ("no report before the deadline",) or out.dropped["carol"].startswith("refused")
             assert out.latency < 3.5
     asyncio.run(main())
+
+
+def test_rounds_and_registrations_are_audited(pki_dir, png_bytes, tmp_path):
+    from privacy.audit import read_entries, verify_log
+    from privacy.pki import load_identity_key
+
+    log_path = tmp_path / "server-audit.jsonl"
+
+    async def main():
+        async with federation(pki_dir, names=("alice", "bob"), audit_path=log_path) as (server, _, _):
+            items = make_items(png_bytes)
+            assert (await server.run_round(items, timeout=5)).ok
+            assert (await server.run_round(items, participants=["alice"], timeout=5)).ok
+    asyncio.run(main())
+    pub = load_identity_key(pki_dir / "server" / "identity.key").public_key()
+    res = verify_log(log_path, pub)
+    assert res.ok, res
+    events = [e.event for e in read_entries(log_path)]
+    assert events.count("registration") == 2 and events.count("round") == 2
+    rounds = [e for e in read_entries(log_path) if e.event == "round"]
+    assert rounds[0].payload["participants"] == ["alice", "bob"] and len(rounds[0].payload["task_digest"]) == 64
+    assert rounds[1].payload["participants"] == ["alice"] and rounds[1].payload["state"] == "completed"
+    regs = [e for e in read_entries(log_path) if e.event == "registration"]
+    assert regs[0].payload["card"]["training_epsilon"] == "inf" and regs[0].payload["certificate"]["serial"]
