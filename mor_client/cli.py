@@ -72,6 +72,13 @@ def _join(args) -> int:
     elif "dp" in modes or "secagg+dp" in modes:
         raise UsageError("--modes includes dp: give --ledger PATH (and --budget EPS) so releases are charged")
     policy = ReleasePolicy(modes, ledger=ledger)
+    audit = None
+    if args.audit is not None:
+        from privacy.audit import AuditLog
+
+        if creds is None or creds.identity_key_pem is None:
+            raise UsageError("--audit needs the identity key in --creds (identity.key) to sign the log")
+        audit = AuditLog(args.audit, signing_key=creds.identity_key(), actor=f"client:{creds.name}")
     secagg = None
     if "secagg" in modes or "secagg+dp" in modes:
         from .secagg_session import SecAggSession
@@ -79,7 +86,7 @@ def _join(args) -> int:
         secagg = SecAggSession(creds, ledger=ledger)
     client = FederationClient(args.server, creds, scorer, card=_card_for(scorer, args), policy=policy,
                               insecure_client_id=args.insecure_id if args.insecure else None,
-                              max_attempts=args.max_attempts, secagg_handler=secagg,
+                              max_attempts=args.max_attempts, secagg_handler=secagg, audit=audit,
                               on_event=lambda kind, info: print(f"[{kind}] {json.dumps(info)}", flush=True)
                               if args.verbose or kind in ("connected", "rejected") else None)
 
@@ -89,7 +96,13 @@ def _join(args) -> int:
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(client.stop()))
         await client.run()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        if audit is not None:
+            audit.close()
+        if ledger is not None:
+            ledger.close()
     s = client.stats
     print(f"mor-client: stopped after {s.tasks} tasks, {s.reports} reports, {s.refusals} refusals", flush=True)
     return 0
@@ -109,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--ledger", type=Path, help="privacy ledger (SQLite) charged for dp releases")
     j.add_argument("--budget", type=float, default=None, help="client-level epsilon budget enforced by the ledger")
     j.add_argument("--delta", type=float, default=1e-5, help="delta of the client-level guarantee")
+    j.add_argument("--audit", type=Path, help="write this client's signed audit log (releases, refusals) here")
     j.add_argument("--max-attempts", type=int, default=None, help="give up after this many failed connections")
     j.add_argument("--insecure", action="store_true", help="DANGER: no TLS (server must run --insecure)")
     j.add_argument("--insecure-id", default="insecure-client")

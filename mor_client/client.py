@@ -55,7 +55,7 @@ class FederationClient:
                  policy: ReleasePolicy | None = None, insecure_client_id: str | None = None,
                  server_name_override: str | None = None, backoff_initial: float = 0.2, backoff_max: float = 15.0,
                  max_attempts: int | None = None, max_message_bytes: int = 16 << 20,
-                 on_event: Callable[[str, dict], None] | None = None, secagg_handler=None):
+                 on_event: Callable[[str, dict], None] | None = None, secagg_handler=None, audit=None):
         if credentials is None and insecure_client_id is None:
             raise ValueError("credentials are required (mTLS); pass insecure_client_id only for local debugging")
         if not hasattr(scorer, "score"):
@@ -72,6 +72,7 @@ class FederationClient:
         self.max_message_bytes = max_message_bytes
         self.on_event = on_event or (lambda kind, info: None)
         self.secagg_handler = secagg_handler
+        self.audit = audit
         self.stats = ClientStats()
         self.client_id: str | None = None
         self._stop = asyncio.Event()
@@ -217,8 +218,24 @@ class FederationClient:
         except Exception as e:  # the scorer is the institution's code: report, do not crash the session
             log.exception("scorer failed on round %s", task.round_id)
             rel = Release("refuse", code="INTERNAL", reason=f"local scorer failed: {type(e).__name__}: {e}"[:400])
+        self.audit_release(task.round_id, mode, rel, n_items=len(items))
         send_q.put_nowait(self.release_message(task.round_id, rel))
         self.on_event("task", {"round_id": task.round_id, "mode": mode, "items": len(items), "release": rel.kind})
+
+    def audit_release(self, round_id: str, mode: str, rel: Release, *, n_items: int, extra: dict | None = None) -> None:
+        """Log what leaves (or is refused) durably *before* it is sent; never the scores themselves."""
+        if self.audit is None:
+            return
+        if rel.kind == "refuse":
+            self.audit.append("refusal", {"round_id": round_id, "mode": mode, "code": rel.code, "reason": rel.reason,
+                                          "remaining_epsilon": None if math.isnan(rel.remaining_epsilon)
+                                          else rel.remaining_epsilon})
+            return
+        payload = {"round_id": round_id, "mode": mode, "items": n_items, "released": len(rel.scores),
+                   **(extra or {})}
+        if rel.kind == "dp":
+            payload.update(clip=rel.clip, noise_multiplier=rel.noise_multiplier, epsilon_total=rel.epsilon_total)
+        self.audit.append("release", payload)
 
     def release_message(self, round_id: str, rel: Release) -> pb.ClientMessage:
         if rel.kind == "refuse":

@@ -1,0 +1,106 @@
+"""The federated reward backend: scoring rounds over gRPC behind the alignment engine's ``RewardBackend`` seam.
+
+* ``client_scores`` (router calibration) runs a ``plain`` or ``dp`` round and returns per-client scores (DP-noised
+  and charged to each client's ledger in ``dp`` mode).
+* ``mixed_scores`` (GRPO rewards) returns the routed mixture ``sum_k w_k(x_i) * r_k(x_i, y_ij)``. In ``secagg`` and
+  ``secagg+dp`` modes each client multiplies its own scores by its routing weight and masks them; the server unmasks
+  only the weighted sum and never sees an individual client's score. In ``plain`` mode (trusted pilots) the server
+  computes the same sum itself.
+
+When a client drops, the mixture is renormalised over the clients that answered (per item: divide by the sum of
+the responders' weights), so a dropout never turns into a zero reward. Each call retries a failed round a bounded
+number of times with a fresh round id; after that it raises ``RoundFailed`` and the reward callable reports the
+batch to TRL as missing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+
+from mor_client.types import ScoringItem
+
+from .rewards import RoundFailed
+from .server import FederationServer, ServerThread
+
+log = logging.getLogger("mor.federated")
+
+
+class FederatedBackend:
+    def __init__(self, server: ServerThread, *, calibration_mode: str = "plain", mix_mode: str = "plain",
+                 timeout: float = 60.0, retries: int = 2, min_clients: int = 1, dp_clip: float = 1.0,
+                 dp_noise_multiplier: float = 1.0, secagg_options: dict | None = None):
+        if calibration_mode not in ("plain", "dp"):
+            raise ValueError(f"calibration_mode must be 'plain' or 'dp', got {calibration_mode!r}")
+        if mix_mode not in ("plain", "dp", "secagg", "secagg+dp"):
+            raise ValueError(f"mix_mode must be plain, dp, secagg or secagg+dp, got {mix_mode!r}")
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
+        self.server = server
+        self.calibration_mode, self.mix_mode = calibration_mode, mix_mode
+        self.timeout, self.retries, self.min_clients = timeout, retries, min_clients
+        self.dp_clip, self.dp_noise_multiplier = dp_clip, dp_noise_multiplier
+        self.secagg_options = dict(secagg_options or {})
+        self.rounds = {"ok": 0, "failed": 0, "retried": 0}
+        self.last_outcome = None
+
+    def client_ids(self) -> list[str]:
+        return self.server.server.online_clients()
+
+    def _round(self, items, mode: str, **kw):
+        reasons = []
+        for attempt in range(self.retries + 1):
+            if mode in ("secagg", "secagg+dp"):
+                out = self.server.call(self.server.server.run_secagg_round(
+                    items, mode=mode, min_clients=self.min_clients, timeout=self.timeout, **kw, **self.secagg_options))
+            else:
+                out = self.server.run_round(items, mode=mode, min_clients=self.min_clients, timeout=self.timeout,
+                                            dp_clip=self.dp_clip, dp_noise_multiplier=self.dp_noise_multiplier, **kw)
+            self.last_outcome = out
+            if out.ok:
+                self.rounds["ok"] += 1
+                return out
+            reasons.append(out.reason)
+            if attempt < self.retries:
+                self.rounds["retried"] += 1
+                log.warning("round %s failed (%s); retrying (%d/%d)", out.round_id, out.reason, attempt + 1,
+                            self.retries)
+        self.rounds["failed"] += 1
+        raise RoundFailed(f"{mode} scoring round failed {self.retries + 1} times; last reason: {reasons[-1]}")
+
+    def client_scores(self, items: Sequence[ScoringItem], *, purpose: str = "calibration") -> dict[str, list[list[float]]]:
+        out = self._round(list(items), self.calibration_mode)
+        return FederationServer.scores_by_client(out, items)
+
+    def mixed_scores(self, items: Sequence[ScoringItem], weights: dict[str, list[float]]) -> list[list[float]]:
+        items = list(items)
+        live = [c for c in weights if c in set(self.client_ids())]
+        if not live:
+            raise RoundFailed(f"no routed client is online (routed: {sorted(weights)}, online: {self.client_ids()})")
+        W = {c: np.asarray(weights[c], dtype=np.float64) for c in live}
+        for c, w in W.items():
+            if w.shape != (len(items),):
+                raise ValueError(f"weights[{c!r}] has shape {w.shape}; expected one weight per item ({len(items)})")
+        if self.mix_mode in ("secagg", "secagg+dp"):
+            out = self._round(items, self.mix_mode, participants=live, weights={c: W[c].tolist() for c in live})
+            total = np.asarray(out.reports["sum"], dtype=np.float64)
+            denom = sum(W[c] for c in out.responders)
+        else:
+            out = self._round(items, self.mix_mode, participants=live)
+            per_client = FederationServer.scores_by_client(out, items)
+            sizes = [len(it.candidates) for it in items]
+            total = np.zeros(sum(sizes))
+            for c in out.responders:
+                flat = np.concatenate([np.asarray(r, dtype=np.float64) for r in per_client[c]])
+                total += np.repeat(W[c], sizes) * flat
+            denom = sum(W[c] for c in out.responders)
+        denom = np.where(np.asarray(denom) > 0, denom, 1.0)
+        sizes = [len(it.candidates) for it in items]
+        mixed = total / np.repeat(denom, sizes)
+        res, k = [], 0
+        for n in sizes:
+            res.append(mixed[k:k + n].tolist())
+            k += n
+        return res
