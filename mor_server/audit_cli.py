@@ -46,6 +46,7 @@ def register(subparsers) -> None:
                    help="check logs without a --public-key against the key in their genesis entry (weak)")
     r.add_argument("--allow-open", action="store_true", help="accept logs without a final checkpoint")
     r.add_argument("--tolerance", type=float, default=1e-6, help="relative tolerance for ε equality")
+    r.add_argument("--no-plots", action="store_true", help="skip the PNG plots (faster; no matplotlib)")
     r.set_defaults(func=_report)
 
 
@@ -154,7 +155,7 @@ def _report_impl(args) -> int:
                                  f"{actor}=KEY.pem or --trust-embedded-key")
     ledgers = _parse_pairs(args.ledgers, "--ledger")
     rep = build_report(logs=args.logs, ledgers=ledgers, out_dir=args.out, public_keys=keys,
-                       allow_open=args.allow_open, tolerance=args.tolerance)
+                       allow_open=args.allow_open, tolerance=args.tolerance, plots=not args.no_plots)
     print(f"privacy-budget audit: {'PASS' if rep['ok'] else 'FAIL'} ({len(rep['clients'])} client(s), "
           f"{rep['rounds_in_server_logs']} server round(s)); report in {args.out}/report.md")
     for e in rep["errors"]:

@@ -16,6 +16,7 @@ Outputs in ``out_dir``: ``report.json`` (for tools), ``report.md``, ``report.htm
 
 from __future__ import annotations
 
+import datetime as _dt
 import html
 import json
 import math
@@ -59,11 +60,16 @@ def ledger_rows(ledger_path) -> tuple[list[dict], dict]:
     rows = []
     for h in hist:
         h = dict(h)
+        t = _first(h, "time", "timestamp", "created")
+        if isinstance(t, (int, float)):
+            t = _dt.datetime.fromtimestamp(t, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         rows.append({
             "round_id": _first(h, "round_id", "round"),
-            "time": _first(h, "time", "timestamp", "created"),
-            "mechanism": _first(h, "mechanism", "kind"),
+            "time": t,
+            "kind": _first(h, "kind"),
+            "mechanism": _first(h, "mechanism"),
             "unit": _first(h, "unit"),
+            "model_id": _first(h, "model_id"),
             "noise_multiplier": _first(h, "noise_multiplier", "sigma"),
             "epsilon_after": _first(h, "epsilon_after", "eps_after", "epsilon_total", "epsilon"),
         })
@@ -129,9 +135,14 @@ def build_report(*, logs, ledgers: dict | None = None, out_dir, public_keys: dic
         for e in res.entries:
             pl = e.payload if isinstance(e.payload, dict) else {}
             if e.event == "refusal":
-                who = actor if not is_server else pl.get("client", pl.get("client_id", "?"))
-                refusals[str(who)].append({"time": e.time, "seq": e.seq, "log": str(p),
-                                           **{k: v for k, v in pl.items() if k in ("round_id", "reason", "mode")}})
+                who = str(actor if not is_server else pl.get("client", pl.get("client_id", "?")))
+                rid = pl.get("round_id")
+                same = [f for f in refusals[who] if rid is not None and f.get("round_id") == rid]
+                if same:  # the client's and the server's record of one refusal
+                    same[0]["logs"].append(str(p))
+                    continue
+                refusals[who].append({"time": e.time, "seq": e.seq, "logs": [str(p)],
+                                      **{k: v for k, v in pl.items() if k in ("round_id", "reason", "mode")}})
             elif is_server and e.event in ("round", "router_calibration") and "round_id" in pl:
                 server_rounds[_key(pl["round_id"])] = {**pl, "_time": e.time, "_event": e.event, "_log": str(p)}
             elif not is_server and (e.event == "release" or (e.event == "round" and "released" in pl)) \
@@ -155,16 +166,20 @@ def build_report(*, logs, ledgers: dict | None = None, out_dir, public_keys: dic
         timeline = []
         led_by_round = {}
         prev_eps = 0.0
+        # example-level rows (DP-SGD training, unit pair/annotator) are reported, never compared with releases:
+        # the two units are different guarantees and are never added together
+        example_level = [r for r in rows if r["round_id"] is None and r["unit"] != "client"]
         for r in rows:
+            if r in example_level:
+                continue
             eps = r["epsilon_after"]
             inc = None if eps is None else float(eps) - prev_eps
             if eps is not None:
                 prev_eps = float(eps)
             if r["round_id"] is None:
-                timeline.append({"round_id": None, "time": r["time"], "mechanism": r["mechanism"], "unit": r["unit"],
-                                 "eps_ledger": eps, "source": "ledger"})
                 continue
             led_by_round[_key(r["round_id"])] = {**r, "increment": inc}
+        client_rows = [r for r in rows if r not in example_level]
         rounds_part, modes = [], defaultdict(int)
         for rid, sr in server_rounds.items():
             parts = [str(x) for x in sr.get("participants") or []]
@@ -213,8 +228,15 @@ def build_report(*, logs, ledgers: dict | None = None, out_dir, public_keys: dic
             for pr in row["problems"]:
                 errors.append(f"client {c}, round {row['round_id']}: {pr}")
             timeline.append(row)
-        final_ledger = rows[-1]["epsilon_after"] if rows else None
+        final_ledger = client_rows[-1]["epsilon_after"] if client_rows else (0.0 if c in ledgers else None)
         logged_totals = [cr.get("epsilon_total") for cr in rel.values() if cr.get("epsilon_total") is not None]
+        s_client = (summary or {}).get("client") if isinstance(summary, dict) else None
+        if isinstance(s_client, dict) and s_client.get("epsilon") is not None and final_ledger is not None and \
+                not _close(s_client["epsilon"], final_ledger, tolerance):
+            errors.append(f"client {c}: ledger summary ε {s_client['epsilon']} != ε after its last release "
+                          f"{final_ledger}")
+        if c in ledgers and logged_totals and not _close(logged_totals[-1], final_ledger, tolerance):
+            errors.append(f"client {c}: final ε in its audit log {logged_totals[-1]} != final ledger ε {final_ledger}")
         per_client[c] = {
             "ledger": str(ledgers[c]) if c in ledgers else None, "ledger_summary": summary,
             "has_client_log": c in client_logs, "epsilon_final_ledger": final_ledger,
@@ -222,6 +244,8 @@ def build_report(*, logs, ledgers: dict | None = None, out_dir, public_keys: dic
             "rounds_participated": rounds_part, "n_rounds_participated": len(rounds_part),
             "n_releases_logged": len(rel), "modes": dict(modes), "refusals": refusals.get(c, []),
             "timeline": timeline,
+            "example_level": [{k: r[k] for k in ("time", "unit", "mechanism", "model_id", "noise_multiplier",
+                                                 "epsilon_after")} for r in example_level],
         }
         if c not in ledgers and (rel or any(r["charged_server_log"] for r in timeline)):
             warnings.append(f"client {c}: no ledger given, ε checked only between logs")
@@ -230,11 +254,22 @@ def build_report(*, logs, ledgers: dict | None = None, out_dir, public_keys: dic
               "rounds_in_server_logs": len(server_rounds), "clients": per_client, "tolerance": tolerance}
     if plots:
         report["plots"] = _plots(per_client, out)
-    (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+    (out / "report.json").write_text(json.dumps(_jsonable(report), indent=2, sort_keys=True, default=str) + "\n")
     md = _markdown(report)
     (out / "report.md").write_text(md)
     (out / "report.html").write_text(_html(report))
     return report
+
+
+def _jsonable(x):
+    """Strict JSON: inf/nan (e.g. example-level ε of a model trained without DP) become strings."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
 
 
 def _series(cl: dict):
@@ -322,13 +357,14 @@ def _markdown(rep: dict) -> str:
         L += ["| round | time | mode | ε ledger | ε log | charged (client log) | charged (server log) | "
               "charged (ledger Δ) | problems |", "|---|---|---|---|---|---|---|---|---|"]
         for r in cl["timeline"]:
-            if r.get("round_id") is None:
-                L.append(f"| - | {_fmt(r.get('time'))} | {r.get('mechanism')} ({r.get('unit')}) | "
-                         f"{_fmt(r.get('eps_ledger'))} | - | - | - | - | |")
-                continue
             L.append(f"| {r['round_id']} | {_fmt(r['time'])} | {_fmt(r['mode'])} | {_fmt(r['eps_ledger'])} | "
                      f"{_fmt(r['eps_log'])} | {_fmt(r['charged_client_log'])} | {_fmt(r['charged_server_log'])} | "
                      f"{_fmt(r['charged_ledger'])} | {'; '.join(r['problems'])} |")
+        if cl["example_level"]:
+            L += ["", "Example-level (DP-SGD training; a separate guarantee, never added to the client level):", "",
+                  "| time | unit | mechanism | model | noise multiplier | ε after |", "|---|---|---|---|---|---|"]
+            L += [f"| {_fmt(r['time'])} | {r['unit']} | {r['mechanism']} | {_fmt(r['model_id'])} | "
+                  f"{_fmt(r['noise_multiplier'])} | {_fmt(r['epsilon_after'])} |" for r in cl["example_level"]]
         if cl["refusals"]:
             L += ["", "Refusals:", ""] + [f"- {f.get('time')}: round {f.get('round_id', '-')}: {f.get('reason', '')}"
                                            for f in cl["refusals"]]
