@@ -1,0 +1,37 @@
+"""``mor-client budget`` prints each figure with its unit, the remaining budget, previews and refusals."""
+
+import argparse
+import json
+
+from mor_client import budget_cli
+from privacy.ledger import PrivacyLedger
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    budget_cli.register(sub)
+    return p.parse_args(["budget", *argv])
+
+
+def test_budget_cli_prints_units_and_refusal_preview(tmp_path, capsys):
+    db = tmp_path / "l.db"
+    L = PrivacyLedger(db, client_level_budget=2.0)
+    L.record_training(model_id="rm", noise_multiplier=1.0, sample_rate=0.02, steps=200, delta=1e-5)
+    L.charge_release(round_id="round-1", noise_multiplier=3.0)
+    L.close()
+    args = _parse(["--ledger", str(db), "--history", "--preview", "1.0"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "(unit: client)" in out and "(unit: pair)" in out and "never added" in out
+    assert "remaining" in out and "round-1" in out and "WOULD BE REFUSED" in out
+    args = _parse(["--ledger", str(db), "--json"])
+    assert args.func(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["summary"]["client"]["budget"] == 2.0 and data["summary"]["client"]["n_releases"] == 1
+
+
+def test_budget_cli_missing_ledger_is_a_one_line_error(tmp_path, capsys):
+    args = _parse(["--ledger", str(tmp_path / "nope.db")])
+    assert args.func(args) == 2
+    assert "no such ledger file" in capsys.readouterr().err
