@@ -15,10 +15,12 @@ KEYS = {name: Ed25519PrivateKey.from_private_bytes(bytes([i + 40]) * 32)
         for i, name in enumerate(("server", "alice", "bob"))}
 
 
-def _run(tmp_path, *, rounds=4, client_logs=True, lie=None, training=False):
+def _run(tmp_path, *, rounds=4, client_logs=True, lie=None, training=False, server_totals=False):
     """A small federated run: clients charge their ledgers, then log the release; the server logs each round.
 
-    lie=(client, round_index, field, value) makes that client's log entry disagree with what was charged.
+    lie=(client, round_index, field, value) makes that client's log entry disagree with what was charged
+    (client "server": the server's ε_total for alice). server_totals: the shape the federation server and client
+    SDK write (server: responders + epsilon_total per client; client release: epsilon_total, no epsilon_charged).
     """
     budgets = {"alice": None, "bob": 0.7}
     ledgers = {c: PrivacyLedger(tmp_path / f"{c}.ledger.sqlite", client_level_budget=b) for c, b in budgets.items()}
@@ -45,13 +47,22 @@ def _run(tmp_path, *, rounds=4, client_logs=True, lie=None, training=False):
             charged[c] = inc
             entry = {"round_id": rid, "mode": "dp", "released": 16, "epsilon_charged": inc,
                      "epsilon_total": ch.epsilon_after}
+            if server_totals:
+                del entry["epsilon_charged"]
             if lie and lie[0] == c and lie[1] == r:
                 entry[lie[2]] = lie[3]
             if c in logs:
                 logs[c].append("release", entry)
-        server.append("round", {"round_id": rid, "mode": "dp", "participants": sorted(charged), "dropouts": [],
-                                 "task_digest": f"{r:064x}", "weights_digest": f"{r:064x}",
-                                 "aggregate": {"mean": 0.1, "n": 16}, "epsilon_charged": charged})
+        rnd = {"round_id": rid, "mode": "dp", "participants": sorted(charged), "dropouts": [],
+               "task_digest": f"{r:064x}", "weights_digest": f"{r:064x}", "aggregate": {"mean": 0.1, "n": 16},
+               "epsilon_charged": charged}
+        if server_totals:
+            rnd = {**rnd, "participants": sorted(budgets), "responders": sorted(charged),
+                   "epsilon_total": {c: prev[c] for c in charged}}
+            del rnd["epsilon_charged"]
+            if lie and lie[0] == "server" and lie[1] == r:
+                rnd["epsilon_total"]["alice"] = lie[3]
+        server.append("round", rnd)
     server.close()
     for lg in logs.values():
         lg.close()
@@ -149,3 +160,18 @@ def test_report_cli_exit_codes_and_tampered_log(base_run, tmp_path, capsys):
     assert audit_cli.main(argv + pems) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "fails verification at seq 3" in out
+
+
+@pytest.mark.parametrize("client_logs", [True, False])
+def test_server_epsilon_totals_and_responders(tmp_path, client_logs):
+    logs, ledgers, summaries, _ = _run(tmp_path, server_totals=True, client_logs=client_logs)
+    rep = build_report(logs=logs, ledgers=ledgers, out_dir=tmp_path / "a", public_keys=_keys(), plots=False)
+    assert rep["ok"], rep["errors"]
+    bob = rep["clients"]["bob"]  # invited to every round, answered only until its budget ran out
+    assert bob["n_rounds_participated"] == sum(r["eps_server_log"] is not None for r in bob["timeline"]) < 4
+    assert rep["clients"]["alice"]["timeline"][-1]["eps_server_log"] == \
+        pytest.approx(summaries["alice"]["client"]["epsilon"], rel=1e-12)
+    logs, ledgers, _, _ = _run(tmp_path / "lie", server_totals=True, client_logs=client_logs,
+                               lie=("server", 1, "epsilon_total", 0.001))
+    rep = build_report(logs=logs, ledgers=ledgers, out_dir=tmp_path / "b", public_keys=_keys(), plots=False)
+    assert not rep["ok"] and any("round-1" in e and "server-logged ε_total" in e for e in rep["errors"])

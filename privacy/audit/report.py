@@ -5,9 +5,10 @@ Inputs: audit logs (the server's and any clients'), each verified first, and per
 
 * client log ``release`` entries (``{"round_id", "mode", "released", "epsilon_charged", "epsilon_total"}``) vs the
   client's ledger: the ledger's ε after that round must equal the logged ``epsilon_total``;
-* server log ``round`` entries (``{"round_id", "mode", "participants", "dropouts", "epsilon_charged": {client: ε}}``)
-  vs the client log's ``epsilon_charged`` for the same round, and (when no client log is given) vs the increase of
-  the client's ledger ε over that round;
+* server log ``round`` entries (``{"round_id", "mode", "participants", "responders", "dropouts",
+  "epsilon_charged": {client: ε}, "epsilon_total": {client: ε}}``): ``epsilon_total`` vs the ledger and the client
+  log; ``epsilon_charged`` vs the client log's charge and (when no client log is given) vs the increase of the
+  client's ledger ε over that round;
 * a round in the ledger but in no log (or the reverse) is an error too: a release nobody can account for.
 
 Outputs in ``out_dir``: ``report.json`` (for tools), ``report.md``, ``report.html`` and ``eps_<client>.png`` /
@@ -151,7 +152,8 @@ def build_report(*, logs, ledgers: dict | None = None, out_dir, public_keys: dic
 
     clients = set(ledgers) | client_logs | set(refusals) - {"?"}
     for r in server_rounds.values():
-        for c in list(r.get("participants") or []) + list((r.get("epsilon_charged") or {}).keys()):
+        tot = r.get("epsilon_total") if isinstance(r.get("epsilon_total"), dict) else {}
+        for c in list(r.get("participants") or []) + list((r.get("epsilon_charged") or {}).keys()) + list(tot):
             clients.add(str(c))
         d = r.get("dropouts") or []
         for c in (d.keys() if isinstance(d, dict) else d):
@@ -182,7 +184,8 @@ def build_report(*, logs, ledgers: dict | None = None, out_dir, public_keys: dic
         client_rows = [r for r in rows if r not in example_level]
         rounds_part, modes = [], defaultdict(int)
         for rid, sr in server_rounds.items():
-            parts = [str(x) for x in sr.get("participants") or []]
+            parts = [str(x) for x in (sr.get("responders") if sr.get("responders") is not None
+                                      else sr.get("participants")) or []]
             if c in parts:
                 rounds_part.append(sr["round_id"])
                 modes[str(sr.get("mode"))] += 1
@@ -191,22 +194,28 @@ def build_report(*, logs, ledgers: dict | None = None, out_dir, public_keys: dic
                 modes[str(cr.get("mode"))] += 1
         all_rounds = list(dict.fromkeys(list(led_by_round) + list(rel) +
                                         [k for k, sr in server_rounds.items()
-                                         if c in {str(x) for x in (sr.get("epsilon_charged") or {})}]))
+                                         if c in {str(x) for x in (sr.get("epsilon_charged") or {})}
+                                         or (isinstance(sr.get("epsilon_total"), dict)
+                                             and c in {str(x) for x in sr["epsilon_total"]})]))
         for rid in all_rounds:
             led, cr, sr = led_by_round.get(rid), rel.get(rid), server_rounds.get(rid)
             srv_charge = (sr.get("epsilon_charged") or {}).get(c) if sr else None
+            srv_total = sr.get("epsilon_total") if sr else None
+            srv_total = srv_total.get(c) if isinstance(srv_total, dict) else None
             row = {"round_id": (led or cr or sr)["round_id"], "time": (cr or {}).get("_time") or (led or {}).get("time")
                    or (sr or {}).get("_time"), "mode": (cr or sr or {}).get("mode"),
                    "eps_ledger": led["epsilon_after"] if led else None,
                    "eps_log": cr.get("epsilon_total") if cr else None,
                    "charged_client_log": cr.get("epsilon_charged") if cr else None,
+                   "eps_server_log": srv_total,
                    "charged_server_log": srv_charge, "charged_ledger": led["increment"] if led else None,
                    "released": cr.get("released") if cr else None, "problems": []}
             if c in ledgers:
-                if led is None and ((cr and float(cr.get("epsilon_charged") or 0) > 0) or
-                                    (srv_charge is not None and float(srv_charge) > 0)):
+                if led is None and ((cr and (float(cr.get("epsilon_charged") or 0) > 0
+                                             or cr.get("epsilon_total") is not None)) or
+                                    (srv_charge is not None and float(srv_charge) > 0) or srv_total is not None):
                     row["problems"].append("logged as charged but absent from the ledger")
-                if led is not None and cr is None and srv_charge is None:
+                if led is not None and cr is None and srv_charge is None and srv_total is None:
                     row["problems"].append("charged in the ledger but recorded in no audit log")
                 if led is not None and cr is not None and not _close(led["epsilon_after"], cr.get("epsilon_total"),
                                                                      tolerance):
@@ -215,8 +224,14 @@ def build_report(*, logs, ledgers: dict | None = None, out_dir, public_keys: dic
                 if led is not None and cr is None and srv_charge is not None and \
                         not _close(led["increment"], srv_charge, tolerance):
                     row["problems"].append(f"ledger ε increase {led['increment']} != server-logged charge {srv_charge}")
-            if cr is not None and srv_charge is not None and not _close(cr.get("epsilon_charged"), srv_charge,
-                                                                        tolerance):
+            if led is not None and srv_total is not None and not _close(led["epsilon_after"], srv_total, tolerance):
+                row["problems"].append(f"ledger ε {led['epsilon_after']} != server-logged ε_total {srv_total}")
+            if cr is not None and srv_total is not None and cr.get("epsilon_total") is not None and \
+                    not _close(cr.get("epsilon_total"), srv_total, tolerance):
+                row["problems"].append(f"client-logged ε_total {cr.get('epsilon_total')} != server-logged "
+                                       f"ε_total {srv_total}")
+            if cr is not None and srv_charge is not None and cr.get("epsilon_charged") is not None and \
+                    not _close(cr.get("epsilon_charged"), srv_charge, tolerance):
                 row["problems"].append(f"client-logged charge {cr.get('epsilon_charged')} != server-logged charge "
                                        f"{srv_charge}")
             if cr is not None and sr is None and server_rounds:
@@ -354,11 +369,11 @@ def _markdown(rep: dict) -> str:
         L += ["", f"### {c}", ""]
         if f"eps_{c}.png" in rep.get("plots", []):
             L += [f"![ε of {c}](eps_{c}.png)", ""]
-        L += ["| round | time | mode | ε ledger | ε log | charged (client log) | charged (server log) | "
-              "charged (ledger Δ) | problems |", "|---|---|---|---|---|---|---|---|---|"]
+        L += ["| round | time | mode | ε ledger | ε client log | ε server log | charged (client log) | "
+              "charged (server log) | charged (ledger Δ) | problems |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in cl["timeline"]:
             L.append(f"| {r['round_id']} | {_fmt(r['time'])} | {_fmt(r['mode'])} | {_fmt(r['eps_ledger'])} | "
-                     f"{_fmt(r['eps_log'])} | {_fmt(r['charged_client_log'])} | {_fmt(r['charged_server_log'])} | "
+                     f"{_fmt(r['eps_log'])} | {_fmt(r['eps_server_log'])} | {_fmt(r['charged_client_log'])} | {_fmt(r['charged_server_log'])} | "
                      f"{_fmt(r['charged_ledger'])} | {'; '.join(r['problems'])} |")
         if cl["example_level"]:
             L += ["", "Example-level (DP-SGD training; a separate guarantee, never added to the client level):", "",
