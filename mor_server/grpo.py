@@ -1,0 +1,206 @@
+"""GRPO driver over TRL's GRPOTrainer: config, prompt dataset, Prometheus metrics, checkpoints and resume.
+
+The policy is loaded from a saved directory so that, with ``beta > 0``, TRL loads the frozen reference from the
+same directory (the warm-started checkpoint). Prompts are conversational (TRL requires it for multimodal
+input) and come from the unlabeled public pool: the dataset never carries answers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .policy import pick_device
+
+
+@dataclass
+class GRPORunConfig:
+    """Settings of one GRPO run (small defaults sized for the 5-minute demo on 2 CPU cores)."""
+
+    output_dir: str = "runs/grpo"
+    """Where checkpoints (checkpoint-<step>/) and the final policy (final/) go."""
+    max_steps: int = 80
+    """Optimizer steps of the run (the total, also when resuming)."""
+    prompts_per_step: int = 8
+    """Distinct prompts per step; each gets num_generations completions."""
+    num_generations: int = 4
+    """Group size G of GRPO (completions per prompt, compared with each other)."""
+    learning_rate: float = 2e-4
+    """Adam learning rate of the policy."""
+    beta: float = 0.02
+    """KL coefficient to the frozen reference (> 0 keeps the policy near the warm start)."""
+    epsilon: float = 0.2
+    """PPO-style clip range of the importance ratio."""
+    loss_type: str = "dapo"
+    """TRL loss aggregation: 'grpo', 'dapo', 'dr_grpo' or 'bnpo'."""
+    temperature: float = 1.0
+    """Sampling temperature of the completions."""
+    max_completion_length: int = 4
+    """Tokens per completion (easy-vqa answers are one word + end of sequence)."""
+    scale_rewards: str = "group"
+    """Advantage normalisation: 'group', 'batch' or 'none'."""
+    save_steps: int = 40
+    """Checkpoint every save_steps steps (0: only the final policy)."""
+    save_total_limit: int = 2
+    """Keep at most this many checkpoints."""
+    logging_steps: int = 1
+    """Log (and export to Prometheus) every logging_steps steps."""
+    seed: int = 0
+    """Seed of sampling, shuffling and initialisation."""
+    progress: bool = True
+    """Show TRL's progress bar."""
+
+    def validate(self) -> None:
+        for name in ("max_steps", "prompts_per_step", "num_generations", "max_completion_length", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GRPORunConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_generations < 2:
+            raise ValueError("GRPORunConfig.num_generations must be >= 2 (GRPO compares completions in a group)")
+        if self.beta < 0 or self.learning_rate <= 0 or self.epsilon <= 0:
+            raise ValueError("GRPORunConfig: beta must be >= 0, learning_rate and epsilon > 0")
+        if self.loss_type not in ("grpo", "dapo", "dr_grpo", "bnpo"):
+            raise ValueError(f"GRPORunConfig.loss_type must be grpo, dapo, dr_grpo or bnpo, got {self.loss_type!r}")
+
+    def to_trl(self, reward_weights: Sequence[float] | None):
+        """The equivalent ``trl.GRPOConfig`` (CPU: use_cpu, fp32; CUDA: bf16)."""
+        from trl import GRPOConfig
+
+        self.validate()
+        dev, _ = pick_device()
+        cpu = dev.type == "cpu"
+        return GRPOConfig(
+            output_dir=self.output_dir, max_steps=self.max_steps,
+            per_device_train_batch_size=self.prompts_per_step * self.num_generations,
+            num_generations=self.num_generations, learning_rate=self.learning_rate, beta=self.beta,
+            epsilon=self.epsilon, loss_type=self.loss_type, temperature=self.temperature,
+            max_completion_length=self.max_completion_length, scale_rewards=self.scale_rewards,
+            save_strategy="steps" if self.save_steps else "no", save_steps=self.save_steps or 500,
+            save_total_limit=self.save_total_limit, logging_steps=self.logging_steps, seed=self.seed,
+            data_seed=self.seed, report_to="none", use_cpu=cpu, bf16=not cpu, gradient_checkpointing=False,
+            dataloader_num_workers=0, disable_tqdm=not self.progress,
+            reward_weights=list(reward_weights) if reward_weights is not None else None,
+            lr_scheduler_type="constant", warmup_steps=0,
+        )
+
+
+def make_prompt_dataset(examples: Sequence):
+    """GRPO prompts from unlabeled public examples (``.image`` PNG bytes, ``.question``, ``.example_id``,
+    optional ``.domain``): a ``datasets.Dataset`` with conversational ``prompt``, ``image`` (PIL),
+    ``image_png``, ``question``, ``example_id``, ``domain``. Answers are never read."""
+    from datasets import Dataset, Features, Image, Value
+
+    from .policy import to_pil
+    from .rewards import png_bytes
+
+    if not examples:
+        raise ValueError("make_prompt_dataset: examples is empty; pass the server's unlabeled prompt pool")
+    rows = []
+    for i, e in enumerate(examples):
+        rows.append({
+            "prompt": [{"role": "user", "content": str(e.question)}],
+            "image": to_pil(e.image), "image_png": png_bytes(e.image), "question": str(e.question),
+            "example_id": str(getattr(e, "example_id", i)), "domain": str(getattr(e, "domain", "") or ""),
+        })
+    feats = Features({"prompt": [{"role": Value("string"), "content": Value("string")}], "image": Image(),
+                      "image_png": Value("binary"), "question": Value("string"), "example_id": Value("string"),
+                      "domain": Value("string")})
+    return Dataset.from_list(rows, features=feats)
+
+
+class GRPOMetrics:
+    """Prometheus metrics of alignment, registered in the ``CollectorRegistry`` passed in (no global state)."""
+
+    def __init__(self, registry=None):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.step = Gauge("mor_grpo_step", "GRPO optimizer steps done", registry=r)
+        self.reward = Gauge("mor_grpo_reward", "Mean total reward of the last logged step", registry=r)
+        self.reward_std = Gauge("mor_grpo_reward_std", "Std of the total reward of the last logged step", registry=r)
+        self.kl = Gauge("mor_grpo_kl", "KL to the reference at the last logged step", registry=r)
+        self.loss = Gauge("mor_grpo_loss", "GRPO loss at the last logged step", registry=r)
+        self.rounds = Counter("mor_reward_rounds", "Reward scoring rounds run for GRPO", ["outcome"], registry=r)
+        self.round_seconds = Histogram("mor_reward_round_seconds", "Wall time of a successful reward round",
+                                       buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+
+    def round_done(self, ok: bool, seconds: float) -> None:
+        self.rounds.labels(outcome="ok" if ok else "failed").inc()
+        if ok:
+            self.round_seconds.observe(seconds)
+
+    def value(self, name: str, labels: dict | None = None) -> float:
+        v = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if v is None else v
+
+
+def _callback(metrics: GRPOMetrics):
+    from transformers import TrainerCallback
+
+    class PrometheusCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            metrics.step.set(state.global_step)
+            for key, gauge in (("reward", metrics.reward), ("reward_std", metrics.reward_std), ("kl", metrics.kl),
+                               ("loss", metrics.loss)):
+                if key in logs:
+                    gauge.set(float(logs[key]))
+
+    return PrometheusCallback()
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest ``checkpoint-<step>`` directory under output_dir, or None."""
+    ck = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return max(ck, key=lambda p: int(p.name.split("-")[-1])) if ck else None
+
+
+def run_grpo(model_dir: str | Path, train_dataset, reward_funcs: list, reward_weights: Sequence[float] | None,
+             config: GRPORunConfig | None = None, *, registry=None, metrics: GRPOMetrics | None = None,
+             resume: bool = False) -> dict:
+    """Run GRPO on the policy saved in ``model_dir`` (also the KL reference when beta > 0).
+
+    resume: continue from the newest checkpoint in ``config.output_dir`` (the step count continues; the run
+    stops at ``config.max_steps`` in total). Returns ``{"model", "processor", "global_step", "log_history",
+    "final_dir", "seconds", "resumed_from"}``; the final policy is saved to ``<output_dir>/final``.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import GRPOTrainer
+
+    cfg = config or GRPORunConfig()
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"run_grpo: model_dir {str(model_dir)!r} has no config.json; save the warm-started "
+                                f"policy with mor_server.policy.save_policy first")
+    metrics = metrics or GRPOMetrics(registry)
+    dev, dtype = pick_device()
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    processor.tokenizer.padding_side = "left"
+    args = cfg.to_trl(reward_weights)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                          processing_class=processor, callbacks=[_callback(metrics)])
+    if not cfg.progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    ck = latest_checkpoint(cfg.output_dir) if resume else None
+    if resume and ck is None:
+        raise FileNotFoundError(f"run_grpo(resume=True): no checkpoint-<step> directory in {cfg.output_dir!r}")
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(ck) if ck else None)
+    seconds = time.perf_counter() - t0
+    final = Path(cfg.output_dir) / "final"
+    trainer.save_model(str(final))
+    processor.save_pretrained(final)
+    metrics.step.set(trainer.state.global_step)
+    model = trainer.model
+    model.eval()
+    return {"model": model, "processor": processor, "global_step": trainer.state.global_step,
+            "log_history": list(trainer.state.log_history), "final_dir": str(final), "seconds": seconds,
+            "resumed_from": str(ck) if ck else None, "config": asdict(cfg)}

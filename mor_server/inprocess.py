@@ -1,0 +1,74 @@
+"""An in-process :class:`~mor_server.rewards.RewardBackend` over local scorers (no network, no privacy mode).
+
+It is the baseline the federation benchmark compares against (same reward models, called directly) and what
+the alignment tests use. Clients can be taken offline and brought back to exercise the router's handling of
+live clients.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from mor_client.types import ScoringItem, Scorer
+
+from .rewards import RoundFailed
+
+
+class InProcessBackend:
+    """RewardBackend over ``{client_id: Scorer}`` called in this process."""
+
+    def __init__(self, scorers: Mapping[str, Scorer]):
+        if not scorers:
+            raise ValueError("InProcessBackend: scorers is empty; pass {client_id: scorer}")
+        for name, s in scorers.items():
+            if not callable(getattr(s, "score", None)):
+                raise TypeError(f"InProcessBackend: scorer {name!r} has no .score(items) method")
+        self.scorers = dict(scorers)
+        self.offline: set[str] = set()
+        self.rounds = 0
+
+    def client_ids(self) -> list[str]:
+        """Live clients (registered and not taken offline)."""
+        return [c for c in self.scorers if c not in self.offline]
+
+    def set_online(self, client_id: str, online: bool) -> None:
+        """Take a client offline (it stops answering) or bring it back."""
+        if client_id not in self.scorers:
+            raise KeyError(f"unknown client {client_id!r}; known: {sorted(self.scorers)}")
+        (self.offline.discard if online else self.offline.add)(client_id)
+
+    def _scores(self, client_id: str, items: Sequence[ScoringItem]) -> list[list[float]]:
+        try:
+            s = self.scorers[client_id].score(items)
+        except Exception as e:  # a client failing is a failed round, as over the wire
+            raise RoundFailed(f"client {client_id!r} failed to score: {e}") from e
+        if len(s) != len(items) or any(len(r) != len(it.candidates) for r, it in zip(s, items)):
+            raise RoundFailed(f"client {client_id!r} returned scores of the wrong shape")
+        return [[float(v) for v in r] for r in s]
+
+    def client_scores(self, items: Sequence[ScoringItem], *, purpose: str) -> dict[str, list[list[float]]]:
+        """Every live client's plain scores."""
+        live = self.client_ids()
+        if not live:
+            raise RoundFailed("no live clients")
+        self.rounds += 1
+        return {c: self._scores(c, items) for c in live}
+
+    def mixed_scores(self, items: Sequence[ScoringItem], weights: dict[str, list[float]]) -> list[list[float]]:
+        """``sum_k weights[k][i] * score_k(items[i].candidates[j])`` over the clients named in ``weights``."""
+        for c, w in weights.items():
+            if len(w) != len(items):
+                raise ValueError(f"weights[{c!r}] has {len(w)} entries for {len(items)} items")
+        active = [c for c, w in weights.items() if any(v != 0 for v in w)]
+        gone = [c for c in active if c not in self.client_ids()]
+        if gone:
+            raise RoundFailed(f"clients {gone} are not live")
+        self.rounds += 1
+        out = [[0.0] * len(it.candidates) for it in items]
+        for c in active:
+            s = self._scores(c, items)
+            w = weights[c]
+            for i, row in enumerate(s):
+                for j, v in enumerate(row):
+                    out[i][j] += w[i] * v
+        return out

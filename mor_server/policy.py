@@ -1,0 +1,365 @@
+"""Policy VLMs for alignment: a built-in tiny Llava, SFT warm start, and loading a local HF VLM (+ LoRA).
+
+The built-in default is a ``LlavaForConditionalGeneration`` built from a config (tiny SigLIP vision tower +
+tiny Llama), a word-level tokenizer over the task vocabulary (``tokenizers`` wrapped in
+``PreTrainedTokenizerFast``, ``<image>`` is one token) and a ``LlavaProcessor`` with a chat template, so TRL's
+GRPOTrainer can run on it with conversational multimodal prompts. Nothing is ever fetched from a hub.
+
+Examples are duck-typed: anything with ``.image`` (PNG bytes or a PIL image), ``.question`` and ``.answer``
+(``mor_client.data.easyvqa.VQAExample`` fits).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+IMAGE_TOKEN = "<image>"
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+USER, ASSISTANT = "USER:", "ASSISTANT:"
+SPECIAL_TOKENS = [PAD, BOS, EOS, UNK, IMAGE_TOKEN, USER, ASSISTANT]
+
+#: Chat template of the built-in policy: ``<s>USER: <image> question ASSISTANT: answer </s>``.
+CHAT_TEMPLATE = (
+    "{{ '<s>' }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'USER: ' }}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image> ' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] + ' ' }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ ' </s> ' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+_WORD_RE = re.compile(r"[a-z0-9]+|[?.,!]")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, keep the first word of a completion (``"yes </s>" -> "yes"``); used by exact match."""
+    words = _WORD_RE.findall(str(text).lower())
+    words = [w for w in words if w not in {"?", ".", ",", "!", "s"}]
+    return words[0] if words else ""
+
+
+def task_words(texts: Iterable[str]) -> list[str]:
+    """Sorted word vocabulary of some texts (lower-cased words and punctuation)."""
+    out: set[str] = set()
+    for t in texts:
+        out.update(_WORD_RE.findall(str(t).lower()))
+    return sorted(out)
+
+
+def easyvqa_vocabulary() -> list[str]:
+    """Every word of easy-vqa's questions and answers (read from the installed ``easy_vqa`` package)."""
+    import easy_vqa
+
+    q_train, a_train, _ = easy_vqa.get_train_questions()
+    q_test, a_test, _ = easy_vqa.get_test_questions()
+    return task_words(list(q_train) + list(q_test) + list(easy_vqa.get_answers()))
+
+
+@dataclass
+class TinyLlavaConfig:
+    """Size of the built-in tiny Llava policy (about 0.3M parameters with the defaults)."""
+
+    image_size: int = 64
+    """Images are resized to image_size x image_size."""
+    patch_size: int = 16
+    """Vision patch size; the image becomes (image_size / patch_size)^2 image tokens."""
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    text_hidden: int = 64
+    text_layers: int = 2
+    heads: int = 4
+    intermediate: int = 128
+    max_positions: int = 128
+    seed: int = 0
+    """Seed of the random initialisation."""
+
+
+def build_tokenizer(words: Sequence[str]):
+    """A word-level ``PreTrainedTokenizerFast`` over ``words`` plus the special tokens (``<image>`` is one token)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for w in words:
+        if w not in vocab:
+            vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(pattern="?", behavior="isolated")]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD,
+        additional_special_tokens=[IMAGE_TOKEN, USER, ASSISTANT], padding_side="left",
+    )
+    fast.model_input_names = ["input_ids", "attention_mask"]
+    return fast
+
+
+def build_tiny_llava(words: Sequence[str] | None = None, config: TinyLlavaConfig | None = None):
+    """Build the built-in policy from scratch: returns ``(model, processor)``.
+
+    words: the task vocabulary (default: every word of easy-vqa's questions and answers).
+    """
+    from transformers import (LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+                              SiglipImageProcessorPil, SiglipVisionConfig)
+
+    cfg = config or TinyLlavaConfig()
+    if cfg.image_size % cfg.patch_size:
+        raise ValueError(f"TinyLlavaConfig.image_size ({cfg.image_size}) must be a multiple of patch_size "
+                         f"({cfg.patch_size})")
+    tokenizer = build_tokenizer(list(words) if words is not None else easyvqa_vocabulary())
+    image_processor = SiglipImageProcessorPil(
+        size={"height": cfg.image_size, "width": cfg.image_size}, do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=cfg.patch_size,
+                               vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE,
+                               num_additional_image_tokens=0)
+    n_img = (cfg.image_size // cfg.patch_size) ** 2
+    vision = SiglipVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=cfg.intermediate,
+                                num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.heads,
+                                image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=3)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=cfg.intermediate,
+                       num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.heads,
+                       num_key_value_heads=cfg.heads, max_position_embeddings=cfg.max_positions,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    llava_cfg = LlavaConfig(vision_config=vision, text_config=text,
+                            image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), image_seq_length=n_img,
+                            vision_feature_select_strategy="full", vision_feature_layer=-1)
+    llava_cfg.pad_token_id = tokenizer.pad_token_id
+    llava_cfg.eos_token_id = tokenizer.eos_token_id
+    llava_cfg.bos_token_id = tokenizer.bos_token_id
+    torch.manual_seed(cfg.seed)
+    model = LlavaForConditionalGeneration(llava_cfg)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model, processor
+
+
+def pick_device() -> tuple[torch.device, torch.dtype]:
+    """CUDA with bf16 when present, CPU with fp32 otherwise."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def load_policy(path: str | Path, *, adapter: str | Path | None = None, device: str | None = None):
+    """Load a local Hugging Face VLM directory (``AutoModelForImageTextToText`` + ``AutoProcessor``).
+
+    adapter: optional local peft LoRA adapter directory applied on top (kept trainable).
+    Nothing is fetched from a hub (``local_files_only=True``). Returns ``(model, processor)``.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"policy path {str(path)!r} is not a Hugging Face model directory (no config.json); "
+                                f"pass a local directory saved with save_pretrained, or use the built-in tiny policy")
+    dev, dtype = pick_device()
+    if device is not None:
+        dev = torch.device(device)
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    if adapter is not None:
+        from peft import PeftModel
+
+        adapter = Path(adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"adapter {str(adapter)!r} has no adapter_config.json; pass a peft adapter "
+                                    f"directory saved with save_pretrained")
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    return model.to(dev), processor
+
+
+def save_policy(model, processor, path: str | Path) -> Path:
+    """Save model + processor to a directory (TRL loads the GRPO reference from there)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def to_pil(image: Any):
+    """PNG/JPEG bytes or a PIL image -> RGB PIL image."""
+    from PIL import Image
+
+    if isinstance(image, (bytes, bytearray)):
+        return Image.open(io.BytesIO(image)).convert("RGB")
+    if hasattr(image, "convert"):
+        return image.convert("RGB")
+    raise TypeError(f"image must be PNG/JPEG bytes or a PIL image, got {type(image).__name__}")
+
+
+def user_message(question: str) -> list[dict]:
+    """The conversational prompt of one VQA item (the image is supplied separately, TRL style)."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+@dataclass
+class SFTConfig:
+    """Supervised warm start of the policy on labelled (image, question, answer) examples."""
+
+    steps: int = 150
+    """Optimizer steps (deterministic given the seed; about 15 s on 2 idle CPU cores)."""
+    max_seconds: float = 120.0
+    """Safety cap on wall-clock time; training stops at whichever of steps / max_seconds comes first."""
+    epochs: int = 1000
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    max_examples: int | None = None
+    """Use at most this many examples (None: all)."""
+
+
+def _sft_batch(processor, examples, device):
+    """Tokenise a batch: full conversation; labels only on the answer + </s>."""
+    tok = processor.tokenizer
+    images = [to_pil(e.image) for e in examples]
+    prompts = [processor.apply_chat_template(user_message(e.question), add_generation_prompt=True)
+               for e in examples]
+    full = [p + " " + str(e.answer).lower() + " " + EOS for p, e in zip(prompts, examples)]
+    old = tok.padding_side
+    tok.padding_side = "right"
+    try:
+        enc = processor(images=images, text=full, return_tensors="pt", padding=True)
+        prompt_lens = [len(processor(images=[im], text=[p])["input_ids"][0]) for im, p in zip(images[:1], prompts[:1])]
+    finally:
+        tok.padding_side = old
+    labels = enc["input_ids"].clone()
+    labels[enc["attention_mask"] == 0] = -100
+    # all prompts render to the same number of tokens only if questions have equal length: mask per row instead
+    asst = tok.convert_tokens_to_ids(ASSISTANT)
+    for i in range(labels.shape[0]):
+        pos = (enc["input_ids"][i] == asst).nonzero()
+        cut = int(pos[-1]) + 1 if len(pos) else prompt_lens[0]
+        labels[i, :cut] = -100
+    enc["labels"] = labels
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def sft_warm_start(model, processor, examples: Sequence, config: SFTConfig | None = None, *, progress: bool = True
+                   ) -> dict:
+    """Supervised fine-tuning on labelled examples (the server's public split): answers in the right format.
+
+    Returns a summary dict (steps, seconds, final loss). The model is trained in place and left in eval mode.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    cfg = config or SFTConfig()
+    examples = list(examples)
+    if not examples:
+        raise ValueError("sft_warm_start: examples is empty; pass the server's labelled public split")
+    for attr in ("image", "question", "answer"):
+        if not hasattr(examples[0], attr):
+            raise TypeError(f"sft_warm_start: examples need an .{attr} field (got {type(examples[0]).__name__})")
+    if cfg.max_examples:
+        examples = examples[: cfg.max_examples]
+    device = next(model.parameters()).device
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                            weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total = min(cfg.steps, steps_per_epoch * cfg.epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
+    model.train()
+    t0, step, loss_v = time.perf_counter(), 0, float("nan")
+    bar = tqdm(total=total, desc="SFT warm start", disable=not progress, leave=False)
+    done = False
+    for _ in range(cfg.epochs):
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for b in range(0, len(order), cfg.batch_size):
+            batch = _sft_batch(processor, [examples[i] for i in order[b: b + cfg.batch_size]], device)
+            out = model(**batch)
+            opt.zero_grad()
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            loss_v = out.loss.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_v:.3f}")
+            if step >= cfg.steps or time.perf_counter() - t0 > cfg.max_seconds:
+                done = True
+                break
+        if done:
+            break
+    bar.close()
+    model.eval()
+    return {"steps": step, "seconds": round(time.perf_counter() - t0, 2), "final_loss": loss_v,
+            "examples": len(examples)}
+
+
+@torch.no_grad()
+def generate_answers(model, processor, items: Sequence, *, batch_size: int = 64, max_new_tokens: int = 3,
+                     do_sample: bool = False) -> list[str]:
+    """Greedy (or sampled) answers for items with ``.image`` and ``.question``; returns decoded strings."""
+    device = next(model.parameters()).device
+    tok = processor.tokenizer
+    old = tok.padding_side
+    tok.padding_side = "left"
+    out: list[str] = []
+    model.eval()
+    try:
+        for b in range(0, len(items), batch_size):
+            chunk = items[b: b + batch_size]
+            prompts = [processor.apply_chat_template(user_message(e.question), add_generation_prompt=True)
+                       for e in chunk]
+            enc = processor(images=[to_pil(e.image) for e in chunk], text=prompts, return_tensors="pt",
+                            padding=True).to(device)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            new = gen[:, enc["input_ids"].shape[1]:]
+            out.extend(s.strip() for s in tok.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tok.padding_side = old
+    return out
+
+
+def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLlavaConfig | None = None,
+                      sft: SFTConfig | None = None, progress: bool = True):
+    """Build + SFT the tiny policy, or reuse the checkpoint cached in ``cache_dir`` when its settings match.
+
+    Returns ``(model, processor, info)``; the directory holds the frozen reference checkpoint.
+    """
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    cache_dir = Path(cache_dir)
+    key = {"tiny": asdict(tiny or TinyLlavaConfig()), "sft": asdict(sft or SFTConfig()), "n": len(examples)}
+    meta = cache_dir / "warm_start.json"
+    if meta.is_file() and json.loads(meta.read_text()).get("key") == key:
+        model = LlavaForConditionalGeneration.from_pretrained(cache_dir, local_files_only=True)
+        processor = LlavaProcessor.from_pretrained(cache_dir, local_files_only=True)
+        model.eval()
+        return model, processor, {**json.loads(meta.read_text())["info"], "cached": True}
+    model, processor = build_tiny_llava(config=tiny)
+    info = sft_warm_start(model, processor, examples, sft, progress=progress)
+    save_policy(model, processor, cache_dir)
+    meta.write_text(json.dumps({"key": key, "info": info}, indent=1))
+    return model, processor, {**info, "cached": False}

@@ -1,0 +1,260 @@
+"""Reward callables for TRL's GRPOTrainer: the Mixture-of-Rewards reward over a backend, rule rewards, hybrid.
+
+The seam with the federation (the lead's gRPC backend implements :class:`RewardBackend`; the in-process
+backend in :mod:`mor_server.inprocess` is the baseline and what the tests use):
+
+- ``client_ids()``: the live clients now;
+- ``client_scores(items, purpose=...)``: per-client scores (plain or DP-noised), for router calibration;
+- ``mixed_scores(items, weights)``: ``sum_k weights[k][i] * score_k(items[i].candidates[j])``; in secagg mode
+  the server only ever sees this sum.
+
+Both raise :class:`RoundFailed` when a round fails. :class:`MoRReward` groups a generation batch's completions
+by prompt into ScoringItems (candidates = the group's completions), asks the router for per-item weights over
+the live clients, runs one scoring round with a deadline and bounded retries, and returns one float per
+completion, or ``None`` for every completion of a failed round (TRL then treats them as missing: no
+advantage, never a spurious zero reward). Failed rounds are counted.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import threading
+import time
+from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
+
+from mor_client.types import ScoringItem
+
+from .features import FeatureExtractor
+from .policy import normalize_answer
+from .router import MoRRouter, entropy
+
+
+class RoundFailed(Exception):
+    """A scoring round failed (deadline, too many dropouts, refusals, unmasking failure...)."""
+
+
+@runtime_checkable
+class RewardBackend(Protocol):
+    def client_ids(self) -> list[str]: ...  # live clients now
+
+    def client_scores(self, items: Sequence[ScoringItem], *, purpose: str) -> dict[str, list[list[float]]]:
+        """Per-client scores (plain or DP-noised; used for router calibration). Raises RoundFailed."""
+        ...
+
+    def mixed_scores(self, items: Sequence[ScoringItem], weights: dict[str, list[float]]) -> list[list[float]]:
+        """sum_k weights[k][i] * score_k(items[i].candidates[j]); in secagg mode the server only ever sees this sum.
+        Raises RoundFailed on failure."""
+        ...
+
+
+def completion_text(completion: Any) -> str:
+    """Text of one TRL completion: a string, or a conversational ``[{"role": "assistant", "content": ...}]``."""
+    if isinstance(completion, str):
+        return completion.strip()
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        content = completion[-1].get("content", "")
+        if isinstance(content, list):
+            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return str(content).strip()
+    return str(completion).strip()
+
+
+def png_bytes(image: Any) -> bytes:
+    """PNG bytes of an image given as bytes (returned as is) or a PIL image."""
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image)
+    if hasattr(image, "save"):
+        buf = io.BytesIO()
+        image.convert("RGB").save(buf, format="PNG")
+        return buf.getvalue()
+    raise TypeError(f"image must be PNG bytes or a PIL image, got {type(image).__name__}")
+
+
+def _column(kwargs: dict, name: str, n: int) -> list | None:
+    v = kwargs.get(name)
+    if v is None:
+        return None
+    v = list(v)
+    if len(v) != n:
+        raise ValueError(f"reward column {name!r} has {len(v)} values for {n} completions")
+    return v
+
+
+class MoRReward:
+    """The federated Mixture-of-Rewards reward, a TRL reward function (synchronous).
+
+    backend: a :class:`RewardBackend`. router: a calibrated :class:`MoRRouter`. features: the extractor the
+    router was calibrated with. objective: the alignment-objective id routed on.
+    deadline_s: wall-clock limit of one scoring round attempt; retries: extra attempts after a failure.
+    The dataset given to TRL must have columns ``image_png`` (PNG bytes) or ``image`` (PIL), ``question`` and
+    ``example_id``; an optional ``domain`` column feeds the routing-by-domain history.
+    """
+
+    __name__ = "mor_reward"
+
+    def __init__(self, backend: RewardBackend, router: MoRRouter, features: FeatureExtractor, *, objective: int = 0,
+                 deadline_s: float = 30.0, retries: int = 1, metrics=None):
+        if retries < 0:
+            raise ValueError(f"MoRReward: retries must be >= 0, got {retries}")
+        if deadline_s <= 0:
+            raise ValueError(f"MoRReward: deadline_s must be > 0, got {deadline_s}")
+        self.backend = backend
+        self.router = router
+        self.features = features
+        self.objective = objective
+        self.deadline_s = deadline_s
+        self.retries = retries
+        self.metrics = metrics
+        self.rounds_ok = 0
+        self.rounds_failed = 0
+        self.attempts_failed = 0
+        self.history: list[dict] = []
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="mor-round")
+        self._lock = threading.Lock()
+
+    # grouping ---------------------------------------------------------------------------------------
+    def build_items(self, completions: Sequence, kwargs: dict) -> tuple[list[ScoringItem], list[tuple[int, int]],
+                                                                         list[str | None]]:
+        """Group completions by prompt: returns (items, position of each completion (item, candidate), domains)."""
+        n = len(completions)
+        ids = _column(kwargs, "example_id", n)
+        questions = _column(kwargs, "question", n)
+        images = _column(kwargs, "image_png", n) or _column(kwargs, "image", n)
+        domains = _column(kwargs, "domain", n)
+        if questions is None or images is None:
+            raise ValueError("MoRReward needs dataset columns 'question' and 'image_png' (or 'image'); build the "
+                             "GRPO dataset with mor_server.grpo.make_prompt_dataset")
+        if ids is None:
+            ids = [f"{q}|{hash(png_bytes(im))}" for q, im in zip(questions, images)]
+        order: dict[str, int] = {}
+        cands: list[list[str]] = []
+        first: list[int] = []
+        pos: list[tuple[int, int]] = []
+        for i in range(n):
+            key = str(ids[i])
+            if key not in order:
+                order[key] = len(cands)
+                cands.append([])
+                first.append(i)
+            k = order[key]
+            pos.append((k, len(cands[k])))
+            cands[k].append(completion_text(completions[i]))
+        items = [ScoringItem(item_id=str(ids[i]), image=png_bytes(images[i]), question=str(questions[i]),
+                             candidates=tuple(c)) for i, c in zip(first, cands)]
+        return items, pos, [domains[i] if domains else None for i in first]
+
+    def _round(self, items, weights):
+        fut = self._pool.submit(self.backend.mixed_scores, items, weights)
+        try:
+            return fut.result(timeout=self.deadline_s)
+        except concurrent.futures.TimeoutError as e:
+            fut.cancel()
+            raise RoundFailed(f"scoring round missed its {self.deadline_s}s deadline") from e
+
+    def __call__(self, prompts=None, completions=None, **kwargs) -> list[float | None]:
+        if completions is None:
+            raise ValueError("MoRReward: called without completions")
+        n = len(completions)
+        items, pos, domains = self.build_items(completions, kwargs)
+        live = list(self.backend.client_ids())
+        step = getattr(kwargs.get("trainer_state"), "global_step", None)
+        t0 = time.perf_counter()
+        if not live:
+            return self._fail(n, step, "no live clients")
+        feats = self.features.batch([it.image for it in items], [it.question for it in items])
+        weights = self.router.weights(feats, live=live, objective=self.objective)
+        last_err = None
+        for attempt in range(self.retries + 1):
+            try:
+                scores = self._round(items, weights)
+                if len(scores) != len(items) or any(len(s) != len(it.candidates) for s, it in zip(scores, items)):
+                    raise RoundFailed("backend returned scores of the wrong shape")
+                break
+            except RoundFailed as e:  # bounded retries; anything else is a bug and propagates
+                last_err = e
+                with self._lock:
+                    self.attempts_failed += 1
+        else:
+            return self._fail(n, step, str(last_err))
+        rewards = [float(scores[k][j]) for k, j in pos]
+        with self._lock:
+            self.rounds_ok += 1
+            by_domain: dict[str, dict[str, float]] = {}
+            for d in sorted({d for d in domains if d is not None}):
+                idx = [i for i, dd in enumerate(domains) if dd == d]
+                by_domain[d] = {c: sum(weights[c][i] for i in idx) / len(idx) for c in weights}
+            self.history.append({"step": step, "ok": True, "mean_reward": sum(rewards) / n,
+                                 "seconds": time.perf_counter() - t0, "items": len(items),
+                                 "weights": {c: sum(w) / len(w) for c, w in weights.items()},
+                                 "weights_by_domain": by_domain, "routing_entropy": entropy(weights)})
+        if self.metrics is not None:
+            self.metrics.round_done(True, time.perf_counter() - t0)
+        return rewards
+
+    def _fail(self, n: int, step, reason: str) -> list[None]:
+        with self._lock:
+            self.rounds_failed += 1
+            self.history.append({"step": step, "ok": False, "reason": reason})
+        if self.metrics is not None:
+            self.metrics.round_done(False, 0.0)
+        return [None] * n
+
+
+# ------------------------------------------------------------------------------------------------- rules
+class FormatReward:
+    """1.0 when the completion is exactly one word from the task's answer set, else 0.0."""
+
+    __name__ = "format_reward"
+
+    def __init__(self, answers: Iterable[str]):
+        self.answers = {a.lower() for a in answers}
+        if not self.answers:
+            raise ValueError("FormatReward: answers is empty")
+
+    def __call__(self, prompts=None, completions=None, **kwargs) -> list[float]:
+        out = []
+        for c in completions:
+            words = completion_text(c).lower().split()
+            out.append(1.0 if len(words) == 1 and normalize_answer(words[0]) in self.answers else 0.0)
+        return out
+
+
+class LengthReward:
+    """0 up to ``max_words`` words, then -1 per extra word, floored at -1 ... scaled to [-1, 0]."""
+
+    __name__ = "length_reward"
+
+    def __init__(self, max_words: int = 1, cap: int = 4):
+        if max_words < 1 or cap < 1:
+            raise ValueError("LengthReward: max_words and cap must be >= 1")
+        self.max_words = max_words
+        self.cap = cap
+
+    def __call__(self, prompts=None, completions=None, **kwargs) -> list[float]:
+        return [-min(self.cap, max(0, len(completion_text(c).split()) - self.max_words)) / self.cap
+                for c in completions]
+
+
+def hybrid_rewards(mor: MoRReward | None, *, answers: Iterable[str] | None = None, w_mix: float = 1.0,
+                   w_format: float = 0.0, w_length: float = 0.0) -> tuple[list, list[float]]:
+    """reward = w_mix * MoR + w_format * format + w_length * length, as TRL ``(reward_funcs, reward_weights)``.
+
+    Zero-weight terms are left out. A missing MoR reward (failed round) leaves only the rule terms for that
+    completion (TRL sums rewards ignoring NaN), and a completion with no reward at all gets no advantage.
+    """
+    funcs, weights = [], []
+    if mor is not None and w_mix != 0:
+        funcs.append(mor)
+        weights.append(float(w_mix))
+    if w_format:
+        if answers is None:
+            raise ValueError("hybrid_rewards: w_format > 0 needs answers (the task's answer set)")
+        funcs.append(FormatReward(answers))
+        weights.append(float(w_format))
+    if w_length:
+        funcs.append(LengthReward())
+        weights.append(float(w_length))
+    if not funcs:
+        raise ValueError("hybrid_rewards: every weight is zero; set w_mix (or a rule weight) > 0")
+    return funcs, weights

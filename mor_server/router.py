@@ -1,0 +1,224 @@
+"""Mixture-of-Rewards router: g(x, objective) -> softmax weights over the registered clients.
+
+The router is a small MLP over input features (:mod:`mor_server.features`) plus a learned embedding of the
+alignment objective. It is calibrated on the server's public preference pairs by maximising the Bradley-Terry
+likelihood of the *mixed* reward::
+
+    P(chosen > rejected | x) = sigmoid(alpha * sum_k w_k(x) * (s_k(x, chosen) - s_k(x, rejected)))
+
+with per-client scores s_k released in a ``plain`` or ``dp`` round and a learned scale alpha > 0 (the weights
+stay on the simplex, because in secagg mode clients multiply their own scores by them).
+
+Clients that join or leave are handled at routing time: weights are renormalised over the live clients the
+router knows; live clients it does not know get weight 0 until :meth:`MoRRouter.calibrate` is run again
+(:meth:`MoRRouter.needs_recalibration` says when). Optional top-k keeps the k largest weights per item.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class _RouterNet(nn.Module):
+    def __init__(self, feature_dim: int, n_clients: int, n_objectives: int, hidden: int):
+        super().__init__()
+        self.objective = nn.Embedding(n_objectives, hidden)
+        self.inp = nn.Linear(feature_dim, hidden)
+        self.out = nn.Linear(hidden, n_clients)
+        self.log_alpha = nn.Parameter(torch.zeros(()))
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)  # starts uniform
+        nn.init.zeros_(self.objective.weight)
+
+    def forward(self, x: torch.Tensor, objective: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x) + self.objective(objective))
+        return self.out(h)
+
+
+class MoRRouter:
+    """Router over a fixed list of known clients; see the module docstring for the model.
+
+    client_ids: the clients the router is (to be) calibrated for, in column order.
+    feature_dim: length of the feature vectors (``FeatureExtractor.dim``).
+    n_objectives: number of alignment-objective ids (0 .. n_objectives-1).
+    top_k: keep only the k largest weights per item (None: all live clients).
+    """
+
+    def __init__(self, client_ids: Sequence[str], feature_dim: int, *, n_objectives: int = 1, hidden: int = 32,
+                 top_k: int | None = None, seed: int = 0, feature_config: dict | None = None):
+        client_ids = list(client_ids)
+        if not client_ids:
+            raise ValueError("MoRRouter: client_ids is empty; register at least one client before building a router")
+        if len(set(client_ids)) != len(client_ids):
+            raise ValueError(f"MoRRouter: client_ids has duplicates: {client_ids}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"MoRRouter: top_k must be >= 1 or None, got {top_k}")
+        self.client_ids = client_ids
+        self.feature_dim = int(feature_dim)
+        self.n_objectives = int(n_objectives)
+        self.hidden = int(hidden)
+        self.top_k = top_k
+        self.seed = seed
+        self.feature_config = dict(feature_config or {})
+        self.calibration: dict = {}
+        torch.manual_seed(seed)
+        self.net = _RouterNet(self.feature_dim, len(client_ids), self.n_objectives, self.hidden)
+        self.mean = np.zeros(self.feature_dim, dtype=np.float32)
+        self.std = np.ones(self.feature_dim, dtype=np.float32)
+
+    # ------------------------------------------------------------------ routing
+    def _tensor(self, features: np.ndarray) -> torch.Tensor:
+        f = np.asarray(features, dtype=np.float32)
+        if f.ndim != 2 or f.shape[1] != self.feature_dim:
+            raise ValueError(f"MoRRouter: features must have shape (n, {self.feature_dim}), got {f.shape}")
+        return torch.from_numpy((f - self.mean) / self.std)
+
+    def _objectives(self, objective, n: int) -> torch.Tensor:
+        obj = torch.as_tensor(objective, dtype=torch.long)
+        if obj.ndim == 0:
+            obj = obj.expand(n)
+        if obj.shape != (n,) or (obj.numel() and (int(obj.min()) < 0 or int(obj.max()) >= self.n_objectives)):
+            raise ValueError(f"MoRRouter: objective must be an id in [0, {self.n_objectives}) or one per item")
+        return obj
+
+    def logits(self, features: np.ndarray, objective=0) -> np.ndarray:
+        """Raw router logits, shape (n, n_known_clients)."""
+        x = self._tensor(features)
+        with torch.no_grad():
+            return self.net(x, self._objectives(objective, x.shape[0])).numpy()
+
+    def needs_recalibration(self, live: Sequence[str]) -> bool:
+        """True when a live client is unknown to the router (it would get weight 0 until recalibration)."""
+        return any(c not in self.client_ids for c in live)
+
+    def weights(self, features: np.ndarray, live: Sequence[str] | None = None, objective=0) -> dict[str, list[float]]:
+        """Per-item weights over the live clients: ``{client: [w_item0, w_item1, ...]}``; each item sums to 1.
+
+        Known clients that are not live are dropped and the rest renormalised; live clients the router does not
+        know get 0 (if no live client is known, the weights are uniform over the live ones). Top-k applies after.
+        """
+        live = list(self.client_ids if live is None else live)
+        if not live:
+            raise ValueError("MoRRouter.weights: no live clients to route to")
+        f = np.asarray(features, dtype=np.float32)
+        n = f.shape[0] if f.ndim == 2 else 0
+        known = [c for c in live if c in self.client_ids]
+        if not known:
+            return {c: [1.0 / len(live)] * n for c in live}
+        lg = self.logits(f, objective)[:, [self.client_ids.index(c) for c in known]]
+        if self.top_k is not None and self.top_k < len(known):
+            kth = np.sort(lg, axis=1)[:, -self.top_k][:, None]
+            lg = np.where(lg >= kth, lg, -np.inf)
+        lg = lg - lg.max(axis=1, keepdims=True)
+        w = np.exp(lg)
+        w = w / w.sum(axis=1, keepdims=True)
+        out = {c: [0.0] * n for c in live}
+        for j, c in enumerate(known):
+            out[c] = [float(v) for v in w[:, j]]
+        return out
+
+    # ------------------------------------------------------------------ calibration
+    def calibrate(self, features: np.ndarray, score_diffs: Mapping[str, Sequence[float]], *, objective=0,
+                  steps: int = 300, lr: float = 0.05, l2: float = 1e-3, progress: bool = False) -> dict:
+        """Fit the router by maximising the Bradley-Terry likelihood of the mixed reward.
+
+        features: (n, feature_dim) features of the n public preference pairs.
+        score_diffs: ``{client: [s(chosen) - s(rejected) for each pair]}`` for the clients to route over; this
+            (re)defines ``client_ids`` when it names a different set of clients.
+        Returns a summary: log-likelihood and pairwise accuracy of the mixture, uniform mixture and each client.
+        """
+        from tqdm.auto import tqdm
+
+        clients = list(score_diffs)
+        if not clients:
+            raise ValueError("MoRRouter.calibrate: score_diffs is empty; run a calibration scoring round first")
+        f = np.asarray(features, dtype=np.float32)
+        n = f.shape[0]
+        if n == 0:
+            raise ValueError("MoRRouter.calibrate: no calibration pairs")
+        d = np.stack([np.asarray(score_diffs[c], dtype=np.float32) for c in clients], axis=1)
+        if d.shape != (n, len(clients)) or not np.isfinite(d).all():
+            raise ValueError(f"MoRRouter.calibrate: every client needs {n} finite score differences")
+        if clients != self.client_ids:
+            self.client_ids = clients
+            torch.manual_seed(self.seed)
+            self.net = _RouterNet(self.feature_dim, len(clients), self.n_objectives, self.hidden)
+        self.mean = f.mean(axis=0)
+        self.std = f.std(axis=0) + 1e-6
+        x = self._tensor(f)
+        obj = self._objectives(objective, n)
+        dt = torch.from_numpy(d)
+        opt = torch.optim.Adam(self.net.parameters(), lr=lr)
+        self.net.train()
+        for _ in tqdm(range(steps), desc="router calibration", disable=not progress, leave=False):
+            w = torch.softmax(self.net(x, obj), dim=1)
+            margin = torch.exp(self.net.log_alpha) * (w * dt).sum(dim=1)
+            loss = -torch.nn.functional.logsigmoid(margin).mean()
+            reg = sum((p ** 2).sum() for name, p in self.net.named_parameters() if "weight" in name)
+            opt.zero_grad()
+            (loss + l2 * reg).backward()
+            opt.step()
+        self.net.eval()
+        with torch.no_grad():
+            w = torch.softmax(self.net(x, obj), dim=1).numpy()
+        mixed = (w * d).sum(axis=1)
+        alpha = float(torch.exp(self.net.log_alpha))
+
+        def ll(m):
+            return float(np.mean(-np.logaddexp(0.0, -alpha * m)))
+
+        self.calibration = {
+            "pairs": n, "alpha": alpha,
+            "mixture": {"loglik": ll(mixed), "accuracy": float(np.mean(mixed > 0))},
+            "uniform": {"loglik": ll(d.mean(axis=1)), "accuracy": float(np.mean(d.mean(axis=1) > 0))},
+            "clients": {c: {"accuracy": float(np.mean(d[:, k] > 0)), "mean_weight": float(w[:, k].mean())}
+                        for k, c in enumerate(clients)},
+        }
+        return self.calibration
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        """Save to a directory: ``router.json`` (config, normalisation, calibration summary) + ``router.pt``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"client_ids": self.client_ids, "feature_dim": self.feature_dim, "n_objectives": self.n_objectives,
+                "hidden": self.hidden, "top_k": self.top_k, "seed": self.seed, "feature_config": self.feature_config,
+                "mean": self.mean.tolist(), "std": self.std.tolist(), "calibration": self.calibration}
+        (path / "router.json").write_text(json.dumps(meta))
+        torch.save(self.net.state_dict(), path / "router.pt")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MoRRouter":
+        """Load a router saved with :meth:`save`."""
+        path = Path(path)
+        if not (path / "router.json").is_file():
+            raise FileNotFoundError(f"MoRRouter.load: {str(path)!r} has no router.json; pass the directory given "
+                                    f"to MoRRouter.save")
+        meta = json.loads((path / "router.json").read_text())
+        r = cls(meta["client_ids"], meta["feature_dim"], n_objectives=meta["n_objectives"], hidden=meta["hidden"],
+                top_k=meta["top_k"], seed=meta["seed"], feature_config=meta.get("feature_config"))
+        r.net.load_state_dict(torch.load(path / "router.pt", weights_only=True))
+        r.net.eval()
+        r.mean = np.asarray(meta["mean"], dtype=np.float32)
+        r.std = np.asarray(meta["std"], dtype=np.float32)
+        r.calibration = meta.get("calibration", {})
+        return r
+
+
+def entropy(weights: Mapping[str, Sequence[float]]) -> float:
+    """Mean entropy (nats) of per-item routing weights (a metric: log K is uniform, 0 is one client)."""
+    w = np.array([list(v) for v in weights.values()], dtype=np.float64).T
+    if w.size == 0:
+        return 0.0
+    w = np.clip(w, 1e-12, 1.0)
+    return float(np.mean(-(w * np.log(w)).sum(axis=1)))
+
+
+__all__ = ["MoRRouter", "entropy"]
