@@ -181,7 +181,7 @@ class FederationClient:
                         t.add_done_callback(workers.discard)
                     elif kind == "secagg":
                         if self.secagg_handler is not None:
-                            t = asyncio.create_task(self.secagg_handler.on_stage(msg.secagg, send_q))
+                            t = asyncio.create_task(self.secagg_handler.on_stage(msg.secagg, send_q, self))
                             workers.add(t)
                             t.add_done_callback(workers.discard)
                     elif kind == "ack" and msg.ack.code != 0:

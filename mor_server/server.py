@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import grpc
+import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -353,9 +354,11 @@ class FederationServer(pb_grpc.FederationServicer):
 
     def _on_report(self, client_id: str, report: pb.ScoreReport) -> pb.Ack:
         try:
+            kind = report.WhichOneof("payload")
+            if kind == "secagg":
+                return self._on_secagg_report(client_id, report)
             rnd = self.book.lookup(report.round_id)
             pending = self._pending[rnd.round_id]
-            kind = report.WhichOneof("payload")
             if kind is None:
                 raise ReportRejected("INVALID_ARGUMENT", "report.payload", "report.payload is empty: send scores")
             if kind != _PAYLOAD_FOR_MODE[pending.mode]:
@@ -379,7 +382,34 @@ class FederationServer(pb_grpc.FederationServicer):
         pending.changed.set()
         return pb.Ack(round_id=report.round_id, code=0, message="accepted")
 
+    def _on_secagg_report(self, client_id: str, report: pb.ScoreReport) -> pb.Ack:
+        msg = report.secagg
+        if msg.round_id != report.round_id:
+            raise ReportRejected("INVALID_ARGUMENT", "report.secagg.round_id",
+                                 f"report.secagg.round_id {msg.round_id!r} differs from report.round_id "
+                                 f"{report.round_id!r}")
+        if msg.stage not in SECAGG_STAGES:
+            raise ReportRejected("INVALID_ARGUMENT", "report.secagg.stage",
+                                 f"unknown secure-aggregation stage {msg.stage!r}; expected one of {SECAGG_STAGES}")
+        key = _stage_key(report.round_id, msg.stage)
+        try:
+            rnd = self.book.lookup(key)
+        except ReportRejected as e:
+            if e.code == "NOT_FOUND" and any(k.startswith(report.round_id + "/") for k in self.book.open):
+                raise ReportRejected("FAILED_PRECONDITION", "report.secagg.stage",
+                                     f"round {report.round_id} is not at stage {msg.stage!r} now") from None
+            raise
+        if rnd.mode not in ("secagg", "secagg+dp"):
+            raise ReportRejected("INVALID_ARGUMENT", "report.secagg", f"round {report.round_id} is not a secagg round")
+        rnd.submit(client_id, bytes(msg.payload), self._clock())
+        self._pending[key].changed.set()
+        return pb.Ack(round_id=report.round_id, code=0, message=f"stage {msg.stage} received")
+
     def _on_refusal(self, client_id: str, refusal: pb.Refusal) -> pb.Ack:
+        refused_keys = [k for k in self.book.open if k.startswith(refusal.round_id + "/")]
+        if refused_keys:  # a refusal during a secure-aggregation round drops the client from the current stage
+            refusal = pb.Refusal(round_id=refused_keys[0], reason=refusal.reason, code=refusal.code,
+                                 remaining_epsilon=refusal.remaining_epsilon)
         try:
             rnd = self.book.lookup(refusal.round_id)
         except ReportRejected as e:
@@ -390,10 +420,10 @@ class FederationServer(pb_grpc.FederationServicer):
             info = self.registry.get(client_id)
             if info:
                 info.refusals += 1
-            self._audit("refusal", {"round_id": rnd.round_id, "client_id": client_id, "reason": reason,
+            self._audit("refusal", {"round_id": rnd.round_id.split("/")[0], "client_id": client_id, "reason": reason,
                                     "code": refusal.code, "remaining_epsilon": refusal.remaining_epsilon})
             self._pending[rnd.round_id].changed.set()
-        return pb.Ack(round_id=refusal.round_id, code=0, message="refusal recorded")
+        return pb.Ack(round_id=refusal.round_id.split("/")[0], code=0, message="refusal recorded")
 
     def _drop_client(self, client_id: str, reason: str) -> None:
         for rnd in self.book.drop_everywhere(client_id, reason):
@@ -476,6 +506,139 @@ class FederationServer(pb_grpc.FederationServicer):
                       extra={"dp": {"clip": dp_clip, "noise_multiplier": dp_noise_multiplier}} if mode == "dp" else None)
         return outcome
 
+    async def _gather(self, rnd: Round, pending: _Pending, sends: dict[str, pb.ServerMessage]) -> RoundOutcome:
+        """Send each participant its message and wait until all answered or dropped, or the deadline."""
+        key = rnd.round_id
+        self.book.add(rnd)
+        self._pending[key] = pending
+        for c in rnd.participants:
+            conn = self._conns.get(c)
+            if conn is None or conn.closed or c not in sends:
+                rnd.drop(c, "not connected")
+            else:
+                conn.queue.put_nowait(sends[c])
+        try:
+            while not rnd.settled:
+                remaining = rnd.deadline - self._clock()
+                if remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(pending.changed.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+                pending.changed.clear()
+        finally:
+            outcome = self.book.finish(key, self._clock())
+            del self._pending[key]
+        return outcome
+
+    async def run_secagg_round(self, items: Sequence[ScoringItem], *, weights: dict[str, Sequence[float]],
+                               mode: str = "secagg", participants: Sequence[str] | None = None,
+                               min_clients: int | None = None, timeout: float = 30.0, value_range: float = 16.0,
+                               weight_cap: float = 1.0, frac_bits: int = 16, out_of_range: str = "clip",
+                               dp_noise_multiplier: float = 1.0, dp_min_survivors: int | None = None,
+                               stage_timeout: float | None = None, round_id: str | None = None) -> RoundOutcome:
+        """One SecAgg+ round: every client multiplies its scores by its routing weight (one weight per item) and
+        masks them; the server unmasks only the weighted sum ``reports["sum"]`` (flat, item-major). The server
+        never holds an individual client's score. ``mode="secagg+dp"`` adds distributed discrete-Gaussian noise
+        calibrated to ``dp_min_survivors`` (default: the threshold) and charged to each client's ledger.
+
+        ``timeout`` bounds the first stage (scoring + key advertisement); later stages get ``stage_timeout``
+        (default: min(timeout, 10 s)). A silent client is a dropout, not a stall."""
+        from privacy.secagg import STAGES, SecAggAbort, SecAggServer
+        from privacy.secagg import ddp
+
+        if mode not in ("secagg", "secagg+dp"):
+            raise ValueError(f"run_secagg_round runs secagg or secagg+dp, got {mode!r}")
+        self._check_items(items)
+        round_id = round_id or self.new_round_id()
+        now = self._clock()
+        chosen = tuple(sorted(participants if participants is not None else self.online_clients(mode)))
+        self.metrics.rounds_started.labels(mode=mode).inc()
+        missing = [c for c in chosen if c not in weights]
+        if missing:
+            raise ValueError(f"weights has no entry for participants {missing}")
+        sizes = [len(it.candidates) for it in items]
+        m = sum(sizes)
+        W = np.stack([np.repeat(np.asarray(weights[c], dtype=np.float64), sizes) for c in chosen]) if chosen else None
+        if W is not None and W.shape[1] != m:
+            raise ValueError(f"each weights entry needs one weight per item ({len(items)})")
+        wdigest = hashlib.sha256(np.ascontiguousarray(W).tobytes() if W is not None else b"").hexdigest()
+        try:
+            kw = {}
+            if mode == "secagg+dp":
+                surv = dp_min_survivors or max(2, (len(chosen) + 1) // 2)
+                kw = dict(dp_sigma=ddp.calibrate_sigma(dp_noise_multiplier, value_range=value_range,
+                                                       weight_cap=weight_cap, frac_bits=frac_bits, m=m,
+                                                       min_survivors=surv), dp_min_survivors=surv)
+            sa = SecAggServer(round_id, chosen, vector_length=m, weights=W, value_range=value_range,
+                              weight_cap=weight_cap, frac_bits=frac_bits, out_of_range=out_of_range, **kw)
+        except Exception as e:  # e.g. too few clients for a threshold, weights above the cap
+            return self._fail_early(round_id, mode, chosen, now, f"secure aggregation could not start: {e}")
+        threshold = sa.threshold
+        min_clients = max(threshold, min_clients or threshold)
+        if len(chosen) < min_clients:
+            return self._fail_early(round_id, mode, chosen, now,
+                                    f"{len(chosen)} clients online for {mode}; SecAgg+ needs at least {min_clients}")
+        stage_timeout = stage_timeout or min(timeout, 10.0)
+        steps = [sa.share_keys, sa.collect_masked, sa.consistency, sa.unmask, sa.finish]
+        dropped: dict[str, str] = {}
+        out = sa.setup()
+        task_digest = ""
+        reason = ""
+        alive = list(chosen)
+        try:
+            for i, stage in enumerate(STAGES):
+                limit = timeout if i == 0 else stage_timeout
+                if i == 0:
+                    task = pb.ScoringTask(round_id=round_id, items=items_to_pb(items), timeout_ms=int(limit * 1000),
+                                          mode=mode_to_pb(mode))
+                    task_digest = hashlib.sha256(task.SerializeToString(deterministic=True)).hexdigest()
+                    sends = {}
+                    for c, payload in out.items():
+                        t = pb.ScoringTask()
+                        t.CopyFrom(task)
+                        t.secagg.CopyFrom(pb.SecAggMessage(round_id=round_id, stage=stage, payload=payload))
+                        sends[c] = pb.ServerMessage(task=t)
+                else:
+                    sends = {c: pb.ServerMessage(secagg=pb.SecAggMessage(round_id=round_id, stage=stage,
+                                                                          payload=payload))
+                             for c, payload in out.items()}
+                targets = tuple(c for c in alive if c in sends)
+                rnd = Round(_stage_key(round_id, stage), targets or alive[:1], 1,
+                            self._clock() + limit + self.config.deadline_grace_s, self._clock(), 0, mode)
+                if not targets:
+                    raise SecAggAbort(f"no client left at stage {stage}")
+                o = await self._gather(rnd, _Pending(rnd, [], asyncio.Event(), mode), sends)
+                for c, why in o.dropped.items():
+                    dropped.setdefault(c, f"{why} (stage {stage})")
+                alive = list(o.responders)
+                res = steps[i]({c: o.reports[c] for c in o.responders})
+                out = res if isinstance(res, dict) else {}
+        except SecAggAbort as e:
+            reason = f"secure aggregation aborted: {e}"
+        result = sa.result()
+        end = self._clock()
+        for c, stage in result.dropped.items():
+            dropped.setdefault(c, f"dropped at stage {stage}" + (f": {sa.rejected[c]}" if c in sa.rejected else ""))
+        ok = result.ok and len(result.survivors) >= min_clients
+        if result.ok and not ok:
+            reason = f"only {len(result.survivors)} survivors, min_clients={min_clients}"
+        reports = {"sum": result.total.tolist(), "survivors": list(result.survivors),
+                   "out_of_range": result.out_of_range} if ok else {}
+        outcome = RoundOutcome(round_id, RoundState.COMPLETED if ok else RoundState.FAILED, chosen,
+                               tuple(result.survivors) if ok else (), dropped, reports,
+                               reason or ("" if ok else result.reason), now, end)
+        agg = {}
+        if ok:
+            total = np.asarray(result.total)
+            agg = {"n": int(total.size), "mean": float(total.mean()), "std": float(total.std()),
+                   "out_of_range_clipped": int(result.out_of_range)}
+        self._account(outcome, mode, task_digest=task_digest,
+                      extra={"weights_digest": wdigest, "aggregate": agg, "threshold": threshold,
+                             "secagg_config_digest": sa.config_digest(), "rejected": dict(sa.rejected)})
+        return outcome
+
     def _check_items(self, items: Sequence[ScoringItem]) -> None:
         if not items:
             raise ValueError("a scoring task needs at least one item")
@@ -525,6 +688,11 @@ class FederationServer(pb_grpc.FederationServicer):
 
 
 _PAYLOAD_FOR_MODE = {"plain": "plain", "dp": "dp"}
+SECAGG_STAGES = ("setup", "share_keys", "collect_masked", "consistency", "unmask")
+
+
+def _stage_key(round_id: str, stage: str) -> str:
+    return f"{round_id}/{stage}"
 
 
 def _jsonable(obj):
@@ -565,6 +733,9 @@ class ServerThread:
 
     def run_round(self, items, **kw) -> RoundOutcome:
         return self.call(self.server.run_round(items, **kw))
+
+    def run_secagg_round(self, items, **kw) -> RoundOutcome:
+        return self.call(self.server.run_secagg_round(items, **kw))
 
     def wait_for_clients(self, n: int, timeout: float = 30.0, mode: str | None = None) -> list[str]:
         return self.call(self.server.wait_for_clients(n, timeout, mode))

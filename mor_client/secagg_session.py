@@ -1,0 +1,123 @@
+"""Client side of secure aggregation over the federation stream: a thin shell over ``privacy.secagg.SecAggClient``.
+
+For a ``secagg`` / ``secagg+dp`` task the client scores the items with its own scorer, then runs the SecAgg+
+stages the server pushes. Its scores leave only multiplied by its routing weight and masked; peers' identity keys
+are checked against the federation CA (their identity certificates). Routing weights that would isolate this client
+(above ``max_weight``, or fewer than ``min_contributors`` clients on an item) and releases that would overspend the
+privacy budget (``secagg+dp``) are refused with a ``Refusal`` naming the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from cryptography import x509
+
+from mor.v1 import federation_pb2 as pb
+from privacy import pki
+
+from .release import Release
+from .wire import PB_TO_MODE, expected_scores, flatten
+
+log = logging.getLogger("mor.client.secagg")
+
+
+class SecAggSession:
+    def __init__(self, credentials: pki.ClientCredentials, *, ledger=None, max_weight: float = 1.0,
+                 min_contributors: int = 2):
+        if credentials is None or credentials.identity_key_pem is None or credentials.identity_cert_pem is None:
+            raise ValueError("secure aggregation needs the client's identity key and certificate (identity.key, "
+                             "identity.crt in the credentials folder)")
+        self.credentials = credentials
+        self.ledger = ledger
+        self.max_weight, self.min_contributors = max_weight, min_contributors
+        self._ca = x509.load_pem_x509_certificate(credentials.ca_pem)
+        self._key = credentials.identity_key()
+        self._rounds: dict[str, object] = {}
+        self._modes: dict[str, str] = {}
+
+    def verify_peer(self, client_id: str, proof: bytes):
+        return pki.verify_identity_certificate(proof, self._ca, expected_name=client_id)
+
+    async def on_task(self, task: pb.ScoringTask, items, client, send_q: asyncio.Queue) -> None:
+        from privacy.secagg import SecAggClient
+
+        mode = PB_TO_MODE.get(task.mode, "unspecified")
+        if mode not in client.policy.supported_modes:
+            self._refuse(client, send_q, task.round_id, mode, "FAILED_PRECONDITION",
+                         f"mode {mode!r} is not enabled on this client")
+            return
+        if not task.HasField("secagg"):
+            self._refuse(client, send_q, task.round_id, mode, "INVALID_ARGUMENT",
+                         "secagg task carries no setup stage (task.secagg)")
+            return
+        timeout = task.timeout_ms / 1000 if task.timeout_ms else 30.0
+        try:
+            scores = await asyncio.wait_for(asyncio.to_thread(client.scorer.score, items), timeout)
+            flat = flatten(scores)
+            if len(flat) != expected_scores(items):
+                raise ValueError(f"scorer returned {len(flat)} scores for {expected_scores(items)} candidates")
+        except asyncio.TimeoutError:
+            self._refuse(client, send_q, task.round_id, mode, "DEADLINE_EXCEEDED",
+                         f"local scoring exceeded the {timeout:.1f}s deadline")
+            return
+        except Exception as e:
+            log.exception("scorer failed on round %s", task.round_id)
+            self._refuse(client, send_q, task.round_id, mode, "INTERNAL", f"local scorer failed: {e}"[:400])
+            return
+        sc = SecAggClient(task.round_id, client.client_id, identity_key=self._key, verify_peer=self.verify_peer,
+                          identity_proof=self.credentials.identity_cert_pem, max_weight=self.max_weight,
+                          min_contributors=self.min_contributors,
+                          ledger=self.ledger if mode == "secagg+dp" else None)
+        sc.set_input(flat)
+        self._rounds[task.round_id] = sc
+        self._modes[task.round_id] = mode
+        await self._step(client, send_q, task.secagg)
+
+    async def on_stage(self, msg: pb.SecAggMessage, send_q: asyncio.Queue, client=None) -> None:
+        if msg.round_id not in self._rounds:
+            log.warning("ignoring secagg stage %s for unknown or finished round %s", msg.stage, msg.round_id)
+            return
+        await self._step(client, send_q, msg)
+
+    async def _step(self, client, send_q, msg: pb.SecAggMessage) -> None:
+        from privacy.ledger import BudgetExceeded
+        from privacy.secagg import STAGE_COLLECT_MASKED, SecAggError, WeightIsolationError
+
+        sc = self._rounds[msg.round_id]
+        mode = self._modes[msg.round_id]
+        try:
+            stage, out = await asyncio.to_thread(sc.handle, msg.stage, bytes(msg.payload))
+        except WeightIsolationError as e:
+            self._end(msg.round_id)
+            self._refuse(client, send_q, msg.round_id, mode, "PERMISSION_DENIED", f"isolating weights: {e}")
+            return
+        except BudgetExceeded as e:
+            self._end(msg.round_id)
+            self._refuse(client, send_q, msg.round_id, mode, "RESOURCE_EXHAUSTED", str(e),
+                         getattr(e, "remaining_epsilon", float("nan")))
+            return
+        except SecAggError as e:  # a lying server, a forged key, a replay: stop taking part
+            self._end(msg.round_id)
+            self._refuse(client, send_q, msg.round_id, mode, "ABORTED", f"secure aggregation aborted: {e}")
+            return
+        if stage == STAGE_COLLECT_MASKED and client is not None and client.audit is not None:
+            charge = getattr(sc, "charge", None)  # the masked, weighted input leaves now: log it first
+            client.audit.append("release", {"round_id": msg.round_id, "mode": mode, "masked": True,
+                                            "released": sc.cfg.vector_length,
+                                            "epsilon_total": None if charge is None else charge.epsilon_after})
+        send_q.put_nowait(pb.ClientMessage(report=pb.ScoreReport(
+            round_id=msg.round_id, secagg=pb.SecAggMessage(round_id=msg.round_id, stage=stage, payload=out))))
+        if sc.done:
+            self._end(msg.round_id)
+
+    def _end(self, round_id: str) -> None:
+        self._rounds.pop(round_id, None)
+        self._modes.pop(round_id, None)
+
+    def _refuse(self, client, send_q, round_id, mode, code, reason, remaining=float("nan")) -> None:
+        rel = Release("refuse", code=code, reason=reason, remaining_epsilon=remaining)
+        if client is not None:
+            client.audit_release(round_id, mode, rel, n_items=0)
+            send_q.put_nowait(client.release_message(round_id, rel))

@@ -1,0 +1,103 @@
+"""SecAgg+ over the federation stream: the server learns only the routing-weighted sum, survives dropouts, and
+clients refuse isolating weights."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from mor_client import ClientCredentials, FederationClient, ReleasePolicy
+from mor_client.secagg_session import SecAggSession
+from mor_server.server import FederationServer, ServerConfig
+
+from fedutil import LengthScorer, make_items
+
+NAMES = ("alice", "bob", "carol", "dave")
+
+
+def _clients(pki_dir, server, scorers, **session_kw):
+    out = []
+    for n in scorers:
+        creds = ClientCredentials.from_dir(pki_dir / "clients" / n)
+        card = {"architecture": "test-length", "parameter_count": 0, "supported_modes": ["secagg"]}
+        out.append(FederationClient(f"localhost:{server.port}", creds, scorers[n], card=card,
+                                    policy=ReleasePolicy(("secagg",)),
+                                    secagg_handler=SecAggSession(creds, **session_kw)))
+    return out
+
+
+async def _with_federation(pki_dir, scorers, body, session_kw=None, **server_kw):
+    server = FederationServer(ServerConfig(pki_dir=pki_dir, **server_kw))
+    await server.start()
+    clients = _clients(pki_dir, server, scorers, **(session_kw or {}))
+    tasks = [asyncio.create_task(c.run()) for c in clients]
+    try:
+        await server.wait_for_clients(len(clients), timeout=20)
+        return await body(server, clients)
+    finally:
+        for c in clients:
+            await c.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.stop()
+
+
+def test_server_learns_only_the_weighted_sum(pki_dir, png_bytes, tmp_path):
+    scorers = {n: LengthScorer(offset=0.25 * i) for i, n in enumerate(NAMES)}
+    items = make_items(png_bytes, n=5, k=3)
+    rng = np.random.default_rng(0)
+    w = rng.dirichlet(np.ones(len(NAMES)), size=len(items)).T   # (clients, items), columns sum to 1
+    weights = {n: w[i].tolist() for i, n in enumerate(NAMES)}
+
+    async def body(server, clients):
+        return await server.run_secagg_round(items, weights=weights, timeout=15)
+
+    out = asyncio.run(_with_federation(pki_dir, scorers, body, audit_path=tmp_path / "audit.jsonl"))
+    assert out.ok, out.reason
+    sizes = [len(it.candidates) for it in items]
+    expect = sum(np.repeat(w[i], sizes) * np.array([len(c) + 0.25 * i for it in items for c in it.candidates])
+                 for i in range(len(NAMES)))
+    np.testing.assert_allclose(out.reports["sum"], expect, atol=1e-3)
+    assert set(out.reports) == {"sum", "survivors", "out_of_range"}, "no individual scores reach the server"
+    from privacy.audit import read_entries
+    text = (tmp_path / "audit.jsonl").read_text()
+    rounds = [e for e in read_entries(tmp_path / "audit.jsonl") if e.event == "round"]
+    assert rounds[-1].payload["mode"] == "secagg" and len(rounds[-1].payload["weights_digest"]) == 64
+    # an individual client's weighted score vector never appears in the server's log
+    assert "scores" not in text
+
+
+def test_dropout_mid_protocol_still_recovers_sum(pki_dir, png_bytes):
+    scorers = {n: LengthScorer(offset=i) for i, n in enumerate(NAMES)}
+    items = make_items(png_bytes, n=3, k=2)
+    weights = {n: [0.25] * len(items) for n in NAMES}
+
+    async def body(server, clients):
+        orig = clients[3].secagg_handler.on_stage
+
+        async def die_after_keys(msg, send_q, client=None):   # dave vanishes once keys are shared
+            if msg.stage == "collect_masked":
+                await clients[3].stop()
+                return
+            await orig(msg, send_q, client)
+        clients[3].secagg_handler.on_stage = die_after_keys
+        return await server.run_secagg_round(items, weights=weights, timeout=15, stage_timeout=3)
+
+    out = asyncio.run(_with_federation(pki_dir, scorers, body))
+    assert out.ok, out.reason
+    assert set(out.responders) == {"alice", "bob", "carol"} and "dave" in out.dropped
+    expect = sum(0.25 * np.array([len(c) + i for it in items for c in it.candidates]) for i in range(3))
+    np.testing.assert_allclose(out.reports["sum"], expect, atol=1e-3)
+
+
+def test_isolating_weights_are_refused(pki_dir, png_bytes):
+    scorers = {n: LengthScorer() for n in NAMES[:3]}
+    items = make_items(png_bytes, n=2, k=2)
+    # alice alone on item 0 with weight 0.9 > her cap 0.5
+    weights = {"alice": [0.9, 0.4], "bob": [0.1, 0.3], "carol": [0.0, 0.3]}
+
+    async def body(server, clients):
+        return await server.run_secagg_round(items, weights=weights, timeout=10, stage_timeout=3)
+
+    out = asyncio.run(_with_federation(pki_dir, scorers, body, session_kw={"max_weight": 0.5}))
+    assert "alice" in out.dropped and "isolating weights" in out.dropped["alice"]
+    assert "alice" not in out.responders
