@@ -28,7 +28,8 @@ def _run(tmp_path, *, rounds=4, client_logs=True, lie=None, training=False, serv
         ledgers["alice"].record_training(model_id="rm-alice", noise_multiplier=1.1, sample_rate=0.05, steps=40,
                                          delta=1e-5)
     server = AuditLog(tmp_path / "server.jsonl", signing_key=KEYS["server"], actor="server", checkpoint_every=5)
-    logs = {c: AuditLog(tmp_path / f"{c}.jsonl", signing_key=KEYS[c], actor=c, checkpoint_every=5)
+    logs = {c: AuditLog(tmp_path / f"{c}.jsonl", signing_key=KEYS[c], actor=f"client:{c}" if server_totals else c,
+                        checkpoint_every=5)
             for c in budgets if client_logs}
     prev = {c: 0.0 for c in budgets}
     for r in range(rounds):
@@ -90,7 +91,8 @@ def _copy(base, tmp_path):
 
 
 def _keys():
-    return {a: k.public_key() for a, k in KEYS.items()}
+    return {**{a: k.public_key() for a, k in KEYS.items()},
+            **{f"client:{a}": k.public_key() for a, k in KEYS.items() if a != "server"}}
 
 
 def test_report_eps_equals_ledger_and_writes_all_formats(base_run, tmp_path):

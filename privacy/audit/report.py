@@ -130,7 +130,9 @@ def build_report(*, logs, ledgers: dict | None = None, out_dir, public_keys: dic
         if not res.key_pinned:
             warnings.append(f"log {p}: signatures checked against the key embedded in the log, not a pinned key")
         actor = res.actor
-        is_server = actor == "server"
+        is_server = actor == "server" or (actor or "").startswith("server:")
+        if actor and actor.startswith("client:"):  # the client SDK writes actor "client:NAME"
+            actor = actor[len("client:"):]
         if not is_server and actor is not None:
             client_logs.add(actor)
         for e in res.entries:
