@@ -1,0 +1,91 @@
+"""The reward that reaches TRL is the routed mixture of the clients' rewards, computed over real gRPC with mTLS
+(plain and secagg); a failed round reaches TRL as None, never as 0."""
+
+import numpy as np
+import pytest
+
+from mor_client import ClientCredentials, ClientThread, FederationClient, ReleasePolicy
+from mor_client.secagg_session import SecAggSession
+from mor_server.features import FeatureExtractor
+from mor_server.federated import FederatedBackend
+from mor_server.inprocess import InProcessBackend
+from mor_server.rewards import MoRReward
+from mor_server.router import MoRRouter
+from mor_server.server import ServerConfig, ServerThread
+
+from fedutil import LengthScorer
+
+NAMES = ("alice", "bob", "carol")
+
+
+class WordScorer:
+    """Prefers a given answer word (a different one per client), so clients disagree and routing matters."""
+
+    def __init__(self, word):
+        self.word = word
+
+    def score(self, items):
+        return [[1.0 if c == self.word else -0.5 * len(c) / 8 for c in it.candidates] for it in items]
+
+
+@pytest.fixture(scope="module")
+def fed(pki_dir):
+    scorers = {"alice": WordScorer("red"), "bob": WordScorer("circle"), "carol": WordScorer("yes")}
+    srv = ServerThread(ServerConfig(pki_dir=pki_dir))
+    srv.start()
+    threads = []
+    for n in NAMES:
+        creds = ClientCredentials.from_dir(pki_dir / "clients" / n)
+        card = {"architecture": "word", "parameter_count": 0, "supported_modes": ["plain", "secagg"]}
+        c = FederationClient(f"localhost:{srv.port}", creds, scorers[n], card=card,
+                             policy=ReleasePolicy(("plain", "secagg")), secagg_handler=SecAggSession(creds))
+        threads.append(ClientThread(c).start())
+    srv.wait_for_clients(3, timeout=20)
+    yield srv, scorers, threads
+    for t in threads:
+        t.stop()
+    srv.stop()
+
+
+def _batch(png):
+    questions = ["what color is the shape?", "what shape is in the image?", "is there a red shape?"]
+    completions, kw = [], {"question": [], "image_png": [], "example_id": []}
+    for i, q in enumerate(questions):
+        for ans in ("red", "circle", "yes", "blue"):
+            completions.append([{"role": "assistant", "content": ans}])
+            kw["question"].append(q)
+            kw["image_png"].append(png)
+            kw["example_id"].append(f"ex{i}")
+    return completions, kw
+
+
+@pytest.mark.parametrize("mode", ["plain", "secagg"])
+def test_reward_reaching_trl_is_the_routed_mixture(fed, png_bytes, mode):
+    srv, scorers, _ = fed
+    fe = FeatureExtractor()
+    router = MoRRouter(list(NAMES), fe.dim, seed=3)
+    completions, kw = _batch(png_bytes)
+    fed_reward = MoRReward(FederatedBackend(srv, mix_mode=mode, timeout=20), router, fe)
+    local_reward = MoRReward(InProcessBackend(scorers), router, fe)
+    got = fed_reward(prompts=None, completions=completions, **kw)
+    expect = local_reward(prompts=None, completions=completions, **kw)
+    assert None not in got
+    np.testing.assert_allclose(got, expect, atol=2e-4)
+    # it is a mixture, not any single client's reward
+    single = [InProcessBackend({c: scorers[c]}) for c in NAMES]
+    for b in single:
+        r = MoRReward(b, MoRRouter([b.client_ids()[0]], fe.dim), fe)(prompts=None, completions=completions, **kw)
+        assert not np.allclose(got, r, atol=1e-3)
+
+
+def test_failed_round_is_none_not_zero(fed, png_bytes):
+    srv, scorers, _ = fed
+    fe = FeatureExtractor()
+    router = MoRRouter(list(NAMES), fe.dim)
+    # a round that cannot reach min_clients fails; the backend retries, then TRL gets None for the whole batch
+    backend = FederatedBackend(srv, mix_mode="plain", min_clients=4, retries=1, timeout=5)
+    reward = MoRReward(backend, router, fe, retries=0)
+    completions, kw = _batch(png_bytes)
+    out = reward(prompts=None, completions=completions, **kw)
+    assert out == [None] * len(completions)
+    assert reward.rounds_failed == 1 and backend.rounds["failed"] == 1 and backend.rounds["retried"] == 1
