@@ -84,8 +84,8 @@ class CNNRewardModel(RewardModule):
         super().__init__(vocab_size, dim, channels=channels)
         c = channels
         self.conv = nn.Sequential(
-            nn.Conv2d(3, c // 2, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
-            nn.Conv2d(c // 2, c, 3, padding=1), nn.GroupNorm(4, c), nn.GELU(), nn.MaxPool2d(2),
+            nn.Conv2d(3, c // 2, 4, stride=4), nn.GELU(),  # 4x4 patchify stem: 32x32 -> 8x8
+            nn.Conv2d(c // 2, c, 3, padding=1), nn.GroupNorm(4, c), nn.GELU(),
             nn.Conv2d(c, c, 3, padding=1), nn.GELU(),
         )
         self.question_embedding = nn.Embedding(vocab_size, dim)
@@ -149,13 +149,13 @@ class ViTRewardModel(RewardModule):
 
     def encode(self, image, question, question_mask):
         p = _patches(image, self.patch)
-        pos = torch.arange(p.shape[1], device=p.device).expand(p.shape[0], -1)
+        pos = torch.arange(p.shape[1], device=p.device).repeat(p.shape[0], 1)
         x = self.patch_embed(p) + self.image_pos(pos)
         for blk in self.image_blocks:
             x = blk(x)
         x = self.image_ln(x)
         img = torch.cat([x.mean(1), x.amax(1)], dim=-1)
-        tpos = torch.arange(question.shape[1], device=question.device).expand(question.shape[0], -1)
+        tpos = torch.arange(question.shape[1], device=question.device).repeat(question.shape[0], 1)
         t = self.question_embedding(question) + self.text_pos(tpos)
         for blk in self.text_blocks:
             t = blk(t, question_mask)

@@ -74,12 +74,14 @@ class TrainConfig:
 
 #: "demo" presets: sizes, epochs and batch that reach the quality bar quickly on 2 CPU cores.
 DEMO_PRESETS: dict[str, dict] = {
-    "cnn": dict(model_config=dict(dim=64, channels=32), epochs=15, batch_size=512, lr=3e-3, max_grad_norm=1.0,
-                pretrain_epochs=30),
-    "vit": dict(model_config=dict(dim=48, depth=2, text_depth=1, heads=4), epochs=15, batch_size=512, lr=2e-3,
-                max_grad_norm=1.0, pretrain_epochs=30),
-    "lora": dict(model_config=dict(dim=64, layers=2, heads=4, lora_r=8), epochs=15, batch_size=512, lr=3e-3,
-                 max_grad_norm=1.0, pretrain_epochs=30),
+    # ghost clipping only helps layers with a norm sampler (Linear, Embedding); for conv / LayerNorm-heavy
+    # models the hooks mode was faster on CPU (measured: docs/reward-models.md).
+    "cnn": dict(model_config=dict(dim=64, channels=32), epochs=5, batch_size=512, lr=5e-3, max_grad_norm=1.0,
+                pretrain_epochs=30, grad_sample_mode="hooks"),
+    "vit": dict(model_config=dict(dim=48, depth=2, text_depth=1, heads=4), epochs=5, batch_size=512, lr=2e-3,
+                max_grad_norm=1.0, pretrain_epochs=30, grad_sample_mode="hooks"),
+    "lora": dict(model_config=dict(dim=64, layers=2, heads=4, lora_r=8), epochs=5, batch_size=512, lr=5e-3,
+                 max_grad_norm=1.0, pretrain_epochs=30, grad_sample_mode="ghost"),
 }
 
 

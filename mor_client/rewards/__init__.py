@@ -1,0 +1,16 @@
+"""Client reward models: a zoo of architectures behind one interface, a DP-SGD (Opacus) trainer, a model
+folder with a model card, and :class:`RewardModelScorer` to plug a trained model into FederationClient."""
+
+from .features import Vocab, default_vocab, encode_batch, encode_pairs
+from .models import (ARCHITECTURES, CNNRewardModel, LoRARewardModel, RewardModule, ViTRewardModel, build_model,
+                     make_dp_compatible, register_architecture)
+from .scorer import RewardModelScorer
+from .store import load_model_dir, read_card, save_model_dir
+from .trainer import DEMO_PRESETS, TrainConfig, TrainResult, demo_config, pairwise_accuracy, train_reward_model
+
+__all__ = [
+    "Vocab", "default_vocab", "encode_batch", "encode_pairs", "ARCHITECTURES", "CNNRewardModel",
+    "LoRARewardModel", "RewardModule", "ViTRewardModel", "build_model", "make_dp_compatible",
+    "register_architecture", "RewardModelScorer", "load_model_dir", "read_card", "save_model_dir",
+    "DEMO_PRESETS", "TrainConfig", "TrainResult", "demo_config", "pairwise_accuracy", "train_reward_model",
+]

@@ -1,0 +1,79 @@
+"""Model folder: ``model.safetensors`` (weights), ``vocab.json``, ``card.json`` (the model card).
+
+Card conventions: non-private models have ``"dp": false`` and ``"epsilon": null`` (meaning epsilon = inf);
+``weights_sha256`` is the SHA-256 of ``model.safetensors`` and is checked on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .features import Vocab
+from .models import build_model
+
+WEIGHTS, VOCAB, CARD = "model.safetensors", "vocab.json", "card.json"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_model_dir(path: str | os.PathLike, model: torch.nn.Module, vocab: Vocab, card: dict) -> dict:
+    """Write the model folder; returns the card as written (with ``weights_sha256`` added)."""
+    from safetensors.torch import save as st_save
+
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(d / WEIGHTS, st_save(state))
+    _atomic_write(d / VOCAB, json.dumps(vocab.tokens).encode())
+    card = dict(card)
+    card["weights_file"] = WEIGHTS
+    card["weights_sha256"] = sha256_file(d / WEIGHTS)
+    _atomic_write(d / CARD, json.dumps(card, indent=2, sort_keys=True).encode())
+    return card
+
+
+def read_card(path: str | os.PathLike) -> dict:
+    """The card of a model folder (ValueError naming the folder if there is none)."""
+    p = Path(path) / CARD
+    if not p.is_file():
+        raise ValueError(f"{path}: no {CARD} there; expected a folder written by `mor-client train`")
+    return json.loads(p.read_text())
+
+
+def load_model_dir(path: str | os.PathLike, device: str = "cpu"):
+    """(model in eval mode, vocab, card) from a model folder; verifies the weights' SHA-256."""
+    from safetensors.torch import load_file
+
+    d = Path(path)
+    card = read_card(d)
+    if not (d / WEIGHTS).is_file() or not (d / VOCAB).is_file():
+        raise ValueError(f"{path}: missing {WEIGHTS} or {VOCAB}")
+    digest = sha256_file(d / WEIGHTS)
+    if card.get("weights_sha256") and digest != card["weights_sha256"]:
+        raise ValueError(f"{path}: {WEIGHTS} does not match the card's weights_sha256 (corrupted or replaced)")
+    vocab = Vocab(json.loads((d / VOCAB).read_text()))
+    model = build_model(card["architecture"], len(vocab), **card.get("model_config", {}))
+    model.load_state_dict(load_file(str(d / WEIGHTS)))
+    model.to(device).eval()
+    return model, vocab, card

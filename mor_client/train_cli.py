@@ -1,0 +1,134 @@
+"""``mor-client train`` and ``mor-client card``: argparse wiring over :mod:`mor_client.rewards`.
+
+The lead's ``mor_client/cli.py`` calls :func:`register` with its subparsers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def _epsilon(text: str) -> float:
+    if text.lower() in ("inf", "infinity", "none"):
+        return math.inf
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--epsilon must be a positive number or 'inf', got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"--epsilon must be > 0 (or 'inf' for non-private), got {text!r}")
+    return v
+
+
+def _record_ledger(path: Path, model_id: str, card: dict) -> str:
+    try:
+        from privacy.ledger import PrivacyLedger  # written by the privacy package
+    except ImportError:
+        return "privacy.ledger is not available; no ledger entry written"
+    if not hasattr(PrivacyLedger, "record_training"):
+        return "privacy.ledger.PrivacyLedger has no record_training; no ledger entry written"
+    PrivacyLedger(path).record_training(model_id=model_id, noise_multiplier=card["noise_multiplier"],
+                                        sample_rate=card["sample_rate"], steps=card["steps"], delta=card["delta"],
+                                        unit=card["privacy_unit"], accountant=card["accountant"],
+                                        epsilon=card["epsilon"])
+    return f"ledger entry written to {path}"
+
+
+def _train(args) -> int:
+    from mor_client.data import make_federation_split, make_pairs
+    from mor_client.rewards import demo_config, save_model_dir, train_reward_model
+
+    split = make_federation_split(seed=args.data_seed, scheme=args.scheme, n_clients=args.n_clients,
+                                  include_shapes_client=args.include_shapes_client, flip_fraction=args.flip_fraction)
+    if args.partition not in split.clients:
+        raise ValueError(f"--partition {args.partition!r} unknown; this split has {sorted(split.clients)}")
+    client = split.clients[args.partition]
+    train = client.train[:args.max_pairs] if args.max_pairs else client.train
+    overrides = {k: v for k, v in dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                       max_grad_norm=args.max_grad_norm, accountant=args.accountant,
+                                       grad_sample_mode=args.grad_sample_mode, delta=args.delta,
+                                       pretrain_epochs=args.pretrain_epochs).items() if v is not None}
+    cfg = demo_config(args.arch, epsilon=None if math.isinf(args.epsilon) else args.epsilon, seed=args.seed,
+                      device=args.device, progress=not args.quiet, **overrides)
+    public = make_pairs([e for e in split.server_public if e.question_type in client.question_types],
+                        seed=args.data_seed, rejected_per_example=8) if cfg.pretrain_epochs else []
+    res = train_reward_model(train, client.heldout, cfg, public_pairs=public,
+                             domain=f"{args.partition}: {client.domain_desc}")
+    card = save_model_dir(args.out, res.model, res.vocab, res.card)
+    eps = "inf (no DP)" if card["epsilon"] is None else f"{card['epsilon']:.3f} (delta={card['delta']:.2e})"
+    print(f"saved {args.out}: {card['architecture']}, {card['data_size']} pairs, epsilon {eps}, "
+          f"held-out pairwise accuracy {card['heldout_pairwise_accuracy']:.3f}, {card['train_seconds']:.1f} s")
+    if args.ledger is not None:
+        if card["dp"]:
+            print(_record_ledger(args.ledger, args.model_id or Path(args.out).name, card))
+        else:
+            print("non-private model: nothing charged to the ledger")
+    return 0
+
+
+def _card(args) -> int:
+    from mor_client.rewards import read_card
+
+    card = read_card(args.model_dir)
+    if args.json:
+        print(json.dumps(card, indent=2, sort_keys=True))
+        return 0
+    eps = "inf (not private)" if card.get("epsilon") is None else f"{card['epsilon']:.3f}"
+    rows = [("architecture", card.get("architecture")), ("domain", card.get("domain")),
+            ("parameters", f"{card.get('parameter_count')} ({card.get('trainable_parameter_count')} trained under DP)"),
+            ("data size (pairs)", card.get("data_size")), ("epsilon", eps), ("delta", card.get("delta")),
+            ("noise multiplier", card.get("noise_multiplier")), ("sample rate", card.get("sample_rate")),
+            ("steps", card.get("steps")), ("epochs", card.get("epochs")), ("accountant", card.get("accountant")),
+            ("privacy unit", card.get("privacy_unit")),
+            ("held-out pairwise accuracy", card.get("heldout_pairwise_accuracy")),
+            ("created", card.get("created_at")), ("weights sha256", card.get("weights_sha256"))]
+    for k, v in rows:
+        print(f"{k:>27}: {v}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add the ``train`` and ``card`` subcommands (``func(args) -> int``) to ``subparsers``."""
+    from mor_client.rewards.models import ARCHITECTURES
+
+    t = subparsers.add_parser("train", help="train a reward model on a client partition (Opacus DP-SGD)")
+    t.add_argument("--arch", default="cnn", help=f"architecture: {', '.join(sorted(ARCHITECTURES))}")
+    t.add_argument("--epsilon", type=_epsilon, default=8.0, help="target epsilon, or 'inf' for no DP")
+    t.add_argument("--delta", type=float, default=None, help="target delta (default min(1e-5, 1/(10 n)))")
+    t.add_argument("--partition", default="client0", help="which client of the federation split (client0, ...)")
+    t.add_argument("--scheme", default="by_question_type", choices=("by_question_type", "dirichlet", "iid"))
+    t.add_argument("--n-clients", type=int, default=3)
+    t.add_argument("--include-shapes-client", action="store_true",
+                   help="the last client holds the procedural shapes domain")
+    t.add_argument("--flip-fraction", type=float, default=0.0, help="annotator noise: fraction of flipped pairs")
+    t.add_argument("--data-seed", type=int, default=0, help="seed of the federation split")
+    t.add_argument("--seed", type=int, default=0, help="seed of init, sampling and DP noise")
+    t.add_argument("--max-pairs", type=int, default=None, help="use at most this many training pairs")
+    t.add_argument("--epochs", type=int, default=None, help="override the demo preset")
+    t.add_argument("--batch-size", type=int, default=None, help="expected (Poisson) batch size")
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--max-grad-norm", type=float, default=None)
+    t.add_argument("--pretrain-epochs", type=int, default=None, help="public pre-training epochs (0: none)")
+    t.add_argument("--accountant", choices=("prv", "rdp"), default=None)
+    t.add_argument("--grad-sample-mode", choices=("ghost", "hooks"), default=None)
+    t.add_argument("--device", default="cpu", help="cpu or cuda")
+    t.add_argument("--out", required=True, type=Path, help="model folder to write")
+    t.add_argument("--ledger", type=Path, default=None, help="privacy ledger (SQLite) to record the training in")
+    t.add_argument("--model-id", default=None, help="ledger model id (default: the folder name)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=_train)
+    c = subparsers.add_parser("card", help="show a trained reward model's card")
+    c.add_argument("model_dir", type=Path)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_card)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    p = argparse.ArgumentParser(prog="mor-client")
+    register(p.add_subparsers(dest="cmd", required=True))
+    a = p.parse_args()
+    sys.exit(a.func(a))
