@@ -555,6 +555,8 @@ class FederationServer(pb_grpc.FederationServicer):
         now = self._clock()
         chosen = tuple(sorted(participants if participants is not None else self.online_clients(mode)))
         self.metrics.rounds_started.labels(mode=mode).inc()
+        if not chosen:
+            return self._fail_early(round_id, mode, chosen, now, f"no client online supports mode {mode!r}")
         missing = [c for c in chosen if c not in weights]
         if missing:
             raise ValueError(f"weights has no entry for participants {missing}")

@@ -15,13 +15,13 @@ from fedutil import LengthScorer, make_items
 NAMES = ("alice", "bob", "carol", "dave")
 
 
-def _clients(pki_dir, server, scorers, **session_kw):
+def _clients(pki_dir, server, scorers, modes=("secagg",), **session_kw):
     out = []
     for n in scorers:
         creds = ClientCredentials.from_dir(pki_dir / "clients" / n)
-        card = {"architecture": "test-length", "parameter_count": 0, "supported_modes": ["secagg"]}
+        card = {"architecture": "test-length", "parameter_count": 0, "supported_modes": list(modes)}
         out.append(FederationClient(f"localhost:{server.port}", creds, scorers[n], card=card,
-                                    policy=ReleasePolicy(("secagg",)),
+                                    policy=ReleasePolicy(tuple(modes)),
                                     secagg_handler=SecAggSession(creds, **session_kw)))
     return out
 
@@ -101,3 +101,32 @@ def test_isolating_weights_are_refused(pki_dir, png_bytes):
     out = asyncio.run(_with_federation(pki_dir, scorers, body, session_kw={"max_weight": 0.5}))
     assert "alice" in out.dropped and "isolating weights" in out.dropped["alice"]
     assert "alice" not in out.responders
+
+
+def test_secagg_dp_charges_every_ledger_and_sum_carries_calibrated_noise(pki_dir, png_bytes, tmp_path):
+    from privacy.ledger import PrivacyLedger
+
+    names = NAMES[:3]
+    scorers = {n: LengthScorer(offset=0.0) for n in names}
+    items = make_items(png_bytes, n=4, k=2)
+    weights = {n: [1 / 3] * len(items) for n in names}
+    ledgers = {n: PrivacyLedger(tmp_path / f"{n}.sqlite", client_level_budget=10_000.0) for n in names}
+
+    async def body(server, clients):
+        for c in clients:
+            c.secagg_handler.ledger = ledgers[c.client_id]
+        return [await server.run_secagg_round(items, weights=weights, mode="secagg+dp", timeout=15,
+                                              dp_noise_multiplier=0.05, value_range=8.0) for _ in range(2)]
+
+    outs = asyncio.run(_with_federation(pki_dir, scorers, body, session_kw={"modes": ("secagg", "secagg+dp")}))
+    assert all(o.ok for o in outs), [(o.reason, o.dropped) for o in outs]
+    exact = np.array([len(c) for it in items for c in it.candidates], dtype=float)
+    noisy = np.array(outs[0].reports["sum"])
+    assert not np.allclose(noisy, exact, atol=1e-6), "secagg+dp must add noise"
+    # noise std of the sum = 0.05 * L2 sensitivity (w_cap * 2C * sqrt(m)) = 0.05 * 2 * 8 * sqrt(8) ~ 2.3
+    assert np.abs(noisy - exact).max() < 6 * 0.05 * 2 * 8 * np.sqrt(len(exact))
+    for n, L in ledgers.items():
+        hist = L.history("client")
+        assert len(hist) == 2 and all(h["mechanism"] == "secagg+dp" for h in hist)
+        assert L.epsilon("client") > 0
+        L.close()
