@@ -1,0 +1,282 @@
+"""``mor demo``: the main job. A full federated alignment run on the embedded default.
+
+1. PKI: a federation CA, the server certificate, one certificate pair per client (reused when present).
+2. Reward models: each client trains its own reward model with DP-SGD on its private partition of easy-vqa
+   (three architectures, three question-type domains), as a separate ``mor-client train`` process; cached.
+3. Federation: the server (grpc.aio, mTLS, Prometheus, signed audit log) and three ``mor-client join``
+   processes over loopback, each with its own privacy ledger and audit log.
+4. Alignment: warm-start the tiny Llava policy on the server's public split (the frozen reference), calibrate the
+   Mixture-of-Rewards router from a scoring round on the server's public preference pairs, run GRPO whose reward
+   is a federated scoring round per generation batch (``secagg`` by default), evaluate before/after.
+5. Report: a short table, a JSON report and PNG plots under ``WORKDIR/report``.
+
+Larger runs take a config file (``--config run.json``): every key of :class:`DemoConfig` may be set there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from privacy import pki
+
+from .procs import ClientProcess, mor_client_argv, stop_all
+
+DEFAULT_CLIENTS = (
+    {"name": "hospital-color", "arch": "cnn", "partition": "client0"},
+    {"name": "bank-shape", "arch": "vit", "partition": "client1"},
+    {"name": "lab-yesno", "arch": "lora", "partition": "client2"},
+)
+MODES = ("plain", "secagg", "secagg+dp")
+
+
+@dataclass
+class DemoConfig:
+    """Settings of ``mor demo``; each may be given in a JSON config file (``--config``)."""
+
+    workdir: str = "runs/demo"
+    """Folder for everything the run writes (PKI, models, ledgers, audit logs, checkpoints, report)."""
+    seed: int = 0
+    """Seed of the federation split, model inits, DP noise streams and GRPO sampling."""
+    clients: list = field(default_factory=lambda: [dict(c) for c in DEFAULT_CLIENTS])
+    """Clients: name, reward-model arch (cnn, vit, lora) and partition (client0, client1, ...)."""
+    epsilon: float = 8.0
+    """Example-level ε of each client's DP-SGD training (one preference pair is the unit); "inf" disables DP."""
+    mode: str = "secagg"
+    """Privacy mode of GRPO's scoring rounds: plain, secagg or secagg+dp."""
+    calibration_mode: str = "plain"
+    """Mode of the router-calibration round on the server's public pairs: plain or dp (charged to ledgers)."""
+    client_budget: float = 20.0
+    """Client-level ε budget each client's ledger enforces for dp / secagg+dp releases."""
+    dp_noise_multiplier: float = 1.0
+    """Noise multiplier of dp / secagg+dp releases (σ = multiplier × L2 sensitivity)."""
+    round_timeout: float = 60.0
+    """Deadline of one scoring round (seconds)."""
+    grpo: dict = field(default_factory=dict)
+    """Overrides of the alignment engine's GRPO settings (e.g. {"max_steps": 200}); see docs/alignment.md."""
+    fresh: bool = False
+    """Retrain reward models and the warm start even when cached ones match."""
+
+    @classmethod
+    def from_file(cls, path: Path, **overrides) -> "DemoConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ValueError(f"--config {path}: no such file") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config {path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"--config {path}: expected a JSON object of settings")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"--config {path}: unknown setting(s) {unknown}; known: {sorted(known)}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.calibration_mode not in ("plain", "dp"):
+            raise ValueError(f"calibration_mode must be plain or dp, got {self.calibration_mode!r}")
+        if not self.clients:
+            raise ValueError("clients is empty: the demo needs at least one client")
+        names = [c.get("name") for c in self.clients]
+        if len(set(names)) != len(names):
+            raise ValueError(f"clients: names must be unique, got {names}")
+        for i, c in enumerate(self.clients):
+            for k in ("name", "arch", "partition"):
+                if not c.get(k):
+                    raise ValueError(f"clients[{i}].{k} is missing")
+            pki.check_name(c["name"], f"clients[{i}].name")
+        if isinstance(self.epsilon, str):
+            self.epsilon = math.inf if self.epsilon == "inf" else float(self.epsilon)
+        if not self.epsilon > 0:
+            raise ValueError(f"epsilon must be > 0 or 'inf', got {self.epsilon}")
+        if self.mode in ("secagg", "secagg+dp") and len(self.clients) < 2:
+            raise ValueError(f"mode {self.mode} needs at least 2 clients")
+
+
+def _say(step: int, total: int, msg: str) -> None:
+    print(f"[{step}/{total}] {msg}", flush=True)
+
+
+def _model_key(cfg: DemoConfig, c: dict) -> str:
+    blob = json.dumps({"arch": c["arch"], "partition": c["partition"], "epsilon": str(cfg.epsilon),
+                       "seed": cfg.seed, "n": len(cfg.clients), "v": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def train_clients(cfg: DemoConfig, work: Path) -> dict[str, dict]:
+    """Each client trains its reward model in its own process (cached by settings); returns the cards."""
+    cards = {}
+    for c in cfg.clients:
+        cdir = work / "clients" / c["name"]
+        model = cdir / "model"
+        key = _model_key(cfg, c)
+        stamp = model / ".demo-key"
+        if not cfg.fresh and stamp.exists() and stamp.read_text() == key and (model / "card.json").exists():
+            print(f"    {c['name']}: reusing cached {c['arch']} reward model ({model})", flush=True)
+        else:
+            print(f"    {c['name']}: training a {c['arch']} reward model on {c['partition']} with DP-SGD "
+                  f"(ε={cfg.epsilon})", flush=True)
+            argv = mor_client_argv("train", "--arch", c["arch"], "--partition", c["partition"],
+                                   "--n-clients", str(len(cfg.clients)), "--epsilon", str(cfg.epsilon),
+                                   "--data-seed", str(cfg.seed), "--seed", str(cfg.seed), "--out", str(model),
+                                   "--ledger", str(cdir / "ledger.sqlite"), "--model-id", f"{c['name']}-{key}")
+            t0 = time.perf_counter()
+            r = subprocess.run(argv, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            if r.returncode != 0:
+                raise RuntimeError(f"training the reward model of {c['name']} failed (exit {r.returncode}); "
+                                   f"command: {' '.join(argv)}")
+            stamp.write_text(key)
+            print(f"    {c['name']}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
+        cards[c["name"]] = json.loads((model / "card.json").read_text())
+    return cards
+
+
+def setup_pki(cfg: DemoConfig, work: Path) -> Path:
+    d = work / "pki"
+    if not (d / "ca" / "ca.key").exists():
+        pki.init_ca(d)
+    for c in cfg.clients:
+        if not (d / "clients" / c["name"] / "tls.crt").exists():
+            pki.issue_client(d, c["name"])
+    return d
+
+
+def start_clients(cfg: DemoConfig, work: Path, port: int, pki_dir: Path) -> list[ClientProcess]:
+    modes = "plain,dp,secagg,secagg+dp"
+    procs = []
+    for c in cfg.clients:
+        cdir = work / "clients" / c["name"]
+        argv = mor_client_argv("join", "--server", f"localhost:{port}", "--creds", str(pki_dir / "clients" / c["name"]),
+                               "--model", str(cdir / "model"), "--modes", modes, "--ledger", str(cdir / "ledger.sqlite"),
+                               "--budget", str(cfg.client_budget), "--audit", str(cdir / "audit.jsonl"))
+        procs.append(ClientProcess(c["name"], argv, cdir / "join.log").start())
+    return procs
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    from .federated import FederatedBackend
+    from .server import ServerConfig, ServerThread
+
+    cfg.validate()
+    work = Path(cfg.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    total = 6
+    t_start = time.perf_counter()
+    _say(1, total, f"PKI: federation CA and {len(cfg.clients)} client certificates in {work / 'pki'}")
+    pki_dir = setup_pki(cfg, work)
+    _say(2, total, "reward models: each client trains its own, privately (DP-SGD)")
+    cards = train_clients(cfg, work)
+    _say(3, total, "federation: server (mTLS, audit log, metrics) and client processes over loopback")
+    server = ServerThread(ServerConfig(pki_dir=pki_dir, metrics_port=0, audit_path=work / "server-audit.jsonl"))
+    port = server.start()
+    procs = start_clients(cfg, work, port, pki_dir)
+    try:
+        try:
+            online = server.wait_for_clients(len(cfg.clients), timeout=120)
+        except TimeoutError as e:
+            logs = "\n".join(f"--- {p.name} ---\n{p.tail(15)}" for p in procs)
+            raise RuntimeError(f"{e}\nclient logs:\n{logs}") from None
+        print(f"    server on localhost:{port}, metrics on :{server.server.metrics_port}/metrics; "
+              f"clients online: {', '.join(online)}", flush=True)
+        backend = FederatedBackend(server, calibration_mode=cfg.calibration_mode, mix_mode=cfg.mode,
+                                   timeout=cfg.round_timeout, min_clients=max(1, len(cfg.clients) - 1),
+                                   dp_noise_multiplier=cfg.dp_noise_multiplier)
+        from . import alignment
+
+        result = alignment.run_alignment(backend, workdir=work, seed=cfg.seed, grpo_overrides=cfg.grpo,
+                                         audit=server.server.config.audit, step_offset=3, total_steps=total,
+                                         fresh=cfg.fresh)
+        m = server.server.metrics
+        fed = {"rounds_completed": int(sum(m.value("mor_rounds_completed_total", {"mode": k}) for k in
+                                           ("plain", "dp", "secagg", "secagg+dp"))),
+               "rounds_failed": int(sum(m.value("mor_rounds_failed_total", {"mode": k}) for k in
+                                        ("plain", "dp", "secagg", "secagg+dp"))),
+               "dropouts": int(sum(s.value for metric in m.dropouts.collect() for s in metric.samples
+                                   if s.name.endswith("_total"))),
+               "backend": dict(backend.rounds)}
+    finally:
+        stop_all(procs)
+        server.stop()
+    report = {"config": asdict(cfg), "cards": cards, "federation": fed, "alignment": result,
+              "clients": _client_privacy(cfg, work), "seconds": time.perf_counter() - t_start}
+    out = work / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo.json").write_text(json.dumps(report, indent=2, default=str))
+    print_summary(report, out)
+    return report
+
+
+def _client_privacy(cfg: DemoConfig, work: Path) -> dict:
+    from privacy.ledger import PrivacyLedger
+
+    out = {}
+    for c in cfg.clients:
+        path = work / "clients" / c["name"] / "ledger.sqlite"
+        with PrivacyLedger(path) as L:
+            s = L.summary()
+        out[c["name"]] = s
+    return out
+
+
+def _fmt_eps(x) -> str:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    return "inf" if math.isinf(x) else f"{x:.2f}"
+
+
+def print_summary(report: dict, out: Path) -> None:
+    al = report["alignment"]
+    print("\n== MoR demo: results ==")
+    acc = al.get("accuracy", {})
+    before, after = acc.get("before", {}), acc.get("after", {})
+    print(f"{'test accuracy':<22}{'reference':>10}{'aligned':>10}{'change':>9}")
+    for k in before:
+        b, a = before[k], after.get(k, float('nan'))
+        print(f"{k:<22}{100 * b:>9.1f}%{100 * a:>9.1f}%{100 * (a - b):>+8.1f}")
+    print(f"\n{'client':<18}{'arch':<7}{'heldout acc':>12}{'ε example (pair)':>18}{'ε client':>10}")
+    for name, card in report["cards"].items():
+        priv = report["clients"].get(name, {})
+        units = priv.get("units", priv)
+        eps_pair = (units.get("pair") or {}).get("epsilon", card.get("epsilon"))
+        eps_client = (units.get("client") or {}).get("epsilon", 0.0)
+        print(f"{name:<18}{card.get('architecture', '?'):<7}{card.get('heldout_pairwise_accuracy', float('nan')):>12.3f}"
+              f"{_fmt_eps(eps_pair):>18}{_fmt_eps(eps_client):>10}")
+    f = report["federation"]
+    print(f"\nfederated rounds: {f['rounds_completed']} completed, {f['rounds_failed']} failed, "
+          f"{f['dropouts']} dropouts; mode {report['config']['mode']}; total {report['seconds']:.0f} s")
+    print(f"report: {out / 'demo.json'}" + (f"; plots: {', '.join(al.get('plots', []))}" if al.get("plots") else ""))
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="run the full federated alignment demo on the embedded default (easy-vqa)")
+    p.add_argument("--config", type=Path, help="JSON file with DemoConfig settings (see `mor demo --help`)")
+    p.add_argument("--workdir", help="output folder (default runs/demo)")
+    p.add_argument("--mode", choices=MODES, help="privacy mode of GRPO's scoring rounds (default secagg)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int, help="GRPO steps (overrides grpo.max_steps)")
+    p.add_argument("--fresh", action="store_true", default=None, help="retrain cached reward models and warm start")
+    p.set_defaults(func=_demo_cmd)
+
+
+def _demo_cmd(args: argparse.Namespace) -> int:
+    over = dict(workdir=args.workdir, mode=args.mode, seed=args.seed, fresh=args.fresh)
+    cfg = DemoConfig.from_file(args.config, **over) if args.config else DemoConfig(
+        **{k: v for k, v in over.items() if v is not None})
+    if args.steps is not None:
+        cfg.grpo = {**cfg.grpo, "max_steps": args.steps}
+    run_demo(cfg)
+    return 0
