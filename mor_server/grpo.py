@@ -147,8 +147,8 @@ def _callback(metrics: GRPOMetrics):
             metrics.step.set(state.global_step)
             for key, gauge in (("reward", metrics.reward), ("reward_std", metrics.reward_std), ("kl", metrics.kl),
                                ("loss", metrics.loss)):
-                if key in logs:
-                    gauge.set(float(logs[key]))
+                if key in logs:  # TRL logs None/NaN when every reward of the step was missing
+                    gauge.set(float("nan") if logs[key] is None else float(logs[key]))
 
     return PrometheusCallback()
 
@@ -161,9 +161,10 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def run_grpo(model_dir: str | Path, train_dataset, reward_funcs: list, reward_weights: Sequence[float] | None,
              config: GRPORunConfig | None = None, *, registry=None, metrics: GRPOMetrics | None = None,
-             resume: bool = False) -> dict:
+             resume: bool = False, callbacks: Sequence = ()) -> dict:
     """Run GRPO on the policy saved in ``model_dir`` (also the KL reference when beta > 0).
 
+    callbacks: extra ``transformers.TrainerCallback`` objects (e.g. :func:`mor_server.evaluate.accuracy_callback`).
     resume: continue from the newest checkpoint in ``config.output_dir`` (the step count continues; the run
     stops at ``config.max_steps`` in total). Returns ``{"model", "processor", "global_step", "log_history",
     "final_dir", "seconds", "resumed_from"}``; the final policy is saved to ``<output_dir>/final``.
@@ -184,7 +185,7 @@ def run_grpo(model_dir: str | Path, train_dataset, reward_funcs: list, reward_we
     processor.tokenizer.padding_side = "left"
     args = cfg.to_trl(reward_weights)
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
-                          processing_class=processor, callbacks=[_callback(metrics)])
+                          processing_class=processor, callbacks=[_callback(metrics), *callbacks])
     if not cfg.progress:
         from transformers.trainer_callback import PrinterCallback
 

@@ -168,7 +168,7 @@ class MoRRouter:
         with torch.no_grad():
             w = torch.softmax(self.net(x, obj), dim=1).numpy()
         mixed = (w * d).sum(axis=1)
-        alpha = float(torch.exp(self.net.log_alpha))
+        alpha = float(torch.exp(self.net.log_alpha.detach()))
 
         def ll(m):
             return float(np.mean(-np.logaddexp(0.0, -alpha * m)))

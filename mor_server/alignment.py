@@ -1,0 +1,238 @@
+"""One function for the whole alignment job, given a RewardBackend:
+
+warm start (or reuse the cached reference) -> router calibration -> GRPO with the MoR reward -> evaluation
+(JSON report + PNG plots). The federation (gRPC, privacy modes) lives entirely behind the backend, so the same
+function runs the in-process baseline and the federated demo.
+
+The server only reads labels of ``public`` (its small calibration split); ``unlabeled`` provides GRPO prompts
+(answers never read); ``test`` is for evaluation only.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from mor_client.types import ScoringItem
+
+from .evaluate import accuracy, accuracy_callback, domain_of, kl_to_reference, plot_report, win_rate, write_report
+from .features import FeatureExtractor
+from .grpo import GRPOMetrics, GRPORunConfig, make_prompt_dataset, run_grpo
+from .policy import (SFTConfig, TinyLlavaConfig, load_policy, normalize_answer, save_policy, warm_start_cached)
+from .rewards import MoRReward, RewardBackend, RoundFailed, hybrid_rewards
+from .router import MoRRouter
+
+
+@dataclass
+class AlignmentConfig:
+    """Settings of :func:`run_alignment` (defaults sized for the embedded demo on 2 CPU cores)."""
+
+    work_dir: str = "runs/alignment"
+    """Reference checkpoint (reference/), router (router/), GRPO checkpoints (grpo/), report + plots (report/)."""
+    tiny: TinyLlavaConfig = field(default_factory=TinyLlavaConfig)
+    """Size of the built-in policy (ignored when policy_path is set)."""
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=50))
+    """Warm start on the server's public split: deliberately short, so the reference is far from perfect."""
+    grpo: GRPORunConfig = field(default_factory=GRPORunConfig)
+    """GRPO settings (output_dir is overridden to <work_dir>/grpo)."""
+    policy_path: str | None = None
+    """A local Hugging Face VLM directory to align instead of the built-in tiny Llava (no warm start)."""
+    adapter_path: str | None = None
+    """Optional peft LoRA adapter directory on top of policy_path."""
+    calibration_purpose: str = "calibration"
+    """Purpose string of the calibration scoring round (the backend decides plain vs dp)."""
+    router_hidden: int = 32
+    router_steps: int = 300
+    top_k: int | None = None
+    """Route each item to its top-k clients only (None: all live clients)."""
+    objective: int = 0
+    """Alignment-objective id routed on."""
+    w_mix: float = 1.0
+    """Weight of the MoR reward in the hybrid reward."""
+    w_format: float = 0.0
+    """Weight of the answer-format rule reward."""
+    w_length: float = 0.0
+    """Weight of the length rule reward."""
+    deadline_s: float = 60.0
+    """Deadline of one scoring round attempt."""
+    retries: int = 1
+    """Extra attempts of a failed scoring round before it counts as failed (reward None)."""
+    eval_size: int = 600
+    """Test examples used for the before/after accuracy (0: all given)."""
+    curve_size: int = 120
+    """Test examples used for the accuracy-over-steps curve (0: no curve)."""
+    curve_every: int = 20
+    """Evaluate the curve every this many GRPO steps."""
+    seed: int = 0
+    resume: bool = False
+    """Continue GRPO from the newest checkpoint in <work_dir>/grpo."""
+    progress: bool = True
+
+
+def calibration_pairs(public: Sequence, *, seed: int = 0) -> list[tuple[object, str, str]]:
+    """Server-side preference pairs from its labelled public split: (example, chosen=answer, rejected=a wrong
+    answer of the same question type seen in the split). Examples whose type has a single answer are skipped."""
+    by_type: dict[str, set[str]] = {}
+    for e in public:
+        by_type.setdefault(domain_of(e), set()).add(normalize_answer(e.answer))
+    rng = random.Random(seed)
+    out = []
+    for e in public:
+        wrong = sorted(by_type[domain_of(e)] - {normalize_answer(e.answer)})
+        if wrong:
+            out.append((e, normalize_answer(e.answer), rng.choice(wrong)))
+    if not out:
+        raise ValueError("calibration_pairs: the public split has no question type with two distinct answers")
+    return out
+
+
+def calibrate_router(backend: RewardBackend, public: Sequence, features: FeatureExtractor, *, hidden: int = 32,
+                     steps: int = 300, top_k: int | None = None, objective: int = 0, seed: int = 0,
+                     purpose: str = "calibration", retries: int = 1, progress: bool = False) -> MoRRouter:
+    """Run one calibration scoring round over the server's public pairs and fit a router to it."""
+    pairs = calibration_pairs(public, seed=seed)
+    items = [ScoringItem(item_id=f"cal-{i}", image=e.image, question=e.question, candidates=(c, r))
+             for i, (e, c, r) in enumerate(pairs)]
+    err = None
+    for _ in range(retries + 1):
+        try:
+            scores = backend.client_scores(items, purpose=purpose)
+            break
+        except RoundFailed as e:
+            err = e
+    else:
+        raise RoundFailed(f"router calibration round failed {retries + 1} times: {err}")
+    if not scores:
+        raise RoundFailed("router calibration round returned no client scores (no live clients?)")
+    diffs = {c: [s[0] - s[1] for s in rows] for c, rows in scores.items()}
+    feats = features.batch([e.image for e, _, _ in pairs], [e.question for e, _, _ in pairs])
+    router = MoRRouter(list(diffs), features.dim, hidden=hidden, top_k=top_k, seed=seed,
+                       feature_config=features.config())
+    router.calibrate(feats, diffs, objective=objective, steps=steps, progress=progress)
+    doms = [domain_of(e) for e, _, _ in pairs]
+    w = router.weights(feats, live=list(diffs), objective=objective)
+    router.calibration["weights_by_domain"] = {
+        d: {c: float(np.mean([w[c][i] for i, dd in enumerate(doms) if dd == d])) for c in w} for d in sorted(set(doms))}
+    return router
+
+
+def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequence, test: Sequence,
+                  heldout_pairs: Mapping[str, Sequence] | None = None, config: AlignmentConfig | None = None,
+                  registry=None, epsilon: Callable[[], Mapping[str, float]] | None = None) -> dict:
+    """Warm start -> router calibration -> GRPO -> evaluation. Returns the report dict (also written to
+    ``<work_dir>/report/report.json`` with PNG plots beside it).
+
+    heldout_pairs: ``{client: [PreferencePair]}`` for the per-client held-out win rates (optional).
+    epsilon: called at the end for ``{client: ε spent}`` (shown in the report and plotted; optional).
+    """
+    from tqdm.auto import tqdm
+
+    from transformers import AutoModelForImageTextToText
+
+    cfg = config or AlignmentConfig()
+    for name, seq in (("public", public), ("unlabeled", unlabeled), ("test", test)):
+        if not seq:
+            raise ValueError(f"run_alignment: {name} is empty")
+    work = Path(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    stages = tqdm(total=4, desc="alignment", disable=not cfg.progress)
+
+    # 1. reference policy
+    t0 = time.perf_counter()
+    ref_dir = work / "reference"
+    if cfg.policy_path:
+        model, processor = load_policy(cfg.policy_path, adapter=cfg.adapter_path)
+        if cfg.adapter_path:
+            model = model.merge_and_unload()
+        save_policy(model, processor, ref_dir)
+        warm = {"policy_path": cfg.policy_path, "adapter_path": cfg.adapter_path}
+    else:
+        model, processor, warm = warm_start_cached(ref_dir, public, tiny=cfg.tiny, sft=cfg.sft,
+                                                   progress=cfg.progress)
+    timings["warm_start_s"] = time.perf_counter() - t0
+    stages.set_postfix_str("warm start done")
+    stages.update(1)
+
+    eval_set = list(test)[: cfg.eval_size] if cfg.eval_size else list(test)
+    before = accuracy(model, processor, eval_set)
+    before_win = {c: win_rate(model, processor, list(p)) for c, p in (heldout_pairs or {}).items() if p}
+
+    # 2. router
+    t0 = time.perf_counter()
+    features = FeatureExtractor()
+    router = calibrate_router(backend, public, features, hidden=cfg.router_hidden, steps=cfg.router_steps,
+                              top_k=cfg.top_k, objective=cfg.objective, seed=cfg.seed,
+                              purpose=cfg.calibration_purpose, retries=cfg.retries)
+    router.save(work / "router")
+    timings["router_s"] = time.perf_counter() - t0
+    stages.set_postfix_str("router calibrated")
+    stages.update(1)
+
+    # 3. GRPO
+    t0 = time.perf_counter()
+    metrics = GRPOMetrics(registry)
+    mor = MoRReward(backend, router, features, objective=cfg.objective, deadline_s=cfg.deadline_s,
+                    retries=cfg.retries, metrics=metrics)
+    answers = sorted({normalize_answer(e.answer) for e in public})
+    funcs, weights = hybrid_rewards(mor, answers=answers, w_mix=cfg.w_mix, w_format=cfg.w_format,
+                                    w_length=cfg.w_length)
+    gcfg = GRPORunConfig(**{**asdict(cfg.grpo), "output_dir": str(work / "grpo"), "seed": cfg.seed,
+                            "progress": cfg.progress})
+    curve = accuracy_callback(processor, list(test)[: cfg.curve_size], cfg.curve_every) \
+        if cfg.curve_size and cfg.curve_every else None
+    res = run_grpo(ref_dir, make_prompt_dataset(unlabeled), funcs, weights, gcfg, metrics=metrics,
+                   resume=cfg.resume, callbacks=[curve] if curve else [])
+    timings["grpo_s"] = time.perf_counter() - t0
+    stages.set_postfix_str("GRPO done")
+    stages.update(1)
+
+    # 4. evaluation
+    t0 = time.perf_counter()
+    aligned = res["model"]
+    ref_model = AutoModelForImageTextToText.from_pretrained(ref_dir, local_files_only=True,
+                                                            dtype=next(aligned.parameters()).dtype)
+    ref_model.to(next(aligned.parameters()).device).eval()
+    after = accuracy(aligned, processor, eval_set)
+    after_win = {c: win_rate(aligned, processor, list(p)) for c, p in (heldout_pairs or {}).items() if p}
+    kl = kl_to_reference(aligned, ref_model, processor, eval_set[: min(len(eval_set), 200)])
+    timings["eval_s"] = time.perf_counter() - t0
+    ok = [h for h in mor.history if h.get("ok")]
+    routing: dict[str, dict[str, list[float]]] = {}
+    for h in ok:
+        for d, ws in h.get("weights_by_domain", {}).items():
+            for c, v in ws.items():
+                routing.setdefault(d, {}).setdefault(c, []).append(v)
+    routing_mean = {d: {c: float(np.mean(v)) for c, v in ws.items()} for d, ws in routing.items()}
+    eps = dict(epsilon()) if epsilon else {}
+    log = [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in res["log_history"]]
+    report = {
+        "accuracy_before": before, "accuracy_after": after,
+        "accuracy_gain_points": 100 * (after["overall"] - before["overall"]),
+        "kl_to_reference": kl, "win_rate_before": before_win, "win_rate_after": after_win,
+        "rounds": {"ok": mor.rounds_ok, "failed": mor.rounds_failed, "failed_attempts": mor.attempts_failed},
+        "router": router.calibration, "routing_by_domain_grpo": routing_mean, "epsilon": eps,
+        "grpo": {"global_step": res["global_step"], "seconds": res["seconds"], "resumed_from": res["resumed_from"],
+                 "config": res["config"]},
+        "warm_start": warm, "accuracy_curve": curve.points if curve else [], "log_history": log,
+        "timings": {**timings, "total_s": time.perf_counter() - t_start},
+        "sizes": {"public": len(public), "unlabeled": len(unlabeled), "test_eval": len(eval_set)},
+    }
+    out = work / "report"
+    report["report_path"] = str(write_report(report, out))
+    report["plots"] = [str(p) for p in plot_report(
+        out, log_history=log, accuracy_points=report["accuracy_curve"], before=before, after=after,
+        routing_by_domain=routing_mean or router.calibration.get("weights_by_domain"), epsilon=eps)]
+    write_report(report, out)
+    stages.set_postfix_str("evaluated")
+    stages.update(1)
+    stages.close()
+    report["model"] = aligned
+    report["processor"] = processor
+    return report

@@ -1,0 +1,217 @@
+"""Evaluation of an aligned policy: exact-match accuracy (overall and per domain), KL to the reference,
+held-out preference win rates, a JSON report and matplotlib plots.
+
+Examples are duck-typed like in :mod:`mor_server.policy` (``.image``, ``.question``, ``.answer``, and a domain
+field, ``question_type`` by default). Preference pairs have ``.example``, ``.chosen``, ``.rejected``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from .policy import EOS, generate_answers, normalize_answer, to_pil, user_message
+
+
+def domain_of(example, field: str = "question_type") -> str:
+    """The domain an example is reported under (``field``, falling back to ``domain``)."""
+    return str(getattr(example, field, None) or getattr(example, "domain", None) or "all")
+
+
+def accuracy(model, processor, examples: Sequence, *, domain_field: str = "question_type",
+             batch_size: int = 64) -> dict:
+    """Greedy exact-match accuracy: ``{"overall", "by_domain": {d: acc}, "n", "counts": {d: n}}``."""
+    if not examples:
+        raise ValueError("accuracy: examples is empty")
+    answers = generate_answers(model, processor, list(examples), batch_size=batch_size)
+    hits: dict[str, list[int]] = defaultdict(list)
+    for a, e in zip(answers, examples):
+        hits[domain_of(e, domain_field)].append(int(normalize_answer(a) == normalize_answer(e.answer)))
+    allh = [h for v in hits.values() for h in v]
+    return {"overall": sum(allh) / len(allh), "n": len(allh),
+            "by_domain": {d: sum(v) / len(v) for d, v in sorted(hits.items())},
+            "counts": {d: len(v) for d, v in sorted(hits.items())}}
+
+
+def _encode(processor, examples, answers, device):
+    """Prompt + answer + </s>, left-padded; returns the batch and each row's answer-token count."""
+    tok = processor.tokenizer
+    prompts = [processor.apply_chat_template(user_message(e.question), add_generation_prompt=True) for e in examples]
+    texts = [p + " " + normalize_answer(a) + " " + EOS for p, a in zip(prompts, answers)]
+    old = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = processor(images=[to_pil(e.image) for e in examples], text=texts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = old
+    n_ans = [len(tok(" " + normalize_answer(a) + " " + EOS, add_special_tokens=False)["input_ids"]) for a in answers]
+    return {k: v.to(device) for k, v in enc.items()}, n_ans
+
+
+@torch.no_grad()
+def answer_logprobs(model, processor, examples: Sequence, answers: Sequence[str], *, batch_size: int = 64
+                    ) -> list[float]:
+    """log p(answer + </s> | image, question) under the model, one per example."""
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for b in range(0, len(examples), batch_size):
+        ex, an = list(examples[b: b + batch_size]), list(answers[b: b + batch_size])
+        enc, n_ans = _encode(processor, ex, an, device)
+        logits = model(**enc).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        tgt = enc["input_ids"][:, 1:]
+        tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+        for i, n in enumerate(n_ans):
+            out.append(float(tok_lp[i, -n:].sum()))
+    return out
+
+
+@torch.no_grad()
+def kl_to_reference(model, ref_model, processor, examples: Sequence, *, batch_size: int = 64) -> float:
+    """Mean sequence KL(policy || reference) along the policy's greedy answers (sum over answer tokens)."""
+    if not examples:
+        raise ValueError("kl_to_reference: examples is empty")
+    device = next(model.parameters()).device
+    answers = generate_answers(model, processor, list(examples), batch_size=batch_size)
+    total = 0.0
+    for b in range(0, len(examples), batch_size):
+        ex, an = list(examples[b: b + batch_size]), answers[b: b + batch_size]
+        enc, n_ans = _encode(processor, ex, an, device)
+        lp = torch.log_softmax(model(**enc).logits.float()[:, :-1], dim=-1)
+        lq = torch.log_softmax(ref_model(**enc).logits.float()[:, :-1], dim=-1)
+        kl_tok = (lp.exp() * (lp - lq)).sum(-1)
+        for i, n in enumerate(n_ans):
+            total += float(kl_tok[i, -n:].sum())
+    return total / len(examples)
+
+
+def win_rate(model, processor, pairs: Sequence, *, batch_size: int = 64) -> float:
+    """Fraction of preference pairs where the policy gives the chosen answer a higher log-probability."""
+    if not pairs:
+        raise ValueError("win_rate: pairs is empty")
+    ex = [p.example for p in pairs]
+    lc = answer_logprobs(model, processor, ex, [p.chosen for p in pairs], batch_size=batch_size)
+    lr = answer_logprobs(model, processor, ex, [p.rejected for p in pairs], batch_size=batch_size)
+    return sum(float(c > r) for c, r in zip(lc, lr)) / len(pairs)
+
+
+def accuracy_callback(processor, examples: Sequence, every: int, *, domain_field: str = "question_type"):
+    """A TrainerCallback that records ``(step, accuracy)`` on ``examples`` every ``every`` steps (``.points``)."""
+    from transformers import TrainerCallback
+
+    class AccuracyCallback(TrainerCallback):
+        def __init__(self):
+            self.points: list[dict] = []
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if model is not None and every > 0 and state.global_step % every == 0:
+                was_training = model.training
+                acc = accuracy(model, processor, examples, domain_field=domain_field)
+                self.points.append({"step": state.global_step, "accuracy": acc["overall"]})
+                model.train(was_training)
+
+    return AccuracyCallback()
+
+
+# ------------------------------------------------------------------------------------------------ report
+def write_report(report: dict, out_dir: str | Path) -> Path:
+    """Write ``report.json`` (floats rounded to 4 places) and return its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def clean(v):
+        if isinstance(v, float):
+            return None if math.isnan(v) else round(v, 4)
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    path = out / "report.json"
+    path.write_text(json.dumps(clean(report), indent=1))
+    return path
+
+
+def plot_report(out_dir: str | Path, *, log_history: Sequence[Mapping] = (), accuracy_points: Sequence[Mapping] = (),
+                before: Mapping | None = None, after: Mapping | None = None,
+                routing_by_domain: Mapping[str, Mapping[str, float]] | None = None,
+                epsilon: Mapping[str, float] | None = None) -> list[Path]:
+    """PNG plots: reward and accuracy over steps, accuracy per domain before/after, routing weights by domain,
+    ε per client (each drawn only when its data is given). Returns the written paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    steps = [h["step"] for h in log_history if "reward" in h and "step" in h]
+    rewards = [h["reward"] for h in log_history if "reward" in h and "step" in h]
+    if steps or accuracy_points:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        if steps:
+            ax.plot(steps, rewards, label="mean reward", color="tab:blue")
+            ax.set_ylabel("reward")
+        ax.set_xlabel("GRPO step")
+        if accuracy_points:
+            ax2 = ax.twinx()
+            ax2.plot([p["step"] for p in accuracy_points], [p["accuracy"] for p in accuracy_points], "o-",
+                     color="tab:green", label="accuracy")
+            ax2.set_ylabel("exact-match accuracy")
+            ax2.set_ylim(0, 1)
+        ax.set_title("Reward and accuracy over GRPO steps")
+        fig.tight_layout()
+        paths.append(out / "training.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    if before and after:
+        doms = sorted(set(before["by_domain"]) | set(after["by_domain"]))
+        x = np.arange(len(doms) + 1)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.bar(x - 0.2, [before["overall"]] + [before["by_domain"].get(d, 0) for d in doms], 0.4, label="reference")
+        ax.bar(x + 0.2, [after["overall"]] + [after["by_domain"].get(d, 0) for d in doms], 0.4, label="aligned")
+        ax.set_xticks(x, ["overall"] + doms)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("exact-match accuracy")
+        ax.legend()
+        ax.set_title("Test accuracy before / after alignment")
+        fig.tight_layout()
+        paths.append(out / "accuracy.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    if routing_by_domain:
+        doms = sorted(routing_by_domain)
+        clients = sorted({c for d in doms for c in routing_by_domain[d]})
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        bottom = np.zeros(len(doms))
+        for c in clients:
+            v = np.array([routing_by_domain[d].get(c, 0.0) for d in doms])
+            ax.bar(doms, v, bottom=bottom, label=c)
+            bottom += v
+        ax.set_ylabel("mean routing weight")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+        ax.set_title("Routing weights by domain")
+        fig.tight_layout()
+        paths.append(out / "routing.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    if epsilon:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        names = sorted(epsilon)
+        ax.bar(names, [epsilon[n] for n in names], color="tab:red")
+        ax.set_ylabel("ε spent")
+        ax.set_title("Privacy spent per client")
+        fig.tight_layout()
+        paths.append(out / "epsilon.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,177 @@
+"""MoR reward callable and the GRPO driver over TRL: the reward reaching TRL is the routed mixture, a failed
+round yields None (never 0) and is counted, checkpoints and resume continue the step count, Prometheus."""
+
+import hashlib
+import math
+import time
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from mor_client.data.easyvqa import load_easyvqa
+from mor_server.features import FeatureExtractor
+from mor_server.grpo import GRPOMetrics, GRPORunConfig, make_prompt_dataset, run_grpo
+from mor_server.inprocess import InProcessBackend
+from mor_server.policy import TinyLlavaConfig, build_tiny_llava, normalize_answer, save_policy
+from mor_server.rewards import FormatReward, LengthReward, MoRReward, RoundFailed, hybrid_rewards
+from mor_server.router import MoRRouter
+
+
+class LabelScorer:
+    """Exact-match-aware scorer built from real labelled examples (score 1 for the right answer), plus offset."""
+
+    def __init__(self, examples, offset=0.0):
+        self.truth = {(hashlib.sha1(e.image).digest(), e.question): normalize_answer(e.answer) for e in examples}
+        self.offset = offset
+
+    def score(self, items):
+        return [[self.offset + float(normalize_answer(c) == self.truth.get((hashlib.sha1(it.image).digest(),
+                                                                                it.question))) for c in it.candidates]
+                for it in items]
+
+
+class FlakyBackend(InProcessBackend):
+    """Fails the first ``fail`` mixed rounds (or all when fail < 0)."""
+
+    def __init__(self, scorers, fail):
+        super().__init__(scorers)
+        self.fail = fail
+        self.calls = 0
+
+    def mixed_scores(self, items, weights):
+        self.calls += 1
+        if self.fail < 0 or self.calls <= self.fail:
+            raise RoundFailed("injected failure")
+        return super().mixed_scores(items, weights)
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return load_easyvqa("test")[:64]
+
+
+@pytest.fixture(scope="module")
+def router():
+    fx = FeatureExtractor()
+    r = MoRRouter(["a", "b"], fx.dim, seed=0)
+    import torch
+
+    with torch.no_grad():  # a non-uniform, input-dependent router
+        r.net.out.weight.normal_(0, 1.0)
+        r.net.out.bias.copy_(torch.tensor([0.5, -0.5]))
+    return r
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    model, processor = build_tiny_llava(config=TinyLlavaConfig(image_size=32, patch_size=16, vision_hidden=32,
+                                                               text_hidden=32, intermediate=64, heads=2))
+    return save_policy(model, processor, tmp_path_factory.mktemp("policy"))
+
+
+def trl_kwargs(exs, group):
+    """The columns TRL hands a reward function for a batch (each prompt repeated `group` times)."""
+    rep = [e for e in exs for _ in range(group)]
+    return {"example_id": [e.example_id for e in rep], "question": [e.question for e in rep],
+            "image_png": [e.image for e in rep], "domain": [e.question_type for e in rep]}
+
+
+def test_reward_is_the_routed_mixture(examples, router):
+    sa, sb = LabelScorer(examples), LabelScorer(examples, offset=0.25)
+    backend = InProcessBackend({"a": sa, "b": sb})
+    fx = FeatureExtractor()
+    mor = MoRReward(backend, router, fx)
+    exs = examples[:3]
+    completions = [[{"role": "assistant", "content": c}] for e in exs
+                   for c in (e.answer, "blue", "no", e.answer + " x")]
+    got = mor(prompts=None, completions=completions, **trl_kwargs(exs, 4))
+    w = router.weights(fx.batch([e.image for e in exs], [e.question for e in exs]), live=["a", "b"])
+    assert len(got) == 12
+    for i, e in enumerate(exs):
+        for j in range(4):
+            c = completions[4 * i + j][0]["content"]
+            right = float(normalize_answer(c) == normalize_answer(e.answer))
+            expected = w["a"][i] * right + w["b"][i] * (0.25 + right)
+            assert got[4 * i + j] == pytest.approx(expected, rel=1e-6)
+    assert mor.rounds_ok == 1 and mor.rounds_failed == 0
+    assert len({round(w["a"][i], 6) for i in range(3)}) > 1  # weights really are per item
+
+
+def test_failed_round_is_none_not_zero_and_counted(examples, router):
+    reg = CollectorRegistry()
+    metrics = GRPOMetrics(reg)
+    exs = examples[:2]
+    completions = [e.answer for e in exs for _ in range(2)]
+    dead = MoRReward(FlakyBackend({"a": LabelScorer(examples)}, fail=-1), router, FeatureExtractor(), retries=2,
+                     metrics=metrics)
+    assert dead(completions=completions, **trl_kwargs(exs, 2)) == [None] * 4
+    assert dead.rounds_failed == 1 and dead.attempts_failed == 3 and dead.backend.calls == 3
+    assert metrics.value("mor_reward_rounds_total", {"outcome": "failed"}) == 1
+    # one failure then success: the bounded retry recovers
+    flaky = MoRReward(FlakyBackend({"a": LabelScorer(examples)}, fail=1), router, FeatureExtractor(), retries=1)
+    assert flaky(completions=completions, **trl_kwargs(exs, 2)) == [1.0] * 4
+    assert flaky.rounds_ok == 1 and flaky.attempts_failed == 1
+
+    class Slow(InProcessBackend):
+        def mixed_scores(self, items, weights):
+            time.sleep(0.5)
+            return super().mixed_scores(items, weights)
+
+    slow = MoRReward(Slow({"a": LabelScorer(examples)}), router, FeatureExtractor(), deadline_s=0.05, retries=0)
+    assert slow(completions=completions, **trl_kwargs(exs, 2)) == [None] * 4
+    assert "deadline" in slow.history[-1]["reason"]
+    with pytest.raises(ValueError, match="image_png"):
+        slow(completions=completions, question=[e.question for e in exs for _ in range(2)])
+
+
+def test_rule_rewards_and_hybrid():
+    comps = ["yes", "blue circle", "banana", [{"role": "assistant", "content": "no"}]]
+    assert FormatReward(["yes", "no", "blue"])(completions=comps) == [1.0, 0.0, 0.0, 1.0]
+    assert LengthReward(max_words=1, cap=4)(completions=comps) == [0.0, -0.25, 0.0, 0.0]
+    funcs, weights = hybrid_rewards(None, answers=["yes"], w_mix=0, w_format=0.5, w_length=0.1)
+    assert weights == [0.5, 0.1] and isinstance(funcs[0], FormatReward)
+    with pytest.raises(ValueError, match="needs answers"):
+        hybrid_rewards(None, w_format=1.0)
+    with pytest.raises(ValueError, match="every weight is zero"):
+        hybrid_rewards(None)
+
+
+def small_cfg(out, steps, **kw):
+    return GRPORunConfig(output_dir=str(out), max_steps=steps, prompts_per_step=2, num_generations=2,
+                         max_completion_length=2, logging_steps=1, progress=False, **kw)
+
+
+def test_grpo_steps_through_trl_checkpoint_and_resume(examples, router, policy_dir, tmp_path):
+    reg = CollectorRegistry()
+    backend = InProcessBackend({"a": LabelScorer(examples), "b": LabelScorer(examples, offset=0.25)})
+    metrics = GRPOMetrics(reg)
+    mor = MoRReward(backend, router, FeatureExtractor(), metrics=metrics)
+    ds = make_prompt_dataset(examples[:16])
+    assert "answer" not in ds.column_names
+    res = run_grpo(policy_dir, ds, [mor], [1.0], small_cfg(tmp_path / "run", 2, save_steps=2), metrics=metrics)
+    assert res["global_step"] == 2 and (tmp_path / "run" / "checkpoint-2").is_dir()
+    # one scoring round per generation batch, and TRL logged exactly the rewards the MoR callable returned
+    assert mor.rounds_ok == 2
+    logged = [h["reward"] for h in res["log_history"] if "reward" in h]
+    assert logged == pytest.approx([h["mean_reward"] for h in mor.history], rel=1e-5)
+    assert reg.get_sample_value("mor_grpo_step") == 2
+    assert reg.get_sample_value("mor_reward_rounds_total", {"outcome": "ok"}) == 2
+    # resume: the step count continues from the checkpoint
+    mor2 = MoRReward(backend, router, FeatureExtractor())
+    res2 = run_grpo(policy_dir, ds, [mor2], [1.0], small_cfg(tmp_path / "run", 3, save_steps=2), resume=True)
+    assert res2["resumed_from"].endswith("checkpoint-2") and res2["global_step"] == 3 and mor2.rounds_ok == 1
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run_grpo(policy_dir, ds, [mor2], [1.0], small_cfg(tmp_path / "empty", 1), resume=True)
+
+
+def test_grpo_survives_failed_rounds(examples, router, policy_dir, tmp_path):
+    backend = FlakyBackend({"a": LabelScorer(examples)}, fail=-1)
+    mor = MoRReward(backend, router, FeatureExtractor(), retries=0)
+    res = run_grpo(policy_dir, make_prompt_dataset(examples[:8]), [mor], [1.0],
+                   small_cfg(tmp_path / "fail", 2, save_steps=0))
+    assert res["global_step"] == 2 and mor.rounds_failed == 2 and mor.rounds_ok == 0
+    logged = [h["rewards/mor_reward/mean"] for h in res["log_history"] if "rewards/mor_reward/mean" in h]
+    assert logged and all(v is None or math.isnan(v) for v in logged)  # missing, not zero
+    with pytest.raises(ValueError, match="num_generations"):
+        GRPORunConfig(num_generations=1).validate()

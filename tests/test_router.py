@@ -1,0 +1,104 @@
+"""Router: routing weights, live-client renormalisation, top-k, Bradley-Terry calibration on real easy-vqa
+pairs with one expert client per domain, save/load."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from mor_client.data.easyvqa import load_easyvqa
+from mor_server.alignment import calibrate_router, calibration_pairs
+from mor_server.features import FeatureExtractor
+from mor_server.inprocess import InProcessBackend
+from mor_server.policy import normalize_answer
+from mor_server.router import MoRRouter
+
+DOMAINS = ("color", "shape", "yesno")
+
+
+class DomainExpert:
+    """A reward model that knows its own domain's labels (its private data) and is uninformative elsewhere."""
+
+    def __init__(self, examples, question_type):
+        self.truth = {(hashlib.sha1(e.image).digest(), e.question): normalize_answer(e.answer)
+                      for e in examples if e.question_type == question_type}
+
+    def score(self, items):
+        out = []
+        for it in items:
+            t = self.truth.get((hashlib.sha1(it.image).digest(), it.question))
+            if t is None:  # outside its domain: deterministic noise
+                out.append([int.from_bytes(hashlib.sha1((it.item_id + c).encode()).digest()[:4], "little") / 2**32
+                            for c in it.candidates])
+            else:
+                out.append([1.0 if normalize_answer(c) == t else 0.0 for c in it.candidates])
+        return out
+
+
+@pytest.fixture(scope="module")
+def public():
+    test = load_easyvqa("test")
+    rng = np.random.default_rng(0)
+    return [test[i] for i in rng.choice(len(test), 300, replace=False)]
+
+
+def test_weights_are_a_distribution_over_live_clients_and_top_k():
+    fx = FeatureExtractor()
+    r = MoRRouter(["a", "b", "c"], fx.dim, top_k=None, seed=1)
+    # give the router non-trivial logits
+    with __import__("torch").no_grad():
+        r.net.out.bias.copy_(__import__("torch").tensor([2.0, 1.0, 0.0]))
+    feats = np.random.default_rng(0).normal(size=(5, fx.dim)).astype(np.float32)
+    w = r.weights(feats)
+    assert set(w) == {"a", "b", "c"}
+    np.testing.assert_allclose(np.sum([w[c] for c in w], axis=0), 1.0, rtol=1e-6)
+    assert all(w["a"][i] > w["b"][i] > w["c"][i] for i in range(5))
+    # client b leaves: renormalised over a and c, b absent
+    w2 = r.weights(feats, live=["a", "c"])
+    assert set(w2) == {"a", "c"}
+    np.testing.assert_allclose(np.array(w2["a"]) + np.array(w2["c"]), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.array(w2["a"]) / np.array(w2["c"]), np.array(w["a"]) / np.array(w["c"]), rtol=1e-5)
+    # an unknown client joins: weight 0 until recalibration, and the router says so
+    w3 = r.weights(feats, live=["a", "b", "c", "dave"])
+    assert w3["dave"] == [0.0] * 5 and r.needs_recalibration(["a", "dave"]) and not r.needs_recalibration(["a"])
+    # only unknown clients live: uniform over them
+    assert r.weights(feats, live=["x", "y"]) == {"x": [0.5] * 5, "y": [0.5] * 5}
+    # top-k
+    r.top_k = 1
+    w4 = r.weights(feats)
+    assert w4["a"] == [1.0] * 5 and w4["b"] == [0.0] * 5
+    with pytest.raises(ValueError, match="features must have shape"):
+        r.weights(feats[:, :3])
+    with pytest.raises(ValueError, match="top_k"):
+        MoRRouter(["a"], fx.dim, top_k=0)
+
+
+def test_calibrated_router_routes_each_domain_to_its_expert(public, tmp_path):
+    backend = InProcessBackend({f"expert_{d}": DomainExpert(public, d) for d in DOMAINS})
+    fx = FeatureExtractor()
+    router = calibrate_router(backend, public, fx, steps=300, seed=0)
+    by_dom = router.calibration["weights_by_domain"]
+    for d in DOMAINS:
+        assert by_dom[d][f"expert_{d}"] > 0.6, (d, by_dom[d])
+    cal = router.calibration
+    # the routed mixture ranks pairs better than the uniform mixture and than any single client
+    assert cal["mixture"]["accuracy"] > cal["uniform"]["accuracy"]
+    assert cal["mixture"]["accuracy"] > max(c["accuracy"] for c in cal["clients"].values())
+    # save / load gives the same weights
+    pairs = calibration_pairs(public)
+    feats = fx.batch([e.image for e, _, _ in pairs[:20]], [e.question for e, _, _ in pairs[:20]])
+    router.save(tmp_path / "router")
+    loaded = MoRRouter.load(tmp_path / "router")
+    assert loaded.client_ids == router.client_ids
+    np.testing.assert_allclose(loaded.logits(feats), router.logits(feats), rtol=1e-5, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="router.json"):
+        MoRRouter.load(tmp_path / "nothing")
+
+
+def test_calibration_rejects_bad_scores():
+    fx = FeatureExtractor()
+    r = MoRRouter(["a"], fx.dim)
+    with pytest.raises(ValueError, match="finite"):
+        r.calibrate(np.zeros((3, fx.dim), np.float32), {"a": [1.0, float("nan"), 0.0]})
+    with pytest.raises(ValueError, match="score_diffs is empty"):
+        r.calibrate(np.zeros((3, fx.dim), np.float32), {})
