@@ -1,0 +1,74 @@
+"""run_alignment end to end on a tiny budget: warm start (then reuse of the cached reference), router
+calibration over an in-process backend with one expert per domain, GRPO, evaluation report and plots."""
+
+import hashlib
+import json
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from mor_client.data.partition import make_federation_split
+from mor_server.alignment import AlignmentConfig, run_alignment
+from mor_server.grpo import GRPORunConfig
+from mor_server.inprocess import InProcessBackend
+from mor_server.policy import SFTConfig, TinyLlavaConfig, normalize_answer
+
+
+class DomainExpert:
+    """Knows the labels of its domain (its private annotations of the public items); noise elsewhere."""
+
+    def __init__(self, examples, question_type):
+        self.truth = {(hashlib.sha1(e.image).digest(), e.question): normalize_answer(e.answer)
+                      for e in examples if e.question_type == question_type}
+
+    def score(self, items):
+        out = []
+        for it in items:
+            t = self.truth.get((hashlib.sha1(it.image).digest(), it.question))
+            out.append([float(normalize_answer(c) == t) if t is not None else
+                        int.from_bytes(hashlib.sha1((it.item_id + c).encode()).digest()[:4], "little") / 2**32
+                        for c in it.candidates])
+        return out
+
+
+@pytest.fixture(scope="module")
+def split():
+    return make_federation_split(seed=0, public_size=120, unlabeled_size=64, max_heldout=16)
+
+
+def test_run_alignment_writes_report_and_plots(split, tmp_path):
+    known = list(split.server_public) + list(split.server_unlabeled)
+    backend = InProcessBackend({f"expert_{d}": DomainExpert(known, d) for d in ("color", "shape", "yesno")})
+    used = {e.image_id for e in known}
+    from mor_client.data.easyvqa import load_easyvqa
+
+    test = [e for e in load_easyvqa("test") if e.image_id not in used][:40]
+    cfg = AlignmentConfig(
+        work_dir=str(tmp_path / "run"),
+        tiny=TinyLlavaConfig(image_size=32, patch_size=16, vision_hidden=32, text_hidden=32, intermediate=64, heads=2),
+        sft=SFTConfig(steps=10, batch_size=16),
+        grpo=GRPORunConfig(max_steps=2, prompts_per_step=2, num_generations=2, max_completion_length=2,
+                           save_steps=0),
+        router_steps=100, eval_size=40, curve_size=8, curve_every=1, progress=False, w_format=0.1)
+    heldout = {name: c.heldout[:8] for name, c in split.clients.items()}
+    reg = CollectorRegistry()
+    rep = run_alignment(backend, public=split.server_public, unlabeled=split.server_unlabeled, test=test,
+                        heldout_pairs=heldout, config=cfg, registry=reg,
+                        epsilon=lambda: {"expert_color": 1.5, "expert_shape": 2.0, "expert_yesno": 0.5})
+    saved = json.loads((tmp_path / "run" / "report" / "report.json").read_text())
+    assert saved["grpo"]["global_step"] == 2 and saved["rounds"] == {"ok": 2, "failed": 0, "failed_attempts": 0}
+    assert set(saved["accuracy_before"]["by_domain"]) <= {"color", "shape", "yesno"}
+    assert 0.0 <= saved["accuracy_after"]["overall"] <= 1.0 and saved["kl_to_reference"] >= -1e-6
+    assert set(saved["win_rate_after"]) == set(split.clients)
+    assert [p["step"] for p in saved["accuracy_curve"]] == [1, 2]
+    assert {p.split("/")[-1] for p in rep["plots"]} == {"training.png", "accuracy.png", "routing.png", "epsilon.png"}
+    assert reg.get_sample_value("mor_grpo_step") == 2
+    # the router was saved with the run, and a second run reuses the cached reference (no new SFT)
+    assert (tmp_path / "run" / "router" / "router.json").is_file()
+    assert saved["warm_start"]["cached"] is False
+    rep2 = run_alignment(backend, public=split.server_public, unlabeled=split.server_unlabeled, test=test,
+                         config=AlignmentConfig(**{**cfg.__dict__, "work_dir": str(tmp_path / "run"),
+                                                   "curve_size": 0}))
+    assert rep2["warm_start"]["cached"] is True and rep2["warm_start"]["steps"] == 10
+    with pytest.raises(ValueError, match="unlabeled is empty"):
+        run_alignment(backend, public=split.server_public, unlabeled=[], test=test, config=cfg)
