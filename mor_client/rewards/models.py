@@ -34,7 +34,8 @@ class RewardModule(nn.Module):
         super().__init__()
         self.config = dict(dim=dim, **config)
         self.vocab_size = vocab_size
-        self.answer_embedding = nn.Embedding(vocab_size, dim)
+        # bag-of-words Linear: the masked mean of token embeddings in one Linear (ghost-clipping friendly)
+        self.answer_embedding = nn.Linear(vocab_size, dim, bias=False)
         self.head_in = nn.Linear(3 * dim, dim)
         self.head_out = nn.Linear(dim, 1)
 
@@ -42,11 +43,8 @@ class RewardModule(nn.Module):
         raise NotImplementedError
 
     def score_answers(self, context: torch.Tensor, answers: torch.Tensor, answers_mask: torch.Tensor) -> torch.Tensor:
-        b, k, la = answers.shape
-        e = self.answer_embedding(answers.reshape(b, k * la)).reshape(b, k, la, -1)
-        m = answers_mask.unsqueeze(-1)
-        e = (e * m).sum(2) / m.sum(2).clamp_min(1.0)
-        c = context.unsqueeze(1).expand(-1, k, -1)
+        e = self.answer_embedding(bag_of_words(answers, answers_mask, self.vocab_size))
+        c = context.unsqueeze(1).expand(-1, answers.shape[1], -1)
         h = F.gelu(self.head_in(torch.cat([c, e, c * e], dim=-1)))
         return self.head_out(h).squeeze(-1)
 
@@ -56,6 +54,12 @@ class RewardModule(nn.Module):
     def private_parameters(self):
         """Parameters trained under DP-SGD (default: all). LoRA models return only adapters + head."""
         return [p for p in self.parameters()]
+
+
+def bag_of_words(tokens: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[..., L] token ids + mask -> [..., V] normalised counts (so Linear(V, D) = masked mean embedding)."""
+    oh = F.one_hot(tokens, vocab_size).to(mask.dtype) * mask.unsqueeze(-1)
+    return oh.sum(-2) / mask.sum(-1, keepdim=True).clamp_min(1.0)
 
 
 def _masked_mean(x, mask):
@@ -88,13 +92,13 @@ class CNNRewardModel(RewardModule):
             nn.Conv2d(c // 2, c, 3, padding=1), nn.GroupNorm(4, c), nn.GELU(),
             nn.Conv2d(c, c, 3, padding=1), nn.GELU(),
         )
-        self.question_embedding = nn.Embedding(vocab_size, dim)
+        self.question_embedding = nn.Linear(vocab_size, dim, bias=False)  # bag of words, see answer_embedding
         self.fusion = _Fusion(2 * c, dim, dim)
 
     def encode(self, image, question, question_mask):
         f = self.conv(image)
         img = torch.cat([f.mean((2, 3)), f.amax((2, 3))], dim=-1)
-        q = _masked_mean(self.question_embedding(question), question_mask)
+        q = self.question_embedding(bag_of_words(question, question_mask, self.vocab_size))
         return self.fusion(img, q)
 
 
