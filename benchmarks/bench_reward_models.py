@@ -1,0 +1,76 @@
+"""Reward-model quality bars: held-out pairwise accuracy per architecture in its own domain and outside it,
+the privacy-utility curve (epsilon in {1, 4, 8, inf}) and private / non-private training time.
+
+    python benchmarks/bench_reward_models.py [--archs cnn:client0,vit:client1,lora:client2] [--epsilons 1,4,8,inf]
+
+Writes benchmarks/results/reward_models.json. Not a test: it takes minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--archs", default="cnn:client0,vit:client1,lora:client2",
+                    help="arch:client pairs (client0 colour, client1 shape, client2 yes/no)")
+    ap.add_argument("--epsilons", default="1,4,8,inf")
+    ap.add_argument("--max-pairs", type=int, default=6000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "reward_models.json")
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    from mor_client.data import make_federation_split, make_pairs
+    from mor_client.rewards import demo_config, pairwise_accuracy, train_reward_model
+
+    split = make_federation_split(seed=a.seed, pairs_per_client=a.max_pairs)
+    rows = []
+    for spec in a.archs.split(","):
+        arch, client = spec.split(":")
+        c = split.clients[client]
+        public = make_pairs([e for e in split.server_public if e.question_type in c.question_types], seed=a.seed,
+                            rejected_per_example=8)
+        for e in a.epsilons.split(","):
+            eps = math.inf if e == "inf" else float(e)
+            cfg = demo_config(arch, epsilon=None if math.isinf(eps) else eps, seed=a.seed, device=a.device,
+                              progress=False)
+            t = time.perf_counter()
+            res = train_reward_model(c.train, c.heldout, cfg, public_pairs=public, domain=client)
+            wall = time.perf_counter() - t
+            outside = {k: pairwise_accuracy(res.model, res.vocab, o.heldout, device=a.device)
+                       for k, o in split.clients.items() if k != client}
+            row = {"arch": arch, "client": client, "domain": c.domain_desc, "epsilon_target": e,
+                   "epsilon": res.card["epsilon"], "delta": res.card["delta"], "pairs": res.card["data_size"],
+                   "heldout_pairwise_accuracy": res.card["heldout_pairwise_accuracy"],
+                   "outside_domain_accuracy": outside, "noise_multiplier": res.card["noise_multiplier"],
+                   "steps": res.card["steps"], "private_phase_seconds": res.card["train_seconds"],
+                   "wall_seconds": round(wall, 2)}
+            print(json.dumps(row))
+            rows.append(row)
+    ratios = {}
+    for arch in {r["arch"] for r in rows}:
+        dp = [r for r in rows if r["arch"] == arch and r["epsilon_target"] == "8"]
+        nodp = [r for r in rows if r["arch"] == arch and r["epsilon_target"] == "inf"]
+        if dp and nodp:
+            ratios[arch] = round(dp[0]["private_phase_seconds"] / nodp[0]["private_phase_seconds"], 2)
+    out = {"rows": rows, "private_over_nonprivate_time_eps8": ratios,
+           "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "device": a.device},
+           "command": "python benchmarks/bench_reward_models.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
+                                                                            vars(a).items() if k != "out")}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(out, indent=2))
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
