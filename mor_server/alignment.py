@@ -236,3 +236,45 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
     report["model"] = aligned
     report["processor"] = processor
     return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mor_server.alignment``: the in-process pipeline on the embedded easy-vqa federation split,
+    with label-expert clients (one per question type; an upper bound on trained reward models)."""
+    import argparse
+    import json
+
+    from mor_client.data.easyvqa import load_easyvqa
+    from mor_client.data.partition import make_federation_split
+
+    from .inprocess import InProcessBackend, LabelExpertScorer
+
+    ap = argparse.ArgumentParser(prog="python -m mor_server.alignment", description=main.__doc__)
+    ap.add_argument("--work-dir", default="runs/alignment-inprocess")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sft-steps", type=int, default=AlignmentConfig().sft.steps)
+    ap.add_argument("--steps", type=int, default=GRPORunConfig().max_steps)
+    ap.add_argument("--lr", type=float, default=GRPORunConfig().learning_rate)
+    ap.add_argument("--beta", type=float, default=GRPORunConfig().beta)
+    ap.add_argument("--temperature", type=float, default=GRPORunConfig().temperature)
+    ap.add_argument("--eval-size", type=int, default=600)
+    a = ap.parse_args(argv)
+    split = make_federation_split(seed=a.seed)
+    known = list(split.server_public) + list(split.server_unlabeled)
+    backend = InProcessBackend({f"expert_{d}": LabelExpertScorer(known, [d]) for d in ("color", "shape", "yesno")})
+    used = {e.image_id for e in known}
+    test = [e for e in load_easyvqa("test") if e.image_id not in used]
+    cfg = AlignmentConfig(work_dir=a.work_dir, seed=a.seed, sft=SFTConfig(steps=a.sft_steps), eval_size=a.eval_size,
+                          grpo=GRPORunConfig(max_steps=a.steps, learning_rate=a.lr, beta=a.beta,
+                                             temperature=a.temperature))
+    rep = run_alignment(backend, public=split.server_public, unlabeled=split.server_unlabeled, test=test, config=cfg)
+    b, f = rep["accuracy_before"], rep["accuracy_after"]
+    print(f"accuracy {b['overall']:.3f} -> {f['overall']:.3f}  " + "  ".join(
+        f"{d}: {b['by_domain'][d]:.3f} -> {f['by_domain'].get(d, 0):.3f}" for d in b["by_domain"]))
+    print(f"KL to reference {rep['kl_to_reference']:.3f}; rounds {json.dumps(rep['rounds'])}; "
+          f"GRPO {rep['grpo']['seconds']:.0f}s; report {rep['report_path']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

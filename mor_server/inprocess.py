@@ -72,3 +72,36 @@ class InProcessBackend:
                 for j, v in enumerate(row):
                     out[i][j] += w[i] * v
         return out
+
+
+class LabelExpertScorer:
+    """A reference reward model for baselines: exact match against the labels it holds for its own question
+    types, deterministic uninformative noise in [0, 1) elsewhere (a client that is an expert of one domain).
+
+    examples: labelled examples (``.image`` bytes, ``.question``, ``.answer``, ``.question_type``) the client holds.
+    It is an upper bound on what a trained reward model of that client can give, not a trained model.
+    """
+
+    def __init__(self, examples, question_types: Sequence[str]):
+        import hashlib
+
+        from .policy import normalize_answer
+
+        self._sha = lambda b: hashlib.sha1(b).digest()
+        self._norm = normalize_answer
+        qt = set(question_types)
+        self.truth = {(self._sha(e.image), e.question): normalize_answer(e.answer)
+                      for e in examples if e.question_type in qt}
+        if not self.truth:
+            raise ValueError(f"LabelExpertScorer: no example of question types {sorted(qt)} given")
+
+    def score(self, items: Sequence[ScoringItem]) -> list[list[float]]:
+        import hashlib
+
+        out = []
+        for it in items:
+            t = self.truth.get((self._sha(it.image), it.question))
+            out.append([float(self._norm(c) == t) if t is not None else
+                        int.from_bytes(hashlib.sha1((it.item_id + "|" + c).encode()).digest()[:4], "little") / 2**32
+                        for c in it.candidates])
+        return out
