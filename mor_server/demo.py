@@ -47,7 +47,8 @@ class DemoConfig:
     seed: int = 0
     """Seed of the federation split, model inits, DP noise streams and GRPO sampling."""
     clients: list = field(default_factory=lambda: [dict(c) for c in DEFAULT_CLIENTS])
-    """Clients: name, reward-model arch (cnn, vit, lora) and partition (client0, client1, ...)."""
+    """Clients: name, reward-model arch (cnn, vit, lora), partition (client0, client1, ...), and optionally
+    max_pairs / epochs / batch_size overriding the architecture's training preset."""
     epsilon: float = 8.0
     """Example-level ε of each client's DP-SGD training (one preference pair is the unit); "inf" disables DP."""
     mode: str = "secagg"
@@ -110,7 +111,7 @@ def _say(step: int, total: int, msg: str) -> None:
 
 
 def _model_key(cfg: DemoConfig, c: dict) -> str:
-    blob = json.dumps({"arch": c["arch"], "partition": c["partition"], "epsilon": str(cfg.epsilon),
+    blob = json.dumps({**{k: v for k, v in c.items() if k != "name"}, "epsilon": str(cfg.epsilon),
                        "seed": cfg.seed, "n": len(cfg.clients), "v": 1}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -132,6 +133,9 @@ def train_clients(cfg: DemoConfig, work: Path) -> dict[str, dict]:
                                    "--n-clients", str(len(cfg.clients)), "--epsilon", str(cfg.epsilon),
                                    "--data-seed", str(cfg.seed), "--seed", str(cfg.seed), "--out", str(model),
                                    "--ledger", str(cdir / "ledger.sqlite"), "--model-id", f"{c['name']}-{key}")
+            for opt in ("max_pairs", "epochs", "batch_size"):
+                if c.get(opt) is not None:
+                    argv += [f"--{opt.replace('_', '-')}", str(c[opt])]
             t0 = time.perf_counter()
             r = subprocess.run(argv, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             if r.returncode != 0:
@@ -165,6 +169,40 @@ def start_clients(cfg: DemoConfig, work: Path, port: int, pki_dir: Path) -> list
     return procs
 
 
+def align(cfg: DemoConfig, work: Path, backend, server) -> dict:
+    """Run the alignment engine over the federated backend on the embedded easy-vqa default."""
+    from mor_client.data.easyvqa import load_easyvqa
+    from mor_client.data.partition import make_federation_split
+    from privacy.ledger import PrivacyLedger
+
+    from .alignment import AlignmentConfig, run_alignment
+    from .grpo import GRPORunConfig
+
+    split = make_federation_split(seed=cfg.seed, n_clients=len(cfg.clients))
+    heldout = {c["name"]: split.clients[c["partition"]].heldout for c in cfg.clients
+               if c["partition"] in split.clients}
+    known = {f for f in GRPORunConfig.__dataclass_fields__}
+    unknown = sorted(set(cfg.grpo) - known)
+    if unknown:
+        raise ValueError(f"grpo: unknown setting(s) {unknown}; known: {sorted(known)}")
+    acfg = AlignmentConfig(work_dir=str(work / "alignment"), grpo=GRPORunConfig(**cfg.grpo), seed=cfg.seed,
+                           deadline_s=cfg.round_timeout * 2)
+
+    def client_epsilon() -> dict[str, float]:
+        out = {}
+        for c in cfg.clients:
+            with PrivacyLedger(work / "clients" / c["name"] / "ledger.sqlite") as L:
+                out[c["name"]] = L.epsilon("client")
+        return out
+
+    res = run_alignment(backend, public=split.server_public, unlabeled=split.server_unlabeled,
+                        test=load_easyvqa("test"), heldout_pairs=heldout, config=acfg,
+                        registry=server.server.metrics.registry, epsilon=client_epsilon)
+    res.pop("model", None)
+    res.pop("processor", None)
+    return res
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     from .federated import FederatedBackend
     from .server import ServerConfig, ServerThread
@@ -172,7 +210,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     cfg.validate()
     work = Path(cfg.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    total = 6
+    total = 5
     t_start = time.perf_counter()
     _say(1, total, f"PKI: federation CA and {len(cfg.clients)} client certificates in {work / 'pki'}")
     pki_dir = setup_pki(cfg, work)
@@ -193,11 +231,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         backend = FederatedBackend(server, calibration_mode=cfg.calibration_mode, mix_mode=cfg.mode,
                                    timeout=cfg.round_timeout, min_clients=max(1, len(cfg.clients) - 1),
                                    dp_noise_multiplier=cfg.dp_noise_multiplier)
-        from . import alignment
-
-        result = alignment.run_alignment(backend, workdir=work, seed=cfg.seed, grpo_overrides=cfg.grpo,
-                                         audit=server.server.config.audit, step_offset=3, total_steps=total,
-                                         fresh=cfg.fresh)
+        _say(4, total, "alignment: warm start -> router calibration -> GRPO with federated rewards -> evaluation")
+        result = align(cfg, work, backend, server)
         m = server.server.metrics
         fed = {"rounds_completed": int(sum(m.value("mor_rounds_completed_total", {"mode": k}) for k in
                                            ("plain", "dp", "secagg", "secagg+dp"))),
@@ -209,6 +244,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     finally:
         stop_all(procs)
         server.stop()
+    _say(5, total, "report")
     report = {"config": asdict(cfg), "cards": cards, "federation": fed, "alignment": result,
               "clients": _client_privacy(cfg, work), "seconds": time.perf_counter() - t_start}
     out = work / "report"
@@ -241,24 +277,29 @@ def _fmt_eps(x) -> str:
 def print_summary(report: dict, out: Path) -> None:
     al = report["alignment"]
     print("\n== MoR demo: results ==")
-    acc = al.get("accuracy", {})
-    before, after = acc.get("before", {}), acc.get("after", {})
-    print(f"{'test accuracy':<22}{'reference':>10}{'aligned':>10}{'change':>9}")
-    for k in before:
-        b, a = before[k], after.get(k, float('nan'))
-        print(f"{k:<22}{100 * b:>9.1f}%{100 * a:>9.1f}%{100 * (a - b):>+8.1f}")
+    before, after = al["accuracy_before"], al["accuracy_after"]
+    rows = [("overall", before["overall"], after["overall"])] + [
+        (f"  {d}", b, after["by_domain"].get(d, float("nan"))) for d, b in sorted(before["by_domain"].items())]
+    print(f"{'easy-vqa test accuracy':<24}{'reference':>10}{'aligned':>10}{'change':>9}")
+    for k, b, a in rows:
+        print(f"{k:<24}{100 * b:>9.1f}%{100 * a:>9.1f}%{100 * (a - b):>+8.1f}")
+    print(f"KL(aligned || reference): {al['kl_to_reference']:.4f}")
     print(f"\n{'client':<18}{'arch':<7}{'heldout acc':>12}{'ε example (pair)':>18}{'ε client':>10}")
     for name, card in report["cards"].items():
         priv = report["clients"].get(name, {})
         units = priv.get("units", priv)
         eps_pair = (units.get("pair") or {}).get("epsilon", card.get("epsilon"))
         eps_client = (units.get("client") or {}).get("epsilon", 0.0)
+        win = al.get("win_rate_after", {}).get(name)
         print(f"{name:<18}{card.get('architecture', '?'):<7}{card.get('heldout_pairwise_accuracy', float('nan')):>12.3f}"
-              f"{_fmt_eps(eps_pair):>18}{_fmt_eps(eps_client):>10}")
+              f"{_fmt_eps(eps_pair):>18}{_fmt_eps(eps_client):>10}"
+              + (f"   policy win rate on its held-out pairs {win:.2f}" if isinstance(win, float) else ""))
     f = report["federation"]
     print(f"\nfederated rounds: {f['rounds_completed']} completed, {f['rounds_failed']} failed, "
           f"{f['dropouts']} dropouts; mode {report['config']['mode']}; total {report['seconds']:.0f} s")
-    print(f"report: {out / 'demo.json'}" + (f"; plots: {', '.join(al.get('plots', []))}" if al.get("plots") else ""))
+    print(f"report: {out / 'demo.json'} (alignment details: {al.get('report_path')})")
+    if al.get("plots"):
+        print("plots: " + ", ".join(al["plots"]))
 
 
 def register(sub) -> None:
