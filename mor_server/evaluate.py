@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .policy import EOS, generate_answers, normalize_answer, to_pil, user_message
+from .policy import EOS, exact_match, generate_answers, normalize_answer, to_pil, user_message
 
 
 def domain_of(example, field: str = "question_type") -> str:
@@ -25,13 +25,13 @@ def domain_of(example, field: str = "question_type") -> str:
 
 def accuracy(model, processor, examples: Sequence, *, domain_field: str = "question_type",
              batch_size: int = 64) -> dict:
-    """Greedy exact-match accuracy: ``{"overall", "by_domain": {d: acc}, "n", "counts": {d: n}}``."""
+    """Greedy strict exact-match accuracy (:func:`~mor_server.policy.exact_match`): ``{"overall", "by_domain": {d: acc}, "n", "counts": {d: n}}``."""
     if not examples:
         raise ValueError("accuracy: examples is empty")
     answers = generate_answers(model, processor, list(examples), batch_size=batch_size)
     hits: dict[str, list[int]] = defaultdict(list)
     for a, e in zip(answers, examples):
-        hits[domain_of(e, domain_field)].append(int(normalize_answer(a) == normalize_answer(e.answer)))
+        hits[domain_of(e, domain_field)].append(int(exact_match(a, e.answer)))
     allh = [h for v in hits.values() for h in v]
     return {"overall": sum(allh) / len(allh), "n": len(allh),
             "by_domain": {d: sum(v) / len(v) for d, v in sorted(hits.items())},

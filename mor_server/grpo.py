@@ -27,9 +27,9 @@ class GRPORunConfig:
     """Optimizer steps of the run (the total, also when resuming)."""
     prompts_per_step: int = 8
     """Distinct prompts per step; each gets num_generations completions."""
-    num_generations: int = 4
+    num_generations: int = 8
     """Group size G of GRPO (completions per prompt, compared with each other)."""
-    learning_rate: float = 2e-4
+    learning_rate: float = 1e-3
     """Adam learning rate of the policy."""
     beta: float = 0.02
     """KL coefficient to the frozen reference (> 0 keeps the policy near the warm start)."""
@@ -37,8 +37,8 @@ class GRPORunConfig:
     """PPO-style clip range of the importance ratio."""
     loss_type: str = "dapo"
     """TRL loss aggregation: 'grpo', 'dapo', 'dr_grpo' or 'bnpo'."""
-    temperature: float = 1.0
-    """Sampling temperature of the completions."""
+    temperature: float = 1.2
+    """Sampling temperature of the completions (> 1 keeps exploring answers the warm start rarely gives)."""
     max_completion_length: int = 4
     """Tokens per completion (easy-vqa answers are one word + end of sequence)."""
     scale_rewards: str = "group"

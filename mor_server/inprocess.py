@@ -75,7 +75,7 @@ class InProcessBackend:
 
 
 class LabelExpertScorer:
-    """A reference reward model for baselines: exact match against the labels it holds for its own question
+    """A reference reward model for baselines: strict exact match against the labels it holds for its own question
     types, deterministic uninformative noise in [0, 1) elsewhere (a client that is an expert of one domain).
 
     examples: labelled examples (``.image`` bytes, ``.question``, ``.answer``, ``.question_type``) the client holds.
@@ -85,10 +85,10 @@ class LabelExpertScorer:
     def __init__(self, examples, question_types: Sequence[str]):
         import hashlib
 
-        from .policy import normalize_answer
+        from .policy import exact_match, normalize_answer
 
         self._sha = lambda b: hashlib.sha1(b).digest()
-        self._norm = normalize_answer
+        self._match = exact_match
         qt = set(question_types)
         self.truth = {(self._sha(e.image), e.question): normalize_answer(e.answer)
                       for e in examples if e.question_type in qt}
@@ -101,7 +101,7 @@ class LabelExpertScorer:
         out = []
         for it in items:
             t = self.truth.get((self._sha(it.image), it.question))
-            out.append([float(self._norm(c) == t) if t is not None else
+            out.append([float(self._match(c, t)) if t is not None else
                         int.from_bytes(hashlib.sha1((it.item_id + "|" + c).encode()).digest()[:4], "little") / 2**32
                         for c in it.candidates])
         return out

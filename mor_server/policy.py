@@ -55,6 +55,13 @@ def normalize_answer(text: str) -> str:
     return words[0] if words else ""
 
 
+def exact_match(completion: str, answer: str) -> bool:
+    """Strict exact match: the completion, lower-cased and without punctuation, is exactly the answer word(s).
+    A rambling completion ("yes no blue") does not match, even if its first word is right."""
+    words = [w for w in _WORD_RE.findall(str(completion).lower()) if w not in {"?", ".", ",", "!"}]
+    return bool(words) and words == [w for w in _WORD_RE.findall(str(answer).lower()) if w not in {"?", ".", ",", "!"}]
+
+
 def task_words(texts: Iterable[str]) -> list[str]:
     """Sorted word vocabulary of some texts (lower-cased words and punctuation)."""
     out: set[str] = set()

@@ -1,7 +1,6 @@
 """run_alignment end to end on a tiny budget: warm start (then reuse of the cached reference), router
 calibration over an in-process backend with one expert per domain, GRPO, evaluation report and plots."""
 
-import hashlib
 import json
 
 import pytest
@@ -10,25 +9,8 @@ from prometheus_client import CollectorRegistry
 from mor_client.data.partition import make_federation_split
 from mor_server.alignment import AlignmentConfig, run_alignment
 from mor_server.grpo import GRPORunConfig
-from mor_server.inprocess import InProcessBackend
-from mor_server.policy import SFTConfig, TinyLlavaConfig, normalize_answer
-
-
-class DomainExpert:
-    """Knows the labels of its domain (its private annotations of the public items); noise elsewhere."""
-
-    def __init__(self, examples, question_type):
-        self.truth = {(hashlib.sha1(e.image).digest(), e.question): normalize_answer(e.answer)
-                      for e in examples if e.question_type == question_type}
-
-    def score(self, items):
-        out = []
-        for it in items:
-            t = self.truth.get((hashlib.sha1(it.image).digest(), it.question))
-            out.append([float(normalize_answer(c) == t) if t is not None else
-                        int.from_bytes(hashlib.sha1((it.item_id + c).encode()).digest()[:4], "little") / 2**32
-                        for c in it.candidates])
-        return out
+from mor_server.inprocess import InProcessBackend, LabelExpertScorer
+from mor_server.policy import SFTConfig, TinyLlavaConfig
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +20,7 @@ def split():
 
 def test_run_alignment_writes_report_and_plots(split, tmp_path):
     known = list(split.server_public) + list(split.server_unlabeled)
-    backend = InProcessBackend({f"expert_{d}": DomainExpert(known, d) for d in ("color", "shape", "yesno")})
+    backend = InProcessBackend({f"expert_{d}": LabelExpertScorer(known, [d]) for d in ("color", "shape", "yesno")})
     used = {e.image_id for e in known}
     from mor_client.data.easyvqa import load_easyvqa
 

@@ -1,38 +1,16 @@
 """Router: routing weights, live-client renormalisation, top-k, Bradley-Terry calibration on real easy-vqa
 pairs with one expert client per domain, save/load."""
 
-import hashlib
-
 import numpy as np
 import pytest
 
 from mor_client.data.easyvqa import load_easyvqa
 from mor_server.alignment import calibrate_router, calibration_pairs
 from mor_server.features import FeatureExtractor
-from mor_server.inprocess import InProcessBackend
-from mor_server.policy import normalize_answer
+from mor_server.inprocess import InProcessBackend, LabelExpertScorer
 from mor_server.router import MoRRouter
 
 DOMAINS = ("color", "shape", "yesno")
-
-
-class DomainExpert:
-    """A reward model that knows its own domain's labels (its private data) and is uninformative elsewhere."""
-
-    def __init__(self, examples, question_type):
-        self.truth = {(hashlib.sha1(e.image).digest(), e.question): normalize_answer(e.answer)
-                      for e in examples if e.question_type == question_type}
-
-    def score(self, items):
-        out = []
-        for it in items:
-            t = self.truth.get((hashlib.sha1(it.image).digest(), it.question))
-            if t is None:  # outside its domain: deterministic noise
-                out.append([int.from_bytes(hashlib.sha1((it.item_id + c).encode()).digest()[:4], "little") / 2**32
-                            for c in it.candidates])
-            else:
-                out.append([1.0 if normalize_answer(c) == t else 0.0 for c in it.candidates])
-        return out
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +52,7 @@ def test_weights_are_a_distribution_over_live_clients_and_top_k():
 
 
 def test_calibrated_router_routes_each_domain_to_its_expert(public, tmp_path):
-    backend = InProcessBackend({f"expert_{d}": DomainExpert(public, d) for d in DOMAINS})
+    backend = InProcessBackend({f"expert_{d}": LabelExpertScorer(public, [d]) for d in DOMAINS})
     fx = FeatureExtractor()
     router = calibrate_router(backend, public, fx, steps=300, seed=0)
     by_dom = router.calibration["weights_by_domain"]
