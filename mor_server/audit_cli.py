@@ -33,9 +33,9 @@ def register(subparsers) -> None:
     r = sub.add_parser("report", help="privacy-budget audit: ε per client from ledgers and logs",
                        description="Build report.json, report.md, report.html and PNG plots; exit 1 if a log fails "
                                    "verification or the ledger and the logs disagree on ε.")
-    r.add_argument("--log", dest="logs", action="append", type=Path, default=[], metavar="LOG",
+    r.add_argument("--log", dest="logs", action="extend", nargs="+", type=Path, default=[], metavar="LOG",
                    help="an audit log (server's or a client's); repeat")
-    r.add_argument("--ledger", dest="ledgers", action="append", default=[], metavar="CLIENT=PATH",
+    r.add_argument("--ledger", dest="ledgers", action="extend", nargs="+", default=[], metavar="CLIENT=PATH",
                    help="a client's privacy ledger (SQLite); repeat")
     r.add_argument("--out", type=Path, required=True, help="output folder")
     r.add_argument("--public-key", dest="keys", action="append", default=[], metavar="[ACTOR=]PEM",
