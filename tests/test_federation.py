@@ -8,7 +8,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mor_server.rounds import RoundState
-from mor_server.server import FederationServer
+from mor_server.server import FederationServer, ServerConfig
 
 from fedutil import LengthScorer, federation, make_items
 
@@ -125,3 +125,54 @@ def test_rounds_and_registrations_are_audited(pki_dir, png_bytes, tmp_path):
     assert rounds[1].payload["participants"] == ["alice"] and rounds[1].payload["state"] == "completed"
     regs = [e for e in read_entries(log_path) if e.event == "registration"]
     assert regs[0].payload["card"]["training_epsilon"] == "inf" and regs[0].payload["certificate"]["serial"]
+
+
+def test_client_reconnects_after_server_restart(pki_dir, png_bytes):
+    from fedutil import client as make_client
+
+    async def main():
+        server = FederationServer(ServerConfig(pki_dir=pki_dir))
+        port = await server.start()
+        c = make_client(pki_dir, "alice", server, backoff_initial=0.05, backoff_max=0.5)
+        task = asyncio.create_task(c.run())
+        try:
+            await server.wait_for_clients(1, timeout=20)
+            await server.stop()
+            server2 = FederationServer(ServerConfig(pki_dir=pki_dir, port=port))
+            await server2.start()
+            try:
+                await server2.wait_for_clients(1, timeout=20)
+                out = await server2.run_round(make_items(png_bytes), timeout=5)
+                assert out.ok and out.responders == ("alice",)
+                assert c.stats.sessions == 2 and c.stats.reconnects >= 1
+            finally:
+                await c.stop()
+                await asyncio.gather(task, return_exceptions=True)
+                await server2.stop()
+        finally:
+            await server.stop()
+    asyncio.run(main())
+
+
+def test_insecure_mode_is_explicit_and_loud(pki_dir, png_bytes, caplog):
+    from mor_client import FederationClient
+
+    async def main():
+        server = FederationServer(ServerConfig(insecure=True))
+        await server.start()
+        c = FederationClient(f"127.0.0.1:{server.port}", None, LengthScorer(), card={
+            "architecture": "x", "parameter_count": 0, "supported_modes": ["plain"]}, insecure_client_id="debug-1")
+        task = asyncio.create_task(c.run())
+        try:
+            assert await server.wait_for_clients(1, timeout=20) == ["debug-1"]
+            assert (await server.run_round(make_items(png_bytes), timeout=5)).ok
+        finally:
+            await c.stop()
+            await asyncio.gather(task, return_exceptions=True)
+            await server.stop()
+    with caplog.at_level("WARNING"):
+        asyncio.run(main())
+    assert any("INSECURE" in r.getMessage() for r in caplog.records if r.name == "mor.server")
+    assert any("INSECURE" in r.getMessage() for r in caplog.records if r.name == "mor.client")
+    with pytest.raises(ValueError, match="credentials are required"):
+        FederationClient("x:1", None, LengthScorer(), card={})
