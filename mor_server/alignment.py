@@ -257,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=GRPORunConfig().learning_rate)
     ap.add_argument("--beta", type=float, default=GRPORunConfig().beta)
     ap.add_argument("--temperature", type=float, default=GRPORunConfig().temperature)
+    ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--eval-size", type=int, default=600)
     a = ap.parse_args(argv)
     split = make_federation_split(seed=a.seed)
@@ -265,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     used = {e.image_id for e in known}
     test = [e for e in load_easyvqa("test") if e.image_id not in used]
     cfg = AlignmentConfig(work_dir=a.work_dir, seed=a.seed, sft=SFTConfig(steps=a.sft_steps), eval_size=a.eval_size,
+                          top_k=a.top_k,
                           grpo=GRPORunConfig(max_steps=a.steps, learning_rate=a.lr, beta=a.beta,
                                              temperature=a.temperature))
     rep = run_alignment(backend, public=split.server_public, unlabeled=split.server_unlabeled, test=test, config=cfg)

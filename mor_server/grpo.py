@@ -89,7 +89,7 @@ class GRPORunConfig:
 
 def make_prompt_dataset(examples: Sequence):
     """GRPO prompts from unlabeled public examples (``.image`` PNG bytes, ``.question``, ``.example_id``,
-    optional ``.domain``): a ``datasets.Dataset`` with conversational ``prompt``, ``image`` (PIL),
+    optional ``.question_type``/``.domain`` for reporting): a ``datasets.Dataset`` with conversational ``prompt``, ``image`` (PIL),
     ``image_png``, ``question``, ``example_id``, ``domain``. Answers are never read."""
     from datasets import Dataset, Features, Image, Value
 
@@ -103,7 +103,9 @@ def make_prompt_dataset(examples: Sequence):
         rows.append({
             "prompt": [{"role": "user", "content": str(e.question)}],
             "image": to_pil(e.image), "image_png": png_bytes(e.image), "question": str(e.question),
-            "example_id": str(getattr(e, "example_id", i)), "domain": str(getattr(e, "domain", "") or ""),
+            "example_id": str(getattr(e, "example_id", i)),
+            # reporting only (routing weights by domain); never used by the reward or the policy
+            "domain": str(getattr(e, "question_type", None) or getattr(e, "domain", "") or ""),
         })
     feats = Features({"prompt": [{"role": Value("string"), "content": Value("string")}], "image": Image(),
                       "image_png": Value("binary"), "question": Value("string"), "example_id": Value("string"),
@@ -186,10 +188,16 @@ def run_grpo(model_dir: str | Path, train_dataset, reward_funcs: list, reward_we
     args = cfg.to_trl(reward_weights)
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
                           processing_class=processor, callbacks=[_callback(metrics), *callbacks])
-    if not cfg.progress:
-        from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-        trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(PrinterCallback)  # logs go to Prometheus and log_history, not to stdout
+    if cfg.progress:
+        class _QuietProgress(ProgressCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                pass
+
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_QuietProgress)
     ck = latest_checkpoint(cfg.output_dir) if resume else None
     if resume and ck is None:
         raise FileNotFoundError(f"run_grpo(resume=True): no checkpoint-<step> directory in {cfg.output_dir!r}")
