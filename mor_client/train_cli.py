@@ -47,16 +47,15 @@ def _train(args) -> int:
     if args.partition not in split.clients:
         raise ValueError(f"--partition {args.partition!r} unknown; this split has {sorted(split.clients)}")
     client = split.clients[args.partition]
-    train = client.train[:args.max_pairs] if args.max_pairs else client.train
     overrides = {k: v for k, v in dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                        max_grad_norm=args.max_grad_norm, accountant=args.accountant,
                                        grad_sample_mode=args.grad_sample_mode, delta=args.delta,
-                                       pretrain_epochs=args.pretrain_epochs).items() if v is not None}
+                                       pretrain_epochs=args.pretrain_epochs, max_pairs=args.max_pairs).items() if v is not None}
     cfg = demo_config(args.arch, epsilon=None if math.isinf(args.epsilon) else args.epsilon, seed=args.seed,
                       device=args.device, progress=not args.quiet, **overrides)
     public = make_pairs([e for e in split.server_public if e.question_type in client.question_types],
                         seed=args.data_seed, rejected_per_example=8) if cfg.pretrain_epochs else []
-    res = train_reward_model(train, client.heldout, cfg, public_pairs=public,
+    res = train_reward_model(client.train, client.heldout, cfg, public_pairs=public,
                              domain=f"{args.partition}: {client.domain_desc}")
     card = save_model_dir(args.out, res.model, res.vocab, res.card)
     eps = "inf (no DP)" if card["epsilon"] is None else f"{card['epsilon']:.3f} (delta={card['delta']:.2e})"
@@ -107,7 +106,8 @@ def register(subparsers) -> None:
     t.add_argument("--flip-fraction", type=float, default=0.0, help="annotator noise: fraction of flipped pairs")
     t.add_argument("--data-seed", type=int, default=0, help="seed of the federation split")
     t.add_argument("--seed", type=int, default=0, help="seed of init, sampling and DP noise")
-    t.add_argument("--max-pairs", type=int, default=None, help="use at most this many training pairs")
+    t.add_argument("--max-pairs", type=int, default=None, 
+                   help="use at most this many training pairs (overrides the preset's max_pairs)")
     t.add_argument("--epochs", type=int, default=None, help="override the demo preset")
     t.add_argument("--batch-size", type=int, default=None, help="expected (Poisson) batch size")
     t.add_argument("--lr", type=float, default=None)

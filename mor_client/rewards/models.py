@@ -124,6 +124,13 @@ class _Block(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
 
+def with_ink(image: torch.Tensor) -> torch.Tensor:
+    """Append a colour-invariant foreground ("ink") channel: distance of each pixel to the background colour,
+    estimated as the top-left pixel. [B,3,S,S] -> [B,4,S,S]. Shape evidence no longer depends on the colour."""
+    ink = (image - image[:, :, :1, :1]).abs().sum(1, keepdim=True)
+    return torch.cat([image, ink], dim=1)
+
+
 def _patches(image: torch.Tensor, patch: int) -> torch.Tensor:
     b, c, h, w = image.shape
     x = image.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
@@ -136,13 +143,15 @@ class ViTRewardModel(RewardModule):
     arch = "vit"
 
     def __init__(self, vocab_size: int, dim: int = 48, patch: int = 8, image_size: int = 32, depth: int = 2,
-                 text_depth: int = 1, heads: int = 4, max_question: int = 16):
+                 text_depth: int = 1, heads: int = 4, max_question: int = 16, ink: bool = False):
         super().__init__(vocab_size, dim, patch=patch, image_size=image_size, depth=depth, text_depth=text_depth,
-                         heads=heads, max_question=max_question)
+                         heads=heads, max_question=max_question, ink=ink)
         self.patch = patch
+        self.ink = ink
         n_patches = (image_size // patch) ** 2
-        self.patch_embed = nn.Linear(3 * patch * patch, dim)
+        self.patch_embed = nn.Linear((4 if ink else 3) * patch * patch, dim)
         self.image_pos = nn.Embedding(n_patches, dim)
+        nn.init.normal_(self.image_pos.weight, std=0.02)  # ViT practice: N(0,1) positions drown the patch content
         self.image_blocks = nn.ModuleList([_Block(dim, heads, 2 * dim) for _ in range(depth)])
         self.image_ln = nn.LayerNorm(dim)
         self.question_embedding = nn.Embedding(vocab_size, dim)
@@ -152,7 +161,7 @@ class ViTRewardModel(RewardModule):
         self.fusion = _Fusion(2 * dim, dim, dim)
 
     def encode(self, image, question, question_mask):
-        p = _patches(image, self.patch)
+        p = _patches(with_ink(image) if self.ink else image, self.patch)
         pos = torch.arange(p.shape[1], device=p.device).repeat(p.shape[0], 1)
         x = self.patch_embed(p) + self.image_pos(pos)
         for blk in self.image_blocks:
@@ -195,9 +204,10 @@ class LoRARewardModel(RewardModule):
     arch = "lora"
 
     def __init__(self, vocab_size: int, dim: int = 64, layers: int = 2, heads: int = 4, patch: int = 8,
-                 image_size: int = 32, lora_r: int = 8, lora_alpha: int = 16, backbone: str = "tiny"):
+                 image_size: int = 32, lora_r: int = 8, lora_alpha: int = 16, backbone: str = "tiny",
+                 ink: bool = False):
         super().__init__(vocab_size, dim, layers=layers, heads=heads, patch=patch, image_size=image_size,
-                         lora_r=lora_r, lora_alpha=lora_alpha, backbone=backbone)
+                         lora_r=lora_r, lora_alpha=lora_alpha, backbone=backbone, ink=ink)
         if backbone != "tiny":
             raise ValueError(f"backbone must be 'tiny' (got {backbone!r}); pretrained backbones are not wired in")
         from peft import LoraConfig, get_peft_model
@@ -213,11 +223,12 @@ class LoRARewardModel(RewardModule):
         for p in self.backbone.parameters():  # get_peft_model froze the base; public pretraining unfreezes it
             p.requires_grad_(True)
         self.patch = patch
-        self.patch_embed = nn.Linear(3 * patch * patch, dim)
+        self.ink = ink
+        self.patch_embed = nn.Linear((4 if ink else 3) * patch * patch, dim)
         self.pool = nn.Linear(dim, dim)
 
     def encode(self, image, question, question_mask):
-        p = self.patch_embed(_patches(image, self.patch))
+        p = self.patch_embed(_patches(with_ink(image) if self.ink else image, self.patch))
         words = self.backbone.base_model.model.embeddings.word_embeddings(question)
         x = torch.cat([p, words], dim=1)
         mask = torch.cat([torch.ones(p.shape[:2], device=p.device), question_mask], dim=1)
