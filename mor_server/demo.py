@@ -97,7 +97,10 @@ class DemoConfig:
             for k in ("name", "arch", "partition"):
                 if not c.get(k):
                     raise ValueError(f"clients[{i}].{k} is missing")
-            pki.check_name(c["name"], f"clients[{i}].name")
+            try:
+                pki.check_name(c["name"], f"clients[{i}].name")
+            except pki.PKIError as e:
+                raise ValueError(str(e)) from None
         if isinstance(self.epsilon, str):
             self.epsilon = math.inf if self.epsilon == "inf" else float(self.epsilon)
         if not self.epsilon > 0:

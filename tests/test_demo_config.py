@@ -1,0 +1,49 @@
+"""`mor demo` configuration: clear errors naming the setting, never a traceback from deep inside."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mor_server.demo import DemoConfig
+
+
+def test_config_file_errors_name_the_setting(tmp_path):
+    bad = tmp_path / "run.json"
+    bad.write_text(json.dumps({"epsilon": 4, "grpo_steps": 10}))
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['grpo_steps'\]"):
+        DemoConfig.from_file(bad)
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        DemoConfig.from_file(bad)
+    with pytest.raises(ValueError, match="no such file"):
+        DemoConfig.from_file(tmp_path / "missing.json")
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"epsilon": "inf", "mode": "plain", "grpo": {"max_steps": 5}}))
+    cfg = DemoConfig.from_file(good, seed=3)
+    cfg.validate()
+    assert cfg.epsilon == float("inf") and cfg.seed == 3 and cfg.grpo == {"max_steps": 5}
+
+
+@pytest.mark.parametrize("change,msg", [
+    ({"mode": "secret"}, "mode must be one of"),
+    ({"calibration_mode": "secagg"}, "calibration_mode"),
+    ({"clients": []}, "clients is empty"),
+    ({"clients": [{"name": "a", "arch": "cnn", "partition": "client0"}] * 2}, "names must be unique"),
+    ({"clients": [{"name": "a b", "arch": "cnn", "partition": "client0"}]}, r"clients\[0\].name"),
+    ({"clients": [{"name": "a", "arch": "cnn"}]}, r"clients\[0\].partition is missing"),
+    ({"epsilon": -1}, "epsilon must be > 0"),
+    ({"mode": "secagg", "clients": [{"name": "a", "arch": "cnn", "partition": "client0"}]}, "at least 2 clients"),
+])
+def test_validate_rejects_bad_settings(change, msg):
+    with pytest.raises(ValueError, match=msg):
+        DemoConfig(**change).validate()
+
+
+def test_cli_prints_one_line_error(tmp_path):
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"mode": "nope"}))
+    r = subprocess.run([sys.executable, "-c", "import sys; from mor_server.cli import mor_main; sys.exit(mor_main())",
+                        "demo", "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "mode must be one of" in r.stderr and "Traceback" not in r.stderr
