@@ -189,6 +189,7 @@ def test_cli_train_and_card(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "epsilon" in text and "held-out pairwise accuracy" in text
     assert json.loads((out / "card.json").read_text())["epsilon"] <= 8.0 + 1e-6
+    assert json.loads((out / "card.json").read_text())["data_size"] == 400  # --max-pairs -> TrainConfig.max_pairs
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--epsilon", "-3", "--out", str(out)])
     args = parser.parse_args(["train", "--partition", "client9", "--out", str(out), "--quiet"])
