@@ -61,8 +61,15 @@ class DemoConfig:
     """Noise multiplier of dp / secagg+dp releases (σ = multiplier × L2 sensitivity)."""
     round_timeout: float = 60.0
     """Deadline of one scoring round (seconds)."""
-    grpo: dict = field(default_factory=dict)
-    """Overrides of the alignment engine's GRPO settings (e.g. {"max_steps": 200}); see docs/alignment.md."""
+    w_format: float = 4.0
+    """Weight of the answer-format rule reward in the hybrid reward (w_mix = 1 for the MoR reward): keeps the policy
+    answering with one of the task's answers, so it cannot drift to strings no reward model was trained on."""
+    w_length: float = 0.0
+    """Weight of the length rule reward."""
+    grpo: dict = field(default_factory=lambda: {"learning_rate": 2e-4, "beta": 0.1, "temperature": 1.0})
+    """Overrides of the alignment engine's GRPO settings (e.g. {"max_steps": 200}); see docs/alignment.md. The
+    defaults are the ones measured not to collapse the tiny policy with learned (DP) reward models: at lr 1e-3 /
+    beta 0.02 it drifted to empty answers that the reward models do not penalise."""
     fresh: bool = False
     """Retrain reward models and the warm start even when cached ones match."""
 
@@ -189,7 +196,7 @@ def align(cfg: DemoConfig, work: Path, backend, server) -> dict:
     if unknown:
         raise ValueError(f"grpo: unknown setting(s) {unknown}; known: {sorted(known)}")
     acfg = AlignmentConfig(work_dir=str(work / "alignment"), grpo=GRPORunConfig(**cfg.grpo), seed=cfg.seed,
-                           deadline_s=cfg.round_timeout * 2)
+                           deadline_s=cfg.round_timeout * 2, w_format=cfg.w_format, w_length=cfg.w_length)
 
     def client_epsilon() -> dict[str, float]:
         out = {}
