@@ -472,36 +472,17 @@ class FederationServer(pb_grpc.FederationServicer):
         if len(chosen) < max(min_clients, 1):
             return self._fail_early(round_id, mode, chosen, now,
                                     f"{len(chosen)} clients online for mode {mode!r}, min_clients={min_clients}")
-        rnd = self.book.add(Round(round_id, chosen, min_clients, now + timeout + self.config.deadline_grace_s, now,
-                                  expected_scores(items), mode))
+        rnd = Round(round_id, chosen, min_clients, now + timeout + self.config.deadline_grace_s, now,
+                    expected_scores(items), mode)
         pending = _Pending(rnd, list(items), asyncio.Event(), mode,
                            (dp_clip, dp_noise_multiplier) if mode == "dp" else None)
-        self._pending[round_id] = pending
         task = pb.ScoringTask(round_id=round_id, items=items_to_pb(items), timeout_ms=int(timeout * 1000),
                               mode=mode_to_pb(mode))
         if mode == "dp":
             task.dp.CopyFrom(pb.DpParams(clip=dp_clip, noise_multiplier=dp_noise_multiplier))
-        msg = pb.ServerMessage(task=task)
         pending.task_digest = hashlib.sha256(task.SerializeToString(deterministic=True)).hexdigest()
-        for c in chosen:
-            conn = self._conns.get(c)
-            if conn is None or conn.closed:
-                rnd.drop(c, "not connected")
-            else:
-                conn.queue.put_nowait(msg)
-        try:
-            while not rnd.settled:
-                remaining = rnd.deadline - self._clock()
-                if remaining <= 0:
-                    break
-                try:
-                    await asyncio.wait_for(pending.changed.wait(), remaining)
-                except asyncio.TimeoutError:
-                    break
-                pending.changed.clear()
-        finally:
-            outcome = self.book.finish(round_id, self._clock())
-            del self._pending[round_id]
+        msg = pb.ServerMessage(task=task)
+        outcome = await self._gather(rnd, pending, {c: msg for c in chosen})
         self._account(outcome, mode, task_digest=pending.task_digest,
                       extra={"dp": {"clip": dp_clip, "noise_multiplier": dp_noise_multiplier}} if mode == "dp" else None)
         return outcome
