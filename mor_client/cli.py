@@ -31,7 +31,7 @@ def load_scorer(model: Path | None, scorer_spec: str | None):
     if model is not None:
         from .rewards import RewardModelScorer
 
-        if not (model / "card.json").exists() and not any(model.glob("*.json")):
+        if not (model / "card.json").exists():
             raise UsageError(f"--model {model}: no reward model there (expected a folder made by `mor-client train`)")
         return RewardModelScorer.from_dir(model)
     mod_name, _, attr = scorer_spec.partition(":")

@@ -32,8 +32,8 @@ class ReleasePolicy:
 
     supported_modes: privacy modes this client accepts; a task in another mode is refused.
     ledger: a ``privacy.ledger.PrivacyLedger`` charged for every ``dp`` release (required for ``dp``).
-    max_noise_multiplier_floor: the smallest noise multiplier the client accepts for ``dp`` (the server cannot ask
-        for less noise than this).
+    min_noise_multiplier: the smallest noise multiplier the client accepts for ``dp`` (the server cannot ask for
+        less noise than this).
     """
 
     supported_modes: tuple[str, ...] = ("plain",)
