@@ -205,22 +205,32 @@ class FederationClient:
         if mode in ("secagg", "secagg+dp") and self.secagg_handler is not None:
             await self.secagg_handler.on_task(task, items, self, send_q)
             return
+        flat = await self.score_items(task.round_id, items, timeout)
+        if isinstance(flat, Release):
+            rel = flat
+        else:
+            rel = self.policy.release(mode=mode, round_id=task.round_id, scores=flat,
+                                      clip=task.dp.clip if task.HasField("dp") else 0.0,
+                                      noise_multiplier=task.dp.noise_multiplier if task.HasField("dp") else 0.0)
+        self.audit_release(task.round_id, mode, rel, n_items=len(items))
+        send_q.put_nowait(self.release_message(task.round_id, rel))
+        self.on_event("task", {"round_id": task.round_id, "mode": mode, "items": len(items), "release": rel.kind})
+
+    async def score_items(self, round_id: str, items, timeout: float) -> list[float] | Release:
+        """Run the institution's scorer in a worker thread under the task's deadline. Returns the flat scores
+        (item-major), or a refusal Release when the scorer is too slow, fails, or returns the wrong number."""
         try:
             scores = await asyncio.wait_for(asyncio.to_thread(self.scorer.score, items), timeout)
             flat = flatten(scores)
             if len(flat) != expected_scores(items):
                 raise ValueError(f"scorer returned {len(flat)} scores for {expected_scores(items)} candidates")
-            rel = self.policy.release(mode=mode, round_id=task.round_id, scores=flat,
-                                      clip=task.dp.clip if task.HasField("dp") else 0.0,
-                                      noise_multiplier=task.dp.noise_multiplier if task.HasField("dp") else 0.0)
+            return flat
         except asyncio.TimeoutError:
-            rel = Release("refuse", code="DEADLINE_EXCEEDED", reason=f"local scoring exceeded the {timeout:.1f}s deadline")
+            return Release("refuse", code="DEADLINE_EXCEEDED",
+                           reason=f"local scoring exceeded the {timeout:.1f}s deadline")
         except Exception as e:  # the scorer is the institution's code: report, do not crash the session
-            log.exception("scorer failed on round %s", task.round_id)
-            rel = Release("refuse", code="INTERNAL", reason=f"local scorer failed: {type(e).__name__}: {e}"[:400])
-        self.audit_release(task.round_id, mode, rel, n_items=len(items))
-        send_q.put_nowait(self.release_message(task.round_id, rel))
-        self.on_event("task", {"round_id": task.round_id, "mode": mode, "items": len(items), "release": rel.kind})
+            log.exception("scorer failed on round %s", round_id)
+            return Release("refuse", code="INTERNAL", reason=f"local scorer failed: {type(e).__name__}: {e}"[:400])
 
     def audit_release(self, round_id: str, mode: str, rel: Release, *, n_items: int, extra: dict | None = None) -> None:
         """Log what leaves (or is refused) durably *before* it is sent; never the scores themselves."""

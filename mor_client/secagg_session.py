@@ -18,7 +18,7 @@ from mor.v1 import federation_pb2 as pb
 from privacy import pki
 
 from .release import Release
-from .wire import PB_TO_MODE, expected_scores, flatten
+from .wire import PB_TO_MODE
 
 log = logging.getLogger("mor.client.secagg")
 
@@ -53,18 +53,9 @@ class SecAggSession:
                          "secagg task carries no setup stage (task.secagg)")
             return
         timeout = task.timeout_ms / 1000 if task.timeout_ms else 30.0
-        try:
-            scores = await asyncio.wait_for(asyncio.to_thread(client.scorer.score, items), timeout)
-            flat = flatten(scores)
-            if len(flat) != expected_scores(items):
-                raise ValueError(f"scorer returned {len(flat)} scores for {expected_scores(items)} candidates")
-        except asyncio.TimeoutError:
-            self._refuse(client, send_q, task.round_id, mode, "DEADLINE_EXCEEDED",
-                         f"local scoring exceeded the {timeout:.1f}s deadline")
-            return
-        except Exception as e:
-            log.exception("scorer failed on round %s", task.round_id)
-            self._refuse(client, send_q, task.round_id, mode, "INTERNAL", f"local scorer failed: {e}"[:400])
+        flat = await client.score_items(task.round_id, items, timeout)
+        if isinstance(flat, Release):
+            self._refuse(client, send_q, task.round_id, mode, flat.code, flat.reason)
             return
         sc = SecAggClient(task.round_id, client.client_id, identity_key=self._key, verify_peer=self.verify_peer,
                           identity_proof=self.credentials.identity_cert_pem, max_weight=self.max_weight,

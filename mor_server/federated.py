@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from mor_client.types import ScoringItem
+from mor_client.wire import unflatten
 
 from .rewards import RoundFailed
 from .server import FederationServer, ServerThread
@@ -53,8 +54,8 @@ class FederatedBackend:
         reasons = []
         for attempt in range(self.retries + 1):
             if mode in ("secagg", "secagg+dp"):
-                out = self.server.call(self.server.server.run_secagg_round(
-                    items, mode=mode, min_clients=self.min_clients, timeout=self.timeout, **kw, **self.secagg_options))
+                out = self.server.run_secagg_round(items, mode=mode, min_clients=self.min_clients,
+                                                   timeout=self.timeout, **kw, **self.secagg_options)
             else:
                 out = self.server.run_round(items, mode=mode, min_clients=self.min_clients, timeout=self.timeout,
                                             dp_clip=self.dp_clip, dp_noise_multiplier=self.dp_noise_multiplier, **kw)
@@ -76,13 +77,15 @@ class FederatedBackend:
 
     def mixed_scores(self, items: Sequence[ScoringItem], weights: dict[str, list[float]]) -> list[list[float]]:
         items = list(items)
-        live = [c for c in weights if c in set(self.client_ids())]
+        online = set(self.client_ids())
+        live = [c for c in weights if c in online]
         if not live:
-            raise RoundFailed(f"no routed client is online (routed: {sorted(weights)}, online: {self.client_ids()})")
+            raise RoundFailed(f"no routed client is online (routed: {sorted(weights)}, online: {sorted(online)})")
         W = {c: np.asarray(weights[c], dtype=np.float64) for c in live}
         for c, w in W.items():
             if w.shape != (len(items),):
                 raise ValueError(f"weights[{c!r}] has shape {w.shape}; expected one weight per item ({len(items)})")
+        sizes = [len(it.candidates) for it in items]
         if self.mix_mode in ("secagg", "secagg+dp"):
             out = self._round(items, self.mix_mode, participants=live, weights={c: W[c].tolist() for c in live})
             total = np.asarray(out.reports["sum"], dtype=np.float64)
@@ -90,17 +93,10 @@ class FederatedBackend:
         else:
             out = self._round(items, self.mix_mode, participants=live)
             per_client = FederationServer.scores_by_client(out, items)
-            sizes = [len(it.candidates) for it in items]
             total = np.zeros(sum(sizes))
             for c in out.responders:
                 flat = np.concatenate([np.asarray(r, dtype=np.float64) for r in per_client[c]])
                 total += np.repeat(W[c], sizes) * flat
             denom = sum(W[c] for c in out.responders)
         denom = np.where(np.asarray(denom) > 0, denom, 1.0)
-        sizes = [len(it.candidates) for it in items]
-        mixed = total / np.repeat(denom, sizes)
-        res, k = [], 0
-        for n in sizes:
-            res.append(mixed[k:k + n].tolist())
-            k += n
-        return res
+        return unflatten((total / np.repeat(denom, sizes)).tolist(), items)
