@@ -10,6 +10,7 @@ The server only reads labels of ``public`` (its small calibration split); ``unla
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,7 @@ import numpy as np
 
 from mor_client.types import ScoringItem
 
+from .answers import AnswerSchema
 from .evaluate import accuracy, accuracy_callback, domain_of, kl_to_reference, plot_report, win_rate, write_report
 from .features import FeatureExtractor
 from .grpo import GRPOMetrics, GRPORunConfig, make_prompt_dataset, run_grpo
@@ -58,6 +60,14 @@ class AlignmentConfig:
     """Weight of the answer-format rule reward."""
     w_length: float = 0.0
     """Weight of the length rule reward."""
+    answer_vocabulary: list | None = None
+    """Every answer word of the task (public metadata, e.g. easy_vqa.get_answers()); None: the answers seen in the
+    public split. Answer types are learned over it (mor_server.answers.AnswerSchema)."""
+    typed_answers: bool = True
+    """The format rule checks the answer's type for the question (a colour for a colour question), and, when
+    w_format > 0, completions that fail it are not sent to the clients (their MoR reward is missing)."""
+    reward_shaping: str = "group_sigmoid"
+    """How the mixed score becomes the MoR reward: 'raw' or 'group_sigmoid' (see MoRReward)."""
     deadline_s: float = 60.0
     """Deadline of one scoring round attempt."""
     retries: int = 1
@@ -89,6 +99,18 @@ def calibration_pairs(public: Sequence, *, seed: int = 0) -> list[tuple[object, 
     if not out:
         raise ValueError("calibration_pairs: the public split has no question type with two distinct answers")
     return out
+
+
+def answer_schema(public: Sequence, unlabeled: Sequence = (), vocabulary: Sequence[str] | None = None, *,
+                  typed: bool = True) -> AnswerSchema:
+    """The answer schema of the format rule: typed (learned from the public split's answers and the wording of
+    every public question) or, with ``typed=False``, just the answer set."""
+    vocab = sorted({normalize_answer(a) for a in vocabulary} if vocabulary is not None
+                   else {normalize_answer(e.answer) for e in public})
+    if not typed:
+        return AnswerSchema.untyped(vocab)
+    return AnswerSchema.fit([(e.question, normalize_answer(e.answer)) for e in public],
+                            questions=[e.question for e in unlabeled], vocabulary=vocab)
 
 
 def calibrate_router(backend: RewardBackend, public: Sequence, features: FeatureExtractor, *, hidden: int = 32,
@@ -178,10 +200,12 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
     # 3. GRPO
     t0 = time.perf_counter()
     metrics = GRPOMetrics(registry)
+    schema = answer_schema(public, unlabeled, cfg.answer_vocabulary, typed=cfg.typed_answers)
+    (work / "router" / "answer_schema.json").write_text(json.dumps(schema.to_dict(), indent=1))
     mor = MoRReward(backend, router, features, objective=cfg.objective, deadline_s=cfg.deadline_s,
-                    retries=cfg.retries, metrics=metrics)
-    answers = sorted({normalize_answer(e.answer) for e in public})
-    funcs, weights = hybrid_rewards(mor, answers=answers, w_mix=cfg.w_mix, w_format=cfg.w_format,
+                    retries=cfg.retries, metrics=metrics, shaping=cfg.reward_shaping,
+                    valid=schema.is_valid if cfg.w_format > 0 else None)
+    funcs, weights = hybrid_rewards(mor, answers=schema, w_mix=cfg.w_mix, w_format=cfg.w_format,
                                     w_length=cfg.w_length)
     gcfg = GRPORunConfig(**{**asdict(cfg.grpo), "output_dir": str(work / "grpo"), "seed": cfg.seed,
                             "progress": cfg.progress})
@@ -216,7 +240,9 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
         "accuracy_before": before, "accuracy_after": after,
         "accuracy_gain_points": 100 * (after["overall"] - before["overall"]),
         "kl_to_reference": kl, "win_rate_before": before_win, "win_rate_after": after_win,
-        "rounds": {"ok": mor.rounds_ok, "failed": mor.rounds_failed, "failed_attempts": mor.attempts_failed},
+        "rounds": {"ok": mor.rounds_ok, "failed": mor.rounds_failed, "failed_attempts": mor.attempts_failed,
+                   "unscored_completions": mor.unscored},
+        "answer_types": [sorted(t) for t in schema.types()],
         "router": router.calibration, "routing_by_domain_grpo": routing_mean, "epsilon": eps,
         "grpo": {"global_step": res["global_step"], "seconds": res["seconds"], "resumed_from": res["resumed_from"],
                  "config": res["config"]},

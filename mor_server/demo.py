@@ -36,9 +36,9 @@ DEFAULT_CLIENTS = (
     {"name": "lab-yesno", "arch": "lora", "partition": "client2"},
 )
 MODES = ("plain", "secagg", "secagg+dp")
-#: GRPO settings of the demo, measured not to collapse the tiny policy with learned (DP) reward models: at
-#: lr 1e-3 / beta 0.02 it drifted to empty answers, which the reward models do not penalise.
-DEMO_GRPO_DEFAULTS = {"learning_rate": 2e-4, "beta": 0.1, "temperature": 1.0}
+#: GRPO settings of the demo (on top of GRPORunConfig's defaults). With the typed format rule and bounded
+#: (group_sigmoid) MoR rewards, lr 1e-3 / beta 0.02 no longer drifts to answers the reward models never ranked.
+DEMO_GRPO_DEFAULTS = {"learning_rate": 1e-3, "beta": 0.02, "temperature": 1.0}
 
 
 @dataclass
@@ -123,8 +123,11 @@ def _say(step: int, total: int, msg: str) -> None:
 
 
 def _model_key(cfg: DemoConfig, c: dict) -> str:
+    from mor_client.rewards.trainer import DEMO_PRESETS
+
     blob = json.dumps({**{k: v for k, v in c.items() if k != "name"}, "epsilon": str(cfg.epsilon),
-                       "seed": cfg.seed, "n": len(cfg.clients), "v": 1}, sort_keys=True)
+                       "seed": cfg.seed, "n": len(cfg.clients), "preset": DEMO_PRESETS.get(c.get("arch"), {}),
+                       "v": 2}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -197,8 +200,10 @@ def align(cfg: DemoConfig, work: Path, backend, server) -> dict:
     unknown = sorted(set(cfg.grpo) - known)
     if unknown:
         raise ValueError(f"grpo: unknown setting(s) {unknown}; known: {sorted(known)}")
+    import easy_vqa
+
     acfg = AlignmentConfig(work_dir=str(work / "alignment"), grpo=GRPORunConfig(**{**DEMO_GRPO_DEFAULTS, **cfg.grpo}),
-                           seed=cfg.seed,
+                           seed=cfg.seed, answer_vocabulary=list(easy_vqa.get_answers()),
                            deadline_s=cfg.round_timeout * 2, w_format=cfg.w_format, w_length=cfg.w_length)
 
     def client_epsilon() -> dict[str, float]:

@@ -19,15 +19,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import math
 import threading
 import time
-from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
 
 from mor_client.types import ScoringItem
 
 from .features import FeatureExtractor
 from .policy import normalize_answer
 from .router import MoRRouter, entropy
+
+
+#: How MoRReward turns the mixed scores into rewards (see MoRReward).
+SHAPINGS = ("raw", "group_sigmoid")
 
 
 class RoundFailed(Exception):
@@ -89,16 +94,31 @@ class MoRReward:
     deadline_s: wall-clock limit of one scoring round attempt; retries: extra attempts after a failure.
     The dataset given to TRL must have columns ``image_png`` (PNG bytes) or ``image`` (PIL), ``question`` and
     ``example_id``; an optional ``domain`` column feeds the routing-by-domain history.
+
+    valid: ``valid(question, completion_text) -> bool`` (e.g. :meth:`mor_server.answers.AnswerSchema.is_valid`).
+        Completions it rejects are never sent to the clients (a reward model's score for an answer it was never
+        trained to rank is meaningless) and get ``None`` here; the format rule reward prices them. Counted in
+        ``unscored``. A batch with no valid completion runs no round.
+    shaping: ``"raw"`` returns the mixed score; ``"group_sigmoid"`` returns ``sigmoid(alpha * (r - mean of the
+        prompt's scored completions))`` with the router's calibrated Bradley-Terry scale alpha: the calibrated
+        probability that the completion is preferred to the group's average, bounded in (0, 1) so that, with a
+        format weight above the MoR weight, no score can make a malformed answer worth more than a well-formed one.
     """
 
     __name__ = "mor_reward"
 
     def __init__(self, backend: RewardBackend, router: MoRRouter, features: FeatureExtractor, *, objective: int = 0,
-                 deadline_s: float = 30.0, retries: int = 1, metrics=None):
+                 deadline_s: float = 30.0, retries: int = 1, metrics=None,
+                 valid: Callable[[str, str], bool] | None = None, shaping: str = "raw"):
         if retries < 0:
             raise ValueError(f"MoRReward: retries must be >= 0, got {retries}")
         if deadline_s <= 0:
             raise ValueError(f"MoRReward: deadline_s must be > 0, got {deadline_s}")
+        if shaping not in SHAPINGS:
+            raise ValueError(f"MoRReward: shaping must be one of {SHAPINGS}, got {shaping!r}")
+        self.valid = valid
+        self.shaping = shaping
+        self.unscored = 0
         self.backend = backend
         self.router = router
         self.features = features
@@ -156,9 +176,28 @@ class MoRReward:
         if completions is None:
             raise ValueError("MoRReward: called without completions")
         n = len(completions)
+        step = getattr(kwargs.get("trainer_state"), "global_step", None)
+        if self.valid is None:
+            return self._score(completions, kwargs, step)
+        questions = _column(kwargs, "question", n)
+        if questions is None:
+            raise ValueError("MoRReward(valid=...) needs the dataset column 'question'")
+        keep = [i for i in range(n) if self.valid(str(questions[i]), completion_text(completions[i]))]
+        with self._lock:
+            self.unscored += n - len(keep)
+        out: list[float | None] = [None] * n
+        if keep:
+            sub = {k: ([v[i] for i in keep] if isinstance(v, (list, tuple)) and len(v) == n else v)
+                   for k, v in kwargs.items()}
+            for i, r in zip(keep, self._score([completions[i] for i in keep], sub, step)):
+                out[i] = r
+        return out
+
+    def _score(self, completions: Sequence, kwargs: dict, step) -> list[float | None]:
+        """One scoring round (with retries) for these completions."""
+        n = len(completions)
         items, pos, domains = self.build_items(completions, kwargs)
         live = list(self.backend.client_ids())
-        step = getattr(kwargs.get("trainer_state"), "global_step", None)
         t0 = time.perf_counter()
         if not live:
             return self._fail(n, step, "no live clients")
@@ -177,7 +216,7 @@ class MoRReward:
                     self.attempts_failed += 1
         else:
             return self._fail(n, step, str(last_err))
-        rewards = [float(scores[k][j]) for k, j in pos]
+        rewards = self._shape(scores, pos)
         with self._lock:
             self.rounds_ok += 1
             by_domain: dict[str, dict[str, float]] = {}
@@ -192,6 +231,14 @@ class MoRReward:
             self.metrics.round_done(True, time.perf_counter() - t0)
         return rewards
 
+    def _shape(self, scores: Sequence[Sequence[float]], pos: Sequence[tuple[int, int]]) -> list[float]:
+        if self.shaping == "raw":
+            return [float(scores[k][j]) for k, j in pos]
+        alpha = float(self.router.calibration.get("alpha", 1.0)) if self.router.calibration else 1.0
+        means = [sum(s) / len(s) for s in scores]
+        return [1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, alpha * (float(scores[k][j]) - means[k])))))
+                for k, j in pos]
+
     def _fail(self, n: int, step, reason: str) -> list[None]:
         with self._lock:
             self.rounds_failed += 1
@@ -203,21 +250,25 @@ class MoRReward:
 
 # ------------------------------------------------------------------------------------------------- rules
 class FormatReward:
-    """1.0 when the completion is exactly one word from the task's answer set, else 0.0."""
+    """1.0 when the completion is exactly one answer word valid for its question, else 0.0.
+
+    answers: the task's answer set (any question takes any of them), or an
+    :class:`~mor_server.answers.AnswerSchema` (typed: a colour question takes a colour; needs the dataset column
+    ``question``).
+    """
 
     __name__ = "format_reward"
 
-    def __init__(self, answers: Iterable[str]):
-        self.answers = {a.lower() for a in answers}
-        if not self.answers:
-            raise ValueError("FormatReward: answers is empty")
+    def __init__(self, answers):
+        from .answers import AnswerSchema
+
+        self.schema = answers if isinstance(answers, AnswerSchema) else AnswerSchema.untyped(list(answers))
+        self.answers = self.schema.vocabulary
 
     def __call__(self, prompts=None, completions=None, **kwargs) -> list[float]:
-        out = []
-        for c in completions:
-            words = completion_text(c).lower().split()
-            out.append(1.0 if len(words) == 1 and normalize_answer(words[0]) in self.answers else 0.0)
-        return out
+        n = len(completions)
+        questions = _column(kwargs, "question", n) or [""] * n
+        return [1.0 if self.schema.is_valid(str(q), completion_text(c)) else 0.0 for q, c in zip(questions, completions)]
 
 
 class LengthReward:
@@ -236,7 +287,7 @@ class LengthReward:
                 for c in completions]
 
 
-def hybrid_rewards(mor: MoRReward | None, *, answers: Iterable[str] | None = None, w_mix: float = 1.0,
+def hybrid_rewards(mor: MoRReward | None, *, answers=None, w_mix: float = 1.0,
                    w_format: float = 0.0, w_length: float = 0.0) -> tuple[list, list[float]]:
     """reward = w_mix * MoR + w_format * format + w_length * length, as TRL ``(reward_funcs, reward_weights)``.
 

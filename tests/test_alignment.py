@@ -31,14 +31,15 @@ def test_run_alignment_writes_report_and_plots(split, tmp_path):
         sft=SFTConfig(steps=10, batch_size=16),
         grpo=GRPORunConfig(max_steps=2, prompts_per_step=2, num_generations=2, max_completion_length=2,
                            save_steps=0),
-        router_steps=100, eval_size=40, curve_size=8, curve_every=1, progress=False, w_format=0.1)
+        router_steps=100, eval_size=40, curve_size=8, curve_every=1, progress=False, w_length=0.1)
     heldout = {name: c.heldout[:8] for name, c in split.clients.items()}
     reg = CollectorRegistry()
     rep = run_alignment(backend, public=split.server_public, unlabeled=split.server_unlabeled, test=test,
                         heldout_pairs=heldout, config=cfg, registry=reg,
                         epsilon=lambda: {"expert_color": 1.5, "expert_shape": 2.0, "expert_yesno": 0.5})
     saved = json.loads((tmp_path / "run" / "report" / "report.json").read_text())
-    assert saved["grpo"]["global_step"] == 2 and saved["rounds"] == {"ok": 2, "failed": 0, "failed_attempts": 0}
+    assert saved["grpo"]["global_step"] == 2 and saved["rounds"] == {"ok": 2, "failed": 0, "failed_attempts": 0,
+                                                                "unscored_completions": 0}
     assert set(saved["accuracy_before"]["by_domain"]) <= {"color", "shape", "yesno"}
     assert 0.0 <= saved["accuracy_after"]["overall"] <= 1.0 and saved["kl_to_reference"] >= -1e-6
     assert set(saved["win_rate_after"]) == set(split.clients)

@@ -174,3 +174,32 @@ def test_grpo_survives_failed_rounds(examples, router, policy_dir, tmp_path):
     assert logged and all(v is None or math.isnan(v) for v in logged)  # missing, not zero
     with pytest.raises(ValueError, match="num_generations"):
         GRPORunConfig(num_generations=1).validate()
+
+
+def test_malformed_completions_are_not_sent_and_rewards_are_bounded(examples, router):
+    """valid=...: a completion of the wrong type never reaches the clients (MoR reward missing, the format rule
+    prices it); group_sigmoid: the calibrated preference over the group's mean, in (0, 1)."""
+    from mor_server.answers import AnswerSchema
+
+    class Recording(InProcessBackend):
+        sent: list = []
+
+        def mixed_scores(self, items, weights):
+            self.sent.extend(c for it in items for c in it.candidates)
+            return super().mixed_scores(items, weights)
+
+    schema = AnswerSchema.fit([(e.question, e.answer) for e in examples])
+    backend = Recording({"a": LabelScorer(examples)})
+    exs = [e for e in examples if e.question_type == "color"][:2]
+    wrong = [a for a in ("red", "blue", "green", "gray", "teal", "brown", "yellow", "black") if a != exs[0].answer][0]
+    completions = [c for e in exs for c in (e.answer, "yes", "", wrong)]
+    mor = MoRReward(backend, router, FeatureExtractor(), valid=schema.is_valid, shaping="group_sigmoid")
+    got = mor(completions=completions, **trl_kwargs(exs, 4))
+    assert got[1] is None and got[2] is None and got[5] is None and got[6] is None
+    assert "yes" not in backend.sent and "" not in backend.sent and mor.unscored == 4
+    assert got[0] > 0.5 > got[3] and all(0.0 < got[i] < 1.0 for i in (0, 3, 4, 7))
+    # no well-formed completion at all: no round is run
+    n_rounds = mor.rounds_ok
+    assert mor(completions=["yes"] * 4, **trl_kwargs(exs[:1], 4)) == [None] * 4 and mor.rounds_ok == n_rounds
+    with pytest.raises(ValueError, match="shaping"):
+        MoRReward(backend, router, FeatureExtractor(), shaping="softmax")
