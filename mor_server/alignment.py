@@ -101,6 +101,15 @@ def calibration_pairs(public: Sequence, *, seed: int = 0) -> list[tuple[object, 
     return out
 
 
+def heldout_test(split) -> list:
+    """easy-vqa test examples whose images are in neither the server's public nor its unlabeled split (both are
+    carved from the test split), i.e. images the policy never saw: the evaluation set of the demo and benchmarks."""
+    from mor_client.data.easyvqa import load_easyvqa
+
+    used = {e.image_id for e in list(split.server_public) + list(split.server_unlabeled)}
+    return [e for e in load_easyvqa("test") if e.image_id not in used]
+
+
 def answer_schema(public: Sequence, unlabeled: Sequence = (), vocabulary: Sequence[str] | None = None, *,
                   typed: bool = True) -> AnswerSchema:
     """The answer schema of the format rule: typed (learned from the public split's answers and the wording of
@@ -270,7 +279,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import json
 
-    from mor_client.data.easyvqa import load_easyvqa
     from mor_client.data.partition import make_federation_split
 
     from .inprocess import InProcessBackend, LabelExpertScorer
@@ -284,15 +292,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--beta", type=float, default=GRPORunConfig().beta)
     ap.add_argument("--temperature", type=float, default=GRPORunConfig().temperature)
     ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--w-format", type=float, default=4.0, help="weight of the typed answer-format rule")
     ap.add_argument("--eval-size", type=int, default=600)
     a = ap.parse_args(argv)
     split = make_federation_split(seed=a.seed)
     known = list(split.server_public) + list(split.server_unlabeled)
     backend = InProcessBackend({f"expert_{d}": LabelExpertScorer(known, [d]) for d in ("color", "shape", "yesno")})
-    used = {e.image_id for e in known}
-    test = [e for e in load_easyvqa("test") if e.image_id not in used]
+    test = heldout_test(split)
+    import easy_vqa
+
     cfg = AlignmentConfig(work_dir=a.work_dir, seed=a.seed, sft=SFTConfig(steps=a.sft_steps), eval_size=a.eval_size,
-                          top_k=a.top_k,
+                          top_k=a.top_k, w_format=a.w_format, answer_vocabulary=list(easy_vqa.get_answers()),
                           grpo=GRPORunConfig(max_steps=a.steps, learning_rate=a.lr, beta=a.beta,
                                              temperature=a.temperature))
     rep = run_alignment(backend, public=split.server_public, unlabeled=split.server_unlabeled, test=test, config=cfg)

@@ -186,11 +186,10 @@ def start_clients(cfg: DemoConfig, work: Path, port: int, pki_dir: Path) -> list
 
 def align(cfg: DemoConfig, work: Path, backend, server) -> dict:
     """Run the alignment engine over the federated backend on the embedded easy-vqa default."""
-    from mor_client.data.easyvqa import load_easyvqa
     from mor_client.data.partition import make_federation_split
     from privacy.ledger import PrivacyLedger
 
-    from .alignment import AlignmentConfig, run_alignment
+    from .alignment import AlignmentConfig, heldout_test, run_alignment
     from .grpo import GRPORunConfig
 
     split = make_federation_split(seed=cfg.seed, n_clients=len(cfg.clients))
@@ -214,7 +213,7 @@ def align(cfg: DemoConfig, work: Path, backend, server) -> dict:
         return out
 
     res = run_alignment(backend, public=split.server_public, unlabeled=split.server_unlabeled,
-                        test=load_easyvqa("test"), heldout_pairs=heldout, config=acfg,
+                        test=heldout_test(split), heldout_pairs=heldout, config=acfg,
                         registry=server.server.metrics.registry, epsilon=client_epsilon)
     res.pop("model", None)
     res.pop("processor", None)
