@@ -275,7 +275,8 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m mor_server.alignment``: the in-process pipeline on the embedded easy-vqa federation split,
-    with label-expert clients (one per question type; an upper bound on trained reward models)."""
+    with label-expert clients (one per question type; an upper bound on trained reward models) or, with
+    ``--models``, trained client reward models loaded in-process (no federation)."""
     import argparse
     import json
 
@@ -294,10 +295,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--w-format", type=float, default=4.0, help="weight of the typed answer-format rule")
     ap.add_argument("--eval-size", type=int, default=600)
+    ap.add_argument("--models", type=Path, default=None,
+                    help="a folder of trained client reward models (<client>/model/card.json, e.g. runs/demo/clients) "
+                         "to use in-process instead of the label experts")
     a = ap.parse_args(argv)
     split = make_federation_split(seed=a.seed)
-    known = list(split.server_public) + list(split.server_unlabeled)
-    backend = InProcessBackend({f"expert_{d}": LabelExpertScorer(known, [d]) for d in ("color", "shape", "yesno")})
+    if a.models is not None:
+        from mor_client.rewards.scorer import RewardModelScorer
+
+        dirs = sorted(d for d in Path(a.models).glob("*/model") if (d / "card.json").is_file())
+        if not dirs:
+            ap.error(f"--models {a.models}: no <client>/model/card.json below it; train models with "
+                     f"`mor-client train` or run `mor demo` first")
+        backend = InProcessBackend({d.parent.name: RewardModelScorer.from_dir(d) for d in dirs})
+    else:
+        known = list(split.server_public) + list(split.server_unlabeled)
+        backend = InProcessBackend({f"expert_{d}": LabelExpertScorer(known, [d]) for d in ("color", "shape", "yesno")})
     test = heldout_test(split)
     import easy_vqa
 

@@ -37,8 +37,9 @@ class GRPORunConfig:
     """PPO-style clip range of the importance ratio."""
     loss_type: str = "dapo"
     """TRL loss aggregation: 'grpo', 'dapo', 'dr_grpo' or 'bnpo'."""
-    temperature: float = 1.2
-    """Sampling temperature of the completions (> 1 keeps exploring answers the warm start rarely gives)."""
+    temperature: float = 1.0
+    """Sampling temperature of the completions (> 1 explores answers the warm start rarely gives, at the cost of
+    more malformed samples)."""
     max_completion_length: int = 4
     """Tokens per completion (easy-vqa answers are one word + end of sequence)."""
     scale_rewards: str = "group"

@@ -22,12 +22,11 @@ import io
 import math
 import threading
 import time
-from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from mor_client.types import ScoringItem
 
 from .features import FeatureExtractor
-from .policy import normalize_answer
 from .router import MoRRouter, entropy
 
 
