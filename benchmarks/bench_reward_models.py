@@ -4,8 +4,10 @@ the privacy-utility curve (epsilon in {1, 4, 8, inf}) and private / non-private 
     python benchmarks/bench_reward_models.py [--archs cnn:client0,vit:client1,lora:client2] [--epsilons 1,4,8,inf]
 
 Writes benchmarks/results/reward_models.json. Not a test: it takes minutes on 2 cores. To keep the run short,
-public pre-training (no privacy cost) runs once per architecture and every epsilon starts from a copy of that
-pre-trained model; each run otherwise uses its demo preset (including the preset's max_pairs).
+all non-private pre-training (synthetic public data, the server's public pairs; no privacy cost) runs once per
+architecture and every epsilon starts from a copy of that pre-trained model; each run otherwise uses its demo
+preset (including the preset's max_pairs). "public_only_heldout_accuracy" is the pre-trained model before any
+private data; "demo_preset_seconds_eps8" = pre-training + the eps-8 private phase (what `mor demo` trains).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -29,12 +32,13 @@ def main() -> int:
     ap.add_argument("--max-pairs", type=int, default=None, help="cap on training pairs (default: the preset's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine shared with other jobs)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "reward_models.json")
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     from mor_client.data import make_federation_split, make_pairs
     from mor_client.rewards import build_model, default_vocab, demo_config, pairwise_accuracy, train_reward_model
-    from mor_client.rewards.trainer import _pretrain, _tensors
+    from mor_client.rewards.trainer import public_pretrain
 
     t_all = time.perf_counter()
     split = make_federation_split(seed=a.seed)
@@ -42,20 +46,23 @@ def main() -> int:
     for spec in a.archs.split(","):
         arch, client = spec.split(":")
         c = split.clients[client]
-        public = make_pairs([e for e in split.server_public if e.question_type in c.question_types], seed=a.seed,
-                            rejected_per_example=8)
         base = demo_config(arch, seed=a.seed, device=a.device, progress=False)
+        public = make_pairs([e for e in split.server_public if e.question_type in c.question_types], seed=a.seed,
+                            rejected_per_example=8) if base.pretrain_epochs else []
         vocab = default_vocab()
         torch.manual_seed(a.seed)
         pre = build_model(arch, len(vocab), **base.model_config)
         t = time.perf_counter()
-        _pretrain(pre, _tensors(vocab, public, int(pre.config.get("image_size", 32))), base, torch.device(a.device))
+        info = public_pretrain(pre, base, public_pairs=public, train_pairs=c.train, vocab=vocab)
         pretrain_s = round(time.perf_counter() - t, 2)
+        public_only = pairwise_accuracy(pre, vocab, c.heldout, device=a.device) if (
+            info["synthetic_pairs"] or info["public_pairs"]) else None
+        pre.train()
         for e in a.epsilons.split(","):
             eps = math.inf if e == "inf" else float(e)
             over = dict(max_pairs=a.max_pairs) if a.max_pairs else {}
             cfg = demo_config(arch, epsilon=None if math.isinf(eps) else eps, seed=a.seed, device=a.device,
-                              progress=False, pretrain_epochs=0, **over)
+                              progress=False, pretrain_epochs=0, synthetic_images=0, **over)
             t = time.perf_counter()
             res = train_reward_model(c.train, c.heldout, cfg, domain=client, model=copy.deepcopy(pre))
             wall = time.perf_counter() - t
@@ -65,22 +72,31 @@ def main() -> int:
                    "epsilon": res.card["epsilon"], "delta": res.card["delta"], "pairs": res.card["data_size"],
                    "heldout_pairwise_accuracy": res.card["heldout_pairwise_accuracy"],
                    "outside_domain_accuracy": outside, "noise_multiplier": res.card["noise_multiplier"],
-                   "steps": res.card["steps"], "public_pretrain_pairs": len(public),
+                   "steps": res.card["steps"], "public_pretrain_pairs": info["public_pairs"],
+                   "synthetic_pretrain_pairs": info["synthetic_pairs"],
+                   "synthetic_pretrain_types": list(info["synthetic_types"]),
+                   "public_only_heldout_accuracy": public_only,
+                   "trainable_parameters_private_phase": res.card["trainable_parameter_count"],
+                   "parameters": res.card["parameter_count"],
                    "public_pretrain_seconds_once": pretrain_s, "private_phase_seconds": res.card["train_seconds"],
                    "wall_seconds": round(wall, 2)}
             print(json.dumps(row))
             rows.append(row)
-    ratios = {}
+    ratios, demo_seconds = {}, {}
     for arch in {r["arch"] for r in rows}:
         dp = [r for r in rows if r["arch"] == arch and r["epsilon_target"] == "8"]
         nodp = [r for r in rows if r["arch"] == arch and r["epsilon_target"] == "inf"]
         if dp and nodp:
             ratios[arch] = round(dp[0]["private_phase_seconds"] / nodp[0]["private_phase_seconds"], 2)
+        if dp:
+            demo_seconds[arch] = round(dp[0]["public_pretrain_seconds_once"] + dp[0]["wall_seconds"], 1)
     out = {"rows": rows, "total_seconds": round(time.perf_counter() - t_all, 1),
-           "notes": "public pre-training once per arch (copied for every epsilon); demo presets otherwise; "
-                    "private_phase_seconds is comparable across epsilons of one arch (same run, same machine, "
-                    "which is shared with other jobs)", "private_over_nonprivate_time_eps8": ratios,
-           "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "device": a.device},
+           "notes": "non-private pre-training (synthetic public data, server public pairs) once per arch (copied "
+                    "for every epsilon); demo presets otherwise; private_phase_seconds is comparable across "
+                    "epsilons of one arch (same run, same machine, which is shared with other jobs)",
+           "private_over_nonprivate_time_eps8": ratios, "demo_preset_seconds_eps8": demo_seconds,
+           "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "device": a.device,
+                       "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
            "command": "python benchmarks/bench_reward_models.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
                                                                             vars(a).items() if k != "out")}
     a.out.parent.mkdir(parents=True, exist_ok=True)

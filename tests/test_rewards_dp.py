@@ -80,6 +80,8 @@ def test_one_pair_is_one_opacus_row(split):
 
 
 @pytest.mark.parametrize("arch,cfg", [("lora", dict(dim=32, layers=1, heads=2, lora_r=4)),
+                                      ("lora", dict(dim=32, layers=1, heads=2, lora_r=4, fusion="late", ink=True,
+                                                    stem_channels=8)),
                                       ("cnn", dict(dim=16, channels=8)),
                                       ("vit", dict(dim=16, depth=1, text_depth=1, heads=2))])
 def test_per_sample_gradients_match_per_example_autograd(split, arch, cfg):

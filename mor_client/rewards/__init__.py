@@ -6,11 +6,13 @@ from .models import (ARCHITECTURES, CNNRewardModel, LoRARewardModel, RewardModul
                      make_dp_compatible, register_architecture)
 from .scorer import RewardModelScorer
 from .store import load_model_dir, read_card, save_model_dir
-from .trainer import DEMO_PRESETS, TrainConfig, TrainResult, demo_config, pairwise_accuracy, train_reward_model
+from .trainer import (DEMO_PRESETS, TrainConfig, TrainResult, demo_config, pairwise_accuracy, public_pretrain,
+                      train_reward_model)
 
 __all__ = [
     "Vocab", "default_vocab", "encode_batch", "encode_pairs", "ARCHITECTURES", "CNNRewardModel",
     "LoRARewardModel", "RewardModule", "ViTRewardModel", "build_model", "make_dp_compatible",
     "register_architecture", "RewardModelScorer", "load_model_dir", "read_card", "save_model_dir",
-    "DEMO_PRESETS", "TrainConfig", "TrainResult", "demo_config", "pairwise_accuracy", "train_reward_model",
+    "DEMO_PRESETS", "TrainConfig", "TrainResult", "demo_config", "pairwise_accuracy", "public_pretrain",
+    "train_reward_model",
 ]

