@@ -43,14 +43,16 @@ def _train(args) -> int:
     from mor_client.rewards import demo_config, save_model_dir, train_reward_model
 
     split = make_federation_split(seed=args.data_seed, scheme=args.scheme, n_clients=args.n_clients,
-                                  include_shapes_client=args.include_shapes_client, flip_fraction=args.flip_fraction)
+                                  include_shapes_client=args.include_shapes_client, flip_fraction=args.flip_fraction,
+                                  n_annotators=args.n_annotators)
     if args.partition not in split.clients:
         raise ValueError(f"--partition {args.partition!r} unknown; this split has {sorted(split.clients)}")
     client = split.clients[args.partition]
     overrides = {k: v for k, v in dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                        max_grad_norm=args.max_grad_norm, accountant=args.accountant,
                                        grad_sample_mode=args.grad_sample_mode, delta=args.delta,
-                                       pretrain_epochs=args.pretrain_epochs, max_pairs=args.max_pairs).items() if v is not None}
+                                       pretrain_epochs=args.pretrain_epochs, max_pairs=args.max_pairs,
+                                       unit=args.unit).items() if v is not None}
     cfg = demo_config(args.arch, epsilon=None if math.isinf(args.epsilon) else args.epsilon, seed=args.seed,
                       device=args.device, progress=not args.quiet, **overrides)
     public = make_pairs([e for e in split.server_public if e.question_type in client.question_types],
@@ -59,6 +61,8 @@ def _train(args) -> int:
                              domain=f"{args.partition}: {client.domain_desc}")
     card = save_model_dir(args.out, res.model, res.vocab, res.card)
     eps = "inf (no DP)" if card["epsilon"] is None else f"{card['epsilon']:.3f} (delta={card['delta']:.2e})"
+    if card["privacy_unit"] != "pair":
+        eps += f" per {card['privacy_unit']} ({card['privacy_units']} of them)"
     print(f"saved {args.out}: {card['architecture']}, {card['data_size']} pairs, epsilon {eps}, "
           f"held-out pairwise accuracy {card['heldout_pairwise_accuracy']:.3f}, {card['train_seconds']:.1f} s")
     if args.ledger is not None:
@@ -82,7 +86,7 @@ def _card(args) -> int:
             ("data size (pairs)", card.get("data_size")), ("epsilon", eps), ("delta", card.get("delta")),
             ("noise multiplier", card.get("noise_multiplier")), ("sample rate", card.get("sample_rate")),
             ("steps", card.get("steps")), ("epochs", card.get("epochs")), ("accountant", card.get("accountant")),
-            ("privacy unit", card.get("privacy_unit")),
+            ("privacy unit", card.get("privacy_unit")), ("privacy units in data", card.get("privacy_units")),
             ("held-out pairwise accuracy", card.get("heldout_pairwise_accuracy")),
             ("created", card.get("created_at")), ("weights sha256", card.get("weights_sha256"))]
     for k, v in rows:
@@ -104,6 +108,10 @@ def register(subparsers) -> None:
     t.add_argument("--include-shapes-client", action="store_true",
                    help="the last client holds the procedural shapes domain")
     t.add_argument("--flip-fraction", type=float, default=0.0, help="annotator noise: fraction of flipped pairs")
+    t.add_argument("--n-annotators", type=int, default=8, help="annotators the split's pairs are spread over")
+    t.add_argument("--unit", choices=("pair", "annotator"), default=None,
+                   help="privacy unit of DP-SGD: one preference pair (default) or all pairs of one annotator "
+                        "(per-annotator clipping; needs --grad-sample-mode hooks, the presets' mode)")
     t.add_argument("--data-seed", type=int, default=0, help="seed of the federation split")
     t.add_argument("--seed", type=int, default=0, help="seed of init, sampling and DP noise")
     t.add_argument("--max-pairs", type=int, default=None, 

