@@ -66,8 +66,10 @@ class AlignmentConfig:
     typed_answers: bool = True
     """The format rule checks the answer's type for the question (a colour for a colour question), and, when
     w_format > 0, completions that fail it are not sent to the clients (their MoR reward is missing)."""
-    reward_shaping: str = "group_sigmoid"
-    """How the mixed score becomes the MoR reward: 'raw' or 'group_sigmoid' (see MoRReward)."""
+    reward_shaping: str = "answer_softmax"
+    """How the mixed score becomes the MoR reward: 'raw', 'group_sigmoid' or 'answer_softmax' (the calibrated
+    probability of the completion among the question's possible answers; see MoRReward)."""
+
     deadline_s: float = 60.0
     """Deadline of one scoring round attempt."""
     retries: int = 1
@@ -213,7 +215,8 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
     (work / "router" / "answer_schema.json").write_text(json.dumps(schema.to_dict(), indent=1))
     mor = MoRReward(backend, router, features, objective=cfg.objective, deadline_s=cfg.deadline_s,
                     retries=cfg.retries, metrics=metrics, shaping=cfg.reward_shaping,
-                    valid=schema.is_valid if cfg.w_format > 0 else None)
+                    valid=schema.is_valid if cfg.w_format > 0 else None,
+                    anchors=schema.valid_answers if cfg.reward_shaping == "answer_softmax" else None)
     funcs, weights = hybrid_rewards(mor, answers=schema, w_mix=cfg.w_mix, w_format=cfg.w_format,
                                     w_length=cfg.w_length)
     gcfg = GRPORunConfig(**{**asdict(cfg.grpo), "output_dir": str(work / "grpo"), "seed": cfg.seed,

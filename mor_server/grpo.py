@@ -23,15 +23,15 @@ class GRPORunConfig:
 
     output_dir: str = "runs/grpo"
     """Where checkpoints (checkpoint-<step>/) and the final policy (final/) go."""
-    max_steps: int = 80
+    max_steps: int = 400
     """Optimizer steps of the run (the total, also when resuming)."""
     prompts_per_step: int = 8
     """Distinct prompts per step; each gets num_generations completions."""
     num_generations: int = 8
     """Group size G of GRPO (completions per prompt, compared with each other)."""
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-4
     """Adam learning rate of the policy."""
-    beta: float = 0.02
+    beta: float = 0.05
     """KL coefficient to the frozen reference (> 0 keeps the policy near the warm start)."""
     epsilon: float = 0.2
     """PPO-style clip range of the importance ratio."""
@@ -44,7 +44,7 @@ class GRPORunConfig:
     """Tokens per completion (easy-vqa answers are one word + end of sequence)."""
     scale_rewards: str = "group"
     """Advantage normalisation: 'group', 'batch' or 'none'."""
-    save_steps: int = 40
+    save_steps: int = 100
     """Checkpoint every save_steps steps (0: only the final policy)."""
     save_total_limit: int = 2
     """Keep at most this many checkpoints."""

@@ -323,6 +323,17 @@ def sft_warm_start(model, processor, examples: Sequence, config: SFTConfig | Non
             "examples": len(examples)}
 
 
+def generation_constraints(model) -> dict:
+    """Decoding constraints shared with GRPO's sampling: TRL suppresses the image token when it generates for a
+    VLM (a sampled image token would have no image features), so GRPO never sees, and never pushes down, that
+    token's probability. Evaluating the policy without the same constraint measures a different policy (one that
+    can answer with an image placeholder); this keeps evaluation and training on the same decoding rule."""
+    image_token = getattr(model.config, "image_token_id", None)
+    if image_token is None:
+        image_token = getattr(model.config, "image_token_index", None)
+    return {"suppress_tokens": [int(image_token)]} if image_token is not None else {}
+
+
 @torch.no_grad()
 def generate_answers(model, processor, items: Sequence, *, batch_size: int = 64, max_new_tokens: int = 3,
                      do_sample: bool = False) -> list[str]:
@@ -341,7 +352,8 @@ def generate_answers(model, processor, items: Sequence, *, batch_size: int = 64,
             enc = processor(images=[to_pil(e.image) for e in chunk], text=prompts, return_tensors="pt",
                             padding=True).to(device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                 **generation_constraints(model))
             new = gen[:, enc["input_ids"].shape[1]:]
             out.extend(s.strip() for s in tok.batch_decode(new, skip_special_tokens=True))
     finally:

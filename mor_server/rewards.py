@@ -31,7 +31,7 @@ from .router import MoRRouter, entropy
 
 
 #: How MoRReward turns the mixed scores into rewards (see MoRReward).
-SHAPINGS = ("raw", "group_sigmoid")
+SHAPINGS = ("raw", "group_sigmoid", "answer_softmax")
 
 
 class RoundFailed(Exception):
@@ -102,19 +102,30 @@ class MoRReward:
         prompt's scored completions))`` with the router's calibrated Bradley-Terry scale alpha: the calibrated
         probability that the completion is preferred to the group's average, bounded in (0, 1) so that, with a
         format weight above the MoR weight, no score can make a malformed answer worth more than a well-formed one.
+        ``"answer_softmax"`` (needs ``anchors``): each item's candidates are the question's possible answers
+        (``anchors(question)``, e.g. :meth:`mor_server.answers.AnswerSchema.valid_answers`) plus any other
+        completion, each scored once; a completion's reward is its probability under the calibrated mixture,
+        ``softmax_a(alpha * r(a))[completion]``: an absolute signal in (0, 1) that does not depend on which other
+        completions were sampled (with group_sigmoid a group whose only well-formed completion is right gets 0.5).
+    anchors: ``anchors(question) -> answers`` for ``"answer_softmax"``.
     """
 
     __name__ = "mor_reward"
 
     def __init__(self, backend: RewardBackend, router: MoRRouter, features: FeatureExtractor, *, objective: int = 0,
                  deadline_s: float = 30.0, retries: int = 1, metrics=None,
-                 valid: Callable[[str, str], bool] | None = None, shaping: str = "raw"):
+                 valid: Callable[[str, str], bool] | None = None, shaping: str = "raw",
+                 anchors: Callable[[str], Sequence[str]] | None = None):
         if retries < 0:
             raise ValueError(f"MoRReward: retries must be >= 0, got {retries}")
         if deadline_s <= 0:
             raise ValueError(f"MoRReward: deadline_s must be > 0, got {deadline_s}")
         if shaping not in SHAPINGS:
             raise ValueError(f"MoRReward: shaping must be one of {SHAPINGS}, got {shaping!r}")
+        if shaping == "answer_softmax" and anchors is None:
+            raise ValueError("MoRReward: shaping='answer_softmax' needs anchors=(question -> possible answers), e.g. "
+                             "AnswerSchema.valid_answers")
+        self.anchors = anchors
         self.valid = valid
         self.shaping = shaping
         self.unscored = 0
@@ -159,6 +170,13 @@ class MoRReward:
             k = order[key]
             pos.append((k, len(cands[k])))
             cands[k].append(completion_text(completions[i]))
+        if self.anchors is not None:  # each distinct answer once, the question's possible answers first
+            uniq = []
+            for k, i in enumerate(first):
+                u = list(dict.fromkeys([str(a) for a in sorted(self.anchors(str(questions[i])))] + cands[k]))
+                uniq.append(u)
+            pos = [(k, uniq[k].index(cands[k][j])) for k, j in pos]
+            cands = uniq
         items = [ScoringItem(item_id=str(ids[i]), image=png_bytes(images[i]), question=str(questions[i]),
                              candidates=tuple(c)) for i, c in zip(first, cands)]
         return items, pos, [domains[i] if domains else None for i in first]
@@ -234,6 +252,14 @@ class MoRReward:
         if self.shaping == "raw":
             return [float(scores[k][j]) for k, j in pos]
         alpha = float(self.router.calibration.get("alpha", 1.0)) if self.router.calibration else 1.0
+        if self.shaping == "answer_softmax":
+            probs = []
+            for s in scores:
+                z = [alpha * float(v) for v in s]
+                top = max(z)
+                e = [math.exp(v - top) for v in z]
+                probs.append([v / sum(e) for v in e])
+            return [probs[k][j] for k, j in pos]
         means = [sum(s) / len(s) for s in scores]
         return [1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, alpha * (float(scores[k][j]) - means[k])))))
                 for k, j in pos]

@@ -203,3 +203,39 @@ def test_malformed_completions_are_not_sent_and_rewards_are_bounded(examples, ro
     assert mor(completions=["yes"] * 4, **trl_kwargs(exs[:1], 4)) == [None] * 4 and mor.rounds_ok == n_rounds
     with pytest.raises(ValueError, match="shaping"):
         MoRReward(backend, router, FeatureExtractor(), shaping="softmax")
+
+
+def test_answer_softmax_rewards_are_the_mixtures_probability_among_the_questions_answers(examples, router):
+    """answer_softmax: every possible answer of the question is scored once (duplicates and the group's luck do
+    not matter) and a completion's reward is softmax(alpha * mixed score)[completion]; a group whose only
+    well-formed completion is right still rewards it (group_sigmoid would give 0.5)."""
+    import math as m
+
+    from mor_server.answers import AnswerSchema
+
+    class Recording(InProcessBackend):
+        items: list = []
+
+        def mixed_scores(self, items, weights):
+            self.items.extend(items)
+            return super().mixed_scores(items, weights)
+
+    import copy
+
+    schema = AnswerSchema.fit([(e.question, e.answer) for e in examples])
+    backend = Recording({"a": LabelScorer(examples)})
+    ex = [e for e in examples if e.question_type == "color"][0]
+    router = copy.deepcopy(router)
+    router.calibration = {"alpha": 5.0}  # the calibrated Bradley-Terry scale
+    mor = MoRReward(backend, router, FeatureExtractor(), valid=schema.is_valid, shaping="answer_softmax",
+                    anchors=schema.valid_answers)
+    got = mor(completions=[ex.answer, "yes", ex.answer, ""], **trl_kwargs([ex], 4))
+    item = backend.items[-1]
+    assert sorted(item.candidates) == sorted(schema.valid_answers(ex.question))  # each answer once
+    alpha, n = 5.0, len(item.candidates)
+    want = m.exp(alpha) / (m.exp(alpha) + (n - 1))  # LabelScorer: 1 for the right answer, 0 otherwise
+    assert got[0] == pytest.approx(want) and got[2] == pytest.approx(want) and got[1] is None and got[3] is None
+    lone = mor(completions=[ex.answer, "yes", "", "no"], **trl_kwargs([ex], 4))
+    assert lone[0] == pytest.approx(want) and want > 0.5
+    with pytest.raises(ValueError, match="anchors"):
+        MoRReward(backend, router, FeatureExtractor(), shaping="answer_softmax")

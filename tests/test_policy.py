@@ -81,3 +81,35 @@ def test_load_local_dir_with_lora_adapter(tmp_path):
         load_policy(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_policy(base, adapter=tmp_path)
+
+
+def test_evaluation_decodes_like_grpo_sampling_never_an_image_token(data):
+    """TRL suppresses the image token when it samples GRPO completions, so GRPO never pushes that token's
+    probability down; evaluation must decode under the same rule or it measures another policy (one whose greedy
+    answer can be an image placeholder, i.e. an empty string)."""
+    from mor_server.policy import generation_constraints, to_pil
+
+    model, processor = build_tiny_llava(config=SMALL)
+    image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert generation_constraints(model) == {"suppress_tokens": [image_id]}
+    examples = data[1][:6]
+
+    red = processor.tokenizer.convert_tokens_to_ids("red")
+
+    def favour_image_token(module, args, out):  # the drift GRPO cannot see: the image token outscores everything
+        out = out.clone()
+        out[..., image_id] += 100.0
+        out[..., red] += 50.0  # and "red" is the best real answer
+        return out
+
+    hook = model.lm_head.register_forward_hook(favour_image_token)
+    try:
+        answers = generate_answers(model, processor, examples, max_new_tokens=1)
+        enc = processor(images=[to_pil(examples[0].image)],
+                        text=[processor.apply_chat_template(user_message(examples[0].question),
+                                                            add_generation_prompt=True)], return_tensors="pt")
+        raw = model.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    finally:
+        hook.remove()
+    assert int(raw[0, -1]) == image_id  # unconstrained decoding would answer with the image token
+    assert answers == ["red"] * len(examples)  # ours never does: it answers with the best real token
