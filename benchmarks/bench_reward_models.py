@@ -2,6 +2,9 @@
 the privacy-utility curve (epsilon in {1, 4, 8, inf}) and private / non-private training time.
 
     python benchmarks/bench_reward_models.py [--archs cnn:client0,vit:client1,lora:client2] [--epsilons 1,4,8,inf]
+    python benchmarks/bench_reward_models.py --archs lora-minilm:client2 --out benchmarks/results/reward_models_minilm.json
+    python benchmarks/bench_reward_models.py --archs cnn:client0 --units pair,annotator --n-annotators 2000 \
+        --out benchmarks/results/reward_models_annotator.json
 
 Writes benchmarks/results/reward_models.json. Not a test: it takes minutes on 2 cores. To keep the run short,
 all non-private pre-training (synthetic public data, the server's public pairs; no privacy cost) runs once per
@@ -27,7 +30,10 @@ import torch
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--archs", default="cnn:client0,vit:client1,lora:client2",
-                    help="arch:client pairs (client0 colour, client1 shape, client2 yes/no)")
+                    help="arch:client pairs (client0 colour, client1 shape, client2 yes/no); lora-minilm is the "
+                         "lora preset on the pretrained MiniLM backbone (needs mor[minilm])")
+    ap.add_argument("--units", default="pair", help="DP-SGD privacy units to compare, comma-separated: pair, annotator")
+    ap.add_argument("--n-annotators", type=int, default=8, help="annotators the split's pairs are spread over")
     ap.add_argument("--epsilons", default="1,4,8,inf")
     ap.add_argument("--max-pairs", type=int, default=None, help="cap on training pairs (default: the preset's)")
     ap.add_argument("--seed", type=int, default=0)
@@ -41,34 +47,42 @@ def main() -> int:
     from mor_client.rewards.trainer import public_pretrain
 
     t_all = time.perf_counter()
-    split = make_federation_split(seed=a.seed)
+    split = make_federation_split(seed=a.seed, n_annotators=a.n_annotators)
     rows = []
     for spec in a.archs.split(","):
-        arch, client = spec.split(":")
+        name, client = spec.split(":")
+        arch, _, backbone = name.partition("-")
         c = split.clients[client]
         base = demo_config(arch, seed=a.seed, device=a.device, progress=False)
+        if backbone:
+            base.model_config["backbone"] = backbone
         public = make_pairs([e for e in split.server_public if e.question_type in c.question_types], seed=a.seed,
                             rejected_per_example=8) if base.pretrain_epochs else []
         vocab = default_vocab()
         torch.manual_seed(a.seed)
         pre = build_model(arch, len(vocab), **base.model_config)
+        if callable(getattr(pre, "bind_vocab", None)):
+            pre.bind_vocab(vocab)
         t = time.perf_counter()
         info = public_pretrain(pre, base, public_pairs=public, train_pairs=c.train, vocab=vocab)
         pretrain_s = round(time.perf_counter() - t, 2)
         public_only = pairwise_accuracy(pre, vocab, c.heldout, device=a.device) if (
             info["synthetic_pairs"] or info["public_pairs"]) else None
         pre.train()
-        for e in a.epsilons.split(","):
+        for unit, e in [(u, e) for e in a.epsilons.split(",") for u in a.units.split(",")]:
             eps = math.inf if e == "inf" else float(e)
+            if math.isinf(eps) and unit != "pair":
+                continue  # without DP there is no privacy unit: the pair row is the non-private reference
             over = dict(max_pairs=a.max_pairs) if a.max_pairs else {}
             cfg = demo_config(arch, epsilon=None if math.isinf(eps) else eps, seed=a.seed, device=a.device,
-                              progress=False, pretrain_epochs=0, synthetic_images=0, **over)
+                              progress=False, pretrain_epochs=0, synthetic_images=0, unit=unit,
+                              model_config=dict(base.model_config), **over)
             t = time.perf_counter()
             res = train_reward_model(c.train, c.heldout, cfg, domain=client, model=copy.deepcopy(pre))
             wall = time.perf_counter() - t
             outside = {k: pairwise_accuracy(res.model, res.vocab, o.heldout, device=a.device)
                        for k, o in split.clients.items() if k != client}
-            row = {"arch": arch, "client": client, "domain": c.domain_desc, "epsilon_target": e,
+            row = {"arch": name, "unit": unit, "units": res.card["privacy_units"], "client": client, "domain": c.domain_desc, "epsilon_target": e,
                    "epsilon": res.card["epsilon"], "delta": res.card["delta"], "pairs": res.card["data_size"],
                    "heldout_pairwise_accuracy": res.card["heldout_pairwise_accuracy"],
                    "outside_domain_accuracy": outside, "noise_multiplier": res.card["noise_multiplier"],
@@ -83,9 +97,9 @@ def main() -> int:
             print(json.dumps(row))
             rows.append(row)
     ratios, demo_seconds = {}, {}
-    for arch in {r["arch"] for r in rows}:
-        dp = [r for r in rows if r["arch"] == arch and r["epsilon_target"] == "8"]
-        nodp = [r for r in rows if r["arch"] == arch and r["epsilon_target"] == "inf"]
+    for arch in sorted({r["arch"] for r in rows}):
+        dp = [r for r in rows if r["arch"] == arch and r["epsilon_target"] == "8" and r["unit"] == "pair"]
+        nodp = [r for r in rows if r["arch"] == arch and r["epsilon_target"] == "inf" and r["unit"] == "pair"]
         if dp and nodp:
             ratios[arch] = round(dp[0]["private_phase_seconds"] / nodp[0]["private_phase_seconds"], 2)
         if dp:
