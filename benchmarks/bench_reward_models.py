@@ -2,8 +2,9 @@
 the privacy-utility curve (epsilon in {1, 4, 8, inf}) and private / non-private training time.
 
     python benchmarks/bench_reward_models.py [--archs cnn:client0,vit:client1,lora:client2] [--epsilons 1,4,8,inf]
-    python benchmarks/bench_reward_models.py --archs lora-minilm:client2 --out benchmarks/results/reward_models_minilm.json
-    python benchmarks/bench_reward_models.py --archs cnn:client0 --units pair,annotator --n-annotators 2000 \
+    python benchmarks/bench_reward_models.py --archs lora:client2,lora-minilm:client2 --epsilons 8 \
+        --overrides '{"synthetic_images": 1000, "max_pairs": 2000}' --out benchmarks/results/reward_models_minilm.json
+    python benchmarks/bench_reward_models.py --archs cnn:client0 --units pair,annotator --n-annotators 2000 --epsilons 1,8,inf \
         --out benchmarks/results/reward_models_annotator.json
 
 Writes benchmarks/results/reward_models.json. Not a test: it takes minutes on 2 cores. To keep the run short,
@@ -36,6 +37,8 @@ def main() -> int:
     ap.add_argument("--n-annotators", type=int, default=8, help="annotators the split's pairs are spread over")
     ap.add_argument("--epsilons", default="1,4,8,inf")
     ap.add_argument("--max-pairs", type=int, default=None, help="cap on training pairs (default: the preset's)")
+    ap.add_argument("--overrides", type=json.loads, default={},
+                    help='JSON of TrainConfig fields applied on top of each preset, e.g. \'{"synthetic_images": 2000}\'')
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine shared with other jobs)")
@@ -53,7 +56,7 @@ def main() -> int:
         name, client = spec.split(":")
         arch, _, backbone = name.partition("-")
         c = split.clients[client]
-        base = demo_config(arch, seed=a.seed, device=a.device, progress=False)
+        base = demo_config(arch, seed=a.seed, device=a.device, progress=False, **a.overrides)
         if backbone:
             base.model_config["backbone"] = backbone
         public = make_pairs([e for e in split.server_public if e.question_type in c.question_types], seed=a.seed,
@@ -73,7 +76,9 @@ def main() -> int:
             eps = math.inf if e == "inf" else float(e)
             if math.isinf(eps) and unit != "pair":
                 continue  # without DP there is no privacy unit: the pair row is the non-private reference
-            over = dict(max_pairs=a.max_pairs) if a.max_pairs else {}
+            pre_keys = {"model_config", "pretrain_epochs", "visual_epochs"}  # pre-training ran once, above
+            over = {**{k: v for k, v in a.overrides.items() if k not in pre_keys and not k.startswith("synthetic_")},
+                    **(dict(max_pairs=a.max_pairs) if a.max_pairs else {})}
             cfg = demo_config(arch, epsilon=None if math.isinf(eps) else eps, seed=a.seed, device=a.device,
                               progress=False, pretrain_epochs=0, synthetic_images=0, unit=unit,
                               model_config=dict(base.model_config), **over)
@@ -111,7 +116,7 @@ def main() -> int:
            "private_over_nonprivate_time_eps8": ratios, "demo_preset_seconds_eps8": demo_seconds,
            "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "device": a.device,
                        "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
-           "command": "python benchmarks/bench_reward_models.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
+           "command": "python benchmarks/bench_reward_models.py " + " ".join(f"--{k.replace('_', '-')} {json.dumps(v) if isinstance(v, dict) else v}" for k, v in
                                                                             vars(a).items() if k != "out")}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=2))

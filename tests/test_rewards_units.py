@@ -79,3 +79,28 @@ def test_annotator_unit_refuses_ghost_clipping_by_name(split):
         train_reward_model(c.train, c.heldout, cfg)
     with pytest.raises(ValueError, match="unit must be one of"):
         TrainConfig(unit="hospital").validate()
+
+
+def test_cli_trains_at_the_annotator_unit_and_the_card_says_so(tmp_path, capsys):
+    import argparse
+    import json
+
+    from mor_client.train_cli import register
+
+    parser = argparse.ArgumentParser(prog="mor-client")
+    register(parser.add_subparsers(dest="cmd", required=True))
+    out = tmp_path / "m"
+    args = parser.parse_args(["train", "--arch", "cnn", "--partition", "client0", "--max-pairs", "400", "--epochs", "1",
+                              "--pretrain-epochs", "0", "--unit", "annotator", "--n-annotators", "100", "--quiet",
+                              "--out", str(out), "--ledger", str(tmp_path / "ledger.sqlite")])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    card = json.loads((out / "card.json").read_text())
+    assert card["privacy_unit"] == "annotator" and 50 < card["privacy_units"] <= 100 and card["data_size"] == 400
+    assert f"per annotator ({card['privacy_units']} of them)" in printed
+    from privacy.ledger import PrivacyLedger
+
+    with PrivacyLedger(tmp_path / "ledger.sqlite") as ledger:  # charged at the annotator unit, not per pair
+        # the ledger composes its own history (its accountant may differ from the card's PRV by a hair)
+        assert ledger.epsilon("annotator") == pytest.approx(card["epsilon"], rel=1e-2)
+        assert ledger.epsilon("pair") == 0.0
