@@ -69,7 +69,6 @@ class AlignmentConfig:
     reward_shaping: str = "answer_softmax"
     """How the mixed score becomes the MoR reward: 'raw', 'group_sigmoid' or 'answer_softmax' (the calibrated
     probability of the completion among the question's possible answers; see MoRReward)."""
-
     deadline_s: float = 60.0
     """Deadline of one scoring round attempt."""
     retries: int = 1

@@ -258,7 +258,8 @@ class MoRReward:
                 z = [alpha * float(v) for v in s]
                 top = max(z)
                 e = [math.exp(v - top) for v in z]
-                probs.append([v / sum(e) for v in e])
+                total = sum(e)
+                probs.append([v / total for v in e])
             return [probs[k][j] for k, j in pos]
         means = [sum(s) / len(s) for s in scores]
         return [1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, alpha * (float(scores[k][j]) - means[k])))))
