@@ -97,6 +97,7 @@ def _card(args) -> int:
 def register(subparsers) -> None:
     """Add the ``train`` and ``card`` subcommands (``func(args) -> int``) to ``subparsers``."""
     from mor_client.rewards.models import ARCHITECTURES
+    from mor_client.rewards.trainer import UNITS
 
     t = subparsers.add_parser("train", help="train a reward model on a client partition (Opacus DP-SGD)")
     t.add_argument("--arch", default="cnn", help=f"architecture: {', '.join(sorted(ARCHITECTURES))}")
@@ -109,7 +110,7 @@ def register(subparsers) -> None:
                    help="the last client holds the procedural shapes domain")
     t.add_argument("--flip-fraction", type=float, default=0.0, help="annotator noise: fraction of flipped pairs")
     t.add_argument("--n-annotators", type=int, default=8, help="annotators the split's pairs are spread over")
-    t.add_argument("--unit", choices=("pair", "annotator"), default=None,
+    t.add_argument("--unit", choices=UNITS, default=None,
                    help="privacy unit of DP-SGD: one preference pair (default) or all pairs of one annotator "
                         "(per-annotator clipping; needs --grad-sample-mode hooks, the presets' mode)")
     t.add_argument("--data-seed", type=int, default=0, help="seed of the federation split")
