@@ -26,7 +26,24 @@ def _atomic_write(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: Path) -> str:
@@ -44,12 +61,17 @@ def save_model_dir(path: str | os.PathLike, model: torch.nn.Module, vocab: Vocab
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # card.json is the completion marker: it goes first and comes back last, so a folder interrupted mid-save
+    # (kill -9) holds no card and is never taken for a model (every file is also replaced atomically)
+    (d / CARD).unlink(missing_ok=True)
+    _fsync_dir(d)
     _atomic_write(d / WEIGHTS, st_save(state))
     _atomic_write(d / VOCAB, json.dumps(vocab.tokens).encode())
     card = dict(card)
     card["weights_file"] = WEIGHTS
     card["weights_sha256"] = sha256_file(d / WEIGHTS)
     _atomic_write(d / CARD, json.dumps(card, indent=2, sort_keys=True).encode())
+    _fsync_dir(d)
     return card
 
 
