@@ -12,7 +12,9 @@ Two units, never added together
 
 Like Opacus' accountants, the ledger stores the *history* of mechanisms (noise multiplier, sample rate, steps) and
 composes it when asked: in RDP (Opacus' analysis) and, where tighter, exactly (Gaussian DP for Gaussian releases,
-PRV for DP-SGD). Reported figures are the smaller of the valid bounds.
+PRV for DP-SGD). Reported figures are the smaller of the valid bounds. An epsilon recorded without a history
+(``epsilon_given``: a model card's figure at its own delta) is composed by basic composition, which adds the
+epsilons AND the deltas; an example-level unit is reported at the history's delta plus those deltas.
 
 Crash safety and replays
 ------------------------
@@ -58,7 +60,7 @@ CREATE TABLE IF NOT EXISTS entries (
     steps INTEGER NOT NULL,          -- DP-SGD steps or number of releases
     delta REAL NOT NULL,
     accountant TEXT NOT NULL,
-    epsilon_given REAL,              -- externally computed epsilon (no history), composed by addition
+    epsilon_given REAL,              -- externally computed epsilon (no history) at this row's delta; basic composition
     rho REAL,                        -- zCDP rho for secagg+dp (RDP curve alpha*rho)
     epsilon_after REAL NOT NULL,     -- composed epsilon of the unit right after this entry
     meta TEXT NOT NULL,
@@ -168,11 +170,27 @@ class PrivacyLedger:
 
     # ------------------------------------------------------------------ composition
     @staticmethod
+    def _natural_delta(rows, default: float) -> float:
+        """The delta an example-level unit is reported at: the largest delta of its DP-SGD history (``default`` if it
+        has none) plus the deltas of its external (epsilon-given) entries, which basic composition adds."""
+        hist = [r["delta"] for r in rows if r["epsilon_given"] is None]
+        given = [r["delta"] for r in rows if r["epsilon_given"] is not None]
+        if not given:
+            return max(hist) if hist else default
+        return (max(hist) if hist else 0.0) + sum(given)
+
+    @staticmethod
     def _compose(rows, delta: float) -> tuple[float, str]:
-        """(epsilon, accountant description) for the rows of ONE unit."""
+        """(epsilon, accountant description) for the rows of ONE unit, valid at total ``delta``.
+
+        Entries with a history (DP-SGD steps, Gaussian releases, zCDP rho) are composed in RDP / exactly. An entry
+        whose epsilon was given directly (``epsilon_given``, at its own delta) is composed by basic composition:
+        epsilons add AND deltas add, so the history is composed at ``delta - sum(external deltas)``; when that is
+        not positive no finite epsilon holds at ``delta`` and the result is inf."""
         if not rows:
             return 0.0, "none"
         given = 0.0
+        given_delta = 0.0
         hist = []  # (nm, q, steps)
         rhos = 0.0
         gaussian_only = True
@@ -180,6 +198,7 @@ class PrivacyLedger:
         for r in rows:
             if r["epsilon_given"] is not None:
                 given += r["epsilon_given"]
+                given_delta += r["delta"]
                 gaussian_only = False
                 continue
             if r["mechanism"] == "secagg+dp":
@@ -193,6 +212,14 @@ class PrivacyLedger:
                 want_prv = True
         if math.isinf(given) or any(nm <= 0 for nm, _, s in hist if s > 0):
             return math.inf, "non-DP"
+        if given_delta > 0:
+            history_delta = delta - given_delta
+            has_history = rhos > 0 or any(s > 0 for _, _, s in hist)
+            if given_delta > delta * (1 + 1e-9) or (has_history and history_delta <= 0):
+                return math.inf, f"external(basic): its deltas sum to {given_delta:g} >= delta {delta:g}"
+            if not has_history:
+                return float(given), "external(basic: epsilons and deltas summed)"
+            delta = history_delta
         total = sum((acc.rdp_curve(nm, q, s) for nm, q, s in hist), acc.zcdp_curve(rhos))
         eps_rdp = acc.rdp_to_epsilon(total, delta)[0]
         best, how = eps_rdp, "rdp"
@@ -204,14 +231,19 @@ class PrivacyLedger:
             eps_prv = acc.prv_epsilon(hist, delta)
             if eps_prv < best:
                 best, how = eps_prv, "prv"
-        if given:
-            best, how = best + given, how + "+external(sum)"
+        if given_delta > 0:
+            best, how = best + given, how + "+external(basic: epsilons and deltas summed)"
         return float(best), how
 
+    def _unit_delta(self, unit: str, rows) -> float:
+        return self.delta if unit in CLIENT_UNITS else self._natural_delta(rows, self.delta)
+
     def epsilon(self, unit: str, delta: float | None = None) -> float:
-        """Composed epsilon of one unit at ``delta`` (default: the ledger's delta). Units are never added together."""
+        """Composed epsilon of one unit at total ``delta`` (default: the ledger's delta for unit ``client``; for an
+        example-level unit the delta :meth:`summary` reports). Units are never added together."""
         self._check_unit(unit)
-        return self._compose(self._rows(unit), self.delta if delta is None else delta)[0]
+        rows = self._rows(unit)
+        return self._compose(rows, self._unit_delta(unit, rows) if delta is None else delta)[0]
 
     @staticmethod
     def _check_unit(unit: str) -> None:
@@ -225,7 +257,8 @@ class PrivacyLedger:
         """Record DP-SGD training of ``model_id`` at example level (unit ``pair`` or ``annotator``).
 
         noise_multiplier 0 (or ``epsilon=inf``) records non-DP training: example-level epsilon becomes inf.
-        ``epsilon`` given without a usable history is stored as an external figure (composed by addition).
+        ``epsilon`` given without a usable history is stored as an external (epsilon, delta) figure, composed by basic
+        composition: epsilons add and deltas add.
         """
         if unit not in EXAMPLE_UNITS:
             raise LedgerError(f"record_training: unit must be one of {EXAMPLE_UNITS} (example level), got {unit!r}")
@@ -248,7 +281,8 @@ class PrivacyLedger:
                        noise_multiplier=float(noise_multiplier), sample_rate=float(sample_rate), steps=int(steps),
                        delta=float(delta), accountant=accountant, epsilon_given=eps_given, rho=None,
                        meta=json.dumps({"reported_epsilon": epsilon}), created=time.time())
-            eps_after = self._compose(list(rows) + [new], float(delta))[0]
+            all_rows = list(rows) + [new]
+            eps_after = self._compose(all_rows, self._natural_delta(all_rows, float(delta)))[0]
             db.execute("INSERT INTO entries (kind, unit, round_id, model_id, mechanism, noise_multiplier, "
                        "sample_rate, steps, delta, accountant, epsilon_given, rho, epsilon_after, meta, created) "
                        "VALUES (:kind, :unit, :round_id, :model_id, :mechanism, :noise_multiplier, :sample_rate, "
@@ -351,7 +385,7 @@ class PrivacyLedger:
         out = {}
         for unit in sorted(set(units) | {"client"}):
             rows = self._rows(unit)
-            delta = self.delta if unit in CLIENT_UNITS else (max(r["delta"] for r in rows) if rows else self.delta)
+            delta = self._unit_delta(unit, rows)
             eps, how = self._compose(rows, delta)
             budget = self.budget if unit in CLIENT_UNITS else None
             out[unit] = {

@@ -132,3 +132,35 @@ def test_property_never_releases_past_budget(tmp_path_factory, requests, budget)
     assert released <= budget + 1e-9
     assert L.epsilon("client") >= released - 1e-9  # the ledger may over-count, never under-count
     L.close()
+
+
+def test_external_epsilons_compose_with_their_delta(tmp_path):
+    """An epsilon given directly (no history) carries its delta: basic composition adds both (issue #11).
+
+    Before the fix the ledger added the epsilons and kept the smaller delta: two (1, 1e-5) trainings were reported
+    as (2, 1e-5)-DP, which basic composition does not give (it gives (2, 2e-5))."""
+    L = PrivacyLedger(tmp_path / "l.db")
+    for i in range(2):
+        L.record_training(model_id=f"ext{i}", noise_multiplier=1.0, sample_rate=0.1, steps=0, delta=1e-5,
+                          epsilon=1.0)
+    s = L.summary()["pair"]
+    assert s["epsilon"] == pytest.approx(2.0)
+    assert s["delta"] == pytest.approx(2e-5)  # the deltas add too
+    assert "external" in s["accountant"]
+    assert L.epsilon("pair", delta=2e-5) == pytest.approx(2.0)
+    assert math.isinf(L.epsilon("pair", delta=1e-5))  # (2, 1e-5) is not implied: no finite epsilon at 1e-5
+    assert L.history("pair")[-1]["epsilon_after"] == pytest.approx(2.0)
+
+
+def test_external_epsilon_takes_its_delta_out_of_the_history_share(tmp_path):
+    """Mixed with a DP-SGD history: the history is composed at delta - sum(external deltas)."""
+    L = PrivacyLedger(tmp_path / "l.db")
+    L.record_training(model_id="rm", noise_multiplier=1.0, sample_rate=0.01, steps=500, delta=1e-5,
+                      accountant="rdp")
+    L.record_training(model_id="ext", noise_multiplier=1.0, sample_rate=0.1, steps=0, delta=4e-6, epsilon=0.5)
+    hist_only = acc.rdp_to_epsilon(acc.rdp_curve(1.0, 0.01, 500), 6e-6)[0]
+    assert L.epsilon("pair", delta=1e-5) == pytest.approx(hist_only + 0.5)
+    s = L.summary()["pair"]  # reported at the history's delta plus the external delta
+    assert s["delta"] == pytest.approx(1.4e-5)
+    assert s["epsilon"] == pytest.approx(acc.rdp_to_epsilon(acc.rdp_curve(1.0, 0.01, 500), 1e-5)[0] + 0.5)
+    assert math.isinf(L.epsilon("pair", delta=4e-6))  # nothing left for the history
