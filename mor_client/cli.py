@@ -78,7 +78,18 @@ def _join(args) -> int:
 
         if creds is None or creds.identity_key_pem is None:
             raise UsageError("--audit needs the identity key in --creds (identity.key) to sign the log")
-        audit = AuditLog(args.audit, signing_key=creds.identity_key(), actor=f"client:{creds.name}")
+        # a crash (kill -9) can leave a torn last line: keep it in a side file and record a signed recovery
+        # entry (privacy/audit/log.py) rather than refusing to start
+        from privacy.audit import AuditError
+
+        try:
+            audit = AuditLog(args.audit, signing_key=creds.identity_key(), actor=f"client:{creds.name}",
+                             on_torn="recover")
+        except AuditError as e:  # e.g. another process holds the log, or the log fails verification
+            raise UsageError(f"--audit {args.audit}: {e}") from None
+        if audit.recovered is not None:
+            print(f"mor-client: audit log {args.audit} recovered after an unclean shutdown: "
+                  f"{json.dumps(audit.recovered.payload)}", flush=True)
     secagg = None
     if "secagg" in modes or "secagg+dp" in modes:
         from .secagg_session import SecAggSession
@@ -143,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "join" and not args.insecure and args.creds is None:
         parser.error("--creds is required (or --insecure for local debugging)")
+    from .parentwatch import watch_parent
+
+    watch_parent()  # exit with the orchestrator that started us (MOR_PARENT_PID; no-op when unset)
     try:
         return int(args.func(args) or 0)
     except (UsageError, PKIError, ClientError, ValueError, FileNotFoundError) as e:
