@@ -8,14 +8,17 @@ field, ``question_type`` by default). Preference pairs have ``.example``, ``.cho
 from __future__ import annotations
 
 import json
+import logging
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
 from .policy import EOS, exact_match, generate_answers, normalize_answer, to_pil, user_message
+
+log = logging.getLogger(__name__)
 
 
 def domain_of(example, field: str = "question_type") -> str:
@@ -24,18 +27,81 @@ def domain_of(example, field: str = "question_type") -> str:
 
 
 def accuracy(model, processor, examples: Sequence, *, domain_field: str = "question_type",
-             batch_size: int = 64) -> dict:
-    """Greedy strict exact-match accuracy (:func:`~mor_server.policy.exact_match`): ``{"overall", "by_domain": {d: acc}, "n", "counts": {d: n}}``."""
+             batch_size: int = 64, answers: Sequence[str] | None = None) -> dict:
+    """Greedy strict exact-match accuracy (:func:`~mor_server.policy.exact_match`) with the answer diversity that
+    tells a policy that sees from one that repeats a common word.
+
+    Returns ``{"overall", "n", "by_domain": {d: acc}, "counts": {d: n}, "diversity": {d: ...}, "collapsed": [d]}``
+    where ``diversity[d]`` is :func:`answer_diversity` of the policy's answers against the gold answers of that
+    domain (majority-answer rate, distinct answers, entropy), and ``collapsed`` lists the domains whose answers
+    collapsed to (almost) one word. ``answers``: precomputed policy answers (else generated greedily).
+    """
     if not examples:
         raise ValueError("accuracy: examples is empty")
-    answers = generate_answers(model, processor, list(examples), batch_size=batch_size)
+    if answers is None:
+        answers = generate_answers(model, processor, list(examples), batch_size=batch_size)
+    if len(answers) != len(examples):
+        raise ValueError(f"accuracy: {len(answers)} answers for {len(examples)} examples")
     hits: dict[str, list[int]] = defaultdict(list)
+    given: dict[str, list[str]] = defaultdict(list)
+    gold: dict[str, list[str]] = defaultdict(list)
     for a, e in zip(answers, examples):
-        hits[domain_of(e, domain_field)].append(int(exact_match(a, e.answer)))
+        d = domain_of(e, domain_field)
+        hits[d].append(int(exact_match(a, e.answer)))
+        given[d].append(normalize_answer(a))
+        gold[d].append(normalize_answer(e.answer))
     allh = [h for v in hits.values() for h in v]
+    diversity = {d: answer_diversity(given[d], gold[d]) for d in sorted(hits)}
+    collapsed = [d for d, v in diversity.items() if v["collapsed"]]
+    if collapsed:
+        log.warning("answers collapsed in %s: %s", ", ".join(collapsed),
+                    "; ".join(f"{d}: {diversity[d]['top_answer']!r} for {100 * diversity[d]['top_answer_share']:.0f}%"
+                              f" of questions (majority-answer rate {100 * diversity[d]['majority_rate']:.1f}%)"
+                              for d in collapsed))
     return {"overall": sum(allh) / len(allh), "n": len(allh),
             "by_domain": {d: sum(v) / len(v) for d, v in sorted(hits.items())},
-            "counts": {d: len(v) for d, v in sorted(hits.items())}}
+            "counts": {d: len(v) for d, v in sorted(hits.items())},
+            "diversity": diversity, "collapsed": collapsed}
+
+
+def _entropy_bits(values: Sequence[str]) -> float:
+    n = len(values)
+    return float(-sum((c / n) * math.log2(c / n) for c in Counter(values).values())) if n else 0.0
+
+
+def answer_diversity(answers: Sequence[str], gold: Sequence[str], *, collapse_share: float = 0.9) -> dict:
+    """How varied a policy's answers are, next to what a constant answer would score.
+
+    ``majority_rate``: accuracy of always giving the most common gold answer (the bar a constant policy reaches);
+    ``distinct_answers`` / ``gold_distinct``: how many different answers the policy gave / the gold set has;
+    ``entropy_bits`` / ``gold_entropy_bits``: Shannon entropy of those distributions; ``top_answer`` and
+    ``top_answer_share``: the policy's most frequent answer and its share. ``collapsed`` is True when the gold set
+    has at least 3 distinct answers and the policy gives one answer to at least ``collapse_share`` of questions.
+    """
+    if len(answers) != len(gold) or not gold:
+        raise ValueError("answer_diversity: answers and gold must be non-empty and of equal length")
+    a = [normalize_answer(x) for x in answers]
+    g = [normalize_answer(x) for x in gold]
+    top, top_n = Counter(a).most_common(1)[0]
+    maj_n = Counter(g).most_common(1)[0][1]
+    gold_distinct = len(set(g))
+    share = top_n / len(a)
+    return {"majority_rate": maj_n / len(g), "distinct_answers": len(set(a)), "gold_distinct": gold_distinct,
+            "entropy_bits": _entropy_bits(a), "gold_entropy_bits": _entropy_bits(g),
+            "top_answer": top, "top_answer_share": share,
+            "collapsed": bool(gold_distinct >= 3 and share >= collapse_share)}
+
+
+def format_accuracy_table(acc: Mapping) -> str:
+    """One line per domain: accuracy next to the majority-answer rate, distinct answers and entropy (a report's
+    text form; a collapsed domain is flagged)."""
+    lines = [f"{'domain':<10} {'acc %':>6} {'majority %':>10} {'distinct':>9} {'entropy':>8}  top answer"]
+    for d, v in acc.get("diversity", {}).items():
+        flag = "  <- COLLAPSED to one answer" if v["collapsed"] else ""
+        lines.append(f"{d:<10} {100 * acc['by_domain'][d]:6.1f} {100 * v['majority_rate']:10.1f} "
+                     f"{v['distinct_answers']:>4}/{v['gold_distinct']:<4} {v['entropy_bits']:8.2f}  "
+                     f"{v['top_answer']!r} ({100 * v['top_answer_share']:.0f}%){flag}")
+    return "\n".join(lines)
 
 
 def _encode(processor, examples, answers, device):
