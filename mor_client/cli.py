@@ -71,7 +71,13 @@ def _join(args) -> int:
         ledger = PrivacyLedger(args.ledger, client_level_budget=args.budget, delta=args.delta)
     elif "dp" in modes or "secagg+dp" in modes:
         raise UsageError("--modes includes dp: give --ledger PATH (and --budget EPS) so releases are charged")
-    policy = ReleasePolicy(modes, ledger=ledger)
+    try:
+        policy = ReleasePolicy(modes, ledger=ledger, max_weight=args.max_weight,
+                               min_contributors=args.min_contributors, min_weight_fraction=args.min_weight_fraction,
+                               min_weight_grid_steps=args.min_weight_grid_steps,
+                               min_collusion_tolerance=args.min_collusion_tolerance)
+    except ValueError as e:
+        raise UsageError(f"join: {e}") from None
     audit = None
     if args.audit is not None:
         from privacy.audit import AuditLog
@@ -94,7 +100,10 @@ def _join(args) -> int:
     if "secagg" in modes or "secagg+dp" in modes:
         from .secagg_session import SecAggSession
 
-        secagg = SecAggSession(creds, ledger=ledger)
+        qa = args.query_audit
+        if qa is None and ledger is None and creds is not None:
+            qa = Path(args.creds) / "secagg-audit.sqlite"  # no ledger: keep the audit with the credentials
+        secagg = SecAggSession(creds, ledger=ledger, query_audit=qa)
     client = FederationClient(args.server, creds, scorer, card=_card_for(scorer, args), policy=policy,
                               insecure_client_id=args.insecure_id if args.insecure else None,
                               max_attempts=args.max_attempts, secagg_handler=secagg, audit=audit,
@@ -134,6 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--budget", type=float, default=None, help="client-level epsilon budget enforced by the ledger")
     j.add_argument("--delta", type=float, default=1e-5, help="delta of the client-level guarantee")
     j.add_argument("--audit", type=Path, help="write this client's signed audit log (releases, refusals) here")
+    g = j.add_argument_group("secure aggregation (secagg, secagg+dp): what this client refuses")
+    g.add_argument("--max-weight", type=float, default=1.0, help="largest routing weight accepted on any item")
+    g.add_argument("--min-contributors", type=int, default=2,
+                   help="fewest effective contributors (this client included) on every item it contributes to")
+    g.add_argument("--min-weight-fraction", type=float, default=0.1,
+                   help="a peer counts as a contributor only with weight >= this fraction of ours on the item")
+    g.add_argument("--min-weight-grid-steps", type=float, default=16.0,
+                   help="... and >= this many fixed-point steps (2^-frac_bits each)")
+    g.add_argument("--min-collusion-tolerance", type=int, default=1,
+                   help="refuse rounds that tolerate fewer colluding clients per neighbourhood than this")
+    g.add_argument("--query-audit", type=Path, default=None,
+                   help="SQLite file remembering round ids and what was summed (default: beside --ledger, else "
+                        "in --creds)")
     j.add_argument("--max-attempts", type=int, default=None, help="give up after this many failed connections")
     j.add_argument("--insecure", action="store_true", help="DANGER: no TLS (server must run --insecure)")
     j.add_argument("--insecure-id", default="insecure-client")

@@ -34,12 +34,41 @@ class ReleasePolicy:
     ledger: a ``privacy.ledger.PrivacyLedger`` charged for every ``dp`` release (required for ``dp``).
     min_noise_multiplier: the smallest noise multiplier the client accepts for ``dp`` (the server cannot ask for
         less noise than this).
+
+    Secure aggregation (``secagg`` / ``secagg+dp``; enforced by ``privacy.secagg.SecAggClient`` on the signed
+    round config, so the server cannot relax them):
+
+    max_weight: the largest routing weight this client accepts on any item.
+    min_contributors: the fewest *effective* contributors (this client included) on every item it contributes to.
+    min_weight_fraction: a peer counts as a contributor on an item only if its weight there is at least this
+        fraction of this client's own weight on that item (default 0.1).
+    min_weight_grid_steps: ... and at least this many fixed-point steps (``steps * 2^-frac_bits``; default 16), so
+        weights that round the peer's contribution to ~0 do not count.
+    min_collusion_tolerance: the fewest colluding clients per neighbourhood (c) a round must tolerate; the client
+        refuses a round whose config names a smaller c (default 1; c and the threshold t satisfy 2t > degree+1+c).
     """
 
     supported_modes: tuple[str, ...] = ("plain",)
     ledger: object | None = None
     min_noise_multiplier: float = 0.5
+    max_weight: float = 1.0
+    min_contributors: int = 2
+    min_weight_fraction: float = 0.1
+    min_weight_grid_steps: float = 16.0
+    min_collusion_tolerance: int = 1
     stats: dict = field(default_factory=lambda: {"released": 0, "refused": 0})
+
+    def __post_init__(self):
+        if not (0.0 <= self.min_weight_fraction <= 1.0):
+            raise ValueError(f"min_weight_fraction must be in [0, 1], got {self.min_weight_fraction!r}")
+        if not (self.min_weight_grid_steps >= 0):
+            raise ValueError(f"min_weight_grid_steps must be >= 0, got {self.min_weight_grid_steps!r}")
+        if self.min_collusion_tolerance < 0:
+            raise ValueError(f"min_collusion_tolerance must be >= 0, got {self.min_collusion_tolerance!r}")
+        if self.min_contributors < 1:
+            raise ValueError(f"min_contributors must be >= 1, got {self.min_contributors!r}")
+        if not (0 < self.max_weight):
+            raise ValueError(f"max_weight must be positive, got {self.max_weight!r}")
 
     def release(self, *, mode: str, round_id: str, scores: Sequence[float], clip: float = 0.0,
                 noise_multiplier: float = 0.0) -> Release:

@@ -3,14 +3,18 @@
 For a ``secagg`` / ``secagg+dp`` task the client scores the items with its own scorer, then runs the SecAgg+
 stages the server pushes. Its scores leave only multiplied by its routing weight and masked; peers' identity keys
 are checked against the federation CA (their identity certificates). Routing weights that would isolate this client
-(above ``max_weight``, or fewer than ``min_contributors`` clients on an item) and releases that would overspend the
-privacy budget (``secagg+dp``) are refused with a ``Refusal`` naming the reason.
+(above ``max_weight``, or fewer than ``min_contributors`` effective contributors on an item), rounds that tolerate
+fewer colluders than ``min_collusion_tolerance``, reused round ids, plain-``secagg`` sums that would difference
+against an earlier sum (query audit, on disk beside the ledger) and releases that would overspend the privacy
+budget (``secagg+dp``) are refused with a ``Refusal`` naming the reason. The isolation and collusion knobs come
+from the client's ``ReleasePolicy`` unless given here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from cryptography import x509
 
@@ -24,24 +28,64 @@ log = logging.getLogger("mor.client.secagg")
 
 
 class SecAggSession:
-    def __init__(self, credentials: pki.ClientCredentials, *, ledger=None, max_weight: float = 1.0,
-                 min_contributors: int = 2):
+    #: the policy knobs this session passes to ``SecAggClient`` (session value, else ``client.policy``'s, else default)
+    KNOBS = {"max_weight": 1.0, "min_contributors": 2, "min_weight_fraction": 0.1, "min_weight_grid_steps": 16.0,
+             "min_collusion_tolerance": 1}
+
+    def __init__(self, credentials: pki.ClientCredentials, *, ledger=None, max_weight: float | None = None,
+                 min_contributors: int | None = None, min_weight_fraction: float | None = None,
+                 min_weight_grid_steps: float | None = None, min_collusion_tolerance: int | None = None,
+                 query_audit=None):
+        """query_audit: a ``privacy.secagg.query_audit.QueryAudit`` or a path for one; default: a file beside the
+        ledger (``<ledger>.secagg-audit.sqlite``), or an in-memory one (this process only) when there is no
+        ledger."""
         if credentials is None or credentials.identity_key_pem is None or credentials.identity_cert_pem is None:
             raise ValueError("secure aggregation needs the client's identity key and certificate (identity.key, "
                              "identity.crt in the credentials folder)")
         self.credentials = credentials
         self.ledger = ledger
         self.max_weight, self.min_contributors = max_weight, min_contributors
+        self.min_weight_fraction, self.min_weight_grid_steps = min_weight_fraction, min_weight_grid_steps
+        self.min_collusion_tolerance = min_collusion_tolerance
+        self._query_audit = query_audit
         self._ca = x509.load_pem_x509_certificate(credentials.ca_pem)
         self._key = credentials.identity_key()
         self._rounds: dict[str, object] = {}
         self._modes: dict[str, str] = {}
+
+    def knobs(self, client=None) -> dict:
+        pol = getattr(client, "policy", None)
+        out = {}
+        for name, default in self.KNOBS.items():
+            v = getattr(self, name)
+            out[name] = v if v is not None else getattr(pol, name, default)
+        return out
+
+    @property
+    def query_audit(self):
+        """The query audit (opened on first use, so a ledger attached after construction is honoured)."""
+        from privacy.secagg.query_audit import QueryAudit
+
+        qa = self._query_audit
+        if isinstance(qa, QueryAudit):
+            return qa
+        if qa is None:
+            lp = getattr(self.ledger, "path", None)
+            if lp is not None and str(lp) != ":memory:":
+                qa = Path(lp).with_name(Path(lp).name + ".secagg-audit.sqlite")
+            else:
+                log.warning("secagg query audit kept in memory (no ledger): round-id reuse and differencing are "
+                            "refused within this process only; give --ledger or --query-audit to persist it")
+                qa = ":memory:"
+        self._query_audit = QueryAudit(qa)
+        return self._query_audit
 
     def verify_peer(self, client_id: str, proof: bytes):
         return pki.verify_identity_certificate(proof, self._ca, expected_name=client_id)
 
     async def on_task(self, task: pb.ScoringTask, items, client, send_q: asyncio.Queue) -> None:
         from privacy.secagg import SecAggClient
+        from privacy.secagg.query_audit import coordinate_digests
 
         mode = PB_TO_MODE.get(task.mode, "unspecified")
         if mode not in client.policy.supported_modes:
@@ -58,9 +102,9 @@ class SecAggSession:
             self._refuse(client, send_q, task.round_id, mode, flat.code, flat.reason)
             return
         sc = SecAggClient(task.round_id, client.client_id, identity_key=self._key, verify_peer=self.verify_peer,
-                          identity_proof=self.credentials.identity_cert_pem, max_weight=self.max_weight,
-                          min_contributors=self.min_contributors,
-                          ledger=self.ledger if mode == "secagg+dp" else None)
+                          identity_proof=self.credentials.identity_cert_pem, **self.knobs(client),
+                          ledger=self.ledger if mode == "secagg+dp" else None, query_audit=self.query_audit,
+                          item_digests=coordinate_digests(items))
         sc.set_input(flat)
         self._rounds[task.round_id] = sc
         self._modes[task.round_id] = mode

@@ -518,14 +518,17 @@ class FederationServer(pb_grpc.FederationServicer):
                                min_clients: int | None = None, timeout: float = 30.0, value_range: float = 16.0,
                                weight_cap: float = 1.0, frac_bits: int = 16, out_of_range: str = "clip",
                                dp_noise_multiplier: float = 1.0, dp_min_survivors: int | None = None,
-                               stage_timeout: float | None = None, round_id: str | None = None) -> RoundOutcome:
+                               stage_timeout: float | None = None, round_id: str | None = None,
+                               max_colluders: int | None = None) -> RoundOutcome:
         """One SecAgg+ round: every client multiplies its scores by its routing weight (one weight per item) and
         masks them; the server unmasks only the weighted sum ``reports["sum"]`` (flat, item-major). The server
         never holds an individual client's score. ``mode="secagg+dp"`` adds distributed discrete-Gaussian noise
         calibrated to ``dp_min_survivors`` (default: the threshold) and charged to each client's ledger.
 
         ``timeout`` bounds the first stage (scoring + key advertisement); later stages get ``stage_timeout``
-        (default: min(timeout, 10 s)). A silent client is a dropout, not a stall."""
+        (default: min(timeout, 10 s)). A silent client is a dropout, not a stall. ``max_colluders``: the colluding
+        clients per neighbourhood the round tolerates (default: privacy.secagg.graph.default_colluders); clients
+        refuse a round below their own minimum."""
         from privacy.secagg import STAGES, SecAggAbort, SecAggServer
         from privacy.secagg import ddp
 
@@ -555,7 +558,8 @@ class FederationServer(pb_grpc.FederationServicer):
                                                        weight_cap=weight_cap, frac_bits=frac_bits, m=m,
                                                        min_survivors=surv), dp_min_survivors=surv)
             sa = SecAggServer(round_id, chosen, vector_length=m, weights=W, value_range=value_range,
-                              weight_cap=weight_cap, frac_bits=frac_bits, out_of_range=out_of_range, **kw)
+                              weight_cap=weight_cap, frac_bits=frac_bits, out_of_range=out_of_range,
+                              max_colluders=max_colluders, **kw)
         except Exception as e:  # e.g. too few clients for a threshold, weights above the cap
             return self._fail_early(round_id, mode, chosen, now, f"secure aggregation could not start: {e}")
         threshold = sa.threshold
@@ -616,9 +620,10 @@ class FederationServer(pb_grpc.FederationServicer):
         if ok:
             total = np.asarray(result.total)
             agg = {"n": int(total.size), "mean": float(total.mean()), "std": float(total.std()),
-                   "out_of_range_clipped": int(result.out_of_range)}
+                   "out_of_range_clipped": result.out_of_range}  # total only (masked); None in secagg+dp
         self._account(outcome, mode, task_digest=task_digest,
                       extra={"weights_digest": wdigest, "aggregate": agg, "threshold": threshold,
+                             "max_colluders": sa.max_colluders,
                              "secagg_config_digest": sa.config_digest(), "rejected": dict(sa.rejected)})
         return outcome
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import math
 
-from .. import accounting
-
 
 def sensitivities(*, value_range: float, weight_cap: float, frac_bits: int, m: int) -> tuple[float, float]:
     """(L2, L1) sensitivity in integer units of one client's encoded contribution (swap of its whole model)."""
@@ -34,5 +32,7 @@ def calibrate_sigma(noise_multiplier: float, *, value_range: float, weight_cap: 
 
 def rho(sigma_int: float, *, value_range: float, weight_cap: float, frac_bits: int, m: int, survivors: int) -> float:
     """zCDP rho of one round's sum with ``survivors`` noisy clients (Kairouz et al. 2021 bound)."""
+    from .. import accounting  # lazy: the accounting stack imports opacus/torch; the server never needs it here
+
     d2, d1 = sensitivities(value_range=value_range, weight_cap=weight_cap, frac_bits=frac_bits, m=m)
     return accounting.ddg_rho(sigma=sigma_int, n=survivors, l2_sensitivity=d2, l1_sensitivity=d1)

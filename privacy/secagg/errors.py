@@ -28,3 +28,12 @@ class InputOutOfRange(SecAggError):
 
 class ParameterError(SecAggError, ValueError):
     """Round parameters that cannot be secure or correct (threshold, degree, modulus too small, ...)."""
+
+
+class DifferencingError(WeightIsolationError):
+    """The client's query audit refuses a plain-``secagg`` request whose sum, combined with a sum this client
+    already helped produce (same item, different cohort or weights), would isolate its scores."""
+
+
+class RoundReplayError(ProtocolViolation):
+    """A round id this client has already taken part in (round ids are never reused)."""

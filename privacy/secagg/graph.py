@@ -1,6 +1,18 @@
-"""The SecAgg+ communication graph: a k-regular Harary-style circulant graph over a pseudorandom ordering of the
-clients (Bell et al. 2020 use a random k-regular graph with k = O(log n)). Everyone derives it from the public
-round seed, so the server cannot give clients different graphs without failing the signed config check."""
+"""The SecAgg+ communication graph and the threshold that the corruption model implies.
+
+Graph: a k-regular Harary-style circulant graph over a pseudorandom ordering of the clients (Bell et al. 2020 use a
+random k-regular graph with k = O(log n)). Its seed is not chosen by the server: :func:`derive_seed` hashes the
+signed round config with the 32-byte nonce every participant signed into its key advertisement, and every client
+recomputes it from the (signature-checked) advertisements of all participants.
+
+Threshold: client j's Shamir shares are held by its k neighbours and by j itself (k+1 holders). An actively
+malicious server that shows j's survivor set to one group of holders (they return shares of j's self-mask seed)
+and a set without j to another group (they return shares of j's pairwise-mask key) needs both groups to reach t.
+Honest holders are in one group only; a colluding holder is in both. With c colluders among j's holders, both
+groups reach t iff 2t <= k + 1 + c. So the round is safe against c colluders iff ``2t > k + 1 + c``
+(:func:`threshold_for` returns the smallest such t), and stays live while at most ``k + 1 - t`` of any client's
+holders drop out.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +29,30 @@ def default_degree(n: int) -> int:
     k = 2 * math.ceil(math.log2(n))
     k += k % 2
     return min(n - 1, k)
+
+
+def default_colluders(degree: int) -> int:
+    """Documented default for the tolerated colluders per neighbourhood: max(1, floor((k+1)/6))."""
+    return max(1, (int(degree) + 1) // 6)
+
+
+def threshold_for(degree: int, colluders: int) -> int:
+    """Smallest Shamir threshold t with 2t > k + 1 + c (no two inconsistent survivor views both reach t)."""
+    return (int(degree) + 1 + int(colluders)) // 2 + 1
+
+
+def threshold_ok(degree: int, colluders: int, threshold: int) -> bool:
+    """Whether t resists c colluders among k+1 share holders (2t > k+1+c) and can ever be reached (t <= k+1)."""
+    return 2 * threshold > degree + 1 + colluders and threshold <= degree + 1
+
+
+def derive_seed(config_digest: bytes, nonces: dict) -> bytes:
+    """Graph seed = SHA-256(tag | config digest | (client id, nonce) for every advertised client, sorted by id)."""
+    h = hashlib.sha256(b"mor-secagg-graph-seed\x00" + config_digest)
+    for cid in sorted(nonces):
+        b = cid.encode()
+        h.update(len(b).to_bytes(2, "big") + b + bytes(nonces[cid]))
+    return h.digest()
 
 
 def neighbours(client_ids: list[str], degree: int, seed: bytes) -> dict[str, frozenset[str]]:

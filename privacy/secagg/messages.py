@@ -174,14 +174,14 @@ class SetupConfig(Message):
 
     KIND = 1
     SPEC = (("round_id", "str"), ("client_ids", "strs"), ("threshold", "u32"), ("degree", "u32"),
-            ("graph_seed", "bytes"), ("vector_length", "u32"), ("weights", "f64arr"), ("frac_bits", "u32"),
+            ("max_colluders", "u32"), ("vector_length", "u32"), ("weights", "f64arr"), ("frac_bits", "u32"),
             ("value_range", "f64"), ("mod_bits", "u32"), ("weight_cap", "f64"), ("out_of_range", "str"),
             ("dp_sigma", "f64"), ("dp_min_survivors", "u32"))
     round_id: str
     client_ids: list
     threshold: int
     degree: int
-    graph_seed: bytes
+    max_colluders: int         # c: colluding clients per neighbourhood tolerated; clients check 2t > degree+1+c
     vector_length: int
     weights: np.ndarray       # n (scalar weight per client) or n*m (per-item weights), row-major by client_ids
     frac_bits: int
@@ -194,6 +194,11 @@ class SetupConfig(Message):
 
     def digest(self) -> bytes:
         return hashlib.sha256(self.to_bytes()).digest()
+
+    def masked_length(self) -> int:
+        """Words in each masked vector: the m weighted scores, plus (plain ``secagg``) one coordinate carrying the
+        client's count of clipped scores, so the server learns only the total count; DP modes send no count."""
+        return self.vector_length + (0 if self.dp_sigma > 0 else 1)
 
     def weight_matrix(self) -> np.ndarray:
         n, m = len(self.client_ids), self.vector_length
@@ -211,23 +216,25 @@ class AdvertiseKeys(Message):
 
     KIND = 2
     SPEC = (("round_id", "str"), ("client_id", "str"), ("identity_proof", "bytes"), ("enc_pk", "bytes"),
-            ("mask_pk", "bytes"), ("config_digest", "bytes"), ("signature", "bytes"))
+            ("mask_pk", "bytes"), ("config_digest", "bytes"), ("graph_nonce", "bytes"), ("signature", "bytes"))
     round_id: str
     client_id: str
     identity_proof: bytes
     enc_pk: bytes
     mask_pk: bytes
     config_digest: bytes
+    graph_nonce: bytes         # 32 random bytes; the graph seed hashes every participant's nonce (graph.derive_seed)
     signature: bytes
 
     def signed_bytes(self) -> bytes:
-        return b"|".join([b"mor-secagg/advertise", self.round_id.encode(), self.client_id.encode(), self.enc_pk,
-                          self.mask_pk, self.config_digest])
+        return b"|".join([b"mor-secagg/advertise/v2", self.round_id.encode(), self.client_id.encode(), self.enc_pk,
+                          self.mask_pk, self.config_digest, self.graph_nonce])
 
 
 @dataclass
 class PeerKeys(Message):
-    """Server -> client: the AdvertiseKeys of its neighbours that are still alive (client_id -> bytes)."""
+    """Server -> client: the AdvertiseKeys of every client still alive (client_id -> bytes), identical for all
+    clients: each verifies them all, derives the graph seed from their nonces, and keeps its neighbours' keys."""
 
     KIND = 3
     SPEC = (("round_id", "str"), ("adverts", "map"))
@@ -250,11 +257,13 @@ class EncryptedShares(Message):
 @dataclass
 class MaskedInput(Message):
     KIND = 5
-    SPEC = (("round_id", "str"), ("client_id", "str"), ("masked", "bytes"), ("out_of_range", "u32"))
+    """Client -> server: the masked words only (``SetupConfig.masked_length()`` of them). Nothing per client in
+    clear: the clipped-score count travels as a masked coordinate (plain secagg) or not at all (secagg+dp)."""
+
+    SPEC = (("round_id", "str"), ("client_id", "str"), ("masked", "bytes"))
     round_id: str
     client_id: str
     masked: bytes
-    out_of_range: int
 
 
 @dataclass

@@ -27,9 +27,10 @@ def max_abs_sum(n: int, value_range: float, weight_max: float, frac_bits: int, n
 
 
 def check_modulus(n: int, value_range: float, weight_max: float, frac_bits: int, mod_bits: int | None,
-                  noise_sigma_int: float = 0.0) -> int:
-    """The modulus bits to use (given or smallest of 32/64) so that sums of n encoded inputs never wrap."""
-    need = max_abs_sum(n, value_range, weight_max, frac_bits, noise_sigma_int)
+                  noise_sigma_int: float = 0.0, count_max: int = 0) -> int:
+    """The modulus bits to use (given or smallest of 32/64) so that sums of n encoded inputs never wrap (nor the
+    masked clipped-score count, at most ``count_max`` per client)."""
+    need = max(max_abs_sum(n, value_range, weight_max, frac_bits, noise_sigma_int), float(n) * count_max)
     options = [mod_bits] if mod_bits else [32, 64]
     for b in options:
         word_dtype(b)

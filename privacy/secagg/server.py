@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,13 +37,14 @@ from .stages import DEFAULT_STAGE_TIMEOUT_S, STAGES
 class SecAggResult:
     """ok: whether the sum was recovered. total: the weighted sum (floats, length m) or None. survivors: clients
     whose inputs are in the sum. dropped: {client_id: stage at which it dropped}. out_of_range: values clipped
-    by clients under policy 'clip' (total count). reason: why the round aborted."""
+    by clients under policy 'clip' (total count over survivors, recovered from a masked coordinate; None in
+    secagg+dp, where no count is sent). reason: why the round aborted."""
 
     ok: bool
     total: np.ndarray | None
     survivors: list = field(default_factory=list)
     dropped: dict = field(default_factory=dict)
-    out_of_range: int = 0
+    out_of_range: int | None = 0
     reason: str = ""
 
 
@@ -52,16 +52,21 @@ class SecAggServer:
     """The aggregation server of one round.
 
     client_ids: the selected clients. vector_length: m. weights: routing weights, shape (n,) or (n, m) in the
-    order of ``sorted(client_ids)`` (default all 1; their max must be <= weight_cap). threshold: Shamir threshold t
-    with (degree+1)/2 < t <= degree+1 (default: the smallest allowed). degree: neighbours per client (default
-    ~2 log2 n, even; complete graph for small n). value_range: inputs (scores) must lie in [-range, range];
-    out_of_range: 'error' (client refuses) or 'clip' (clipped and counted). frac_bits: fixed-point fraction bits.
+    order of ``sorted(client_ids)`` (default all 1; their max must be <= weight_cap). max_colluders: c, the
+    colluding clients per neighbourhood the round tolerates (default ``graph.default_colluders(degree)`` =
+    max(1, floor((degree+1)/6)); clients refuse a c below their own minimum). threshold: Shamir threshold t with
+    (degree+1+c)/2 < t <= degree+1 (default: the smallest allowed). degree: neighbours per client (default
+    ~2 log2 n, even; complete graph for small n). The graph seed is not chosen here: it is derived from the
+    nonces every client signs into its key advertisement (``graph.derive_seed``). value_range: inputs (scores) must lie in [-range, range];
+    out_of_range: 'error' (client refuses) or 'clip' (clipped and counted; the count is summed under the mask, and
+    not sent at all in secagg+dp). frac_bits: fixed-point fraction bits.
     mod_bits: 32 or 64 (default: the smallest that cannot wrap). dp_sigma: per-client discrete-Gaussian std in
     integer units (secagg+dp; see ``ddp.calibrate_sigma``) with dp_min_survivors the survivors it assumes.
     """
 
     def __init__(self, round_id: str, client_ids, *, vector_length: int, weights=None, threshold: int | None = None,
-                 degree: int | None = None, value_range: float = 1.0, frac_bits: int = 16,
+                 degree: int | None = None, max_colluders: int | None = None, value_range: float = 1.0,
+                 frac_bits: int = 16,
                  mod_bits: int | None = None, weight_cap: float = 1.0, out_of_range: str = "error",
                  dp_sigma: float = 0.0, dp_min_survivors: int = 0, stage_timeouts: dict | None = None,
                  keep_transcript: bool = False):
@@ -74,21 +79,26 @@ class SecAggServer:
         deg = graph.default_degree(n) if degree is None else min(int(degree), n - 1)
         if deg < n - 1 and deg % 2:
             raise ParameterError(f"degree must be even for a sparse graph, got {deg}")
-        t = (deg + 1) // 2 + 1 if threshold is None else int(threshold)
-        t = min(t, deg + 1)
+        c = graph.default_colluders(deg) if max_colluders is None else int(max_colluders)
+        if c < 0:
+            raise ParameterError(f"max_colluders must be >= 0, got {c}")
+        t = graph.threshold_for(deg, c) if threshold is None else int(threshold)
         w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
         if w.size not in (n, n * vector_length):
             raise ParameterError(f"weights must have shape ({n},) or ({n}, {vector_length}), got {w.shape}")
         if not (value_range > 0 and math.isfinite(value_range)):
             raise ParameterError(f"value_range must be positive and finite, got {value_range!r}")
-        mb = quantization.check_modulus(n, value_range, weight_cap, frac_bits, mod_bits, dp_sigma)
-        self.cfg = SetupConfig(round_id, ids, t, deg, os.urandom(32), int(vector_length), w.reshape(-1),
+        mb = quantization.check_modulus(n, value_range, weight_cap, frac_bits, mod_bits, dp_sigma,
+                                        count_max=int(vector_length))
+        self.cfg = SetupConfig(round_id, ids, t, deg, c, int(vector_length), w.reshape(-1),
                                int(frac_bits), float(value_range), mb, float(weight_cap), out_of_range,
                                float(dp_sigma), int(dp_min_survivors))
         check_round_params(self.cfg)
         self.round_id, self.client_ids, self.threshold, self.degree = round_id, ids, t, deg
+        self.max_colluders = c
         self.stage_timeouts = dict(DEFAULT_STAGE_TIMEOUT_S, **(stage_timeouts or {}))
-        self._nbrs = graph.neighbours(ids, deg, self.cfg.graph_seed)
+        self.graph_seed: bytes | None = None  # known once the key advertisements (and their nonces) are in
+        self._nbrs: dict = {}
         self._dtype = quantization.word_dtype(mb)
         self._index = {c: i for i, c in enumerate(ids)}
         self.dropped: dict[str, str] = {}
@@ -158,11 +168,11 @@ class SecAggServer:
         msgs = self._collect("setup", adverts, AdvertiseKeys)
         self._adverts = {c: adverts[c] for c in msgs}
         self._need(list(msgs), "after key advertisement")
-        out = {}
-        for c in msgs:
-            peers = {j: self._adverts[j] for j in self._nbrs[c] | {c} if j in self._adverts}
-            out[c] = PeerKeys(self.round_id, peers).to_bytes()
-        return self._send("share_keys", out)
+        # every client gets every advertisement, verifies them all and derives the graph from their nonces
+        self.graph_seed = graph.derive_seed(self.cfg.digest(), {c: m.graph_nonce for c, m in msgs.items()})
+        self._nbrs = graph.neighbours(self.client_ids, self.degree, self.graph_seed)
+        b = PeerKeys(self.round_id, self._adverts).to_bytes()
+        return self._send("share_keys", {c: b for c in msgs})
 
     def collect_masked(self, shares: dict[str, bytes]) -> dict[str, bytes]:
         self._stage("collect_masked")
@@ -180,16 +190,14 @@ class SecAggServer:
     def consistency(self, masked: dict[str, bytes]) -> dict[str, bytes]:
         self._stage("consistency")
         msgs = self._collect("collect_masked", masked, MaskedInput)
-        m, isz = self.cfg.vector_length, np.dtype(self._dtype).itemsize
+        m, isz = self.cfg.masked_length(), np.dtype(self._dtype).itemsize
         self._masked = {}
-        self._oor = 0
         for c, msg in msgs.items():
             if len(msg.masked) != m * isz:
                 self.rejected[c] = "collect_masked: masked vector has the wrong length"
                 self.mark_dropout(c, "collect_masked")
                 continue
             self._masked[c] = np.frombuffer(msg.masked, dtype=self._dtype)
-            self._oor += msg.out_of_range
         self._u3 = sorted(self._masked)
         self._need(self._u3, "after masked inputs")
         b = SurvivorSet(self.round_id, self._u3).to_bytes()
@@ -218,7 +226,7 @@ class SecAggServer:
             for j, blob in msg.sk_shares.items():
                 if j in self._u2 and j not in u3 and j in self._nbrs[frm]:
                     sk_pts.setdefault(j, {})[x] = shamir.share_from_bytes(blob)
-        m = self.cfg.vector_length
+        m = self.cfg.masked_length()
         total = np.zeros(m, dtype=self._dtype)
         for c in self._u3:
             total = total + self._masked[c]
@@ -242,8 +250,9 @@ class SecAggServer:
                 total = total - mask if k < j else total + mask
             del adv
         q = quantization.from_ring(total, self.cfg.mod_bits)
-        self._result = SecAggResult(True, quantization.decode(q, self.cfg.frac_bits), list(self._u3),
-                                    dict(self.dropped), self._oor, "")
+        oor = None if self.cfg.dp_sigma > 0 else int(q[self.cfg.vector_length])  # summed under the mask
+        self._result = SecAggResult(True, quantization.decode(q[:self.cfg.vector_length], self.cfg.frac_bits),
+                                    list(self._u3), dict(self.dropped), oor, "")
         return self._result
 
     def result(self) -> SecAggResult:
