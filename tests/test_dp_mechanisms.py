@@ -43,6 +43,67 @@ def test_discrete_gaussian_pmf_matches_exact_pmf():
     assert chi2 < stats.chi2.ppf(0.999, keep.sum() - 1)
 
 
+def test_bernoulli_exp_matches_exp_minus_gamma_for_rational_gamma():
+    from fractions import Fraction
+
+    rng = np.random.default_rng(3)
+    n = 20_000
+    for gamma in (0, Fraction(1, 3), 1, Fraction(5, 2), Fraction(22, 7), 0.125):
+        p = math.exp(-float(gamma))
+        hits = dp.bernoulli_exp(gamma, n, rng)
+        assert hits.dtype == bool
+        assert abs(hits.mean() - p) < 5 * math.sqrt(p * (1 - p) / n) + 1e-12, (gamma, hits.mean(), p)
+    with pytest.raises(ValueError, match="gamma"):
+        dp.bernoulli_exp(Fraction(-1, 2))
+
+
+def test_discrete_laplace_proposal_pmf():
+    src = dp._IntSource(np.random.default_rng(11))
+    t, n = 3, 30_000
+    z = np.array([dp._discrete_laplace(src, t) for _ in range(n)])
+    support = np.arange(-12, 13)
+    w = np.exp(-np.abs(support) / t)
+    expected = w / (w.sum() + 2 * np.exp(-13 / t) / (1 - np.exp(-1 / t))) * n
+    observed = np.array([(z == k).sum() for k in support])
+    keep = expected > 5
+    chi2 = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    assert chi2 < stats.chi2.ppf(0.999, keep.sum() - 1)
+
+
+def test_sampler_uses_integer_arithmetic_only(monkeypatch):
+    """No floating-point log/exp (and no float uniforms) anywhere in the sampler: CKS 2020 exactly (issue #11).
+    The former sampler drew its discrete-Laplace proposals with np.log of float uniforms and fails here."""
+    def boom(*a, **k):
+        raise AssertionError("floating-point transcendental used by the exact sampler")
+
+    for mod, name in ((math, "exp"), (math, "log"), (math, "log1p"), (math, "expm1"),
+                      (np, "exp"), (np, "log"), (np, "log1p"), (np, "expm1")):
+        monkeypatch.setattr(mod, name, boom)
+    monkeypatch.setattr(dp.SecureRandom, "random", boom)
+    for sigma in (0.7, 3.0, 1e6, 1.5e8):
+        z = dp.discrete_gaussian(sigma, 50, dp.SecureRandom(b"i" * 32))
+        assert z.dtype == np.int64 and z.shape == (50,)
+    from fractions import Fraction
+    assert dp.discrete_gaussian(Fraction(7, 3), 5, dp.SecureRandom(b"j" * 32)).dtype == np.int64
+
+
+def test_discrete_gaussian_large_sigma_in_grid_units():
+    """The product's sigmas are 1e5..1e8 grid units (gaussian_release, secagg+dp): the sample std matches."""
+    rng = np.random.default_rng(5)
+    for sigma in (1e5, 1.6e8):
+        z = dp.discrete_gaussian(sigma, 8000, rng)
+        se = sigma ** 2 * math.sqrt(2 / len(z))
+        assert abs(z.var() - sigma ** 2) < 5 * se
+        assert abs(z.mean()) < 5 * sigma / math.sqrt(len(z))
+        assert stats.kstest(z / sigma, "norm").pvalue > 1e-4
+
+
+def test_discrete_gaussian_rejects_bad_sigma():
+    for bad in (0, -1.0, float("nan"), float("inf"), "3"):
+        with pytest.raises(ValueError, match="sigma"):
+            dp.discrete_gaussian(bad, 3)
+
+
 def test_gaussian_release_noise_has_calibrated_std():
     rng = np.random.default_rng(42)
     m, C, nm = 16, 1.0, 0.8
