@@ -80,8 +80,14 @@ class AlignmentConfig:
     curve_every: int = 20
     """Evaluate the curve every this many GRPO steps."""
     seed: int = 0
-    resume: bool = False
-    """Continue GRPO from the newest checkpoint in <work_dir>/grpo."""
+    resume: bool | str = "auto"
+    """Continue an interrupted run (mor_server.runstate): "auto" resumes GRPO from the newest complete checkpoint in
+    <work_dir>/grpo (and reuses the calibrated router) when an unfinished run with the same settings, reference and
+    resume_key left one, else starts fresh; True insists on resuming (error if there is nothing to resume); False
+    always starts fresh (removing old checkpoints)."""
+    resume_key: str = ""
+    """Identity of what the backend scores with (e.g. digests of the clients' reward models and the privacy mode):
+    part of the run's key, so a run is never resumed with different rewards."""
     progress: bool = True
 
 
@@ -155,9 +161,13 @@ def calibrate_router(backend: RewardBackend, public: Sequence, features: Feature
 
 def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequence, test: Sequence,
                   heldout_pairs: Mapping[str, Sequence] | None = None, config: AlignmentConfig | None = None,
-                  registry=None, epsilon: Callable[[], Mapping[str, float]] | None = None) -> dict:
+                  registry=None, epsilon: Callable[[], Mapping[str, float]] | None = None,
+                  stop=None) -> dict:
     """Warm start -> router calibration -> GRPO -> evaluation. Returns the report dict (also written to
     ``<work_dir>/report/report.json`` with PNG plots beside it).
+
+    An interrupted run resumes (``config.resume``, see :mod:`mor_server.runstate`); ``stop`` is an optional
+    :class:`mor_server.grpo.GracefulStop` that ends GRPO with a checkpoint (raising GRPOInterrupted).
 
     heldout_pairs: ``{client: [PreferencePair]}`` for the per-client held-out win rates (optional).
     epsilon: called at the end for ``{client: ε spent}`` (shown in the report and plotted; optional).
@@ -192,6 +202,16 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
     stages.set_postfix_str("warm start done")
     stages.update(1)
 
+    from . import runstate
+
+    plan = runstate.plan(work, runstate.run_key(cfg, ref_dir, sizes={"public": len(public),
+                                                                     "unlabeled": len(unlabeled)}), cfg.resume)
+    if plan.reuse_router:
+        print(f"    resuming the interrupted alignment run in {work}: "
+              + (f"GRPO from {plan.checkpoint.name}" if plan.checkpoint else "GRPO from step 0 (no checkpoint yet)")
+              + ", router from the interrupted run"
+              + (f"; discarded incomplete {', '.join(plan.discarded)}" if plan.discarded else ""), flush=True)
+
     eval_set = list(test)[: cfg.eval_size] if cfg.eval_size else list(test)
     before = accuracy(model, processor, eval_set)
     before_win = {c: win_rate(model, processor, list(p)) for c, p in (heldout_pairs or {}).items() if p}
@@ -199,10 +219,13 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
     # 2. router
     t0 = time.perf_counter()
     features = FeatureExtractor()
-    router = calibrate_router(backend, public, features, hidden=cfg.router_hidden, steps=cfg.router_steps,
-                              top_k=cfg.top_k, objective=cfg.objective, seed=cfg.seed,
-                              purpose=cfg.calibration_purpose, retries=cfg.retries)
-    router.save(work / "router")
+    if plan.reuse_router:  # calibrated by the interrupted run: no second calibration round (nor its charge)
+        router = MoRRouter.load(work / "router")
+    else:
+        router = calibrate_router(backend, public, features, hidden=cfg.router_hidden, steps=cfg.router_steps,
+                                  top_k=cfg.top_k, objective=cfg.objective, seed=cfg.seed,
+                                  purpose=cfg.calibration_purpose, retries=cfg.retries)
+        runstate.save_router(router, work / "router")
     timings["router_s"] = time.perf_counter() - t0
     stages.set_postfix_str("router calibrated")
     stages.update(1)
@@ -222,8 +245,11 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
                             "progress": cfg.progress})
     curve = accuracy_callback(processor, list(test)[: cfg.curve_size], cfg.curve_every) \
         if cfg.curve_size and cfg.curve_every else None
+    if plan.checkpoint is not None:  # the reward's counters/history and the curve so far, as checkpointed
+        runstate.restore(plan.checkpoint, mor, curve)
     res = run_grpo(ref_dir, make_prompt_dataset(unlabeled), funcs, weights, gcfg, metrics=metrics,
-                   resume=cfg.resume, callbacks=[curve] if curve else [])
+                   resume=plan.checkpoint or False, stop=stop,
+                   callbacks=[*([curve] if curve else []), runstate.state_callback(mor, curve)])
     timings["grpo_s"] = time.perf_counter() - t0
     stages.set_postfix_str("GRPO done")
     stages.update(1)
@@ -267,6 +293,7 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
         out, log_history=log, accuracy_points=report["accuracy_curve"], before=before, after=after,
         routing_by_domain=routing_mean or router.calibration.get("weights_by_domain"), epsilon=eps)]
     write_report(report, out)
+    runstate.mark_complete(work)
     stages.set_postfix_str("evaluated")
     stages.update(1)
     stages.close()
@@ -297,6 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--w-format", type=float, default=4.0, help="weight of the typed answer-format rule")
     ap.add_argument("--eval-size", type=int, default=600)
+    ap.add_argument("--fresh", action="store_true",
+                    help="start over even when an interrupted run with the same settings left a checkpoint in "
+                         "--work-dir (by default such a run resumes from its newest complete checkpoint)")
     ap.add_argument("--models", type=Path, default=None,
                     help="a folder of trained client reward models (<client>/model/card.json, e.g. runs/demo/clients) "
                          "to use in-process instead of the label experts")
@@ -317,6 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import easy_vqa
 
     cfg = AlignmentConfig(work_dir=a.work_dir, seed=a.seed, sft=SFTConfig(steps=a.sft_steps), eval_size=a.eval_size,
+                          resume=False if a.fresh else "auto",
+                          resume_key=json.dumps([[d.parent.name, json.loads((d / "card.json").read_text())
+                                                  .get("weights_sha256")] for d in dirs] if a.models is not None
+                                                else "label-experts"),
                           top_k=a.top_k, w_format=a.w_format, answer_vocabulary=list(easy_vqa.get_answers()),
                           grpo=GRPORunConfig(max_steps=a.steps, learning_rate=a.lr, beta=a.beta,
                                              temperature=a.temperature))

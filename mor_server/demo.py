@@ -20,7 +20,8 @@ import hashlib
 import json
 import math
 import os
-import subprocess
+import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -28,7 +29,8 @@ from pathlib import Path
 
 from privacy import pki
 
-from .procs import ClientProcess, mor_client_argv, stop_all
+from .fsutil import replace_dir, staging_dir
+from .procs import ClientProcess, mor_client_argv, reap_stale, run_child, stop_all
 
 DEFAULT_CLIENTS = (
     {"name": "hospital-color", "arch": "cnn", "partition": "client0"},
@@ -38,7 +40,8 @@ DEFAULT_CLIENTS = (
 MODES = ("plain", "secagg", "secagg+dp")
 #: GRPO settings of the demo (on top of GRPORunConfig's defaults): 400 steps at lr 3e-4 and beta 0.05 (measured
 #: over 3 seeds, docs/alignment.md); at lr 1e-3 / beta 0.02 runs of 400 steps collapsed to one answer per type.
-DEMO_GRPO_DEFAULTS = {"max_steps": 400, "learning_rate": 3e-4, "beta": 0.05, "temperature": 1.0}
+#: A checkpoint every 20 steps (two kept): a run that dies loses at most 19 steps (a rerun resumes from the newest).
+DEMO_GRPO_DEFAULTS = {"max_steps": 400, "learning_rate": 3e-4, "beta": 0.05, "temperature": 1.0, "save_steps": 20}
 
 
 @dataclass
@@ -144,19 +147,24 @@ def train_clients(cfg: DemoConfig, work: Path) -> dict[str, dict]:
         else:
             print(f"    {c['name']}: training a {c['arch']} reward model on {c['partition']} with DP-SGD "
                   f"(ε={cfg.epsilon})", flush=True)
+            # trained into a staging folder, stamped, then swapped in whole: a run killed mid-training (or
+            # mid-save) never leaves a half-written model that the cache would trust
+            staged = staging_dir(model)
             argv = mor_client_argv("train", "--arch", c["arch"], "--partition", c["partition"],
                                    "--n-clients", str(len(cfg.clients)), "--epsilon", str(cfg.epsilon),
-                                   "--data-seed", str(cfg.seed), "--seed", str(cfg.seed), "--out", str(model),
+                                   "--data-seed", str(cfg.seed), "--seed", str(cfg.seed), "--out", str(staged),
                                    "--ledger", str(cdir / "ledger.sqlite"), "--model-id", f"{c['name']}-{key}")
-            for opt in ("max_pairs", "epochs", "batch_size"):
+            for opt in ("max_pairs", "epochs", "batch_size", "pretrain_epochs"):
                 if c.get(opt) is not None:
                     argv += [f"--{opt.replace('_', '-')}", str(c[opt])]
             t0 = time.perf_counter()
-            r = subprocess.run(argv, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            if r.returncode != 0:
-                raise RuntimeError(f"training the reward model of {c['name']} failed (exit {r.returncode}); "
+            rc = run_child(argv, pidfile=_pid_dir(work) / f"{c['name']}-train.pid.json", role="train")
+            if rc != 0:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise RuntimeError(f"training the reward model of {c['name']} failed (exit {rc}); "
                                    f"command: {' '.join(argv)}")
-            stamp.write_text(key)
+            (staged / ".demo-key").write_text(key)
+            replace_dir(staged, model)
             print(f"    {c['name']}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
         cards[c["name"]] = json.loads((model / "card.json").read_text())
     return cards
@@ -180,11 +188,86 @@ def start_clients(cfg: DemoConfig, work: Path, port: int, pki_dir: Path) -> list
         argv = mor_client_argv("join", "--server", f"localhost:{port}", "--creds", str(pki_dir / "clients" / c["name"]),
                                "--model", str(cdir / "model"), "--modes", modes, "--ledger", str(cdir / "ledger.sqlite"),
                                "--budget", str(cfg.client_budget), "--audit", str(cdir / "audit.jsonl"))
-        procs.append(ClientProcess(c["name"], argv, cdir / "join.log").start())
+        procs.append(ClientProcess(c["name"], argv, cdir / "join.log",
+                                   pidfile=_pid_dir(work) / f"{c['name']}-join.pid.json").start())
     return procs
 
 
-def align(cfg: DemoConfig, work: Path, backend, server) -> dict:
+def _pid_dir(work: Path) -> Path:
+    """Pidfiles of the demo's child processes while they run (``mor demo`` reaps leftovers of a killed run)."""
+    return work / "pids"
+
+
+class DemoInterrupted(Exception):
+    """``mor demo`` got SIGINT/SIGTERM: the clients and the server were stopped; a rerun resumes."""
+
+    def __init__(self, signum: int, checkpoint: str | None = None, step: int | None = None):
+        self.signum, self.checkpoint, self.step = signum, checkpoint, step
+        name = signal.Signals(signum).name
+        where = (f"GRPO stopped at step {step} with {Path(checkpoint).name} saved; " if checkpoint else "")
+        super().__init__(f"interrupted by {name}: {where}clients and server stopped; rerun the same command to "
+                         f"resume")
+
+
+def _lock_workdir(work: Path):
+    """Hold an exclusive lock on WORKDIR/.demo.lock for the whole run (released by the OS if we are killed)."""
+    import fcntl
+
+    f = open(work / ".demo.lock", "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise ValueError(f"workdir {work}: another `mor demo` (pid {holder}) is running in it; wait for it or use "
+                         f"--workdir DIR") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+class _Signals:
+    """SIGINT/SIGTERM during ``mor demo``: inside GRPO the current step ends with a checkpoint (GracefulStop);
+    anywhere else DemoInterrupted is raised at once. A second signal interrupts at once too."""
+
+    def __init__(self, stop):
+        self.stop = stop
+        self.signum: int | None = None
+        self._old = {}
+
+    def _handler(self, signum, frame):
+        first = self.signum is None
+        self.signum = signum
+        if first and self.stop.active:
+            print(f"mor demo: {signal.Signals(signum).name}: finishing the current GRPO step, saving a checkpoint "
+                  "and stopping (send it again to stop at once)", file=sys.stderr, flush=True)
+            self.stop.request(signal.Signals(signum).name)
+            return
+        raise DemoInterrupted(signum)
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def quiet(self) -> None:
+        """Ignore further signals while cleaning up (the clean-up is bounded: about 20 s at most)."""
+        for sig in self._old:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def align(cfg: DemoConfig, work: Path, backend, server, *, cards: dict | None = None, stop=None) -> dict:
     """Run the alignment engine over the federated backend on the embedded easy-vqa default."""
     from mor_client.data.partition import make_federation_split
     from privacy.ledger import PrivacyLedger
@@ -203,7 +286,13 @@ def align(cfg: DemoConfig, work: Path, backend, server) -> dict:
 
     acfg = AlignmentConfig(work_dir=str(work / "alignment"), grpo=GRPORunConfig(**{**DEMO_GRPO_DEFAULTS, **cfg.grpo}),
                            seed=cfg.seed, answer_vocabulary=list(easy_vqa.get_answers()),
-                           deadline_s=cfg.round_timeout * 2, w_format=cfg.w_format, w_length=cfg.w_length)
+                           deadline_s=cfg.round_timeout * 2, w_format=cfg.w_format, w_length=cfg.w_length,
+                           resume=False if cfg.fresh else "auto",
+                           resume_key=json.dumps({"mode": cfg.mode, "calibration_mode": cfg.calibration_mode,
+                                                  "dp_noise_multiplier": cfg.dp_noise_multiplier,
+                                                  "models": {n: c.get("weights_sha256")
+                                                             for n, c in sorted((cards or {}).items())}},
+                                                 sort_keys=True))
 
     def client_epsilon() -> dict[str, float]:
         out = {}
@@ -214,19 +303,41 @@ def align(cfg: DemoConfig, work: Path, backend, server) -> dict:
 
     res = run_alignment(backend, public=split.server_public, unlabeled=split.server_unlabeled,
                         test=heldout_test(split), heldout_pairs=heldout, config=acfg,
-                        registry=server.server.metrics.registry, epsilon=client_epsilon)
+                        registry=server.server.metrics.registry, epsilon=client_epsilon, stop=stop)
     res.pop("model", None)
     res.pop("processor", None)
     return res
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from .federated import FederatedBackend
-    from .server import ServerConfig, ServerThread
+    """The whole demo. SIGINT/SIGTERM stop it cleanly (DemoInterrupted); a rerun after a crash or a stop resumes:
+    cached reward models and warm start, the calibrated router, GRPO from its newest complete checkpoint."""
+    from .grpo import GracefulStop
 
     cfg.validate()
     work = Path(cfg.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    lock = _lock_workdir(work)
+    stop = GracefulStop()
+    try:
+        with _Signals(stop) as sigs:
+            return _run_demo_locked(cfg, work, stop, sigs)
+    finally:
+        lock.close()
+
+
+def _run_demo_locked(cfg: DemoConfig, work: Path, stop, sigs) -> dict:
+    from privacy.audit import AuditError, AuditLog
+
+    from .federated import FederatedBackend
+    from .grpo import GRPOInterrupted
+    from .server import ServerConfig, ServerThread
+
+    reaped = reap_stale(_pid_dir(work))
+    if reaped:
+        print(f"    stopped {len(reaped)} process(es) left by an earlier run that died: "
+              + ", ".join(f"{Path(r['pidfile']).name.removesuffix('.pid.json')} (pid {r['pid']})" for r in reaped),
+              flush=True)
     total = 5
     t_start = time.perf_counter()
     _say(1, total, f"PKI: federation CA and {len(cfg.clients)} client certificates in {work / 'pki'}")
@@ -234,10 +345,20 @@ def run_demo(cfg: DemoConfig) -> dict:
     _say(2, total, "reward models: each client trains its own, privately (DP-SGD)")
     cards = train_clients(cfg, work)
     _say(3, total, "federation: server (mTLS, audit log, metrics) and client processes over loopback")
-    server = ServerThread(ServerConfig(pki_dir=pki_dir, metrics_port=0, audit_path=work / "server-audit.jsonl"))
-    port = server.start()
-    procs = start_clients(cfg, work, port, pki_dir)
+    # a killed run can leave a torn last line: moved aside and recorded in a signed recovery entry (privacy.audit)
     try:
+        audit = AuditLog(work / "server-audit.jsonl", actor="server", on_torn="recover",
+                         signing_key=pki.load_identity_key(pki_dir / "server" / "identity.key"))
+    except AuditError as e:
+        raise ValueError(f"server audit log: {e}") from None
+    if audit.recovered is not None:
+        print(f"    server audit log recovered after an unclean shutdown: {json.dumps(audit.recovered.payload)}",
+              flush=True)
+    server = ServerThread(ServerConfig(pki_dir=pki_dir, metrics_port=0, audit=audit))
+    procs: list[ClientProcess] = []
+    try:
+        port = server.start()
+        procs = start_clients(cfg, work, port, pki_dir)
         try:
             online = server.wait_for_clients(len(cfg.clients), timeout=120)
         except TimeoutError as e:
@@ -249,7 +370,10 @@ def run_demo(cfg: DemoConfig) -> dict:
                                    timeout=cfg.round_timeout, min_clients=max(1, len(cfg.clients) - 1),
                                    dp_noise_multiplier=cfg.dp_noise_multiplier)
         _say(4, total, "alignment: warm start -> router calibration -> GRPO with federated rewards -> evaluation")
-        result = align(cfg, work, backend, server)
+        try:
+            result = align(cfg, work, backend, server, cards=cards, stop=stop)
+        except GRPOInterrupted as e:
+            raise DemoInterrupted(sigs.signum or signal.SIGTERM, e.checkpoint, e.step) from None
         m = server.server.metrics
         fed = {"rounds_completed": int(sum(m.value("mor_rounds_completed_total", {"mode": k}) for k in
                                            ("plain", "dp", "secagg", "secagg+dp"))),
@@ -259,8 +383,12 @@ def run_demo(cfg: DemoConfig) -> dict:
                                    if s.name.endswith("_total"))),
                "backend": dict(backend.rounds)}
     finally:
+        if sigs.signum is not None:
+            sigs.quiet()
+            print("mor demo: stopping the clients and the server", file=sys.stderr, flush=True)
         stop_all(procs)
         server.stop()
+        audit.close()
     _say(5, total, "report")
     report = {"config": asdict(cfg), "cards": cards, "federation": fed, "alignment": result,
               "clients": _client_privacy(cfg, work), "seconds": time.perf_counter() - t_start}
@@ -314,6 +442,10 @@ def print_summary(report: dict, out: Path) -> None:
     f = report["federation"]
     print(f"\nfederated rounds: {f['rounds_completed']} completed, {f['rounds_failed']} failed, "
           f"{f['dropouts']} dropouts; mode {report['config']['mode']}; total {report['seconds']:.0f} s")
+    g = al.get("grpo", {})
+    if g.get("resumed_from"):
+        print(f"GRPO resumed from {Path(g['resumed_from']).name} of an interrupted run; finished at step "
+              f"{g.get('global_step')}")
     print(f"report: {out / 'demo.json'} (alignment details: {al.get('report_path')})")
     if al.get("plots"):
         print("plots: " + ", ".join(al["plots"]))
@@ -336,5 +468,9 @@ def _demo_cmd(args: argparse.Namespace) -> int:
         **{k: v for k, v in over.items() if v is not None})
     if args.steps is not None:
         cfg.grpo = {**cfg.grpo, "max_steps": args.steps}
-    run_demo(cfg)
+    try:
+        run_demo(cfg)
+    except DemoInterrupted as e:
+        print(f"mor demo: {e}", file=sys.stderr, flush=True)
+        return 128 + e.signum
     return 0

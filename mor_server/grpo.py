@@ -7,6 +7,8 @@ input) and come from the unlabeled public pool: the dataset never carries answer
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -156,20 +158,102 @@ def _callback(metrics: GRPOMetrics):
     return PrometheusCallback()
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest ``checkpoint-<step>`` directory under output_dir, or None."""
-    ck = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return max(ck, key=lambda p: int(p.name.split("-")[-1])) if ck else None
+class GRPOInterrupted(Exception):
+    """GRPO stopped early on request (:class:`GracefulStop`) after saving a checkpoint to resume from."""
+
+    def __init__(self, message: str, *, step: int, checkpoint: str | None, reason: str | None):
+        super().__init__(message)
+        self.step, self.checkpoint, self.reason = step, checkpoint, reason
+
+
+class GracefulStop:
+    """A stop request for a running GRPO loop (e.g. set from a SIGTERM handler): at the end of the current optimizer
+    step the trainer saves a checkpoint and stops, and :func:`run_grpo` raises :class:`GRPOInterrupted`.
+
+    ``active`` is True while the training loop runs (a signal handler can then defer to it instead of raising)."""
+
+    def __init__(self):
+        self.reason: str | None = None
+        self.active = False
+
+    def request(self, reason: str = "stop requested") -> None:
+        self.reason = reason
+
+    @property
+    def requested(self) -> bool:
+        return self.reason is not None
+
+
+def _checkpoint_step(p: Path) -> int | None:
+    tail = p.name.rsplit("-", 1)[-1]
+    return int(tail) if p.name.startswith("checkpoint-") and tail.isdigit() else None
+
+
+def checkpoint_complete(path: str | Path, require: Sequence[str] = ()) -> bool:
+    """Whether a ``checkpoint-<step>`` folder was written to the end: the Trainer writes ``trainer_state.json``
+    last (after weights, optimizer, scheduler and RNG states), so it must parse and name the folder's step; the
+    files in ``require`` (written after it, e.g. by an ``on_save`` callback) must exist too."""
+    p = Path(path)
+    step = _checkpoint_step(p)
+    if step is None or not p.is_dir():
+        return False
+    try:
+        state = json.loads((p / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(state, dict) or state.get("global_step") != step:
+        return False
+    has_weights = any((p / f).is_file() for f in ("model.safetensors", "pytorch_model.bin",
+                                                   "model.safetensors.index.json", "adapter_model.safetensors"))
+    return has_weights and (p / "optimizer.pt").is_file() and all((p / f).is_file() for f in require)
+
+
+def latest_checkpoint(output_dir: str | Path, require: Sequence[str] = ()) -> Path | None:
+    """The newest complete ``checkpoint-<step>`` directory under output_dir (see :func:`checkpoint_complete`),
+    or None. A folder left half-written by a killed run is skipped."""
+    ck = [p for p in Path(output_dir).glob("checkpoint-*")
+          if _checkpoint_step(p) is not None and checkpoint_complete(p, require)]
+    return max(ck, key=_checkpoint_step) if ck else None
+
+
+def discard_incomplete_checkpoints(output_dir: str | Path, require: Sequence[str] = ()) -> list[str]:
+    """Delete checkpoint folders a killed run left half-written (so checkpoint rotation never counts them)."""
+    gone = []
+    for p in Path(output_dir).glob("checkpoint-*"):
+        if _checkpoint_step(p) is not None and not checkpoint_complete(p, require):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p.name)
+    return gone
+
+
+def _stop_callback(stop: GracefulStop):
+    from transformers import TrainerCallback
+
+    class StopCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            stop.active = True
+
+        def on_step_end(self, args, state, control, **kw):
+            if stop.requested:  # save where we are and leave the loop (checked once per optimizer step)
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_train_end(self, args, state, control, **kw):
+            stop.active = False
+
+    return StopCallback()
 
 
 def run_grpo(model_dir: str | Path, train_dataset, reward_funcs: list, reward_weights: Sequence[float] | None,
              config: GRPORunConfig | None = None, *, registry=None, metrics: GRPOMetrics | None = None,
-             resume: bool = False, callbacks: Sequence = ()) -> dict:
+             resume: bool | str | Path = False, callbacks: Sequence = (), stop: GracefulStop | None = None) -> dict:
     """Run GRPO on the policy saved in ``model_dir`` (also the KL reference when beta > 0).
 
     callbacks: extra ``transformers.TrainerCallback`` objects (e.g. :func:`mor_server.evaluate.accuracy_callback`).
-    resume: continue from the newest checkpoint in ``config.output_dir`` (the step count continues; the run
-    stops at ``config.max_steps`` in total). Returns ``{"model", "processor", "global_step", "log_history",
+    resume: True continues from the newest complete checkpoint in ``config.output_dir``, a path from that
+    checkpoint (the step count, optimizer, scheduler and RNG states continue; the run stops at ``config.max_steps``
+    in total). stop: a :class:`GracefulStop`; once requested, the current step ends with a checkpoint and
+    :class:`GRPOInterrupted` is raised (no final policy is written). Returns ``{"model", "processor", "global_step", "log_history",
     "final_dir", "seconds", "resumed_from"}``; the final policy is saved to ``<output_dir>/final``.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -187,8 +271,9 @@ def run_grpo(model_dir: str | Path, train_dataset, reward_funcs: list, reward_we
     processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
     processor.tokenizer.padding_side = "left"
     args = cfg.to_trl(reward_weights)
+    extra = [_stop_callback(stop)] if stop is not None else []
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
-                          processing_class=processor, callbacks=[_callback(metrics), *callbacks])
+                          processing_class=processor, callbacks=[_callback(metrics), *callbacks, *extra])
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)  # logs go to Prometheus and log_history, not to stdout
@@ -199,12 +284,27 @@ def run_grpo(model_dir: str | Path, train_dataset, reward_funcs: list, reward_we
 
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_QuietProgress)
-    ck = latest_checkpoint(cfg.output_dir) if resume else None
-    if resume and ck is None:
-        raise FileNotFoundError(f"run_grpo(resume=True): no checkpoint-<step> directory in {cfg.output_dir!r}")
+    if resume is True:
+        ck = latest_checkpoint(cfg.output_dir)
+        if ck is None:
+            raise FileNotFoundError(f"run_grpo(resume=True): no complete checkpoint-<step> directory in "
+                                    f"{cfg.output_dir!r}")
+    elif resume:
+        ck = Path(resume)
+        if not checkpoint_complete(ck):
+            raise FileNotFoundError(f"run_grpo(resume={str(ck)!r}): not a complete checkpoint-<step> directory")
+    else:
+        ck = None
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(ck) if ck else None)
     seconds = time.perf_counter() - t0
+    if stop is not None and stop.requested and trainer.state.global_step < cfg.max_steps:
+        step = trainer.state.global_step
+        saved = Path(cfg.output_dir) / f"checkpoint-{step}"
+        saved = saved if checkpoint_complete(saved) else latest_checkpoint(cfg.output_dir)
+        raise GRPOInterrupted(f"GRPO stopped at step {step} of {cfg.max_steps} ({stop.reason}); "
+                              + (f"resume from {saved.name}" if saved else "no checkpoint saved"),
+                              step=step, checkpoint=str(saved) if saved else None, reason=stop.reason)
     final = Path(cfg.output_dir) / "final"
     trainer.save_model(str(final))
     processor.save_pretrained(final)

@@ -372,13 +372,23 @@ def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLl
     cache_dir = Path(cache_dir)
     key = {"tiny": asdict(tiny or TinyLlavaConfig()), "sft": asdict(sft or SFTConfig()), "n": len(examples)}
     meta = cache_dir / "warm_start.json"
-    if meta.is_file() and json.loads(meta.read_text()).get("key") == key:
+    try:
+        cached = json.loads(meta.read_text()) if meta.is_file() else None
+    except (OSError, ValueError):
+        cached = None
+    if isinstance(cached, dict) and cached.get("key") == key:
         model = LlavaForConditionalGeneration.from_pretrained(cache_dir, local_files_only=True)
         processor = LlavaProcessor.from_pretrained(cache_dir, local_files_only=True)
         model.eval()
-        return model, processor, {**json.loads(meta.read_text())["info"], "cached": True}
+        return model, processor, {**cached.get("info", {}), "cached": True}
     model, processor = build_tiny_llava(config=tiny)
     info = sft_warm_start(model, processor, examples, sft, progress=progress)
-    save_policy(model, processor, cache_dir)
-    meta.write_text(json.dumps({"key": key, "info": info}, indent=1))
+    # built in a staging folder and swapped in whole, warm_start.json (the cache's completion marker) written last
+    # inside it: a run killed while saving leaves the old cache or none, never a half-written one that is trusted
+    from .fsutil import replace_dir, staging_dir
+
+    staged = staging_dir(cache_dir)
+    save_policy(model, processor, staged)
+    (staged / "warm_start.json").write_text(json.dumps({"key": key, "info": info}, indent=1))
+    replace_dir(staged, cache_dir)
     return model, processor, {**info, "cached": False}
