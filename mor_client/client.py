@@ -14,6 +14,7 @@ cleanly (``await client.stop()`` or ``client.stop_threadsafe()``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import random
@@ -45,7 +46,9 @@ class ClientStats:
     tasks: int = 0
     reports: int = 0
     refusals: int = 0
-    rejected: list = field(default_factory=list)   # (round_id, code, field, message) of rejected messages
+    rejected: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))
+    """(round_id, code, field, message) of the newest rejected messages (bounded)."""
+    cancelled: int = 0
     sessions: int = 0
     reconnects: int = 0
 
@@ -119,6 +122,11 @@ class FederationClient:
                 log.info("connection to %s failed (%s: %s); retrying in <= %.1fs", self.server, e.code().name,
                          e.details(), delay)
                 self.on_event("disconnected", {"code": e.code().name, "details": e.details()})
+            except asyncio.CancelledError:  # stop() cancels the call: a clean end, unless *we* are cancelled
+                me = asyncio.current_task()
+                if self._stop.is_set() and (me is None or not me.cancelling()):
+                    break
+                raise
             finally:
                 self.connected.clear()
             if self._stop.is_set():
@@ -167,6 +175,7 @@ class FederationClient:
             call = stub.Session(outgoing(), metadata=self._metadata())
             self._call = call
             workers: set[asyncio.Task] = set()
+            by_round: dict[str, asyncio.Task] = {}
             try:
                 async for msg in call:
                     kind = msg.WhichOneof("body")
@@ -178,7 +187,18 @@ class FederationClient:
                         self.stats.tasks += 1
                         t = asyncio.create_task(self._handle_task(msg.task, send_q))
                         workers.add(t)
+                        by_round[msg.task.round_id] = t
                         t.add_done_callback(workers.discard)
+                        t.add_done_callback(lambda _t, r=msg.task.round_id: by_round.pop(r, None))
+                    elif kind == "cancelled":  # the server abandoned the round: stop working on it
+                        self.stats.cancelled += 1
+                        t = by_round.pop(msg.cancelled.round_id, None)
+                        if t is not None:
+                            t.cancel()
+                        if self.secagg_handler is not None and hasattr(self.secagg_handler, "cancel_round"):
+                            self.secagg_handler.cancel_round(msg.cancelled.round_id)
+                        self.on_event("cancelled", {"round_id": msg.cancelled.round_id,
+                                                    "reason": msg.cancelled.reason})
                     elif kind == "secagg":
                         if self.secagg_handler is not None:
                             t = asyncio.create_task(self.secagg_handler.on_stage(msg.secagg, send_q, self))

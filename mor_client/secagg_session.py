@@ -80,8 +80,30 @@ class SecAggSession:
         self._query_audit = QueryAudit(qa)
         return self._query_audit
 
+    #: refuse a secagg task when no fresh CA-signed CRL is known (the server ships one with every secagg task)
+    require_crl = True
+
+    def accept_crl(self, data: bytes) -> None:
+        """Adopt a CRL (PEM/DER bytes, e.g. ``task.crl``) after checking the CA's signature and its next_update.
+        The newest one seen is kept, so a server replaying an older CRL cannot un-revoke a peer; a server can only
+        withhold it (then ``require_crl`` refuses the task). Raises PKIError for a forged or stale CRL."""
+        crl = pki.read_crl(data, self._ca).check_fresh(what="the CRL sent with the task")
+        cur = getattr(self, "_crl", None)
+        if cur is None or crl.last_update >= cur.last_update:
+            self._crl = crl
+
     def verify_peer(self, client_id: str, proof: bytes):
-        return pki.verify_identity_certificate(proof, self._ca, expected_name=client_id)
+        """A peer's identity certificate must be issued by the federation CA, valid now, name ``client_id`` and
+        not be revoked by the newest fresh CRL this client has seen."""
+        crl = getattr(self, "_crl", None)
+        if crl is not None:
+            crl.check_fresh(what="the newest CRL this client has")
+        return pki.verify_identity_certificate(proof, self._ca, expected_name=client_id,
+                                               revoked=crl.revoked if crl is not None else None)
+
+    def cancel_round(self, round_id: str) -> None:
+        """The server cancelled the round: forget its state (nothing more is sent for it)."""
+        self._end(round_id)
 
     async def on_task(self, task: pb.ScoringTask, items, client, send_q: asyncio.Queue) -> None:
         from privacy.secagg import SecAggClient
@@ -95,6 +117,14 @@ class SecAggSession:
         if not task.HasField("secagg"):
             self._refuse(client, send_q, task.round_id, mode, "INVALID_ARGUMENT",
                          "secagg task carries no setup stage (task.secagg)")
+            return
+        try:
+            if task.crl:
+                self.accept_crl(task.crl)
+            elif self.require_crl and getattr(self, "_crl", None) is None:
+                raise pki.PKIError("the task carries no CRL, so peers' revocation cannot be checked")
+        except pki.PKIError as e:
+            self._refuse(client, send_q, task.round_id, mode, "FAILED_PRECONDITION", f"revocation check: {e}")
             return
         timeout = task.timeout_ms / 1000 if task.timeout_ms else 30.0
         flat = await client.score_items(task.round_id, items, timeout)

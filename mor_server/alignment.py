@@ -27,6 +27,7 @@ from .features import FeatureExtractor
 from .grpo import GRPOMetrics, GRPORunConfig, make_prompt_dataset, run_grpo
 from .policy import (SFTConfig, TinyLlavaConfig, load_policy, normalize_answer, save_policy, warm_start_cached)
 from .rewards import MoRReward, RewardBackend, RoundFailed, hybrid_rewards
+from .rounds import RetryPolicy
 from .router import MoRRouter
 
 
@@ -136,15 +137,9 @@ def calibrate_router(backend: RewardBackend, public: Sequence, features: Feature
     pairs = calibration_pairs(public, seed=seed)
     items = [ScoringItem(item_id=f"cal-{i}", image=e.image, question=e.question, candidates=(c, r))
              for i, (e, c, r) in enumerate(pairs)]
-    err = None
-    for _ in range(retries + 1):
-        try:
-            scores = backend.client_scores(items, purpose=purpose)
-            break
-        except RoundFailed as e:
-            err = e
-    else:
-        raise RoundFailed(f"router calibration round failed {retries + 1} times: {err}")
+    # the one retry policy (mor_server.rounds.RetryPolicy); the backend itself runs exactly one round per call
+    scores = RetryPolicy.from_retries(retries).run(lambda _i: backend.client_scores(items, purpose=purpose),
+                                                   what="router calibration round")
     if not scores:
         raise RoundFailed("router calibration round returned no client scores (no live clients?)")
     diffs = {c: [s[0] - s[1] for s in rows] for c, rows in scores.items()}

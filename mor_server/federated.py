@@ -8,9 +8,11 @@
   computes the same sum itself.
 
 When a client drops, the mixture is renormalised over the clients that answered (per item: divide by the sum of
-the responders' weights), so a dropout never turns into a zero reward. Each call retries a failed round a bounded
-number of times with a fresh round id; after that it raises ``RoundFailed`` and the reward callable reports the
-batch to TRL as missing.
+the responders' weights), so a dropout never turns into a zero reward. Each call runs exactly ONE round, which ends
+by its own deadline inside the server (``timeout``); a failed round raises ``RoundFailed`` and the caller's
+:class:`~mor_server.rounds.RetryPolicy` (in ``MoRReward`` / ``calibrate_router``, the only layer that retries)
+decides whether to try again. :meth:`FederatedBackend.cancel` cancels the round in flight on the server's loop and
+waits until it has ended (recorded as failed, "cancelled"; clients told), so no abandoned round keeps running.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 from mor_client.types import ScoringItem
 from mor_client.wire import unflatten
 
-from .rewards import RoundFailed
+from .rounds import RoundCancelled, RoundFailed
 from .server import FederationServer, ServerThread
 
 log = logging.getLogger("mor.federated")
@@ -31,45 +33,46 @@ log = logging.getLogger("mor.federated")
 
 class FederatedBackend:
     def __init__(self, server: ServerThread, *, calibration_mode: str = "plain", mix_mode: str = "plain",
-                 timeout: float = 60.0, retries: int = 2, min_clients: int = 1, dp_clip: float = 1.0,
+                 timeout: float = 60.0, min_clients: int = 1, dp_clip: float = 1.0,
                  dp_noise_multiplier: float = 1.0, secagg_options: dict | None = None):
         if calibration_mode not in ("plain", "dp"):
             raise ValueError(f"calibration_mode must be 'plain' or 'dp', got {calibration_mode!r}")
         if mix_mode not in ("plain", "dp", "secagg", "secagg+dp"):
             raise ValueError(f"mix_mode must be plain, dp, secagg or secagg+dp, got {mix_mode!r}")
-        if retries < 0:
-            raise ValueError("retries must be >= 0")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0, got {timeout}")
         self.server = server
         self.calibration_mode, self.mix_mode = calibration_mode, mix_mode
-        self.timeout, self.retries, self.min_clients = timeout, retries, min_clients
+        self.timeout, self.min_clients = timeout, min_clients
         self.dp_clip, self.dp_noise_multiplier = dp_clip, dp_noise_multiplier
         self.secagg_options = dict(secagg_options or {})
-        self.rounds = {"ok": 0, "failed": 0, "retried": 0}
+        self.rounds = {"ok": 0, "failed": 0, "cancelled": 0}
         self.last_outcome = None
 
     def client_ids(self) -> list[str]:
         return self.server.server.online_clients()
 
+    def cancel(self, reason: str = "abandoned by its caller") -> int:
+        """Cancel the round(s) in flight on the server and wait until they have ended; returns how many."""
+        return self.server.cancel_all(reason)
+
     def _round(self, items, mode: str, **kw):
-        reasons = []
-        for attempt in range(self.retries + 1):
+        try:
             if mode in ("secagg", "secagg+dp"):
                 out = self.server.run_secagg_round(items, mode=mode, min_clients=self.min_clients,
                                                    timeout=self.timeout, **kw, **self.secagg_options)
             else:
                 out = self.server.run_round(items, mode=mode, min_clients=self.min_clients, timeout=self.timeout,
                                             dp_clip=self.dp_clip, dp_noise_multiplier=self.dp_noise_multiplier, **kw)
-            self.last_outcome = out
-            if out.ok:
-                self.rounds["ok"] += 1
-                return out
-            reasons.append(out.reason)
-            if attempt < self.retries:
-                self.rounds["retried"] += 1
-                log.warning("round %s failed (%s); retrying (%d/%d)", out.round_id, out.reason, attempt + 1,
-                            self.retries)
+        except RoundCancelled as e:
+            self.rounds["cancelled"] += 1
+            raise RoundFailed(f"{mode} scoring round {e}") from None
+        self.last_outcome = out
+        if out.ok:
+            self.rounds["ok"] += 1
+            return out
         self.rounds["failed"] += 1
-        raise RoundFailed(f"{mode} scoring round failed {self.retries + 1} times; last reason: {reasons[-1]}")
+        raise RoundFailed(f"{mode} scoring round {out.round_id} failed: {out.reason}")
 
     def client_scores(self, items: Sequence[ScoringItem], *, purpose: str = "calibration") -> dict[str, list[list[float]]]:
         out = self._round(list(items), self.calibration_mode)

@@ -23,6 +23,19 @@ class FederationMetrics:
                                         ["code"], registry=r)
         self.bytes_in = Counter("mor_bytes_received", "Serialized bytes received from clients", registry=r)
         self.bytes_out = Counter("mor_bytes_sent", "Serialized bytes sent to clients", registry=r)
+        self.rounds_cancelled = Counter("mor_rounds_cancelled", "Rounds cancelled before their end (caller gave up)",
+                                        ["mode"], registry=r)
+        self.sessions_ended = Counter("mor_sessions_ended", "Sessions the server ended with a status (revoked, not "
+                                      "reading, CRL unusable)", ["code"], registry=r)
+        self.sessions_revoked = Counter("mor_sessions_revoked", "Open sessions ended because the CRL revoked them",
+                                        registry=r)
+        self.outbox_overflows = Counter("mor_outbox_overflows", "Sessions whose bounded outbox filled up (client not "
+                                        "reading)", registry=r)
+        self.crl_reloads = Counter("mor_crl_reloads", "Times the server loaded a new CRL", registry=r)
+        self.crl_usable = Gauge("mor_crl_usable", "1 when the server's CRL is present, signed by the CA and fresh; 0 "
+                                "when it is not (every client is refused)", registry=r)
+        self.crl_next_update = Gauge("mor_crl_next_update_timestamp_seconds", "next_update of the loaded CRL (Unix "
+                                     "time); re-sign before it passes", registry=r)
 
     def serve(self, port: int, addr: str = "127.0.0.1"):
         """Expose /metrics over HTTP; returns (http_server, thread). Port 0 picks a free port."""

@@ -10,7 +10,9 @@ backend in :mod:`mor_server.inprocess` is the baseline and what the tests use):
 
 Both raise :class:`RoundFailed` when a round fails. :class:`MoRReward` groups a generation batch's completions
 by prompt into ScoringItems (candidates = the group's completions), asks the router for per-item weights over
-the live clients, runs one scoring round with a deadline and bounded retries, and returns one float per
+the live clients, runs one scoring round (retried under the one :class:`RetryPolicy`; an attempt that misses
+``deadline_s`` is cancelled through ``backend.cancel()`` when the backend has one, and waited for, so attempts never
+overlap), and returns one float per
 completion, or ``None`` for every completion of a failed round (TRL then treats them as missing: no
 advantage, never a spurious zero reward). Failed rounds are counted.
 """
@@ -28,14 +30,11 @@ from mor_client.types import ScoringItem
 
 from .features import FeatureExtractor
 from .router import MoRRouter, entropy
+from .rounds import RetryPolicy, RoundFailed  # noqa: F401  (RoundFailed is re-exported: backends raise it)
 
 
 #: How MoRReward turns the mixed scores into rewards (see MoRReward).
 SHAPINGS = ("raw", "group_sigmoid", "answer_softmax")
-
-
-class RoundFailed(Exception):
-    """A scoring round failed (deadline, too many dropouts, refusals, unmasking failure...)."""
 
 
 @runtime_checkable
@@ -90,7 +89,10 @@ class MoRReward:
 
     backend: a :class:`RewardBackend`. router: a calibrated :class:`MoRRouter`. features: the extractor the
     router was calibrated with. objective: the alignment-objective id routed on.
-    deadline_s: wall-clock limit of one scoring round attempt; retries: extra attempts after a failure.
+    deadline_s: wall-clock limit of one scoring round attempt; retries: extra attempts after a failure (or give
+    ``retry``, a :class:`RetryPolicy`). This is the only layer that retries GRPO reward rounds. An attempt past its
+    deadline is cancelled through ``backend.cancel(reason)`` (the federated backend cancels the round on the server
+    and waits for it) before the next attempt starts.
     The dataset given to TRL must have columns ``image_png`` (PNG bytes) or ``image`` (PIL), ``question`` and
     ``example_id``; an optional ``domain`` column feeds the routing-by-domain history.
 
@@ -115,11 +117,12 @@ class MoRReward:
     def __init__(self, backend: RewardBackend, router: MoRRouter, features: FeatureExtractor, *, objective: int = 0,
                  deadline_s: float = 30.0, retries: int = 1, metrics=None,
                  valid: Callable[[str, str], bool] | None = None, shaping: str = "raw",
-                 anchors: Callable[[str], Sequence[str]] | None = None):
+                 anchors: Callable[[str], Sequence[str]] | None = None, retry: RetryPolicy | None = None):
         if retries < 0:
             raise ValueError(f"MoRReward: retries must be >= 0, got {retries}")
         if deadline_s <= 0:
             raise ValueError(f"MoRReward: deadline_s must be > 0, got {deadline_s}")
+        self.retry = retry or RetryPolicy.from_retries(retries, deadline_s)
         if shaping not in SHAPINGS:
             raise ValueError(f"MoRReward: shaping must be one of {SHAPINGS}, got {shaping!r}")
         if shaping == "answer_softmax" and anchors is None:
@@ -133,8 +136,8 @@ class MoRReward:
         self.router = router
         self.features = features
         self.objective = objective
-        self.deadline_s = deadline_s
-        self.retries = retries
+        self.deadline_s = self.retry.round_timeout_s
+        self.retries = self.retry.attempts - 1
         self.metrics = metrics
         self.rounds_ok = 0
         self.rounds_failed = 0
@@ -186,7 +189,13 @@ class MoRReward:
         try:
             return fut.result(timeout=self.deadline_s)
         except concurrent.futures.TimeoutError as e:
-            fut.cancel()
+            cancel = getattr(self.backend, "cancel", None)
+            if cancel is not None:  # really stop it (and wait) before any retry: rounds never overlap
+                cancel(f"the reward's {self.deadline_s:g}s deadline passed")
+                try:
+                    fut.result(timeout=30)
+                except Exception:
+                    pass
             raise RoundFailed(f"scoring round missed its {self.deadline_s}s deadline") from e
 
     def __call__(self, prompts=None, completions=None, **kwargs) -> list[float | None]:
@@ -220,19 +229,20 @@ class MoRReward:
             return self._fail(n, step, "no live clients")
         feats = self.features.batch([it.image for it in items], [it.question for it in items])
         weights = self.router.weights(feats, live=live, objective=self.objective)
-        last_err = None
-        for attempt in range(self.retries + 1):
-            try:
-                scores = self._round(items, weights)
-                if len(scores) != len(items) or any(len(s) != len(it.candidates) for s, it in zip(scores, items)):
-                    raise RoundFailed("backend returned scores of the wrong shape")
-                break
-            except RoundFailed as e:  # bounded retries; anything else is a bug and propagates
-                last_err = e
-                with self._lock:
-                    self.attempts_failed += 1
-        else:
-            return self._fail(n, step, str(last_err))
+        def attempt(_i):
+            scores = self._round(items, weights)
+            if len(scores) != len(items) or any(len(s) != len(it.candidates) for s, it in zip(scores, items)):
+                raise RoundFailed("backend returned scores of the wrong shape")
+            return scores
+
+        def failed(_i, _e):
+            with self._lock:
+                self.attempts_failed += 1
+
+        try:  # bounded retries (RoundFailed only; anything else is a bug and propagates)
+            scores = self.retry.run(attempt, what="reward round", on_failure=failed)
+        except RoundFailed as e:
+            return self._fail(n, step, str(e))
         rewards = self._shape(scores, pos)
         with self._lock:
             self.rounds_ok += 1

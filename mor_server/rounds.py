@@ -11,11 +11,16 @@ the offending field path, so the client is told exactly what was wrong and the r
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
+
+T = TypeVar("T")
+log = logging.getLogger("mor.rounds")
 
 
 class RoundState(str, Enum):
@@ -32,6 +37,63 @@ class ReportRejected(Exception):
         self.code = code
         self.field = field
         self.message = message
+
+
+class RoundFailed(Exception):
+    """A scoring round did not produce a usable result (too few clients, deadline, cancelled...)."""
+
+
+class RoundCancelled(RoundFailed, TimeoutError):
+    """A round was cancelled before it ended (its caller's bound passed, or the server stopped)."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """THE retry policy of scoring rounds, used by the one layer that retries (``MoRReward`` for GRPO rewards,
+    ``calibrate_router`` for calibration; the federated backend runs exactly one round per call).
+
+    Each attempt is one round that ends by its own deadline inside the server (``round_timeout_s``; a round still
+    running past it plus a margin is cancelled, never left running), so attempts never overlap and a ``secagg+dp``
+    round is charged at most once per attempt."""
+
+    attempts: int = 2
+    """Rounds tried per logical request (1 = no retry)."""
+    round_timeout_s: float = 60.0
+    """Deadline of one attempt, enforced by the server."""
+    backoff_s: float = 0.0
+    """Pause between attempts."""
+
+    def __post_init__(self):
+        if not isinstance(self.attempts, int) or self.attempts < 1:
+            raise ValueError(f"RetryPolicy.attempts must be an integer >= 1, got {self.attempts!r}")
+        if not self.round_timeout_s > 0:
+            raise ValueError(f"RetryPolicy.round_timeout_s must be > 0, got {self.round_timeout_s!r}")
+        if not self.backoff_s >= 0:
+            raise ValueError(f"RetryPolicy.backoff_s must be >= 0, got {self.backoff_s!r}")
+
+    @classmethod
+    def from_retries(cls, retries: int, round_timeout_s: float = 60.0, backoff_s: float = 0.0) -> "RetryPolicy":
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
+        return cls(retries + 1, round_timeout_s, backoff_s)
+
+    def run(self, attempt: Callable[[int], T], *, what: str = "scoring round",
+            on_failure: Callable[[int, RoundFailed], None] | None = None) -> T:
+        """Call ``attempt(i)`` until it returns; retries only :class:`RoundFailed` (anything else is a bug and
+        propagates). Raises RoundFailed naming the last reason after ``attempts`` failures."""
+        last: RoundFailed | None = None
+        for i in range(self.attempts):
+            try:
+                return attempt(i)
+            except RoundFailed as e:
+                last = e
+                if on_failure is not None:
+                    on_failure(i, e)
+                if i + 1 < self.attempts:
+                    log.warning("%s failed (%s); retrying (%d/%d)", what, e, i + 1, self.attempts - 1)
+                    if self.backoff_s:
+                        time.sleep(self.backoff_s)
+        raise RoundFailed(f"{what} failed {self.attempts} time(s); last reason: {last}")
 
 
 @dataclass(frozen=True)
@@ -127,6 +189,19 @@ class Round:
     def settled(self) -> bool:
         """Every participant has either answered or dropped: nothing more can arrive."""
         return len(self.reports) + len(self.dropped) == len(self.participants)
+
+    def cancel(self, now: float, reason: str) -> RoundOutcome:
+        """Close the round as FAILED because it was cancelled; idempotent like :meth:`close`."""
+        if self.outcome is not None:
+            return self.outcome
+        for c in self.participants:
+            if c not in self.reports and c not in self.dropped:
+                self.dropped[c] = "round cancelled"
+        self.state = RoundState.FAILED
+        responders = tuple(c for c in self.participants if c in self.reports)
+        self.outcome = RoundOutcome(self.round_id, self.state, self.participants, responders, dict(self.dropped),
+                                    {}, reason, self.started_at, now)
+        return self.outcome
 
     def close(self, now: float) -> RoundOutcome:
         """Close the round (idempotent): participants that did not answer are dropped at the deadline."""

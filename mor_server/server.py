@@ -12,6 +12,7 @@ Use it from asyncio (``await server.start()``, ``await server.run_round(...)``) 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as _dt
 import hashlib
 import itertools
@@ -37,10 +38,12 @@ from mor.v1 import federation_pb2_grpc as pb_grpc
 from mor_client.types import ScoringItem
 from mor_client.wire import SDK_VERSION, card_from_pb, expected_scores, items_to_pb, mode_to_pb, unflatten
 from privacy import pki
+# imported here, never inside a round: the first SecAgg round must not pay the import on the event loop
+from privacy.secagg import STAGES as _SECAGG_STAGES  # noqa: F401
 
 from .metrics import FederationMetrics
 from .registry import CardInvalid, ClientRegistry
-from .rounds import ReportRejected, Round, RoundBook, RoundOutcome, RoundState, validate_scores
+from .rounds import ReportRejected, Round, RoundBook, RoundCancelled, RoundOutcome, RoundState, validate_scores
 
 log = logging.getLogger("mor.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Federation"].full_name
@@ -78,14 +81,28 @@ class ServerConfig:
     key from ``pki_dir/server/identity.key``. None disables auditing (not recommended outside tests)."""
     audit: object | None = None
     """An already open audit log (``privacy.audit.AuditLog``); takes precedence over ``audit_path``."""
+    crl_check_interval_s: float = 2.0
+    """How often the server re-reads its CRL (``pki/server/crl.pem``, checked by file signature and next_update).
+    A revocation reaches open sessions within this interval: they end with PERMISSION_DENIED and the client is a
+    dropout of every round in flight. A CRL whose next_update has passed is not trusted: every client is refused
+    (UNAVAILABLE) until the CA re-signs it (``mor-server pki crl-refresh``)."""
+    max_outbox: int = 1024
+    """Messages (tasks, acks, stages) that may wait for one client to read them. A client that lets more pile up is
+    not reading its stream: its session ends with RESOURCE_EXHAUSTED."""
+    send_timeout_s: float = 30.0
+    """Longest time one message may wait for the client's HTTP/2 window; past it the session ends with
+    RESOURCE_EXHAUSTED (the client is not reading)."""
 
 
 @dataclass
 class _Conn:
     client_id: str
     session_id: str
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue
+    serials: frozenset = frozenset()
     closed: bool = False
+    ending: asyncio.Future | None = None
+    end_status: tuple | None = None   # (grpc.StatusCode, details) the session ends with, if not OK
 
 
 @dataclass
@@ -112,7 +129,10 @@ class FederationServer(pb_grpc.FederationServicer):
         self._round_seq = itertools.count(1)
         self._ca_cert: x509.Certificate | None = None
         self._crl_path: Path | None = None
-        self._crl_mtime = -1.0
+        self._crl: pki.CRL | None = None
+        self._crl_sig: tuple | None = None
+        self._crl_problem: str | None = None
+        self._crl_task: asyncio.Task | None = None
         self._revoked: dict[int, _dt.datetime] = {}
         self._metrics_http = None
         self._online_changed = asyncio.Event()
@@ -148,8 +168,8 @@ class FederationServer(pb_grpc.FederationServicer):
                                  "or set insecure=True for local debugging only")
             creds = pki.ServerCredentials.from_dir(cfg.pki_dir)
             self._ca_cert = creds.ca_cert
-            self._crl_path = creds.crl_path
-            self._reload_crl()
+            self._crl_path = creds.crl_path or pki.crl_path(cfg.pki_dir)
+            self._check_crl()
             server_creds = grpc.ssl_server_credentials([(creds.key_pem, creds.cert_pem)],
                                                        root_certificates=creds.ca_pem, require_client_auth=True)
             self.port = self._server.add_secure_port(addr, server_creds)
@@ -169,6 +189,8 @@ class FederationServer(pb_grpc.FederationServicer):
         if cfg.metrics_port is not None:
             self._metrics_http, _ = self.metrics.serve(cfg.metrics_port, cfg.host if cfg.host != "0.0.0.0" else "")
             self.metrics_port = self._metrics_http.server_port
+        if self._crl_path is not None:
+            self._crl_task = asyncio.create_task(self._crl_watch(), name="mor-crl-watch")
         self._audit("config", {"federation_id": cfg.federation_id, "port": self.port, "insecure": cfg.insecure,
                                "max_message_bytes": cfg.max_message_bytes})
         return self.port
@@ -177,9 +199,11 @@ class FederationServer(pb_grpc.FederationServicer):
         if self._server is None:
             return
         await self._health.enter_graceful_shutdown()
+        if self._crl_task is not None:
+            self._crl_task.cancel()
+            self._crl_task = None
         for conn in list(self._conns.values()):
-            conn.closed = True
-            conn.queue.put_nowait(None)
+            self._close(conn)
         await self._server.stop(grace)
         self._server = None
         if self._metrics_http is not None:
@@ -196,13 +220,61 @@ class FederationServer(pb_grpc.FederationServicer):
             self.config.audit.append(event, _jsonable(payload))
 
     # -- identity ---------------------------------------------------------------------------------------------------
-    def _reload_crl(self) -> None:
-        if self._crl_path is None or not self._crl_path.exists():
+    def _check_crl(self) -> None:
+        """Re-read the CRL if its file changed and check that it is still fresh (cheap: one stat when unchanged).
+        On a problem (missing, bad signature, next_update passed) the server fails closed: every session ends with
+        UNAVAILABLE and new RPCs are refused until the CA publishes a good CRL. On a new CRL, sessions of revoked
+        clients end with PERMISSION_DENIED."""
+        if self._crl_path is None:
             return
-        mtime = self._crl_path.stat().st_mtime
-        if mtime != self._crl_mtime:
-            self._revoked = pki.load_crl(self._crl_path, self._ca_cert)
-            self._crl_mtime = mtime
+        changed = False
+        try:
+            st = os.stat(self._crl_path)
+            sig = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if sig != self._crl_sig:
+                self._crl = pki.read_crl(self._crl_path, self._ca_cert)
+                self._crl_sig, changed = sig, True
+                self.metrics.crl_reloads.inc()
+            self._crl.check_fresh(what=f"the server's CRL {self._crl_path}")
+            problem = None
+        except FileNotFoundError:
+            problem = (f"the server's CRL {self._crl_path} is missing; publish one with `mor-server pki crl-refresh "
+                       "--dir PKI`")
+        except pki.PKIError as e:
+            problem = str(e)
+        if problem is not None:
+            if problem != self._crl_problem:
+                log.error("revocation cannot be checked, refusing every client: %s", problem)
+            self._crl_problem = problem
+            self.metrics.crl_usable.set(0)
+            for conn in list(self._conns.values()):
+                self._end_session(conn, grpc.StatusCode.UNAVAILABLE,
+                                  f"the federation server cannot check revocation: {problem}", "revocation unchecked")
+            return
+        if self._crl_problem is not None:
+            log.warning("CRL %s is usable again; accepting clients", self._crl_path)
+        self._crl_problem = None
+        self.metrics.crl_usable.set(1)
+        self.metrics.crl_next_update.set(self._crl.next_update.timestamp())
+        self._revoked = self._crl.revoked
+        if changed:
+            for conn in list(self._conns.values()):
+                hit = sorted(conn.serials & self._revoked.keys())
+                if hit:
+                    when = self._revoked[hit[0]]
+                    self.metrics.sessions_revoked.inc()
+                    log.warning("certificate of %s was revoked (serial %x): ending its session", conn.client_id, hit[0])
+                    self._end_session(conn, grpc.StatusCode.PERMISSION_DENIED,
+                                      f"client certificate of {conn.client_id} (serial {hit[0]:x}) was revoked on "
+                                      f"{when:%Y-%m-%d %H:%M}Z; session ended", "revoked")
+
+    async def _crl_watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.crl_check_interval_s)
+            try:
+                self._check_crl()
+            except Exception as e:  # never let the watcher die silently
+                log.error("CRL check failed: %s: %s", type(e).__name__, e)
 
     async def _identify(self, context) -> str:
         return (await self._identify_cert(context))[0]
@@ -220,7 +292,10 @@ class FederationServer(pb_grpc.FederationServicer):
         if not pems:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate: mTLS is required")
         cert = x509.load_pem_x509_certificate(pems[0])
-        self._reload_crl()
+        self._check_crl()
+        if self._crl_problem is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"the federation server cannot check revocation now: {self._crl_problem}")
         if cert.serial_number in self._revoked:
             when = self._revoked[cert.serial_number]
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
@@ -271,8 +346,9 @@ class FederationServer(pb_grpc.FederationServicer):
         return resp
 
     async def Session(self, request_iterator, context):
-        client_id = await self._identify(context)
-        if self.registry.get(client_id) is None:
+        client_id, cert = await self._identify_cert(context)
+        info = self.registry.get(client_id)
+        if info is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"client {client_id!r} must call Register first")
         try:
             first = await request_iterator.__anext__()
@@ -282,37 +358,112 @@ class FederationServer(pb_grpc.FederationServicer):
         if first.WhichOneof("body") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"the first message of a session must be hello, got {first.WhichOneof('body')}")
-        conn = _Conn(client_id, secrets.token_hex(8))
+        serials = set() if cert is None else {cert.serial_number}
+        if info.identity_certificate:
+            try:
+                serials.add(x509.load_pem_x509_certificate(info.identity_certificate).serial_number)
+            except ValueError:
+                pass
+        conn = _Conn(client_id, secrets.token_hex(8), asyncio.Queue(maxsize=self.config.max_outbox),
+                     frozenset(serials), ending=asyncio.get_running_loop().create_future())
         old_sid = self.registry.connect(client_id, conn.session_id, self._clock())
         old = self._conns.get(client_id)
         if old is not None:  # a reconnect replaces the previous session
-            old.closed = True
-            old.queue.put_nowait(None)
+            self._close(old)
             self._drop_client(client_id, "replaced by a new session")
         self._conns[client_id] = conn
         self._online_changed_set()
         log.info("session %s opened by %s%s", conn.session_id, client_id, f" (replacing {old_sid})" if old_sid else "")
         reader = asyncio.create_task(self._read_loop(conn, request_iterator))
         try:
-            yield self._out(pb.ServerMessage(welcome=pb.Welcome(client_id=client_id, session_id=conn.session_id)))
-            while True:
-                msg = await conn.queue.get()
-                if msg is None:
-                    break
-                yield self._out(msg)
+            if await self._write(conn, context, pb.ServerMessage(
+                    welcome=pb.Welcome(client_id=client_id, session_id=conn.session_id))):
+                while not conn.closed:
+                    try:
+                        msg = conn.queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        get = asyncio.ensure_future(conn.queue.get())
+                        try:
+                            await asyncio.wait((get, conn.ending), return_when=asyncio.FIRST_COMPLETED)
+                        finally:
+                            if not get.done():
+                                get.cancel()
+                        if not get.done() or get.cancelled():
+                            break
+                        msg = get.result()
+                    if msg is None or not await self._write(conn, context, msg):
+                        break
         finally:
             reader.cancel()
             conn.closed = True
             if self._conns.get(client_id) is conn:
                 del self._conns[client_id]
                 self._drop_client(client_id, "disconnected")
-            self.registry.disconnect(client_id, conn.session_id, self._clock())
-            self._online_changed_set()
-            log.info("session %s of %s closed", conn.session_id, client_id)
+                self.registry.disconnect(client_id, conn.session_id, self._clock())
+                self._online_changed_set()
+            log.info("session %s of %s closed%s", conn.session_id, client_id,
+                     f" ({conn.end_status[0].name}: {conn.end_status[1]})" if conn.end_status else "")
+        if conn.end_status is not None:
+            await context.abort(*conn.end_status)
 
-    def _out(self, msg: pb.ServerMessage) -> pb.ServerMessage:
+    async def _write(self, conn: _Conn, context, msg: pb.ServerMessage) -> bool:
+        """Send one message; False when the session is over (ended by the server, the client gone, or the client
+        not reading within ``send_timeout_s``, which ends the session with RESOURCE_EXHAUSTED)."""
+        w = asyncio.ensure_future(context.write(msg))
+        try:
+            done, _ = await asyncio.wait((w, conn.ending), timeout=self.config.send_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            w.cancel()
+            raise
+        if w not in done:
+            w.cancel()
+            if not conn.closed:
+                self._end_session(conn, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"client {conn.client_id} did not read its session stream for "
+                                  f"{self.config.send_timeout_s:g} s; disconnected", "not reading its stream")
+            return False
+        try:
+            w.result()
+        except Exception:  # the client went away mid-write
+            return False
         self.metrics.bytes_out.inc(msg.ByteSize())
-        return msg
+        return True
+
+    def _send_to(self, conn: _Conn, msg: pb.ServerMessage) -> bool:
+        """Queue a message for one client; a client whose outbox is full is not reading: its session ends."""
+        if conn.closed:
+            return False
+        try:
+            conn.queue.put_nowait(msg)
+            return True
+        except asyncio.QueueFull:
+            self.metrics.outbox_overflows.inc()
+            self._end_session(conn, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"client {conn.client_id} is not reading its session stream: "
+                              f"{self.config.max_outbox} messages are waiting for it; disconnected",
+                              "not reading its stream")
+            return False
+
+    def _close(self, conn: _Conn) -> None:
+        """End a session normally (server stopping, replaced by a reconnect, the client half-closed)."""
+        conn.closed = True
+        if conn.ending is not None and not conn.ending.done():
+            conn.ending.set_result(None)
+
+    def _end_session(self, conn: _Conn, code: grpc.StatusCode, details: str, drop_reason: str) -> None:
+        """End a session with a status (revoked, not reading, CRL unusable): the client is a dropout of every
+        round in flight at once, and nothing it sends is processed any more."""
+        if conn.closed:
+            return
+        conn.end_status = (code, details)
+        self.metrics.sessions_ended.labels(code=code.name).inc()
+        self._close(conn)
+        if self._conns.get(conn.client_id) is conn:
+            del self._conns[conn.client_id]
+            self._drop_client(conn.client_id, drop_reason)
+            self.registry.disconnect(conn.client_id, conn.session_id, self._clock())
+            self._online_changed_set()
 
     def _online_changed_set(self) -> None:
         self.metrics.clients_online.set(len(self._conns))
@@ -322,18 +473,25 @@ class FederationServer(pb_grpc.FederationServicer):
     async def _read_loop(self, conn: _Conn, request_iterator) -> None:
         try:
             async for msg in request_iterator:
+                if conn.closed:  # ended (e.g. revoked): nothing it sends counts any more
+                    break
                 self.metrics.bytes_in.inc(msg.ByteSize())
                 self.registry.seen(conn.client_id, self._clock())
-                ack = self._on_message(conn, msg)
-                if ack is not None and not conn.closed:
-                    conn.queue.put_nowait(pb.ServerMessage(ack=ack))
+                try:
+                    ack = self._on_message(conn, msg)
+                except Exception as e:  # a bug or a message we did not foresee: one line, an Ack, go on
+                    log.warning("could not handle a message from %s (%s: %s); answered INTERNAL", conn.client_id,
+                                type(e).__name__, e)
+                    ack = self._reject("", "INTERNAL", "", f"the server could not process this message "
+                                                           f"({type(e).__name__}); it was ignored")
+                if ack is not None:
+                    self._send_to(conn, pb.ServerMessage(ack=ack))
         except (asyncio.CancelledError, grpc.aio.AioRpcError, grpc.RpcError):
             pass
-        except Exception:  # never let one client's stream take the server down
-            log.exception("session of %s failed", conn.client_id)
+        except Exception as e:  # never let one client's stream take the server down
+            log.warning("session of %s failed: %s: %s", conn.client_id, type(e).__name__, e)
         finally:
-            if not conn.closed:
-                conn.queue.put_nowait(None)
+            self._close(conn)
 
     # -- message handling (validation; pure logic lives in rounds.py) ------------------------------------------------
     def _on_message(self, conn: _Conn, msg: pb.ClientMessage) -> pb.Ack | None:
@@ -358,9 +516,15 @@ class FederationServer(pb_grpc.FederationServicer):
             if kind == "secagg":
                 return self._on_secagg_report(client_id, report)
             rnd = self.book.lookup(report.round_id)
-            pending = self._pending[rnd.round_id]
+            pending = self._pending.get(rnd.round_id)
+            if pending is None:
+                raise ReportRejected("NOT_FOUND", "report.round_id", f"unknown round id {report.round_id!r}")
             if kind is None:
                 raise ReportRejected("INVALID_ARGUMENT", "report.payload", "report.payload is empty: send scores")
+            if pending.mode not in _PAYLOAD_FOR_MODE:
+                raise ReportRejected("INVALID_ARGUMENT", f"report.{kind}",
+                                     f"{report.round_id!r} is a stage of a {pending.mode} round; send report.secagg "
+                                     "with report.round_id set to the round id (without the stage)")
             if kind != _PAYLOAD_FOR_MODE[pending.mode]:
                 raise ReportRejected("INVALID_ARGUMENT", f"report.{kind}",
                                      f"round {rnd.round_id} runs in mode {pending.mode!r}; expected payload "
@@ -402,7 +566,9 @@ class FederationServer(pb_grpc.FederationServicer):
         if rnd.mode not in ("secagg", "secagg+dp"):
             raise ReportRejected("INVALID_ARGUMENT", "report.secagg", f"round {report.round_id} is not a secagg round")
         rnd.submit(client_id, bytes(msg.payload), self._clock())
-        self._pending[key].changed.set()
+        pending = self._pending.get(key)
+        if pending is not None:
+            pending.changed.set()
         return pb.Ack(round_id=report.round_id, code=0, message=f"stage {msg.stage} received")
 
     def _on_refusal(self, client_id: str, refusal: pb.Refusal) -> pb.Ack:
@@ -422,12 +588,16 @@ class FederationServer(pb_grpc.FederationServicer):
                 info.refusals += 1
             self._audit("refusal", {"round_id": rnd.round_id.split("/")[0], "client_id": client_id, "reason": reason,
                                     "code": refusal.code, "remaining_epsilon": refusal.remaining_epsilon})
-            self._pending[rnd.round_id].changed.set()
+            pending = self._pending.get(rnd.round_id)
+            if pending is not None:
+                pending.changed.set()
         return pb.Ack(round_id=refusal.round_id.split("/")[0], code=0, message="refusal recorded")
 
     def _drop_client(self, client_id: str, reason: str) -> None:
         for rnd in self.book.drop_everywhere(client_id, reason):
-            self._pending[rnd.round_id].changed.set()
+            pending = self._pending.get(rnd.round_id)
+            if pending is not None:
+                pending.changed.set()
 
     # -- rounds -----------------------------------------------------------------------------------------------------
     def online_clients(self, mode: str | None = None) -> list[str]:
@@ -482,7 +652,11 @@ class FederationServer(pb_grpc.FederationServicer):
             task.dp.CopyFrom(pb.DpParams(clip=dp_clip, noise_multiplier=dp_noise_multiplier))
         pending.task_digest = hashlib.sha256(task.SerializeToString(deterministic=True)).hexdigest()
         msg = pb.ServerMessage(task=task)
-        outcome = await self._gather(rnd, pending, {c: msg for c in chosen})
+        try:
+            outcome = await self._gather(rnd, pending, {c: msg for c in chosen})
+        except asyncio.CancelledError:
+            self._on_cancelled(rnd.outcome, mode, task_digest=pending.task_digest)
+            raise
         self._account(outcome, mode, task_digest=pending.task_digest,
                       extra={"dp": {"clip": dp_clip, "noise_multiplier": dp_noise_multiplier}} if mode == "dp" else None)
         return outcome
@@ -496,8 +670,8 @@ class FederationServer(pb_grpc.FederationServicer):
             conn = self._conns.get(c)
             if conn is None or conn.closed or c not in sends:
                 rnd.drop(c, "not connected")
-            else:
-                conn.queue.put_nowait(sends[c])
+            elif not self._send_to(conn, sends[c]):
+                rnd.drop(c, "not reading its stream")
         try:
             while not rnd.settled:
                 remaining = rnd.deadline - self._clock()
@@ -508,6 +682,9 @@ class FederationServer(pb_grpc.FederationServicer):
                 except asyncio.TimeoutError:
                     break
                 pending.changed.clear()
+        except asyncio.CancelledError as e:
+            rnd.cancel(self._clock(), _cancel_reason(e))
+            raise
         finally:
             outcome = self.book.finish(key, self._clock())
             del self._pending[key]
@@ -568,7 +745,7 @@ class FederationServer(pb_grpc.FederationServicer):
             return self._fail_early(round_id, mode, chosen, now,
                                     f"{len(chosen)} clients online for {mode}; SecAgg+ needs at least {min_clients}")
         stage_timeout = stage_timeout or min(timeout, 10.0)
-        steps = [sa.share_keys, sa.collect_masked, sa.consistency, sa.unmask, sa.finish]
+        steps = sa.stage_steps()  # one per stage after setup, then finish
         dropped: dict[str, str] = {}
         out = sa.setup()
         task_digest = ""
@@ -579,7 +756,7 @@ class FederationServer(pb_grpc.FederationServicer):
                 limit = timeout if i == 0 else stage_timeout
                 if i == 0:
                     task = pb.ScoringTask(round_id=round_id, items=items_to_pb(items), timeout_ms=int(limit * 1000),
-                                          mode=mode_to_pb(mode))
+                                          mode=mode_to_pb(mode), crl=self._crl.pem if self._crl else b"")
                     task_digest = hashlib.sha256(task.SerializeToString(deterministic=True)).hexdigest()
                     sends = {}
                     for c, payload in out.items():
@@ -604,6 +781,11 @@ class FederationServer(pb_grpc.FederationServicer):
                 out = res if isinstance(res, dict) else {}
         except SecAggAbort as e:
             reason = f"secure aggregation aborted: {e}"
+        except asyncio.CancelledError as e:  # abandoned by its caller: record it, tell the clients, stop
+            self._on_cancelled(RoundOutcome(round_id, RoundState.FAILED, chosen, (), dropped, {}, _cancel_reason(e),
+                                            now, self._clock()), mode, task_digest=task_digest,
+                               extra={"weights_digest": wdigest, "threshold": threshold})
+            raise
         result = sa.result()
         end = self._clock()
         for c, stage in result.dropped.items():
@@ -626,6 +808,18 @@ class FederationServer(pb_grpc.FederationServicer):
                              "max_colluders": sa.max_colluders,
                              "secagg_config_digest": sa.config_digest(), "rejected": dict(sa.rejected)})
         return outcome
+
+    def _on_cancelled(self, outcome: RoundOutcome, mode: str, *, task_digest: str = "",
+                      extra: dict | None = None) -> None:
+        """A round task was cancelled (its caller gave up, or the server stops): it is recorded as failed with the
+        reason, and every participant still connected is told to stop working on it."""
+        self.metrics.rounds_cancelled.labels(mode=mode).inc()
+        self._account(outcome, mode, task_digest=task_digest, extra=extra)
+        note = pb.ServerMessage(cancelled=pb.RoundCancelled(round_id=outcome.round_id, reason=outcome.reason[:500]))
+        for c in outcome.participants:
+            conn = self._conns.get(c)
+            if conn is not None:
+                self._send_to(conn, note)
 
     def _check_items(self, items: Sequence[ScoringItem]) -> None:
         if not items:
@@ -676,7 +870,12 @@ class FederationServer(pb_grpc.FederationServicer):
 
 
 _PAYLOAD_FOR_MODE = {"plain": "plain", "dp": "dp"}
-SECAGG_STAGES = ("setup", "share_keys", "collect_masked", "consistency", "unmask")
+from privacy.secagg.stages import STAGES as SECAGG_STAGES  # noqa: E402  (tiny, torch-free module)
+
+
+def _cancel_reason(e: BaseException) -> str:
+    why = e.args[0] if e.args and isinstance(e.args[0], str) else "abandoned by its caller"
+    return f"cancelled: {why}"
 
 
 def _stage_key(round_id: str, stage: str) -> str:
@@ -698,15 +897,58 @@ class ServerThread:
     """Runs a :class:`FederationServer` on its own event loop in a background thread, with a synchronous facade.
 
     For synchronous callers such as TRL's trainer: ``with ServerThread(config) as srv: srv.run_round(items)``.
+    Every call waits at most its own bound; a round still running then is *cancelled on the loop thread* and
+    waited for (recorded as failed, "cancelled", clients told), so no abandoned round keeps running beside the
+    next one. :meth:`cancel_all` does the same for every call in flight (e.g. from another thread).
     """
+
+    margin_s = 5.0
+    """Slack on top of a round's own deadline before its caller gives up and cancels it."""
 
     def __init__(self, config: ServerConfig | None = None):
         self.server = FederationServer(config)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="mor-server", daemon=True)
+        self._inflight: set[asyncio.Task] = set()
 
-    def call(self, coro, timeout: float | None = None):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+    def call(self, coro, timeout: float | None = None, *, what: str = "call"):
+        """Run ``coro`` on the server's loop and wait up to ``timeout`` seconds (None: no limit). Past it the task
+        is cancelled on the loop and waited for; then :class:`RoundCancelled` is raised."""
+        done = threading.Event()
+        box: dict = {}
+
+        def start():
+            t = self._loop.create_task(coro)
+            box["task"] = t
+            self._inflight.add(t)
+            t.add_done_callback(lambda _t: (self._inflight.discard(_t), done.set()))
+
+        self._loop.call_soon_threadsafe(start)
+        if not done.wait(timeout):
+            self._loop.call_soon_threadsafe(lambda: box["task"].cancel(f"{what} exceeded its {timeout:g} s bound"))
+            if not done.wait(30):
+                raise RoundCancelled(f"{what} did not stop within 30 s of being cancelled")
+        t = box["task"]
+        if t.cancelled():
+            raise RoundCancelled(f"{what} was cancelled" + (f" after {timeout:g} s" if timeout is not None else ""))
+        return t.result()
+
+    def cancel_all(self, reason: str = "abandoned by its caller", wait: float = 30.0) -> int:
+        """Cancel every call in flight on the server loop and wait until they have ended; returns how many."""
+        tasks = concurrent.futures.Future()
+
+        def cancel():
+            ts = [t for t in self._inflight if not t.done()]
+            for t in ts:
+                t.cancel(reason)
+            tasks.set_result(ts)
+
+        self._loop.call_soon_threadsafe(cancel)
+        ts = tasks.result(wait)
+        end = time.monotonic() + wait
+        while any(not t.done() for t in ts) and time.monotonic() < end:
+            time.sleep(0.01)
+        return len(ts)
 
     def start(self) -> int:
         self._thread.start()
@@ -719,11 +961,20 @@ class ServerThread:
             self._thread.join(10)
             self._loop.close()
 
-    def run_round(self, items, **kw) -> RoundOutcome:
-        return self.call(self.server.run_round(items, **kw))
+    def run_round(self, items, *, wait_s: float | None = None, **kw) -> RoundOutcome:
+        """``FederationServer.run_round``; the round ends by its own deadline inside the server. ``wait_s``
+        (default: its deadline + grace + ``margin_s``) bounds the wait, after which the round is cancelled."""
+        limit = wait_s if wait_s is not None else (kw.get("timeout", 30.0) + self.server.config.deadline_grace_s
+                                                   + self.margin_s)
+        return self.call(self.server.run_round(items, **kw), limit, what="scoring round")
 
-    def run_secagg_round(self, items, **kw) -> RoundOutcome:
-        return self.call(self.server.run_secagg_round(items, **kw))
+    def run_secagg_round(self, items, *, wait_s: float | None = None, **kw) -> RoundOutcome:
+        """``FederationServer.run_secagg_round``, bounded like :meth:`run_round` (all five stages' deadlines)."""
+        if wait_s is None:
+            t = kw.get("timeout", 30.0)
+            st = kw.get("stage_timeout") or min(t, 10.0)
+            wait_s = t + 4 * st + 5 * self.server.config.deadline_grace_s + self.margin_s
+        return self.call(self.server.run_secagg_round(items, **kw), wait_s, what="secure-aggregation round")
 
     def wait_for_clients(self, n: int, timeout: float = 30.0, mode: str | None = None) -> list[str]:
         return self.call(self.server.wait_for_clients(n, timeout, mode))

@@ -2,13 +2,19 @@
 
 Layout of a PKI folder (``mor-server pki init --dir pki``)::
 
-    pki/ca/ca.key  ca.crt  crl.pem  issued.json       (the CA's key never leaves this folder)
+    pki/ca/ca.key  ca.crt  issued.json                (the CA's key never leaves this folder)
     pki/server/server.key  server.crt  ca.crt  crl.pem
     pki/clients/NAME/tls.key  tls.crt  identity.key  identity.crt  ca.crt
 
 Every client gets two keys: an ECDSA P-256 key for mutual TLS (its identity on the wire is the certificate's Common
 Name), and an Ed25519 *identity* key used to sign secure-aggregation keys and audit-log entries. Both certificates are
 issued by the federation CA and carry the same Common Name, so anyone holding ``ca.crt`` can check a signature's author.
+
+The certificate revocation list has ONE canonical location, ``pki/server/crl.pem`` (:func:`crl_path`): ``pki
+init`` creates it, ``pki revoke`` and ``pki crl-refresh`` re-sign it, and the server reads (and watches) that file.
+A CRL carries ``next_update``: once it has passed, the CRL is *stale* and must not be trusted (:meth:`CRL.stale`);
+the server then refuses every client until the CA re-signs it. A CRL is signed by the CA, so whoever relays it (the
+server, to SecAgg peers) can withhold or replay an older one but cannot forge one.
 
 Pure functions over ``cryptography``; the only I/O is reading and writing PEM files (atomically, keys mode 0600).
 """
@@ -140,8 +146,8 @@ def init_ca(pki_dir: str | Path, *, name: str = "MoR federation CA", days: float
     _atomic_write(pki_dir / "ca" / "ca.crt", _cert_pem(cert))
     _atomic_write(pki_dir / "ca" / "issued.json", b"{}")
     ca = CA(key, cert)
-    write_crl(pki_dir, ca)
     issue_server(pki_dir, hosts=server_hosts, ca=ca)
+    write_crl(pki_dir, ca)
     return ca
 
 
@@ -186,8 +192,13 @@ def _record_issued(pki_dir: Path, name: str, kind: str, cert: x509.Certificate) 
 
 
 def issue_client(pki_dir: str | Path, name: str, *, days: float = 365, out_dir: str | Path | None = None,
-                 not_before: _dt.datetime | None = None, ca: CA | None = None) -> Path:
-    """Issue a client's TLS certificate and Ed25519 identity certificate into ``pki/clients/NAME`` (or out_dir)."""
+                 not_before: _dt.datetime | None = None, ca: CA | None = None,
+                 identity_public_key: ed25519.Ed25519PublicKey | None = None) -> Path:
+    """Issue a client's TLS certificate and Ed25519 identity certificate into ``pki/clients/NAME`` (or out_dir).
+
+    ``identity_public_key``: certify the institution's own identity key (from its CSR, see
+    ``privacy.membership.new_identity``) instead of generating one here; no identity.key is then written, so the
+    operator never holds the key that signs the client's SecAgg keys and audit log."""
     check_name(name)
     if days <= 0 and not_before is None:
         raise PKIError(f"--days must be positive, got {days}")
@@ -200,9 +211,11 @@ def issue_client(pki_dir: str | Path, name: str, *, days: float = 365, out_dir: 
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .sign(ca.key, hashes.SHA256())
     )
-    id_key = ed25519.Ed25519PrivateKey.generate()
+    if identity_public_key is not None and not isinstance(identity_public_key, ed25519.Ed25519PublicKey):
+        raise PKIError("identity_public_key must be an Ed25519 public key")
+    id_key = ed25519.Ed25519PrivateKey.generate() if identity_public_key is None else None
     id_cert = (
-        ca._builder(_name(name), id_key.public_key(), days, not_before)
+        ca._builder(_name(name), identity_public_key or id_key.public_key(), days, not_before)
         .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=True, key_cert_sign=False,
                                      crl_sign=False, key_encipherment=False, data_encipherment=False,
                                      key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
@@ -210,7 +223,8 @@ def issue_client(pki_dir: str | Path, name: str, *, days: float = 365, out_dir: 
     )
     _atomic_write(out / "tls.key", _key_pem(tls_key), private=True)
     _atomic_write(out / "tls.crt", _cert_pem(tls_cert))
-    _atomic_write(out / "identity.key", _key_pem(id_key), private=True)
+    if id_key is not None:
+        _atomic_write(out / "identity.key", _key_pem(id_key), private=True)
     _atomic_write(out / "identity.crt", _cert_pem(id_cert))
     _atomic_write(out / "ca.crt", _cert_pem(ca.cert))
     _record_issued(pki_dir, name, "tls", tls_cert)
@@ -218,50 +232,123 @@ def issue_client(pki_dir: str | Path, name: str, *, days: float = 365, out_dir: 
     return out
 
 
-def write_crl(pki_dir: str | Path, ca: CA | None = None, revoked: dict[int, _dt.datetime] | None = None) -> Path:
+CRL_DAYS = 30.0
+"""Default validity of a signed CRL (its ``next_update``); re-sign before then with ``mor-server pki crl-refresh``."""
+
+
+def crl_path(pki_dir: str | Path) -> Path:
+    """The one canonical CRL of a PKI folder: written by init/revoke/crl-refresh, read and watched by the server."""
+    return Path(pki_dir) / "server" / "crl.pem"
+
+
+def _legacy_crl_path(pki_dir: str | Path) -> Path:
+    return Path(pki_dir) / "ca" / "crl.pem"   # where PKI folders made before the fix kept it
+
+
+@dataclass(frozen=True)
+class CRL:
+    """A CRL whose signature was checked against the federation CA."""
+
+    revoked: dict
+    """Revoked serial number -> revocation time (UTC)."""
+    last_update: _dt.datetime
+    next_update: _dt.datetime | None
+    pem: bytes
+
+    def stale(self, at: _dt.datetime | None = None) -> bool:
+        """True once ``next_update`` has passed (or the CRL names none): it must not be trusted any more."""
+        return self.next_update is None or (at or _now()) > self.next_update
+
+    def check_fresh(self, at: _dt.datetime | None = None, what: str = "CRL") -> "CRL":
+        if self.stale(at):
+            raise PKIError(f"{what} is stale: its next_update ({_fmt(self.next_update)}) has passed; the CA must "
+                           "re-sign it (`mor-server pki crl-refresh --dir PKI`)")
+        return self
+
+
+def _fmt(t: _dt.datetime | None) -> str:
+    return "none" if t is None else f"{t:%Y-%m-%d %H:%M:%S}Z"
+
+
+def write_crl(pki_dir: str | Path, ca: CA | None = None, revoked: dict[int, _dt.datetime] | None = None, *,
+              days: float = CRL_DAYS, now: _dt.datetime | None = None) -> Path:
+    """Sign a CRL listing ``revoked`` (valid ``days`` from ``now``) and write it to :func:`crl_path`."""
     pki_dir = Path(pki_dir)
     ca = ca or CA.load(pki_dir)
-    now = _now()
+    now = now or _now()
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca.cert.subject)
         .last_update(now)
-        .next_update(now + _dt.timedelta(days=30))
+        .next_update(now + _dt.timedelta(days=days))
     )
     for serial, when in sorted((revoked or {}).items()):
         builder = builder.add_revoked_certificate(
             x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
         )
     crl = builder.sign(ca.key, hashes.SHA256())
-    data = crl.public_bytes(serialization.Encoding.PEM)
-    _atomic_write(pki_dir / "ca" / "crl.pem", data)
-    if (pki_dir / "server").exists():
-        _atomic_write(pki_dir / "server" / "crl.pem", data)
-    return pki_dir / "ca" / "crl.pem"
+    out = crl_path(pki_dir)
+    _atomic_write(out, crl.public_bytes(serialization.Encoding.PEM))
+    legacy = _legacy_crl_path(pki_dir)
+    if legacy.exists():  # a second copy could only drift from the canonical one
+        legacy.unlink()
+    return out
+
+
+def read_crl(source: str | Path | bytes, ca_cert: x509.Certificate) -> CRL:
+    """Parse a PEM or DER CRL (bytes, or a file path) and check that the federation CA issued and signed it."""
+    where = "CRL" if isinstance(source, (bytes, bytearray)) else str(source)
+    try:
+        data = bytes(source) if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
+    except FileNotFoundError:
+        raise PKIError(f"{where} is missing; re-sign it with `mor-server pki crl-refresh --dir PKI`") from None
+    try:
+        crl = x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----") else x509.load_der_x509_crl(data)
+    except ValueError as e:
+        raise PKIError(f"{where} is not a CRL ({e}); re-sign it with `mor-server pki crl-refresh --dir PKI`") from None
+    if crl.issuer != ca_cert.subject or not crl.is_signature_valid(ca_cert.public_key()):
+        raise PKIError(f"{where}: CRL signature does not verify against the federation CA; refusing to use it")
+    return CRL({r.serial_number: r.revocation_date_utc for r in crl}, crl.last_update_utc, crl.next_update_utc,
+               crl.public_bytes(serialization.Encoding.PEM))
 
 
 def load_crl(path: str | Path, ca_cert: x509.Certificate) -> dict[int, _dt.datetime]:
-    """Revoked serials -> revocation time, after checking the CRL's signature against the CA."""
-    crl = x509.load_pem_x509_crl(Path(path).read_bytes())
-    if not crl.is_signature_valid(ca_cert.public_key()):
-        raise PKIError(f"{path}: CRL signature does not verify against the federation CA; refusing to use it")
-    return {r.serial_number: r.revocation_date_utc for r in crl}
+    """Revoked serials -> revocation time, after checking the CRL's signature against the CA (not its freshness:
+    use :func:`read_crl` and :meth:`CRL.check_fresh` to decide whether to trust it now)."""
+    return read_crl(path, ca_cert).revoked
 
 
-def revoke(pki_dir: str | Path, name: str) -> list[int]:
-    """Revoke every certificate issued to ``name``; returns the revoked serials."""
+def _current_revocations(pki_dir: Path, ca: CA) -> dict[int, _dt.datetime]:
+    revoked: dict[int, _dt.datetime] = {}
+    for p in (_legacy_crl_path(pki_dir), crl_path(pki_dir)):
+        if p.exists():
+            revoked.update(load_crl(p, ca.cert))
+    return revoked
+
+
+def revoke(pki_dir: str | Path, name: str, *, days: float = CRL_DAYS) -> list[int]:
+    """Revoke every certificate issued to ``name`` (re-signs the canonical CRL); returns the revoked serials."""
     pki_dir = Path(pki_dir)
     ca = CA.load(pki_dir)
     issued = json.loads((pki_dir / "ca" / "issued.json").read_text())
     if name not in issued:
         raise PKIError(f"no certificate was issued to {name!r} by this CA (known: {', '.join(sorted(issued)) or 'none'})")
-    crl_path = pki_dir / "ca" / "crl.pem"
-    revoked = load_crl(crl_path, ca.cert) if crl_path.exists() else {}
+    revoked = _current_revocations(pki_dir, ca)
     serials = [int(e["serial"], 16) for e in issued[name]]
     for s in serials:
         revoked.setdefault(s, _now())
-    write_crl(pki_dir, ca, revoked)
+    write_crl(pki_dir, ca, revoked, days=days)
     return serials
+
+
+def refresh_crl(pki_dir: str | Path, *, days: float = CRL_DAYS) -> CRL:
+    """Re-sign the current revocation list with a new ``next_update`` (``days`` from now); returns it."""
+    pki_dir = Path(pki_dir)
+    if days <= 0:
+        raise PKIError(f"--days must be positive, got {days}")
+    ca = CA.load(pki_dir)
+    path = write_crl(pki_dir, ca, _current_revocations(pki_dir, ca), days=days)
+    return read_crl(path, ca.cert)
 
 
 def common_name(cert: x509.Certificate) -> str:
@@ -335,6 +422,8 @@ class ServerCredentials:
     key_pem: bytes
     cert_pem: bytes
     crl_path: Path | None
+    """The CRL the server trusts and watches (:func:`crl_path`); never None for a folder made by ``pki init``. The
+    file may be missing (then the server refuses clients until one is written)."""
 
     @classmethod
     def from_dir(cls, pki_dir: str | Path) -> "ServerCredentials":
@@ -343,9 +432,11 @@ class ServerCredentials:
         if missing:
             raise PKIError(f"server credentials in {d} lack {', '.join(missing)}; run `mor-server pki init --dir "
                            f"{pki_dir}`")
-        crl = d / "crl.pem"
+        crl = crl_path(pki_dir)
+        if not crl.exists() and _legacy_crl_path(pki_dir).exists():
+            crl = _legacy_crl_path(pki_dir)   # a PKI folder made before the CRL moved to server/crl.pem
         return cls((d / "ca.crt").read_bytes(), (d / "server.key").read_bytes(), (d / "server.crt").read_bytes(),
-                   crl if crl.exists() else None)
+                   crl)
 
     @property
     def ca_cert(self) -> x509.Certificate:

@@ -82,10 +82,12 @@ def test_failed_round_is_none_not_zero(fed, png_bytes):
     srv, scorers, _ = fed
     fe = FeatureExtractor()
     router = MoRRouter(list(NAMES), fe.dim)
-    # a round that cannot reach min_clients fails; the backend retries, then TRL gets None for the whole batch
-    backend = FederatedBackend(srv, mix_mode="plain", min_clients=4, retries=1, timeout=5)
-    reward = MoRReward(backend, router, fe, retries=0)
+    # a round that cannot reach min_clients fails; the one retry layer (MoRReward's RetryPolicy) tries again, then
+    # TRL gets None for the whole batch; the backend itself never retries (no stacked retries)
+    backend = FederatedBackend(srv, mix_mode="plain", min_clients=4, timeout=5)
+    reward = MoRReward(backend, router, fe, retries=1)
     completions, kw = _batch(png_bytes)
     out = reward(prompts=None, completions=completions, **kw)
     assert out == [None] * len(completions)
-    assert reward.rounds_failed == 1 and backend.rounds["failed"] == 1 and backend.rounds["retried"] == 1
+    assert reward.rounds_failed == 1 and reward.attempts_failed == 2
+    assert backend.rounds["failed"] == 2 and backend.rounds["ok"] == 0

@@ -110,20 +110,22 @@ class SecAggMessage(_message.Message):
     def __init__(self, round_id: _Optional[str] = ..., stage: _Optional[str] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class ScoringTask(_message.Message):
-    __slots__ = ("round_id", "items", "timeout_ms", "mode", "dp", "secagg")
+    __slots__ = ("round_id", "items", "timeout_ms", "mode", "dp", "secagg", "crl")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     DP_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
+    CRL_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     items: _containers.RepeatedCompositeFieldContainer[Item]
     timeout_ms: int
     mode: PrivacyMode
     dp: DpParams
     secagg: SecAggMessage
-    def __init__(self, round_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., timeout_ms: _Optional[int] = ..., mode: _Optional[_Union[PrivacyMode, str]] = ..., dp: _Optional[_Union[DpParams, _Mapping]] = ..., secagg: _Optional[_Union[SecAggMessage, _Mapping]] = ...) -> None: ...
+    crl: bytes
+    def __init__(self, round_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., timeout_ms: _Optional[int] = ..., mode: _Optional[_Union[PrivacyMode, str]] = ..., dp: _Optional[_Union[DpParams, _Mapping]] = ..., secagg: _Optional[_Union[SecAggMessage, _Mapping]] = ..., crl: _Optional[bytes] = ...) -> None: ...
 
 class PlainScores(_message.Message):
     __slots__ = ("scores",)
@@ -197,16 +199,26 @@ class ClientMessage(_message.Message):
     heartbeat: Heartbeat
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., report: _Optional[_Union[ScoreReport, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
 
+class RoundCancelled(_message.Message):
+    __slots__ = ("round_id", "reason")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    reason: str
+    def __init__(self, round_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class ServerMessage(_message.Message):
-    __slots__ = ("welcome", "task", "ack", "heartbeat", "secagg")
+    __slots__ = ("welcome", "task", "ack", "heartbeat", "secagg", "cancelled")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     task: ScoringTask
     ack: Ack
     heartbeat: Heartbeat
     secagg: SecAggMessage
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., task: _Optional[_Union[ScoringTask, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., secagg: _Optional[_Union[SecAggMessage, _Mapping]] = ...) -> None: ...
+    cancelled: RoundCancelled
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., task: _Optional[_Union[ScoringTask, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., secagg: _Optional[_Union[SecAggMessage, _Mapping]] = ..., cancelled: _Optional[_Union[RoundCancelled, _Mapping]] = ...) -> None: ...
