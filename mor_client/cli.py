@@ -170,15 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit code: 0 done, 2 a usage error (one line on stderr naming the flag), 130 interrupted (Ctrl-C)."""
+    from .parentwatch import watch_parent
+
+    # first of all (before the slow imports of the subcommands): exit with the orchestrator that started us
+    # (MOR_PARENT_PID, set by `mor demo`; a no-op when unset)
+    watch_parent()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "join" and not args.insecure and args.creds is None:
         parser.error("--creds is required (or --insecure for local debugging)")
-    from .parentwatch import watch_parent
-
-    watch_parent()  # exit with the orchestrator that started us (MOR_PARENT_PID; no-op when unset)
     try:
         return int(args.func(args) or 0)
     except (UsageError, PKIError, ClientError, ValueError, FileNotFoundError) as e:
