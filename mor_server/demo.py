@@ -38,6 +38,8 @@ DEFAULT_CLIENTS = (
     {"name": "lab-yesno", "arch": "lora", "partition": "client2"},
 )
 MODES = ("plain", "secagg", "secagg+dp")
+#: keys of DemoConfig.alignment (AlignmentConfig fields, plus sft_steps for the warm start's SFTConfig.steps)
+ALIGNMENT_OVERRIDES = ("eval_size", "curve_size", "curve_every", "sft_steps", "router_steps")
 #: GRPO settings of the demo (on top of GRPORunConfig's defaults): 400 steps at lr 3e-4 and beta 0.05 (measured
 #: over 3 seeds, docs/alignment.md); at lr 1e-3 / beta 0.02 runs of 400 steps collapsed to one answer per type.
 #: A checkpoint every 20 steps (two kept): a run that dies loses at most 19 steps (a rerun resumes from the newest).
@@ -75,6 +77,10 @@ class DemoConfig:
     grpo: dict = field(default_factory=dict)
     """Overrides of the alignment engine's GRPO settings (e.g. {"max_steps": 200}), applied on top of
     DEMO_GRPO_DEFAULTS; see docs/alignment.md for every field."""
+    alignment: dict = field(default_factory=dict)
+    """Overrides of the alignment engine's evaluation and warm-start sizes, for quick runs and tests: any of
+    eval_size (test examples for before/after accuracy, default 600), curve_size (120; 0: no accuracy curve),
+    curve_every (20), sft_steps (warm-start steps, 50) and router_steps (300)."""
     fresh: bool = False
     """Retrain reward models and the warm start even when cached ones match."""
 
@@ -119,6 +125,21 @@ class DemoConfig:
             raise ValueError(f"epsilon must be > 0 or 'inf', got {self.epsilon}")
         if self.mode in ("secagg", "secagg+dp") and len(self.clients) < 2:
             raise ValueError(f"mode {self.mode} needs at least 2 clients")
+
+
+def alignment_overrides(cfg: DemoConfig) -> dict:
+    """``cfg.alignment`` checked: known keys only, each a whole number (>= 1 for steps and curve_every)."""
+    extra = cfg.alignment if cfg.alignment is not None else {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"alignment must be a JSON object of settings {list(ALIGNMENT_OVERRIDES)}, got {extra!r}")
+    bad = sorted(set(extra) - set(ALIGNMENT_OVERRIDES))
+    if bad:
+        raise ValueError(f"alignment: unknown setting(s) {bad}; known: {list(ALIGNMENT_OVERRIDES)}")
+    for k, v in extra.items():
+        low = 0 if k in ("eval_size", "curve_size") else 1
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"alignment.{k} must be a whole number >= {low}, got {v!r}")
+    return dict(extra)
 
 
 def _say(step: int, total: int, msg: str) -> None:
@@ -284,7 +305,13 @@ def align(cfg: DemoConfig, work: Path, backend, server, *, cards: dict | None = 
         raise ValueError(f"grpo: unknown setting(s) {unknown}; known: {sorted(known)}")
     import easy_vqa
 
-    acfg = AlignmentConfig(work_dir=str(work / "alignment"), grpo=GRPORunConfig(**{**DEMO_GRPO_DEFAULTS, **cfg.grpo}),
+    from .policy import SFTConfig
+
+    extra = alignment_overrides(cfg)
+    if "sft_steps" in extra:
+        extra["sft"] = SFTConfig(steps=extra.pop("sft_steps"))
+    acfg = AlignmentConfig(**extra, work_dir=str(work / "alignment"),
+                           grpo=GRPORunConfig(**{**DEMO_GRPO_DEFAULTS, **cfg.grpo}),
                            seed=cfg.seed, answer_vocabulary=list(easy_vqa.get_answers()),
                            deadline_s=cfg.round_timeout * 2, w_format=cfg.w_format, w_length=cfg.w_length,
                            resume=False if cfg.fresh else "auto",
@@ -315,6 +342,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from .grpo import GracefulStop
 
     cfg.validate()
+    alignment_overrides(cfg)
     work = Path(cfg.workdir)
     work.mkdir(parents=True, exist_ok=True)
     lock = _lock_workdir(work)
