@@ -52,7 +52,7 @@ def test_any_n_minus_t_dropouts_at_any_stage_recover(stage):
     dropped = list(rng.choice(ids, n - t, replace=False))
     res, _ = run_secagg_round(inputs, dropouts={stage: dropped}, degree=n - 1)
     assert res.ok, res.reason
-    if stage in ("setup", "share_keys", "collect_masked"):
+    if stage in ("setup", "reveal", "share_keys", "collect_masked"):
         assert set(res.survivors) == set(ids) - set(dropped)  # their inputs are not in the sum
     else:
         assert set(res.survivors) == set(ids)  # inputs were in; masks recovered from the others' shares
@@ -119,7 +119,7 @@ def test_forged_key_is_detected():
     inputs, _ = _inputs(5, 8)
 
     def forge(stage, cid, payload):
-        if stage == "share_keys" and cid == "c000":
+        if stage == "reveal" and cid == "c000":  # every advertisement is forwarded at the reveal stage
             msg = PeerKeys.from_bytes(payload)
             adv = AdvertiseKeys.from_bytes(msg.adverts["c002"])
             adv.mask_pk = bytes(32 * [9])  # the server substitutes its own key for c002's

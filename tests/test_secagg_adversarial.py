@@ -24,8 +24,8 @@ from privacy.secagg import (DifferencingError, ParameterError, ProtocolViolation
                             run_secagg_round)
 from privacy.secagg import client as client_mod
 from privacy.secagg import graph, keys, prg, quantization, shamir
-from privacy.secagg.messages import (AdvertiseKeys, ConsistencySig, EncryptedShares, MaskedInput, PeerKeys,
-                                     SetupConfig, SurvivorSet, UnmaskRequest, UnmaskShares)
+from privacy.secagg.messages import (AdvertiseKeys, ConsistencySig, EncryptedShares, MaskedInput, NonceReveal,
+                                     NonceReveals, PeerKeys, SetupConfig, SurvivorSet, UnmaskRequest, UnmaskShares)
 
 M = 6
 FRAC = 16
@@ -68,8 +68,10 @@ def equivocation_attack(n, degree, threshold, stated_c, colluders, *, seed=0, cl
     if len(adverts) < n:
         return None, errors
     pk = PeerKeys(rid, adverts).to_bytes()
-    shares = step(ids, "share_keys", {c: pk for c in ids})
-    nonces = {c: AdvertiseKeys.from_bytes(adverts[c]).graph_nonce for c in ids}
+    reveals = step(ids, "reveal", {c: pk for c in ids})
+    nonces = {c: NonceReveal.from_bytes(b).nonce for c, b in reveals.items()}
+    nr = NonceReveals(rid, nonces).to_bytes()
+    shares = step(ids, "share_keys", {c: nr for c in ids})
     nbrs = graph.neighbours(ids, degree, graph.derive_seed(cfg.digest(), nonces))
     inbox = {c: {} for c in ids}
     for frm, blob in shares.items():
@@ -256,12 +258,13 @@ def test_isolation_knobs_are_validated():
 # ---------------------------------------------------------------------------------------------------------------
 # per message the server receives: every field and what it may carry (none of them a score or a count)
 ALLOWED = {AdvertiseKeys: {"round_id", "client_id", "identity_proof", "enc_pk", "mask_pk", "config_digest",
-                           "graph_nonce", "signature"},
+                           "nonce_commit", "signature"},
+           NonceReveal: {"round_id", "client_id", "nonce"},
            EncryptedShares: {"round_id", "client_id", "shares"},
            MaskedInput: {"round_id", "client_id", "masked"},
            ConsistencySig: {"round_id", "client_id", "signature"},
            UnmaskShares: {"round_id", "client_id", "b_shares", "sk_shares"}}
-STAGE_CLS = {"setup": AdvertiseKeys, "share_keys": EncryptedShares, "collect_masked": MaskedInput,
+STAGE_CLS = {"setup": AdvertiseKeys, "reveal": NonceReveal, "share_keys": EncryptedShares, "collect_masked": MaskedInput,
              "consistency": ConsistencySig, "unmask": UnmaskShares}
 
 
@@ -389,20 +392,45 @@ def test_server_cannot_choose_the_graph_seed():
         seeds.append(srv.graph_seed)
     assert seeds[0] != seeds[1]  # fresh client randomness each round
 
-    # a server that substitutes a nonce of its choice in an advertisement is caught by the signature
-    def pick_nonce(stage, cid, payload):
-        if stage == "share_keys":
+    # a server that substitutes a commitment of its choice in an advertisement is caught by the signature
+    def pick_commit(stage, cid, payload):
+        if stage == "reveal":
             msg = PeerKeys.from_bytes(payload)
             adv = AdvertiseKeys.from_bytes(msg.adverts["c003"])
-            adv.graph_nonce = bytes(32)
+            adv.nonce_commit = graph.commit_nonce("g3", "c003", bytes(32))
             msg.adverts["c003"] = adv.to_bytes()
             return msg.to_bytes()
         return payload
 
-    res, st_ = run_secagg_round(inputs, round_id="g3", tamper=pick_nonce, degree=4)
+    res, st_ = run_secagg_round(inputs, round_id="g3", tamper=pick_commit, degree=4)
     assert not res.ok
     errs = [e for c, e in st_.client_errors.items() if c != "c003"]
     assert len(errs) == 9 and all(isinstance(e, ProtocolViolation) and "forged key" in str(e) for e in errs)
+
+    # grinding: a nonce chosen after the others were revealed (server or colluder) does not match its commitment
+    def grind(stage, cid, payload):
+        if stage == "share_keys":
+            msg = NonceReveals.from_bytes(payload)
+            msg.nonces["c003"] = bytes(32)
+            return msg.to_bytes()
+        return payload
+
+    res, st_ = run_secagg_round(inputs, round_id="g4", tamper=grind, degree=4)
+    assert not res.ok
+    errs = [e for c, e in st_.client_errors.items() if c != "c003"]
+    assert len(errs) == 9 and all("does not match its signed commitment" in str(e) for e in errs)
+    # and the server itself drops a client whose reveal does not match its commitment
+    ids = sorted(inputs)
+    sks, verify = make_identities(ids)
+    srv = SecAggServer("g5", ids, vector_length=2, degree=4)
+    cl = {c: SecAggClient("g5", c, identity_key=sks[c], verify_peer=verify) for c in ids}
+    cfg = srv.setup()
+    adverts = {c: cl[c].handle("setup", cfg[c], values=inputs[c])[1] for c in ids}
+    out = srv.reveal(adverts)
+    reveals = {c: cl[c].handle("reveal", out[c])[1] for c in ids}
+    reveals["c003"] = NonceReveal("g5", "c003", bytes(32)).to_bytes()
+    srv.share_keys(reveals)
+    assert "c003" in srv.dropped and "commitment" in srv.rejected["c003"]
 
 
 def test_graph_seed_depends_on_every_clients_nonce():

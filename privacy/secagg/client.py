@@ -31,9 +31,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from . import ddp, graph, keys, prg, quantization, shamir
 from .errors import ParameterError, ProtocolViolation, SecAggError, WeightIsolationError
 from .query_audit import cohort_keys
-from .messages import (AdvertiseKeys, ConsistencySig, EncryptedShares, MaskedInput, PeerKeys, SetupConfig,
-                       SurvivorSet, UnmaskRequest, UnmaskShares)
-from .stages import STAGE_COLLECT_MASKED, STAGE_CONSISTENCY, STAGE_SETUP, STAGE_SHARE_KEYS, STAGE_UNMASK, STAGES
+from .messages import (AdvertiseKeys, ConsistencySig, EncryptedShares, MaskedInput, NonceReveal, NonceReveals,
+                       PeerKeys, SetupConfig, SurvivorSet, UnmaskRequest, UnmaskShares)
+from .stages import (STAGE_COLLECT_MASKED, STAGE_CONSISTENCY, STAGE_REVEAL, STAGE_SETUP, STAGE_SHARE_KEYS,
+                     STAGE_UNMASK, STAGES)
 
 
 def check_round_params(cfg: SetupConfig) -> None:
@@ -125,7 +126,7 @@ class SecAggClient:
             exp = STAGES[self._next] if self._next < len(STAGES) else "nothing (round finished)"
             raise ProtocolViolation(f"client {self.client_id}: got stage {stage!r}, expected {exp} (replay or "
                                     "out-of-order message refused)")
-        fn = {STAGE_SETUP: self._setup, STAGE_SHARE_KEYS: self._share_keys,
+        fn = {STAGE_SETUP: self._setup, STAGE_REVEAL: self._reveal, STAGE_SHARE_KEYS: self._share_keys,
               STAGE_COLLECT_MASKED: self._collect_masked, STAGE_CONSISTENCY: self._consistency,
               STAGE_UNMASK: self._unmask}[stage]
         self._next = len(STAGES)  # any failure ends this client's round
@@ -162,8 +163,8 @@ class SecAggClient:
         self._enc_sk, _, enc_pk = keys.new_x25519()
         self._mask_sk, self._mask_sk_raw, mask_pk = keys.new_x25519()
         self._nonce = __import__("os").urandom(32)
-        adv = AdvertiseKeys(self.round_id, self.client_id, self._proof, enc_pk, mask_pk, self._digest, self._nonce,
-                            b"")
+        adv = AdvertiseKeys(self.round_id, self.client_id, self._proof, enc_pk, mask_pk, self._digest,
+                            graph.commit_nonce(self.round_id, self.client_id, self._nonce), b"")
         adv.signature = keys.sign(self._id_key, adv.signed_bytes())
         self._advert = adv.to_bytes()
         return self._advert
@@ -190,7 +191,8 @@ class SecAggClient:
                                        f"client's {row[worst]:.3g}); min_contributors={self.min_contributors}: "
                                        "refusing to be isolated")
 
-    def _share_keys(self, payload: bytes) -> bytes:
+    def _reveal(self, payload: bytes) -> bytes:
+        """Verify every participant's signed advertisement (keys + nonce commitment), then reveal our nonce."""
         msg = PeerKeys.from_bytes(payload, round_id=self.round_id)
         if msg.adverts.get(self.client_id) != self._advert:
             raise ProtocolViolation("the server altered or omitted this client's own key advertisement")
@@ -211,15 +213,27 @@ class SecAggClient:
             keys.verify(pk, adv.signature, adv.signed_bytes(), f"key advertisement of {cid} (forged key?)")
             if adv.config_digest != self._digest:
                 raise ProtocolViolation(f"{cid} received a different round config (server equivocation)")
-            if len(adv.graph_nonce) != 32:
-                raise ProtocolViolation(f"graph nonce of {cid} is not 32 bytes")
+            if len(adv.nonce_commit) != 32:
+                raise ProtocolViolation(f"nonce commitment of {cid} is not 32 bytes")
             verified[cid] = (pk, adv)
-        # the graph seed hashes every participant's signed nonce: the server cannot choose it
-        nonces = {c: v[1].graph_nonce for c, v in verified.items()}
-        nonces[self.client_id] = self._nonce
-        self.graph_seed = graph.derive_seed(self._digest, nonces)
+        self._verified = verified
+        return NonceReveal(self.round_id, self.client_id, self._nonce).to_bytes()
+
+    def _share_keys(self, payload: bytes) -> bytes:
+        msg = NonceReveals.from_bytes(payload, round_id=self.round_id)
+        if msg.nonces.get(self.client_id) != self._nonce:
+            raise ProtocolViolation("the server altered or omitted this client's graph nonce")
+        for cid, nonce in msg.nonces.items():
+            if cid == self.client_id:
+                continue
+            if cid not in self._verified:
+                raise ProtocolViolation(f"nonce of {cid}, who did not advertise keys in this round")
+            if graph.commit_nonce(self.round_id, cid, nonce) != self._verified[cid][1].nonce_commit:
+                raise ProtocolViolation(f"nonce of {cid} does not match its signed commitment (graph grinding?)")
+        # the graph seed hashes every revealed nonce, each fixed by a signed commitment made before any was known
+        self.graph_seed = graph.derive_seed(self._digest, msg.nonces)
         self._nbrs = graph.neighbours(list(self.cfg.client_ids), self.cfg.degree, self.graph_seed)[self.client_id]
-        self._peers = {c: v for c, v in verified.items() if c in self._nbrs}
+        self._peers = {c: v for c, v in self._verified.items() if c in self._nbrs and c in msg.nonces}
         holders = sorted(set(self._peers) | {self.client_id})
         if len(holders) < self.cfg.threshold:
             raise SecAggError(f"only {len(holders)} share holders alive, threshold {self.cfg.threshold}")

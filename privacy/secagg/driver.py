@@ -75,7 +75,7 @@ def run_secagg_round(inputs: dict, *, round_id: str = "round-0", weights=None, d
                        bytes_received={c: 0 for c in ids})
     gone: set = set()
     drop = {s: set(v) for s, v in (dropouts or {}).items()}
-    server_steps = [srv.share_keys, srv.collect_masked, srv.consistency, srv.unmask, srv.finish]
+    server_steps = srv.stage_steps()
     try:
         t0 = time.perf_counter()
         out = srv.setup()

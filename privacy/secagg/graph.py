@@ -1,9 +1,12 @@
 """The SecAgg+ communication graph and the threshold that the corruption model implies.
 
 Graph: a k-regular Harary-style circulant graph over a pseudorandom ordering of the clients (Bell et al. 2020 use a
-random k-regular graph with k = O(log n)). Its seed is not chosen by the server: :func:`derive_seed` hashes the
-signed round config with the 32-byte nonce every participant signed into its key advertisement, and every client
-recomputes it from the (signature-checked) advertisements of all participants.
+random k-regular graph with k = O(log n)). Its seed is not chosen by the server: every client signs a commitment to a
+fresh 32-byte nonce into its key advertisement (stage ``setup``), sees every advertisement before revealing its
+nonce (stage ``reveal``), and :func:`derive_seed` hashes the signed round config with every revealed nonce, which
+each client checks against the signed commitments (stage ``share_keys``). Nobody can pick a nonce after seeing
+the others' (commit-reveal); what remains is withholding: the server (or a colluder) can drop a client between
+commitment and reveal, choosing among at most 2^(dropouts) graphs.
 
 Threshold: client j's Shamir shares are held by its k neighbours and by j itself (k+1 holders). An actively
 malicious server that shows j's survivor set to one group of holders (they return shares of j's self-mask seed)
@@ -44,6 +47,11 @@ def threshold_for(degree: int, colluders: int) -> int:
 def threshold_ok(degree: int, colluders: int, threshold: int) -> bool:
     """Whether t resists c colluders among k+1 share holders (2t > k+1+c) and can ever be reached (t <= k+1)."""
     return 2 * threshold > degree + 1 + colluders and threshold <= degree + 1
+
+
+def commit_nonce(round_id: str, client_id: str, nonce: bytes) -> bytes:
+    """SHA-256 commitment to a client's graph nonce (bound to the round and the client)."""
+    return hashlib.sha256(b"|".join([b"mor-secagg/nonce", round_id.encode(), client_id.encode(), bytes(nonce)])).digest()
 
 
 def derive_seed(config_digest: bytes, nonces: dict) -> bytes:

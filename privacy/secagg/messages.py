@@ -216,30 +216,53 @@ class AdvertiseKeys(Message):
 
     KIND = 2
     SPEC = (("round_id", "str"), ("client_id", "str"), ("identity_proof", "bytes"), ("enc_pk", "bytes"),
-            ("mask_pk", "bytes"), ("config_digest", "bytes"), ("graph_nonce", "bytes"), ("signature", "bytes"))
+            ("mask_pk", "bytes"), ("config_digest", "bytes"), ("nonce_commit", "bytes"), ("signature", "bytes"))
     round_id: str
     client_id: str
     identity_proof: bytes
     enc_pk: bytes
     mask_pk: bytes
     config_digest: bytes
-    graph_nonce: bytes         # 32 random bytes; the graph seed hashes every participant's nonce (graph.derive_seed)
+    nonce_commit: bytes        # graph.commit_nonce(...) of a 32-byte random nonce revealed at the next stage
     signature: bytes
 
     def signed_bytes(self) -> bytes:
         return b"|".join([b"mor-secagg/advertise/v2", self.round_id.encode(), self.client_id.encode(), self.enc_pk,
-                          self.mask_pk, self.config_digest, self.graph_nonce])
+                          self.mask_pk, self.config_digest, self.nonce_commit])
 
 
 @dataclass
 class PeerKeys(Message):
-    """Server -> client: the AdvertiseKeys of every client still alive (client_id -> bytes), identical for all
-    clients: each verifies them all, derives the graph seed from their nonces, and keeps its neighbours' keys."""
+    """Server -> client (stage ``reveal``): the AdvertiseKeys of every client still alive (client_id -> bytes),
+    identical for all clients: each verifies them all (identity, signature, config digest) and then reveals its
+    nonce; the commitments are fixed before any nonce is known."""
 
     KIND = 3
     SPEC = (("round_id", "str"), ("adverts", "map"))
     round_id: str
     adverts: dict
+
+
+@dataclass
+class NonceReveal(Message):
+    """Client -> server: the nonce committed to in its AdvertiseKeys."""
+
+    KIND = 10
+    SPEC = (("round_id", "str"), ("client_id", "str"), ("nonce", "bytes"))
+    round_id: str
+    client_id: str
+    nonce: bytes
+
+
+@dataclass
+class NonceReveals(Message):
+    """Server -> client (stage ``share_keys``): every revealed nonce (client_id -> nonce). Each client checks them
+    against the signed commitments, and derives the graph seed from all of them (``graph.derive_seed``)."""
+
+    KIND = 11
+    SPEC = (("round_id", "str"), ("nonces", "map"))
+    round_id: str
+    nonces: dict
 
 
 @dataclass

@@ -6,11 +6,14 @@ client missing from the dict is a dropout), each returning ``{client_id: bytes}`
 
     srv = SecAggServer(round_id, ids, vector_length=m, weights=w)
     out = srv.setup()                      # -> STAGE_SETUP messages
-    out = srv.share_keys(adverts)          # adverts: replies to setup           -> STAGE_SHARE_KEYS messages
+    out = srv.reveal(adverts)              # adverts: replies to setup           -> STAGE_REVEAL messages
+    out = srv.share_keys(reveals)          # nonce reveals: replies to reveal    -> STAGE_SHARE_KEYS messages
     out = srv.collect_masked(shares)       # replies to share_keys               -> STAGE_COLLECT_MASKED messages
     out = srv.consistency(masked)          # replies to collect_masked           -> STAGE_CONSISTENCY messages
     out = srv.unmask(signatures)           # replies to consistency              -> STAGE_UNMASK messages
     res = srv.finish(unmask_shares)        # replies to unmask                   -> SecAggResult
+
+``srv.stage_steps()`` lists the methods after ``setup`` in order (one per stage of ``STAGES``, then ``finish``).
 
 Any stage may raise :class:`SecAggAbort` (also recorded in ``result()``); ``stage_timeouts`` holds the deadlines a
 transport should apply. A payload that fails to decode, is for another round, or repeats a client is dropped and
@@ -28,8 +31,8 @@ import numpy as np
 from . import graph, keys, prg, quantization, shamir
 from .client import check_round_params
 from .errors import ParameterError, SecAggAbort, SecAggError
-from .messages import (AdvertiseKeys, ConsistencySig, EncryptedShares, MaskedInput, PeerKeys, SetupConfig,
-                       SurvivorSet, UnmaskRequest, UnmaskShares)
+from .messages import (AdvertiseKeys, ConsistencySig, EncryptedShares, MaskedInput, NonceReveal, NonceReveals,
+                       PeerKeys, SetupConfig, SurvivorSet, UnmaskRequest, UnmaskShares)
 from .stages import DEFAULT_STAGE_TIMEOUT_S, STAGES
 
 
@@ -163,16 +166,37 @@ class SecAggServer:
         b = self.cfg.to_bytes()
         return self._send("setup", {c: b for c in self.client_ids})
 
-    def share_keys(self, adverts: dict[str, bytes]) -> dict[str, bytes]:
-        self._stage("share_keys")
+    def stage_steps(self) -> list:
+        """The methods to call after ``setup()``, in stage order, each with the replies to the previous stage."""
+        return [self.reveal, self.share_keys, self.collect_masked, self.consistency, self.unmask, self.finish]
+
+    def reveal(self, adverts: dict[str, bytes]) -> dict[str, bytes]:
+        """Forward every advertisement (keys + nonce commitment) to every client; they answer with their nonce."""
+        self._stage("reveal")
         msgs = self._collect("setup", adverts, AdvertiseKeys)
         self._adverts = {c: adverts[c] for c in msgs}
+        self._advert_msgs = msgs
         self._need(list(msgs), "after key advertisement")
-        # every client gets every advertisement, verifies them all and derives the graph from their nonces
-        self.graph_seed = graph.derive_seed(self.cfg.digest(), {c: m.graph_nonce for c, m in msgs.items()})
-        self._nbrs = graph.neighbours(self.client_ids, self.degree, self.graph_seed)
         b = PeerKeys(self.round_id, self._adverts).to_bytes()
-        return self._send("share_keys", {c: b for c in msgs})
+        return self._send("reveal", {c: b for c in msgs})
+
+    def share_keys(self, reveals: dict[str, bytes]) -> dict[str, bytes]:
+        """Check each nonce against its signed commitment, derive the graph, forward every nonce to everyone."""
+        self._stage("share_keys")
+        msgs = self._collect("reveal", reveals, NonceReveal)
+        nonces = {}
+        for c, m in msgs.items():
+            if graph.commit_nonce(self.round_id, c, m.nonce) != self._advert_msgs[c].nonce_commit:
+                self.rejected[c] = "reveal: nonce does not match its signed commitment"
+                self.mark_dropout(c, "reveal")
+                continue
+            nonces[c] = m.nonce
+        self._need(list(nonces), "after nonce reveal")
+        self._adverts = {c: b for c, b in self._adverts.items() if c in nonces}
+        self.graph_seed = graph.derive_seed(self.cfg.digest(), nonces)
+        self._nbrs = graph.neighbours(self.client_ids, self.degree, self.graph_seed)
+        b = NonceReveals(self.round_id, nonces).to_bytes()
+        return self._send("share_keys", {c: b for c in nonces})
 
     def collect_masked(self, shares: dict[str, bytes]) -> dict[str, bytes]:
         self._stage("collect_masked")
