@@ -59,6 +59,31 @@ def _card_for(scorer, args) -> dict:
     return card
 
 
+def _pin_membership(secagg, args, creds) -> None:
+    """Pin the membership CA + signed roster (files in --creds, or --roster): peers outside the roster are refused."""
+    from privacy.membership import Membership
+
+    membership = None
+    if creds is not None:
+        d = Path(args.creds)
+        if args.roster is not None:
+            membership = Membership.from_files(d / "membership-ca.crt", args.roster, d / "membership.crt")
+        else:
+            membership = Membership.from_creds_dir(d)
+    if membership is not None:
+        secagg.use_membership(membership)
+        print(f"mor-client: secure aggregation limited to the signed roster (serial {membership.roster.serial}, "
+              f"{len(membership.roster.members)} members, valid until {membership.roster.not_after:%Y-%m-%d}Z)",
+              flush=True)
+    elif args.require_membership:
+        raise UsageError("--require-membership: --creds has no membership-ca.crt, roster.json and membership.crt "
+                         "(from the membership authority: `mor-server pki membership enrol` / `roster`)")
+    else:
+        print("mor-client: WARNING: no membership roster pinned (single-CA pilot): the server operator's CA certifies "
+              "peers, so an operator keeping its key can mint sybil clients; see README 'PKI and access'",
+              file=sys.stderr, flush=True)
+
+
 def _join(args) -> int:
     modes = tuple(m.strip() for m in args.modes_csv.split(",") if m.strip())
     args.modes = modes
@@ -104,6 +129,7 @@ def _join(args) -> int:
         if qa is None and ledger is None and creds is not None:
             qa = Path(args.creds) / "secagg-audit.sqlite"  # no ledger: keep the audit with the credentials
         secagg = SecAggSession(creds, ledger=ledger, query_audit=qa)
+        _pin_membership(secagg, args, creds)
     client = FederationClient(args.server, creds, scorer, card=_card_for(scorer, args), policy=policy,
                               insecure_client_id=args.insecure_id if args.insecure else None,
                               max_attempts=args.max_attempts, secagg_handler=secagg, audit=audit,
@@ -156,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--query-audit", type=Path, default=None,
                    help="SQLite file remembering round ids and what was summed (default: beside --ledger, else "
                         "in --creds)")
+    g.add_argument("--roster", type=Path, default=None,
+                   help="signed membership roster (default: roster.json in --creds); with membership-ca.crt and "
+                        "membership.crt in --creds, peers not on the roster are refused")
+    g.add_argument("--require-membership", action="store_true",
+                   help="refuse to start without a pinned membership CA and roster (no single-CA pilot mode)")
     j.add_argument("--max-attempts", type=int, default=None, help="give up after this many failed connections")
     j.add_argument("--insecure", action="store_true", help="DANGER: no TLS (server must run --insecure)")
     j.add_argument("--insecure-id", default="insecure-client")

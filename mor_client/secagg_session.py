@@ -92,9 +92,29 @@ class SecAggSession:
         if cur is None or crl.last_update >= cur.last_update:
             self._crl = crl
 
+    #: a ``privacy.membership.Membership`` (pinned membership CA + signed roster; set with :meth:`use_membership`) or
+    #: None (single-CA pilot: the operator's CA certifies peers, so an operator keeping its key can mint sybils)
+    membership = None
+
+    def use_membership(self, membership) -> None:
+        """Take part only in rounds whose every client is on ``membership``'s signed roster, and accept a peer only
+        with a membership-CA certificate for the roster's key. Checks first that this client's own membership
+        certificate certifies its identity key under its name (raises ``MembershipError`` otherwise)."""
+        membership.check_separate_from(self._ca)
+        self._membership_proof = membership.check_own(self._key, self.credentials.name)
+        self.membership = membership
+
+    @property
+    def identity_proof(self) -> bytes:
+        """What peers verify: the membership certificate when a membership is pinned, else the TLS-CA identity.crt."""
+        return self._membership_proof if self.membership is not None else self.credentials.identity_cert_pem
+
     def verify_peer(self, client_id: str, proof: bytes):
         """A peer's identity certificate must be issued by the federation CA, valid now, name ``client_id`` and
-        not be revoked by the newest fresh CRL this client has seen."""
+        not be revoked by the newest fresh CRL this client has seen. With a pinned membership, instead: issued by
+        the membership CA, for the key the signed roster lists under ``client_id``."""
+        if self.membership is not None:  # the operator's TLS CA cannot admit a peer here
+            return self.membership.verify_peer(client_id, proof)
         crl = getattr(self, "_crl", None)
         if crl is not None:
             crl.check_fresh(what="the newest CRL this client has")
@@ -126,13 +146,24 @@ class SecAggSession:
         except pki.PKIError as e:
             self._refuse(client, send_q, task.round_id, mode, "FAILED_PRECONDITION", f"revocation check: {e}")
             return
+        if self.membership is not None:  # every client of the round must be on the signed roster (no sybils)
+            from privacy.membership import MembershipError
+            from privacy.secagg import SecAggError
+            from privacy.secagg.messages import SetupConfig
+
+            try:
+                cohort = SetupConfig.from_bytes(bytes(task.secagg.payload), round_id=task.round_id).client_ids
+                self.membership.check_cohort(cohort)
+            except (MembershipError, SecAggError) as e:
+                self._refuse(client, send_q, task.round_id, mode, "PERMISSION_DENIED", f"membership: {e}")
+                return
         timeout = task.timeout_ms / 1000 if task.timeout_ms else 30.0
         flat = await client.score_items(task.round_id, items, timeout)
         if isinstance(flat, Release):
             self._refuse(client, send_q, task.round_id, mode, flat.code, flat.reason)
             return
         sc = SecAggClient(task.round_id, client.client_id, identity_key=self._key, verify_peer=self.verify_peer,
-                          identity_proof=self.credentials.identity_cert_pem, **self.knobs(client),
+                          identity_proof=self.identity_proof, **self.knobs(client),
                           ledger=self.ledger if mode == "secagg+dp" else None, query_audit=self.query_audit,
                           item_digests=coordinate_digests(items))
         sc.set_input(flat)
