@@ -294,3 +294,53 @@ def test_pki_membership_commands(tmp_path, capsys):
     sess = SecAggSession(creds)
     sess.use_membership(mb.Membership.from_creds_dir(inst))
     assert sess.membership.roster.serial == 1
+
+
+def test_membership_over_the_federation_stream(fed, png_bytes):
+    """Real server and clients over loopback mTLS: members who pinned the roster sum correctly (their SecAgg identity
+    proofs are membership certificates); once the operator adds its own TLS-certified sybil to the round, every
+    member refuses it and the round fails instead of counting the sybil."""
+    from mor_client import FederationClient, ReleasePolicy
+    from mor_server.server import FederationServer, ServerConfig
+
+    from fedutil import LengthScorer, make_items
+
+    d = fed["dir"]
+    items = make_items(png_bytes, n=2, k=2)
+
+    async def main():
+        server = FederationServer(ServerConfig(pki_dir=d / "pki"))
+        await server.start()
+        clients = []
+        for i, n in enumerate(MEMBERS + ("sybil",)):
+            folder = d / "creds" / n if n != "sybil" else d / "sybil"
+            creds = ClientCredentials.from_dir(folder)
+            sess = SecAggSession(creds)
+            pin = mb.Membership.from_creds_dir(folder)
+            if pin is not None:
+                sess.use_membership(pin)
+            clients.append(FederationClient(f"localhost:{server.port}", creds, LengthScorer(offset=i),
+                                            card={"architecture": "t", "parameter_count": 0,
+                                                  "supported_modes": ["secagg"]},
+                                            policy=ReleasePolicy(("secagg",)), secagg_handler=sess))
+        tasks = [asyncio.create_task(c.run()) for c in clients]
+        try:
+            await server.wait_for_clients(4, timeout=20)
+            ok = await server.run_secagg_round(items, weights={n: [0.3, 0.3] for n in MEMBERS},
+                                               participants=list(MEMBERS), timeout=30, stage_timeout=10)
+            bad = await server.run_secagg_round(items, weights={n: [0.25, 0.25] for n in MEMBERS + ("sybil",)},
+                                                participants=list(MEMBERS) + ["sybil"], timeout=30, stage_timeout=10)
+            return ok, bad
+        finally:
+            for c in clients:
+                await c.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await server.stop()
+
+    ok, bad = asyncio.run(main())
+    assert ok.ok, ok.reason
+    expect = sum(0.3 * np.array([len(c) + i for it in items for c in it.candidates]) for i in range(3))
+    np.testing.assert_allclose(ok.reports["sum"], expect, atol=1e-3)
+    assert not bad.ok
+    for n in MEMBERS:
+        assert "not on the signed roster" in bad.dropped.get(n, ""), bad.dropped
