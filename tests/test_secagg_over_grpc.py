@@ -130,3 +130,48 @@ def test_secagg_dp_charges_every_ledger_and_sum_carries_calibrated_noise(pki_dir
         assert len(hist) == 2 and all(h["mechanism"] == "secagg+dp" for h in hist)
         assert L.epsilon("client") > 0
         L.close()
+
+
+def test_client_policy_reaches_the_secagg_session(pki_dir, png_bytes):
+    """ReleasePolicy's secagg knobs reach the state machine: a client that requires c >= 3 refuses a round that
+    tolerates the default c = 1 (the server cannot lower what the client requires)."""
+    scorers = {n: LengthScorer() for n in NAMES}
+    items = make_items(png_bytes, n=2, k=2)
+    weights = {n: [0.25] * len(items) for n in NAMES}
+
+    async def body(server, clients):
+        clients[0].policy = ReleasePolicy(("secagg",), min_collusion_tolerance=3)
+        return await server.run_secagg_round(items, weights=weights, timeout=30, stage_timeout=10)
+
+    out = asyncio.run(_with_federation(pki_dir, scorers, body))
+    assert "alice" in out.dropped and "min_collusion_tolerance" in out.dropped["alice"]
+
+
+def test_differencing_is_refused_over_the_wire(pki_dir, png_bytes):
+    """The session's query audit: the same items again with one client fewer is refused by every client (the
+    round-id guard is tested on the state machines: this server never reuses an id)."""
+    scorers = {n: LengthScorer(offset=i) for i, n in enumerate(NAMES)}
+    items = make_items(png_bytes, n=2, k=2)
+    weights = {n: [0.25] * len(items) for n in NAMES}
+
+    async def body(server, clients):
+        first = await server.run_secagg_round(items, weights=weights, timeout=30, stage_timeout=10)
+        same = await server.run_secagg_round(items, weights=weights, timeout=30, stage_timeout=10)
+        fewer = await server.run_secagg_round(items, weights={n: weights[n] for n in NAMES[:3]},
+                                              participants=NAMES[:3], timeout=30, stage_timeout=10)
+        return first, same, fewer
+
+    first, same, fewer = asyncio.run(_with_federation(pki_dir, scorers, body))
+    assert first.ok, first.reason
+    assert same.ok, same.reason  # the same question to the same cohort answers nothing new
+    assert not fewer.ok and all("query audit" in why for why in fewer.dropped.values())
+
+
+def test_join_exposes_the_secagg_refusal_knobs():
+    from mor_client.cli import build_parser
+
+    a = build_parser().parse_args(["join", "--server", "x:1", "--min-weight-fraction", "0.2",
+                                   "--min-weight-grid-steps", "32", "--min-collusion-tolerance", "2",
+                                   "--min-contributors", "3", "--max-weight", "0.5", "--query-audit", "q.sqlite"])
+    assert (a.min_weight_fraction, a.min_weight_grid_steps, a.min_collusion_tolerance, a.min_contributors,
+            a.max_weight, str(a.query_audit)) == (0.2, 32.0, 2, 3, 0.5, "q.sqlite")
