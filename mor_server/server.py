@@ -139,6 +139,8 @@ class FederationServer(pb_grpc.FederationServicer):
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._owns_audit = False
+        self._audit_exec: concurrent.futures.ThreadPoolExecutor | None = None
+        self._audit_last: concurrent.futures.Future | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
     async def start(self) -> int:
@@ -193,6 +195,7 @@ class FederationServer(pb_grpc.FederationServicer):
             self._crl_task = asyncio.create_task(self._crl_watch(), name="mor-crl-watch")
         self._audit("config", {"federation_id": cfg.federation_id, "port": self.port, "insecure": cfg.insecure,
                                "max_message_bytes": cfg.max_message_bytes})
+        await self._audit_flush()
         return self.port
 
     async def stop(self, grace: float = 1.0) -> None:
@@ -210,14 +213,31 @@ class FederationServer(pb_grpc.FederationServicer):
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
+        if self._audit_exec is not None:
+            self._audit_exec.shutdown(wait=True)
+            self._audit_exec, self._audit_last = None, None
         if self._owns_audit and self.config.audit is not None:
             self.config.audit.close()
             self.config.audit = None
 
     def _audit(self, event: str, payload: dict) -> None:
-        """Durably log an event before the action it records is acknowledged (AuditLog.append fsyncs)."""
+        """Log an event durably (AuditLog.append signs and fsyncs, 3-9 ms measured on the 2-core machine) on the
+        audit writer thread, in order, off the event loop; whoever acknowledges the action it records first awaits
+        :meth:`_audit_flush` (a refusal's Ack, a round's outcome, a registration's response)."""
         if self.config.audit is not None:
-            self.config.audit.append(event, _jsonable(payload))
+            if self._audit_exec is None:
+                self._audit_exec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mor-audit")
+            self._audit_last = self._audit_exec.submit(self.config.audit.append, event, _jsonable(payload))
+
+    async def _audit_flush(self) -> None:
+        """Wait until every audit entry submitted so far is on disk (raises the writer's error, if any)."""
+        last = self._audit_last
+        if last is not None:
+            if not last.done():
+                await asyncio.wrap_future(last)
+            if self._audit_last is last:
+                self._audit_last = None
+            last.result()
 
     # -- identity ---------------------------------------------------------------------------------------------------
     def _check_crl(self) -> None:
@@ -338,6 +358,7 @@ class FederationServer(pb_grpc.FederationServicer):
                                          "serial": format(cert.serial_number, "x"),
                                          "fingerprint_sha256": cert.fingerprint(hashes.SHA256()).hex()},
                                      "identity_certificate": bool(request.identity_certificate)})
+        await self._audit_flush()
         log.info("registered %s (%s, %d params)", client_id, card["architecture"], card["parameter_count"])
         resp = pb.RegisterResponse(client_id=client_id, federation_id=self.config.federation_id,
                                    max_items_per_task=self.config.max_items_per_task,
@@ -485,6 +506,8 @@ class FederationServer(pb_grpc.FederationServicer):
                     ack = self._reject("", "INTERNAL", "", f"the server could not process this message "
                                                            f"({type(e).__name__}); it was ignored")
                 if ack is not None:
+                    if self._audit_last is not None:  # e.g. a refusal: logged durably before it is acknowledged
+                        await self._audit_flush()
                     self._send_to(conn, pb.ServerMessage(ack=ack))
         except (asyncio.CancelledError, grpc.aio.AioRpcError, grpc.RpcError):
             pass
@@ -659,6 +682,7 @@ class FederationServer(pb_grpc.FederationServicer):
             raise
         self._account(outcome, mode, task_digest=pending.task_digest,
                       extra={"dp": {"clip": dp_clip, "noise_multiplier": dp_noise_multiplier}} if mode == "dp" else None)
+        await self._audit_flush()
         return outcome
 
     async def _gather(self, rnd: Round, pending: _Pending, sends: dict[str, pb.ServerMessage]) -> RoundOutcome:
@@ -777,7 +801,8 @@ class FederationServer(pb_grpc.FederationServicer):
                 for c, why in o.dropped.items():
                     dropped.setdefault(c, f"{why} (stage {stage})")
                 alive = list(o.responders)
-                res = steps[i]({c: o.reports[c] for c in o.responders})
+                # unmasking is CPU work: off the event loop, so other rounds and sessions keep their deadlines
+                res = await asyncio.to_thread(steps[i], {c: o.reports[c] for c in o.responders})
                 out = res if isinstance(res, dict) else {}
         except SecAggAbort as e:
             reason = f"secure aggregation aborted: {e}"
@@ -807,6 +832,7 @@ class FederationServer(pb_grpc.FederationServicer):
                       extra={"weights_digest": wdigest, "aggregate": agg, "threshold": threshold,
                              "max_colluders": sa.max_colluders,
                              "secagg_config_digest": sa.config_digest(), "rejected": dict(sa.rejected)})
+        await self._audit_flush()
         return outcome
 
     def _on_cancelled(self, outcome: RoundOutcome, mode: str, *, task_digest: str = "",
@@ -815,6 +841,7 @@ class FederationServer(pb_grpc.FederationServicer):
         reason, and every participant still connected is told to stop working on it."""
         self.metrics.rounds_cancelled.labels(mode=mode).inc()
         self._account(outcome, mode, task_digest=task_digest, extra=extra)
+        self._audit_wait()
         note = pb.ServerMessage(cancelled=pb.RoundCancelled(round_id=outcome.round_id, reason=outcome.reason[:500]))
         for c in outcome.participants:
             conn = self._conns.get(c)
@@ -835,7 +862,13 @@ class FederationServer(pb_grpc.FederationServicer):
     def _fail_early(self, round_id, mode, chosen, now, reason) -> RoundOutcome:
         outcome = RoundOutcome(round_id, RoundState.FAILED, tuple(chosen), (), {}, {}, reason, now, now)
         self._account(outcome, mode)
+        self._audit_wait()
         return outcome
+
+    def _audit_wait(self) -> None:
+        """Synchronous :meth:`_audit_flush` for the rare paths that cannot await (early failure, cancellation)."""
+        if self._audit_last is not None:
+            self._audit_last.result()
 
     def _account(self, outcome: RoundOutcome, mode: str, *, task_digest: str = "", extra: dict | None = None) -> None:
         m = self.metrics
