@@ -179,7 +179,7 @@ class SecAggSession:
 
     async def _step(self, client, send_q, msg: pb.SecAggMessage) -> None:
         from privacy.ledger import BudgetExceeded
-        from privacy.secagg import STAGE_COLLECT_MASKED, SecAggError, WeightIsolationError
+        from privacy.secagg import STAGE_COLLECT_MASKED, InputOutOfRange, SecAggError, WeightIsolationError
 
         sc = self._rounds[msg.round_id]
         mode = self._modes[msg.round_id]
@@ -193,6 +193,12 @@ class SecAggSession:
             self._end(msg.round_id)
             self._refuse(client, send_q, msg.round_id, mode, "RESOURCE_EXHAUSTED", str(e),
                          getattr(e, "remaining_epsilon", float("nan")))
+            return
+        except InputOutOfRange as e:  # the reason goes to the server: never a score value or a count in it
+            log.warning("round %s: %s", msg.round_id, e)
+            self._end(msg.round_id)
+            self._refuse(client, send_q, msg.round_id, mode, "OUT_OF_RANGE",
+                         "a score lies outside the round's value_range (details in the client's log)")
             return
         except SecAggError as e:  # a lying server, a forged key, a replay: stop taking part
             self._end(msg.round_id)

@@ -175,3 +175,18 @@ def test_join_exposes_the_secagg_refusal_knobs():
                                    "--min-contributors", "3", "--max-weight", "0.5", "--query-audit", "q.sqlite"])
     assert (a.min_weight_fraction, a.min_weight_grid_steps, a.min_collusion_tolerance, a.min_contributors,
             a.max_weight, str(a.query_audit)) == (0.2, 32.0, 2, 3, 0.5, "q.sqlite")
+
+
+def test_out_of_range_refusal_carries_no_score(pki_dir, png_bytes):
+    """Under out_of_range='error' a client refuses; its refusal (which reaches the server) names no value."""
+    scorers = {n: LengthScorer(offset=100.25 if n == "alice" else 0.0) for n in NAMES}
+    items = make_items(png_bytes, n=2, k=2)
+    weights = {n: [0.25] * len(items) for n in NAMES}
+
+    async def body(server, clients):
+        return await server.run_secagg_round(items, weights=weights, timeout=30, stage_timeout=10,
+                                             out_of_range="error")
+
+    out = asyncio.run(_with_federation(pki_dir, scorers, body))
+    why = out.dropped["alice"]
+    assert "value_range" in why and "100" not in why and "e.g." not in why
