@@ -8,12 +8,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 import time
 from pathlib import Path
+
+from mor.cliargs import RawHelpFormatter, existing_file, open_unit_interval, positive_float, positive_int
 
 
 def _fmt(x) -> str:
@@ -29,12 +30,12 @@ def _run(args) -> int:
 
     path = Path(args.ledger)
     if not path.exists():
-        print(f"mor-client budget: --ledger {path}: no such ledger file", file=sys.stderr)
+        print(f"mor-client budget: error: --ledger {path}: no such ledger file", file=sys.stderr)
         return 2
     try:
         L = PrivacyLedger(path, delta=args.delta) if args.delta else PrivacyLedger(path)
     except LedgerError as e:
-        print(f"mor-client budget: {e}", file=sys.stderr)
+        print(f"mor-client budget: error: --ledger: {e}", file=sys.stderr)
         return 2
     try:
         summary = L.summary()
@@ -43,7 +44,7 @@ def _run(args) -> int:
             try:
                 eps_after, remaining = L.preview(noise_multiplier=args.preview, count=args.count)
             except LedgerError as e:
-                print(f"mor-client budget: --preview: {e}", file=sys.stderr)
+                print(f"mor-client budget: error: --preview: {e}", file=sys.stderr)
                 return 2
             preview = {"noise_multiplier": args.preview, "count": args.count, "epsilon_after": eps_after,
                        "remaining_after": remaining, "allowed": remaining >= 0}
@@ -85,12 +86,13 @@ def _run(args) -> int:
 def register(subparsers) -> None:
     """Add the ``budget`` subcommand to ``mor-client``'s subparsers."""
     p = subparsers.add_parser("budget", help="print the privacy ledger (epsilon per unit, budget, history)",
-                              formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__)
-    p.add_argument("--ledger", required=True, type=Path, help="the client's privacy ledger (SQLite file)")
+                              formatter_class=RawHelpFormatter, description=__doc__)
+    p.add_argument("--ledger", required=True, type=existing_file, help="the client's privacy ledger (SQLite file)")
     p.add_argument("--history", action="store_true", help="also list every training and release")
-    p.add_argument("--preview", type=float, default=None, metavar="NOISE_MULT",
+    p.add_argument("--preview", type=positive_float, default=None, metavar="NOISE_MULT",
                    help="show what a release at this noise multiplier would cost and whether it is allowed")
-    p.add_argument("--count", type=int, default=1, help="number of releases for --preview")
-    p.add_argument("--delta", type=float, default=None, help="report client-level epsilon at this delta")
+    p.add_argument("--count", type=positive_int, default=1, help="number of releases for --preview")
+    p.add_argument("--delta", type=open_unit_interval, default=None,
+                   help="report client-level epsilon at this delta (default: the ledger's)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_run)

@@ -14,6 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
+from mor.cliargs import (ArgumentParser, csv_choices, existing_dir, existing_file, float_range, host_port,
+                         non_negative_float, non_negative_int, open_unit_interval, output_file, positive_int, run_main)
 from privacy.pki import ClientCredentials, PKIError
 
 from .client import ClientError, FederationClient
@@ -22,6 +24,10 @@ from .release import ReleasePolicy
 
 class UsageError(Exception):
     pass
+
+
+#: privacy modes a client can accept (``--modes``)
+CLIENT_MODES = ("plain", "dp", "secagg", "secagg+dp")
 
 
 def load_scorer(model: Path | None, scorer_spec: str | None):
@@ -155,41 +161,44 @@ def _join(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mor-client", description="MoR federation client (institution side)")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = ArgumentParser(prog="mor-client", description="MoR federation client (institution side)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO) and every event")
     sub = parser.add_subparsers(dest="cmd", required=True)
     j = sub.add_parser("join", help="connect to the federation and answer scoring tasks until stopped")
-    j.add_argument("--server", required=True, help="host:port of the federation server")
-    j.add_argument("--creds", type=Path, help="credentials folder from `mor-server pki issue-client NAME`")
-    j.add_argument("--model", type=Path, help="reward-model folder made by `mor-client train`")
+    j.add_argument("--server", required=True, type=host_port, help="host:port of the federation server")
+    j.add_argument("--creds", type=existing_dir, help="credentials folder from `mor-server pki issue-client NAME`")
+    j.add_argument("--model", type=existing_dir, help="reward-model folder made by `mor-client train`")
     j.add_argument("--scorer", help="your own scorer as package.module:attribute (an object with .score(items))")
-    j.add_argument("--modes", dest="modes_csv", default="plain",
+    j.add_argument("--modes", dest="modes_csv", default="plain", type=csv_choices(CLIENT_MODES),
                    help="comma-separated privacy modes this client accepts: plain,dp,secagg,secagg+dp")
-    j.add_argument("--ledger", type=Path, help="privacy ledger (SQLite) charged for dp releases")
-    j.add_argument("--budget", type=float, default=None, help="client-level epsilon budget enforced by the ledger")
-    j.add_argument("--delta", type=float, default=1e-5, help="delta of the client-level guarantee")
-    j.add_argument("--audit", type=Path, help="write this client's signed audit log (releases, refusals) here")
+    j.add_argument("--ledger", type=output_file, help="privacy ledger (SQLite) charged for dp releases")
+    j.add_argument("--budget", type=non_negative_float, default=None,
+                   help="client-level epsilon budget enforced by the ledger (default: the one stored in it)")
+    j.add_argument("--delta", type=open_unit_interval, default=1e-5, help="delta of the client-level guarantee")
+    j.add_argument("--audit", type=output_file, help="write this client's signed audit log (releases, refusals) here")
     g = j.add_argument_group("secure aggregation (secagg, secagg+dp): what this client refuses")
-    g.add_argument("--max-weight", type=float, default=1.0, help="largest routing weight accepted on any item")
-    g.add_argument("--min-contributors", type=int, default=2,
+    g.add_argument("--max-weight", type=float_range(0, lo_open=True), default=1.0,
+                   help="largest routing weight accepted on any item")
+    g.add_argument("--min-contributors", type=positive_int, default=2,
                    help="fewest effective contributors (this client included) on every item it contributes to")
-    g.add_argument("--min-weight-fraction", type=float, default=0.1,
+    g.add_argument("--min-weight-fraction", type=float_range(0, 1), default=0.1,
                    help="a peer counts as a contributor only with weight >= this fraction of ours on the item")
-    g.add_argument("--min-weight-grid-steps", type=float, default=16.0,
+    g.add_argument("--min-weight-grid-steps", type=non_negative_float, default=16.0,
                    help="... and >= this many fixed-point steps (2^-frac_bits each)")
-    g.add_argument("--min-collusion-tolerance", type=int, default=1,
+    g.add_argument("--min-collusion-tolerance", type=non_negative_int, default=1,
                    help="refuse rounds that tolerate fewer colluding clients per neighbourhood than this")
-    g.add_argument("--query-audit", type=Path, default=None,
+    g.add_argument("--query-audit", type=output_file, default=None,
                    help="SQLite file remembering round ids and what was summed (default: beside --ledger, else "
                         "in --creds)")
-    g.add_argument("--roster", type=Path, default=None,
+    g.add_argument("--roster", type=existing_file, default=None,
                    help="signed membership roster (default: roster.json in --creds); with membership-ca.crt and "
                         "membership.crt in --creds, peers not on the roster are refused")
     g.add_argument("--require-membership", action="store_true",
                    help="refuse to start without a pinned membership CA and roster (no single-CA pilot mode)")
-    j.add_argument("--max-attempts", type=int, default=None, help="give up after this many failed connections")
+    j.add_argument("--max-attempts", type=positive_int, default=None,
+                   help="give up after this many failed connections (default: retry forever)")
     j.add_argument("--insecure", action="store_true", help="DANGER: no TLS (server must run --insecure)")
-    j.add_argument("--insecure-id", default="insecure-client")
+    j.add_argument("--insecure-id", default="insecure-client", help="client name claimed with --insecure")
     j.set_defaults(func=_join)
     for modname in ("train_cli", "budget_cli"):
         try:
@@ -207,19 +216,19 @@ def main(argv: list[str] | None = None) -> int:
     # first of all (before the slow imports of the subcommands): exit with the orchestrator that started us
     # (MOR_PARENT_PID, set by `mor demo`; a no-op when unset)
     watch_parent()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.cmd == "join" and not args.insecure and args.creds is None:
-        parser.error("--creds is required (or --insecure for local debugging)")
-    try:
-        return int(args.func(args) or 0)
-    except (UsageError, PKIError, ClientError, ValueError, FileNotFoundError) as e:
-        print(f"mor-client: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    from privacy.audit import AuditError
+    from privacy.ledger import LedgerError
+
+    def parse():
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if args.cmd == "join" and not args.insecure and args.creds is None:
+            parser.error("--creds is required (or --insecure for local debugging)")
+        return args
+
+    return run_main("mor-client", parse, expected=(UsageError, PKIError, ClientError, LedgerError, AuditError))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ class SecAggSession:
         self._query_audit = query_audit
         self._ca = x509.load_pem_x509_certificate(credentials.ca_pem)
         self._key = credentials.identity_key()
+        import privacy.ledger  # noqa: F401  (heavy: opacus/torch) now, not on the event loop in the first round
         self._rounds: dict[str, object] = {}
         self._modes: dict[str, str] = {}
 

@@ -11,6 +11,9 @@ import math
 import sys
 from pathlib import Path
 
+from mor.cliargs import (device, existing_dir, fraction, non_negative_int, open_unit_interval, output_dir, output_file,
+                         positive_float, positive_int)
+
 
 def _epsilon(text: str) -> float:
     if text.lower() in ("inf", "infinity", "none"):
@@ -18,9 +21,9 @@ def _epsilon(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--epsilon must be a positive number or 'inf', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'inf', got {text!r}") from None
     if not v > 0:
-        raise argparse.ArgumentTypeError(f"--epsilon must be > 0 (or 'inf' for non-private), got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be > 0 (or 'inf' for non-private), got {text!r}")
     return v
 
 
@@ -100,39 +103,47 @@ def register(subparsers) -> None:
     from mor_client.rewards.trainer import UNITS
 
     t = subparsers.add_parser("train", help="train a reward model on a client partition (Opacus DP-SGD)")
-    t.add_argument("--arch", default="cnn", help=f"architecture: {', '.join(sorted(ARCHITECTURES))}")
+    t.add_argument("--arch", default="cnn", choices=sorted(ARCHITECTURES), help="reward-model architecture")
     t.add_argument("--epsilon", type=_epsilon, default=8.0, help="target epsilon, or 'inf' for no DP")
-    t.add_argument("--delta", type=float, default=None, help="target delta (default min(1e-5, 1/(10 n)))")
+    t.add_argument("--delta", type=open_unit_interval, default=None,
+                   help="target delta (default: min(1e-5, 1/(10 n)))")
     t.add_argument("--partition", default="client0", help="which client of the federation split (client0, ...)")
-    t.add_argument("--scheme", default="by_question_type", choices=("by_question_type", "dirichlet", "iid"))
-    t.add_argument("--n-clients", type=int, default=3)
+    t.add_argument("--scheme", default="by_question_type", choices=("by_question_type", "dirichlet", "iid"),
+                   help="how easy-vqa is split over the clients")
+    t.add_argument("--n-clients", type=positive_int, default=3, help="clients in the federation split")
     t.add_argument("--include-shapes-client", action="store_true",
                    help="the last client holds the procedural shapes domain")
-    t.add_argument("--flip-fraction", type=float, default=0.0, help="annotator noise: fraction of flipped pairs")
-    t.add_argument("--n-annotators", type=int, default=8, help="annotators the split's pairs are spread over")
+    t.add_argument("--flip-fraction", type=fraction, default=0.0, help="annotator noise: fraction of flipped pairs")
+    t.add_argument("--n-annotators", type=positive_int, default=8, help="annotators the split's pairs are spread over")
     t.add_argument("--unit", choices=UNITS, default=None,
                    help="privacy unit of DP-SGD: one preference pair (default) or all pairs of one annotator "
                         "(per-annotator clipping; needs --grad-sample-mode hooks, the presets' mode)")
-    t.add_argument("--data-seed", type=int, default=0, help="seed of the federation split")
-    t.add_argument("--seed", type=int, default=0, help="seed of init, sampling and DP noise")
-    t.add_argument("--max-pairs", type=int, default=None, 
-                   help="use at most this many training pairs (overrides the preset's max_pairs)")
-    t.add_argument("--epochs", type=int, default=None, help="override the demo preset")
-    t.add_argument("--batch-size", type=int, default=None, help="expected (Poisson) batch size")
-    t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--max-grad-norm", type=float, default=None)
-    t.add_argument("--pretrain-epochs", type=int, default=None, help="public pre-training epochs (0: none)")
-    t.add_argument("--accountant", choices=("prv", "rdp"), default=None)
-    t.add_argument("--grad-sample-mode", choices=("ghost", "hooks"), default=None)
-    t.add_argument("--device", default="cpu", help="cpu or cuda")
-    t.add_argument("--out", required=True, type=Path, help="model folder to write")
-    t.add_argument("--ledger", type=Path, default=None, help="privacy ledger (SQLite) to record the training in")
+    t.add_argument("--data-seed", type=non_negative_int, default=0, help="seed of the federation split")
+    t.add_argument("--seed", type=non_negative_int, default=0, help="seed of init, sampling and DP noise")
+    t.add_argument("--max-pairs", type=positive_int, default=None,
+                   help="use at most this many training pairs (default: the preset's max_pairs)")
+    t.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default: the preset's)")
+    t.add_argument("--batch-size", type=positive_int, default=None,
+                   help="expected (Poisson) batch size (default: the preset's)")
+    t.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the preset's)")
+    t.add_argument("--max-grad-norm", type=positive_float, default=None,
+                   help="per-example clipping norm of DP-SGD (default: the preset's)")
+    t.add_argument("--pretrain-epochs", type=non_negative_int, default=None,
+                   help="public pre-training epochs, 0 for none (default: the preset's)")
+    t.add_argument("--accountant", choices=("prv", "rdp"), default=None,
+                   help="privacy accountant that calibrates the noise (default: the preset's)")
+    t.add_argument("--grad-sample-mode", choices=("ghost", "hooks"), default=None,
+                   help="Opacus per-sample gradient mode (default: the preset's)")
+    t.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
+    t.add_argument("--out", required=True, type=output_dir, help="model folder to write")
+    t.add_argument("--ledger", type=output_file, default=None,
+                   help="privacy ledger (SQLite) to record the training in")
     t.add_argument("--model-id", default=None, help="ledger model id (default: the folder name)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=_train)
     c = subparsers.add_parser("card", help="show a trained reward model's card")
-    c.add_argument("model_dir", type=Path)
-    c.add_argument("--json", action="store_true")
+    c.add_argument("model_dir", type=existing_dir, help="a model folder written by `mor-client train`")
+    c.add_argument("--json", action="store_true", help="print the card as JSON")
     c.set_defaults(func=_card)
 
 

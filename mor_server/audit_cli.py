@@ -1,14 +1,62 @@
 """``mor audit verify`` and ``mor audit report``: thin shells over ``privacy.audit``.
 
-Exit codes: 0 all checks passed; 1 a log failed verification or the report found an ε mismatch; 2 a usage error.
+Exit codes: 0 all checks passed; 1 a log failed verification or the report found an ε mismatch; 2 a usage error
+(one line on stderr naming the flag); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
+
+from mor.cliargs import ArgumentParser, existing_file, non_negative_float, output_dir, run_main
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _witness(text: str) -> tuple[int, str]:
+    """``SEQ:HASH``: an entry's sequence number and its 64-hex-digit hash."""
+    s, sep, h = text.partition(":")
+    h = h.strip().lower()
+    if not sep or not s.strip().isdigit() or not _HEX64.match(h):
+        raise argparse.ArgumentTypeError(f"expected SEQ:HASH (a sequence number >= 0 and the entry's 64-hex-digit "
+                                         f"hash, e.g. 16:3fa2...), got {text!r}")
+    return int(s), h
+
+
+def _pem_certificate(text: str) -> Path:
+    """An existing file holding a PEM X.509 certificate (the federation CA's ca.crt)."""
+    from cryptography import x509
+
+    p = existing_file(text)
+    try:
+        x509.load_pem_x509_certificate(p.read_bytes())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not a PEM certificate; give the federation CA's ca.crt "
+                                         "(e.g. pki/ca/ca.crt)") from None
+    return p
+
+
+def _ledger_pair(text: str) -> tuple[str, Path]:
+    """``CLIENT=PATH`` of an existing ledger file."""
+    k, sep, p = text.partition("=")
+    if not sep or not k or not p:
+        raise argparse.ArgumentTypeError(f"expected CLIENT=PATH (e.g. alice=runs/demo/clients/alice/ledger.sqlite), "
+                                         f"got {text!r}")
+    return k, existing_file(p)
+
+
+def _key_spec(text: str) -> tuple[str | None, Path]:
+    """``[ACTOR=]PEM``: a key file, optionally for the log written by ACTOR."""
+    actor, sep, p = text.partition("=")
+    if not sep:
+        actor, p = None, text
+    if sep and (not actor or not p):
+        raise argparse.ArgumentTypeError(f"expected [ACTOR=]PEM (e.g. server=pki/server/identity.crt), got {text!r}")
+    return actor, existing_file(p)
 
 
 def register(subparsers) -> None:
@@ -20,11 +68,11 @@ def register(subparsers) -> None:
                        description="Check hash chain, Ed25519 signatures, checkpoints and Merkle roots; name the "
                                    "first bad entry. Pin the writer's key with --public-key (its identity.crt, "
                                    "checked against the federation CA with --ca).")
-    v.add_argument("logs", nargs="+", type=Path, metavar="LOG")
+    v.add_argument("logs", nargs="+", type=existing_file, metavar="LOG", help="audit log file(s) (JSON Lines)")
     _key_args(v)
     v.add_argument("--allow-open", action="store_true",
                    help="accept a log without a final checkpoint (a writer still running, or one that crashed)")
-    v.add_argument("--witness", metavar="SEQ:HASH", default=None,
+    v.add_argument("--witness", metavar="SEQ:HASH", default=None, type=_witness,
                    help="an entry hash recorded elsewhere; the log must contain it at SEQ (detects truncation of "
                         "an open log)")
     v.add_argument("--json", action="store_true", help="print results as JSON")
@@ -33,31 +81,32 @@ def register(subparsers) -> None:
     r = sub.add_parser("report", help="privacy-budget audit: ε per client from ledgers and logs",
                        description="Build report.json, report.md, report.html and PNG plots; exit 1 if a log fails "
                                    "verification or the ledger and the logs disagree on ε.")
-    r.add_argument("--log", dest="logs", action="extend", nargs="+", type=Path, default=[], metavar="LOG",
+    r.add_argument("--log", dest="logs", action="extend", nargs="+", type=existing_file, default=[], metavar="LOG",
                    help="an audit log (server's or a client's); repeat")
     r.add_argument("--ledger", dest="ledgers", action="extend", nargs="+", default=[], metavar="CLIENT=PATH",
-                   help="a client's privacy ledger (SQLite); repeat")
-    r.add_argument("--out", type=Path, required=True, help="output folder")
-    r.add_argument("--public-key", dest="keys", action="append", default=[], metavar="[ACTOR=]PEM",
+                   type=_ledger_pair, help="a client's privacy ledger (SQLite); repeat")
+    r.add_argument("--out", type=output_dir, required=True, help="output folder")
+    r.add_argument("--public-key", dest="keys", action="append", default=[], metavar="[ACTOR=]PEM", type=_key_spec,
                    help="pinned key (public key PEM or identity certificate) for the log written by ACTOR "
                         "(the log's actor: 'server' or a client name); repeat")
-    r.add_argument("--ca", type=Path, default=None, help="federation CA certificate to check identity certificates")
+    r.add_argument("--ca", type=_pem_certificate, default=None,
+                   help="federation CA certificate to check identity certificates")
     r.add_argument("--trust-embedded-key", action="store_true",
                    help="check logs without a --public-key against the key in their genesis entry (weak)")
     r.add_argument("--allow-open", action="store_true", help="accept logs without a final checkpoint")
-    r.add_argument("--tolerance", type=float, default=1e-6, help="relative tolerance for ε equality")
+    r.add_argument("--tolerance", type=non_negative_float, default=1e-6, help="relative tolerance for ε equality")
     r.add_argument("--no-plots", action="store_true", help="skip the PNG plots (faster; no matplotlib)")
     r.set_defaults(func=_report)
 
 
 def _key_args(p) -> None:
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--public-key", type=Path, metavar="PEM",
+    g.add_argument("--public-key", type=existing_file, metavar="PEM",
                    help="the writer's Ed25519 public key: a public-key PEM or its identity certificate (pinned key)")
     g.add_argument("--trust-embedded-key", action="store_true",
                    help="use the key in the log's genesis entry: proves only self-consistency, since anyone can "
                         "rewrite a whole log under a fresh key")
-    p.add_argument("--ca", type=Path, default=None,
+    p.add_argument("--ca", type=_pem_certificate, default=None,
                    help="federation CA certificate: --public-key must then be an identity certificate it issued")
 
 
@@ -71,18 +120,12 @@ def _verify(args) -> int:
 
 
 def _verify_impl(args) -> int:
-    from privacy.audit import load_public_key, verify_log
+    from privacy.audit import verify_log
 
-    key = load_public_key(args.public_key, ca_cert_path=args.ca) if args.public_key else None
     if args.ca and not args.public_key:
         raise ValueError("--ca needs --public-key IDENTITY.crt (the certificate to check against the CA)")
-    witness = None
-    if args.witness:
-        try:
-            s, h = args.witness.split(":", 1)
-            witness = (int(s), h.strip().lower())
-        except ValueError:
-            raise ValueError(f"--witness {args.witness!r} must be SEQ:HASH, e.g. 16:3fa2...") from None
+    key = _load_key(args.public_key, args.ca) if args.public_key else None
+    witness = args.witness
     bad = 0
     results = []
     for log in args.logs:
@@ -102,16 +145,15 @@ def _verify_impl(args) -> int:
     return 1 if bad else 0
 
 
-def _parse_pairs(values, what: str) -> dict:
-    out = {}
-    for v in values:
-        if "=" not in v:
-            raise ValueError(f"{what} {v!r} must be NAME=PATH")
-        k, p = v.split("=", 1)
-        if not k or not p:
-            raise ValueError(f"{what} {v!r} must be NAME=PATH")
-        out[k] = p
-    return out
+def _load_key(path, ca):
+    """The pinned key from --public-key (checked against --ca); errors name the flag."""
+    from privacy.audit import AuditError, load_public_key
+    from privacy.pki import PKIError
+
+    try:
+        return load_public_key(path, ca_cert_path=ca)
+    except (ValueError, AuditError, PKIError) as e:
+        raise ValueError(f"--public-key {path}: {e}") from None
 
 
 def _report(args) -> int:
@@ -124,15 +166,11 @@ def _report(args) -> int:
 
 
 def _report_impl(args) -> int:
-    from privacy.audit import build_report, load_public_key
+    from privacy.audit import build_report
 
     keys = {}
-    for v in args.keys:
-        if "=" in v:
-            actor, path = v.split("=", 1)
-        else:
-            actor, path = None, v
-        k = load_public_key(path, ca_cert_path=args.ca)
+    for actor, path in args.keys:
+        k = _load_key(path, args.ca)
         if actor is None:
             if len(args.logs) != 1:
                 raise ValueError("--public-key without ACTOR= is only allowed with a single --log; write "
@@ -153,7 +191,11 @@ def _report_impl(args) -> int:
             if actor is not None and actor not in keys:
                 raise ValueError(f"no --public-key for log {log} (actor {actor!r}); pass --public-key "
                                  f"{actor}=KEY.pem or --trust-embedded-key")
-    ledgers = _parse_pairs(args.ledgers, "--ledger")
+    ledgers = {}
+    for client, path in args.ledgers:
+        if client in ledgers:
+            raise ValueError(f"--ledger {client}=...: given twice; one ledger per client")
+        ledgers[client] = str(path)
     rep = build_report(logs=args.logs, ledgers=ledgers, out_dir=args.out, public_keys=keys,
                        allow_open=args.allow_open, tolerance=args.tolerance, plots=not args.no_plots)
     print(f"privacy-budget audit: {'PASS' if rep['ok'] else 'FAIL'} ({len(rep['clients'])} client(s), "
@@ -166,17 +208,16 @@ def _report_impl(args) -> int:
 
 
 def main(argv=None) -> int:  # standalone entry for tests / `python -m mor_server.audit_cli`
+    from privacy.audit import AuditError
     from privacy.pki import PKIError
 
-    parser = argparse.ArgumentParser(prog="mor")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, PKIError) as e:
-        print(f"mor: error: {e}", file=sys.stderr)
-        return 2
+    def parse():
+        parser = ArgumentParser(prog="mor")
+        sub = parser.add_subparsers(dest="cmd", required=True)
+        register(sub)
+        return parser.parse_args(argv)
+
+    return run_main("mor", parse, expected=(AuditError, PKIError))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import signal
 import sys
 from pathlib import Path
 
+from mor.cliargs import (ArgumentParser, bind_host, dir_path, existing_dir, existing_file, host_list, non_negative_int,
+                         output_dir, output_file, port, positive_float, positive_int, run_main)
 from privacy import pki
 
 
@@ -24,23 +26,23 @@ def _add_pki(sub) -> None:
     p = sub.add_parser("pki", help="federation CA and certificates")
     ps = p.add_subparsers(dest="pki_cmd", required=True)
     init = ps.add_parser("init", help="create the federation CA and the server certificate")
-    init.add_argument("--dir", type=Path, default=Path("pki"), help="PKI folder (default: ./pki)")
-    init.add_argument("--hosts", default="localhost,127.0.0.1,::1",
+    init.add_argument("--dir", type=output_dir, default="pki", help="PKI folder to create")
+    init.add_argument("--hosts", default="localhost,127.0.0.1,::1", type=host_list,
                       help="comma-separated host names/IPs the server certificate is valid for")
     init.add_argument("--force", action="store_true", help="replace an existing CA (invalidates every certificate)")
     init.set_defaults(func=_pki_init)
     iss = ps.add_parser("issue-client", help="issue a client's TLS + identity certificates")
     iss.add_argument("name", help="client name (becomes its identity: the certificate's Common Name)")
-    iss.add_argument("--dir", type=Path, default=Path("pki"))
-    iss.add_argument("--days", type=float, default=365)
-    iss.add_argument("--out", type=Path, default=None, help="output folder (default: PKI/clients/NAME)")
-    iss.add_argument("--identity-public-key", type=Path, default=None, metavar="FILE",
+    iss.add_argument("--dir", type=dir_path, default="pki", help="PKI folder made by `mor-server pki init`")
+    iss.add_argument("--days", type=positive_float, default=365, help="validity of the certificates in days")
+    iss.add_argument("--out", type=output_dir, default=None, help="output folder (default: PKI/clients/NAME)")
+    iss.add_argument("--identity-public-key", type=existing_file, default=None, metavar="FILE",
                      help="certify the institution's own Ed25519 identity key (its identity.csr from `pki membership "
                           "keygen`, or a PEM public key) instead of generating one: no identity.key is written")
     iss.set_defaults(func=_pki_issue)
     rev = ps.add_parser("revoke", help="revoke every certificate issued to a client (a running server picks it up)")
-    rev.add_argument("name")
-    rev.add_argument("--dir", type=Path, default=Path("pki"))
+    rev.add_argument("name", help="the client name whose certificates are revoked")
+    rev.add_argument("--dir", type=dir_path, default="pki", help="PKI folder made by `mor-server pki init`")
     rev.set_defaults(func=_pki_revoke)
     _add_membership(ps)
 
@@ -91,40 +93,43 @@ def _add_membership(ps) -> None:
     m = ps.add_parser("membership", help="membership CA and signed roster (held by the members, not the operator)")
     ms = m.add_subparsers(dest="membership_cmd", required=True)
     init = ms.add_parser("init", help="authority: create the membership CA (keep DIR/membership-ca.key offline)")
-    init.add_argument("--dir", type=Path, default=Path("membership"), help="membership folder (default: ./membership)")
+    init.add_argument("--dir", type=output_dir, default="membership", help="membership folder to create")
     init.add_argument("--name", default="MoR membership CA", help="the CA certificate's Common Name")
-    init.add_argument("--days", type=float, default=3650, help="validity of the membership CA certificate")
+    init.add_argument("--days", type=positive_float, default=3650, help="validity of the membership CA certificate")
     init.add_argument("--force", action="store_true", help="replace an existing membership CA")
     init.set_defaults(func=_membership_init)
     kg = ms.add_parser("keygen", help="institution: make its own identity key and a CSR (the key never leaves)")
     kg.add_argument("name", help="the institution's client name (its TLS certificate's Common Name)")
-    kg.add_argument("--out", type=Path, required=True, help="folder for identity.key (0600) and identity.csr")
+    kg.add_argument("--out", type=output_dir, required=True, help="folder for identity.key (0600) and identity.csr")
     kg.add_argument("--force", action="store_true", help="replace an existing identity.key")
     kg.set_defaults(func=_membership_keygen)
     en = ms.add_parser("enrol", help="authority: certify a member's identity key (from its CSR or public key)")
     en.add_argument("name", help="member name (must equal its TLS client name)")
-    en.add_argument("--dir", type=Path, default=Path("membership"))
+    en.add_argument("--dir", type=dir_path, default="membership",
+                    help="membership folder made by `pki membership init`")
     src = en.add_mutually_exclusive_group(required=True)
-    src.add_argument("--identity-public-key", type=Path, metavar="FILE",
+    src.add_argument("--identity-public-key", type=existing_file, metavar="FILE",
                      help="the member's identity.csr (from `keygen`) or PEM Ed25519 public key")
     src.add_argument("--issue-key", action="store_true",
                      help="PILOTS ONLY: generate the identity key here too (the authority then has seen it)")
-    en.add_argument("--days", type=float, default=365, help="validity of the membership certificate")
-    en.add_argument("--out", type=Path, default=None, help="output folder (default: DIR/members/NAME)")
+    en.add_argument("--days", type=positive_float, default=365, help="validity of the membership certificate")
+    en.add_argument("--out", type=output_dir, default=None, help="output folder (default: DIR/members/NAME)")
     en.set_defaults(func=_membership_enrol)
     rm = ms.add_parser("remove", help="authority: take a member off the next roster")
-    rm.add_argument("name")
-    rm.add_argument("--dir", type=Path, default=Path("membership"))
+    rm.add_argument("name", help="member name")
+    rm.add_argument("--dir", type=dir_path, default="membership",
+                    help="membership folder made by `pki membership init`")
     rm.set_defaults(func=_membership_remove)
     ro = ms.add_parser("roster", help="authority: sign the roster of enrolled members (next serial)")
-    ro.add_argument("--dir", type=Path, default=Path("membership"))
-    ro.add_argument("--out", type=Path, default=None, help="roster file (default: DIR/roster.json)")
-    ro.add_argument("--days", type=float, default=30, help="validity of the roster (clients refuse it after)")
+    ro.add_argument("--dir", type=dir_path, default="membership",
+                    help="membership folder made by `pki membership init`")
+    ro.add_argument("--out", type=output_file, default=None, help="roster file (default: DIR/roster.json)")
+    ro.add_argument("--days", type=positive_float, default=30, help="validity of the roster (clients refuse it after)")
     ro.add_argument("--federation", default="MoR federation", help="federation name written in the roster")
     ro.set_defaults(func=_membership_roster)
     ve = ms.add_parser("verify", help="anyone: check a roster against a pinned membership CA and list its members")
-    ve.add_argument("roster", type=Path)
-    ve.add_argument("--membership-ca", type=Path, required=True, help="the pinned membership-ca.crt")
+    ve.add_argument("roster", type=existing_file, help="the signed roster file (roster.json)")
+    ve.add_argument("--membership-ca", type=existing_file, required=True, help="the pinned membership-ca.crt")
     ve.set_defaults(func=_membership_verify)
 
 
@@ -202,18 +207,21 @@ def _membership_verify(args) -> int:
 
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="run the federation server")
-    p.add_argument("--pki", type=Path, default=Path("pki"), help="PKI folder made by `mor-server pki init`")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument("--pki", type=existing_dir, default=Path("pki"), help="PKI folder made by `mor-server pki init`")
+    p.add_argument("--host", type=bind_host, default="127.0.0.1",
+                   help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=port, default=50051, help="TCP port to listen on (0: any free port)")
+    p.add_argument("--metrics-port", type=port, default=None, help="serve Prometheus /metrics on this port")
     p.add_argument("--insecure", action="store_true",
                    help="DANGER: serve without TLS (identities unauthenticated); local debugging only")
-    p.add_argument("--max-message-mb", type=float, default=16.0)
-    p.add_argument("--rounds", type=int, default=0,
+    p.add_argument("--max-message-mb", type=positive_float, default=16.0,
+                   help="largest gRPC message accepted or sent, in MiB")
+    p.add_argument("--rounds", type=non_negative_int, default=0,
                    help="after --min-clients join, run this many scoring rounds on public easy-vqa items and print them")
-    p.add_argument("--items", type=int, default=64, help="items per scoring task (with --rounds)")
-    p.add_argument("--min-clients", type=int, default=1)
-    p.add_argument("--timeout", type=float, default=30.0, help="per-round deadline in seconds")
+    p.add_argument("--items", type=positive_int, default=64, help="items per scoring task (with --rounds)")
+    p.add_argument("--min-clients", type=positive_int, default=1,
+                   help="clients that must join (and answer) before a round (with --rounds)")
+    p.add_argument("--timeout", type=positive_float, default=30.0, help="per-round deadline in seconds")
     p.add_argument("--exit-after-rounds", action="store_true", help="stop once --rounds have run")
     p.set_defaults(func=_serve)
 
@@ -229,7 +237,13 @@ def _serve(args) -> int:
 
     async def main():
         server = FederationServer(cfg)
-        port = await server.start()
+        try:
+            port = await server.start()
+        except RuntimeError as e:  # grpc: "Failed to bind to address ..."
+            if "bind" not in str(e).lower():
+                raise
+            raise UsageError(f"--host {args.host} --port {args.port}: cannot listen there (not an address of this "
+                             "machine, or the port is taken); pick another --host/--port") from None
         print(f"mor-server listening on {args.host}:{port}" + (" (INSECURE)" if args.insecure else " (mTLS)") +
               (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), flush=True)
         stop = asyncio.Event()
@@ -257,18 +271,28 @@ def _serve(args) -> int:
     return 0
 
 
-def server_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mor-server", description="MoR federation server")
-    parser.add_argument("-v", "--verbose", action="store_true")
+def build_server_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="mor-server", description="MoR federation server")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_pki(sub)
     _add_serve(sub)
-    return _dispatch(parser, argv)
+    return parser
+
+
+def server_main(argv: list[str] | None = None) -> int:
+    """Exit code: 0 done, 2 a usage error (one line on stderr naming the flag), 130 interrupted (Ctrl-C)."""
+    return _dispatch("mor-server", build_server_parser, argv)
 
 
 def mor_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mor", description="MoR: federated alignment of VLMs by preferences")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    """Exit code: 0 done, 1 an audit failed, 2 a usage error (one line naming the flag), 130 interrupted."""
+    return _dispatch("mor", build_mor_parser, argv)
+
+
+def build_mor_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="mor", description="MoR: federated alignment of VLMs by preferences")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     from . import demo
 
@@ -279,21 +303,21 @@ def mor_main(argv: list[str] | None = None) -> int:
         audit_cli = None
     if audit_cli is not None:
         audit_cli.register(sub)
-    return _dispatch(parser, argv)
+    return parser
 
 
-def _dispatch(parser: argparse.ArgumentParser, argv) -> int:
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except (UsageError, pki.PKIError, ValueError, FileNotFoundError, TimeoutError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
+def _dispatch(prog: str, build, argv) -> int:
+    """Parse and run; expected errors end as one line with exit code 2, Ctrl-C as one line with 130."""
+    from privacy.audit import AuditError
+    from privacy.ledger import LedgerError
+
+    def parse():
+        args = build().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return args
+
+    return run_main(prog, parse, expected=(UsageError, pki.PKIError, AuditError, LedgerError))
 
 
 if __name__ == "__main__":

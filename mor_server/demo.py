@@ -26,7 +26,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from typing_extensions import NotRequired, TypedDict
+
+from mor.cliargs import non_negative_int, output_dir, positive_int
 from privacy import pki
 
 from .fsutil import replace_dir, staging_dir
@@ -46,42 +51,101 @@ ALIGNMENT_OVERRIDES = ("eval_size", "curve_size", "curve_every", "sft_steps", "r
 DEMO_GRPO_DEFAULTS = {"max_steps": 400, "learning_rate": 3e-4, "beta": 0.05, "temperature": 1.0, "save_steps": 20}
 
 
+def _epsilon(v):
+    if isinstance(v, str) and v.strip().lower() in ("inf", "infinity"):
+        return math.inf
+    return v
+
+
+def _arch(v: str) -> str:
+    from mor_client.rewards.models import ARCHITECTURES
+
+    if v not in ARCHITECTURES:
+        raise ValueError(f"must be one of {', '.join(sorted(ARCHITECTURES))}")
+    return v
+
+
+def _client_name(v: str) -> str:
+    try:
+        pki.check_name(v, "name")
+    except pki.PKIError as e:
+        raise ValueError(str(e)) from None
+    return v
+
+
+def _partition(v: str) -> str:
+    if not (v.startswith("client") and v[len("client"):].isdigit()):
+        raise ValueError("must be client0, client1, ... (one partition of the federation split per client)")
+    return v
+
+
+def _workdir(v: str) -> str:
+    import argparse as _ap
+
+    try:
+        output_dir(v)
+    except _ap.ArgumentTypeError as e:
+        raise ValueError(str(e)) from None
+    return v
+
+
+_PosInt = Annotated[int, Field(ge=1, strict=True)]
+_Real = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class ClientSpec(TypedDict):
+    """One client of the demo (``clients`` in the config)."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid", strict=True)  # type: ignore[misc]
+    name: Annotated[str, AfterValidator(_client_name)]
+    arch: Annotated[str, AfterValidator(_arch)]
+    partition: Annotated[str, AfterValidator(_partition)]
+    max_pairs: NotRequired[_PosInt]
+    epochs: NotRequired[_PosInt]
+    batch_size: NotRequired[_PosInt]
+
+
 @dataclass
 class DemoConfig:
-    """Settings of ``mor demo``; each may be given in a JSON config file (``--config``)."""
+    """Settings of ``mor demo``; each may be given in a JSON config file (``--config``).
 
-    workdir: str = "runs/demo"
+    Every setting is type- and range-checked (pydantic, from the annotations below) by :meth:`validate` before the
+    demo starts any work; an error names the setting, e.g. ``clients[0].arch: must be one of cnn, lora, vit``.
+    """
+
+    workdir: Annotated[str, Field(strict=True, min_length=1), AfterValidator(_workdir)] = "runs/demo"
     """Folder for everything the run writes (PKI, models, ledgers, audit logs, checkpoints, report)."""
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, strict=True)] = 0
     """Seed of the federation split, model inits, DP noise streams and GRPO sampling."""
-    clients: list = field(default_factory=lambda: [dict(c) for c in DEFAULT_CLIENTS])
+    clients: Annotated[list[ClientSpec], Field(min_length=1)] = field(
+        default_factory=lambda: [dict(c) for c in DEFAULT_CLIENTS])
     """Clients: name, reward-model arch (cnn, vit, lora), partition (client0, client1, ...), and optionally
     max_pairs / epochs / batch_size overriding the architecture's training preset."""
-    epsilon: float = 8.0
+    epsilon: Annotated[float, BeforeValidator(_epsilon), Field(gt=0, strict=True)] = 8.0
     """Example-level ε of each client's DP-SGD training (one preference pair is the unit); "inf" disables DP."""
-    mode: str = "secagg"
+    mode: Literal["plain", "secagg", "secagg+dp"] = "secagg"
     """Privacy mode of GRPO's scoring rounds: plain, secagg or secagg+dp."""
-    calibration_mode: str = "plain"
+    calibration_mode: Literal["plain", "dp"] = "plain"
     """Mode of the router-calibration round on the server's public pairs: plain or dp (charged to ledgers)."""
-    client_budget: float = 20.0
+    client_budget: Annotated[_Real, Field(gt=0)] = 20.0
     """Client-level ε budget each client's ledger enforces for dp / secagg+dp releases."""
-    dp_noise_multiplier: float = 1.0
+    dp_noise_multiplier: Annotated[_Real, Field(gt=0)] = 1.0
     """Noise multiplier of dp / secagg+dp releases (σ = multiplier × L2 sensitivity)."""
-    round_timeout: float = 60.0
+    round_timeout: Annotated[_Real, Field(gt=0)] = 60.0
     """Deadline of one scoring round (seconds)."""
-    w_format: float = 4.0
+    w_format: Annotated[_Real, Field(ge=0)] = 4.0
     """Weight of the answer-format rule reward in the hybrid reward (w_mix = 1 for the MoR reward): keeps the policy
     answering with one of the task's answers, so it cannot drift to strings no reward model was trained on."""
-    w_length: float = 0.0
+    w_length: Annotated[_Real, Field(ge=0)] = 0.0
     """Weight of the length rule reward."""
-    grpo: dict = field(default_factory=dict)
+    grpo: Annotated[dict[str, Any], Field(strict=True)] = field(default_factory=dict)
     """Overrides of the alignment engine's GRPO settings (e.g. {"max_steps": 200}), applied on top of
     DEMO_GRPO_DEFAULTS; see docs/alignment.md for every field."""
     alignment: dict = field(default_factory=dict)
     """Overrides of the alignment engine's evaluation and warm-start sizes, for quick runs and tests: any of
     eval_size (test examples for before/after accuracy, default 600), curve_size (120; 0: no accuracy curve),
     curve_every (20), sft_steps (warm-start steps, 50) and router_steps (300)."""
-    fresh: bool = False
+    fresh: Annotated[bool, Field(strict=True)] = False
     """Retrain reward models and the warm start even when cached ones match."""
 
     @classmethod
@@ -99,32 +163,80 @@ class DemoConfig:
         if unknown:
             raise ValueError(f"--config {path}: unknown setting(s) {unknown}; known: {sorted(known)}")
         data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**data)
+        cfg = cls(**data)
+        try:
+            cfg.validate()
+        except ValueError as e:
+            raise ValueError(f"--config {path}: {e}") from None
+        return cfg
 
     def validate(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.calibration_mode not in ("plain", "dp"):
-            raise ValueError(f"calibration_mode must be plain or dp, got {self.calibration_mode!r}")
-        if not self.clients:
-            raise ValueError("clients is empty: the demo needs at least one client")
-        names = [c.get("name") for c in self.clients]
+        """Check every setting (types, ranges, clients, GRPO overrides, workdir); normalise in place (e.g. epsilon
+        "inf" -> math.inf). Raises ValueError naming the first bad setting and what it should be."""
+        try:
+            checked = TypeAdapter(type(self)).validate_python(
+                {f.name: getattr(self, f.name) for f in fields(self)})
+        except ValidationError as e:
+            raise ValueError(_first_error(e)) from None
+        for f in fields(self):
+            setattr(self, f.name, getattr(checked, f.name))
+        names = [c["name"] for c in self.clients]
         if len(set(names)) != len(names):
             raise ValueError(f"clients: names must be unique, got {names}")
         for i, c in enumerate(self.clients):
-            for k in ("name", "arch", "partition"):
-                if not c.get(k):
-                    raise ValueError(f"clients[{i}].{k} is missing")
-            try:
-                pki.check_name(c["name"], f"clients[{i}].name")
-            except pki.PKIError as e:
-                raise ValueError(str(e)) from None
-        if isinstance(self.epsilon, str):
-            self.epsilon = math.inf if self.epsilon == "inf" else float(self.epsilon)
-        if not self.epsilon > 0:
-            raise ValueError(f"epsilon must be > 0 or 'inf', got {self.epsilon}")
+            if int(c["partition"][len("client"):]) >= len(self.clients):
+                raise ValueError(f"clients[{i}].partition: {c['partition']!r} does not exist in a split over "
+                                 f"{len(self.clients)} clients; use client0..client{len(self.clients) - 1}")
         if self.mode in ("secagg", "secagg+dp") and len(self.clients) < 2:
-            raise ValueError(f"mode {self.mode} needs at least 2 clients")
+            raise ValueError(f"mode: {self.mode} needs at least 2 clients (have {len(self.clients)}); add a client "
+                             "or use mode plain")
+        _check_grpo(self.grpo)
+
+
+def _loc(loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _first_error(e: ValidationError) -> str:
+    """One line from pydantic's errors: the setting's path, what is wrong, what was given."""
+    err = e.errors()[0]
+    where = _loc(err["loc"]) or "config"
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        return f"{where}: unknown setting; a client takes {', '.join(ClientSpec.__annotations__)}"
+    if kind == "missing":
+        return f"{where} is missing"
+    if kind == "too_short":
+        return f"{where}: needs at least {err.get('ctx', {}).get('min_length', 1)} item(s), got {err.get('input')!r}"
+    msg = msg.removeprefix("Value error, ").replace("Input should be", "must be")
+    msg = msg[0].lower() + msg[1:] if msg else msg
+    more = f" (and {len(e.errors()) - 1} more problem(s))" if len(e.errors()) > 1 else ""
+    return f"{where}: {msg}, got {err.get('input')!r}{more}"
+
+
+def _check_grpo(grpo: dict) -> None:
+    """``grpo`` overrides: known GRPORunConfig fields of the right types and ranges (checked before any work)."""
+    from .grpo import GRPORunConfig
+
+    known = {f.name for f in fields(GRPORunConfig)}
+    unknown = sorted(set(grpo) - known)
+    if unknown:
+        raise ValueError(f"grpo: unknown setting(s) {unknown}; known: {sorted(known)}")
+    import typing
+
+    hints = typing.get_type_hints(GRPORunConfig)
+    for k, v in grpo.items():
+        try:
+            TypeAdapter(hints[k]).validate_python(v, strict=True)
+        except ValidationError as e:
+            raise ValueError(f"grpo.{k}: " + _first_error(e).split(": ", 1)[-1]) from None
+    try:
+        GRPORunConfig(**{**DEMO_GRPO_DEFAULTS, **grpo}).validate()
+    except ValueError as e:
+        raise ValueError(str(e).replace("GRPORunConfig.", "grpo.").replace("GRPORunConfig:", "grpo:")) from None
 
 
 def alignment_overrides(cfg: DemoConfig) -> dict:
@@ -481,21 +593,26 @@ def print_summary(report: dict, out: Path) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="run the full federated alignment demo on the embedded default (easy-vqa)")
-    p.add_argument("--config", type=Path, help="JSON file with DemoConfig settings (see `mor demo --help`)")
-    p.add_argument("--workdir", help="output folder (default runs/demo)")
-    p.add_argument("--mode", choices=MODES, help="privacy mode of GRPO's scoring rounds (default secagg)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--steps", type=int, help="GRPO steps (overrides grpo.max_steps)")
+    from mor.cliargs import existing_file
+
+    p.add_argument("--config", type=existing_file,
+                   help="JSON file with DemoConfig settings (README, 'mor demo'; docstrings in mor_server/demo.py)")
+    p.add_argument("--workdir", type=output_dir, help="output folder (default: runs/demo)")
+    p.add_argument("--mode", choices=MODES, help="privacy mode of GRPO's scoring rounds (default: secagg)")
+    p.add_argument("--seed", type=non_negative_int, help="seed of the split, inits, DP noise and sampling (default: 0)")
+    p.add_argument("--steps", type=positive_int, help="GRPO steps (overrides grpo.max_steps; default: 400)")
     p.add_argument("--fresh", action="store_true", default=None, help="retrain cached reward models and warm start")
     p.set_defaults(func=_demo_cmd)
 
 
 def _demo_cmd(args: argparse.Namespace) -> int:
-    over = dict(workdir=args.workdir, mode=args.mode, seed=args.seed, fresh=args.fresh)
+    over = dict(workdir=None if args.workdir is None else str(args.workdir), mode=args.mode, seed=args.seed,
+                fresh=args.fresh)
     cfg = DemoConfig.from_file(args.config, **over) if args.config else DemoConfig(
         **{k: v for k, v in over.items() if v is not None})
     if args.steps is not None:
         cfg.grpo = {**cfg.grpo, "max_steps": args.steps}
+    cfg.validate()  # everything checked before any work starts (run_demo checks again: it is also a library call)
     try:
         run_demo(cfg)
     except DemoInterrupted as e:

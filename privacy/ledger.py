@@ -123,20 +123,60 @@ class PrivacyLedger:
         if not (0 < delta < 1):
             raise LedgerError(f"delta must be in (0, 1), got {delta!r}")
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        stored = dict(self._db.execute("SELECT key, value FROM config").fetchall())
-        if client_level_budget is None and "budget" in stored:
-            client_level_budget = json.loads(stored["budget"])
-        self.budget = client_level_budget
-        self.delta = float(delta)
-        with self._tx():
-            self._db.execute("INSERT OR REPLACE INTO config VALUES ('budget', ?)", (json.dumps(self.budget),))
-            self._db.execute("INSERT OR REPLACE INTO config VALUES ('delta', ?)", (json.dumps(self.delta),))
+        if self.path.is_dir():
+            raise LedgerError(f"{self.path} is a directory; give the ledger's SQLite file")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LedgerError(f"{self.path}: cannot create its folder ({e})") from None
+        self._db = None
+        try:  # a corrupt file or another application's database: one LedgerError naming the file
+            self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._check_schema()
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            stored = dict(self._db.execute("SELECT key, value FROM config").fetchall())
+            if client_level_budget is None and "budget" in stored:
+                client_level_budget = json.loads(stored["budget"])
+            self.budget = client_level_budget
+            self.delta = float(delta)
+            with self._tx():
+                self._db.execute("INSERT OR REPLACE INTO config VALUES ('budget', ?)", (json.dumps(self.budget),))
+                self._db.execute("INSERT OR REPLACE INTO config VALUES ('delta', ?)", (json.dumps(self.delta),))
+        except (sqlite3.DatabaseError, ValueError, LedgerError) as e:
+            if self._db is not None:
+                self._db.close()
+            if isinstance(e, LedgerError):
+                raise
+            raise LedgerError(f"{self.path} is not a readable MoR privacy ledger ({e}); check the path, or restore "
+                              "the file from a backup (a new, empty ledger would forget the epsilon already spent)"
+                              ) from None
+
+    #: columns a ledger's tables must have (older or foreign files are refused on open, not mid-query)
+    _COLUMNS = {"config": frozenset({"key", "value"}),
+                "entries": frozenset({"id", "kind", "unit", "round_id", "model_id", "mechanism", "noise_multiplier",
+                                      "sample_rate", "steps", "delta", "accountant", "epsilon_given", "rho",
+                                      "epsilon_after", "meta", "created"})}
+
+    def _check_schema(self) -> None:
+        """Refuse a damaged SQLite file or another application's database before touching it."""
+        row = self._db.execute("PRAGMA quick_check").fetchone()  # DatabaseError if not SQLite at all
+        if row is None or row[0] != "ok":
+            raise LedgerError(f"{self.path}: SQLite integrity check failed ({row[0] if row else 'no answer'}); the "
+                              "ledger is damaged: restore it from a backup")
+        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        tables.discard("sqlite_sequence")
+        if tables and not tables & set(self._COLUMNS):
+            raise LedgerError(f"{self.path} is another application's SQLite database (tables: "
+                              f"{', '.join(sorted(tables))}), not a MoR privacy ledger; check the path")
+        for t in sorted(tables & set(self._COLUMNS)):
+            cols = {r[1] for r in self._db.execute(f"PRAGMA table_info({t})")}
+            missing = self._COLUMNS[t] - cols
+            if missing:
+                raise LedgerError(f"{self.path}: table {t!r} lacks column(s) {', '.join(sorted(missing))}: not a MoR "
+                                  "privacy ledger (or one of an incompatible version); check the path")
 
     # ------------------------------------------------------------------ plumbing
     class _Tx:

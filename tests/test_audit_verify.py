@@ -166,10 +166,10 @@ def test_cli_verify_exit_codes_and_certificate_pinning(sealed_log, tmp_path, pki
     assert f"FAILED at seq {K}" in capsys.readouterr().out
     assert audit_cli.main(["audit", "verify", str(bad), "--trust-embedded-key", "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["first_bad_seq"] == K
-    with pytest.raises(SystemExit):  # a key source is required
-        audit_cli.main(["audit", "verify", str(good)])
+    assert audit_cli.main(["audit", "verify", str(good)]) == 2  # a key source is required
+    assert "one of the arguments --public-key --trust-embedded-key is required" in capsys.readouterr().err
     assert audit_cli.main(["audit", "verify", str(tmp_path / "missing.jsonl"), "--trust-embedded-key"]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "missing.jsonl: no such file" in capsys.readouterr().err
     # a client's log, pinned by its identity certificate checked against the federation CA
     from privacy import pki
 
@@ -185,3 +185,66 @@ def test_cli_verify_exit_codes_and_certificate_pinning(sealed_log, tmp_path, pki
     assert audit_cli.main(["audit", "verify", str(lp), "--public-key", str(other), "--ca", str(ca)]) == 1
     assert "pinned" in capsys.readouterr().out
     assert read_entries(lp)[0].payload["actor"] == "alice"
+
+
+# ------------------------------------------------------------------ fields outside the hash (issue #14, item 10)
+
+@pytest.mark.parametrize("name,edit,expect", [
+    ("extra top-level field", lambda d: d.update(approved_by="auditor", epsilon_override=0.0), "unknown field"),
+    ("extra field shaped like a real one", lambda d: d.update(payload_v2={"mode": "plain"}), "payload_v2"),
+    ("seq as string", lambda d: d.update(seq=str(d["seq"])), "seq"),
+    ("seq as float", lambda d: d.update(seq=float(d["seq"])), "seq"),
+    ("seq as bool", lambda d: d.update(seq=True), "seq"),
+    ("payload as list", lambda d: d.update(payload=[d["payload"]]), "payload"),
+    ("version as string", lambda d: d.update(v="1"), "'v'"),
+    ("hash as int", lambda d: d.update(hash=7), "hash"),
+    ("sig as list", lambda d: d.update(sig=[d["sig"]]), "sig"),
+    ("prev not hex", lambda d: d.update(prev="zz" * 32), "prev"),
+    ("event unknown", lambda d: d.update(event="rounds"), "event"),
+])
+def test_fields_outside_the_hash_or_of_the_wrong_type_are_rejected(sealed_log, tmp_path, name, edit, expect):
+    L = list(sealed_log)
+    L[K] = _edit(L[K], edit)
+    res = verify_log(_write(tmp_path, L), KEY.public_key())
+    assert not res.ok and res.first_bad_seq == K, (name, res.reason)
+    assert expect in res.reason, (name, res.reason)
+
+
+def test_extra_field_attack_through_the_cli(sealed_log, tmp_path, capsys):
+    """The attack: append a field to an entry of a real signed log; `mor audit verify` must fail naming the entry."""
+    pub = _pub_pem(tmp_path, KEY, "server.pub")
+    L = list(sealed_log)
+    L[K] = L[K].rstrip(b"}\n") + b',"note":"epsilon was really 0"}\n'
+    p = _write(tmp_path, L)
+    assert audit_cli.main(["audit", "verify", str(p), "--public-key", str(pub)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAILED at seq {K}" in out and "'note'" in out
+
+
+@pytest.mark.parametrize("name,mutate,expect", [
+    ("duplicate key: the parser keeps the last one", lambda b: b.replace(b'"actor":"server"',
+                                                                         b'"actor":"evil","actor":"server"', 1),
+     "duplicate key 'actor'"),
+    ("duplicate key inside the payload", lambda b: b.replace(b'"mode":"dp"', b'"mode":"plain","mode":"dp"', 1),
+     "duplicate key 'mode'"),
+    ("re-serialised with spaces", lambda b: json.dumps(json.loads(b)).encode() + b"\n", "canonical"),
+    ("NaN smuggled into the payload", lambda b: b.replace(b'"mode":"dp"', b'"mode":NaN', 1), "NaN"),
+])
+def test_non_canonical_lines_are_rejected(sealed_log, tmp_path, name, mutate, expect):
+    L = list(sealed_log)
+    L[K] = mutate(L[K])
+    assert L[K] != sealed_log[K]
+    res = verify_log(_write(tmp_path, L), KEY.public_key())
+    assert not res.ok and res.first_bad_seq == K and expect in res.reason, (name, res.reason)
+
+
+def test_writer_and_reader_refuse_an_entry_with_an_extra_field(sealed_log, tmp_path):
+    from privacy.audit import AuditError, LogCorruptError
+
+    L = list(sealed_log)
+    L[K] = _edit(L[K], lambda d: d.update(extra="x"))
+    p = _write(tmp_path, L)
+    with pytest.raises(LogCorruptError, match=f"line {K + 1}"):
+        AuditLog(p, signing_key=KEY, actor="server")
+    with pytest.raises(AuditError, match="unknown field"):
+        read_entries(p)

@@ -27,13 +27,14 @@ def test_config_file_errors_name_the_setting(tmp_path):
 
 
 @pytest.mark.parametrize("change,msg", [
-    ({"mode": "secret"}, "mode must be one of"),
+    ({"mode": "secret"}, "mode: must be 'plain', 'secagg' or 'secagg\+dp', got 'secret'"),
     ({"calibration_mode": "secagg"}, "calibration_mode"),
-    ({"clients": []}, "clients is empty"),
+    ({"clients": []}, r"clients: needs at least 1 item"),
     ({"clients": [{"name": "a", "arch": "cnn", "partition": "client0"}] * 2}, "names must be unique"),
     ({"clients": [{"name": "a b", "arch": "cnn", "partition": "client0"}]}, r"clients\[0\].name"),
     ({"clients": [{"name": "a", "arch": "cnn"}]}, r"clients\[0\].partition is missing"),
-    ({"epsilon": -1}, "epsilon must be > 0"),
+    ({"epsilon": -1}, "epsilon: must be greater than 0, got -1"),
+    ({"epsilon": None}, "epsilon: must be a valid number, got None"),
     ({"mode": "secagg", "clients": [{"name": "a", "arch": "cnn", "partition": "client0"}]}, "at least 2 clients"),
 ])
 def test_validate_rejects_bad_settings(change, msg):
@@ -46,4 +47,5 @@ def test_cli_prints_one_line_error(tmp_path):
     cfg.write_text(json.dumps({"mode": "nope"}))
     r = subprocess.run([sys.executable, "-c", "import sys; from mor_server.cli import mor_main; sys.exit(mor_main())",
                         "demo", "--config", str(cfg)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "mode must be one of" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "mode: must be" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and str(cfg) in r.stderr

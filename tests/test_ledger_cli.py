@@ -32,6 +32,8 @@ def test_budget_cli_prints_units_and_refusal_preview(tmp_path, capsys):
 
 
 def test_budget_cli_missing_ledger_is_a_one_line_error(tmp_path, capsys):
-    args = _parse(["--ledger", str(tmp_path / "nope.db")])
-    assert args.func(args) == 2
-    assert "no such ledger file" in capsys.readouterr().err
+    from mor_client.cli import main
+
+    assert main(["budget", "--ledger", str(tmp_path / "nope.db")]) == 2
+    err = capsys.readouterr().err
+    assert "--ledger" in err and "nope.db: no such file" in err and len(err.strip().splitlines()) == 1

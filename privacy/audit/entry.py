@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -186,6 +186,81 @@ def public_key_from_hex(h: str) -> Ed25519PublicKey:
 
 
 BODY_FIELDS = ("v", "seq", "time", "actor", "event", "payload", "payload_digest", "prev")
+#: every field an entry has: the body (hashed) plus its hash and signature. Nothing else is allowed on a line, so
+#: no byte of a valid line is outside what the hash and the signature cover.
+ENTRY_FIELDS = (*BODY_FIELDS, "hash", "sig")
+_HEX = re.compile(r"^[0-9a-f]+$")
+
+
+def _type_name(v: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(v), type(v).__name__)
+
+
+def check_entry_fields(d: Any) -> None:
+    """Schema of one entry: exactly ENTRY_FIELDS, each of its type (AuditError naming the field otherwise)."""
+    if not isinstance(d, dict):
+        raise AuditError(f"an entry must be a JSON object, got {_type_name(d)}")
+    unknown = [k for k in d if k not in ENTRY_FIELDS]
+    if unknown:
+        raise AuditError(f"unknown field(s) {', '.join(repr(k) for k in unknown)}: an entry has exactly "
+                         f"{', '.join(ENTRY_FIELDS)}, all covered by its hash and signature; an added field means "
+                         "the line was altered")
+    missing = [f for f in ENTRY_FIELDS if f not in d]
+    if missing:
+        raise AuditError(f"entry lacks field(s) {', '.join(missing)}")
+
+    def bad(name: str, want: str):
+        v = d[name]
+        shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+        raise AuditError(f"field {name!r} must be {want}, got {_type_name(v)} {shown}")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(d["v"]) or d["v"] != VERSION:
+        bad("v", f"the integer {VERSION} (entry format version)")
+    if not is_int(d["seq"]) or d["seq"] < 0:
+        bad("seq", "an integer >= 0")
+    for name in ("time", "actor"):
+        if not isinstance(d[name], str) or not d[name]:
+            bad(name, "a non-empty string")
+    if not isinstance(d["event"], str) or d["event"] not in EVENTS:
+        bad("event", f"one of {', '.join(EVENTS)}")
+    if not isinstance(d["payload"], dict):
+        bad("payload", "a JSON object")
+    for name, n in (("payload_digest", 64), ("prev", 64), ("hash", 64), ("sig", 128)):
+        v = d[name]
+        if not isinstance(v, str) or len(v) != n or not _HEX.match(v):
+            bad(name, f"{n} lowercase hex digits")
+
+
+def _no_duplicate_keys(pairs):
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise AuditError(f"duplicate key {k!r} in one JSON object (a parser keeps only one of them, so the line "
+                             "could show a verifier something the signature does not cover)")
+        seen[k] = v
+    return seen
+
+
+def _no_constant(name: str):
+    raise AuditError(f"{name} is not valid JSON (canonical JSON has no NaN/Infinity)")
+
+
+def parse_line(data: bytes) -> "AuditEntry":
+    """Parse one log line into an entry, strictly: valid UTF-8 JSON, no duplicate keys, exactly the entry's fields
+    with their types, and byte-for-byte the canonical form its writer signs (raises AuditError saying why)."""
+    try:
+        d = json.loads(data, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise AuditError(f"not JSON ({e})") from None
+    e = AuditEntry.from_dict(d)
+    if e.line() != bytes(data):
+        raise AuditError("the line is not in canonical JSON form (sorted keys, no spaces, UTF-8): it was "
+                         "re-serialised or edited after signing")
+    return e
 
 
 @dataclass(frozen=True)
@@ -202,7 +277,6 @@ class AuditEntry:
     hash: str
     sig: str
     v: int = VERSION
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def body(self) -> dict:
         return {"v": self.v, "seq": self.seq, "time": self.time, "actor": self.actor, "event": self.event,
@@ -220,13 +294,10 @@ class AuditEntry:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AuditEntry":
-        missing = [f for f in (*BODY_FIELDS, "hash", "sig") if f not in d]
-        if missing:
-            raise AuditError(f"entry lacks field(s) {', '.join(missing)}")
-        extra = {k: v for k, v in d.items() if k not in (*BODY_FIELDS, "hash", "sig")}
+        """An entry from its JSON object; AuditError for an unknown or missing field or one of the wrong type."""
+        check_entry_fields(d)
         return cls(seq=d["seq"], time=d["time"], actor=d["actor"], event=d["event"], payload=d["payload"],
-                   payload_digest=d["payload_digest"], prev=d["prev"], hash=d["hash"], sig=d["sig"], v=d["v"],
-                   extra=extra)
+                   payload_digest=d["payload_digest"], prev=d["prev"], hash=d["hash"], sig=d["sig"], v=d["v"])
 
 
 def make_entry(key: Ed25519PrivateKey, *, seq: int, time: str, actor: str, event: str, payload: dict,

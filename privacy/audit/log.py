@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import fcntl
-import json
 import os
 import threading
 from dataclasses import dataclass
@@ -24,7 +23,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import merkle
 from .entry import (EVENTS, FORMAT, GENESIS_PREV, AuditEntry, AuditError, _INTERNAL_EVENTS, canonical, check_payload,
-                    check_sig, entry_hash, make_entry, public_key_from_hex, public_key_hex, sha256_hex, store_form)
+                    check_sig, entry_hash, make_entry, parse_line, public_key_from_hex, public_key_hex, sha256_hex,
+                    store_form)
 
 __all__ = ["AuditLog", "TornTailError", "LogCorruptError", "RawLine", "read_raw_lines", "read_entries"]
 
@@ -72,8 +72,8 @@ def read_entries(path: str | Path) -> list[AuditEntry]:
         if not rl.complete:
             break
         try:
-            entries.append(AuditEntry.from_dict(json.loads(rl.data)))
-        except (ValueError, AuditError) as e:
+            entries.append(parse_line(rl.data))
+        except AuditError as e:
             raise AuditError(f"{path}: line {rl.lineno} is not an audit entry ({e}); run `mor audit verify`") from None
     return entries
 
@@ -169,10 +169,11 @@ class AuditLog:
         entries: list[AuditEntry] = []
         for rl in lines:
             try:
-                entries.append(AuditEntry.from_dict(json.loads(rl.data)))
-            except (ValueError, AuditError) as e:
-                raise LogCorruptError(f"{self.path}: line {rl.lineno} is not a valid audit entry ({e}); run "
-                                      f"`mor audit verify {self.path}` and start a new log file") from None
+                entries.append(parse_line(rl.data))
+            except AuditError as e:
+                raise LogCorruptError(f"{self.path}: line {rl.lineno} (seq {rl.lineno - 1}) is not a valid audit "
+                                      f"entry ({e}); run `mor audit verify {self.path}` and start a new log file"
+                                      ) from None
         if not entries:
             raise LogCorruptError(f"{self.path}: no complete entry (not even the genesis entry); move the file "
                                   "aside and start a new log")

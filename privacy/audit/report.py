@@ -43,17 +43,24 @@ def _first(row: dict, *names, default=None):
 
 def ledger_rows(ledger_path) -> tuple[list[dict], dict]:
     """Read a client's ledger through ``privacy.ledger.PrivacyLedger``: (normalised history rows, summary)."""
+    import sqlite3
+
     try:
-        from privacy.ledger import PrivacyLedger
+        from privacy.ledger import LedgerError, PrivacyLedger
     except ImportError as e:  # the ledger module ships separately
         raise ReportError(f"cannot read ledger {ledger_path}: privacy.ledger is not available ({e})") from None
     p = Path(ledger_path)
     if not p.exists():
         raise FileNotFoundError(f"ledger {p} does not exist")
-    led = PrivacyLedger(p)
+    try:
+        led = PrivacyLedger(p)
+    except LedgerError as e:
+        raise ReportError(f"ledger {p}: {e}") from None
     try:
         hist = list(led.history())
         summary = led.summary()
+    except (sqlite3.DatabaseError, LedgerError, ValueError) as e:
+        raise ReportError(f"ledger {p} cannot be read ({e}); is it a MoR privacy ledger?") from None
     finally:
         close = getattr(led, "close", None)
         if callable(close):

@@ -15,7 +15,6 @@ An *open* log (still written, or crashed before ``close``) ends without a final 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from tqdm.auto import tqdm
 
 from . import merkle
-from .entry import FORMAT, GENESIS_PREV, AuditEntry, AuditError, canonical, check_sig, entry_hash, public_key_hex, \
+from .entry import FORMAT, GENESIS_PREV, AuditError, canonical, check_sig, entry_hash, parse_line, public_key_hex, \
     sha256_hex
 from .log import read_raw_lines
 
@@ -128,12 +127,9 @@ def verify_log(path, public_key: Ed25519PublicKey | None = None, *, allow_open: 
             return fail(k, f"{where} (offset {rl.offset}, {len(rl.data)} bytes) is torn: no trailing newline, the "
                            "last write was interrupted or the file was cut")
         try:
-            d = json.loads(rl.data)
-            if not isinstance(d, dict):
-                raise ValueError("not a JSON object")
-            e = AuditEntry.from_dict(d)
-        except (ValueError, AuditError) as err:
-            return fail(k, f"{where} is not a valid audit entry ({err})")
+            e = parse_line(rl.data)  # exactly the signed fields, typed, canonical bytes: nothing outside the hash
+        except AuditError as err:
+            return fail(k, f"{where} (seq {k}) is not a valid audit entry: {err}")
         if not isinstance(e.seq, int) or e.seq != k:
             how = ("an entry was deleted or entries were reordered" if isinstance(e.seq, int) and e.seq > k
                    else "an entry was inserted, duplicated or reordered")
