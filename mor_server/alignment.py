@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -22,7 +22,8 @@ import numpy as np
 from mor_client.types import ScoringItem
 
 from .answers import AnswerSchema
-from .evaluate import accuracy, accuracy_callback, domain_of, kl_to_reference, plot_report, win_rate, write_report
+from .evaluate import (accuracy, accuracy_callback, domain_of, format_accuracy_table, kl_to_reference, plot_report,
+                       win_rate, write_report)
 from .features import FeatureExtractor
 from .grpo import GRPOMetrics, GRPORunConfig, make_prompt_dataset, run_grpo
 from .policy import (SFTConfig, TinyLlavaConfig, load_policy, normalize_answer, save_policy, warm_start_cached)
@@ -191,7 +192,9 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
         save_policy(model, processor, ref_dir)
         warm = {"policy_path": cfg.policy_path, "adapter_path": cfg.adapter_path}
     else:
-        model, processor, warm = warm_start_cached(ref_dir, public, tiny=cfg.tiny, sft=cfg.sft,
+        # the policy's initialisation and SFT follow the run's seed (so do the baselines built beside it)
+        model, processor, warm = warm_start_cached(ref_dir, public, tiny=replace(cfg.tiny, seed=cfg.seed),
+                                                   sft=replace(cfg.sft, seed=cfg.seed),
                                                    progress=cfg.progress)
     timings["warm_start_s"] = time.perf_counter() - t0
     stages.set_postfix_str("warm start done")
@@ -353,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     b, f = rep["accuracy_before"], rep["accuracy_after"]
     print(f"accuracy {b['overall']:.3f} -> {f['overall']:.3f}  " + "  ".join(
         f"{d}: {b['by_domain'][d]:.3f} -> {f['by_domain'].get(d, 0):.3f}" for d in b["by_domain"]))
+    print(format_accuracy_table(f))
     print(f"KL to reference {rep['kl_to_reference']:.3f}; rounds {json.dumps(rep['rounds'])}; "
           f"GRPO {rep['grpo']['seconds']:.0f}s; report {rep['report_path']}")
     return 0

@@ -66,7 +66,7 @@ def accuracy(model, processor, examples: Sequence, *, domain_field: str = "quest
 
 def _entropy_bits(values: Sequence[str]) -> float:
     n = len(values)
-    return float(-sum((c / n) * math.log2(c / n) for c in Counter(values).values())) if n else 0.0
+    return max(0.0, float(-sum((c / n) * math.log2(c / n) for c in Counter(values).values()))) if n else 0.0
 
 
 def answer_diversity(answers: Sequence[str], gold: Sequence[str], *, collapse_share: float = 0.9) -> dict:

@@ -11,6 +11,7 @@ Examples are duck-typed: anything with ``.image`` (PNG bytes or a PIL image), ``
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -361,6 +362,23 @@ def generate_answers(model, processor, items: Sequence, *, batch_size: int = 64,
     return out
 
 
+WARM_START_CODE_VERSION = "2"
+"""Part of the warm-start cache key: bump it whenever the policy builder, tokenizer or SFT code changes what a
+cached reference would contain, so no stale checkpoint is reused."""
+
+
+def examples_digest(examples: Sequence) -> str:
+    """SHA-256 over every example's question, answer and image pixels (order-sensitive): what a cache of a model
+    trained on ``examples`` is keyed by, so another seed's split with the same size never matches."""
+    h = hashlib.sha256()
+    for e in examples:
+        img = to_pil(e.image)
+        for part in (str(e.question).encode(), b"\0", str(e.answer).encode(), b"\0",
+                     f"{img.size[0]}x{img.size[1]}".encode(), img.tobytes()):
+            h.update(part)
+    return h.hexdigest()
+
+
 def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLlavaConfig | None = None,
                       sft: SFTConfig | None = None, progress: bool = True):
     """Build + SFT the tiny policy, or reuse the checkpoint cached in ``cache_dir`` when its settings match.
@@ -370,7 +388,8 @@ def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLl
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
     cache_dir = Path(cache_dir)
-    key = {"tiny": asdict(tiny or TinyLlavaConfig()), "sft": asdict(sft or SFTConfig()), "n": len(examples)}
+    key = {"tiny": asdict(tiny or TinyLlavaConfig()), "sft": asdict(sft or SFTConfig()), "n": len(examples),
+           "data_sha256": examples_digest(examples), "code": WARM_START_CODE_VERSION}
     meta = cache_dir / "warm_start.json"
     try:
         cached = json.loads(meta.read_text()) if meta.is_file() else None

@@ -113,3 +113,18 @@ def test_evaluation_decodes_like_grpo_sampling_never_an_image_token(data):
         hook.remove()
     assert int(raw[0, -1]) == image_id  # unconstrained decoding would answer with the image token
     assert answers == ["red"] * len(examples)  # ours never does: it answers with the best real token
+
+
+def test_warm_start_cache_is_keyed_by_the_data_not_its_size(data, tmp_path):
+    """Two public splits of the same size (another seed's) must not share a cached reference."""
+    from mor_server.policy import examples_digest, warm_start_cached
+
+    train, _ = data
+    a, b = train[:16], train[16:32]
+    assert examples_digest(a) != examples_digest(b) and examples_digest(a) == examples_digest(list(a))
+    sft = SFTConfig(steps=1, batch_size=8)
+    _, _, first = warm_start_cached(tmp_path / "ref", a, tiny=SMALL, sft=sft, progress=False)
+    _, _, again = warm_start_cached(tmp_path / "ref", a, tiny=SMALL, sft=sft, progress=False)
+    _, _, other = warm_start_cached(tmp_path / "ref", b, tiny=SMALL, sft=sft, progress=False)
+    assert first["cached"] is False and again["cached"] is True
+    assert other["cached"] is False  # same size, different examples: trained again, not reused
