@@ -452,3 +452,16 @@ def test_import_is_torch_free():
             "bad = [m for m in ('torch', 'opacus') if m in sys.modules]; assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_in_secagg_dp_the_noise_not_the_weights_protects_an_isolated_client(tmp_path):
+    """secagg+dp: the ε of the ledger holds whatever the others' weights (noise calibrated to weight_cap), so tiny
+    peer weights are accepted there; the same weights are refused in plain secagg (test above)."""
+    from privacy.ledger import PrivacyLedger
+
+    inputs = _inputs(3, 4, seed=7)
+    ledgers = {c: PrivacyLedger(tmp_path / f"{c}.db", client_level_budget=1e6) for c in inputs}
+    res, st_ = run_secagg_round(inputs, weights=[1.0, 1e-9, 1e-9], frac_bits=8, dp_sigma=50.0, dp_min_survivors=3,
+                                client_kwargs={c: {"ledger": ledgers[c]} for c in inputs})
+    assert res.ok, st_.client_errors
+    assert all(len(L.history("client")) == 1 for L in ledgers.values())

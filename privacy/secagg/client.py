@@ -13,8 +13,9 @@ The client multiplies its scores by its routing weight(s) from the config (scala
 fixed point, adds its discrete-Gaussian share of noise in ``secagg+dp`` mode, and masks them. It refuses
 (``WeightIsolationError``) weights above ``max_weight`` or fewer than ``min_contributors`` *effective*
 contributors on an item it contributes to (a client counts only if its weight on that item is at least
-``min_weight_grid_steps`` fixed-point steps and at least ``min_weight_fraction`` of this client's own weight), both
-at setup and again against the final survivor set. It refuses a round whose signed config tolerates fewer
+``min_weight_grid_steps`` fixed-point steps and at least ``min_weight_fraction`` of this client's own weight; in
+``secagg+dp``, where the noise covers an isolated client, any non-zero weight counts), both at setup and again
+against the final survivor set. It refuses a round whose signed config tolerates fewer
 colluders than ``min_collusion_tolerance`` or whose threshold does not resist the colluders it names
 (``2t > degree + 1 + c``). With a ``query_audit`` it refuses a round id it has seen before and, in plain
 ``secagg``, a sum over an item it already helped sum with another cohort or other weights. Every stage is
@@ -180,6 +181,10 @@ class SecAggClient:
         # a peer is an effective contributor on an item only if its weight moves the sum by several fixed-point
         # steps and is not negligible next to this client's own weight (else the sum is ~ this client's score)
         floor = np.maximum(self.min_weight_grid_steps * 2.0 ** -self.cfg.frac_bits, self.min_weight_fraction * row)
+        if self.cfg.dp_sigma > 0:
+            # secagg+dp: the sum carries noise calibrated to weight_cap whatever the others' weights, so the ledger's
+            # epsilon covers an isolated client too; a peer counts with any non-zero weight (as before)
+            floor = np.full(row.shape, np.finfo(np.float64).tiny)
         others = [self._index[c] for c in present if c != self.client_id]
         eff = 1 + np.count_nonzero(self._w[others] >= floor, axis=0) if others else np.ones(row.size, dtype=int)
         worst = int(np.argmin(np.where(mine, eff, np.iinfo(np.int64).max)))
