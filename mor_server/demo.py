@@ -44,7 +44,7 @@ DEFAULT_CLIENTS = (
 )
 MODES = ("plain", "secagg", "secagg+dp")
 #: keys of DemoConfig.alignment (AlignmentConfig fields, plus sft_steps for the warm start's SFTConfig.steps)
-ALIGNMENT_OVERRIDES = ("eval_size", "curve_size", "curve_every", "sft_steps", "router_steps")
+ALIGNMENT_OVERRIDES = ("eval_size", "curve_size", "curve_every", "sft_steps", "router_steps", "heldout_pairs")
 #: GRPO settings of the demo (on top of GRPORunConfig's defaults): 400 steps at lr 3e-4 and beta 0.05 (measured
 #: over 3 seeds, docs/alignment.md); at lr 1e-3 / beta 0.02 runs of 400 steps collapsed to one answer per type.
 #: A checkpoint every 20 steps (two kept): a run that dies loses at most 19 steps (a rerun resumes from the newest).
@@ -103,6 +103,7 @@ class ClientSpec(TypedDict):
     max_pairs: NotRequired[_PosInt]
     epochs: NotRequired[_PosInt]
     batch_size: NotRequired[_PosInt]
+    pretrain_epochs: NotRequired[Annotated[int, Field(ge=0, strict=True)]]
 
 
 @dataclass
@@ -144,7 +145,8 @@ class DemoConfig:
     alignment: dict = field(default_factory=dict)
     """Overrides of the alignment engine's evaluation and warm-start sizes, for quick runs and tests: any of
     eval_size (test examples for before/after accuracy, default 600), curve_size (120; 0: no accuracy curve),
-    curve_every (20), sft_steps (warm-start steps, 50) and router_steps (300)."""
+    curve_every (20), sft_steps (warm-start steps, 50), router_steps (300) and heldout_pairs (held-out pairs per
+    client for the policy's win rates; default all)."""
     fresh: Annotated[bool, Field(strict=True)] = False
     """Retrain reward models and the warm start even when cached ones match."""
 
@@ -248,7 +250,7 @@ def alignment_overrides(cfg: DemoConfig) -> dict:
     if bad:
         raise ValueError(f"alignment: unknown setting(s) {bad}; known: {list(ALIGNMENT_OVERRIDES)}")
     for k, v in extra.items():
-        low = 0 if k in ("eval_size", "curve_size") else 1
+        low = 0 if k in ("eval_size", "curve_size", "heldout_pairs") else 1
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ValueError(f"alignment.{k} must be a whole number >= {low}, got {v!r}")
     return dict(extra)
@@ -299,7 +301,9 @@ def train_clients(cfg: DemoConfig, work: Path) -> dict[str, dict]:
             (staged / ".demo-key").write_text(key)
             replace_dir(staged, model)
             print(f"    {c['name']}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
-        cards[c["name"]] = json.loads((model / "card.json").read_text())
+        from mor_client.rewards.store import read_card
+
+        cards[c["name"]] = read_card(model)  # a corrupt card.json: a ValueError naming the file
     return cards
 
 
@@ -340,6 +344,18 @@ class DemoInterrupted(Exception):
         where = (f"GRPO stopped at step {step} with {Path(checkpoint).name} saved; " if checkpoint else "")
         super().__init__(f"interrupted by {name}: {where}clients and server stopped; rerun the same command to "
                          f"resume")
+
+
+def _close_progress_bars() -> None:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # a bar of a half-torn-down stage: nothing to redraw
+            pass
 
 
 def _lock_workdir(work: Path):
@@ -420,6 +436,9 @@ def align(cfg: DemoConfig, work: Path, backend, server, *, cards: dict | None = 
     from .policy import SFTConfig
 
     extra = alignment_overrides(cfg)
+    if "heldout_pairs" in extra:
+        n = extra.pop("heldout_pairs")
+        heldout = {c: list(p)[:n] for c, p in heldout.items()}
     if "sft_steps" in extra:
         extra["sft"] = SFTConfig(steps=extra.pop("sft_steps"))
     acfg = AlignmentConfig(**extra, work_dir=str(work / "alignment"),
@@ -568,6 +587,10 @@ def print_summary(report: dict, out: Path) -> None:
     print(f"{'easy-vqa test accuracy':<24}{'reference':>10}{'aligned':>10}{'change':>9}")
     for k, b, a in rows:
         print(f"{k:<24}{100 * b:>9.1f}%{100 * a:>9.1f}%{100 * (a - b):>+8.1f}")
+    if after.get("diversity"):
+        from .evaluate import format_accuracy_table
+        print("aligned policy's answers per domain (accuracy next to what always giving the commonest answer scores):")
+        print(format_accuracy_table(after))
     print(f"KL(aligned || reference): {al['kl_to_reference']:.4f}")
     print(f"\n{'client':<18}{'arch':<7}{'heldout acc':>12}{'ε example (pair)':>18}{'ε client':>10}")
     for name, card in report["cards"].items():
@@ -616,6 +639,7 @@ def _demo_cmd(args: argparse.Namespace) -> int:
     try:
         run_demo(cfg)
     except DemoInterrupted as e:
+        _close_progress_bars()  # before the message, so no bar is redrawn after it at exit
         print(f"mor demo: {e}", file=sys.stderr, flush=True)
         return 128 + e.signum
     return 0
