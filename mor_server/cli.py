@@ -43,7 +43,14 @@ def _add_pki(sub) -> None:
     rev = ps.add_parser("revoke", help="revoke every certificate issued to a client (a running server picks it up)")
     rev.add_argument("name", help="the client name whose certificates are revoked")
     rev.add_argument("--dir", type=dir_path, default="pki", help="PKI folder made by `mor-server pki init`")
+    rev.add_argument("--days", type=positive_float, default=pki.CRL_DAYS,
+                     help="validity of the re-signed CRL in days (its next_update)")
     rev.set_defaults(func=_pki_revoke)
+    crl = ps.add_parser("crl-refresh", help="re-sign the CRL with a new next_update (a server refuses every client "
+                                            "once its CRL's next_update has passed)")
+    crl.add_argument("--dir", type=dir_path, default="pki", help="PKI folder made by `mor-server pki init`")
+    crl.add_argument("--days", type=positive_float, default=pki.CRL_DAYS, help="validity of the CRL in days")
+    crl.set_defaults(func=_pki_crl_refresh)
     _add_membership(ps)
 
 
@@ -82,8 +89,17 @@ def _read_file(path: Path, flag: str) -> bytes:
 
 
 def _pki_revoke(args) -> int:
-    serials = pki.revoke(args.dir, args.name)
-    print(f"revoked {len(serials)} certificate(s) of {args.name}: " + ", ".join(f"{s:x}" for s in serials))
+    serials = pki.revoke(args.dir, args.name, days=args.days)
+    print(f"revoked {len(serials)} certificate(s) of {args.name}: " + ", ".join(f"{s:x}" for s in serials)
+          + f"; CRL {pki.crl_path(args.dir)} re-signed (a running server ends their sessions within its "
+          "crl_check_interval_s, 2 s by default)")
+    return 0
+
+
+def _pki_crl_refresh(args) -> int:
+    crl = pki.refresh_crl(args.dir, days=args.days)
+    print(f"CRL {pki.crl_path(args.dir)} re-signed: {len(crl.revoked)} revoked certificate(s), valid until "
+          f"{crl.next_update:%Y-%m-%d %H:%M}Z")
     return 0
 
 

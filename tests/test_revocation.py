@@ -196,3 +196,20 @@ def test_secagg_peers_are_checked_against_the_crl(fresh_pki, tmp_path):
                           secagg=pb.SecAggMessage(round_id="r1", stage="setup", payload=b""))
     asyncio.run(SecAggSession(alice).on_task(task, [], FakeClient(), Q()))
     assert sent and "no CRL" in sent[0].refusal.reason
+
+
+def test_cli_revoke_and_crl_refresh(fresh_pki, capsys):
+    from mor_server.cli import server_main
+
+    ca = pki.CA.load(fresh_pki).cert
+    assert server_main(["pki", "revoke", "mallory", "--dir", str(fresh_pki)]) == 0
+    assert "re-signed" in capsys.readouterr().out
+    assert len(pki.read_crl(pki.crl_path(fresh_pki), ca).revoked) == 2
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3)
+    pki.write_crl(fresh_pki, pki.CA.load(fresh_pki), pki.load_crl(pki.crl_path(fresh_pki), ca), now=past, days=1)
+    assert pki.read_crl(pki.crl_path(fresh_pki), ca).stale()
+    assert server_main(["pki", "crl-refresh", "--dir", str(fresh_pki), "--days", "7"]) == 0
+    crl = pki.read_crl(pki.crl_path(fresh_pki), ca)
+    assert not crl.stale() and len(crl.revoked) == 2, "a refresh keeps every revocation"
+    assert dt.timedelta(days=6.9) < crl.next_update - dt.datetime.now(dt.timezone.utc) < dt.timedelta(days=7.1)
+    assert server_main(["pki", "crl-refresh", "--dir", str(fresh_pki), "--days", "0"]) == 2
