@@ -34,7 +34,11 @@ log = logging.getLogger("mor.federated")
 class FederatedBackend:
     def __init__(self, server: ServerThread, *, calibration_mode: str = "plain", mix_mode: str = "plain",
                  timeout: float = 60.0, min_clients: int = 1, dp_clip: float = 1.0,
-                 dp_noise_multiplier: float = 1.0, secagg_options: dict | None = None):
+                 dp_noise_multiplier: float = 1.0, secagg_options: dict | None = None,
+                 isolation_floor: bool = True):
+        """isolation_floor: in plain ``secagg``, mix an item's routing weights with uniform by the smallest amount
+        that the clients' default isolation rule accepts (``privacy.secagg.weights.floor_for_isolation``);
+        otherwise a sharp router makes clients refuse the round."""
         if calibration_mode not in ("plain", "dp"):
             raise ValueError(f"calibration_mode must be 'plain' or 'dp', got {calibration_mode!r}")
         if mix_mode not in ("plain", "dp", "secagg", "secagg+dp"):
@@ -46,6 +50,7 @@ class FederatedBackend:
         self.timeout, self.min_clients = timeout, min_clients
         self.dp_clip, self.dp_noise_multiplier = dp_clip, dp_noise_multiplier
         self.secagg_options = dict(secagg_options or {})
+        self.isolation_floor = bool(isolation_floor)
         self.rounds = {"ok": 0, "failed": 0, "cancelled": 0}
         self.last_outcome = None
 
@@ -89,6 +94,11 @@ class FederatedBackend:
             if w.shape != (len(items),):
                 raise ValueError(f"weights[{c!r}] has shape {w.shape}; expected one weight per item ({len(items)})")
         sizes = [len(it.candidates) for it in items]
+        if self.mix_mode == "secagg" and self.isolation_floor:  # the exact sum must not isolate a client
+            from privacy.secagg.weights import floor_for_isolation
+
+            M = floor_for_isolation(np.stack([W[c] for c in live]))
+            W = {c: M[i] for i, c in enumerate(live)}
         if self.mix_mode in ("secagg", "secagg+dp"):
             out = self._round(items, self.mix_mode, participants=live, weights={c: W[c].tolist() for c in live})
             total = np.asarray(out.reports["sum"], dtype=np.float64)

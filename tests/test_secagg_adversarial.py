@@ -465,3 +465,27 @@ def test_in_secagg_dp_the_noise_not_the_weights_protects_an_isolated_client(tmp_
                                 client_kwargs={c: {"ledger": ledgers[c]} for c in inputs})
     assert res.ok, st_.client_errors
     assert all(len(L.history("client")) == 1 for L in ledgers.values())
+
+
+@settings(max_examples=25, deadline=None)
+@given(k=st.integers(2, 6), n=st.integers(1, 8), sharp=st.floats(0.0, 12.0), seed=st.integers(0, 1000))
+def test_property_isolation_floor_makes_honest_weights_acceptable(k, n, sharp, seed):
+    """The honest server's floor (FederatedBackend, plain secagg) yields weights every client's default rule
+    accepts, keeps each item's total, and leaves acceptable items untouched."""
+    from privacy.secagg.weights import floor_for_isolation
+
+    rng = np.random.default_rng(seed)
+    lg = rng.normal(size=(k, n)) * sharp
+    w = np.exp(lg - lg.max(axis=0))
+    w /= w.sum(axis=0)
+    f = floor_for_isolation(w)
+    np.testing.assert_allclose(f.sum(axis=0), w.sum(axis=0), rtol=1e-12)
+    for j in range(n):
+        col, top = f[:, j], f[:, j].max()
+        assert np.sort(col)[-2] >= 0.1 * top  # the top client sees at least one effective peer
+        srt = np.sort(w[:, j])
+        if srt[-2] >= (0.1 + 1e-3) * srt[-1]:
+            np.testing.assert_array_equal(f[:, j], w[:, j])
+    inputs = {f"c{i}": rng.uniform(-1, 1, n) for i in range(k)}
+    res, st_ = run_secagg_round(inputs, weights=f)  # per-item weights, default client policy
+    assert res.ok, st_.client_errors
