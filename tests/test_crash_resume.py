@@ -219,14 +219,15 @@ def _ledger_rounds(path: Path) -> list[tuple[str, str]]:
 @pytest.mark.timeout(600)
 def test_killed_demo_leaves_nothing_behind_and_resumes(tmp_path):
     work = tmp_path / "demo"
-    cfg = {"workdir": str(work), "seed": 0, "mode": "secagg+dp", "calibration_mode": "dp",
+    # w_format 0: every completion is sent to the clients, so every GRPO step is a charged secagg+dp round
+    cfg = {"workdir": str(work), "seed": 0, "mode": "secagg+dp", "calibration_mode": "dp", "w_format": 0.0,
            "client_budget": 1000, "dp_noise_multiplier": 4.0,
            "clients": [{"name": "a-color", "arch": "cnn", "partition": "client0", "max_pairs": 48, "epochs": 1,
                         "pretrain_epochs": 0},
                        {"name": "b-shape", "arch": "cnn", "partition": "client1", "max_pairs": 48, "epochs": 1,
                         "pretrain_epochs": 0}],
            "grpo": {"max_steps": 8, "save_steps": 2, "prompts_per_step": 2, "num_generations": 2},
-           "alignment": {"eval_size": 12, "curve_size": 0, "sft_steps": 2, "router_steps": 20}}
+           "alignment": {"eval_size": 12, "curve_size": 0, "sft_steps": 2, "router_steps": 20, "heldout_pairs": 0}}
     cfg_path = tmp_path / "run.json"
     cfg_path.write_text(json.dumps(cfg))
     grpo = work / "alignment" / "grpo"
