@@ -48,6 +48,9 @@ from .rounds import ReportRejected, Round, RoundBook, RoundCancelled, RoundOutco
 log = logging.getLogger("mor.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Federation"].full_name
 MiB = 1 << 20
+AUDIT_MAX_INLINE = 64 * 1024
+"""The server's audit entries hold no scores, only ids, counts and digests: keep them inline up to 64 KiB (the
+default 2 KiB elided a whole round entry, round id included, once a round had ~150 participants)."""
 
 
 @dataclass
@@ -183,7 +186,7 @@ class FederationServer(pb_grpc.FederationServicer):
             from privacy.audit import AuditLog
 
             cfg.audit = AuditLog(cfg.audit_path, signing_key=pki.load_identity_key(
-                Path(cfg.pki_dir) / "server" / "identity.key"), actor="server")
+                Path(cfg.pki_dir) / "server" / "identity.key"), actor="server", max_inline=AUDIT_MAX_INLINE)
             self._owns_audit = True
         await self._server.start()
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

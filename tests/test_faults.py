@@ -143,3 +143,51 @@ def test_client_that_does_not_read_is_disconnected_others_unaffected(pki_dir, pn
                 assert "not reading" in e.value.details() or "did not read" in e.value.details()
             assert (await server.run_round(make_items(png_bytes), participants=["alice"], timeout=5)).ok
     asyncio.run(main())
+
+
+def test_cancelled_secagg_dp_round_is_never_charged(pki_dir, png_bytes, tmp_path):
+    """secagg+dp: the caller abandons the round while it waits for a slow client at its first stage. The round is
+    cancelled on the server, every client drops it, and no ledger is charged, even after the slow client answers:
+    rounds started 2, cancelled 2, charged 0 (before the fix the abandoned rounds ran on and charged everyone)."""
+    from mor_client import ReleasePolicy
+    from mor_client.secagg_session import SecAggSession
+    from privacy.ledger import PrivacyLedger
+
+    names = ("alice", "bob", "carol")
+    modes = ("secagg", "secagg+dp")
+    srv = ServerThread(ServerConfig(pki_dir=pki_dir))
+    srv.start()
+    ledgers = {n: PrivacyLedger(tmp_path / f"{n}.sqlite", client_level_budget=1e6) for n in names}
+    clients, threads = [], []
+    for n in names:
+        creds = ClientCredentials.from_dir(pki_dir / "clients" / n)
+        clients.append(FederationClient(
+            f"localhost:{srv.port}", creds, LengthScorer(delay=1.5 if n == "carol" else 0.0),
+            card={**CARD, "supported_modes": list(modes)}, policy=ReleasePolicy(modes, ledger=ledgers[n]),
+            secagg_handler=SecAggSession(creds, ledger=ledgers[n])))
+        threads.append(ClientThread(clients[-1]).start())
+    try:
+        srv.wait_for_clients(3, timeout=20)
+        items = make_items(png_bytes, n=2)
+        for _ in range(2):
+            with pytest.raises(TimeoutError):
+                srv.call(srv.server.run_secagg_round(items, mode="secagg+dp", weights={n: [1 / 3] * 2 for n in names},
+                                                     timeout=20, dp_noise_multiplier=1.0, value_range=8.0), 0.5)
+        time.sleep(3.0)   # long enough for the slow client to answer: nothing may move on
+        m = srv.server.metrics
+        assert m.value("mor_rounds_started_total", {"mode": "secagg+dp"}) == 2
+        assert m.value("mor_rounds_cancelled_total", {"mode": "secagg+dp"}) == 2
+        assert srv.server.book.open == {}
+        assert {n: len(L.history("client")) for n, L in ledgers.items()} == {n: 0 for n in names}
+        assert all(c.secagg_handler._rounds == {} for c in clients)
+        # the federation still works: a round that is not abandoned completes and is charged once per client
+        out = srv.run_secagg_round(items, mode="secagg+dp", weights={n: [1 / 3] * 2 for n in names}, timeout=20,
+                                   dp_noise_multiplier=1.0, value_range=8.0)
+        assert out.ok, out.reason
+        assert {n: len(L.history("client")) for n, L in ledgers.items()} == {n: 1 for n in names}
+    finally:
+        for t in threads:
+            t.stop()
+        srv.stop()
+        for L in ledgers.values():
+            L.close()
