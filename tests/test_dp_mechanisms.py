@@ -32,15 +32,45 @@ def test_discrete_gaussian_has_calibrated_variance_and_mean():
 def test_discrete_gaussian_pmf_matches_exact_pmf():
     rng = np.random.default_rng(7)
     sigma = 1.5
-    z = dp.discrete_gaussian(sigma, 40_000, rng)
-    support = np.arange(-8, 9)
-    w = np.exp(-support ** 2 / (2 * sigma ** 2))
-    expected = w / w.sum() * len(z)
-    observed = np.array([(z == k).sum() for k in support])
-    assert observed.sum() == len(z)  # no mass beyond 8 sigma/1.5 in 40k draws
-    keep = expected > 5
-    chi2 = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
-    assert chi2 < stats.chi2.ppf(0.999, keep.sum() - 1)
+    vectorised = dp.discrete_gaussian(sigma, 40_000, rng)                                       # numpy proposals
+    per_sample = np.concatenate([dp.discrete_gaussian(sigma, 200, rng) for _ in range(100)])   # pure-Python path
+    for z in (vectorised, per_sample):
+        support = np.arange(-8, 9)
+        w = np.exp(-support ** 2 / (2 * sigma ** 2))
+        expected = w / w.sum() * len(z)
+        observed = np.array([(z == k).sum() for k in support])
+        assert observed.sum() == len(z)  # no mass beyond 8 sigma/1.5 in 40k draws
+        keep = expected > 5
+        chi2 = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+        assert chi2 < stats.chi2.ppf(0.999, keep.sum() - 1)
+
+
+class _Words:
+    """A byte source that yields the given 64-bit words, then zeros."""
+
+    def __init__(self, *words):
+        self.buf = b"".join(int(w).to_bytes(8, "little") for w in words)
+
+    def bytes(self, n):
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out + b"\0" * (n - len(out))
+
+
+def test_exact_bernoulli_compares_bits_lazily():
+    """Bernoulli(p/q) reads 64 bits of a uniform U and decides U < p/q; a tie on those bits (w == floor(p 2^64/q))
+    defers to the next bits with the remainder, so the decision is exact, never rounded."""
+    f, r = divmod(1 << 64, 3)   # p/q = 1/3: f = 0x5555...5, r = 1
+    assert dp._bernoulli(dp._IntSource(_Words(f - 1)), 1, 3) is True
+    assert dp._bernoulli(dp._IntSource(_Words(f + 1)), 1, 3) is False
+    assert dp._bernoulli(dp._IntSource(_Words(f, f - 1)), 1, 3) is True    # tie, then U' < r/q
+    assert dp._bernoulli(dp._IntSource(_Words(f, f + 1)), 1, 3) is False
+    assert dp._bernoulli(dp._IntSource(_Words(2 ** 64 - 1)), 5, 5) is True   # p/q = 1: always
+    assert dp._bernoulli(dp._IntSource(_Words(0)), 0, 5) is False            # p/q = 0: never
+    # uniform integers below n are exactly uniform (rejection, no modulo bias)
+    src = dp._IntSource(np.random.default_rng(2))
+    draws = np.array([src.below(6) for _ in range(30_000)])
+    counts = np.bincount(draws, minlength=6)
+    assert draws.max() == 5 and stats.chisquare(counts).pvalue > 1e-4
 
 
 def test_bernoulli_exp_matches_exp_minus_gamma_for_rational_gamma():
@@ -58,16 +88,17 @@ def test_bernoulli_exp_matches_exp_minus_gamma_for_rational_gamma():
 
 
 def test_discrete_laplace_proposal_pmf():
-    src = dp._IntSource(np.random.default_rng(11))
+    rng = np.random.default_rng(11)
+    src = dp._IntSource(rng)
     t, n = 3, 30_000
-    z = np.array([dp._discrete_laplace(src, t) for _ in range(n)])
-    support = np.arange(-12, 13)
-    w = np.exp(-np.abs(support) / t)
-    expected = w / (w.sum() + 2 * np.exp(-13 / t) / (1 - np.exp(-1 / t))) * n
-    observed = np.array([(z == k).sum() for k in support])
-    keep = expected > 5
-    chi2 = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
-    assert chi2 < stats.chi2.ppf(0.999, keep.sum() - 1)
+    for z in (np.array([dp._discrete_laplace(src, t) for _ in range(n)]), dp._discrete_laplace_vec(rng, t, n)):
+        support = np.arange(-12, 13)
+        w = np.exp(-np.abs(support) / t)
+        expected = w / (w.sum() + 2 * np.exp(-13 / t) / (1 - np.exp(-1 / t))) * n
+        observed = np.array([(z == k).sum() for k in support])
+        keep = expected > 5
+        chi2 = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+        assert chi2 < stats.chi2.ppf(0.999, keep.sum() - 1)
 
 
 def test_sampler_uses_integer_arithmetic_only(monkeypatch):
@@ -81,8 +112,9 @@ def test_sampler_uses_integer_arithmetic_only(monkeypatch):
         monkeypatch.setattr(mod, name, boom)
     monkeypatch.setattr(dp.SecureRandom, "random", boom)
     for sigma in (0.7, 3.0, 1e6, 1.5e8):
-        z = dp.discrete_gaussian(sigma, 50, dp.SecureRandom(b"i" * 32))
-        assert z.dtype == np.int64 and z.shape == (50,)
+        for size in (50, 800):  # the per-sample path and the vectorised-proposal path
+            z = dp.discrete_gaussian(sigma, size, dp.SecureRandom(b"i" * 32))
+            assert z.dtype == np.int64 and z.shape == (size,)
     from fractions import Fraction
     assert dp.discrete_gaussian(Fraction(7, 3), 5, dp.SecureRandom(b"j" * 32)).dtype == np.int64
 
@@ -90,8 +122,9 @@ def test_sampler_uses_integer_arithmetic_only(monkeypatch):
 def test_discrete_gaussian_large_sigma_in_grid_units():
     """The product's sigmas are 1e5..1e8 grid units (gaussian_release, secagg+dp): the sample std matches."""
     rng = np.random.default_rng(5)
-    for sigma in (1e5, 1.6e8):
-        z = dp.discrete_gaussian(sigma, 8000, rng)
+    for sigma, z in ((s, draw) for s in (1e5, 1.6e8) for draw in (
+            dp.discrete_gaussian(s, 8000, rng),                                               # vectorised proposals
+            np.concatenate([dp.discrete_gaussian(s, 400, rng) for _ in range(15)]))):      # per-sample path
         se = sigma ** 2 * math.sqrt(2 / len(z))
         assert abs(z.var() - sigma ** 2) < 5 * se
         assert abs(z.mean()) < 5 * sigma / math.sqrt(len(z))
