@@ -549,11 +549,19 @@ def _run_demo_locked(cfg: DemoConfig, work: Path, stop, sigs) -> dict:
         server.stop()
         audit.close()
     _say(5, total, "report")
+    resumed = (result.get("grpo") or {}).get("resumed_from")
+    if resumed:  # the server's counters restarted with this run; ledgers and audit logs span every attempt
+        fed["scope"] = (f"this run only (it resumed GRPO from {Path(resumed).name}); the ledgers, the audit logs and "
+                        "alignment.rounds cover the interrupted runs too")
     report = {"config": asdict(cfg), "cards": cards, "federation": fed, "alignment": result,
-              "clients": _client_privacy(cfg, work), "seconds": time.perf_counter() - t_start}
+              "clients": _client_privacy(cfg, work), "seconds": time.perf_counter() - t_start,
+              "reaped_stale_processes": [{k: r[k] for k in ("pid", "role", "pidfile")} for r in reaped]}
     out = work / "report"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo.json").write_text(json.dumps(report, indent=2, default=str))
+    # atomically (a kill while writing leaves the previous report, not half of one)
+    from .fsutil import atomic_write_text
+
+    atomic_write_text(out / "demo.json", json.dumps(report, indent=2, default=str))
     print_summary(report, out)
     return report
 

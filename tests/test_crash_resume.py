@@ -185,6 +185,39 @@ def test_warm_start_cache_is_swapped_in_whole(tmp_path, monkeypatch):
     assert not (cache / "warm_start.json").exists() and not (cache / "config.json").exists()
 
 
+def test_join_recovers_a_torn_audit_log(tmp_path, pki_dir):
+    """A client killed mid-write leaves a torn last line; `mor-client join` moves it aside, records a signed
+    recovery entry (privacy/audit/log.py) and carries on, instead of dying with TornTailError."""
+    import socket
+
+    from privacy.audit import AuditLog, read_entries
+    from privacy.pki import ClientCredentials
+
+    creds = pki_dir / "clients" / "alice"
+    log = tmp_path / "audit.jsonl"
+    with AuditLog(log, signing_key=ClientCredentials.from_dir(creds).identity_key(), actor="client:alice") as a:
+        a.append("refusal", {"round_id": "r1", "mode": "dp", "code": "X", "reason": "test", "remaining_epsilon": 1.0})
+    size = log.stat().st_size
+    with open(log, "ab") as f:
+        f.write(b'{"actor":"client:alice","event":"release","pay')  # the kill hit mid-write
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there: the client gives up after one attempt
+    r = subprocess.run([sys.executable, "-m", "mor_client.cli", "join", "--server", f"localhost:{port}", "--creds",
+                        str(creds), "--scorer", "fedutil:LengthScorer", "--audit", str(log), "--max-attempts", "1"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
+    assert "TornTailError" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "recovered after an unclean shutdown" in r.stdout, r.stdout + r.stderr
+    events = [e.event for e in read_entries(log)]
+    assert "recovery" in events and events[-1] == "checkpoint"
+    assert (tmp_path / f"audit.jsonl.torn-{size}").read_bytes().startswith(b'{"actor"')
+    from privacy.audit import load_public_key, verify_log
+
+    v = verify_log(log, load_public_key(creds / "identity.crt"))
+    assert v.ok, v
+
+
 # ------------------------------------------------------------------------------------------------ the real demo
 def _demo(cfg_path: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -250,6 +283,12 @@ def test_killed_demo_leaves_nothing_behind_and_resumes(tmp_path):
     assert "a-color: reusing cached cnn reward model" in log2 and "b-shape: training a cnn" in log2
     kids = _kill_and_check_orphans(p, work)
     assert {"a-color-join.pid.json", "b-shape-join.pid.json"} <= set(kids)
+    # as if the kill had hit mid-write: a torn last line in the server's and a client's audit log
+    torn = {}
+    for log in (work / "server-audit.jsonl", work / "clients" / "a-color" / "audit.jsonl"):
+        torn[log] = log.stat().st_size
+        with open(log, "ab") as f:
+            f.write(b'{"actor":"torn-by-the-test","ev')
     calibration = {n: sorted(r for r, m in _ledger_rounds(work / "clients" / n / "ledger.sqlite")
                              if m != "secagg+dp") for n in ("a-color", "b-shape")}
     assert all(calibration.values()), calibration  # the dp calibration round was charged (once per attempt)
@@ -298,3 +337,6 @@ def test_killed_demo_leaves_nothing_behind_and_resumes(tmp_path):
         assert r.returncode == 0, (log, r.stdout, r.stderr)
     server_events = [json.loads(line)["event"] for line in (work / "server-audit.jsonl").read_text().splitlines()]
     assert "recovery" in server_events  # the SIGKILLed runs left the server's log open; reopening recorded it
+    for log, offset in torn.items():  # the torn tails were moved aside (never silently dropped) and recorded
+        assert log.with_name(f"{log.name}.torn-{offset}").read_bytes() == b'{"actor":"torn-by-the-test","ev'
+        assert f'"torn_offset":{offset}' in log.read_text()
