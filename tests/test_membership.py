@@ -344,3 +344,26 @@ def test_membership_over_the_federation_stream(fed, png_bytes):
     assert not bad.ok
     for n in MEMBERS:
         assert "not on the signed roster" in bad.dropped.get(n, ""), bad.dropped
+
+
+def test_mor_client_join_pins_the_roster_from_creds(fed, tmp_path, capsys):
+    """`mor-client join` pins membership-ca.crt + roster.json + membership.crt from --creds (or --roster FILE), warns
+    loudly without them, and refuses to start without them under --require-membership."""
+    import argparse
+
+    from mor_client.cli import UsageError, _pin_membership
+
+    d = fed["dir"]
+    for folder, roster, require in ((d / "creds" / "alice", None, True),
+                                    (d / "creds" / "alice", d / "roster.json", True)):
+        sess = SecAggSession(ClientCredentials.from_dir(folder))
+        _pin_membership(sess, argparse.Namespace(creds=folder, roster=roster, require_membership=require),
+                        sess.credentials)
+        assert sess.membership is not None and "limited to the signed roster" in capsys.readouterr().out
+    pilot = SecAggSession(ClientCredentials.from_dir(d / "sybil"))
+    _pin_membership(pilot, argparse.Namespace(creds=d / "sybil", roster=None, require_membership=False),
+                    pilot.credentials)
+    assert pilot.membership is None and "can mint sybil clients" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="--require-membership"):
+        _pin_membership(pilot, argparse.Namespace(creds=d / "sybil", roster=None, require_membership=True),
+                        pilot.credentials)
