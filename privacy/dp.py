@@ -191,7 +191,8 @@ def _discrete_laplace(src: _IntSource, t: int) -> int:
 
 def _discrete_gaussian_one(src: _IntSource, a: int, b: int, t: int) -> int:
     """One N_Z(0, sigma^2) draw with sigma^2 = a/b (CKS 2020, Alg. 3) with t = floor(sigma) + 1: accept a discrete
-    Laplace proposal y with probability exp(-(|y| - sigma^2/t)^2 / (2 sigma^2)) = exp(-(|y| b t - a)^2 / (2 a b t^2))."""
+    Laplace proposal y with probability exp(-(|y| - sigma^2/t)^2 / (2 sigma^2))
+    = exp(-(|y| b t - a)^2 / (2 a b t^2))."""
     q = 2 * a * b * t * t
     while True:
         y = _discrete_laplace(src, t)
