@@ -69,22 +69,35 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (UsageError, ValueError, OSEr
                                                     TimeoutError)
 
 
-def run_main(prog: str, parse: Callable[[], argparse.Namespace], *, expected: Iterable[type] = ()) -> int:
+def interrupted(prog: str) -> int:
+    """The one line printed after Ctrl-C; returns exit code 130 (128 + SIGINT)."""
+    try:
+        print(f"\n{prog}: interrupted", file=sys.stderr, flush=True)
+    except Exception:  # stderr already gone: nothing left to tell
+        pass
+    return 130
+
+
+def run_main(prog: str, parse: Callable[[], argparse.Namespace], *,
+             expected: Iterable[type] | Callable[[], Iterable[type]] = ()) -> int:
     """Run a CLI: ``parse()`` returns the namespace, whose ``func(args)`` is the command.
 
     Returns the exit code instead of raising SystemExit (so ``main(argv)`` is testable): 0/1 from the command, 2 for
     a usage error (argparse's or an expected exception, one line on stderr), 130 after Ctrl-C (one line).
+    ``expected`` (or a function returning it, called only when an exception arrives, so heavy modules are imported
+    inside the Ctrl-C guard) adds the CLI's own user-error classes to :data:`EXPECTED_ERRORS`.
     """
-    errors = tuple(expected) + EXPECTED_ERRORS
     try:
         args = parse()
         return int(args.func(args) or 0)
     except SystemExit as e:  # argparse (--help, a bad flag) or a command that exits by itself
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted", file=sys.stderr, flush=True)
-        return 130
-    except errors as e:
+        return interrupted(prog)
+    except Exception as e:
+        errors = tuple(expected() if callable(expected) else expected) + EXPECTED_ERRORS
+        if not isinstance(e, errors):
+            raise  # a bug: keep the traceback
         print(f"{prog}: error: {one_line(e) or type(e).__name__}", file=sys.stderr, flush=True)
         return 2
 

@@ -216,9 +216,6 @@ def main(argv: list[str] | None = None) -> int:
     # first of all (before the slow imports of the subcommands): exit with the orchestrator that started us
     # (MOR_PARENT_PID, set by `mor demo`; a no-op when unset)
     watch_parent()
-    from privacy.audit import AuditError
-    from privacy.ledger import LedgerError
-
     def parse():
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -228,7 +225,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--creds is required (or --insecure for local debugging)")
         return args
 
-    return run_main("mor-client", parse, expected=(UsageError, PKIError, ClientError, LedgerError, AuditError))
+    return run_main("mor-client", parse, expected=_expected_errors)
+
+
+def _expected_errors() -> tuple:
+    from privacy.audit import AuditError
+    from privacy.ledger import LedgerError
+
+    return (UsageError, PKIError, ClientError, LedgerError, AuditError)
 
 
 if __name__ == "__main__":

@@ -208,16 +208,19 @@ def _report_impl(args) -> int:
 
 
 def main(argv=None) -> int:  # standalone entry for tests / `python -m mor_server.audit_cli`
-    from privacy.audit import AuditError
-    from privacy.pki import PKIError
-
     def parse():
         parser = ArgumentParser(prog="mor")
         sub = parser.add_subparsers(dest="cmd", required=True)
         register(sub)
         return parser.parse_args(argv)
 
-    return run_main("mor", parse, expected=(AuditError, PKIError))
+    def expected():
+        from privacy.audit import AuditError
+        from privacy.pki import PKIError
+
+        return (AuditError, PKIError)
+
+    return run_main("mor", parse, expected=expected)
 
 
 if __name__ == "__main__":

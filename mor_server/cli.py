@@ -324,8 +324,6 @@ def build_mor_parser() -> argparse.ArgumentParser:
 
 def _dispatch(prog: str, build, argv) -> int:
     """Parse and run; expected errors end as one line with exit code 2, Ctrl-C as one line with 130."""
-    from privacy.audit import AuditError
-    from privacy.ledger import LedgerError
 
     def parse():
         args = build().parse_args(argv)
@@ -333,7 +331,14 @@ def _dispatch(prog: str, build, argv) -> int:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return args
 
-    return run_main(prog, parse, expected=(UsageError, pki.PKIError, AuditError, LedgerError))
+    return run_main(prog, parse, expected=_expected_errors)
+
+
+def _expected_errors() -> tuple:
+    from privacy.audit import AuditError
+    from privacy.ledger import LedgerError
+
+    return (UsageError, pki.PKIError, AuditError, LedgerError)
 
 
 if __name__ == "__main__":

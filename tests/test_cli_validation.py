@@ -408,3 +408,36 @@ def test_help_shows_defaults(capsys):
     rc, out, _ = call(client_cli.main, ["join", "--help"], capsys)
     out = " ".join(out.split())
     assert rc == 0 and "(default: 1e-05)" in out and "(default: None)" not in out and "(default: False)" not in out
+
+
+def test_entry_points_catch_ctrl_c_during_start_up(monkeypatch, capsys):
+    import importlib
+
+    from mor import entry
+
+    def interrupt(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib, "import_module", interrupt)
+    for fn, prog in ((entry.mor, "mor"), (entry.mor_server, "mor-server"), (entry.mor_client, "mor-client")):
+        assert fn() == 130
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert lines == [f"{prog}: interrupted"]
+
+
+@pytest.mark.parametrize("delay", [1.5, 6.0])
+def test_real_sigint_ends_with_one_line_and_130(tmp_path, delay):
+    """SIGINT to a real `mor-client train` (while it imports torch, or while it trains): one line, exit 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = "import sys; from mor.entry import mor_client; sys.exit(mor_client())"
+    p = subprocess.Popen([sys.executable, "-c", code, "train", "--out", str(tmp_path / "m"), "--quiet"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert [ln for ln in err.splitlines() if ln.strip()][-1:] == ["mor-client: interrupted"], err[-2000:]
