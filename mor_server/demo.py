@@ -314,6 +314,7 @@ def setup_pki(cfg: DemoConfig, work: Path) -> Path:
     for c in cfg.clients:
         if not (d / "clients" / c["name"] / "tls.crt").exists():
             pki.issue_client(d, c["name"])
+    pki.refresh_crl(d)  # the demo is its own CA: a reused PKI's CRL must not have gone stale (the server refuses then)
     return d
 
 
