@@ -287,8 +287,8 @@ def run_grpo(model_dir: str | Path, train_dataset, reward_funcs: list, reward_we
     if resume is True:
         ck = latest_checkpoint(cfg.output_dir)
         if ck is None:
-            raise FileNotFoundError(f"run_grpo(resume=True): no complete checkpoint-<step> directory in "
-                                    f"{cfg.output_dir!r}")
+            raise FileNotFoundError(f"run_grpo(resume=True): no checkpoint to resume from (no complete "
+                                    f"checkpoint-<step> directory) in {cfg.output_dir!r}")
     elif resume:
         ck = Path(resume)
         if not checkpoint_complete(ck):
