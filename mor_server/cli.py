@@ -13,8 +13,8 @@ import signal
 import sys
 from pathlib import Path
 
-from mor.cliargs import (ArgumentParser, bind_host, dir_path, existing_dir, existing_file, host_list, non_negative_int,
-                         output_dir, output_file, port, positive_float, positive_int, run_main)
+from mor.cliargs import (ArgumentParser, bind_host, dir_path, existing_dir, existing_file, float_range, host_list,
+                         non_negative_int, output_dir, output_file, port, positive_float, positive_int, run_main)
 from privacy import pki
 
 
@@ -230,8 +230,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--metrics-port", type=port, default=None, help="serve Prometheus /metrics on this port")
     p.add_argument("--insecure", action="store_true",
                    help="DANGER: serve without TLS (identities unauthenticated); local debugging only")
-    p.add_argument("--max-message-mb", type=positive_float, default=16.0,
-                   help="largest gRPC message accepted or sent, in MiB")
+    p.add_argument("--max-message-mb", type=float_range(0, 2047, lo_open=True), default=16.0,
+                   help="largest gRPC message accepted or sent, in MiB (gRPC's limit is 2 GiB)")
     p.add_argument("--rounds", type=non_negative_int, default=0,
                    help="after --min-clients join, run this many scoring rounds on public easy-vqa items and print them")
     p.add_argument("--items", type=positive_int, default=64, help="items per scoring task (with --rounds)")

@@ -183,6 +183,7 @@ def test_corrupt_card_names_its_file(tmp_path, capsys):
     (["serve", "--host", "999.1.1.1"], "--host"),
     (["serve", "--host", "bad host!"], "--host"),
     (["serve", "--max-message-mb", "-1"], "--max-message-mb"),
+    (["serve", "--max-message-mb", "5000"], "--max-message-mb"),
     (["serve", "--port", "70000"], "--port"),
     (["serve", "--metrics-port", "-2"], "--metrics-port"),
     (["serve", "--timeout", "0"], "--timeout"),
