@@ -343,8 +343,8 @@ class DemoInterrupted(Exception):
         self.signum, self.checkpoint, self.step = signum, checkpoint, step
         name = signal.Signals(signum).name
         where = (f"GRPO stopped at step {step} with {Path(checkpoint).name} saved; " if checkpoint else "")
-        super().__init__(f"interrupted by {name}: {where}clients and server stopped; rerun the same command to "
-                         f"resume")
+        super().__init__(f"interrupted by {name}: {where}every process it started is stopped; rerun the same "
+                         f"command to resume")
 
 
 def _close_progress_bars() -> None:

@@ -265,6 +265,18 @@ def test_killed_demo_leaves_nothing_behind_and_resumes(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     grpo = work / "alignment" / "grpo"
 
+    # 0. SIGINT (Ctrl-C) during reward-model training: one line, exit 130, the training process stopped too
+    p = _demo(cfg_path, tmp_path / "run0.log")
+    assert _wait(lambda: (work / "pids" / "a-color-train.pid.json").exists() or p.poll() is not None, 180)
+    assert p.poll() is None, (tmp_path / "run0.log").read_text()[-3000:]
+    kids = _kill_and_check_orphans(p, work, signal.SIGINT)
+    err0 = p.stderr.read().decode()
+    assert p.returncode == 130 and "Traceback" not in err0, err0
+    assert err0.strip().splitlines()[-1].startswith("mor demo: interrupted by SIGINT: every process it started is "
+                                                    "stopped"), err0
+    assert "a-color-train.pid.json" in kids and not _pidfiles(work)
+    assert not (work / "clients" / "a-color" / "model").exists()
+
     # 1. SIGKILL during reward-model training (the second client's `mor-client train` is running)
     p = _demo(cfg_path, tmp_path / "run1.log")
     assert _wait(lambda: (work / "pids" / "b-shape-train.pid.json").exists() or p.poll() is not None, 180), \
