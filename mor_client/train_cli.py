@@ -27,6 +27,13 @@ def _epsilon(text: str) -> float:
     return v
 
 
+def _partition(text: str) -> str:
+    if not (text.startswith("client") and text[len("client"):].isdigit()):
+        raise argparse.ArgumentTypeError(f"expected client0, client1, ... (a client of the federation split), "
+                                         f"got {text!r}")
+    return text
+
+
 def _record_ledger(path: Path, model_id: str, card: dict) -> str:
     try:
         from privacy.ledger import PrivacyLedger  # written by the privacy package
@@ -107,7 +114,8 @@ def register(subparsers) -> None:
     t.add_argument("--epsilon", type=_epsilon, default=8.0, help="target epsilon, or 'inf' for no DP")
     t.add_argument("--delta", type=open_unit_interval, default=None,
                    help="target delta (default: min(1e-5, 1/(10 n)))")
-    t.add_argument("--partition", default="client0", help="which client of the federation split (client0, ...)")
+    t.add_argument("--partition", type=_partition, default="client0",
+                   help="which client of the federation split (client0 .. client<n-clients - 1>)")
     t.add_argument("--scheme", default="by_question_type", choices=("by_question_type", "dirichlet", "iid"),
                    help="how easy-vqa is split over the clients")
     t.add_argument("--n-clients", type=positive_int, default=3, help="clients in the federation split")

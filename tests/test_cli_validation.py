@@ -150,6 +150,7 @@ def test_budget_ledger_that_is_a_directory(tmp_path, capsys):
     (["--max-grad-norm", "-1"], "--max-grad-norm"),
     (["--delta", "1.5"], "--delta"),
     (["--device", "toaster"], "--device"),
+    (["--partition", "hospital"], "--partition"),
 ])
 def test_train_flags_are_validated(monkeypatch, tmp_path, capsys, argv, field):
     import mor_client.rewards as rewards
