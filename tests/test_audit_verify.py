@@ -248,3 +248,17 @@ def test_writer_and_reader_refuse_an_entry_with_an_extra_field(sealed_log, tmp_p
         AuditLog(p, signing_key=KEY, actor="server")
     with pytest.raises(AuditError, match="unknown field"):
         read_entries(p)
+
+
+def test_strict_line_check_accepts_every_payload_the_writer_writes(tmp_path):
+    """The canonical-bytes check must not reject honest logs: non-ASCII, escapes, floats, big ints, reopen."""
+    p = tmp_path / "u.jsonl"
+    payload = {"text": "ε=8 \u2028 \x01 \"q\" \\ 😀", "f": [0.1 + 0.2, 1e-05, 1e300, -0.0, 2 ** 70],
+               "nested": {"b": 1, "a": [None, True, ""]}}
+    with AuditLog(p, signing_key=KEY, actor="server") as log:
+        log.append("note", payload)
+    with AuditLog(p, signing_key=KEY, actor="server") as log:  # the writer reopens (parses every line) and extends
+        log.append("note", {"x": 1})
+    res = verify_log(p, KEY.public_key())
+    assert res.ok and res.n == 5, res.reason
+    assert read_entries(p)[1].payload == payload
