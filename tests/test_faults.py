@@ -162,7 +162,7 @@ def test_cancelled_secagg_dp_round_is_never_charged(pki_dir, png_bytes, tmp_path
     for n in names:
         creds = ClientCredentials.from_dir(pki_dir / "clients" / n)
         clients.append(FederationClient(
-            f"localhost:{srv.port}", creds, LengthScorer(delay=1.5 if n == "carol" else 0.0),
+            f"localhost:{srv.port}", creds, LengthScorer(delay=1.0 if n == "carol" else 0.0),
             card={**CARD, "supported_modes": list(modes)}, policy=ReleasePolicy(modes, ledger=ledgers[n]),
             secagg_handler=SecAggSession(creds, ledger=ledgers[n])))
         threads.append(ClientThread(clients[-1]).start())
@@ -173,7 +173,7 @@ def test_cancelled_secagg_dp_round_is_never_charged(pki_dir, png_bytes, tmp_path
             with pytest.raises(TimeoutError):
                 srv.call(srv.server.run_secagg_round(items, mode="secagg+dp", weights={n: [1 / 3] * 2 for n in names},
                                                      timeout=20, dp_noise_multiplier=1.0, value_range=8.0), 0.5)
-        time.sleep(3.0)   # long enough for the slow client to answer: nothing may move on
+        time.sleep(2.0)   # long enough for the slow client to answer: nothing may move on
         m = srv.server.metrics
         assert m.value("mor_rounds_started_total", {"mode": "secagg+dp"}) == 2
         assert m.value("mor_rounds_cancelled_total", {"mode": "secagg+dp"}) == 2
