@@ -38,10 +38,13 @@ def _wait(pred, timeout: float, every: float = 0.1):
 
 
 # ------------------------------------------------------------------------------------------------ fast pieces
-def test_child_exits_when_its_parent_is_killed(tmp_path):
-    """A `mor-client`-style child armed with MOR_PARENT_PID exits within seconds of its parent's SIGKILL."""
-    child_code = ("import time; from mor_client.parentwatch import watch_parent; "
-                  "assert watch_parent(); print('armed', flush=True); time.sleep(120)")
+@pytest.mark.parametrize("pdeathsig", [True, False], ids=["prctl", "watchdog-only"])
+def test_child_exits_when_its_parent_is_killed(tmp_path, pdeathsig):
+    """A `mor-client`-style child armed with MOR_PARENT_PID exits within seconds of its parent's SIGKILL, through
+    Linux's parent-death signal or, where there is none, the parent-pid watchdog thread alone."""
+    child_code = ("import time; import mor_client.parentwatch as w; "
+                  + ("" if pdeathsig else "w._set_pdeathsig = lambda sig: False; ")
+                  + "assert w.watch_parent(); time.sleep(120)")
     parent_code = ("import os, subprocess, sys, time\n"
                    f"p = subprocess.Popen([sys.executable, '-c', {child_code!r}], "
                    "env={**os.environ, 'MOR_PARENT_PID': str(os.getpid())}, start_new_session=True)\n"
