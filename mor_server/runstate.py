@@ -29,7 +29,7 @@ from .grpo import discard_incomplete_checkpoints, latest_checkpoint
 
 STATE_FILE = "run.json"
 MOR_STATE = "mor_state.json"
-_NOT_SEMANTIC = ("output_dir", "progress", "max_steps", "save_steps", "save_total_limit", "logging_steps")
+_NOT_SEMANTIC = ("output_dir", "progress", "save_steps", "save_total_limit", "logging_steps")
 _CONFIG_FIELDS = ("seed", "objective", "w_mix", "w_format", "w_length", "reward_shaping", "typed_answers", "top_k",
                   "router_hidden", "router_steps", "calibration_purpose", "answer_vocabulary", "policy_path",
                   "adapter_path", "resume_key")
