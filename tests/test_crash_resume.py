@@ -233,12 +233,13 @@ def _pidfiles(work: Path) -> dict[str, dict]:
     return {p.name: read_pidfile(p) for p in (work / "pids").glob("*.pid.json")} if (work / "pids").is_dir() else {}
 
 
-def _kill_and_check_orphans(proc: subprocess.Popen, work: Path, sig=signal.SIGKILL) -> dict[str, dict]:
+def _kill_and_check_orphans(proc: subprocess.Popen, work: Path, sig=signal.SIGKILL, within: float = 8) \
+        -> dict[str, dict]:
     """Kill the demo; every child it recorded must be gone within a few seconds."""
     children = _pidfiles(work)
     proc.send_signal(sig)
     proc.wait(60)
-    gone = _wait(lambda: not any(pid_alive(r["pid"]) for r in children.values() if r), 8)
+    gone = _wait(lambda: not any(pid_alive(r["pid"]) for r in children.values() if r), within)
     alive = {n: r["pid"] for n, r in children.items() if r and pid_alive(r["pid"])}
     for pid in alive.values():  # do not leak them into the rest of the suite
         os.kill(pid, signal.SIGKILL)
@@ -285,7 +286,9 @@ def test_killed_demo_leaves_nothing_behind_and_resumes(tmp_path):
     assert _wait(lambda: (work / "pids" / "b-shape-train.pid.json").exists() or p.poll() is not None, 180), \
         (tmp_path / "run1.log").read_text()[-3000:]
     assert p.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
-    kids = _kill_and_check_orphans(p, work)
+    # the trainer may be killed before it armed its watch: it then exits as soon as it does (after its first
+    # imports, ~1 s; more on a loaded machine)
+    kids = _kill_and_check_orphans(p, work, within=15)
     assert "b-shape-train.pid.json" in kids
     assert (work / "clients" / "a-color" / "model" / "card.json").is_file()
     assert not (work / "clients" / "b-shape" / "model").exists()  # never a half-trained model in the cache
