@@ -29,8 +29,8 @@ from mor.v1 import federation_pb2_grpc as pb_grpc
 from privacy.pki import ClientCredentials
 
 from .release import Release, ReleasePolicy
-from .types import Scorer
-from .wire import PB_TO_MODE, SDK_VERSION, card_to_pb, expected_scores, flatten, items_from_pb
+from .types import ScoreShapeError, Scorer, check_score_shape
+from .wire import PB_TO_MODE, PROTOCOL_REVISION, SDK_VERSION, card_to_pb, flatten, items_from_pb
 
 log = logging.getLogger("mor.client")
 _PERMANENT = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
@@ -114,7 +114,10 @@ class FederationClient:
                 if served:
                     delay, attempts = self.backoff_initial, 0
             except grpc.aio.AioRpcError as e:
-                if e.code() in _PERMANENT:
+                if e.code() in _PERMANENT or (e.code() == grpc.StatusCode.ABORTED
+                                              and "replaced by a newer session" in (e.details() or "")):
+                    log.error("the federation refused this client: %s: %s", e.code().name, e.details())
+                    self.on_event("refused", {"code": e.code().name, "details": e.details()})
                     raise ClientError(f"the federation refused this client: {e.code().name}: {e.details()}") from None
                 if e.code() == grpc.StatusCode.CANCELLED and self._stop.is_set():
                     break
@@ -134,8 +137,11 @@ class FederationClient:
             if self.max_attempts is not None and attempts >= self.max_attempts:
                 raise ClientError(f"could not keep a session with {self.server} after {attempts} attempts")
             self.stats.reconnects += 1
+            wait = random.uniform(0, delay)
+            log.info("retrying in %.1f s (attempt %d)", wait, attempts + 1)
+            self.on_event("retrying", {"in_s": wait, "attempt": attempts + 1})
             try:  # full jitter, interruptible by stop()
-                await asyncio.wait_for(self._stop.wait(), random.uniform(0, delay))
+                await asyncio.wait_for(self._stop.wait(), wait)
             except asyncio.TimeoutError:
                 pass
             delay = min(self.backoff_max, delay * 2)
@@ -163,7 +169,8 @@ class FederationClient:
             resp = await stub.Register(req, metadata=self._metadata(), timeout=15)
             self.client_id = resp.client_id
             send_q: asyncio.Queue = asyncio.Queue()
-            send_q.put_nowait(pb.ClientMessage(hello=pb.Hello(sdk_version=SDK_VERSION)))
+            send_q.put_nowait(pb.ClientMessage(hello=pb.Hello(sdk_version=SDK_VERSION,
+                                                              protocol_revision=PROTOCOL_REVISION)))
 
             async def outgoing():
                 while True:
@@ -182,9 +189,15 @@ class FederationClient:
                     if kind == "welcome":
                         self.stats.sessions += 1
                         self.connected.set()
-                        self.on_event("connected", {"client_id": msg.welcome.client_id})
+                        log.info("connected to %s as %s (session %s, protocol revision %d)", self.server,
+                                 msg.welcome.client_id, msg.welcome.session_id, msg.welcome.protocol_revision or 1)
+                        self.on_event("connected", {"client_id": msg.welcome.client_id,
+                                                    "session_id": msg.welcome.session_id,
+                                                    "protocol_revision": msg.welcome.protocol_revision or 1})
                     elif kind == "task":
                         self.stats.tasks += 1
+                        log.info("task %s received: %s, %d items", msg.task.round_id,
+                                 PB_TO_MODE.get(msg.task.mode, "unspecified"), len(msg.task.items))
                         t = asyncio.create_task(self._handle_task(msg.task, send_q))
                         workers.add(t)
                         by_round[msg.task.round_id] = t
@@ -226,6 +239,12 @@ class FederationClient:
             await self.secagg_handler.on_task(task, items, self, send_q)
             return
         flat = await self.score_items(task.round_id, items, timeout)
+        bound = task.score_bound
+        if not isinstance(flat, Release) and mode == "plain" and bound > 0 and any(abs(v) > bound for v in flat):
+            i = next(i for i, v in enumerate(flat) if abs(v) > bound)
+            flat = Release("refuse", code="OUT_OF_RANGE",
+                           reason=f"local scorer returned {flat[i]:g} at position {i}, outside the task's declared "
+                                  f"range |score| <= {bound:g}")
         if isinstance(flat, Release):
             rel = flat
         else:
@@ -233,6 +252,10 @@ class FederationClient:
                                       clip=task.dp.clip if task.HasField("dp") else 0.0,
                                       noise_multiplier=task.dp.noise_multiplier if task.HasField("dp") else 0.0)
         self.audit_release(task.round_id, mode, rel, n_items=len(items))
+        if rel.kind == "refuse":
+            log.info("task %s refused: %s: %s", task.round_id, rel.code, rel.reason)
+        else:
+            log.info("task %s answered: %s, %d scores", task.round_id, rel.kind, len(rel.scores))
         send_q.put_nowait(self.release_message(task.round_id, rel))
         self.on_event("task", {"round_id": task.round_id, "mode": mode, "items": len(items), "release": rel.kind})
 
@@ -241,10 +264,10 @@ class FederationClient:
         (item-major), or a refusal Release when the scorer is too slow, fails, or returns the wrong number."""
         try:
             scores = await asyncio.wait_for(asyncio.to_thread(self.scorer.score, items), timeout)
-            flat = flatten(scores)
-            if len(flat) != expected_scores(items):
-                raise ValueError(f"scorer returned {len(flat)} scores for {expected_scores(items)} candidates")
-            return flat
+            return flatten(check_score_shape(scores, items))
+        except ScoreShapeError as e:
+            log.error("round %s: %s", round_id, e)
+            return Release("refuse", code="INTERNAL", reason=f"local scorer: {e}"[:400])
         except asyncio.TimeoutError:
             return Release("refuse", code="DEADLINE_EXCEEDED",
                            reason=f"local scoring exceeded the {timeout:.1f}s deadline")

@@ -17,7 +17,41 @@ MODE_TO_PB = {
     "secagg+dp": pb.PRIVACY_MODE_SECAGG_DP,
 }
 PB_TO_MODE = {v: k for k, v in MODE_TO_PB.items()}
-SDK_VERSION = "0.1.0"
+SDK_VERSION = "mor-python/0.1.0"
+"""What this SDK sends as ``RegisterRequest.sdk_version`` / ``Hello.sdk_version``: ``<implementation>/<version>``,
+free text for logs and audit; compatibility is negotiated with :data:`PROTOCOL_REVISION`."""
+PROTOCOL_REVISION = 2
+"""Newest revision of ``mor.v1`` this code speaks (docs/protocol.md, "Versioning"). Revision 1: the original
+contract. Revision 2: ``ScoringTask.score_bound`` (declared score range), Heartbeat echoes, Welcome's revisions."""
+MIN_PROTOCOL_REVISION = 1
+"""Oldest revision the server accepts by default (``ServerConfig.min_protocol_revision`` may raise it)."""
+PRIVACY_UNITS = ("pair", "annotator")
+"""Accepted ``RewardModelCard.privacy_unit`` values (the example-level units of the privacy ledger)."""
+MAX_CARD_JSON_BYTES = 64 * 1024
+
+
+def check_card_pb(card: pb.RewardModelCard) -> tuple[str, str] | None:
+    """Wire-level checks of a card beyond ``registry.validate_card``: ``(field, message)`` of the first problem, or
+    None. ``card_json`` must be empty or a JSON object of at most 64 KiB; ``privacy_unit`` one of
+    :data:`PRIVACY_UNITS`; counts non-negative."""
+    if card.privacy_unit not in PRIVACY_UNITS:
+        return ("card.privacy_unit", f"card.privacy_unit is {card.privacy_unit!r}; use one of {list(PRIVACY_UNITS)} "
+                "(the example-level unit training_epsilon protects)")
+    if card.training_examples < 0:
+        return ("card.training_examples", f"card.training_examples is {card.training_examples}; it must be >= 0")
+    if card.parameter_count < 0:
+        return ("card.parameter_count", f"card.parameter_count is {card.parameter_count}; it must be >= 0")
+    if card.card_json:
+        size = len(card.card_json.encode("utf-8"))
+        if size > MAX_CARD_JSON_BYTES:
+            return ("card.card_json", f"card.card_json has {size} bytes; at most {MAX_CARD_JSON_BYTES} are accepted")
+        try:
+            doc = json.loads(card.card_json)
+        except ValueError as e:
+            return ("card.card_json", f"card.card_json is not valid JSON ({e}); send a JSON object or leave it empty")
+        if not isinstance(doc, dict):
+            return ("card.card_json", f"card.card_json is a JSON {type(doc).__name__}; it must be a JSON object")
+    return None
 
 
 def mode_to_pb(mode: str) -> int:

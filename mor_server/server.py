@@ -32,11 +32,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection_pb2 as _reflection_pb2
 
 from mor.v1 import federation_pb2 as pb
 from mor.v1 import federation_pb2_grpc as pb_grpc
 from mor_client.types import ScoringItem
-from mor_client.wire import SDK_VERSION, card_from_pb, expected_scores, items_to_pb, mode_to_pb, unflatten
+from mor_client.wire import (MIN_PROTOCOL_REVISION, PROTOCOL_REVISION, SDK_VERSION, card_from_pb, check_card_pb,
+                             expected_scores, items_to_pb, mode_to_pb, unflatten)
 from privacy import pki
 # imported here, never inside a round: the first SecAgg round must not pay the import on the event loop
 from privacy.secagg import STAGES as _SECAGG_STAGES  # noqa: F401
@@ -47,6 +49,11 @@ from .rounds import ReportRejected, Round, RoundBook, RoundCancelled, RoundOutco
 
 log = logging.getLogger("mor.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Federation"].full_name
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+"""grpcio-reflection (1.85) registers only ``grpc.reflection.v1alpha``; ``v1`` has the same messages on the wire,
+so the same servicer answers both (tools such as grpcurl and Postman try v1 first)."""
+DP_SCORE_SIGMAS = 20.0
+"""A dp report's scores must lie within clip + 20 sigma (P(|N_Z(0, sigma^2)| > 20 sigma) < 1e-88)."""
 MiB = 1 << 20
 AUDIT_MAX_INLINE = 64 * 1024
 """The server's audit entries hold no scores, only ids, counts and digests: keep them inline up to 64 KiB (the
@@ -95,6 +102,17 @@ class ServerConfig:
     send_timeout_s: float = 30.0
     """Longest time one message may wait for the client's HTTP/2 window; past it the session ends with
     RESOURCE_EXHAUSTED (the client is not reading)."""
+    max_abs_score: float = 1000.0
+    """Declared range of plain-mode scores, sent as ``ScoringTask.score_bound``: a plain report with a score s,
+    |s| > max_abs_score, is rejected with INVALID_ARGUMENT naming the field (so one client cannot outweigh all
+    others with 1e300). Dp tasks declare clip + 20 sigma instead."""
+    min_protocol_revision: int = MIN_PROTOCOL_REVISION
+    """Oldest ``Hello.protocol_revision`` accepted (unset = 1); older clients get FAILED_PRECONDITION."""
+    health_port: int | None = None
+    """Port of a separate PLAINTEXT endpoint serving only ``grpc.health.v1.Health`` (for load balancers and
+    Kubernetes probes, which have no client certificate). None (default) disables it; 0 picks a free port."""
+    health_host: str | None = None
+    """Address of the health endpoint; None uses ``host``."""
 
 
 @dataclass
@@ -116,6 +134,7 @@ class _Pending:
     mode: str
     dp: tuple[float, float] | None = None
     task_digest: str = ""
+    score_bound: float = math.inf
 
 
 class FederationServer(pb_grpc.FederationServicer):
@@ -141,6 +160,8 @@ class FederationServer(pb_grpc.FederationServicer):
         self._online_changed = asyncio.Event()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._owns_audit = False
         self._audit_exec: concurrent.futures.ThreadPoolExecutor | None = None
         self._audit_last: concurrent.futures.Future | None = None
@@ -159,9 +180,15 @@ class FederationServer(pb_grpc.FederationServicer):
         self._server = grpc.aio.server(options=opts)
         pb_grpc.add_FederationServicer_to_server(self, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self._server)
+        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME,
+                 REFLECTION_V1)
+        reflection.enable_server_reflection(names, self._server)
+        refl = reflection.ReflectionServicer(names)
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                refl.ServerReflectionInfo,
+                request_deserializer=_reflection_pb2.ServerReflectionRequest.FromString,
+                response_serializer=_reflection_pb2.ServerReflectionResponse.SerializeToString)}),))
         addr = f"{cfg.host}:{cfg.port}"
         if cfg.insecure:
             log.warning("!!! INSECURE MODE: serving WITHOUT TLS; client identities are NOT authenticated. "
@@ -188,7 +215,18 @@ class FederationServer(pb_grpc.FederationServicer):
             cfg.audit = AuditLog(cfg.audit_path, signing_key=pki.load_identity_key(
                 Path(cfg.pki_dir) / "server" / "identity.key"), actor="server", max_inline=AUDIT_MAX_INLINE)
             self._owns_audit = True
+        if cfg.health_port is not None:  # plaintext, health only: nothing else is reachable without mTLS there
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
+            haddr = f"{cfg.health_host or cfg.host}:{cfg.health_port}"
+            self.health_port = self._health_server.add_insecure_port(haddr)
+            if not self.health_port:
+                raise OSError(f"could not bind the health port {haddr}")
         await self._server.start()
+        if self._health_server is not None:
+            await self._health_server.start()
+            log.info("plaintext health endpoint (grpc.health.v1 only) on %s:%d", cfg.health_host or cfg.host,
+                     self.health_port)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         if cfg.metrics_port is not None:
@@ -212,6 +250,9 @@ class FederationServer(pb_grpc.FederationServicer):
             self._close(conn)
         await self._server.stop(grace)
         self._server = None
+        if self._health_server is not None:
+            await self._health_server.stop(grace)
+            self._health_server = None
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -334,6 +375,9 @@ class FederationServer(pb_grpc.FederationServicer):
         self.metrics.bytes_in.inc(request.ByteSize())
         if not request.HasField("card"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "card is missing: send the reward model's card")
+        problem = check_card_pb(request.card)
+        if problem is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{problem[1]} (field {problem[0]})")
         card = card_from_pb(request.card)
         if any(m.startswith("unknown") for m in card["supported_modes"]) or pb.PRIVACY_MODE_UNSPECIFIED in \
                 request.card.supported_modes:
@@ -362,7 +406,8 @@ class FederationServer(pb_grpc.FederationServicer):
                                          "fingerprint_sha256": cert.fingerprint(hashes.SHA256()).hex()},
                                      "identity_certificate": bool(request.identity_certificate)})
         await self._audit_flush()
-        log.info("registered %s (%s, %d params)", client_id, card["architecture"], card["parameter_count"])
+        log.info("registered %s (%s, %d params, sdk %r)", client_id, card["architecture"], card["parameter_count"],
+                 request.sdk_version[:100])
         resp = pb.RegisterResponse(client_id=client_id, federation_id=self.config.federation_id,
                                    max_items_per_task=self.config.max_items_per_task,
                                    max_message_bytes=self.config.max_message_bytes)
@@ -382,6 +427,13 @@ class FederationServer(pb_grpc.FederationServicer):
         if first.WhichOneof("body") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"the first message of a session must be hello, got {first.WhichOneof('body')}")
+        client_rev = first.hello.protocol_revision or 1
+        if client_rev < self.config.min_protocol_revision:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"hello.protocol_revision is {client_rev} (unset means 1); this server requires mor.v1 "
+                                f"protocol revision {self.config.min_protocol_revision}..{PROTOCOL_REVISION}: "
+                                "upgrade the client (see docs/protocol.md, Versioning)")
+        revision = min(client_rev, PROTOCOL_REVISION)
         serials = set() if cert is None else {cert.serial_number}
         if info.identity_certificate:
             try:
@@ -392,16 +444,22 @@ class FederationServer(pb_grpc.FederationServicer):
                      frozenset(serials), ending=asyncio.get_running_loop().create_future())
         old_sid = self.registry.connect(client_id, conn.session_id, self._clock())
         old = self._conns.get(client_id)
-        if old is not None:  # a reconnect replaces the previous session
-            self._close(old)
-            self._drop_client(client_id, "replaced by a new session")
+        if old is not None:  # a reconnect replaces the previous session, which ends with ABORTED and a reason
+            log.warning("session %s of %s replaced by a newer session %s", old.session_id, client_id,
+                        conn.session_id)
+            self._end_session(old, grpc.StatusCode.ABORTED,
+                              f"replaced by a newer session ({conn.session_id}) of {client_id}: only one session per "
+                              "identity; do not reconnect automatically (another process may hold this identity)",
+                              "replaced by a new session")
         self._conns[client_id] = conn
         self._online_changed_set()
         log.info("session %s opened by %s%s", conn.session_id, client_id, f" (replacing {old_sid})" if old_sid else "")
         reader = asyncio.create_task(self._read_loop(conn, request_iterator))
         try:
             if await self._write(conn, context, pb.ServerMessage(
-                    welcome=pb.Welcome(client_id=client_id, session_id=conn.session_id))):
+                    welcome=pb.Welcome(client_id=client_id, session_id=conn.session_id, protocol_revision=revision,
+                                       min_protocol_revision=self.config.min_protocol_revision,
+                                       max_protocol_revision=PROTOCOL_REVISION))):
                 while not conn.closed:
                     try:
                         msg = conn.queue.get_nowait()
@@ -522,7 +580,8 @@ class FederationServer(pb_grpc.FederationServicer):
     # -- message handling (validation; pure logic lives in rounds.py) ------------------------------------------------
     def _on_message(self, conn: _Conn, msg: pb.ClientMessage) -> pb.Ack | None:
         kind = msg.WhichOneof("body")
-        if kind == "heartbeat":
+        if kind == "heartbeat":  # never acknowledged; echoed with the server's clock (revision 2)
+            self._send_to(conn, pb.ServerMessage(heartbeat=pb.Heartbeat(unix_ms=int(time.time() * 1000))))
             return None
         if kind == "report":
             return self._on_report(conn.client_id, msg.report)
@@ -559,6 +618,8 @@ class FederationServer(pb_grpc.FederationServicer):
                 payload = validate_scores(report.plain.scores, rnd.expected, "report.plain.scores")
             else:  # dp
                 payload = validate_scores(report.dp.scores, rnd.expected, "report.dp.scores")
+            _check_bound(payload, pending.score_bound, f"report.{kind}.scores")
+            if kind == "dp":
                 clip, nm = pending.dp
                 if not math.isclose(report.dp.clip, clip) or not math.isclose(report.dp.noise_multiplier, nm):
                     raise ReportRejected("INVALID_ARGUMENT", "report.dp",
@@ -672,8 +733,10 @@ class FederationServer(pb_grpc.FederationServicer):
                     expected_scores(items), mode)
         pending = _Pending(rnd, list(items), asyncio.Event(), mode,
                            (dp_clip, dp_noise_multiplier) if mode == "dp" else None)
+        pending.score_bound = (dp_score_bound(dp_clip, dp_noise_multiplier, expected_scores(items)) if mode == "dp"
+                               else float(self.config.max_abs_score))
         task = pb.ScoringTask(round_id=round_id, items=items_to_pb(items), timeout_ms=int(timeout * 1000),
-                              mode=mode_to_pb(mode))
+                              mode=mode_to_pb(mode), score_bound=pending.score_bound)
         if mode == "dp":
             task.dp.CopyFrom(pb.DpParams(clip=dp_clip, noise_multiplier=dp_noise_multiplier))
         pending.task_digest = hashlib.sha256(task.SerializeToString(deterministic=True)).hexdigest()
@@ -907,6 +970,20 @@ class FederationServer(pb_grpc.FederationServicer):
 
 _PAYLOAD_FOR_MODE = {"plain": "plain", "dp": "dp"}
 from privacy.secagg.stages import STAGES as SECAGG_STAGES  # noqa: E402  (tiny, torch-free module)
+
+
+def dp_score_bound(clip: float, noise_multiplier: float, m: int) -> float:
+    """The declared range of a dp task's noised scores: clip + 20 sigma, sigma = noise_multiplier * 2 clip sqrt(m)."""
+    return float(clip + DP_SCORE_SIGMAS * noise_multiplier * 2.0 * clip * math.sqrt(max(m, 1)))
+
+
+def _check_bound(values: Sequence[float], bound: float, field_path: str) -> None:
+    for i, v in enumerate(values):
+        if abs(v) > bound:
+            raise ReportRejected("INVALID_ARGUMENT", f"{field_path}[{i}]",
+                                 f"{field_path}[{i}] is {v:g}, outside the task's declared range |score| <= "
+                                 f"{bound:g} (task.score_bound); scores are rewards, higher is better, on a bounded "
+                                 "scale")
 
 
 def _cancel_reason(e: BaseException) -> str:

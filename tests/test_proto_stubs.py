@@ -19,7 +19,9 @@ def _stale(out: Path) -> list[str]:
     gen.generate(out)
     stale = []
     fresh = {p.relative_to(out) for p in (out / "mor").rglob("*.py*")}
-    committed = {p.relative_to(ROOT) for p in (ROOT / "mor").rglob("*.py*") if "__pycache__" not in p.parts}
+    # only the generated package mor/v1 (and mor/__init__.py): mor/ also holds hand-written modules (entry.py...)
+    committed = {p.relative_to(ROOT) for p in (ROOT / "mor" / "v1").rglob("*.py*") if "__pycache__" not in p.parts}
+    committed.add(Path("mor/__init__.py"))
     for rel in sorted(fresh | committed):
         a, b = out / rel, ROOT / rel
         if not a.exists() or not b.exists() or a.read_bytes() != b.read_bytes():

@@ -66,18 +66,26 @@ class RegisterResponse(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., federation_id: _Optional[str] = ..., max_items_per_task: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("sdk_version",)
+    __slots__ = ("sdk_version", "protocol_revision")
     SDK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_REVISION_FIELD_NUMBER: _ClassVar[int]
     sdk_version: str
-    def __init__(self, sdk_version: _Optional[str] = ...) -> None: ...
+    protocol_revision: int
+    def __init__(self, sdk_version: _Optional[str] = ..., protocol_revision: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("client_id", "session_id")
+    __slots__ = ("client_id", "session_id", "protocol_revision", "min_protocol_revision", "max_protocol_revision")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_REVISION_FIELD_NUMBER: _ClassVar[int]
+    MIN_PROTOCOL_REVISION_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROTOCOL_REVISION_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     session_id: str
-    def __init__(self, client_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+    protocol_revision: int
+    min_protocol_revision: int
+    max_protocol_revision: int
+    def __init__(self, client_id: _Optional[str] = ..., session_id: _Optional[str] = ..., protocol_revision: _Optional[int] = ..., min_protocol_revision: _Optional[int] = ..., max_protocol_revision: _Optional[int] = ...) -> None: ...
 
 class Item(_message.Message):
     __slots__ = ("item_id", "image", "question", "candidates")
@@ -110,7 +118,7 @@ class SecAggMessage(_message.Message):
     def __init__(self, round_id: _Optional[str] = ..., stage: _Optional[str] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class ScoringTask(_message.Message):
-    __slots__ = ("round_id", "items", "timeout_ms", "mode", "dp", "secagg", "crl")
+    __slots__ = ("round_id", "items", "timeout_ms", "mode", "dp", "secagg", "crl", "score_bound")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +126,7 @@ class ScoringTask(_message.Message):
     DP_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
     CRL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_BOUND_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     items: _containers.RepeatedCompositeFieldContainer[Item]
     timeout_ms: int
@@ -125,7 +134,8 @@ class ScoringTask(_message.Message):
     dp: DpParams
     secagg: SecAggMessage
     crl: bytes
-    def __init__(self, round_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., timeout_ms: _Optional[int] = ..., mode: _Optional[_Union[PrivacyMode, str]] = ..., dp: _Optional[_Union[DpParams, _Mapping]] = ..., secagg: _Optional[_Union[SecAggMessage, _Mapping]] = ..., crl: _Optional[bytes] = ...) -> None: ...
+    score_bound: float
+    def __init__(self, round_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., timeout_ms: _Optional[int] = ..., mode: _Optional[_Union[PrivacyMode, str]] = ..., dp: _Optional[_Union[DpParams, _Mapping]] = ..., secagg: _Optional[_Union[SecAggMessage, _Mapping]] = ..., crl: _Optional[bytes] = ..., score_bound: _Optional[float] = ...) -> None: ...
 
 class PlainScores(_message.Message):
     __slots__ = ("scores",)

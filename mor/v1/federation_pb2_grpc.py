@@ -27,7 +27,10 @@ if _version_not_supported:
 
 
 class FederationStub:
-    """Missing associated documentation comment in .proto file."""
+    """Lifecycle: Register (unary) -> Session (bidirectional stream): client sends Hello, server answers Welcome, then
+    the server pushes ScoringTasks (and SecAggMessages, RoundCancelled); the client answers each task with a
+    ScoreReport or a Refusal, and the server answers every client message except Heartbeat with exactly one Ack.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -48,10 +51,18 @@ class FederationStub:
 
 
 class FederationServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Lifecycle: Register (unary) -> Session (bidirectional stream): client sends Hello, server answers Welcome, then
+    the server pushes ScoringTasks (and SecAggMessages, RoundCancelled); the client answers each task with a
+    ScoreReport or a Refusal, and the server answers every client message except Heartbeat with exactly one Ack.
+    """
 
     def Register(self, request, context):
-        """Announce the client's reward-model card. Identity comes from the client certificate.
+        """Announce the client's reward-model card. Identity comes from the client certificate. Registration lives in the
+        server's memory only: after a server restart Session fails with FAILED_PRECONDITION ("must call Register
+        first") and the client must Register again before reopening its Session (call Register before every Session).
+        Errors: INVALID_ARGUMENT (card validation; the message names the field), PERMISSION_DENIED (revoked, or an
+        identity_certificate for another name), UNAUTHENTICATED (no client certificate), UNAVAILABLE (the server
+        cannot check revocation now; retry with backoff).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -60,6 +71,12 @@ class FederationServicer:
     def Session(self, request_iterator, context):
         """Long-lived stream: the first ClientMessage must be a Hello; then the server pushes ServerMessages (tasks,
         secure-aggregation stages, acknowledgements) and the client answers with reports or refusals.
+        One session per identity: a second Session with the same client certificate name replaces the first, which
+        ends with status ABORTED and the details "replaced by a newer session ..." (do not reconnect automatically on
+        it: another process holds this identity). Other end statuses: OK (server stopping; reconnect with backoff),
+        PERMISSION_DENIED (certificate revoked), RESOURCE_EXHAUSTED (the client did not read its stream),
+        UNAVAILABLE (revocation cannot be checked), FAILED_PRECONDITION (not registered, or an unsupported
+        protocol revision), INVALID_ARGUMENT (the first message was not a Hello).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -87,7 +104,10 @@ def add_FederationServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Federation:
-    """Missing associated documentation comment in .proto file."""
+    """Lifecycle: Register (unary) -> Session (bidirectional stream): client sends Hello, server answers Welcome, then
+    the server pushes ScoringTasks (and SecAggMessages, RoundCancelled); the client answers each task with a
+    ScoreReport or a Refusal, and the server answers every client message except Heartbeat with exactly one Ack.
+    """
 
     @staticmethod
     def Register(request,
