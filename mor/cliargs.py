@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import math
 import re
 import socket
@@ -99,6 +100,7 @@ def run_main(prog: str, parse: Callable[[], argparse.Namespace], *,
         if not isinstance(e, errors):
             raise  # a bug: keep the traceback
         print(f"{prog}: error: {one_line(e) or type(e).__name__}", file=sys.stderr, flush=True)
+        logging.getLogger("mor.cli").info("where the error above came from (shown with -v)", exc_info=True)
         return 2
 
 
