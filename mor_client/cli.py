@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.util
 import json
 import logging
 import signal
@@ -40,17 +41,43 @@ def load_scorer(model: Path | None, scorer_spec: str | None):
         if not (model / "card.json").exists():
             raise UsageError(f"--model {model}: no reward model there (expected a folder made by `mor-client train`)")
         return RewardModelScorer.from_dir(model)
-    mod_name, _, attr = scorer_spec.partition(":")
-    if not attr:
-        raise UsageError(f"--scorer {scorer_spec!r}: use the form package.module:attribute")
+    return scorer_from_spec(scorer_spec)
+
+
+def scorer_from_spec(spec: str):
+    """Resolve ``--scorer``: ``package.module:attr`` (imported with the current ``sys.path``, so the package must be
+    installed or on PYTHONPATH) or ``path/to/file.py:attr`` (the file is loaded as a module under its own name; its
+    folder is not added to ``sys.path``). ``attr`` may name a class (instantiated without arguments), an object with
+    ``.score(items)``, or a function ``f(items) -> list[list[float]]`` (wrapped in ``FunctionScorer``)."""
+    from .types import FunctionScorer
+
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise UsageError(f"--scorer {spec!r}: use package.module:attribute or path/to/file.py:attribute")
     try:
-        obj = getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise UsageError(f"--scorer {scorer_spec!r}: {e}") from None
-    scorer = obj() if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "score")) else obj
-    if not hasattr(scorer, "score"):
-        raise UsageError(f"--scorer {scorer_spec!r} has no .score(items) method")
-    return scorer
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise UsageError(f"--scorer {spec!r}: no such file {path}")
+            mspec = importlib.util.spec_from_file_location(f"mor_user_scorer_{path.stem}", path)
+            mod = importlib.util.module_from_spec(mspec)
+            mspec.loader.exec_module(mod)
+        else:
+            mod = importlib.import_module(target)
+        obj = getattr(mod, attr)
+    except (ImportError, AttributeError, SyntaxError) as e:
+        raise UsageError(f"--scorer {spec!r}: {type(e).__name__}: {e}") from None
+    if isinstance(obj, type):
+        try:
+            obj = obj()
+        except TypeError as e:
+            raise UsageError(f"--scorer {spec!r}: the class must be constructible without arguments ({e})") from None
+    if hasattr(obj, "score"):
+        return obj
+    if callable(obj):
+        return FunctionScorer(obj)
+    raise UsageError(f"--scorer {spec!r} is a {type(obj).__name__}: give a class, an object with .score(items) or "
+                     "a function f(items) -> list[list[float]]")
 
 
 def _card_for(scorer, args) -> dict:
@@ -168,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--server", required=True, type=host_port, help="host:port of the federation server")
     j.add_argument("--creds", type=existing_dir, help="credentials folder from `mor-server pki issue-client NAME`")
     j.add_argument("--model", type=existing_dir, help="reward-model folder made by `mor-client train`")
-    j.add_argument("--scorer", help="your own scorer as package.module:attribute (an object with .score(items))")
+    j.add_argument("--scorer", help="your own scorer: package.module:attr or path/to/file.py:attr, naming a class, an "
+                                    "object with .score(items) or a function f(items); it must return one list "
+                                    "of floats per item, one per candidate (list[list[float]])")
     j.add_argument("--modes", dest="modes_csv", default="plain", type=csv_choices(CLIENT_MODES),
                    help="comma-separated privacy modes this client accepts: plain,dp,secagg,secagg+dp")
     j.add_argument("--ledger", type=output_file, help="privacy ledger (SQLite) charged for dp releases")
