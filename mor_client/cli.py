@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from mor.cliargs import (ArgumentParser, csv_choices, existing_dir, existing_file, float_range, host_port,
-                         non_negative_float, non_negative_int, open_unit_interval, output_file, positive_int, run_main)
+                         non_negative_float, non_negative_int, open_unit_interval, output_dir, output_file, positive_int,
+                         run_main)
 from privacy.pki import ClientCredentials, PKIError
 
 from .client import ClientError, FederationClient
@@ -187,6 +188,18 @@ def _join(args) -> int:
     return 0
 
 
+def _keygen(args) -> int:
+    from privacy import membership
+    from privacy.pki import new_tls_key_and_csr
+
+    tls_key, tls_csr = new_tls_key_and_csr(args.name, args.out, force=args.force)
+    id_key, id_csr = membership.new_identity(args.name, args.out, force=args.force)
+    print(f"{args.name}: private keys {tls_key} and {id_key} (mode 0600: keep them here); send {tls_csr} and "
+          f"{id_csr} to the federation operator (`mor-server pki sign-csr {args.name} --csr DIR`) and put the "
+          f"tls.crt, identity.crt and ca.crt you get back into {args.out}/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="mor-client", description="MoR federation client (institution side)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO) and every event")
@@ -229,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--insecure", action="store_true", help="DANGER: no TLS (server must run --insecure)")
     j.add_argument("--insecure-id", default="insecure-client", help="client name claimed with --insecure")
     j.set_defaults(func=_join)
+    k = sub.add_parser("keygen", help="enrolment by CSR: make this institution's TLS key and identity key with their "
+                                      "CSRs (the keys never leave DIR; send only the .csr files to the operator)")
+    k.add_argument("--out", type=output_dir, required=True, metavar="DIR",
+                   help="credentials folder to create: tls.key, tls.csr, identity.key, identity.csr")
+    k.add_argument("--name", required=True, help="the institution's client name (the certificates' Common Name)")
+    k.add_argument("--force", action="store_true", help="replace existing keys (certificates for them stop matching)")
+    k.set_defaults(func=_keygen)
     for modname in ("train_cli", "budget_cli"):
         try:
             mod = importlib.import_module(f"mor_client.{modname}")

@@ -51,6 +51,32 @@ def _add_pki(sub) -> None:
     crl.add_argument("--dir", type=dir_path, default="pki", help="PKI folder made by `mor-server pki init`")
     crl.add_argument("--days", type=positive_float, default=pki.CRL_DAYS, help="validity of the CRL in days")
     crl.set_defaults(func=_pki_crl_refresh)
+    sc = ps.add_parser("sign-csr", help="enrolment by CSR: certify an institution's own TLS and identity keys (from "
+                                        "`mor-client keygen`); the private keys never travel")
+    sc.add_argument("name", help="client name (must be the Common Name of both CSRs)")
+    sc.add_argument("--dir", type=dir_path, default="pki", help="PKI folder made by `mor-server pki init`")
+    sc.add_argument("--csr", type=existing_dir, required=True, metavar="DIR",
+                    help="folder holding the institution's tls.csr and identity.csr")
+    sc.add_argument("--days", type=positive_float, default=365, help="validity of the certificates in days")
+    sc.add_argument("--out", type=output_dir, default=None,
+                    help="where tls.crt, identity.crt and ca.crt are written (default: PKI/clients/NAME)")
+    sc.set_defaults(func=_pki_sign_csr)
+    rn = ps.add_parser("renew", help="issue new certificates for a client's SAME keys (no key moves, nothing "
+                                     "else is invalidated)")
+    rn.add_argument("name", help="client name")
+    rn.add_argument("--dir", type=dir_path, default="pki", help="PKI folder made by `mor-server pki init`")
+    rn.add_argument("--creds", type=existing_dir, default=None, metavar="DIR",
+                    help="folder holding the client's current tls.crt and identity.crt (default: PKI/clients/NAME)")
+    rn.add_argument("--days", type=positive_float, default=365, help="validity of the new certificates in days")
+    rn.add_argument("--out", type=output_dir, default=None, help="output folder (default: the --creds folder)")
+    rn.set_defaults(func=_pki_renew)
+    rs = ps.add_parser("renew-server", help="rotate the server's TLS key and certificate (a running server uses "
+                                            "them from its next handshake on)")
+    rs.add_argument("--dir", type=dir_path, default="pki", help="PKI folder made by `mor-server pki init`")
+    rs.add_argument("--days", type=positive_float, default=825, help="validity of the new certificate in days")
+    rs.add_argument("--hosts", type=host_list, default=None,
+                    help="comma-separated host names/IPs (default: those of the current certificate)")
+    rs.set_defaults(func=_pki_renew_server)
     _add_membership(ps)
 
 
@@ -93,6 +119,36 @@ def _pki_revoke(args) -> int:
     print(f"revoked {len(serials)} certificate(s) of {args.name}: " + ", ".join(f"{s:x}" for s in serials)
           + f"; CRL {pki.crl_path(args.dir)} re-signed (a running server ends their sessions within its "
           "crl_check_interval_s, 2 s by default)")
+    return 0
+
+
+def _pki_sign_csr(args) -> int:
+    from privacy import membership
+
+    csr_dir = Path(args.csr)
+    tls_pub = pki.load_tls_csr(_read_file(csr_dir / "tls.csr", "--csr"), expected_name=args.name,
+                               what=str(csr_dir / "tls.csr"))
+    id_pub = membership.load_identity_public_key(_read_file(csr_dir / "identity.csr", "--csr"),
+                                                 expected_name=args.name, what=str(csr_dir / "identity.csr"))
+    out = pki.issue_client(args.dir, args.name, days=args.days, out_dir=args.out, tls_public_key=tls_pub,
+                           identity_public_key=id_pub)
+    print(f"client {args.name}: tls.crt, identity.crt and ca.crt in {out}/ for the institution's own keys; send "
+          "them back (no private key was made or seen here)")
+    return 0
+
+
+def _pki_renew(args) -> int:
+    out = pki.renew_client(args.dir, args.name, days=args.days, creds_dir=args.creds, out_dir=args.out)
+    print(f"client {args.name}: new tls.crt and identity.crt (same keys) in {out}/; the old ones stay valid until "
+          "they expire")
+    return 0
+
+
+def _pki_renew_server(args) -> int:
+    hosts = tuple(h.strip() for h in args.hosts.split(",") if h.strip()) if args.hosts else None
+    out = pki.renew_server(args.dir, days=args.days, hosts=hosts)
+    print(f"server TLS key and certificate rotated in {out}/ (identity key, CA and client certificates unchanged); "
+          "a running mor-server uses them from its next TLS handshake on")
     return 0
 
 
@@ -228,6 +284,9 @@ def _add_serve(sub) -> None:
                    help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=port, default=50051, help="TCP port to listen on (0: any free port)")
     p.add_argument("--metrics-port", type=port, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument("--health-port", type=port, default=None,
+                   help="also serve grpc.health.v1 (only) in PLAINTEXT on this port, for load balancers and "
+                        "Kubernetes probes without a client certificate (default: off)")
     p.add_argument("--insecure", action="store_true",
                    help="DANGER: serve without TLS (identities unauthenticated); local debugging only")
     p.add_argument("--max-message-mb", type=float_range(0, 2047, lo_open=True), default=16.0,
@@ -248,7 +307,7 @@ def _serve(args) -> int:
     if args.port < 0 or args.port > 65535:
         raise UsageError(f"--port {args.port} is not a TCP port (0-65535)")
     cfg = ServerConfig(host=args.host, port=args.port, pki_dir=None if args.insecure else args.pki,
-                       insecure=args.insecure, metrics_port=args.metrics_port,
+                       insecure=args.insecure, metrics_port=args.metrics_port, health_port=args.health_port,
                        max_message_bytes=int(args.max_message_mb * (1 << 20)))
 
     async def main():
@@ -261,7 +320,8 @@ def _serve(args) -> int:
             raise UsageError(f"--host {args.host} --port {args.port}: cannot listen there (not an address of this "
                              "machine, or the port is taken); pick another --host/--port") from None
         print(f"mor-server listening on {args.host}:{port}" + (" (INSECURE)" if args.insecure else " (mTLS)") +
-              (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), flush=True)
+              (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else "") +
+              (f", plaintext health on :{server.health_port}" if server.health_port else ""), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

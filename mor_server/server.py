@@ -202,8 +202,16 @@ class FederationServer(pb_grpc.FederationServicer):
             self._ca_cert = creds.ca_cert
             self._crl_path = creds.crl_path or pki.crl_path(cfg.pki_dir)
             self._check_crl()
-            server_creds = grpc.ssl_server_credentials([(creds.key_pem, creds.cert_pem)],
-                                                       root_certificates=creds.ca_pem, require_client_auth=True)
+            # dynamic: a rotated server.key + server.crt (`mor-server pki renew-server`) is used from the next TLS
+            # handshake on, without a restart; open sessions keep their connection
+            self._tls_files = (Path(cfg.pki_dir) / "server" / "server.key", Path(cfg.pki_dir) / "server" / "server.crt")
+            self._tls_sig = self._file_sig()
+            self._note_expiry(creds.cert_pem, creds.ca_pem)
+            server_creds = grpc.dynamic_ssl_server_credentials(
+                grpc.ssl_server_certificate_configuration([(creds.key_pem, creds.cert_pem)],
+                                                          root_certificates=creds.ca_pem),
+                self._fetch_tls_config, require_client_authentication=True)
+            self._tls_ca_pem = creds.ca_pem
             self.port = self._server.add_secure_port(addr, server_creds)
         if not self.port:
             raise OSError(f"could not bind {addr}")
@@ -282,6 +290,57 @@ class FederationServer(pb_grpc.FederationServicer):
             if self._audit_last is last:
                 self._audit_last = None
             last.result()
+
+    # -- server certificate rotation and expiry ---------------------------------------------------------------------
+    _tls_files: tuple = ()
+    _tls_sig = None
+    _tls_ca_pem = b""
+
+    def _file_sig(self):
+        sig = []
+        for f in self._tls_files:
+            try:
+                st = os.stat(f)
+                sig.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except FileNotFoundError:
+                sig.append(None)
+        return tuple(sig)
+
+    def _fetch_tls_config(self):
+        """Called by gRPC (on its own thread) before each TLS handshake: a new config when the files changed and
+        hold a matching key and certificate, else None (keep the current one)."""
+        try:
+            sig = self._file_sig()
+            if sig == self._tls_sig:
+                return None
+            key_pem, cert_pem = (f.read_bytes() for f in self._tls_files)
+            if not pki.key_matches_cert(key_pem, cert_pem):
+                return None  # mid-rotation (key written, certificate not yet): keep the current pair
+            self._tls_sig = sig
+            self._note_expiry(cert_pem, self._tls_ca_pem)
+            log.warning("server TLS certificate rotated: now serving %s", self._tls_files[1])
+            return grpc.ssl_server_certificate_configuration([(key_pem, cert_pem)],
+                                                             root_certificates=self._tls_ca_pem)
+        except Exception as e:  # never break handshakes over a rotation problem
+            log.error("server TLS certificate rotation failed (%s: %s); keeping the current certificate",
+                      type(e).__name__, e)
+            return None
+
+    def _note_expiry(self, cert_pem: bytes, ca_pem: bytes) -> None:
+        """``mor_certificate_expiry_seconds{certificate=server_tls|ca}``; a WARNING when under 30 days are left."""
+        if not hasattr(self, "_expiry_gauge"):
+            from prometheus_client import Gauge
+
+            self._expiry_gauge = Gauge("mor_certificate_expiry_seconds",
+                                       "Seconds until the certificate expires (negative: expired)", ["certificate"],
+                                       registry=self.metrics.registry)
+        now = time.time()
+        for label, pem in (("server_tls", cert_pem), ("ca", ca_pem)):
+            left = x509.load_pem_x509_certificate(pem).not_valid_after_utc.timestamp() - now
+            self._expiry_gauge.labels(certificate=label).set(left)
+            if left < 30 * 86400:
+                log.warning("the %s certificate expires in %.1f days: renew it (`mor-server pki renew-server`, or "
+                            "a new CA with `pki init --force` for the CA)", label, left / 86400)
 
     # -- identity ---------------------------------------------------------------------------------------------------
     def _check_crl(self) -> None:
@@ -399,6 +458,12 @@ class FederationServer(pb_grpc.FederationServicer):
         except CardInvalid as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.metrics.clients_registered.set(len(self.registry.all()))
+        if cert is not None and hasattr(self, "_expiry_gauge"):
+            left = cert.not_valid_after_utc.timestamp() - time.time()
+            self._expiry_gauge.labels(certificate=f"client:{client_id}").set(left)
+            if left < 30 * 86400:
+                log.warning("the TLS certificate of %s expires in %.1f days: renew it (`mor-server pki renew %s`)",
+                            client_id, left / 86400, client_id)
         self._audit("registration", {"client_id": client_id, "card": card,
                                      "certificate": None if cert is None else {
                                          "subject": cert.subject.rfc4514_string(),

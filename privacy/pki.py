@@ -193,7 +193,8 @@ def _record_issued(pki_dir: Path, name: str, kind: str, cert: x509.Certificate) 
 
 def issue_client(pki_dir: str | Path, name: str, *, days: float = 365, out_dir: str | Path | None = None,
                  not_before: _dt.datetime | None = None, ca: CA | None = None,
-                 identity_public_key: ed25519.Ed25519PublicKey | None = None) -> Path:
+                 identity_public_key: ed25519.Ed25519PublicKey | None = None,
+                 tls_public_key: ec.EllipticCurvePublicKey | None = None) -> Path:
     """Issue a client's TLS certificate and Ed25519 identity certificate into ``pki/clients/NAME`` (or out_dir).
 
     ``identity_public_key``: certify the institution's own identity key (from its CSR, see
@@ -205,9 +206,11 @@ def issue_client(pki_dir: str | Path, name: str, *, days: float = 365, out_dir: 
     pki_dir = Path(pki_dir)
     ca = ca or CA.load(pki_dir)
     out = Path(out_dir) if out_dir else pki_dir / "clients" / name
-    tls_key = ec.generate_private_key(ec.SECP256R1())
+    if tls_public_key is not None and not isinstance(tls_public_key, ec.EllipticCurvePublicKey):
+        raise PKIError("tls_public_key must be an EC public key (P-256, from `mor-client keygen`)")
+    tls_key = ec.generate_private_key(ec.SECP256R1()) if tls_public_key is None else None
     tls_cert = (
-        ca._builder(_name(name), tls_key.public_key(), days, not_before)
+        ca._builder(_name(name), tls_public_key or tls_key.public_key(), days, not_before)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .sign(ca.key, hashes.SHA256())
     )
@@ -221,7 +224,8 @@ def issue_client(pki_dir: str | Path, name: str, *, days: float = 365, out_dir: 
                                      key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
         .sign(ca.key, hashes.SHA256())
     )
-    _atomic_write(out / "tls.key", _key_pem(tls_key), private=True)
+    if tls_key is not None:
+        _atomic_write(out / "tls.key", _key_pem(tls_key), private=True)
     _atomic_write(out / "tls.crt", _cert_pem(tls_cert))
     if id_key is not None:
         _atomic_write(out / "identity.key", _key_pem(id_key), private=True)
@@ -230,6 +234,115 @@ def issue_client(pki_dir: str | Path, name: str, *, days: float = 365, out_dir: 
     _record_issued(pki_dir, name, "tls", tls_cert)
     _record_issued(pki_dir, name, "identity", id_cert)
     return out
+
+
+def new_tls_key_and_csr(name: str, out_dir: str | Path, *, force: bool = False) -> tuple[Path, Path]:
+    """Institution side of enrolment by CSR: an EC P-256 TLS key in ``out_dir/tls.key`` (0600, never sent anywhere)
+    and ``out_dir/tls.csr`` (Common Name ``name``, signed by the key). The operator signs it with
+    ``mor-server pki sign-csr``; only certificates come back."""
+    check_name(name)
+    out = Path(out_dir)
+    key_path, csr_path = out / "tls.key", out / "tls.csr"
+    if key_path.exists() and not force:
+        raise PKIError(f"{key_path} already exists: refusing to replace a TLS key (pass --force)")
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(_name(name)).sign(key, hashes.SHA256())
+    _atomic_write(key_path, _key_pem(key), private=True)
+    _atomic_write(csr_path, csr.public_bytes(serialization.Encoding.PEM))
+    return key_path, csr_path
+
+
+def load_tls_csr(pem: bytes, *, expected_name: str, what: str = "tls.csr") -> ec.EllipticCurvePublicKey:
+    """The EC public key of a TLS CSR, after checking its self-signature (proof of possession) and Common Name."""
+    try:
+        csr = x509.load_pem_x509_csr(bytes(pem))
+    except ValueError as e:
+        raise PKIError(f"{what}: not a PEM certificate request ({e})") from None
+    if not csr.is_signature_valid:
+        raise PKIError(f"{what}: the CSR's signature does not verify (it was not made with its key)")
+    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not cns or cns[0].value != expected_name:
+        raise PKIError(f"{what}: the CSR names {cns[0].value if cns else None!r}, not {expected_name!r}")
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise PKIError(f"{what}: the TLS key must be an EC key (make it with `mor-client keygen`)")
+    return key
+
+
+def renew_client(pki_dir: str | Path, name: str, *, days: float = 365, creds_dir: str | Path | None = None,
+                 out_dir: str | Path | None = None) -> Path:
+    """Issue new TLS and identity certificates for the SAME keys as the client's current ones (read from
+    ``creds_dir/tls.crt`` and ``identity.crt``, default ``pki/clients/NAME``): no key moves, nothing else is
+    invalidated (unlike ``init --force``). The old certificates stay valid until they expire (revoke them with
+    ``pki revoke`` if they must stop at once: that revokes every certificate issued to NAME, the new ones too)."""
+    pki_dir = Path(pki_dir)
+    src = Path(creds_dir) if creds_dir else pki_dir / "clients" / name
+    try:
+        tls_old = x509.load_pem_x509_certificate((src / "tls.crt").read_bytes())
+        id_old = x509.load_pem_x509_certificate((src / "identity.crt").read_bytes())
+    except FileNotFoundError as e:
+        raise PKIError(f"renew {name}: {e.filename} is missing; give the folder holding the current tls.crt and "
+                       "identity.crt (--creds)") from None
+    ca = CA.load(pki_dir)
+    for cert, what in ((tls_old, "tls.crt"), (id_old, "identity.crt")):
+        if common_name(cert) != name:
+            raise PKIError(f"renew {name}: {src / what} names {common_name(cert)!r}")
+        try:
+            cert.verify_directly_issued_by(ca.cert)
+        except (ValueError, TypeError, Exception) as e:  # InvalidSignature and friends
+            raise PKIError(f"renew {name}: {src / what} was not issued by this CA ({type(e).__name__})") from None
+    return issue_client(pki_dir, name, days=days, out_dir=out_dir or src, ca=ca,
+                        tls_public_key=tls_old.public_key(), identity_public_key=id_old.public_key())
+
+
+def renew_server(pki_dir: str | Path, *, days: float = 825, hosts: tuple[str, ...] | None = None) -> Path:
+    """Rotate the server's TLS key and certificate (same CA; the SANs of the current certificate unless ``hosts``),
+    leaving its identity key, the CA and every client certificate untouched. A running server picks the new pair
+    up at its next TLS handshake (``FederationServer`` re-reads ``server/server.key`` + ``server.crt`` when they
+    change). The key is written first, then the certificate: a server never loads a mismatched pair."""
+    pki_dir = Path(pki_dir)
+    ca = CA.load(pki_dir)
+    out = pki_dir / "server"
+    if hosts is None:
+        try:
+            cur = x509.load_pem_x509_certificate((out / "server.crt").read_bytes())
+            san = cur.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            hosts = tuple([str(v) for v in san.get_values_for_type(x509.DNSName)]
+                          + [str(v) for v in san.get_values_for_type(x509.IPAddress)])
+        except (FileNotFoundError, x509.ExtensionNotFound):
+            hosts = DEFAULT_HOSTS
+    if not hosts:
+        raise PKIError("server certificate needs at least one host name or IP address (--hosts)")
+    sans = []
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (ca._builder(_name(hosts[0]), key.public_key(), days)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca.key, hashes.SHA256()))
+    _atomic_write(out / "server.key", _key_pem(key), private=True)
+    _atomic_write(out / "server.crt", _cert_pem(cert))
+    return out
+
+
+def key_matches_cert(key_pem: bytes, cert_pem: bytes) -> bool:
+    """Whether a PEM private key belongs to a PEM certificate (used before switching to a rotated pair)."""
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        return False
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key.public_key().public_bytes(*fmt) == cert.public_key().public_bytes(*fmt)
+
+
+def certificate_expiry(path: str | Path) -> float:
+    """not_valid_after of a PEM certificate file, as a unix timestamp."""
+    return x509.load_pem_x509_certificate(Path(path).read_bytes()).not_valid_after_utc.timestamp()
 
 
 CRL_DAYS = 30.0
