@@ -370,9 +370,12 @@ def build_mor_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="mor", description="MoR: federated alignment of VLMs by preferences")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    from . import demo
-
-    demo.register(sub)
+    try:
+        from . import demo
+    except ImportError as e:  # a lean install (no `demo` extra): `mor audit` still works, `mor demo` says what to add
+        _register_missing_demo(sub, e)
+    else:
+        demo.register(sub)
     try:
         from . import audit_cli
     except ImportError:  # pragma: no cover - the audit CLI ships with privacy.audit
@@ -380,6 +383,18 @@ def build_mor_parser() -> argparse.ArgumentParser:
     if audit_cli is not None:
         audit_cli.register(sub)
     return parser
+
+
+def _register_missing_demo(sub, err: ImportError) -> None:
+    p = sub.add_parser("demo", help="run the full federated alignment demo (needs: pip install 'mor[demo]')")
+    for flag in ("--config", "--workdir", "--mode", "--seed", "--steps", "--fresh"):  # accepted, to say what is missing
+        p.add_argument(flag, nargs="?", help="see `mor demo --help` once the demo extra is installed")
+
+    def missing(args) -> int:
+        raise UsageError(f"mor demo needs the demo extra ({err.name or err} is not installed): "
+                         "pip install 'mor[demo]'")
+
+    p.set_defaults(func=missing)
 
 
 def _dispatch(prog: str, build, argv) -> int:

@@ -443,3 +443,20 @@ def test_real_sigint_ends_with_one_line_and_130(tmp_path, delay=1.5):
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert [ln for ln in err.splitlines() if ln.strip()][-1:] == ["mor-client: interrupted"], err[-2000:]
+
+
+def test_mor_without_the_demo_extra(signed_log, tmp_path):
+    """A lean install (no pydantic / demo extra): `mor audit verify` works, `mor demo` says which extra to add."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['pydantic'] = None; from mor_server.cli import mor_main; "
+            "sys.exit(mor_main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "audit", "verify", str(signed_log), "--trust-embedded-key"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-c", code, "demo", "--workdir", str(tmp_path / "w")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip() == "mor: error: mor demo needs the demo extra (pydantic is not installed): pip install " \
+                               "'mor[demo]'"
