@@ -70,6 +70,44 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (UsageError, ValueError, OSEr
                                                     TimeoutError)
 
 
+def _package(err: ImportError) -> str:
+    """The top-level package an ImportError is about (``opacus`` for ``opacus.accountants``)."""
+    return (err.name or "").split(".")[0] or str(err)
+
+
+def loaded_errors(*specs: str) -> tuple[type, ...]:
+    """Exception classes named ``"module:Class"``, from modules already imported (an error of a module that was never
+    imported cannot have been raised, and importing it here could need an extra this install lacks)."""
+    out = []
+    for spec in specs:
+        mod, _, name = spec.partition(":")
+        m = sys.modules.get(mod)
+        cls = getattr(m, name, None) if m is not None else None
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            out.append(cls)
+    return tuple(out)
+
+
+def missing_extra(prog: str, err: ImportError, extra: str) -> UsageError:
+    """The one-line error for a command whose optional dependencies are not installed."""
+    return UsageError(f"{prog} needs the {extra} extra ({_package(err)} is not installed): "
+                      f"pip install 'mor[{extra}]'")
+
+
+def register_missing(subparsers, name: str, help: str, err: ImportError, extra: str,
+                     flags: Iterable[str] = ()) -> None:
+    """A stand-in sub-command for a lean install: it accepts ``flags`` and ends with :func:`missing_extra`."""
+    p = subparsers.add_parser(name, help=f"{help} (needs: pip install 'mor[{extra}]')")
+    for flag in flags:
+        p.add_argument(flag, nargs="?", help=f"see `{p.prog} --help` once the {extra} extra is installed")
+    p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+
+    def missing(args):
+        raise missing_extra(p.prog, err, extra)
+
+    p.set_defaults(func=missing)
+
+
 def interrupted(prog: str) -> int:
     """The one line printed after Ctrl-C; returns exit code 130 (128 + SIGINT)."""
     try:
@@ -95,6 +133,11 @@ def run_main(prog: str, parse: Callable[[], argparse.Namespace], *,
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except KeyboardInterrupt:
         return interrupted(prog)
+    except ModuleNotFoundError as e:  # an optional dependency of this command is not installed (a lean install)
+        print(f"{prog}: error: {_package(e)} is not installed, and this command needs it: pip install 'mor[all]' "
+              "(or the extra named in README, 'Client SDK')", file=sys.stderr, flush=True)
+        logging.getLogger("mor.cli").info("where the error above came from (shown with -v)", exc_info=True)
+        return 2
     except Exception as e:
         errors = tuple(expected() if callable(expected) else expected) + EXPECTED_ERRORS
         if not isinstance(e, errors):

@@ -26,7 +26,13 @@ def _fmt(x) -> str:
 
 
 def _run(args) -> int:
-    from privacy.ledger import LedgerError, PrivacyLedger
+    try:
+        from privacy.ledger import LedgerError, PrivacyLedger
+    except ImportError as e:  # the ledger's accounting needs the dp extra (opacus)
+        pkg = (e.name or str(e)).split(".")[0]
+        print(f"mor-client budget: error: the privacy ledger needs the dp extra ({pkg} is not installed): "
+              "pip install 'mor[dp]'", file=sys.stderr)
+        return 2
 
     path = Path(args.ledger)
     if not path.exists():

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from mor.cliargs import (ArgumentParser, csv_choices, existing_dir, existing_file, float_range, host_port,
-                         non_negative_float, non_negative_int, open_unit_interval, output_dir, output_file, positive_int,
-                         run_main)
+                         loaded_errors, non_negative_float, non_negative_int, open_unit_interval, output_dir,
+                         output_file, positive_int, run_main)
 from privacy.pki import ClientCredentials, PKIError
 
 from .client import ClientError, FederationClient
@@ -278,10 +278,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _expected_errors() -> tuple:
-    from privacy.audit import AuditError
-    from privacy.ledger import LedgerError
-
-    return (UsageError, PKIError, ClientError, LedgerError, AuditError)
+    return (UsageError, PKIError, ClientError,
+            *loaded_errors("privacy.ledger:LedgerError", "privacy.audit.entry:AuditError"))
 
 
 if __name__ == "__main__":

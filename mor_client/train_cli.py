@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from mor.cliargs import (device, existing_dir, fraction, non_negative_int, open_unit_interval, output_dir, output_file,
-                         positive_float, positive_int)
+                         positive_float, positive_int, register_missing)
 
 
 def _epsilon(text: str) -> float:
@@ -106,8 +106,14 @@ def _card(args) -> int:
 
 def register(subparsers) -> None:
     """Add the ``train`` and ``card`` subcommands (``func(args) -> int``) to ``subparsers``."""
-    from mor_client.rewards.models import ARCHITECTURES
-    from mor_client.rewards.trainer import UNITS
+    try:
+        from mor_client.rewards.models import ARCHITECTURES
+        from mor_client.rewards.trainer import UNITS
+    except ImportError as e:  # a lean install without the train extra (torch, opacus): say so, in one line
+        register_missing(subparsers, "train", "train a reward model on a client partition", e, "train",
+                         flags=("--out", "--arch", "--epsilon", "--partition", "--ledger"))
+        register_missing(subparsers, "card", "show a trained reward model's card", e, "train", flags=("--json",))
+        return
 
     t = subparsers.add_parser("train", help="train a reward model on a client partition (Opacus DP-SGD)")
     t.add_argument("--arch", default="cnn", choices=sorted(ARCHITECTURES), help="reward-model architecture")

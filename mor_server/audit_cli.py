@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from mor.cliargs import ArgumentParser, existing_file, non_negative_float, output_dir, run_main
+from mor.cliargs import ArgumentParser, existing_file, loaded_errors, non_negative_float, output_dir, run_main
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -214,13 +214,8 @@ def main(argv=None) -> int:  # standalone entry for tests / `python -m mor_serve
         register(sub)
         return parser.parse_args(argv)
 
-    def expected():
-        from privacy.audit import AuditError
-        from privacy.pki import PKIError
-
-        return (AuditError, PKIError)
-
-    return run_main("mor", parse, expected=expected)
+    return run_main("mor", parse, expected=lambda: loaded_errors("privacy.audit.entry:AuditError",
+                                                                  "privacy.pki:PKIError"))
 
 
 if __name__ == "__main__":

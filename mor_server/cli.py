@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from mor.cliargs import (ArgumentParser, bind_host, dir_path, existing_dir, existing_file, float_range, host_list,
-                         non_negative_int, output_dir, output_file, port, positive_float, positive_int, run_main)
+                         loaded_errors, non_negative_int, output_dir, output_file, port, positive_float, positive_int,
+                         register_missing, run_main)
 from privacy import pki
 
 
@@ -373,7 +374,8 @@ def build_mor_parser() -> argparse.ArgumentParser:
     try:
         from . import demo
     except ImportError as e:  # a lean install (no `demo` extra): `mor audit` still works, `mor demo` says what to add
-        _register_missing_demo(sub, e)
+        register_missing(sub, "demo", "run the full federated alignment demo", e, "demo",
+                         flags=("--config", "--workdir", "--mode", "--seed", "--steps", "--fresh"))
     else:
         demo.register(sub)
     try:
@@ -383,18 +385,6 @@ def build_mor_parser() -> argparse.ArgumentParser:
     if audit_cli is not None:
         audit_cli.register(sub)
     return parser
-
-
-def _register_missing_demo(sub, err: ImportError) -> None:
-    p = sub.add_parser("demo", help="run the full federated alignment demo (needs: pip install 'mor[demo]')")
-    for flag in ("--config", "--workdir", "--mode", "--seed", "--steps", "--fresh"):  # accepted, to say what is missing
-        p.add_argument(flag, nargs="?", help="see `mor demo --help` once the demo extra is installed")
-
-    def missing(args) -> int:
-        raise UsageError(f"mor demo needs the demo extra ({err.name or err} is not installed): "
-                         "pip install 'mor[demo]'")
-
-    p.set_defaults(func=missing)
 
 
 def _dispatch(prog: str, build, argv) -> int:
@@ -410,10 +400,7 @@ def _dispatch(prog: str, build, argv) -> int:
 
 
 def _expected_errors() -> tuple:
-    from privacy.audit import AuditError
-    from privacy.ledger import LedgerError
-
-    return (UsageError, pki.PKIError, AuditError, LedgerError)
+    return (UsageError, pki.PKIError, *loaded_errors("privacy.audit.entry:AuditError", "privacy.ledger:LedgerError"))
 
 
 if __name__ == "__main__":

@@ -460,3 +460,33 @@ def test_mor_without_the_demo_extra(signed_log, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip() == "mor: error: mor demo needs the demo extra (pydantic is not installed): pip install " \
                                "'mor[demo]'"
+
+
+def test_mor_client_without_the_training_stack(tmp_path):
+    """A lean install (no torch/opacus): mor-client --help works; train, card and budget say which extra to add."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules.update(torch=None, opacus=None); from mor.entry import mor_client; "
+            "sys.exit(mor_client())")
+    import os
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    run = lambda *a: subprocess.run([sys.executable, "-c", code, *a], capture_output=True, text=True,  # noqa: E731
+                                    timeout=120, env=env)
+    r = run("--help")
+    assert r.returncode == 0 and "join" in r.stdout, r.stderr[-2000:]
+    db = tmp_path / "l.db"
+    db.write_bytes(b"")
+    for argv, extra in ((["train", "--out", str(tmp_path / "m")], "train"), (["card", str(tmp_path)], "train"),
+                        (["budget", "--ledger", str(db)], "dp")):
+        r = run(*argv)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (argv, r.stderr[-2000:])
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"pip install 'mor[{extra}]'" in lines[0], (argv, r.stderr)
+    r = run("join", "--insecure", "--server", "localhost:9", "--scorer", "fedutil:LengthScorer", "--modes", "dp",
+            "--ledger", str(db), "--max-attempts", "1")  # the ledger's accounting needs opacus
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
+    assert "opacus is not installed" in lines[0], lines
