@@ -156,8 +156,10 @@ class DemoConfig:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError:
             raise ValueError(f"--config {path}: no such file") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"--config {path}: not valid JSON ({e})") from None
+        except OSError as e:
+            raise ValueError(f"--config {path}: cannot be read ({e.strerror or e})") from None
         if not isinstance(data, dict):
             raise ValueError(f"--config {path}: expected a JSON object of settings")
         known = {f.name for f in fields(cls)}

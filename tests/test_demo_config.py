@@ -17,6 +17,9 @@ def test_config_file_errors_name_the_setting(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         DemoConfig.from_file(bad)
+    bad.write_bytes(b"\xb2\xff{}")  # not UTF-8 at all
+    with pytest.raises(ValueError, match=f"--config {bad}: not valid JSON"):
+        DemoConfig.from_file(bad)
     with pytest.raises(ValueError, match="no such file"):
         DemoConfig.from_file(tmp_path / "missing.json")
     good = tmp_path / "good.json"
