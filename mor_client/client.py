@@ -107,6 +107,7 @@ class FederationClient:
         """Connect, serve tasks, reconnect on failure; returns after :meth:`stop`. Raises ClientError on a
         permanent refusal (e.g. revoked certificate) or after ``max_attempts`` failed connections."""
         self._loop = asyncio.get_running_loop()
+        self.check_certificate_expiry()
         delay, attempts = self.backoff_initial, 0
         while not self._stop.is_set():
             try:
@@ -145,6 +146,23 @@ class FederationClient:
             except asyncio.TimeoutError:
                 pass
             delay = min(self.backoff_max, delay * 2)
+
+    def check_certificate_expiry(self, warn_days: float = 30.0) -> float | None:
+        """Seconds until this client's TLS certificate expires (None without credentials); logs a WARNING and
+        emits the event ``certificate_expiring`` when fewer than ``warn_days`` days are left."""
+        if self.credentials is None:
+            return None
+        import time
+
+        from cryptography import x509
+
+        cert = x509.load_pem_x509_certificate(self.credentials.tls_cert_pem)
+        left = cert.not_valid_after_utc.timestamp() - time.time()
+        if left < warn_days * 86400:
+            log.warning("this client's TLS certificate expires in %.1f days (%s): ask the federation to renew it "
+                        "(`mor-server pki renew NAME`)", left / 86400, cert.not_valid_after_utc.isoformat())
+            self.on_event("certificate_expiring", {"seconds_left": left})
+        return left
 
     def run_sync(self) -> None:
         asyncio.run(self.run())

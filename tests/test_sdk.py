@@ -148,3 +148,24 @@ def test_a_wrong_return_shape_is_refused_with_the_expected_shape(tmp_path, png_b
     rel = asyncio.run(c.score_items("r1", items, 5.0))
     assert isinstance(rel, Release) and rel.kind == "refuse"
     assert "expected list[list[float]] of shape [2, 2]" in rel.reason
+
+
+def test_sdk_warns_when_its_certificate_is_about_to_expire(tmp_path, caplog):
+    from fedutil import CARD, LengthScorer
+    from mor_client import ClientCredentials, FederationClient
+    from privacy import pki
+
+    pki.init_ca(tmp_path / "pki")
+    short = pki.issue_client(tmp_path / "pki", "soon", days=5)
+    events = []
+    c = FederationClient("localhost:1", ClientCredentials.from_dir(short), LengthScorer(), card=CARD,
+                         on_event=lambda k, i: events.append(k))
+    with caplog.at_level("WARNING", logger="mor.client"):
+        left = c.check_certificate_expiry()
+    assert 4 * 86400 < left < 5 * 86400
+    assert events == ["certificate_expiring"] and "expires in 5.0 days" in caplog.text
+    long = pki.issue_client(tmp_path / "pki", "later", days=365)
+    c = FederationClient("localhost:1", ClientCredentials.from_dir(long), LengthScorer(), card=CARD,
+                         on_event=lambda k, i: events.append(k))
+    c.check_certificate_expiry()
+    assert events == ["certificate_expiring"]
