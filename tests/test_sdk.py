@@ -68,6 +68,24 @@ def _readme_sdk_block() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+BLOCKER = f"""
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {HEAVY!r}:
+            raise ImportError(f"{{name}} is not installed (simulated base install of mor)")
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def _base_install_env(tmp_path) -> dict:
+    """Environment whose Python cannot import the training/alignment/demo stack (as after `pip install mor`)."""
+    d = tmp_path / "base-install"
+    d.mkdir(exist_ok=True)
+    (d / "sitecustomize.py").write_text(BLOCKER)
+    return {**os.environ, "PYTHONPATH": str(d)}
+
+
 def test_readme_sdk_example_runs_verbatim_against_a_loopback_server(pki_dir, png_bytes, tmp_path):
     from fedutil import make_items
     from mor_server.server import ServerConfig, ServerThread
@@ -75,7 +93,8 @@ def test_readme_sdk_example_runs_verbatim_against_a_loopback_server(pki_dir, png
     script = tmp_path / "sdk_example.py"
     script.write_text(_readme_sdk_block())
     with ServerThread(ServerConfig(pki_dir=pki_dir)) as srv:
-        env = {**os.environ, "MOR_SERVER": f"localhost:{srv.port}", "MOR_CREDS": str(pki_dir / "clients" / "carol")}
+        env = {**_base_install_env(tmp_path), "MOR_SERVER": f"localhost:{srv.port}",
+               "MOR_CREDS": str(pki_dir / "clients" / "carol")}
         proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         try:
@@ -169,3 +188,28 @@ def test_sdk_warns_when_its_certificate_is_about_to_expire(tmp_path, caplog):
                          on_event=lambda k, i: events.append(k))
     c.check_certificate_expiry()
     assert events == ["certificate_expiring"]
+
+
+def test_join_with_a_scorer_file_in_a_base_install(pki_dir, png_bytes, tmp_path):
+    """`mor-client join --scorer path/to/file.py:Class` works without torch & co. and answers a round."""
+    from fedutil import make_items
+    from mor_server.server import ServerConfig, ServerThread
+
+    f = tmp_path / "my_scorers.py"
+    f.write_text(SCORER_FILE)
+    with ServerThread(ServerConfig(pki_dir=pki_dir)) as srv:
+        proc = subprocess.Popen([sys.executable, "-m", "mor_client.cli", "-v", "join", "--server",
+                                 f"localhost:{srv.port}", "--creds", str(pki_dir / "clients" / "bob"),
+                                 "--scorer", f"{f}:LenScorer"], env=_base_install_env(tmp_path), cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            srv.wait_for_clients(1, timeout=60)
+            items = make_items(png_bytes, n=2, k=3)
+            out = srv.run_round(items, timeout=20)
+            assert out.ok, out.reason
+            assert out.reports["bob"] == [float(len(c)) for it in items for c in it.candidates]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            log, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, log[-3000:]
+    assert "simulated base install" not in log, log[-3000:]
