@@ -4,6 +4,7 @@
 import importlib.util
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,11 @@ PROTO = ROOT / "proto" / "mor" / "v1" / "federation.proto"
 
 
 def _npmenv():
+    if "npmenv" in sys.modules:  # shared with tests/interop (one npm install attempt per session)
+        return sys.modules["npmenv"]
     spec = importlib.util.spec_from_file_location("npmenv", ROOT / "tests" / "interop" / "npmenv.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["npmenv"] = mod
     spec.loader.exec_module(mod)
     return mod
 
