@@ -180,3 +180,27 @@ def test_reflection_v1_and_v1alpha_and_plaintext_health_port(pki_dir):
         async with federation(pki_dir, names=()) as (server, _, _):
             assert server.health_port is None  # off by default
     asyncio.run(main())
+
+
+def test_serve_health_port_flag_answers_probes_without_a_certificate(pki_dir):
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    proc = subprocess.Popen([sys.executable, "-m", "mor_server.cli", "serve", "--pki", str(pki_dir), "--port", "0",
+                             "--health-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        m = re.search(r"plaintext health on :(\d+)", line)
+        assert m, line
+        with grpc.insecure_channel(f"127.0.0.1:{m.group(1)}") as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="mor.v1.Federation"),
+                                                        timeout=10)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out[-2000:]
