@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup proto clean
+.PHONY: demo test setup proto interop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,3 +23,9 @@ test: $(STAMP)
 
 proto: $(STAMP)
 	$(VENV)/bin/python scripts/gen_proto.py
+
+# the wire contract's own checks: stubs fresh, buf lint (npm @bufbuild/buf), SecAgg vectors, the Node.js client
+# (tests/interop: installs its node_modules with npm; skipped without node/npm or the npm registry)
+interop: $(STAMP)
+	$(VENV)/bin/python -m pytest -q tests/test_proto_stubs.py tests/test_protocol_lint.py \
+		tests/test_protocol_vectors.py tests/interop $(ARGS)

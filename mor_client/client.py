@@ -186,6 +186,10 @@ class FederationClient:
                 req.identity_certificate = self.credentials.identity_cert_pem
             resp = await stub.Register(req, metadata=self._metadata(), timeout=15)
             self.client_id = resp.client_id
+            if resp.max_message_bytes > self.max_message_bytes:
+                log.warning("the server may send messages of up to %d bytes but this client receives at most %d: "
+                            "pass max_message_bytes=%d to FederationClient, or large tasks will fail",
+                            resp.max_message_bytes, self.max_message_bytes, resp.max_message_bytes)
             send_q: asyncio.Queue = asyncio.Queue()
             send_q.put_nowait(pb.ClientMessage(hello=pb.Hello(sdk_version=SDK_VERSION,
                                                               protocol_revision=PROTOCOL_REVISION)))
