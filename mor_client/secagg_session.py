@@ -50,7 +50,8 @@ class SecAggSession:
         self._query_audit = query_audit
         self._ca = x509.load_pem_x509_certificate(credentials.ca_pem)
         self._key = credentials.identity_key()
-        import privacy.ledger  # noqa: F401  (heavy: opacus/torch) now, not on the event loop in the first round
+        if ledger is not None:  # secagg+dp: the accounting stack (opacus/torch) now, not on the loop in round 1;
+            import privacy.ledger  # noqa: F401  plain secagg needs no ledger and runs on the base install
         self._rounds: dict[str, object] = {}
         self._modes: dict[str, str] = {}
 
@@ -179,7 +180,10 @@ class SecAggSession:
         await self._step(client, send_q, msg)
 
     async def _step(self, client, send_q, msg: pb.SecAggMessage) -> None:
-        from privacy.ledger import BudgetExceeded
+        if self.ledger is not None:  # only secagg+dp charges a budget; plain secagg runs on the base install
+            from privacy.ledger import BudgetExceeded
+        else:
+            BudgetExceeded = _NoBudget
         from privacy.secagg import STAGE_COLLECT_MASKED, InputOutOfRange, SecAggError, WeightIsolationError
 
         sc = self._rounds[msg.round_id]
@@ -224,3 +228,8 @@ class SecAggSession:
         if client is not None:
             client.audit_release(round_id, mode, rel, n_items=0)
             send_q.put_nowait(client.release_message(round_id, rel))
+
+
+class _NoBudget(Exception):
+    """Stands in for ``privacy.ledger.BudgetExceeded`` without a ledger (never raised: nothing is charged)."""
+

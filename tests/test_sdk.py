@@ -213,3 +213,51 @@ def test_join_with_a_scorer_file_in_a_base_install(pki_dir, png_bytes, tmp_path)
             log, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, log[-3000:]
     assert "simulated base install" not in log, log[-3000:]
+
+
+def test_secagg_clients_in_a_base_install_complete_a_round(pki_dir, png_bytes, tmp_path):
+    """Plain secagg needs no privacy ledger: `mor-client join --modes secagg` must start without opacus/torch."""
+    import numpy as np
+
+    from fedutil import make_items
+    from mor_server.server import ServerConfig, ServerThread
+
+    f = tmp_path / "my_scorers.py"
+    f.write_text(SCORER_FILE)
+    names = ("alice", "bob", "carol")
+    with ServerThread(ServerConfig(pki_dir=pki_dir)) as srv:
+        procs = [subprocess.Popen([sys.executable, "-m", "mor_client.cli", "-v", "join", "--server",
+                                   f"localhost:{srv.port}",
+                                   "--creds", str(pki_dir / "clients" / n), "--scorer", f"{f}:LenScorer",
+                                   "--modes", "secagg", "--query-audit", str(tmp_path / f"{n}.qa.sqlite")],
+                                  env=_base_install_env(tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for n in names]
+        try:
+            try:
+                srv.wait_for_clients(3, timeout=60)
+            except Exception:
+                for p in procs:
+                    p.terminate()
+                raise AssertionError([p.communicate(timeout=30)[0][-1500:] for p in procs]) from None
+            items = make_items(png_bytes, n=2, k=2)
+            w = {n: [1.0 / 3] * len(items) for n in names}
+            out = srv.run_secagg_round(items, weights=w, timeout=20)
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            logs = [p.communicate(timeout=30)[0] for p in procs]
+    assert out.ok, (out.reason, [lg[-1500:] for lg in logs])
+    expect = [float(len(c)) for it in items for c in it.candidates]
+    np.testing.assert_allclose(out.reports["sum"], expect, atol=1e-3)
+    assert all(p.returncode == 0 for p in procs), [lg[-1500:] for lg in logs]
+
+
+def test_dp_in_a_base_install_says_which_extra_to_install(pki_dir, tmp_path):
+    f = tmp_path / "my_scorers.py"
+    f.write_text(SCORER_FILE)
+    r = subprocess.run([sys.executable, "-m", "mor_client.cli", "join", "--server", "localhost:1", "--creds",
+                        str(pki_dir / "clients" / "bob"), "--scorer", f"{f}:LenScorer", "--modes", "dp", "--ledger",
+                        str(tmp_path / "l.sqlite")], env=_base_install_env(tmp_path), cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "pip install 'mor[dp]'" in r.stderr and "Traceback" not in r.stderr, r.stderr
