@@ -186,3 +186,40 @@ if __name__ == "__main__":
     if "--write" in sys.argv:
         VECTORS.write_text(json.dumps(build_vectors(), indent=1, sort_keys=True) + "\n")
         print(f"wrote {VECTORS}")
+
+
+def _documented_neighbours(ids: list[str], degree: int, seed: bytes) -> dict[str, set[str]]:
+    """docs/protocol.md §6.3, written from the text (no numpy): Fisher-Yates over the sorted ids, j uniform in
+    [0, i] from big-endian 64-bit words of SHA-256("mor-secagg-graph-order\\0" | seed | u64 counter), rejecting
+    words >= 2^64 - (2^64 mod (i+1)); neighbours = degree/2 on either side on that ring."""
+    def words():
+        ctr = 0
+        while True:
+            block = hashlib.sha256(b"mor-secagg-graph-order\x00" + seed + ctr.to_bytes(8, "big")).digest()
+            for k in range(0, 32, 8):
+                yield int.from_bytes(block[k:k + 8], "big")
+            ctr += 1
+    order, w = sorted(ids), words()
+    if degree >= len(order) - 1:
+        return {c: set(order) - {c} for c in order}
+    for i in range(len(order) - 1, 0, -1):
+        limit = (1 << 64) - ((1 << 64) % (i + 1))
+        x = next(w)
+        while x >= limit:
+            x = next(w)
+        j = x % (i + 1)
+        order[i], order[j] = order[j], order[i]
+    n, h = len(order), degree // 2
+    return {c: {order[(order.index(c) + d) % n] for d in range(-h, h + 1) if d} for c in order}
+
+
+def test_graph_is_the_documented_portable_shuffle():
+    """The SecAgg+ graph must be computable outside Python: no language-specific RNG in its definition."""
+    from privacy.secagg import graph
+
+    for n, k in ((8, 4), (13, 6), (40, 12)):
+        ids = [f"client-{i:02d}" for i in range(n)]
+        for s in range(5):
+            seed = _seed(f"graph-{n}-{s}")
+            got = {c: set(v) for c, v in graph.neighbours(ids, k, seed).items()}
+            assert got == _documented_neighbours(ids, k, seed), (n, k, s)

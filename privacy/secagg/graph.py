@@ -22,8 +22,6 @@ from __future__ import annotations
 import hashlib
 import math
 
-import numpy as np
-
 
 def default_degree(n: int) -> int:
     """Even degree ~ 2 log2(n), at least 4, at most n-1 (complete graph for small n)."""
@@ -71,8 +69,31 @@ def neighbours(client_ids: list[str], degree: int, seed: bytes) -> dict[str, fro
         return {c: frozenset(x for x in ids if x != c) for c in ids}
     if degree % 2:
         raise ValueError(f"degree must be even for a sparse graph (got {degree} with {n} clients)")
-    perm_seed = int.from_bytes(hashlib.sha256(b"mor-secagg-graph\x00" + seed).digest()[:8], "big")
-    order = [ids[i] for i in np.random.default_rng(perm_seed).permutation(n)]
+    order = _shuffle(ids, seed)
     pos = {c: i for i, c in enumerate(order)}
     h = degree // 2
     return {c: frozenset(order[(pos[c] + d) % n] for d in range(-h, h + 1) if d != 0) for c in ids}
+
+
+def _shuffle(ids: list[str], seed: bytes) -> list[str]:
+    """Portable Fisher-Yates shuffle (docs/protocol.md, SecAgg+ graph): for i = n-1 .. 1, j uniform in [0, i] from
+    big-endian 64-bit words of SHA-256("mor-secagg-graph-order\\0" | seed | u64 counter), rejecting words
+    >= 2^64 - (2^64 mod (i+1)) (no modulo bias); no language-specific RNG, so any client can reproduce the graph."""
+    def words():
+        ctr = 0
+        while True:
+            block = hashlib.sha256(b"mor-secagg-graph-order\x00" + seed + ctr.to_bytes(8, "big")).digest()
+            for k in range(0, 32, 8):
+                yield int.from_bytes(block[k:k + 8], "big")
+            ctr += 1
+
+    out, w = list(ids), words()
+    for i in range(len(out) - 1, 0, -1):
+        limit = (1 << 64) - ((1 << 64) % (i + 1))
+        x = next(w)
+        while x >= limit:
+            x = next(w)
+        j = x % (i + 1)
+        out[i], out[j] = out[j], out[i]
+    return out
+
