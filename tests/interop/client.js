@@ -11,6 +11,7 @@ const path = require('path');
 const crypto = require('crypto');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
+const { SecAggRound } = require('./secagg');
 
 const PROTOCOL_REVISION = 2;  // docs/protocol.md, "Versioning"
 const SDK_VERSION = 'mor-node-interop/0.1.0';
@@ -90,18 +91,35 @@ function dpRelease(scores, clip, nm) {
 // ---- session lifecycle: Register, then Session (hello -> welcome -> tasks -> reports/acks) -------------------------
 const card = {
   architecture: 'node-length', parameter_count: 0, training_epsilon: Infinity, training_delta: 0,
-  supported_modes: modes.map((m) => ({ plain: 'PRIVACY_MODE_PLAIN', dp: 'PRIVACY_MODE_DP' })[m]),
+  supported_modes: modes.map((m) => ({ plain: 'PRIVACY_MODE_PLAIN', dp: 'PRIVACY_MODE_DP', secagg: 'PRIVACY_MODE_SECAGG' })[m]),
   privacy_unit: 'pair', domain: 'interop', training_examples: 0,
   card_json: JSON.stringify({ architecture: 'node-length', language: 'javascript' }),
 };
 
-client.Register({ card, sdk_version: SDK_VERSION }, { deadline: Date.now() + 15000 }, (err, resp) => {
+const idCertPath = path.join(creds, 'identity.crt');
+const identityCert = fs.existsSync(idCertPath) ? fs.readFileSync(idCertPath) : Buffer.alloc(0);
+const rounds = {};  // SecAgg+ rounds in progress: round_id -> SecAggRound
+
+client.Register({ card, sdk_version: SDK_VERSION, identity_certificate: identityCert }, { deadline: Date.now() + 15000 }, (err, resp) => {
   if (err) {
     emit('end', { stage: 'register', code: err.code, details: err.details });
     process.exit(3);
   }
   emit('registered', { client_id: resp.client_id, max_message_bytes: Number(resp.max_message_bytes) });
+  const clientId = resp.client_id;
   const call = client.Session();
+  function secaggAnswer(r, stage, payload) {
+    try {
+      const out = r.handle(stage, payload);
+      emit('secagg', { round_id: r.roundId, stage });
+      call.write({ report: { round_id: r.roundId, secagg: { round_id: r.roundId, stage, payload: out } } });
+      if (r.next === 'done') delete rounds[r.roundId];
+    } catch (e) {
+      delete rounds[r.roundId];
+      emit('secagg_error', { round_id: r.roundId, stage, error: e.message });
+      call.write({ refusal: { round_id: r.roundId, reason: `secure aggregation aborted: ${e.message}`, code: 10 } });
+    }
+  }
   let stopping = false;
   const stop = () => { if (!stopping) { stopping = true; call.end(); } };
   process.on('SIGTERM', stop);
@@ -118,10 +136,19 @@ client.Register({ card, sdk_version: SDK_VERSION }, { deadline: Date.now() + 150
         break;
       case 'task': {
         const t = msg.task;
-        const mode = { PRIVACY_MODE_PLAIN: 'plain', PRIVACY_MODE_DP: 'dp' }[t.mode] || t.mode;
+        const mode = { PRIVACY_MODE_PLAIN: 'plain', PRIVACY_MODE_DP: 'dp', PRIVACY_MODE_SECAGG: 'secagg' }[t.mode] || t.mode;
         emit('task', { round_id: t.round_id, mode, items: t.items.length, score_bound: t.score_bound });
         const scores = rawScores(t);
-        if (mode === 'plain' && modes.includes('plain')) {
+        if (mode === 'secagg' && modes.includes('secagg') && t.secagg) {
+          try {
+            const r = new SecAggRound(t.round_id, clientId, fs.readFileSync(path.join(creds, 'identity.key')),
+              identityCert, fs.readFileSync(path.join(creds, 'ca.crt')), scores);
+            rounds[t.round_id] = r;
+            secaggAnswer(r, t.secagg.stage, t.secagg.payload);
+          } catch (e) {
+            call.write({ refusal: { round_id: t.round_id, reason: `secure aggregation: ${e.message}`, code: 10 } });
+          }
+        } else if (mode === 'plain' && modes.includes('plain')) {
           call.write({ report: { round_id: t.round_id, plain: { scores } } });
         } else if (mode === 'dp' && modes.includes('dp') && t.dp) {
           const { noised, eps } = dpRelease(scores, t.dp.clip, t.dp.noise_multiplier);
@@ -135,7 +162,13 @@ client.Register({ card, sdk_version: SDK_VERSION }, { deadline: Date.now() + 150
       case 'ack':
         emit('ack', { round_id: msg.ack.round_id, code: msg.ack.code, field: msg.ack.field, message: msg.ack.message });
         break;
+      case 'secagg': {
+        const r = rounds[msg.secagg.round_id];
+        if (r) secaggAnswer(r, msg.secagg.stage, msg.secagg.payload);
+        break;
+      }
       case 'cancelled':
+        delete rounds[msg.cancelled.round_id];
         emit('cancelled', { round_id: msg.cancelled.round_id });
         break;
       default:

@@ -95,3 +95,51 @@ def test_node_client_completes_plain_and_dp_rounds_beside_a_python_client(node_r
         acks = node.kinds("ack")
         assert len(acks) == 2 and all(a["code"] == 0 for a in acks), acks
     asyncio.run(main())
+
+
+def test_node_secagg_codec_and_primitives_reproduce_the_vectors(node_ready):
+    """tests/interop/secagg.js (written from docs/protocol.md §6) reproduces tests/vectors/secagg_v1.json."""
+    r = subprocess.run(["node", str(HERE / "vectors_check.js")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout) == {"messages": 12, "graph": 8, "primitives": 6}
+
+
+def test_two_node_clients_and_a_python_client_complete_a_secagg_round(node_ready, pki_dir, png_bytes):
+    """SecAgg+ implemented outside Python: two Node clients and one Python SDK client, 3 survivors, exact sum."""
+    import numpy as np
+
+    from mor_client import ClientCredentials, FederationClient
+    from mor_client.secagg_session import SecAggSession
+
+    async def main():
+        server = FederationServer(ServerConfig(pki_dir=pki_dir))
+        await server.start()
+        creds = ClientCredentials.from_dir(pki_dir / "clients" / "alice")
+        py = FederationClient(f"localhost:{server.port}", creds, LengthScorer(offset=0.0),
+                              card={"architecture": "py-length", "parameter_count": 0, "supported_modes": ["secagg"]},
+                              policy=ReleasePolicy(("secagg",)), secagg_handler=SecAggSession(creds))
+        py_task = asyncio.create_task(py.run())
+        nodes = [NodeClient(server.port, pki_dir / "clients" / n, off, "secagg")
+                 for n, off in (("carol", 1), ("dave", 2))]
+        try:
+            await server.wait_for_clients(3, timeout=30)
+            items = make_items(png_bytes, n=2, k=2)
+            w = {"alice": [0.5, 0.2], "carol": [0.25, 0.4], "dave": [0.25, 0.4]}
+            out = await server.run_secagg_round(items, weights=w, timeout=15, stage_timeout=5)
+        finally:
+            rcs = [await asyncio.to_thread(n.stop) for n in nodes]
+            await py.stop()
+            await asyncio.gather(py_task, return_exceptions=True)
+            await server.stop()
+        assert out.ok, (out.reason, [n.events[-4:] for n in nodes])
+        sizes = [len(it.candidates) for it in items]
+        base = np.array([len(c) for it in items for c in it.candidates], dtype=float)
+        expect = sum(np.repeat(np.array(w[c]), sizes) * (base + off) for c, off in (("alice", 0), ("carol", 1),
+                                                                                    ("dave", 2)))
+        np.testing.assert_allclose(out.reports["sum"], expect, atol=1e-3)
+        assert sorted(out.reports["survivors"]) == ["alice", "carol", "dave"]
+        assert rcs == [0, 0], [n.proc.stderr.read()[-1000:] for n in nodes]
+        for n in nodes:
+            assert [e["stage"] for e in n.kinds("secagg")] == ["setup", "reveal", "share_keys", "collect_masked",
+                                                                "consistency", "unmask"], n.events
+    asyncio.run(main())
