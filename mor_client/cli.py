@@ -125,11 +125,7 @@ def _join(args) -> int:
     creds = None if args.insecure else ClientCredentials.from_dir(args.creds)
     ledger = None
     if args.ledger is not None:
-        try:
-            from privacy.ledger import PrivacyLedger
-        except ImportError as e:  # the base install has no DP accounting stack
-            raise UsageError(f"--ledger (dp, secagg+dp) needs the DP accounting extra: pip install 'mor[dp]' ({e})") \
-                from None
+        from privacy.ledger import PrivacyLedger
 
         ledger = PrivacyLedger(args.ledger, client_level_budget=args.budget, delta=args.delta)
     elif "dp" in modes or "secagg+dp" in modes:

@@ -288,6 +288,12 @@ def _add_serve(sub) -> None:
     p.add_argument("--health-port", type=port, default=None,
                    help="also serve grpc.health.v1 (only) in PLAINTEXT on this port, for load balancers and "
                         "Kubernetes probes without a client certificate (default: off)")
+    p.add_argument("--max-abs-score", type=float_range(0, lo_open=True), default=1000.0,
+                   help="declared range of plain-mode scores (ScoringTask.score_bound): a report with |score| above "
+                        "it is rejected with INVALID_ARGUMENT")
+    p.add_argument("--min-protocol-revision", type=positive_int, default=1,
+                   help="oldest mor.v1 protocol revision accepted at hello (docs/protocol.md, Versioning); older "
+                        "clients get FAILED_PRECONDITION")
     p.add_argument("--insecure", action="store_true",
                    help="DANGER: serve without TLS (identities unauthenticated); local debugging only")
     p.add_argument("--max-message-mb", type=float_range(0, 2047, lo_open=True), default=16.0,
@@ -309,6 +315,7 @@ def _serve(args) -> int:
         raise UsageError(f"--port {args.port} is not a TCP port (0-65535)")
     cfg = ServerConfig(host=args.host, port=args.port, pki_dir=None if args.insecure else args.pki,
                        insecure=args.insecure, metrics_port=args.metrics_port, health_port=args.health_port,
+                       max_abs_score=args.max_abs_score, min_protocol_revision=args.min_protocol_revision,
                        max_message_bytes=int(args.max_message_mb * (1 << 20)))
 
     async def main():

@@ -74,7 +74,7 @@ import importlib.abc, sys
 class _Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in {HEAVY!r}:
-            raise ImportError(f"{{name}} is not installed (simulated base install of mor)")
+            raise ModuleNotFoundError(f"No module named {{name!r}} (simulated base install of mor)", name=name)
 sys.meta_path.insert(0, _Block())
 """
 
@@ -253,12 +253,14 @@ def test_secagg_clients_in_a_base_install_complete_a_round(pki_dir, png_bytes, t
     assert all(p.returncode == 0 for p in procs), [lg[-1500:] for lg in logs]
 
 
-def test_dp_in_a_base_install_says_which_extra_to_install(pki_dir, tmp_path):
+def test_dp_in_a_base_install_ends_in_one_line_naming_the_missing_package(pki_dir, tmp_path):
     f = tmp_path / "my_scorers.py"
     f.write_text(SCORER_FILE)
-    r = subprocess.run([sys.executable, "-m", "mor_client.cli", "join", "--server", "localhost:1", "--creds",
+    r = subprocess.run([sys.executable, "-c", "import sys; from mor.entry import mor_client; sys.exit(mor_client())",
+                        "join", "--server", "localhost:1", "--creds",
                         str(pki_dir / "clients" / "bob"), "--scorer", f"{f}:LenScorer", "--modes", "dp", "--ledger",
                         str(tmp_path / "l.sqlite")], env=_base_install_env(tmp_path), cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
-    assert "pip install 'mor[dp]'" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "opacus is not installed" in r.stderr and "pip install 'mor[" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
