@@ -58,19 +58,54 @@ function rawScores(task) {
   return out;
 }
 
-// ---- the dp mechanism of docs/protocol.md ("DP mode") -------------------------------------------------------------
+// ---- the dp mechanism of docs/protocol.md ("The dp mode") ---------------------------------------------------------
 // clip to [-C, C]; sigma = noise_multiplier * 2 C sqrt(m); grid g = C / 2^k, k = max(20, ceil(log2(2^16 C / sigma)));
-// release (round(x/g) + Z) * g with Z ~ N_Z(0, (sigma/g)^2). NOTE: this interop client draws Z by rounding a
-// continuous Gaussian from crypto.randomBytes (Box-Muller): good enough to exercise the protocol, NOT the exact
-// discrete sampler a production client must use (Canonne-Kamath-Steinke 2020, as mor_client does).
-function uniform01() {
-  const b = crypto.randomBytes(7);
-  let v = 0;
-  for (const x of b) v = v * 256 + x;
-  return (v + 0.5) / 2 ** 56;
+// release (round_half_even(x/g) + Z) * g with Z ~ N_Z(0, (sigma/g)^2), the discrete Gaussian drawn EXACTLY with
+// Canonne-Kamath-Steinke 2020 (Algorithms 1-3) in BigInt rational arithmetic from crypto.randomInt/randomBytes.
+function randBelowBig(q) {  // uniform integer in [0, q), rejection sampling (no modulo bias)
+  const bits = q.toString(2).length;
+  const nbytes = Math.ceil(bits / 8);
+  const mask = (1n << BigInt(bits)) - 1n;
+  for (;;) {
+    const v = BigInt('0x' + crypto.randomBytes(nbytes).toString('hex')) & mask;
+    if (v < q) return v;
+  }
 }
-function gauss() {
-  return Math.sqrt(-2 * Math.log(uniform01())) * Math.cos(2 * Math.PI * uniform01());
+const bernoulli = (p, q) => randBelowBig(q) < p;  // P = p/q
+function bernoulliExp(p, q) {  // exp(-p/q), p/q >= 0 (CKS Algorithm 1)
+  if (p <= q) {
+    let k = 1n;
+    while (bernoulli(p, q * k)) k += 1n;
+    return k % 2n === 1n;
+  }
+  for (let i = 0n; i < p / q; i++) if (!bernoulliExp(1n, 1n)) return false;
+  return bernoulliExp(p % q, q);
+}
+function discreteLaplace(t) {  // P(Y = y) ~ exp(-|y|/t), integer t >= 1 (CKS Algorithm 2)
+  for (;;) {
+    const u = randBelowBig(t);
+    if (!bernoulliExp(u, t)) continue;
+    let v = 0n;
+    while (bernoulliExp(1n, 1n)) v += 1n;
+    const neg = bernoulli(1n, 2n);
+    if (neg && u === 0n && v === 0n) continue;
+    const z = u + t * v;
+    return neg ? -z : z;
+  }
+}
+function discreteGaussian(sigma) {  // N_Z(0, sigma^2) (CKS Algorithm 3); sigma >= 2^16 is N / 2^52 exactly
+  const N = BigInt(sigma * 2 ** 52);
+  const S = 1n << 52n;
+  const t = N / S + 1n;
+  for (;;) {
+    const y = discreteLaplace(t);
+    const a = (y < 0n ? -y : y) * t * S * S - N * N;  // (|y| - sigma^2 / t) * t * S^2
+    if (bernoulliExp(a * a, 2n * t * t * N * N * S * S)) return y;
+  }
+}
+function roundHalfEven(v) {
+  const f = Math.floor(v); const r = v - f;
+  if (r > 0.5) return f + 1; if (r < 0.5) return f; return f % 2 === 0 ? f : f + 1;
 }
 let rhoSpent = 0;  // zCDP of all releases so far: each release is (1 / (2 nm^2))-zCDP (sensitivity / sigma = 1 / nm)
 const DELTA = 1e-5;
@@ -79,9 +114,11 @@ function dpRelease(scores, clip, nm) {
   const sigma = nm * 2 * clip * Math.sqrt(m);
   const k = Math.max(20, Math.ceil(Math.log2((2 ** 16) * clip / sigma)));
   const g = clip / 2 ** k;
+  const lim = 2 ** k;
   const noised = scores.map((s) => {
     const x = Math.max(-clip, Math.min(clip, s));
-    return (Math.round(x / g) + Math.round(gauss() * sigma / g)) * g;
+    const q = Math.max(-lim, Math.min(lim, roundHalfEven(x / g)));
+    return (q + Number(discreteGaussian(sigma / g))) * g;
   });
   rhoSpent += 1 / (2 * nm * nm);
   const eps = rhoSpent + 2 * Math.sqrt(rhoSpent * Math.log(1 / DELTA));  // zCDP -> (eps, delta): informational
