@@ -39,7 +39,7 @@ def _run(args) -> int:
         print(f"mor-client budget: error: --ledger {path}: no such ledger file", file=sys.stderr)
         return 2
     try:
-        L = PrivacyLedger(path, delta=args.delta) if args.delta else PrivacyLedger(path)
+        L = PrivacyLedger(path, delta=args.delta, read_only=True)  # auditing writes nothing, --delta included
     except LedgerError as e:
         print(f"mor-client budget: error: --ledger: {e}", file=sys.stderr)
         return 2

@@ -117,14 +117,19 @@ class PrivacyLedger:
     at which client-level epsilon is reported and enforced.
     """
 
-    def __init__(self, path, *, client_level_budget: float | None = None, delta: float = 1e-5):
+    def __init__(self, path, *, client_level_budget: float | None = None, delta: float | None = None,
+                 read_only: bool = False):
         if client_level_budget is not None and not (client_level_budget >= 0 and not math.isnan(client_level_budget)):
             raise LedgerError(f"client_level_budget must be a non-negative number, got {client_level_budget!r}")
-        if not (0 < delta < 1):
+        if delta is not None and not (0 < delta < 1):
             raise LedgerError(f"delta must be in (0, 1), got {delta!r}")
         self.path = Path(path)
+        self.read_only = bool(read_only)
         if self.path.is_dir():
             raise LedgerError(f"{self.path} is a directory; give the ledger's SQLite file")
+        if self.read_only:
+            self._open_read_only(client_level_budget, delta)
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -141,7 +146,7 @@ class PrivacyLedger:
             if client_level_budget is None and "budget" in stored:
                 client_level_budget = json.loads(stored["budget"])
             self.budget = client_level_budget
-            self.delta = float(delta)
+            self.delta = float(delta if delta is not None else json.loads(stored.get("delta", "1e-05")))
             with self._tx():
                 self._db.execute("INSERT OR REPLACE INTO config VALUES ('budget', ?)", (json.dumps(self.budget),))
                 self._db.execute("INSERT OR REPLACE INTO config VALUES ('delta', ?)", (json.dumps(self.delta),))
@@ -153,6 +158,41 @@ class PrivacyLedger:
             raise LedgerError(f"{self.path} is not a readable MoR privacy ledger ({e}); check the path, or restore "
                               "the file from a backup (a new, empty ledger would forget the epsilon already spent)"
                               ) from None
+
+    def _open_read_only(self, client_level_budget, delta) -> None:
+        """Open for auditing: nothing is written (not even the WAL pragma or the stored budget/delta); budget and
+        delta default to the ledger's own stored values; a charge raises LedgerError."""
+        from urllib.parse import quote
+
+        if not self.path.is_file():
+            raise LedgerError(f"{self.path}: no such ledger file")
+        self._db = None
+        uri = f"file:{quote(str(self.path.resolve()))}"
+        try:
+            try:  # mode=ro reads a live WAL ledger; immutable=1 a copy on read-only media (no -shm can be made)
+                self._db = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=30.0, isolation_level=None,
+                                           check_same_thread=False)
+                self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            except sqlite3.OperationalError:
+                if self._db is not None:
+                    self._db.close()
+                self._db = sqlite3.connect(uri + "?immutable=1", uri=True, isolation_level=None,
+                                           check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._check_schema()
+            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not set(self._COLUMNS) <= tables:
+                raise LedgerError(f"{self.path} holds no MoR privacy ledger tables (an empty file?); check the path")
+            stored = dict(self._db.execute("SELECT key, value FROM config").fetchall())
+            self.budget = client_level_budget if client_level_budget is not None else (
+                json.loads(stored["budget"]) if "budget" in stored else None)
+            self.delta = float(delta if delta is not None else json.loads(stored.get("delta", "1e-05")))
+        except (sqlite3.DatabaseError, ValueError, LedgerError) as e:
+            if self._db is not None:
+                self._db.close()
+            if isinstance(e, LedgerError):
+                raise
+            raise LedgerError(f"{self.path} is not a readable MoR privacy ledger ({e}); check the path") from None
 
     #: columns a ledger's tables must have (older or foreign files are refused on open, not mid-query)
     _COLUMNS = {"config": frozenset({"key", "value"}),
@@ -192,6 +232,9 @@ class PrivacyLedger:
             return False
 
     def _tx(self):
+        if self.read_only:
+            raise LedgerError(f"{self.path} was opened read-only (for auditing); open it without read_only=True "
+                              "to record or charge")
         return self._Tx(self._db)
 
     def close(self) -> None:

@@ -53,7 +53,7 @@ def ledger_rows(ledger_path) -> tuple[list[dict], dict]:
     if not p.exists():
         raise FileNotFoundError(f"ledger {p} does not exist")
     try:
-        led = PrivacyLedger(p)
+        led = PrivacyLedger(p, read_only=True)  # an audit writes nothing into the client's ledger
     except LedgerError as e:
         raise ReportError(f"ledger {p}: {e}") from None
     try:
