@@ -111,7 +111,11 @@ class MoRRouter:
         known = [c for c in live if c in self.client_ids]
         if not known:
             return {c: [1.0 / len(live)] * n for c in live}
-        lg = self.logits(f, objective)[:, [self.client_ids.index(c) for c in known]]
+        # one row at a time: a batched matmul's last bits depend on the batch's size and make-up, and an item's
+        # weights must be a function of that item alone (the same prompt asked again in another GRPO batch must get
+        # bit-identical weights, or the clients' query audit refuses the second sum as a differencing attempt)
+        lg = (np.concatenate([self.logits(f[i:i + 1], objective) for i in range(n)]) if n else
+              self.logits(f, objective))[:, [self.client_ids.index(c) for c in known]]
         if self.top_k is not None and self.top_k < len(known):
             kth = np.sort(lg, axis=1)[:, -self.top_k][:, None]
             lg = np.where(lg >= kth, lg, -np.inf)

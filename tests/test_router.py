@@ -80,3 +80,28 @@ def test_calibration_rejects_bad_scores():
         r.calibrate(np.zeros((3, fx.dim), np.float32), {"a": [1.0, float("nan"), 0.0]})
     with pytest.raises(ValueError, match="score_diffs is empty"):
         r.calibrate(np.zeros((3, fx.dim), np.float32), {})
+
+
+def test_an_items_weights_do_not_depend_on_its_batch():
+    """The same prompt routed in batches of different size and order gets bit-identical weights: otherwise the
+    clients' query audit (privacy.secagg.query_audit) refuses the repeated item as a differencing attempt, which
+    failed most secagg rounds of a 400-step GRPO run once prompts started to repeat. (A batched float32 matmul's
+    last bits depend on the batch; before the fix a calibrated router gave 2-6 differing weights here.)"""
+    import numpy as np
+
+    from mor_client.data.partition import make_federation_split
+    from mor_server.features import FeatureExtractor
+    from mor_server.router import MoRRouter
+
+    fx = FeatureExtractor()
+    split = make_federation_split(seed=0, n_clients=3)
+    feats = np.stack([fx(e.image, e.question) for e in split.server_unlabeled[:64]]).astype(np.float32)
+    rng = np.random.default_rng(0)
+    for seed in range(3):
+        r = MoRRouter(["a", "b", "c"], fx.dim, hidden=32, seed=seed)
+        r.calibrate(feats, {c: rng.normal(size=64).tolist() for c in "abc"}, steps=100)
+        full = r.weights(feats)
+        for idx in ([0], [5, 0, 3], list(range(63, -1, -1)), list(range(8))):
+            part = r.weights(feats[idx])
+            for c in full:
+                assert [full[c][i] for i in idx] == part[c], (seed, idx[:3], c)
