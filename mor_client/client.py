@@ -53,12 +53,29 @@ class ClientStats:
     reconnects: int = 0
 
 
+class _Outbox(asyncio.Queue):
+    """The session's bounded send queue. A server that stops reading our stream would otherwise grow it without
+    limit: when it is full, ``on_full`` ends the session (the client reconnects with backoff) and the message is
+    dropped, so every ``put_nowait`` caller keeps working unchanged."""
+
+    def __init__(self, maxsize: int, on_full: Callable[[], None]):
+        super().__init__(maxsize=maxsize)
+        self._on_full = on_full
+
+    def put_nowait(self, item) -> None:
+        try:
+            super().put_nowait(item)
+        except asyncio.QueueFull:
+            self._on_full()
+
+
 class FederationClient:
     def __init__(self, server: str, credentials: ClientCredentials | None, scorer: Scorer, *, card: dict,
                  policy: ReleasePolicy | None = None, insecure_client_id: str | None = None,
                  server_name_override: str | None = None, backoff_initial: float = 0.2, backoff_max: float = 15.0,
                  max_attempts: int | None = None, max_message_bytes: int = 16 << 20,
-                 on_event: Callable[[str, dict], None] | None = None, secagg_handler=None, audit=None):
+                 on_event: Callable[[str, dict], None] | None = None, secagg_handler=None, audit=None,
+                 max_pending_tasks: int = 16, max_outbox: int = 1024):
         if credentials is None and insecure_client_id is None:
             raise ValueError("credentials are required (mTLS); pass insecure_client_id only for local debugging")
         if not hasattr(scorer, "score"):
@@ -73,6 +90,12 @@ class FederationClient:
         self.server_name_override = server_name_override
         self.backoff_initial, self.backoff_max, self.max_attempts = backoff_initial, backoff_max, max_attempts
         self.max_message_bytes = max_message_bytes
+        if int(max_pending_tasks) < 1 or int(max_outbox) < 2:
+            raise ValueError("max_pending_tasks must be >= 1 and max_outbox >= 2")
+        self.max_pending_tasks = int(max_pending_tasks)
+        """Tasks scored at once; a server sending more gets RESOURCE_EXHAUSTED refusals, not unbounded work."""
+        self.max_outbox = int(max_outbox)
+        """Messages waiting to be sent; a server that does not read them ends the session (bounded memory)."""
         self.on_event = on_event or (lambda kind, info: None)
         self.secagg_handler = secagg_handler
         self.audit = audit
@@ -190,7 +213,14 @@ class FederationClient:
                 log.warning("the server may send messages of up to %d bytes but this client receives at most %d: "
                             "pass max_message_bytes=%d to FederationClient, or large tasks will fail",
                             resp.max_message_bytes, self.max_message_bytes, resp.max_message_bytes)
-            send_q: asyncio.Queue = asyncio.Queue()
+            def outbox_full() -> None:
+                log.error("the server is not reading this session's stream (%d messages waiting to be sent); "
+                          "ending the session", self.max_outbox)
+                self.on_event("outbox_full", {"max_outbox": self.max_outbox})
+                if self._call is not None:
+                    self._call.cancel()
+
+            send_q: asyncio.Queue = _Outbox(self.max_outbox, outbox_full)
             send_q.put_nowait(pb.ClientMessage(hello=pb.Hello(sdk_version=SDK_VERSION,
                                                               protocol_revision=PROTOCOL_REVISION)))
 
@@ -220,6 +250,13 @@ class FederationClient:
                         self.stats.tasks += 1
                         log.info("task %s received: %s, %d items", msg.task.round_id,
                                  PB_TO_MODE.get(msg.task.mode, "unspecified"), len(msg.task.items))
+                        if len(by_round) >= self.max_pending_tasks:  # bounded work whatever the server sends
+                            log.warning("task %s refused: %d tasks already in progress", msg.task.round_id,
+                                        len(by_round))
+                            send_q.put_nowait(self.release_message(msg.task.round_id, Release(
+                                "refuse", code="RESOURCE_EXHAUSTED",
+                                reason=f"client busy: {len(by_round)} tasks in progress (max_pending_tasks)")))
+                            continue
                         t = asyncio.create_task(self._handle_task(msg.task, send_q))
                         workers.add(t)
                         by_round[msg.task.round_id] = t
@@ -248,7 +285,10 @@ class FederationClient:
                                                    "message": rej[3]})
                 return self.stats.sessions > 0
             finally:
-                send_q.put_nowait(None)
+                try:
+                    asyncio.Queue.put_nowait(send_q, None)  # end the outgoing stream (never "full" handling here)
+                except asyncio.QueueFull:
+                    pass  # the call is being torn down; its request iterator is cancelled with it
                 for t in workers:
                     t.cancel()
                 self._call = None
