@@ -71,6 +71,9 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=3e-3, help="SFT learning rate")
     ap.add_argument("--patch", type=int, default=16, help="vision patch size (64x64 images: 16 -> 16 image tokens)")
     ap.add_argument("--vision-steps", type=int, default=0, help="vision-tower pre-training steps (0: none)")
+    ap.add_argument("--oracle-grpo-steps", type=int, default=0,
+                    help="after SFT, this many GRPO steps with an oracle exact-match reward on the server's unlabeled "
+                         "prompts (the ceiling any reward can give from this reference; demo GRPO settings)")
     ap.add_argument("--eval-size", type=int, default=600, help="held-out test examples")
     ap.add_argument("--seed", type=int, default=0, help="federation split seed (test images, public split)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "policy_vision.json")
@@ -101,8 +104,37 @@ def main() -> int:
     print(f"{a.data} SFT-{a.sft_steps}, patch {a.patch}, vision pre-training {a.vision_steps} steps: "
           f"overall {100 * acc['overall']:.1f}% ({seconds:.0f} s)")
     print(format_accuracy_table(acc))
+    grpo = None
+    if a.oracle_grpo_steps:
+        import tempfile
+
+        from mor_server.grpo import GRPORunConfig, make_prompt_dataset, run_grpo
+        from mor_server.policy import exact_match, save_policy
+        from mor_server.rewards import completion_text
+
+        truth = {str(e.example_id): e.answer for e in split.server_unlabeled}
+        curve: list[float] = []
+
+        def oracle(prompts=None, completions=None, example_id=None, **kw):
+            r = [float(exact_match(completion_text(c), truth[str(i)])) for c, i in zip(completions, example_id)]
+            curve.append(sum(r) / len(r))
+            return r
+
+        work = Path(tempfile.mkdtemp(prefix="diag-vision-"))
+        save_policy(model, processor, work / "reference")
+        t1 = time.perf_counter()
+        res = run_grpo(work / "reference", make_prompt_dataset(split.server_unlabeled), [oracle], None,
+                       GRPORunConfig(output_dir=str(work / "grpo"), max_steps=a.oracle_grpo_steps, save_steps=0,
+                                     seed=a.seed))
+        after = accuracy(res["model"], res["processor"], test)
+        grpo = {"steps": a.oracle_grpo_steps, "seconds": time.perf_counter() - t1, "accuracy": after,
+                "train_reward_per_20_steps": [sum(curve[i:i + 20]) / len(curve[i:i + 20])
+                                              for i in range(0, len(curve), 20)]}
+        print(f"then oracle GRPO {a.oracle_grpo_steps} steps: overall {100 * after['overall']:.1f}% "
+              f"({grpo['seconds']:.0f} s)")
+        print(format_accuracy_table(after))
     rec = {"args": {k: str(v) for k, v in vars(a).items()}, "vision_pretraining": vision, "sft": info,
-           "seconds": seconds, "accuracy": acc,
+           "seconds": seconds, "accuracy": acc, "oracle_grpo": grpo,
            "parameters": sum(p.numel() for p in model.parameters())}
     runs = json.loads(a.out.read_text()) if a.out.is_file() else []
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -398,9 +398,10 @@ def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLl
     if isinstance(cached, dict) and cached.get("key") == key:
         model = LlavaForConditionalGeneration.from_pretrained(cache_dir, local_files_only=True)
         processor = LlavaProcessor.from_pretrained(cache_dir, local_files_only=True)
-        model.eval()
+        model.to(pick_device()[0]).eval()  # evaluation before GRPO runs where the policy will train
         return model, processor, {**cached.get("info", {}), "cached": True}
     model, processor = build_tiny_llava(config=tiny)
+    model.to(pick_device()[0])  # the warm start trains on the GPU when there is one (fp32 weights; saved as such)
     info = sft_warm_start(model, processor, examples, sft, progress=progress)
     # built in a staging folder and swapped in whole, warm_start.json (the cache's completion marker) written last
     # inside it: a run killed while saving leaves the old cache or none, never a half-written one that is trusted
