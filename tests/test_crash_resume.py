@@ -180,7 +180,9 @@ def test_warm_start_cache_is_swapped_in_whole(tmp_path, monkeypatch):
 
     monkeypatch.setattr(policy, "save_policy", dying_save)
     monkeypatch.setattr(policy, "sft_warm_start", lambda *a, **k: {"steps": 0})
-    monkeypatch.setattr(policy, "build_tiny_llava", lambda config=None: (object(), object()))
+    import torch
+
+    monkeypatch.setattr(policy, "build_tiny_llava", lambda config=None: (torch.nn.Linear(1, 1), object()))
     monkeypatch.setattr(policy, "examples_digest", lambda ex: "d", raising=False)
     cache = tmp_path / "reference"
     with pytest.raises(Boom):
