@@ -139,8 +139,13 @@ def test_client_that_does_not_read_is_disconnected_others_unaffected(pki_dir, pn
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     async for _ in call:
                         pass
-                assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert "not reading" in e.value.details() or "did not read" in e.value.details()
+                # the server ended it with RESOURCE_EXHAUSTED (the metric above); the flooding client sees that
+                # status, unless its own pending write fails first in gRPC core, which it reports as INTERNAL
+                if e.value.code() == grpc.StatusCode.INTERNAL:
+                    assert "SendMessage" in (e.value.debug_error_string() or ""), e.value
+                else:
+                    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert "not reading" in e.value.details() or "did not read" in e.value.details()
             assert (await server.run_round(make_items(png_bytes), participants=["alice"], timeout=5)).ok
     asyncio.run(main())
 

@@ -65,6 +65,9 @@ def test_csr_enrolment_join_round_renew_and_server_rotation(tmp_path, png_bytes,
         c = FederationClient(f"localhost:{server.port}", ClientCredentials.from_dir(inst), LengthScorer(), card=CARD)
         t = asyncio.create_task(c.run())
         try:
+            # this client's own session first: the previous call's session may still be counted online until the
+            # server has processed its end, and a round sent to it would find eve "not connected"
+            await asyncio.wait_for(c.connected.wait(), 20)
             await server.wait_for_clients(1, timeout=20)
             items = make_items(png_bytes, n=2, k=2)
             out = await server.run_round(items, timeout=10)
