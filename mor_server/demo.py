@@ -34,7 +34,7 @@ from typing_extensions import NotRequired, TypedDict
 from mor.cliargs import non_negative_int, output_dir, positive_int
 from privacy import pki
 
-from .fsutil import replace_dir, staging_dir
+from privacy.fsutil import replace_dir, staging_dir
 from .procs import ClientProcess, mor_client_argv, reap_stale, run_child, stop_all
 
 DEFAULT_CLIENTS = (
@@ -562,7 +562,7 @@ def _run_demo_locked(cfg: DemoConfig, work: Path, stop, sigs) -> dict:
     out = work / "report"
     out.mkdir(parents=True, exist_ok=True)
     # atomically (a kill while writing leaves the previous report, not half of one)
-    from .fsutil import atomic_write_text
+    from privacy.fsutil import atomic_write_text
 
     atomic_write_text(out / "demo.json", json.dumps(report, indent=2, default=str))
     print_summary(report, out)

@@ -405,7 +405,7 @@ def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLl
     info = sft_warm_start(model, processor, examples, sft, progress=progress)
     # built in a staging folder and swapped in whole, warm_start.json (the cache's completion marker) written last
     # inside it: a run killed while saving leaves the old cache or none, never a half-written one that is trusted
-    from .fsutil import replace_dir, staging_dir
+    from privacy.fsutil import replace_dir, staging_dir
 
     staged = staging_dir(cache_dir)
     save_policy(model, processor, staged)

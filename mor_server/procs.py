@@ -26,7 +26,7 @@ from pathlib import Path
 
 from mor_client.parentwatch import ENV as PARENT_ENV
 
-from .fsutil import atomic_write_text
+from privacy.fsutil import atomic_write_text
 
 
 def _child_env(extra: dict | None = None) -> dict:

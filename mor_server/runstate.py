@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .fsutil import atomic_write_text, replace_dir, staging_dir
+from privacy.fsutil import atomic_write_text, replace_dir, staging_dir
 from .grpo import discard_incomplete_checkpoints, latest_checkpoint
 
 STATE_FILE = "run.json"

@@ -142,11 +142,7 @@ class PrivacyLedger:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
-            stored = dict(self._db.execute("SELECT key, value FROM config").fetchall())
-            if client_level_budget is None and "budget" in stored:
-                client_level_budget = json.loads(stored["budget"])
-            self.budget = client_level_budget
-            self.delta = float(delta if delta is not None else json.loads(stored.get("delta", "1e-05")))
+            self._load_settings(client_level_budget, delta)
             with self._tx():
                 self._db.execute("INSERT OR REPLACE INTO config VALUES ('budget', ?)", (json.dumps(self.budget),))
                 self._db.execute("INSERT OR REPLACE INTO config VALUES ('delta', ?)", (json.dumps(self.delta),))
@@ -158,6 +154,13 @@ class PrivacyLedger:
             raise LedgerError(f"{self.path} is not a readable MoR privacy ledger ({e}); check the path, or restore "
                               "the file from a backup (a new, empty ledger would forget the epsilon already spent)"
                               ) from None
+
+    def _load_settings(self, client_level_budget, delta) -> None:
+        """budget and delta: as given, else as stored in the ledger (a budget given once is kept), else none / 1e-5."""
+        stored = dict(self._db.execute("SELECT key, value FROM config").fetchall())
+        self.budget = client_level_budget if client_level_budget is not None else (
+            json.loads(stored["budget"]) if "budget" in stored else None)
+        self.delta = float(delta if delta is not None else json.loads(stored.get("delta", "1e-05")))
 
     def _open_read_only(self, client_level_budget, delta) -> None:
         """Open for auditing: nothing is written (not even the WAL pragma or the stored budget/delta); budget and
@@ -183,10 +186,7 @@ class PrivacyLedger:
             tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             if not set(self._COLUMNS) <= tables:
                 raise LedgerError(f"{self.path} holds no MoR privacy ledger tables (an empty file?); check the path")
-            stored = dict(self._db.execute("SELECT key, value FROM config").fetchall())
-            self.budget = client_level_budget if client_level_budget is not None else (
-                json.loads(stored["budget"]) if "budget" in stored else None)
-            self.delta = float(delta if delta is not None else json.loads(stored.get("delta", "1e-05")))
+            self._load_settings(client_level_budget, delta)
         except (sqlite3.DatabaseError, ValueError, LedgerError) as e:
             if self._db is not None:
                 self._db.close()

@@ -24,9 +24,7 @@ from __future__ import annotations
 import datetime as _dt
 import ipaddress
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +32,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .fsutil import atomic_write_bytes
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -48,19 +48,8 @@ def _now() -> _dt.datetime:
 
 
 def _atomic_write(path: Path, data: bytes, *, private: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600 if private else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Keys 0600, certificates and public files 0644, replaced atomically (:mod:`privacy.fsutil`)."""
+    atomic_write_bytes(path, data, mode=0o600 if private else 0o644)
 
 
 def _key_pem(key) -> bytes:
@@ -151,10 +140,9 @@ def init_ca(pki_dir: str | Path, *, name: str = "MoR federation CA", days: float
     return ca
 
 
-def issue_server(pki_dir: str | Path, *, hosts: tuple[str, ...] = DEFAULT_HOSTS, days: float = 825,
-                 ca: CA | None = None) -> Path:
-    pki_dir = Path(pki_dir)
-    ca = ca or CA.load(pki_dir)
+def _write_server_tls(out: Path, ca: "CA", hosts: tuple[str, ...], days: float) -> Path:
+    """A fresh server TLS key and its CA-signed certificate (SANs: ``hosts``, CN: the first), written to
+    ``out``/server.key then server.crt (the key first: a server never loads a mismatched pair)."""
     if not hosts:
         raise PKIError("server certificate needs at least one host name or IP address (--hosts)")
     sans = []
@@ -164,15 +152,20 @@ def issue_server(pki_dir: str | Path, *, hosts: tuple[str, ...] = DEFAULT_HOSTS,
         except ValueError:
             sans.append(x509.DNSName(h))
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        ca._builder(_name(hosts[0]), key.public_key(), days)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca.key, hashes.SHA256())
-    )
-    out = pki_dir / "server"
+    cert = (ca._builder(_name(hosts[0]), key.public_key(), days)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca.key, hashes.SHA256()))
     _atomic_write(out / "server.key", _key_pem(key), private=True)
     _atomic_write(out / "server.crt", _cert_pem(cert))
+    return out
+
+
+def issue_server(pki_dir: str | Path, *, hosts: tuple[str, ...] = DEFAULT_HOSTS, days: float = 825,
+                 ca: CA | None = None) -> Path:
+    pki_dir = Path(pki_dir)
+    ca = ca or CA.load(pki_dir)
+    out = _write_server_tls(pki_dir / "server", ca, hosts, days)
     _atomic_write(out / "ca.crt", _cert_pem(ca.cert))
     # the server's Ed25519 identity key signs its audit log; its certificate lets a third party pin it
     id_key = ed25519.Ed25519PrivateKey.generate()
@@ -311,22 +304,7 @@ def renew_server(pki_dir: str | Path, *, days: float = 825, hosts: tuple[str, ..
                           + [str(v) for v in san.get_values_for_type(x509.IPAddress)])
         except (FileNotFoundError, x509.ExtensionNotFound):
             hosts = DEFAULT_HOSTS
-    if not hosts:
-        raise PKIError("server certificate needs at least one host name or IP address (--hosts)")
-    sans = []
-    for h in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            sans.append(x509.DNSName(h))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (ca._builder(_name(hosts[0]), key.public_key(), days)
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(ca.key, hashes.SHA256()))
-    _atomic_write(out / "server.key", _key_pem(key), private=True)
-    _atomic_write(out / "server.crt", _cert_pem(cert))
-    return out
+    return _write_server_tls(out, ca, hosts, days)
 
 
 def key_matches_cert(key_pem: bytes, cert_pem: bytes) -> bool:

@@ -106,14 +106,14 @@ def test_model_folder_without_card_is_not_a_model(tmp_path, monkeypatch):
     d = tmp_path / "m"
     store.save_model_dir(d, model, Vocab([PAD, UNK, SEP, "a"]), {"architecture": "x"})
     assert (d / store.CARD).is_file()
-    real = store._atomic_write
+    real = store.atomic_write_bytes
 
     def dying(path, data):
         if path.name == store.VOCAB:
             raise Boom()  # "killed" after the new weights, before the card
         real(path, data)
 
-    monkeypatch.setattr(store, "_atomic_write", dying)
+    monkeypatch.setattr(store, "atomic_write_bytes", dying)
     with pytest.raises(Boom):
         store.save_model_dir(d, torch.nn.Linear(2, 1), Vocab([PAD, UNK, SEP, "a"]), {"architecture": "x"})
     assert not (d / store.CARD).exists()

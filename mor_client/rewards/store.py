@@ -9,41 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from privacy.fsutil import atomic_write_bytes, fsync_dir
 
 from .features import Vocab
 from .models import build_model
 
 WEIGHTS, VOCAB, CARD = "model.safetensors", "vocab.json", "card.json"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def sha256_file(path: Path) -> str:
@@ -64,14 +39,14 @@ def save_model_dir(path: str | os.PathLike, model: torch.nn.Module, vocab: Vocab
     # card.json is the completion marker: it goes first and comes back last, so a folder interrupted mid-save
     # (kill -9) holds no card and is never taken for a model (every file is also replaced atomically)
     (d / CARD).unlink(missing_ok=True)
-    _fsync_dir(d)
-    _atomic_write(d / WEIGHTS, st_save(state))
-    _atomic_write(d / VOCAB, json.dumps(vocab.tokens).encode())
+    fsync_dir(d)
+    atomic_write_bytes(d / WEIGHTS, st_save(state))
+    atomic_write_bytes(d / VOCAB, json.dumps(vocab.tokens).encode())
     card = dict(card)
     card["weights_file"] = WEIGHTS
     card["weights_sha256"] = sha256_file(d / WEIGHTS)
-    _atomic_write(d / CARD, json.dumps(card, indent=2, sort_keys=True).encode())
-    _fsync_dir(d)
+    atomic_write_bytes(d / CARD, json.dumps(card, indent=2, sort_keys=True).encode())
+    fsync_dir(d)
     return card
 
 

@@ -1,6 +1,8 @@
-"""Crash-safe file and folder replacement for caches and run state (a kill -9 never leaves a half-written one).
+"""Crash-safe file and folder replacement (a kill -9 never leaves a half-written one): the one home of this for
+the PKI and membership files, the client's model folders and the server's caches and run state.
 
-* :func:`atomic_write_text` writes a sibling temporary file, fsyncs it and renames it over the target.
+* :func:`atomic_write_bytes` / :func:`atomic_write_text` write a sibling temporary file, fsync it, rename it over
+  the target and fsync the folder.
 * :func:`staging_dir` / :func:`replace_dir` build a folder under a temporary sibling name and swap it into place
   only once it is complete. Between the two renames of the swap the target is briefly absent, never partial; a
   leftover staging folder (from a killed run) is removed by the next :func:`staging_dir` for the same target.
@@ -27,21 +29,30 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
+def atomic_write_bytes(path: str | Path, data: bytes, *, mode: int | None = None) -> Path:
+    """Replace ``path`` with ``data`` atomically (parent folders created). ``mode``: permission bits of the new file
+    (default: ``tempfile.mkstemp``'s 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _staging_prefix(target: Path) -> str:
@@ -72,4 +83,4 @@ def replace_dir(staged: str | Path, target: str | Path) -> Path:
     return target
 
 
-__all__ = ["atomic_write_text", "fsync_dir", "replace_dir", "staging_dir"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "fsync_dir", "replace_dir", "staging_dir"]
