@@ -75,7 +75,7 @@ class FederationClient:
                  server_name_override: str | None = None, backoff_initial: float = 0.2, backoff_max: float = 15.0,
                  max_attempts: int | None = None, max_message_bytes: int = 16 << 20,
                  on_event: Callable[[str, dict], None] | None = None, secagg_handler=None, audit=None,
-                 max_pending_tasks: int = 16, max_outbox: int = 1024):
+                 max_pending_tasks: int = 16, max_outbox: int = 1024, trainer=None):
         if credentials is None and insecure_client_id is None:
             raise ValueError("credentials are required (mTLS); pass insecure_client_id only for local debugging")
         if not hasattr(scorer, "score"):
@@ -99,6 +99,10 @@ class FederationClient:
         self.on_event = on_event or (lambda kind, info: None)
         self.secagg_handler = secagg_handler
         self.audit = audit
+        if trainer is not None and not (hasattr(trainer, "train") and hasattr(trainer, "methods")):
+            raise TypeError("trainer must have .methods and .train(request) (see mor_client.training.Trainer)")
+        self.trainer = trainer
+        """Answers training rounds of the parameter-sharing baselines (protocol revision 3); None: scoring only."""
         self.stats = ClientStats()
         self.client_id: str | None = None
         self._stop = asyncio.Event()
@@ -207,6 +211,8 @@ class FederationClient:
             req = pb.RegisterRequest(card=card_to_pb(self.card), sdk_version=SDK_VERSION)
             if self.credentials is not None and self.credentials.identity_cert_pem:
                 req.identity_certificate = self.credentials.identity_cert_pem
+            if self.trainer is not None:
+                req.training_methods.extend(list(self.trainer.methods))
             resp = await stub.Register(req, metadata=self._metadata(), timeout=15)
             self.client_id = resp.client_id
             if resp.max_message_bytes > self.max_message_bytes:
@@ -262,6 +268,21 @@ class FederationClient:
                         by_round[msg.task.round_id] = t
                         t.add_done_callback(workers.discard)
                         t.add_done_callback(lambda _t, r=msg.task.round_id: by_round.pop(r, None))
+                    elif kind == "training_task":  # revision 3: a parameter-sharing baseline's round
+                        self.stats.tasks += 1
+                        rid = msg.training_task.round_id
+                        if len(by_round) >= self.max_pending_tasks or rid in by_round:
+                            send_q.put_nowait(self.release_message(rid, Release(
+                                "refuse", code="RESOURCE_EXHAUSTED",
+                                reason=f"client busy: {len(by_round)} tasks in progress (max_pending_tasks)")))
+                            continue
+                        from .training import handle_training_task
+
+                        t = asyncio.create_task(handle_training_task(self, msg.training_task, send_q))
+                        workers.add(t)
+                        by_round[rid] = t
+                        t.add_done_callback(workers.discard)
+                        t.add_done_callback(lambda _t, r=rid: by_round.pop(r, None))
                     elif kind == "cancelled":  # the server abandoned the round: stop working on it
                         self.stats.cancelled += 1
                         t = by_round.pop(msg.cancelled.round_id, None)

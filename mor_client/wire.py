@@ -20,9 +20,11 @@ PB_TO_MODE = {v: k for k, v in MODE_TO_PB.items()}
 SDK_VERSION = "mor-python/0.1.0"
 """What this SDK sends as ``RegisterRequest.sdk_version`` / ``Hello.sdk_version``: ``<implementation>/<version>``,
 free text for logs and audit; compatibility is negotiated with :data:`PROTOCOL_REVISION`."""
-PROTOCOL_REVISION = 2
+PROTOCOL_REVISION = 3
 """Newest revision of ``mor.v1`` this code speaks (docs/protocol.md, "Versioning"). Revision 1: the original
-contract. Revision 2: ``ScoringTask.score_bound`` (declared score range), Heartbeat echoes, Welcome's revisions."""
+contract. Revision 2: ``ScoringTask.score_bound`` (declared score range), Heartbeat echoes, Welcome's revisions.
+Revision 3: training rounds of the parameter-sharing baselines (``TrainingTask``, ``ParameterUpdate``,
+``RegisterRequest.training_methods``; docs/protocol.md §9)."""
 MIN_PROTOCOL_REVISION = 1
 """Oldest revision the server accepts by default (``ServerConfig.min_protocol_revision`` may raise it)."""
 PRIVACY_UNITS = ("pair", "annotator")

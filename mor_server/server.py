@@ -36,6 +36,7 @@ from grpc_reflection.v1alpha import reflection_pb2 as _reflection_pb2
 
 from mor.v1 import federation_pb2 as pb
 from mor.v1 import federation_pb2_grpc as pb_grpc
+from mor_client.training import METHODS as _TRAINING_METHODS
 from mor_client.types import ScoringItem
 from mor_client.wire import (MIN_PROTOCOL_REVISION, PROTOCOL_REVISION, SDK_VERSION, card_from_pb, check_card_pb,
                              expected_scores, items_to_pb, mode_to_pb, unflatten)
@@ -43,6 +44,7 @@ from privacy import pki
 # imported here, never inside a round: the first SecAgg round must not pay the import on the event loop
 from privacy.secagg import STAGES as _SECAGG_STAGES  # noqa: F401
 
+from .baselines.training_round import TrainingRound, TrainingSpec
 from .metrics import FederationMetrics
 from .registry import CardInvalid, ClientRegistry
 from .rounds import ReportRejected, Round, RoundBook, RoundCancelled, RoundOutcome, RoundState, validate_scores
@@ -124,6 +126,7 @@ class _Conn:
     closed: bool = False
     ending: asyncio.Future | None = None
     end_status: tuple | None = None   # (grpc.StatusCode, details) the session ends with, if not OK
+    revision: int = 1                 # the protocol revision negotiated in Welcome
 
 
 @dataclass
@@ -165,6 +168,7 @@ class FederationServer(pb_grpc.FederationServicer):
         self._owns_audit = False
         self._audit_exec: concurrent.futures.ThreadPoolExecutor | None = None
         self._audit_last: concurrent.futures.Future | None = None
+        self._training_methods: dict[str, tuple[str, ...]] = {}  # RegisterRequest.training_methods (revision 3)
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
     async def start(self) -> int:
@@ -452,9 +456,15 @@ class FederationServer(pb_grpc.FederationServicer):
                                                                expected_name=client_id, revoked=self._revoked)
             except pki.PKIError as e:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"identity_certificate: {e}")
+        for i, m in enumerate(request.training_methods):  # revision 3: what this client can train
+            if m not in _TRAINING_METHODS:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"training_methods[{i}] is {m[:40]!r}; use one of {list(_TRAINING_METHODS)} "
+                                    f"(docs/protocol.md §9) (field training_methods[{i}])")
         try:
             self.registry.register(client_id, card, self._clock(), identity_public_key=identity_key,
                                    identity_certificate=bytes(request.identity_certificate))
+            self._training_methods[client_id] = tuple(dict.fromkeys(request.training_methods))
         except CardInvalid as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.metrics.clients_registered.set(len(self.registry.all()))
@@ -516,6 +526,7 @@ class FederationServer(pb_grpc.FederationServicer):
                               f"replaced by a newer session ({conn.session_id}) of {client_id}: only one session per "
                               "identity; do not reconnect automatically (another process may hold this identity)",
                               "replaced by a new session")
+        conn.revision = revision
         self._conns[client_id] = conn
         self._online_changed_set()
         log.info("session %s opened by %s%s", conn.session_id, client_id, f" (replacing {old_sid})" if old_sid else "")
@@ -665,6 +676,8 @@ class FederationServer(pb_grpc.FederationServicer):
             kind = report.WhichOneof("payload")
             if kind == "secagg":
                 return self._on_secagg_report(client_id, report)
+            if kind == "update" or isinstance(self.book.open.get(report.round_id), TrainingRound):
+                return self._on_update_report(client_id, report)
             rnd = self.book.lookup(report.round_id)
             pending = self._pending.get(rnd.round_id)
             if pending is None:
@@ -722,6 +735,26 @@ class FederationServer(pb_grpc.FederationServicer):
         if pending is not None:
             pending.changed.set()
         return pb.Ack(round_id=report.round_id, code=0, message=f"stage {msg.stage} received")
+
+    def _on_update_report(self, client_id: str, report: pb.ScoreReport) -> pb.Ack:
+        """A ParameterUpdate for a training round (revision 3): validated against the broadcast shapes by the pure
+        :class:`TrainingRound` (every problem names its field); raises ReportRejected."""
+        rnd = self.book.lookup(report.round_id)
+        kind = report.WhichOneof("payload")
+        if not isinstance(rnd, TrainingRound):
+            raise ReportRejected("INVALID_ARGUMENT", "report.update",
+                                 f"round {rnd.round_id} is a {rnd.mode} scoring round; answer it with scores, not a "
+                                 "parameter update")
+        if kind != "update":
+            raise ReportRejected("INVALID_ARGUMENT", f"report.{kind}" if kind else "report.payload",
+                                 f"round {rnd.round_id} is a training round ({rnd.spec.method}); answer with "
+                                 "report.update (a ParameterUpdate)")
+        u = report.update
+        rnd.submit_update(client_id, u.tensors, u.num_examples, u.epsilon_charged, u.train_loss, self._clock())
+        pending = self._pending.get(rnd.round_id)
+        if pending is not None:
+            pending.changed.set()
+        return pb.Ack(round_id=report.round_id, code=0, message="update accepted")
 
     def _on_refusal(self, client_id: str, refusal: pb.Refusal) -> pb.Ack:
         refused_keys = [k for k in self.book.open if k.startswith(refusal.round_id + "/")]
@@ -966,6 +999,91 @@ class FederationServer(pb_grpc.FederationServicer):
         await self._audit_flush()
         return outcome
 
+    # -- training rounds of the parameter-sharing baselines (protocol revision 3, docs/protocol.md §9) ----------
+    def online_trainers(self, method: str) -> list[str]:
+        """Online clients that announced ``method`` in RegisterRequest.training_methods and speak revision 3."""
+        from mor_client.training import TRAINING_REVISION
+
+        return [c for c in self.online_clients() if method in self._training_methods.get(c, ())
+                and self._conns[c].revision >= TRAINING_REVISION]
+
+    async def wait_for_trainers(self, n: int, method: str, timeout: float = 30.0) -> list[str]:
+        """Wait until at least ``n`` clients can train ``method``; raises TimeoutError naming who can."""
+        end = self._clock() + timeout
+        while len(self.online_trainers(method)) < n:
+            remaining = end - self._clock()
+            if remaining <= 0:
+                raise TimeoutError(f"only {len(self.online_trainers(method))} of {n} clients online that train "
+                                   f"{method!r} after {timeout:.0f} s: {self.online_trainers(method)}")
+            try:
+                await asyncio.wait_for(self._online_changed.wait(), min(remaining, 0.5))
+            except asyncio.TimeoutError:
+                pass
+        return self.online_trainers(method)
+
+    async def run_training_round(self, params, method: str, hparams: dict | None = None, *,
+                                 update_names: Sequence[str] | None = None, participants: Sequence[str] | None = None,
+                                 min_clients: int | None = None, timeout: float = 600.0, value_bound: float = 1e4,
+                                 max_num_examples: int = 10_000_000, round_id: str | None = None) -> RoundOutcome:
+        """One training round of a parameter-sharing baseline: broadcast ``params`` (name -> float32 array) with
+        the method and local-training ``hparams`` (:data:`mor_client.training.HPARAM_DEFAULTS`), gather each
+        participant's validated update. ``update_names``: the tensors clients send back (default: all). Like
+        :meth:`run_round` it never raises for client behaviour: ``outcome.reports[c]`` is a
+        :class:`~mor_server.baselines.training_round.ClientUpdate` (tensors, num_examples, epsilon, digest); a
+        failed round has state FAILED and a reason. Recorded in the audit log (digests and counts, never the
+        tensors) and the round metrics under mode ``train:<method>``."""
+        from mor_client.training import hparams_to_pb, tensors_to_pb
+
+        params = {n: np.asarray(v, dtype=np.float32) for n, v in params.items()}
+        spec = TrainingSpec(method, {n: tuple(v.shape) for n, v in params.items()},
+                            tuple(update_names) if update_names is not None else tuple(sorted(params)),
+                            float(value_bound), int(max_num_examples))
+        hp = hparams_to_pb(hparams or {})
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        task = pb.TrainingTask(round_id=round_id or self.new_round_id(), method=method,
+                               parameters=tensors_to_pb(params), update_names=list(spec.update_names), hparams=hp,
+                               timeout_ms=int(timeout * 1000), value_bound=spec.value_bound,
+                               max_num_examples=spec.max_num_examples)
+        limit = self.config.max_message_bytes
+        size = pb.ServerMessage(training_task=task).ByteSize()
+        if size > limit:
+            raise ValueError(f"the training task is {size} bytes, over max_message_bytes={limit}: raise "
+                             "ServerConfig.max_message_bytes (clients must raise their receive limit too) or train "
+                             "fewer tensors")
+        if spec.update_bytes + 64 * len(spec.update_names) + 1024 > limit:
+            raise ValueError(f"an update of {spec.update_bytes} tensor bytes would exceed max_message_bytes={limit}")
+        round_id, mode, now = task.round_id, f"train:{method}", self._clock()
+        chosen = tuple(participants) if participants is not None else tuple(self.online_trainers(method))
+        min_clients = len(chosen) if min_clients is None else min_clients
+        self.metrics.rounds_started.labels(mode=mode).inc()
+        if len(chosen) < max(min_clients, 1):
+            return self._fail_early(round_id, mode, chosen, now,
+                                    f"{len(chosen)} clients online that train {method!r}, min_clients={min_clients}")
+        rnd = TrainingRound(round_id, chosen, min_clients, now + timeout + self.config.deadline_grace_s, now, 0,
+                            mode, spec=spec)
+        pending = _Pending(rnd, [], asyncio.Event(), mode)
+        pending.task_digest = hashlib.sha256(task.SerializeToString(deterministic=True)).hexdigest()
+        able = set(self.online_trainers(method))
+        for c in chosen:
+            if c in self._conns and c not in able:
+                rnd.drop(c, f"does not train {method} (training_methods / protocol revision)")
+        msg = pb.ServerMessage(training_task=task)
+        try:
+            outcome = await self._gather(rnd, pending, {c: msg for c in chosen if c in able})
+        except asyncio.CancelledError:
+            self._on_cancelled(rnd.outcome, mode, task_digest=pending.task_digest)
+            raise
+        h = {f.name: v for f, v in hp.ListFields()}
+        self._account(outcome, mode, task_digest=pending.task_digest, extra={
+            "method": method, "hparams": h, "broadcast_tensors": len(params), "broadcast_bytes": size,
+            "update_names": len(spec.update_names), "update_bytes": spec.update_bytes,
+            "epsilon_total": {c: u.epsilon for c, u in outcome.reports.items()},
+            "updates": {c: {"num_examples": u.num_examples, "sha256": u.digest, "bytes": u.bytes,
+                            "train_loss": u.loss} for c, u in outcome.reports.items()}})
+        await self._audit_flush()
+        return outcome
+
     def _on_cancelled(self, outcome: RoundOutcome, mode: str, *, task_digest: str = "",
                       extra: dict | None = None) -> None:
         """A round task was cancelled (its caller gave up, or the server stops): it is recorded as failed with the
@@ -1156,6 +1274,13 @@ class ServerThread:
 
     def wait_for_clients(self, n: int, timeout: float = 30.0, mode: str | None = None) -> list[str]:
         return self.call(self.server.wait_for_clients(n, timeout, mode))
+
+    def run_training_round(self, params, method: str, hparams: dict | None = None, *, wait_s: float | None = None,
+                           **kw) -> RoundOutcome:
+        """``FederationServer.run_training_round``, bounded like :meth:`run_round`."""
+        limit = wait_s if wait_s is not None else (kw.get("timeout", 600.0) + self.server.config.deadline_grace_s
+                                                   + self.margin_s)
+        return self.call(self.server.run_training_round(params, method, hparams, **kw), limit, what="training round")
 
     @property
     def port(self) -> int | None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mor/v1/federation.proto\x12\x06mor.v1\"\xf4\x01\n\x0fRewardModelCard\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x17\n\x0fparameter_count\x18\x02 \x01(\x03\x12\x18\n\x10training_epsilon\x18\x03 \x01(\x01\x12\x16\n\x0etraining_delta\x18\x04 \x01(\x01\x12,\n\x0fsupported_modes\x18\x05 \x03(\x0e\x32\x13.mor.v1.PrivacyMode\x12\x14\n\x0cprivacy_unit\x18\x06 \x01(\t\x12\x0e\n\x06\x64omain\x18\x07 \x01(\t\x12\x19\n\x11training_examples\x18\x08 \x01(\x03\x12\x11\n\tcard_json\x18\t \x01(\t\"k\n\x0fRegisterRequest\x12%\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x17.mor.v1.RewardModelCard\x12\x13\n\x0bsdk_version\x18\x02 \x01(\t\x12\x1c\n\x14identity_certificate\x18\x03 \x01(\x0c\"s\n\x10RegisterResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x15\n\rfederation_id\x18\x02 \x01(\t\x12\x1a\n\x12max_items_per_task\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\"7\n\x05Hello\x12\x13\n\x0bsdk_version\x18\x01 \x01(\t\x12\x19\n\x11protocol_revision\x18\x02 \x01(\r\"\x89\x01\n\x07Welcome\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x19\n\x11protocol_revision\x18\x03 \x01(\r\x12\x1d\n\x15min_protocol_revision\x18\x04 \x01(\r\x12\x1d\n\x15max_protocol_revision\x18\x05 \x01(\r\"L\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x10\n\x08question\x18\x03 \x01(\t\x12\x12\n\ncandidates\x18\x04 \x03(\t\"2\n\x08\x44pParams\x12\x0c\n\x04\x63lip\x18\x01 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x02 \x01(\x01\"A\n\rSecAggMessage\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"\xe9\x01\n\x0bScoringTask\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x1b\n\x05items\x18\x02 \x03(\x0b\x32\x0c.mor.v1.Item\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\x12!\n\x04mode\x18\x04 \x01(\x0e\x32\x13.mor.v1.PrivacyMode\x12\x1e\n\x02\x64p\x18\n \x01(\x0b\x32\x10.mor.v1.DpParamsH\x00\x12\'\n\x06secagg\x18\x0b \x01(\x0b\x32\x15.mor.v1.SecAggMessageH\x00\x12\x0b\n\x03\x63rl\x18\x0c \x01(\x0c\x12\x13\n\x0bscore_bound\x18\r \x01(\x01\x42\t\n\x07privacy\"\x1d\n\x0bPlainScores\x12\x0e\n\x06scores\x18\x01 \x03(\x01\"_\n\x0cNoisedScores\x12\x0e\n\x06scores\x18\x01 \x03(\x01\x12\x0c\n\x04\x63lip\x18\x02 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x03 \x01(\x01\x12\x17\n\x0f\x65psilon_charged\x18\x04 \x01(\x01\"\x9d\x01\n\x0bScoreReport\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12$\n\x05plain\x18\n \x01(\x0b\x32\x13.mor.v1.PlainScoresH\x00\x12\"\n\x02\x64p\x18\x0b \x01(\x0b\x32\x14.mor.v1.NoisedScoresH\x00\x12\'\n\x06secagg\x18\x0c \x01(\x0b\x32\x15.mor.v1.SecAggMessageH\x00\x42\t\n\x07payload\"T\n\x07Refusal\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x19\n\x11remaining_epsilon\x18\x04 \x01(\x01\"E\n\x03\x41\x63k\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\"\x1c\n\tHeartbeat\x12\x0f\n\x07unix_ms\x18\x01 \x01(\x03\"\xaa\x01\n\rClientMessage\x12\x1e\n\x05hello\x18\x01 \x01(\x0b\x32\r.mor.v1.HelloH\x00\x12%\n\x06report\x18\x02 \x01(\x0b\x32\x13.mor.v1.ScoreReportH\x00\x12\"\n\x07refusal\x18\x03 \x01(\x0b\x32\x0f.mor.v1.RefusalH\x00\x12&\n\theartbeat\x18\x04 \x01(\x0b\x32\x11.mor.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody\"2\n\x0eRoundCancelled\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xfa\x01\n\rServerMessage\x12\"\n\x07welcome\x18\x01 \x01(\x0b\x32\x0f.mor.v1.WelcomeH\x00\x12#\n\x04task\x18\x02 \x01(\x0b\x32\x13.mor.v1.ScoringTaskH\x00\x12\x1a\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x0b.mor.v1.AckH\x00\x12&\n\theartbeat\x18\x04 \x01(\x0b\x32\x11.mor.v1.HeartbeatH\x00\x12\'\n\x06secagg\x18\x05 \x01(\x0b\x32\x15.mor.v1.SecAggMessageH\x00\x12+\n\tcancelled\x18\x06 \x01(\x0b\x32\x16.mor.v1.RoundCancelledH\x00\x42\x06\n\x04\x62ody*\x8d\x01\n\x0bPrivacyMode\x12\x1c\n\x18PRIVACY_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12PRIVACY_MODE_PLAIN\x10\x01\x12\x13\n\x0fPRIVACY_MODE_DP\x10\x02\x12\x17\n\x13PRIVACY_MODE_SECAGG\x10\x03\x12\x1a\n\x16PRIVACY_MODE_SECAGG_DP\x10\x04\x32\x88\x01\n\nFederation\x12=\n\x08Register\x12\x17.mor.v1.RegisterRequest\x1a\x18.mor.v1.RegisterResponse\x12;\n\x07Session\x12\x15.mor.v1.ClientMessage\x1a\x15.mor.v1.ServerMessage(\x01\x30\x01\x42i\n\x18org.morfederation.mor.v1B\x0f\x46\x65\x64\x65rationProtoP\x01Z1github.com/mor-federation/mor/gen/go/mor/v1;morv1\xaa\x02\x06Mor.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mor/v1/federation.proto\x12\x06mor.v1\"\xf4\x01\n\x0fRewardModelCard\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x17\n\x0fparameter_count\x18\x02 \x01(\x03\x12\x18\n\x10training_epsilon\x18\x03 \x01(\x01\x12\x16\n\x0etraining_delta\x18\x04 \x01(\x01\x12,\n\x0fsupported_modes\x18\x05 \x03(\x0e\x32\x13.mor.v1.PrivacyMode\x12\x14\n\x0cprivacy_unit\x18\x06 \x01(\t\x12\x0e\n\x06\x64omain\x18\x07 \x01(\t\x12\x19\n\x11training_examples\x18\x08 \x01(\x03\x12\x11\n\tcard_json\x18\t \x01(\t\"\x85\x01\n\x0fRegisterRequest\x12%\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x17.mor.v1.RewardModelCard\x12\x13\n\x0bsdk_version\x18\x02 \x01(\t\x12\x1c\n\x14identity_certificate\x18\x03 \x01(\x0c\x12\x18\n\x10training_methods\x18\x04 \x03(\t\"s\n\x10RegisterResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x15\n\rfederation_id\x18\x02 \x01(\t\x12\x1a\n\x12max_items_per_task\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\"7\n\x05Hello\x12\x13\n\x0bsdk_version\x18\x01 \x01(\t\x12\x19\n\x11protocol_revision\x18\x02 \x01(\r\"\x89\x01\n\x07Welcome\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x19\n\x11protocol_revision\x18\x03 \x01(\r\x12\x1d\n\x15min_protocol_revision\x18\x04 \x01(\r\x12\x1d\n\x15max_protocol_revision\x18\x05 \x01(\r\"L\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x10\n\x08question\x18\x03 \x01(\t\x12\x12\n\ncandidates\x18\x04 \x03(\t\"2\n\x08\x44pParams\x12\x0c\n\x04\x63lip\x18\x01 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x02 \x01(\x01\"A\n\rSecAggMessage\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"\xe9\x01\n\x0bScoringTask\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x1b\n\x05items\x18\x02 \x03(\x0b\x32\x0c.mor.v1.Item\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\x12!\n\x04mode\x18\x04 \x01(\x0e\x32\x13.mor.v1.PrivacyMode\x12\x1e\n\x02\x64p\x18\n \x01(\x0b\x32\x10.mor.v1.DpParamsH\x00\x12\'\n\x06secagg\x18\x0b \x01(\x0b\x32\x15.mor.v1.SecAggMessageH\x00\x12\x0b\n\x03\x63rl\x18\x0c \x01(\x0c\x12\x13\n\x0bscore_bound\x18\r \x01(\x01\x42\t\n\x07privacy\"\x1d\n\x0bPlainScores\x12\x0e\n\x06scores\x18\x01 \x03(\x01\"_\n\x0cNoisedScores\x12\x0e\n\x06scores\x18\x01 \x03(\x01\x12\x0c\n\x04\x63lip\x18\x02 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x03 \x01(\x01\x12\x17\n\x0f\x65psilon_charged\x18\x04 \x01(\x01\"\xc8\x01\n\x0bScoreReport\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12$\n\x05plain\x18\n \x01(\x0b\x32\x13.mor.v1.PlainScoresH\x00\x12\"\n\x02\x64p\x18\x0b \x01(\x0b\x32\x14.mor.v1.NoisedScoresH\x00\x12\'\n\x06secagg\x18\x0c \x01(\x0b\x32\x15.mor.v1.SecAggMessageH\x00\x12)\n\x06update\x18\r \x01(\x0b\x32\x17.mor.v1.ParameterUpdateH\x00\x42\t\n\x07payload\"B\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xc1\x02\n\x17TrainingHyperParameters\x12\x15\n\rlearning_rate\x18\x01 \x01(\x01\x12\x14\n\x0clocal_epochs\x18\x02 \x01(\r\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x0f\n\x07\x65psilon\x18\x04 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\x01\x12\x15\n\rmax_grad_norm\x18\x06 \x01(\x01\x12\x14\n\x0ctotal_rounds\x18\x07 \x01(\r\x12\x13\n\x0bround_index\x18\x08 \x01(\r\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x14\n\x0cweight_decay\x18\n \x01(\x01\x12\x12\n\nadam_beta1\x18\x0b \x01(\x01\x12\x12\n\nadam_beta2\x18\x0c \x01(\x01\x12\x10\n\x08\x61\x64\x61m_eps\x18\r \x01(\x01\x12\x12\n\nlora_alpha\x18\x0e \x01(\x01\x12\x11\n\tobjective\x18\x0f \x01(\t\"\xdf\x01\n\x0cTrainingTask\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\"\n\nparameters\x18\x03 \x03(\x0b\x32\x0e.mor.v1.Tensor\x12\x14\n\x0cupdate_names\x18\x04 \x03(\t\x12\x30\n\x07hparams\x18\x05 \x01(\x0b\x32\x1f.mor.v1.TrainingHyperParameters\x12\x12\n\ntimeout_ms\x18\x06 \x01(\r\x12\x13\n\x0bvalue_bound\x18\x07 \x01(\x01\x12\x18\n\x10max_num_examples\x18\x08 \x01(\x04\"u\n\x0fParameterUpdate\x12\x1f\n\x07tensors\x18\x01 \x03(\x0b\x32\x0e.mor.v1.Tensor\x12\x14\n\x0cnum_examples\x18\x02 \x01(\x04\x12\x17\n\x0f\x65psilon_charged\x18\x03 \x01(\x01\x12\x12\n\ntrain_loss\x18\x04 \x01(\x01\"T\n\x07Refusal\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x19\n\x11remaining_epsilon\x18\x04 \x01(\x01\"E\n\x03\x41\x63k\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\"\x1c\n\tHeartbeat\x12\x0f\n\x07unix_ms\x18\x01 \x01(\x03\"\xaa\x01\n\rClientMessage\x12\x1e\n\x05hello\x18\x01 \x01(\x0b\x32\r.mor.v1.HelloH\x00\x12%\n\x06report\x18\x02 \x01(\x0b\x32\x13.mor.v1.ScoreReportH\x00\x12\"\n\x07refusal\x18\x03 \x01(\x0b\x32\x0f.mor.v1.RefusalH\x00\x12&\n\theartbeat\x18\x04 \x01(\x0b\x32\x11.mor.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody\"2\n\x0eRoundCancelled\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xa9\x02\n\rServerMessage\x12\"\n\x07welcome\x18\x01 \x01(\x0b\x32\x0f.mor.v1.WelcomeH\x00\x12#\n\x04task\x18\x02 \x01(\x0b\x32\x13.mor.v1.ScoringTaskH\x00\x12\x1a\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x0b.mor.v1.AckH\x00\x12&\n\theartbeat\x18\x04 \x01(\x0b\x32\x11.mor.v1.HeartbeatH\x00\x12\'\n\x06secagg\x18\x05 \x01(\x0b\x32\x15.mor.v1.SecAggMessageH\x00\x12+\n\tcancelled\x18\x06 \x01(\x0b\x32\x16.mor.v1.RoundCancelledH\x00\x12-\n\rtraining_task\x18\x07 \x01(\x0b\x32\x14.mor.v1.TrainingTaskH\x00\x42\x06\n\x04\x62ody*\x8d\x01\n\x0bPrivacyMode\x12\x1c\n\x18PRIVACY_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12PRIVACY_MODE_PLAIN\x10\x01\x12\x13\n\x0fPRIVACY_MODE_DP\x10\x02\x12\x17\n\x13PRIVACY_MODE_SECAGG\x10\x03\x12\x1a\n\x16PRIVACY_MODE_SECAGG_DP\x10\x04\x32\x88\x01\n\nFederation\x12=\n\x08Register\x12\x17.mor.v1.RegisterRequest\x1a\x18.mor.v1.RegisterResponse\x12;\n\x07Session\x12\x15.mor.v1.ClientMessage\x1a\x15.mor.v1.ServerMessage(\x01\x30\x01\x42i\n\x18org.morfederation.mor.v1B\x0f\x46\x65\x64\x65rationProtoP\x01Z1github.com/mor-federation/mor/gen/go/mor/v1;morv1\xaa\x02\x06Mor.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,44 +33,52 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mor.v1.federation_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\030org.morfederation.mor.v1B\017FederationProtoP\001Z1github.com/mor-federation/mor/gen/go/mor/v1;morv1\252\002\006Mor.V1'
-  _globals['_PRIVACYMODE']._serialized_start=2092
-  _globals['_PRIVACYMODE']._serialized_end=2233
+  _globals['_PRIVACYMODE']._serialized_start=2946
+  _globals['_PRIVACYMODE']._serialized_end=3087
   _globals['_REWARDMODELCARD']._serialized_start=36
   _globals['_REWARDMODELCARD']._serialized_end=280
-  _globals['_REGISTERREQUEST']._serialized_start=282
-  _globals['_REGISTERREQUEST']._serialized_end=389
-  _globals['_REGISTERRESPONSE']._serialized_start=391
-  _globals['_REGISTERRESPONSE']._serialized_end=506
-  _globals['_HELLO']._serialized_start=508
-  _globals['_HELLO']._serialized_end=563
-  _globals['_WELCOME']._serialized_start=566
-  _globals['_WELCOME']._serialized_end=703
-  _globals['_ITEM']._serialized_start=705
-  _globals['_ITEM']._serialized_end=781
-  _globals['_DPPARAMS']._serialized_start=783
-  _globals['_DPPARAMS']._serialized_end=833
-  _globals['_SECAGGMESSAGE']._serialized_start=835
-  _globals['_SECAGGMESSAGE']._serialized_end=900
-  _globals['_SCORINGTASK']._serialized_start=903
-  _globals['_SCORINGTASK']._serialized_end=1136
-  _globals['_PLAINSCORES']._serialized_start=1138
-  _globals['_PLAINSCORES']._serialized_end=1167
-  _globals['_NOISEDSCORES']._serialized_start=1169
-  _globals['_NOISEDSCORES']._serialized_end=1264
-  _globals['_SCOREREPORT']._serialized_start=1267
-  _globals['_SCOREREPORT']._serialized_end=1424
-  _globals['_REFUSAL']._serialized_start=1426
-  _globals['_REFUSAL']._serialized_end=1510
-  _globals['_ACK']._serialized_start=1512
-  _globals['_ACK']._serialized_end=1581
-  _globals['_HEARTBEAT']._serialized_start=1583
-  _globals['_HEARTBEAT']._serialized_end=1611
-  _globals['_CLIENTMESSAGE']._serialized_start=1614
-  _globals['_CLIENTMESSAGE']._serialized_end=1784
-  _globals['_ROUNDCANCELLED']._serialized_start=1786
-  _globals['_ROUNDCANCELLED']._serialized_end=1836
-  _globals['_SERVERMESSAGE']._serialized_start=1839
-  _globals['_SERVERMESSAGE']._serialized_end=2089
-  _globals['_FEDERATION']._serialized_start=2236
-  _globals['_FEDERATION']._serialized_end=2372
+  _globals['_REGISTERREQUEST']._serialized_start=283
+  _globals['_REGISTERREQUEST']._serialized_end=416
+  _globals['_REGISTERRESPONSE']._serialized_start=418
+  _globals['_REGISTERRESPONSE']._serialized_end=533
+  _globals['_HELLO']._serialized_start=535
+  _globals['_HELLO']._serialized_end=590
+  _globals['_WELCOME']._serialized_start=593
+  _globals['_WELCOME']._serialized_end=730
+  _globals['_ITEM']._serialized_start=732
+  _globals['_ITEM']._serialized_end=808
+  _globals['_DPPARAMS']._serialized_start=810
+  _globals['_DPPARAMS']._serialized_end=860
+  _globals['_SECAGGMESSAGE']._serialized_start=862
+  _globals['_SECAGGMESSAGE']._serialized_end=927
+  _globals['_SCORINGTASK']._serialized_start=930
+  _globals['_SCORINGTASK']._serialized_end=1163
+  _globals['_PLAINSCORES']._serialized_start=1165
+  _globals['_PLAINSCORES']._serialized_end=1194
+  _globals['_NOISEDSCORES']._serialized_start=1196
+  _globals['_NOISEDSCORES']._serialized_end=1291
+  _globals['_SCOREREPORT']._serialized_start=1294
+  _globals['_SCOREREPORT']._serialized_end=1494
+  _globals['_TENSOR']._serialized_start=1496
+  _globals['_TENSOR']._serialized_end=1562
+  _globals['_TRAININGHYPERPARAMETERS']._serialized_start=1565
+  _globals['_TRAININGHYPERPARAMETERS']._serialized_end=1886
+  _globals['_TRAININGTASK']._serialized_start=1889
+  _globals['_TRAININGTASK']._serialized_end=2112
+  _globals['_PARAMETERUPDATE']._serialized_start=2114
+  _globals['_PARAMETERUPDATE']._serialized_end=2231
+  _globals['_REFUSAL']._serialized_start=2233
+  _globals['_REFUSAL']._serialized_end=2317
+  _globals['_ACK']._serialized_start=2319
+  _globals['_ACK']._serialized_end=2388
+  _globals['_HEARTBEAT']._serialized_start=2390
+  _globals['_HEARTBEAT']._serialized_end=2418
+  _globals['_CLIENTMESSAGE']._serialized_start=2421
+  _globals['_CLIENTMESSAGE']._serialized_end=2591
+  _globals['_ROUNDCANCELLED']._serialized_start=2593
+  _globals['_ROUNDCANCELLED']._serialized_end=2643
+  _globals['_SERVERMESSAGE']._serialized_start=2646
+  _globals['_SERVERMESSAGE']._serialized_end=2943
+  _globals['_FEDERATION']._serialized_start=3090
+  _globals['_FEDERATION']._serialized_end=3226
 # @@protoc_insertion_point(module_scope)

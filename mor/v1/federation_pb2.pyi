@@ -44,14 +44,16 @@ class RewardModelCard(_message.Message):
     def __init__(self, architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., training_epsilon: _Optional[float] = ..., training_delta: _Optional[float] = ..., supported_modes: _Optional[_Iterable[_Union[PrivacyMode, str]]] = ..., privacy_unit: _Optional[str] = ..., domain: _Optional[str] = ..., training_examples: _Optional[int] = ..., card_json: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("card", "sdk_version", "identity_certificate")
+    __slots__ = ("card", "sdk_version", "identity_certificate", "training_methods")
     CARD_FIELD_NUMBER: _ClassVar[int]
     SDK_VERSION_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_METHODS_FIELD_NUMBER: _ClassVar[int]
     card: RewardModelCard
     sdk_version: str
     identity_certificate: bytes
-    def __init__(self, card: _Optional[_Union[RewardModelCard, _Mapping]] = ..., sdk_version: _Optional[str] = ..., identity_certificate: _Optional[bytes] = ...) -> None: ...
+    training_methods: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, card: _Optional[_Union[RewardModelCard, _Mapping]] = ..., sdk_version: _Optional[str] = ..., identity_certificate: _Optional[bytes] = ..., training_methods: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("client_id", "federation_id", "max_items_per_task", "max_message_bytes")
@@ -156,16 +158,96 @@ class NoisedScores(_message.Message):
     def __init__(self, scores: _Optional[_Iterable[float]] = ..., clip: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., epsilon_charged: _Optional[float] = ...) -> None: ...
 
 class ScoreReport(_message.Message):
-    __slots__ = ("round_id", "plain", "dp", "secagg")
+    __slots__ = ("round_id", "plain", "dp", "secagg", "update")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     PLAIN_FIELD_NUMBER: _ClassVar[int]
     DP_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     plain: PlainScores
     dp: NoisedScores
     secagg: SecAggMessage
-    def __init__(self, round_id: _Optional[str] = ..., plain: _Optional[_Union[PlainScores, _Mapping]] = ..., dp: _Optional[_Union[NoisedScores, _Mapping]] = ..., secagg: _Optional[_Union[SecAggMessage, _Mapping]] = ...) -> None: ...
+    update: ParameterUpdate
+    def __init__(self, round_id: _Optional[str] = ..., plain: _Optional[_Union[PlainScores, _Mapping]] = ..., dp: _Optional[_Union[NoisedScores, _Mapping]] = ..., secagg: _Optional[_Union[SecAggMessage, _Mapping]] = ..., update: _Optional[_Union[ParameterUpdate, _Mapping]] = ...) -> None: ...
+
+class Tensor(_message.Message):
+    __slots__ = ("name", "shape", "dtype", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class TrainingHyperParameters(_message.Message):
+    __slots__ = ("learning_rate", "local_epochs", "batch_size", "epsilon", "delta", "max_grad_norm", "total_rounds", "round_index", "seed", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "lora_alpha", "objective")
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    ADAM_BETA1_FIELD_NUMBER: _ClassVar[int]
+    ADAM_BETA2_FIELD_NUMBER: _ClassVar[int]
+    ADAM_EPS_FIELD_NUMBER: _ClassVar[int]
+    LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    learning_rate: float
+    local_epochs: int
+    batch_size: int
+    epsilon: float
+    delta: float
+    max_grad_norm: float
+    total_rounds: int
+    round_index: int
+    seed: int
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_eps: float
+    lora_alpha: float
+    objective: str
+    def __init__(self, learning_rate: _Optional[float] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., total_rounds: _Optional[int] = ..., round_index: _Optional[int] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., adam_beta1: _Optional[float] = ..., adam_beta2: _Optional[float] = ..., adam_eps: _Optional[float] = ..., lora_alpha: _Optional[float] = ..., objective: _Optional[str] = ...) -> None: ...
+
+class TrainingTask(_message.Message):
+    __slots__ = ("round_id", "method", "parameters", "update_names", "hparams", "timeout_ms", "value_bound", "max_num_examples")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_NAMES_FIELD_NUMBER: _ClassVar[int]
+    HPARAMS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_BOUND_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    method: str
+    parameters: _containers.RepeatedCompositeFieldContainer[Tensor]
+    update_names: _containers.RepeatedScalarFieldContainer[str]
+    hparams: TrainingHyperParameters
+    timeout_ms: int
+    value_bound: float
+    max_num_examples: int
+    def __init__(self, round_id: _Optional[str] = ..., method: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., update_names: _Optional[_Iterable[str]] = ..., hparams: _Optional[_Union[TrainingHyperParameters, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., value_bound: _Optional[float] = ..., max_num_examples: _Optional[int] = ...) -> None: ...
+
+class ParameterUpdate(_message.Message):
+    __slots__ = ("tensors", "num_examples", "epsilon_charged", "train_loss")
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_CHARGED_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
+    num_examples: int
+    epsilon_charged: float
+    train_loss: float
+    def __init__(self, tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., num_examples: _Optional[int] = ..., epsilon_charged: _Optional[float] = ..., train_loss: _Optional[float] = ...) -> None: ...
 
 class Refusal(_message.Message):
     __slots__ = ("round_id", "reason", "code", "remaining_epsilon")
@@ -218,17 +300,19 @@ class RoundCancelled(_message.Message):
     def __init__(self, round_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
-    __slots__ = ("welcome", "task", "ack", "heartbeat", "secagg", "cancelled")
+    __slots__ = ("welcome", "task", "ack", "heartbeat", "secagg", "cancelled", "training_task")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_TASK_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     task: ScoringTask
     ack: Ack
     heartbeat: Heartbeat
     secagg: SecAggMessage
     cancelled: RoundCancelled
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., task: _Optional[_Union[ScoringTask, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., secagg: _Optional[_Union[SecAggMessage, _Mapping]] = ..., cancelled: _Optional[_Union[RoundCancelled, _Mapping]] = ...) -> None: ...
+    training_task: TrainingTask
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., task: _Optional[_Union[ScoringTask, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., secagg: _Optional[_Union[SecAggMessage, _Mapping]] = ..., cancelled: _Optional[_Union[RoundCancelled, _Mapping]] = ..., training_task: _Optional[_Union[TrainingTask, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,297 @@
+"""Training rounds of the parameter-sharing baselines (protocol revision 3, docs/protocol.md §9), torch-free.
+
+The server broadcasts named float32 tensors (``mor.v1.Tensor``: name, shape, dtype ``"float32"``, raw
+little-endian bytes, row-major) in a ``TrainingTask``; a client loads them into its local copy of the policy,
+trains on its private data and answers with a ``ParameterUpdate`` holding its trained values of the tensors named in
+``update_names`` and its example count. This module holds what both sides share: the tensor codec, the
+validation of a tensor set against the expected names and shapes (every problem names its field, like the score
+report checks), and the types a client-side trainer implements (:class:`Trainer`). The torch trainer of the built-in
+policy is :mod:`mor_client.baselines`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+METHODS = ("fedit", "stack", "ffa", "fedcmp")
+"""Parameter-sharing methods a training round can run (docs/baselines.md)."""
+DTYPE = "float32"
+"""The only tensor dtype of the wire contract: IEEE-754 binary32, little-endian."""
+OBJECTIVES = ("sft",)
+MAX_TENSORS = 4096
+"""At most this many tensors in one task or update."""
+MAX_NAME_BYTES = 512
+MAX_RANK = 8
+
+_LE_F32 = np.dtype("<f4")
+
+
+class TensorProblem(ValueError):
+    """A tensor set that does not match what was expected; ``field`` is the offending field path."""
+
+    def __init__(self, field_path: str, message: str):
+        super().__init__(message)
+        self.field = field_path
+        self.message = message
+
+
+class TrainingRefused(Exception):
+    """Raised by a trainer to decline a round (sent as a Refusal with a google.rpc.Code name)."""
+
+    def __init__(self, code: str, reason: str, remaining_epsilon: float = float("nan")):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.remaining_epsilon = remaining_epsilon
+
+
+@dataclass
+class TrainingRequest:
+    """One training round as a trainer sees it (decoded and validated)."""
+
+    round_id: str
+    method: str
+    parameters: dict[str, np.ndarray]
+    update_names: tuple[str, ...]
+    hparams: dict
+    timeout_s: float = 600.0
+
+
+@dataclass
+class TrainingResult:
+    """What a trainer returns: its trained values of exactly ``update_names`` and the examples it trained on."""
+
+    tensors: dict[str, np.ndarray]
+    num_examples: int
+    epsilon: float = math.inf
+    loss: float = float("nan")
+    info: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """A client-side trainer: ``methods`` it supports (announced at Register) and ``train(request)``."""
+
+    methods: Sequence[str]
+
+    def train(self, request: TrainingRequest) -> TrainingResult: ...
+
+
+# ------------------------------------------------------------------------------------------------ tensor codec
+def encode_tensor(name: str, value) -> dict:
+    """``{name, shape, dtype, data}`` of one tensor (the fields of ``mor.v1.Tensor``)."""
+    a = np.ascontiguousarray(np.asarray(value, dtype=np.float64).astype(_LE_F32))
+    return {"name": name, "shape": [int(s) for s in a.shape], "dtype": DTYPE, "data": a.tobytes(order="C")}
+
+
+def tensors_to_pb(tensors: Mapping[str, np.ndarray]):
+    """A list of ``mor.v1.Tensor`` messages, in name order."""
+    from mor.v1 import federation_pb2 as pb
+
+    return [pb.Tensor(**encode_tensor(n, tensors[n])) for n in sorted(tensors)]
+
+
+def decode_tensors(tensors: Sequence, expected: Mapping[str, Sequence[int]] | None, field_prefix: str, *,
+                   value_bound: float = math.inf, exact: bool = True) -> dict[str, np.ndarray]:
+    """Decode and check a repeated ``Tensor`` field (any objects with ``name``, ``shape``, ``dtype``, ``data``).
+
+    ``expected``: name -> shape; with ``exact`` every expected name must be present once and nothing else (None:
+    any names, shapes as declared). Every problem raises :class:`TensorProblem` naming the field, e.g.
+    ``report.update.tensors[2].data``: unknown, duplicate or missing names, a dtype other than float32, a shape that
+    differs from the expected one, a byte length other than 4 * product(shape), NaN/inf, |value| > value_bound.
+    Returns name -> float32 array (native byte order, a copy)."""
+    if len(tensors) > MAX_TENSORS:
+        raise TensorProblem(field_prefix, f"{field_prefix} has {len(tensors)} tensors; at most {MAX_TENSORS}")
+    out: dict[str, np.ndarray] = {}
+    for i, t in enumerate(tensors):
+        f = f"{field_prefix}[{i}]"
+        name = t.name
+        if not name or len(name.encode("utf-8")) > MAX_NAME_BYTES:
+            raise TensorProblem(f"{f}.name", f"{f}.name is empty or longer than {MAX_NAME_BYTES} bytes")
+        if name in out:
+            raise TensorProblem(f"{f}.name", f"{f}.name {name!r} appears twice")
+        if expected is not None and name not in expected:
+            raise TensorProblem(f"{f}.name", f"{f}.name {name!r} is not a tensor of this round; expected one of "
+                                             f"{sorted(expected)[:8]}{' ...' if len(expected) > 8 else ''}")
+        if t.dtype != DTYPE:
+            raise TensorProblem(f"{f}.dtype", f"{f}.dtype is {t.dtype!r}; only {DTYPE!r} (IEEE-754 binary32, "
+                                              "little-endian) is accepted")
+        shape = tuple(int(s) for s in t.shape)
+        if len(shape) > MAX_RANK:
+            raise TensorProblem(f"{f}.shape", f"{f}.shape has rank {len(shape)}; at most {MAX_RANK}")
+        if expected is not None and shape != tuple(int(s) for s in expected[name]):
+            raise TensorProblem(f"{f}.shape", f"{f}.shape is {list(shape)}; tensor {name!r} has shape "
+                                              f"{list(expected[name])}")
+        n = math.prod(shape)
+        if len(t.data) != 4 * n:
+            raise TensorProblem(f"{f}.data", f"{f}.data has {len(t.data)} bytes; shape {list(shape)} of float32 "
+                                             f"needs exactly {4 * n}")
+        a = np.frombuffer(bytes(t.data), dtype=_LE_F32).astype(np.float32).reshape(shape)
+        bad = ~np.isfinite(a)
+        if bad.any():
+            j = int(np.flatnonzero(bad.reshape(-1))[0])
+            raise TensorProblem(f"{f}.data", f"{f}.data element {j} of {name!r} is {a.reshape(-1)[j]}; values "
+                                             "must be finite")
+        if a.size and math.isfinite(value_bound):
+            big = np.abs(a) > value_bound
+            if big.any():
+                j = int(np.flatnonzero(big.reshape(-1))[0])
+                raise TensorProblem(f"{f}.data", f"{f}.data element {j} of {name!r} is {a.reshape(-1)[j]:g}, "
+                                                 f"outside the task's value_bound {value_bound:g}")
+        out[name] = a
+    if expected is not None and exact:
+        missing = sorted(set(expected) - set(out))
+        if missing:
+            raise TensorProblem(field_prefix, f"{field_prefix} lacks tensor {missing[0]!r}"
+                                              f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; "
+                                              "send exactly the tensors the task names")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- hyper-parameters
+HPARAM_DEFAULTS = {
+    # FLORA's reference settings (github dphuongn/FLoRA): Adam(W) lr 5e-5, betas (0.9, 0.98), eps 1e-6, wd 0.2
+    "learning_rate": 5e-5, "local_epochs": 1, "batch_size": 16, "epsilon": math.inf, "delta": 1e-5,
+    "max_grad_norm": 1.0, "total_rounds": 1, "round_index": 0, "seed": 0, "weight_decay": 0.2,
+    "adam_beta1": 0.9, "adam_beta2": 0.98, "adam_eps": 1e-6, "lora_alpha": 64.0, "objective": "sft",
+}
+
+
+def check_hparams(h: Mapping) -> dict:
+    """Complete ``h`` with :data:`HPARAM_DEFAULTS` and check it; raises ValueError naming the key."""
+    unknown = sorted(set(h) - set(HPARAM_DEFAULTS))
+    if unknown:
+        raise ValueError(f"hparams: unknown key {unknown[0]!r}; known: {sorted(HPARAM_DEFAULTS)}")
+    out = {**HPARAM_DEFAULTS, **h}
+    for k in ("learning_rate", "max_grad_norm", "lora_alpha", "adam_eps"):
+        if not (isinstance(out[k], (int, float)) and math.isfinite(out[k]) and out[k] > 0):
+            raise ValueError(f"hparams.{k}: must be a finite number > 0, got {out[k]!r}")
+    for k in ("local_epochs", "batch_size", "total_rounds"):
+        if int(out[k]) != out[k] or out[k] < 1:
+            raise ValueError(f"hparams.{k}: must be an integer >= 1, got {out[k]!r}")
+    if int(out["round_index"]) != out["round_index"] or out["round_index"] < 0:
+        raise ValueError(f"hparams.round_index: must be an integer >= 0, got {out['round_index']!r}")
+    if not (out["epsilon"] > 0 or out["epsilon"] == 0):
+        raise ValueError(f"hparams.epsilon: must be > 0, 0 or inf (0 and inf: no DP), got {out['epsilon']!r}")
+    if not 0 < out["delta"] < 1:
+        raise ValueError(f"hparams.delta: must be in (0, 1), got {out['delta']!r}")
+    if not 0 <= out["weight_decay"] < 10 or not 0 <= out["adam_beta1"] < 1 or not 0 <= out["adam_beta2"] < 1:
+        raise ValueError("hparams: weight_decay must be in [0, 10), adam_beta1/adam_beta2 in [0, 1)")
+    if out["objective"] not in OBJECTIVES:
+        raise ValueError(f"hparams.objective: must be one of {OBJECTIVES}, got {out['objective']!r}")
+    for k in ("local_epochs", "batch_size", "total_rounds", "round_index", "seed"):
+        out[k] = int(out[k])
+    return out
+
+
+_ZERO_IS_VALUE = ("round_index", "seed", "weight_decay", "adam_beta1", "adam_beta2")
+
+
+def hparams_to_pb(h: Mapping):
+    from mor.v1 import federation_pb2 as pb
+
+    h = check_hparams(h)
+    return pb.TrainingHyperParameters(**{k: (math.inf if k == "epsilon" and h[k] == 0 else h[k]) for k in h})
+
+
+def hparams_from_pb(msg) -> dict:
+    """The hyper-parameters of a TrainingTask, defaults for unset fields; raises ValueError naming the field."""
+    h = {}
+    for k, default in HPARAM_DEFAULTS.items():
+        v = getattr(msg, k)
+        # proto3 cannot tell 0 from unset: where 0 is not a valid value, unset means the default
+        h[k] = v if (v or k in _ZERO_IS_VALUE) else default
+    if h["epsilon"] == 0:
+        h["epsilon"] = math.inf
+    return check_hparams(h)
+
+
+def is_private(h: Mapping) -> bool:
+    return math.isfinite(float(h.get("epsilon", math.inf))) and float(h.get("epsilon", 0)) > 0
+
+
+TRAINING_REVISION = 3
+"""The protocol revision that introduced training rounds: the server sends TrainingTasks only to sessions at it."""
+
+
+# ------------------------------------------------------------------------------------------ the SDK's handler
+async def handle_training_task(client, task, send_q) -> None:
+    """Answer one ``TrainingTask`` for a :class:`~mor_client.client.FederationClient` with a ``trainer``: decode
+    and check the broadcast, run ``trainer.train`` in a worker thread under the task's deadline, check the result
+    against the task (names, shapes, finiteness, value_bound) and send the ParameterUpdate, or a Refusal naming the
+    reason. The client's audit log records what left (digest, sizes, example count, epsilon), never the values."""
+    import asyncio
+    import hashlib
+    import logging
+
+    from mor.v1 import federation_pb2 as pb
+
+    from .release import Release
+
+    log = logging.getLogger("mor.client")
+    rid, method = task.round_id, task.method
+    mode = f"train:{method}"
+
+    def refuse(code: str, reason: str, remaining: float = float("nan")) -> None:
+        rel = Release("refuse", code=code, reason=reason[:400], remaining_epsilon=remaining)
+        client.audit_release(rid, mode, rel, n_items=0)
+        log.info("training round %s refused: %s: %s", rid, code, reason)
+        send_q.put_nowait(client.release_message(rid, rel))
+        client.on_event("training", {"round_id": rid, "method": method, "release": "refuse", "code": code})
+
+    trainer = client.trainer
+    if trainer is None:
+        return refuse("FAILED_PRECONDITION", "this client has no trainer: it only scores")
+    if method not in tuple(trainer.methods):
+        return refuse("FAILED_PRECONDITION", f"method {method!r} is not one this client trains "
+                                             f"({list(trainer.methods)})")
+    timeout = task.timeout_ms / 1000 if task.timeout_ms else 600.0
+    try:
+        params = decode_tensors(task.parameters, None, "task.parameters")
+        names = tuple(task.update_names)
+        if not names or len(set(names)) != len(names) or any(n not in params for n in names):
+            raise ValueError("task.update_names must be distinct names of broadcast tensors, at least one")
+        hp = hparams_from_pb(task.hparams)
+    except ValueError as e:  # TensorProblem is a ValueError
+        return refuse("INVALID_ARGUMENT", f"malformed training task: {e}")
+    req = TrainingRequest(rid, method, params, names, hp, timeout)
+    try:
+        res = await asyncio.wait_for(asyncio.to_thread(trainer.train, req), timeout)
+    except TrainingRefused as e:
+        return refuse(e.code, e.reason, e.remaining_epsilon)
+    except asyncio.TimeoutError:
+        return refuse("DEADLINE_EXCEEDED", f"local training exceeded the {timeout:.1f} s deadline")
+    except Exception as e:  # the institution's trainer: report, do not crash the session
+        log.exception("trainer failed on round %s", rid)
+        return refuse("INTERNAL", f"local trainer failed: {type(e).__name__}: {e}")
+    bound = task.value_bound or math.inf
+    try:
+        missing = [n for n in names if n not in res.tensors]
+        if missing:
+            raise TensorProblem("update", f"the trainer returned no tensor {missing[0]!r}")
+        tensors = tensors_to_pb({n: res.tensors[n] for n in names})
+        decode_tensors(tensors, {n: params[n].shape for n in names}, "update", value_bound=bound)
+        n_ex = int(res.num_examples)
+        if n_ex < 1 or (task.max_num_examples and n_ex > task.max_num_examples):
+            raise TensorProblem("num_examples", f"num_examples {n_ex} outside 1..{task.max_num_examples}")
+    except (TensorProblem, TypeError, ValueError) as e:
+        return refuse("INTERNAL", f"local trainer returned an update the task does not accept: {e}")
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.name.encode() + b"\0" + t.data)
+    eps = float(res.epsilon) if res.epsilon is not None else math.inf
+    if client.audit is not None:  # durably, before it leaves
+        client.audit.append("release", {"round_id": rid, "mode": mode, "tensors": len(tensors),
+                                        "bytes": sum(len(t.data) for t in tensors), "sha256": h.hexdigest(),
+                                        "num_examples": n_ex, "epsilon_total": eps, "train_loss": res.loss})
+    client.stats.reports += 1
+    send_q.put_nowait(pb.ClientMessage(report=pb.ScoreReport(round_id=rid, update=pb.ParameterUpdate(
+        tensors=tensors, num_examples=n_ex, epsilon_charged=eps,
+        train_loss=res.loss if math.isfinite(res.loss) else 0.0))))
+    log.info("training round %s answered: %s, %d tensors, %d examples", rid, method, len(tensors), n_ex)
+    client.on_event("training", {"round_id": rid, "method": method, "release": "update", "examples": n_ex,
+                                 "epsilon": eps})
