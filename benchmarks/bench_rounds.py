@@ -53,15 +53,15 @@ async def run(n_clients: int, n_items: int, n_rounds: int, workdir: Path) -> dic
     for _ in range(3):  # warm-up
         await server.run_round(items, timeout=30)
     lat = []
-    b0_in, b0_out = server.metrics.value("mor_bytes_received_total"), server.metrics.value("mor_bytes_sent_total")
+    b0_in, b0_out = server.metrics.value("mor_received_bytes_total"), server.metrics.value("mor_sent_bytes_total")
     t0 = time.perf_counter()
     for _ in range(n_rounds):
         out = await server.run_round(items, timeout=30)
         assert out.ok, out.reason
         lat.append(out.latency)
     wall = time.perf_counter() - t0
-    b_in = server.metrics.value("mor_bytes_received_total") - b0_in
-    b_out = server.metrics.value("mor_bytes_sent_total") - b0_out
+    b_in = server.metrics.value("mor_received_bytes_total") - b0_in
+    b_out = server.metrics.value("mor_sent_bytes_total") - b0_out
     for c in clients:
         await c.stop()
     await asyncio.gather(*tasks, return_exceptions=True)

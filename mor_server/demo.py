@@ -537,12 +537,9 @@ def _run_demo_locked(cfg: DemoConfig, work: Path, stop, sigs) -> dict:
         except GRPOInterrupted as e:
             raise DemoInterrupted(sigs.signum or signal.SIGTERM, e.checkpoint, e.step) from None
         m = server.server.metrics
-        fed = {"rounds_completed": int(sum(m.value("mor_rounds_completed_total", {"mode": k}) for k in
-                                           ("plain", "dp", "secagg", "secagg+dp"))),
-               "rounds_failed": int(sum(m.value("mor_rounds_failed_total", {"mode": k}) for k in
-                                        ("plain", "dp", "secagg", "secagg+dp"))),
-               "dropouts": int(sum(s.value for metric in m.dropouts.collect() for s in metric.samples
-                                   if s.name.endswith("_total"))),
+        fed = {"rounds_completed": int(m.total("mor_rounds_completed_total")),
+               "rounds_failed": int(m.total("mor_rounds_failed_total")),
+               "dropouts": int(m.total("mor_client_dropouts_total")),
                "backend": dict(backend.rounds)}
     finally:
         if sigs.signum is not None:

@@ -129,12 +129,15 @@ class GRPOMetrics:
         self.reward_std = Gauge("mor_grpo_reward_std", "Std of the total reward of the last logged step", registry=r)
         self.kl = Gauge("mor_grpo_kl", "KL to the reference at the last logged step", registry=r)
         self.loss = Gauge("mor_grpo_loss", "GRPO loss at the last logged step", registry=r)
-        self.rounds = Counter("mor_reward_rounds", "Reward scoring rounds run for GRPO", ["outcome"], registry=r)
+        from .metrics import REWARD_ROUND_OUTCOMES, ClosedLabel
+
+        self.rounds = ClosedLabel(Counter("mor_reward_rounds", "Reward scoring rounds run for GRPO", ["outcome"],
+                                          registry=r), "outcome", REWARD_ROUND_OUTCOMES)
         self.round_seconds = Histogram("mor_reward_round_seconds", "Wall time of a successful reward round",
                                        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
 
     def round_done(self, ok: bool, seconds: float) -> None:
-        self.rounds.labels(outcome="ok" if ok else "failed").inc()
+        self.rounds.labels(outcome="ok" if ok else "failed").inc()  # REWARD_ROUND_OUTCOMES; others are refused
         if ok:
             self.round_seconds.observe(seconds)
 

@@ -332,12 +332,7 @@ class FederationServer(pb_grpc.FederationServicer):
 
     def _note_expiry(self, cert_pem: bytes, ca_pem: bytes) -> None:
         """``mor_certificate_expiry_seconds{certificate=server_tls|ca}``; a WARNING when under 30 days are left."""
-        if not hasattr(self, "_expiry_gauge"):
-            from prometheus_client import Gauge
-
-            self._expiry_gauge = Gauge("mor_certificate_expiry_seconds",
-                                       "Seconds until the certificate expires (negative: expired)", ["certificate"],
-                                       registry=self.metrics.registry)
+        self._expiry_gauge = self.metrics.certificate_expiry  # set: this server checks certificates (mTLS)
         now = time.time()
         for label, pem in (("server_tls", cert_pem), ("ca", ca_pem)):
             left = x509.load_pem_x509_certificate(pem).not_valid_after_utc.timestamp() - now
@@ -1124,7 +1119,7 @@ class FederationServer(pb_grpc.FederationServicer):
         (m.rounds_completed if outcome.ok else m.rounds_failed).labels(mode=mode).inc()
         m.round_latency.labels(mode=mode).observe(outcome.latency)
         for c, why in outcome.dropped.items():
-            m.dropouts.labels(reason=why.split(":")[0].split(" (")[0][:40]).inc()
+            m.count_dropout(why)
             info = self.registry.get(c)
             if info:
                 info.dropouts += 1

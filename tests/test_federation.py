@@ -27,7 +27,7 @@ def test_three_clients_complete_rounds(pki_dir, png_bytes):
                     assert by[name] == [[len(c) + off for c in it.candidates] for it in items]
             assert server.metrics.value("mor_rounds_completed_total", {"mode": "plain"}) == 3
             assert server.metrics.value("mor_clients_online") == 3
-            assert server.metrics.value("mor_bytes_received_total") > 0
+            assert server.metrics.value("mor_received_bytes_total") > 0
             body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
             assert "mor_rounds_completed_total" in body and "mor_round_latency_seconds_bucket" in body
             # identities come from certificates
