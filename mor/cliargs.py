@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable
 
-__all__ = ["ArgumentParser", "HelpFormatter", "RawHelpFormatter", "UsageError", "run_main", "one_line",
+__all__ = ["ArgumentParser", "verbose_everywhere", "VERBOSE_HELP", "HelpFormatter", "RawHelpFormatter", "UsageError", "run_main", "one_line",
            "int_range", "float_range", "positive_int", "non_negative_int", "positive_float", "non_negative_float",
            "open_unit_interval", "fraction", "port", "bind_host", "host_name", "host_list", "host_port",
            "existing_file", "existing_dir", "output_file", "output_dir", "dir_path", "csv_choices", "device"]
@@ -58,6 +58,29 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+#: help of ``-v``/``--verbose``, the same in every command
+VERBOSE_HELP = "log progress (INFO; `join` also prints every event)"
+
+
+def verbose_everywhere(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Accept ``-v``/``--verbose`` after any sub-command too (``mor client join -v``), not only before it.
+
+    The root parser defines the flag (default False); every sub-parser below it gets a copy whose default is
+    SUPPRESS, so leaving it out after the sub-command does not reset a ``-v`` given before it."""
+    help_text = VERBOSE_HELP
+
+    def walk(p, root):
+        if not root and not any("--verbose" in a.option_strings for a in p._actions):
+            p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=help_text)
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub in dict.fromkeys(a.choices.values()):  # aliases map to the same parser
+                    walk(sub, False)
+
+    walk(parser, True)
+    return parser
 
 
 def one_line(msg) -> str:

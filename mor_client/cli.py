@@ -15,18 +15,13 @@ import signal
 import sys
 from pathlib import Path
 
-from mor.cliargs import (ArgumentParser, csv_choices, existing_dir, existing_file, float_range, host_port,
-                         loaded_errors, non_negative_float, non_negative_int, open_unit_interval, output_dir,
-                         output_file, positive_int, run_main)
+from mor.cliargs import (VERBOSE_HELP, ArgumentParser, UsageError, csv_choices, existing_dir, existing_file,
+                         float_range, host_port, loaded_errors, non_negative_float, non_negative_int, open_unit_interval,
+                         output_dir, output_file, positive_int, run_main)
 from privacy.pki import ClientCredentials, PKIError
 
 from .client import ClientError, FederationClient
 from .release import ReleasePolicy
-
-
-class UsageError(Exception):
-    pass
-
 
 #: privacy modes a client can accept (``--modes``)
 CLIENT_MODES = ("plain", "dp", "secagg", "secagg+dp")
@@ -119,6 +114,8 @@ def _pin_membership(secagg, args, creds) -> None:
 
 
 def _join(args) -> int:
+    if not args.insecure and args.creds is None:
+        raise UsageError("--creds is required (or --insecure for local debugging)")
     modes = tuple(m.strip() for m in args.modes_csv.split(",") if m.strip())
     args.modes = modes
     scorer = load_scorer(args.model, args.scorer)
@@ -201,9 +198,19 @@ def _keygen(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="mor-client", description="MoR federation client (institution side)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO) and every event")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    """``mor-client``: the same commands as ``mor client``."""
+    from mor.cliargs import verbose_everywhere
+
+    parser = ArgumentParser(prog="mor-client", description="MoR federation client (institution side); the same "
+                                                           "commands as `mor client`")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    add_commands(parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND"))
+    return verbose_everywhere(parser)
+
+
+def add_commands(sub) -> None:
+    """The client's commands (join, keygen, train, card, budget) on a sub-parser action: ``mor-client`` and
+    ``mor client`` share them."""
     j = sub.add_parser("join", help="connect to the federation and answer scoring tasks until stopped")
     j.add_argument("--server", required=True, type=host_port, help="host:port of the federation server")
     j.add_argument("--creds", type=existing_dir, help="credentials folder from `mor-server pki issue-client NAME`")
@@ -255,7 +262,6 @@ def build_parser() -> argparse.ArgumentParser:
         except ImportError:  # pragma: no cover - ships with the reward-model / privacy packages
             continue
         mod.register(sub)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,18 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     # (MOR_PARENT_PID, set by `mor demo`; a no-op when unset)
     watch_parent()
     def parse():
-        parser = build_parser()
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        if args.cmd == "join" and not args.insecure and args.creds is None:
-            parser.error("--creds is required (or --insecure for local debugging)")
         return args
 
-    return run_main("mor-client", parse, expected=_expected_errors)
+    return run_main("mor-client", parse, expected=expected_errors)
 
 
-def _expected_errors() -> tuple:
+def expected_errors() -> tuple:
+    """The client commands' user-error classes (printed as one line, exit code 2)."""
     return (UsageError, PKIError, ClientError,
             *loaded_errors("privacy.ledger:LedgerError", "privacy.audit.entry:AuditError"))
 

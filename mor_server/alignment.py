@@ -301,65 +301,12 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m mor_server.alignment``: the in-process pipeline on the embedded easy-vqa federation split,
-    with label-expert clients (one per question type; an upper bound on trained reward models) or, with
-    ``--models``, trained client reward models loaded in-process (no federation)."""
-    import argparse
-    import json
+    """``python -m mor_server.alignment``: an alias of ``mor align`` (mor_server/align_cli.py)."""
+    import sys
 
-    from mor_client.data.partition import make_federation_split
+    from .cli import mor_main
 
-    from .inprocess import InProcessBackend, LabelExpertScorer
-
-    ap = argparse.ArgumentParser(prog="python -m mor_server.alignment", description=main.__doc__)
-    ap.add_argument("--work-dir", default="runs/alignment-inprocess")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sft-steps", type=int, default=AlignmentConfig().sft.steps)
-    ap.add_argument("--steps", type=int, default=GRPORunConfig().max_steps)
-    ap.add_argument("--lr", type=float, default=GRPORunConfig().learning_rate)
-    ap.add_argument("--beta", type=float, default=GRPORunConfig().beta)
-    ap.add_argument("--temperature", type=float, default=GRPORunConfig().temperature)
-    ap.add_argument("--top-k", type=int, default=None)
-    ap.add_argument("--w-format", type=float, default=4.0, help="weight of the typed answer-format rule")
-    ap.add_argument("--eval-size", type=int, default=600)
-    ap.add_argument("--fresh", action="store_true",
-                    help="start over even when an interrupted run with the same settings left a checkpoint in "
-                         "--work-dir (by default such a run resumes from its newest complete checkpoint)")
-    ap.add_argument("--models", type=Path, default=None,
-                    help="a folder of trained client reward models (<client>/model/card.json, e.g. runs/demo/clients) "
-                         "to use in-process instead of the label experts")
-    a = ap.parse_args(argv)
-    split = make_federation_split(seed=a.seed)
-    if a.models is not None:
-        from mor_client.rewards.scorer import RewardModelScorer
-
-        dirs = sorted(d for d in Path(a.models).glob("*/model") if (d / "card.json").is_file())
-        if not dirs:
-            ap.error(f"--models {a.models}: no <client>/model/card.json below it; train models with "
-                     f"`mor-client train` or run `mor demo` first")
-        backend = InProcessBackend({d.parent.name: RewardModelScorer.from_dir(d) for d in dirs})
-    else:
-        known = list(split.server_public) + list(split.server_unlabeled)
-        backend = InProcessBackend({f"expert_{d}": LabelExpertScorer(known, [d]) for d in ("color", "shape", "yesno")})
-    test = heldout_test(split)
-    import easy_vqa
-
-    cfg = AlignmentConfig(work_dir=a.work_dir, seed=a.seed, sft=SFTConfig(steps=a.sft_steps), eval_size=a.eval_size,
-                          resume=False if a.fresh else "auto",
-                          resume_key=json.dumps([[d.parent.name, json.loads((d / "card.json").read_text())
-                                                  .get("weights_sha256")] for d in dirs] if a.models is not None
-                                                else "label-experts"),
-                          top_k=a.top_k, w_format=a.w_format, answer_vocabulary=list(easy_vqa.get_answers()),
-                          grpo=GRPORunConfig(max_steps=a.steps, learning_rate=a.lr, beta=a.beta,
-                                             temperature=a.temperature))
-    rep = run_alignment(backend, public=split.server_public, unlabeled=split.server_unlabeled, test=test, config=cfg)
-    b, f = rep["accuracy_before"], rep["accuracy_after"]
-    print(f"accuracy {b['overall']:.3f} -> {f['overall']:.3f}  " + "  ".join(
-        f"{d}: {b['by_domain'][d]:.3f} -> {f['by_domain'].get(d, 0):.3f}" for d in b["by_domain"]))
-    print(format_accuracy_table(f))
-    print(f"KL to reference {rep['kl_to_reference']:.3f}; rounds {json.dumps(rep['rounds'])}; "
-          f"GRPO {rep['grpo']['seconds']:.0f}s; report {rep['report_path']}")
-    return 0
+    return mor_main(["align", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

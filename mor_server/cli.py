@@ -13,28 +13,32 @@ import signal
 import sys
 from pathlib import Path
 
-from mor.cliargs import (ArgumentParser, bind_host, dir_path, existing_dir, existing_file, float_range, host_list,
-                         loaded_errors, non_negative_int, output_dir, output_file, port, positive_float, positive_int,
-                         register_missing, run_main)
+from mor.cliargs import (VERBOSE_HELP, ArgumentParser, UsageError, bind_host, dir_path, existing_dir, existing_file,
+                         float_range, host_list, loaded_errors, non_negative_int, output_dir, output_file, port, positive_float,
+                         positive_int, register_missing, run_main, verbose_everywhere)
 from privacy import pki
 
 
-class UsageError(Exception):
-    """A user-fixable problem; printed as one line."""
+
+
+#: help of the flag naming the PKI folder (``--pki``; ``--dir`` is its former name, still accepted)
+PKI_HELP = "PKI folder made by `mor pki init` (--dir: the same flag's former name)"
+#: help of the flag naming the membership authority's folder
+MEMBERSHIP_HELP = "membership folder made by `mor pki membership init` (--dir: the same flag's former name)"
 
 
 def _add_pki(sub) -> None:
     p = sub.add_parser("pki", help="federation CA and certificates")
     ps = p.add_subparsers(dest="pki_cmd", required=True)
     init = ps.add_parser("init", help="create the federation CA and the server certificate")
-    init.add_argument("--dir", type=output_dir, default="pki", help="PKI folder to create")
+    init.add_argument("--pki", "--dir", dest="dir", type=output_dir, default="pki", help="PKI folder to create")
     init.add_argument("--hosts", default="localhost,127.0.0.1,::1", type=host_list,
                       help="comma-separated host names/IPs the server certificate is valid for")
     init.add_argument("--force", action="store_true", help="replace an existing CA (invalidates every certificate)")
     init.set_defaults(func=_pki_init)
     iss = ps.add_parser("issue-client", help="issue a client's TLS + identity certificates")
     iss.add_argument("name", help="client name (becomes its identity: the certificate's Common Name)")
-    iss.add_argument("--dir", type=dir_path, default="pki", help="PKI folder made by `mor-server pki init`")
+    iss.add_argument("--pki", "--dir", dest="dir", type=dir_path, default="pki", help=PKI_HELP)
     iss.add_argument("--days", type=positive_float, default=365, help="validity of the certificates in days")
     iss.add_argument("--out", type=output_dir, default=None, help="output folder (default: PKI/clients/NAME)")
     iss.add_argument("--identity-public-key", type=existing_file, default=None, metavar="FILE",
@@ -43,19 +47,19 @@ def _add_pki(sub) -> None:
     iss.set_defaults(func=_pki_issue)
     rev = ps.add_parser("revoke", help="revoke every certificate issued to a client (a running server picks it up)")
     rev.add_argument("name", help="the client name whose certificates are revoked")
-    rev.add_argument("--dir", type=dir_path, default="pki", help="PKI folder made by `mor-server pki init`")
+    rev.add_argument("--pki", "--dir", dest="dir", type=dir_path, default="pki", help=PKI_HELP)
     rev.add_argument("--days", type=positive_float, default=pki.CRL_DAYS,
                      help="validity of the re-signed CRL in days (its next_update)")
     rev.set_defaults(func=_pki_revoke)
     crl = ps.add_parser("crl-refresh", help="re-sign the CRL with a new next_update (a server refuses every client "
                                             "once its CRL's next_update has passed)")
-    crl.add_argument("--dir", type=dir_path, default="pki", help="PKI folder made by `mor-server pki init`")
+    crl.add_argument("--pki", "--dir", dest="dir", type=dir_path, default="pki", help=PKI_HELP)
     crl.add_argument("--days", type=positive_float, default=pki.CRL_DAYS, help="validity of the CRL in days")
     crl.set_defaults(func=_pki_crl_refresh)
     sc = ps.add_parser("sign-csr", help="enrolment by CSR: certify an institution's own TLS and identity keys (from "
                                         "`mor-client keygen`); the private keys never travel")
     sc.add_argument("name", help="client name (must be the Common Name of both CSRs)")
-    sc.add_argument("--dir", type=dir_path, default="pki", help="PKI folder made by `mor-server pki init`")
+    sc.add_argument("--pki", "--dir", dest="dir", type=dir_path, default="pki", help=PKI_HELP)
     sc.add_argument("--csr", type=existing_dir, required=True, metavar="DIR",
                     help="folder holding the institution's tls.csr and identity.csr")
     sc.add_argument("--days", type=positive_float, default=365, help="validity of the certificates in days")
@@ -65,7 +69,7 @@ def _add_pki(sub) -> None:
     rn = ps.add_parser("renew", help="issue new certificates for a client's SAME keys (no key moves, nothing "
                                      "else is invalidated)")
     rn.add_argument("name", help="client name")
-    rn.add_argument("--dir", type=dir_path, default="pki", help="PKI folder made by `mor-server pki init`")
+    rn.add_argument("--pki", "--dir", dest="dir", type=dir_path, default="pki", help=PKI_HELP)
     rn.add_argument("--creds", type=existing_dir, default=None, metavar="DIR",
                     help="folder holding the client's current tls.crt and identity.crt (default: PKI/clients/NAME)")
     rn.add_argument("--days", type=positive_float, default=365, help="validity of the new certificates in days")
@@ -73,7 +77,7 @@ def _add_pki(sub) -> None:
     rn.set_defaults(func=_pki_renew)
     rs = ps.add_parser("renew-server", help="rotate the server's TLS key and certificate (a running server uses "
                                             "them from its next handshake on)")
-    rs.add_argument("--dir", type=dir_path, default="pki", help="PKI folder made by `mor-server pki init`")
+    rs.add_argument("--pki", "--dir", dest="dir", type=dir_path, default="pki", help=PKI_HELP)
     rs.add_argument("--days", type=positive_float, default=825, help="validity of the new certificate in days")
     rs.add_argument("--hosts", type=host_list, default=None,
                     help="comma-separated host names/IPs (default: those of the current certificate)")
@@ -166,7 +170,8 @@ def _add_membership(ps) -> None:
     m = ps.add_parser("membership", help="membership CA and signed roster (held by the members, not the operator)")
     ms = m.add_subparsers(dest="membership_cmd", required=True)
     init = ms.add_parser("init", help="authority: create the membership CA (keep DIR/membership-ca.key offline)")
-    init.add_argument("--dir", type=output_dir, default="membership", help="membership folder to create")
+    init.add_argument("--membership", "--dir", dest="dir", type=output_dir, default="membership",
+                      help="membership folder to create")
     init.add_argument("--name", default="MoR membership CA", help="the CA certificate's Common Name")
     init.add_argument("--days", type=positive_float, default=3650, help="validity of the membership CA certificate")
     init.add_argument("--force", action="store_true", help="replace an existing membership CA")
@@ -178,8 +183,8 @@ def _add_membership(ps) -> None:
     kg.set_defaults(func=_membership_keygen)
     en = ms.add_parser("enrol", help="authority: certify a member's identity key (from its CSR or public key)")
     en.add_argument("name", help="member name (must equal its TLS client name)")
-    en.add_argument("--dir", type=dir_path, default="membership",
-                    help="membership folder made by `pki membership init`")
+    en.add_argument("--membership", "--dir", dest="dir", type=dir_path, default="membership",
+                    help=MEMBERSHIP_HELP)
     src = en.add_mutually_exclusive_group(required=True)
     src.add_argument("--identity-public-key", type=existing_file, metavar="FILE",
                      help="the member's identity.csr (from `keygen`) or PEM Ed25519 public key")
@@ -190,12 +195,12 @@ def _add_membership(ps) -> None:
     en.set_defaults(func=_membership_enrol)
     rm = ms.add_parser("remove", help="authority: take a member off the next roster")
     rm.add_argument("name", help="member name")
-    rm.add_argument("--dir", type=dir_path, default="membership",
-                    help="membership folder made by `pki membership init`")
+    rm.add_argument("--membership", "--dir", dest="dir", type=dir_path, default="membership",
+                    help=MEMBERSHIP_HELP)
     rm.set_defaults(func=_membership_remove)
     ro = ms.add_parser("roster", help="authority: sign the roster of enrolled members (next serial)")
-    ro.add_argument("--dir", type=dir_path, default="membership",
-                    help="membership folder made by `pki membership init`")
+    ro.add_argument("--membership", "--dir", dest="dir", type=dir_path, default="membership",
+                    help=MEMBERSHIP_HELP)
     ro.add_argument("--out", type=output_file, default=None, help="roster file (default: DIR/roster.json)")
     ro.add_argument("--days", type=positive_float, default=30, help="validity of the roster (clients refuse it after)")
     ro.add_argument("--federation", default="MoR federation", help="federation name written in the roster")
@@ -300,25 +305,58 @@ def _add_serve(sub) -> None:
                    help="largest gRPC message accepted or sent, in MiB (gRPC's limit is 2 GiB)")
     p.add_argument("--rounds", type=non_negative_int, default=0,
                    help="after --min-clients join, run this many scoring rounds on public easy-vqa items and print them")
+    p.add_argument("--mode", choices=SERVE_MODES, default="plain",
+                   help="privacy mode of the --rounds rounds (secagg, secagg+dp: equal weights, only the sum is seen)")
     p.add_argument("--items", type=positive_int, default=64, help="items per scoring task (with --rounds)")
     p.add_argument("--min-clients", type=positive_int, default=1,
                    help="clients that must join (and answer) before a round (with --rounds)")
+    p.add_argument("--wait-clients", type=positive_float, default=600.0,
+                   help="seconds to wait for --min-clients before giving up (with --rounds)")
     p.add_argument("--timeout", type=positive_float, default=30.0, help="per-round deadline in seconds")
     p.add_argument("--exit-after-rounds", action="store_true", help="stop once --rounds have run")
     p.set_defaults(func=_serve)
 
 
+#: privacy modes of `serve --rounds` (the wire contract's PrivacyMode values)
+SERVE_MODES = ("plain", "dp", "secagg", "secagg+dp")
+
+
+async def _serve_rounds(server, args) -> None:
+    """The ``--rounds`` job: wait for the clients, run the rounds, print one line each."""
+    from .public_items import public_scoring_items
+
+    online = await server.wait_for_clients(args.min_clients, timeout=args.wait_clients, mode=args.mode)
+    print(f"clients online ({args.mode}): {', '.join(online)}", flush=True)
+    items = public_scoring_items(args.items)
+    for _ in range(args.rounds):
+        if args.mode in ("secagg", "secagg+dp"):
+            live = list(online)
+            weights = {c: [1.0 / len(live)] * len(items) for c in live}
+            out = await server.run_secagg_round(items, weights=weights, mode=args.mode, participants=live,
+                                                min_clients=args.min_clients, timeout=args.timeout)
+        else:
+            out = await server.run_round(items, mode=args.mode, min_clients=args.min_clients, timeout=args.timeout)
+        print(f"round {out.round_id}: {out.state.value} in {out.latency * 1000:.1f} ms; "
+              f"responders={list(out.responders)} dropped={out.dropped or '{}'}"
+              + (f" reason={out.reason}" if out.reason else ""), flush=True)
+
+
 def _serve(args) -> int:
+    """Serve until SIGINT/SIGTERM. Both are honoured at every stage: while waiting for clients, during a round (the
+    round is cancelled: clients get RoundCancelled) and while idle; the server then stops gracefully (exit code 0
+    when idle, 128 + the signal when --rounds had not all run)."""
     from .server import FederationServer, ServerConfig
 
     if args.port < 0 or args.port > 65535:
         raise UsageError(f"--port {args.port} is not a TCP port (0-65535)")
+    if args.rounds and args.mode in ("secagg", "secagg+dp") and args.min_clients < 2:
+        raise UsageError(f"--mode {args.mode} needs --min-clients 2 or more (a sum over one client is its score)")
     cfg = ServerConfig(host=args.host, port=args.port, pki_dir=None if args.insecure else args.pki,
                        insecure=args.insecure, metrics_port=args.metrics_port, health_port=args.health_port,
                        max_abs_score=args.max_abs_score, min_protocol_revision=args.min_protocol_revision,
                        max_message_bytes=int(args.max_message_mb * (1 << 20)))
 
-    async def main():
+    async def main() -> int:
         server = FederationServer(cfg)
         try:
             port = await server.start()
@@ -331,37 +369,46 @@ def _serve(args) -> int:
               (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else "") +
               (f", plaintext health on :{server.health_port}" if server.health_port else ""), flush=True)
         stop = asyncio.Event()
+        got: list[int] = []
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, lambda s=sig: (got.append(s), stop.set()))
+        stopper = asyncio.ensure_future(stop.wait())
         try:
             if args.rounds:
-                from .public_items import public_scoring_items
-
-                await server.wait_for_clients(args.min_clients, timeout=600)
-                items = public_scoring_items(args.items)
-                for i in range(args.rounds):
-                    out = await server.run_round(items, min_clients=args.min_clients, timeout=args.timeout)
-                    print(f"round {out.round_id}: {out.state.value} in {out.latency * 1000:.1f} ms; "
-                          f"responders={list(out.responders)} dropped={out.dropped or '{}'}"
-                          + (f" reason={out.reason}" if out.reason else ""), flush=True)
+                job = asyncio.ensure_future(_serve_rounds(server, args))
+                await asyncio.wait({job, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if not job.done():  # a signal came first: cancel the wait or the round in flight
+                    job.cancel()
+                    await asyncio.gather(job, return_exceptions=True)
+                    print(f"mor-server: {signal.Signals(got[0]).name}: stopped before --rounds {args.rounds} had "
+                          "run", file=sys.stderr, flush=True)
+                    return 128 + got[0]
+                job.result()  # a TimeoutError waiting for clients: one line, exit code 2
                 if args.exit_after_rounds:
-                    return
-            await stop.wait()
+                    return 0
+            await stopper
+            print(f"mor-server: {signal.Signals(got[0]).name}: stopping", file=sys.stderr, flush=True)
+            return 0
         finally:
+            stopper.cancel()
             await server.stop()
 
-    asyncio.run(main())
-    return 0
+    return asyncio.run(main())
+
+
+def add_server_commands(sub) -> None:
+    """``serve`` and the ``pki`` group: ``mor-server`` and ``mor server`` share them."""
+    _add_serve(sub)
+    _add_pki(sub)
 
 
 def build_server_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="mor-server", description="MoR federation server")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    _add_pki(sub)
-    _add_serve(sub)
-    return parser
+    """``mor-server``: the same commands as ``mor server``."""
+    parser = ArgumentParser(prog="mor-server", description="MoR federation server; the same commands as `mor server`")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    add_server_commands(parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND"))
+    return verbose_everywhere(parser)
 
 
 def server_main(argv: list[str] | None = None) -> int:
@@ -375,9 +422,14 @@ def mor_main(argv: list[str] | None = None) -> int:
 
 
 def build_mor_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="mor", description="MoR: federated alignment of VLMs by preferences")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    """``mor``: every command of the product in groups. ``mor-server`` and ``mor-client`` remain as aliases of
+    ``mor server`` and ``mor client``."""
+    from mor_client import cli as client_cli
+
+    parser = ArgumentParser(prog="mor", description="MoR: federated alignment of VLMs by preferences. Start with "
+                                                    "`mor demo`; see README for the deployment commands")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     try:
         from . import demo
     except ImportError as e:  # a lean install (no `demo` extra): `mor audit` still works, `mor demo` says what to add
@@ -385,13 +437,22 @@ def build_mor_parser() -> argparse.ArgumentParser:
                          flags=("--config", "--workdir", "--mode", "--seed", "--steps", "--fresh"))
     else:
         demo.register(sub)
+    from . import align_cli
+
+    align_cli.register(sub)
+    srv = sub.add_parser("server", help="the federation server: serve, pki (alias: mor-server)")
+    add_server_commands(srv.add_subparsers(dest="server_cmd", required=True, metavar="COMMAND"))
+    cli = sub.add_parser("client", help="an institution's client: keygen, train, card, join, budget (alias: "
+                                        "mor-client)")
+    client_cli.add_commands(cli.add_subparsers(dest="client_cmd", required=True, metavar="COMMAND"))
+    _add_pki(sub)
     try:
         from . import audit_cli
     except ImportError:  # pragma: no cover - the audit CLI ships with privacy.audit
         audit_cli = None
     if audit_cli is not None:
         audit_cli.register(sub)
-    return parser
+    return verbose_everywhere(parser)
 
 
 def _dispatch(prog: str, build, argv) -> int:
@@ -399,6 +460,10 @@ def _dispatch(prog: str, build, argv) -> int:
 
     def parse():
         args = build().parse_args(argv)
+        if getattr(args, "cmd", None) == "client":  # exit with an orchestrator that started us (no-op when unset)
+            from mor_client.parentwatch import watch_parent
+
+            watch_parent()
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return args
@@ -407,7 +472,8 @@ def _dispatch(prog: str, build, argv) -> int:
 
 
 def _expected_errors() -> tuple:
-    return (UsageError, pki.PKIError, *loaded_errors("privacy.audit.entry:AuditError", "privacy.ledger:LedgerError"))
+    return (UsageError, pki.PKIError, *loaded_errors("privacy.audit.entry:AuditError", "privacy.ledger:LedgerError",
+                                                     "mor_client.client:ClientError"))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ from mor.cliargs import non_negative_int, output_dir, positive_int
 from privacy import pki
 
 from privacy.fsutil import replace_dir, staging_dir
+from .jobcontrol import RunInterrupted as DemoInterrupted  # SIGINT/SIGTERM and the workdir lock: shared with mor align
+from .jobcontrol import Signals, close_progress_bars, lock_workdir
 from .procs import ClientProcess, mor_client_argv, reap_stale, run_child, stop_all
 
 DEFAULT_CLIENTS = (
@@ -338,87 +340,6 @@ def _pid_dir(work: Path) -> Path:
     return work / "pids"
 
 
-class DemoInterrupted(Exception):
-    """``mor demo`` got SIGINT/SIGTERM: the clients and the server were stopped; a rerun resumes."""
-
-    def __init__(self, signum: int, checkpoint: str | None = None, step: int | None = None):
-        self.signum, self.checkpoint, self.step = signum, checkpoint, step
-        name = signal.Signals(signum).name
-        where = (f"GRPO stopped at step {step} with {Path(checkpoint).name} saved; " if checkpoint else "")
-        super().__init__(f"interrupted by {name}: {where}every process it started is stopped; rerun the same "
-                         f"command to resume")
-
-
-def _close_progress_bars() -> None:
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return
-    for bar in list(getattr(tqdm, "_instances", ())):
-        try:
-            bar.close()
-        except Exception:  # a bar of a half-torn-down stage: nothing to redraw
-            pass
-
-
-def _lock_workdir(work: Path):
-    """Hold an exclusive lock on WORKDIR/.demo.lock for the whole run (released by the OS if we are killed)."""
-    import fcntl
-
-    f = open(work / ".demo.lock", "a+")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
-        raise ValueError(f"workdir {work}: another `mor demo` (pid {holder}) is running in it; wait for it or use "
-                         f"--workdir DIR") from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
-
-
-class _Signals:
-    """SIGINT/SIGTERM during ``mor demo``: inside GRPO the current step ends with a checkpoint (GracefulStop);
-    anywhere else DemoInterrupted is raised at once. A second signal interrupts at once too."""
-
-    def __init__(self, stop):
-        self.stop = stop
-        self.signum: int | None = None
-        self._old = {}
-
-    def _handler(self, signum, frame):
-        first = self.signum is None
-        self.signum = signum
-        if first and self.stop.active:
-            print(f"mor demo: {signal.Signals(signum).name}: finishing the current GRPO step, saving a checkpoint "
-                  "and stopping (send it again to stop at once)", file=sys.stderr, flush=True)
-            self.stop.request(signal.Signals(signum).name)
-            return
-        raise DemoInterrupted(signum)
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def quiet(self) -> None:
-        """Ignore further signals while cleaning up (the clean-up is bounded: about 20 s at most)."""
-        for sig in self._old:
-            signal.signal(sig, signal.SIG_IGN)
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
-
-
 def align(cfg: DemoConfig, work: Path, backend, server, *, cards: dict | None = None, stop=None) -> dict:
     """Run the alignment engine over the federated backend on the embedded easy-vqa default."""
     from mor_client.data.partition import make_federation_split
@@ -479,10 +400,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     alignment_overrides(cfg)
     work = Path(cfg.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    lock = _lock_workdir(work)
+    lock = lock_workdir(work, "mor demo")
     stop = GracefulStop()
     try:
-        with _Signals(stop) as sigs:
+        with Signals(stop, "mor demo") as sigs:
             return _run_demo_locked(cfg, work, stop, sigs)
     finally:
         lock.close()
@@ -647,7 +568,7 @@ def _demo_cmd(args: argparse.Namespace) -> int:
     try:
         run_demo(cfg)
     except DemoInterrupted as e:
-        _close_progress_bars()  # before the message, so no bar is redrawn after it at exit
+        close_progress_bars()  # before the message, so no bar is redrawn after it at exit
         print(f"mor demo: {e}", file=sys.stderr, flush=True)
         return 128 + e.signum
     return 0

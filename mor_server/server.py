@@ -1247,6 +1247,9 @@ class ServerThread:
 
     def stop(self) -> None:
         if self._thread.is_alive():
+            # calls whose caller was interrupted (a signal while it waited) end first, so that none is destroyed
+            # pending with the loop
+            self.cancel_all("the server is stopping", wait=10)
             self.call(self.server.stop(), 30)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)

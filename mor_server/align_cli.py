@@ -1,0 +1,232 @@
+"""``mor align``: the alignment engine (warm start -> router calibration -> GRPO -> evaluation) on the embedded
+easy-vqa task, with rewards from one of three sources:
+
+* ``--serve`` (a deployment's server side): this process runs the federation server (mTLS, audit log, metrics) on
+  ``--pki``, waits for ``--min-clients`` institutions running ``mor client join``, and aligns with their rewards
+  in ``--mode`` (plain, dp, secagg, secagg+dp);
+* ``--models DIR``: trained client reward models (``DIR/<client>/model/card.json``, e.g. ``runs/demo/clients``)
+  loaded in-process, no federation;
+* neither: label experts in-process (one per question type; the upper bound of what trained reward models give).
+
+A thin shell over :func:`mor_server.alignment.run_alignment`; SIGINT/SIGTERM end GRPO's current step with a
+checkpoint and a rerun resumes (mor_server/jobcontrol.py), like ``mor demo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mor.cliargs import (RawHelpFormatter, UsageError, bind_host, existing_dir, non_negative_float, non_negative_int, output_dir, port,
+                         positive_float, positive_int)
+
+#: privacy modes of the federated reward rounds (``--mode``)
+ALIGN_MODES = ("plain", "dp", "secagg", "secagg+dp")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("align", help="align a VLM with GRPO on rewards from a live federation (--serve), trained "
+                                     "reward models (--models) or label experts",
+                       description=__doc__.rsplit("\n\n", 1)[0].replace("``", "`"), formatter_class=RawHelpFormatter)
+    p.add_argument("--workdir", "--work-dir", dest="workdir", type=output_dir, default=Path("runs/align"),
+                   help="output folder: reference, router, GRPO checkpoints, report (--work-dir: the same)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the split, policy init and sampling")
+    p.add_argument("--steps", type=positive_int, default=None, help="GRPO steps (default: the engine's, 400)")
+    p.add_argument("--sft-steps", type=non_negative_int, default=None,
+                   help="warm-start steps on the public split (default: the engine's, 50)")
+    p.add_argument("--lr", type=positive_float, default=None, help="GRPO learning rate (default: the engine's)")
+    p.add_argument("--beta", type=non_negative_float, default=None, help="KL weight (default: the engine's)")
+    p.add_argument("--temperature", type=positive_float, default=None, help="sampling temperature")
+    p.add_argument("--top-k", type=positive_int, default=None, help="route each item to its top-k clients only")
+    p.add_argument("--w-format", type=non_negative_float, default=4.0, help="weight of the typed answer-format rule")
+    p.add_argument("--eval-size", type=positive_int, default=600, help="held-out test examples evaluated")
+    p.add_argument("--policy", type=existing_dir, default=None, metavar="DIR",
+                   help="a local Hugging Face VLM folder to align instead of the built-in tiny Llava (no warm start)")
+    p.add_argument("--adapter", type=existing_dir, default=None, metavar="DIR",
+                   help="a peft LoRA adapter folder on top of --policy")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over even when an interrupted run with the same settings left a checkpoint in "
+                        "--workdir (by default such a run resumes from its newest complete checkpoint)")
+    src = p.add_argument_group("reward source (default: label experts in-process)")
+    one = src.add_mutually_exclusive_group()
+    one.add_argument("--serve", action="store_true",
+                     help="run the federation server here and align on the rewards of the clients that join")
+    one.add_argument("--models", type=existing_dir, default=None, metavar="DIR",
+                     help="trained client reward models in-process: DIR/<client>/model/card.json")
+    fed = p.add_argument_group("federation (with --serve)")
+    fed.add_argument("--pki", type=existing_dir, default=Path("pki"), help="PKI folder made by `mor pki init`")
+    fed.add_argument("--host", type=bind_host, default="127.0.0.1", help="address to listen on")
+    fed.add_argument("--port", type=port, default=50051, help="TCP port to listen on (0: any free port)")
+    fed.add_argument("--metrics-port", type=port, default=None, help="serve Prometheus /metrics on this port")
+    fed.add_argument("--min-clients", type=positive_int, default=2, help="clients that must join before alignment")
+    fed.add_argument("--quorum", type=positive_int, default=None,
+                     help="fewest clients that must answer a reward round (default: --min-clients minus one, at "
+                          "least 1; at least 2 in secagg modes)")
+    fed.add_argument("--wait-clients", type=positive_float, default=600.0,
+                     help="seconds to wait for --min-clients before giving up")
+    fed.add_argument("--mode", choices=ALIGN_MODES, default="secagg",
+                     help="privacy mode of GRPO's reward rounds")
+    fed.add_argument("--calibration-mode", choices=("plain", "dp"), default="plain",
+                     help="mode of the router-calibration round on the public pairs")
+    fed.add_argument("--round-timeout", type=positive_float, default=60.0, help="deadline of one reward round (s)")
+    fed.add_argument("--dp-noise-multiplier", type=positive_float, default=1.0,
+                     help="noise multiplier of dp / secagg+dp releases")
+    p.set_defaults(func=_align_cmd)
+
+
+def _check(args) -> None:
+    """Cross-flag checks (one line naming the flag), before any work starts."""
+    if args.adapter is not None and args.policy is None:
+        raise UsageError("--adapter needs --policy DIR (the base model the adapter belongs to)")
+    if args.models is not None:
+        dirs = sorted(d for d in Path(args.models).glob("*/model") if (d / "card.json").is_file())
+        if not dirs:
+            raise UsageError(f"--models {args.models}: no <client>/model/card.json below it; train models with "
+                             "`mor client train` or run `mor demo` first")
+    if args.serve:
+        quorum = _quorum(args)
+        if args.mode in ("secagg", "secagg+dp") and (args.min_clients < 2 or quorum < 2):
+            raise UsageError(f"--mode {args.mode} needs --min-clients and --quorum of 2 or more (a sum over one "
+                             "client is its score)")
+        if quorum > args.min_clients:
+            raise UsageError(f"--quorum {quorum} is larger than --min-clients {args.min_clients}")
+        for name in ("server/ca.crt", "server/server.crt", "server/server.key", "server/identity.key"):
+            if not (Path(args.pki) / name).is_file():
+                raise UsageError(f"--pki {args.pki}: no {name}; create the PKI with `mor pki init --pki DIR`")
+
+
+def _quorum(args) -> int:
+    if args.quorum is not None:
+        return args.quorum
+    floor = 2 if args.mode in ("secagg", "secagg+dp") else 1
+    return max(floor, args.min_clients - 1)
+
+
+def _config(args, resume_key: str):
+    import easy_vqa
+
+    from .alignment import AlignmentConfig
+    from .grpo import GRPORunConfig
+    from .policy import SFTConfig
+
+    grpo = {k: v for k, v in dict(max_steps=args.steps, learning_rate=args.lr, beta=args.beta,
+                                  temperature=args.temperature).items() if v is not None}
+    extra = {} if args.sft_steps is None else {"sft": SFTConfig(steps=args.sft_steps)}
+    return AlignmentConfig(work_dir=str(args.workdir), seed=args.seed, eval_size=args.eval_size,
+                           resume=False if args.fresh else "auto", resume_key=resume_key, top_k=args.top_k,
+                           w_format=args.w_format, answer_vocabulary=list(easy_vqa.get_answers()),
+                           grpo=GRPORunConfig(**grpo), deadline_s=args.round_timeout * 2,
+                           policy_path=None if args.policy is None else str(args.policy),
+                           adapter_path=None if args.adapter is None else str(args.adapter), **extra)
+
+
+def _align_cmd(args: argparse.Namespace) -> int:
+    from .grpo import GracefulStop, GRPOInterrupted
+    from .jobcontrol import RunInterrupted, Signals, close_progress_bars, lock_workdir
+
+    _check(args)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    lock = lock_workdir(work, "mor align")
+    stop = GracefulStop()
+    try:
+        with Signals(stop, "mor align") as sigs:
+            try:
+                report = _run(args, work, stop, sigs)
+            except GRPOInterrupted as e:
+                raise RunInterrupted(sigs.signum or 15, e.checkpoint, e.step) from None
+    except RunInterrupted as e:
+        close_progress_bars()
+        print(f"mor align: {e}", file=sys.stderr, flush=True)
+        return 128 + e.signum
+    finally:
+        lock.close()
+    _print(report)
+    return 0
+
+
+def _run(args, work: Path, stop, sigs) -> dict:
+    from mor_client.data.partition import make_federation_split
+
+    from .alignment import heldout_test, run_alignment
+
+    split = make_federation_split(seed=args.seed)
+    data = dict(public=split.server_public, unlabeled=split.server_unlabeled, test=heldout_test(split))
+    if not args.serve:
+        from .inprocess import InProcessBackend, LabelExpertScorer
+
+        if args.models is not None:
+            from mor_client.rewards.scorer import RewardModelScorer
+
+            dirs = sorted(d for d in Path(args.models).glob("*/model") if (d / "card.json").is_file())
+            backend = InProcessBackend({d.parent.name: RewardModelScorer.from_dir(d) for d in dirs})
+            key = [[d.parent.name, json.loads((d / "card.json").read_text()).get("weights_sha256")] for d in dirs]
+        else:
+            known = list(split.server_public) + list(split.server_unlabeled)
+            backend = InProcessBackend({f"expert_{d}": LabelExpertScorer(known, [d])
+                                        for d in ("color", "shape", "yesno")})
+            key = "label-experts"
+        cfg = _config(args, json.dumps({"rewards": key, "policy": str(args.policy)}, sort_keys=True))
+        return run_alignment(backend, **data, config=cfg, stop=stop)
+    return _run_federated(args, work, stop, sigs, data)
+
+
+def _run_federated(args, work: Path, stop, sigs, data) -> dict:
+    from privacy import pki
+    from privacy.audit import AuditError, AuditLog
+
+    from .alignment import run_alignment
+    from .federated import FederatedBackend
+    from .server import ServerConfig, ServerThread
+
+    try:
+        audit = AuditLog(work / "server-audit.jsonl", actor="server", on_torn="recover",
+                         signing_key=pki.load_identity_key(Path(args.pki) / "server" / "identity.key"))
+    except AuditError as e:
+        raise UsageError(f"server audit log {work / 'server-audit.jsonl'}: {e}") from None
+    server = ServerThread(ServerConfig(host=args.host, port=args.port, pki_dir=Path(args.pki),
+                                       metrics_port=args.metrics_port, audit=audit))
+    try:
+        try:
+            port_ = server.start()
+        except RuntimeError as e:
+            if "bind" not in str(e).lower():
+                raise
+            raise UsageError(f"--host {args.host} --port {args.port}: cannot listen there; pick another "
+                             "--host/--port") from None
+        print(f"mor align: server on {args.host}:{port_} (mTLS)"
+              + (f", metrics on :{server.server.metrics_port}/metrics" if server.server.metrics_port else "")
+              + f"; waiting up to {args.wait_clients:.0f} s for {args.min_clients} client(s) accepting "
+                f"{args.mode}", flush=True)
+        online = server.wait_for_clients(args.min_clients, timeout=args.wait_clients, mode=args.mode)
+        print(f"mor align: clients online: {', '.join(online)}", flush=True)
+        backend = FederatedBackend(server, calibration_mode=args.calibration_mode, mix_mode=args.mode,
+                                   timeout=args.round_timeout, min_clients=_quorum(args),
+                                   dp_noise_multiplier=args.dp_noise_multiplier)
+        key = json.dumps({"mode": args.mode, "calibration_mode": args.calibration_mode,
+                          "dp_noise_multiplier": args.dp_noise_multiplier, "clients": sorted(online),
+                          "policy": str(args.policy)}, sort_keys=True)
+        report = run_alignment(backend, **data, config=_config(args, key),
+                               registry=server.server.metrics.registry, stop=stop)
+        report["federation"] = {"clients": list(online), "mode": args.mode, "rounds": dict(backend.rounds)}
+        return report
+    finally:
+        if sigs.signum is not None:
+            sigs.quiet()
+            print("mor align: stopping the server", file=sys.stderr, flush=True)
+        server.stop()
+        audit.close()
+
+
+def _print(rep: dict) -> None:
+    from .evaluate import format_accuracy_table
+
+    b, f = rep["accuracy_before"], rep["accuracy_after"]
+    print(f"accuracy {b['overall']:.3f} -> {f['overall']:.3f}  " + "  ".join(
+        f"{d}: {b['by_domain'][d]:.3f} -> {f['by_domain'].get(d, 0):.3f}" for d in b["by_domain"]))
+    if f.get("diversity"):
+        print(format_accuracy_table(f))
+    print(f"KL to reference {rep['kl_to_reference']:.3f}; rounds {json.dumps(rep['rounds'])}; "
+          f"GRPO {rep['grpo']['seconds']:.0f}s; report {rep['report_path']}")

@@ -1,0 +1,230 @@
+"""One `mor` command with groups (server, client, pki, audit, demo, align); `mor-server` / `mor-client` as aliases;
+consistent flag names; `-v` after the sub-command; SIGTERM honoured while a server waits for clients."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mor_client import cli as client_cli
+from mor_server import cli as server_cli
+from mor_server.procs import ClientProcess, mor_client_argv, stop_all
+
+ROOT = Path(__file__).resolve().parent.parent
+MOR = [sys.executable, "-m", "mor.entry"]  # the `mor` console script, without needing it on PATH
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+
+
+def _options(p: argparse.ArgumentParser) -> dict:
+    return {a.dest: (tuple(a.option_strings), a.default, a.help) for a in p._actions
+            if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))}
+
+
+def _sub(p: argparse.ArgumentParser, *path: str) -> argparse.ArgumentParser:
+    for name in path:
+        p = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return p
+
+
+def test_mor_has_every_group_and_the_old_commands_are_aliases():
+    mor = server_cli.build_mor_parser()
+    groups = set(next(a for a in mor._actions if isinstance(a, argparse._SubParsersAction)).choices)
+    assert {"server", "client", "pki", "audit", "demo", "align"} <= groups
+    old_server, old_client = server_cli.build_server_parser(), client_cli.build_parser()
+    for path in (("serve",), ("pki", "init"), ("pki", "issue-client"), ("pki", "sign-csr"), ("pki", "renew"),
+                 ("pki", "membership", "roster")):
+        assert _options(_sub(mor, "server", *path)) == _options(_sub(old_server, *path)), path
+    for path in (("pki", "revoke"), ("pki", "membership", "enrol")):
+        assert _options(_sub(mor, *path)) == _options(_sub(old_server, *path)), path
+    for cmd in ("join", "keygen", "train", "card", "budget"):
+        assert _options(_sub(mor, "client", cmd)) == _options(_sub(old_client, cmd)), cmd
+
+
+def test_folder_flags_are_consistent():
+    """The PKI folder is --pki wherever a command reads or writes it (--dir still accepted), the membership
+    authority's folder --membership, a run's folder --workdir (--work-dir accepted)."""
+    mor = server_cli.build_mor_parser()
+    for path in (("pki", "init"), ("pki", "issue-client"), ("pki", "revoke"), ("pki", "crl-refresh"),
+                 ("pki", "sign-csr"), ("pki", "renew"), ("pki", "renew-server"), ("server", "serve"),
+                 ("align",)):
+        assert "--pki" in [s for a in _sub(mor, *path)._actions for s in a.option_strings], path
+    for path in (("pki", "membership", "init"), ("pki", "membership", "enrol"), ("pki", "membership", "roster")):
+        assert "--membership" in [s for a in _sub(mor, *path)._actions for s in a.option_strings], path
+    for path in (("demo",), ("align",)):
+        assert "--workdir" in [s for a in _sub(mor, *path)._actions for s in a.option_strings], path
+    a = mor.parse_args(["pki", "revoke", "alice", "--dir", "old"])
+    b = mor.parse_args(["pki", "revoke", "alice", "--pki", "old"])
+    assert a.dir == b.dir == Path("old")
+
+
+def test_verbose_is_accepted_after_the_subcommand(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.db").write_bytes(b"")
+    mor = server_cli.build_mor_parser()
+    assert mor.parse_args(["client", "budget", "--ledger", "x.db", "-v"]).verbose is True
+    assert mor.parse_args(["-v", "client", "budget", "--ledger", "x.db"]).verbose is True  # not reset by the sub
+    assert mor.parse_args(["client", "budget", "--ledger", "x.db"]).verbose is False
+    assert mor.parse_args(["pki", "membership", "roster", "--verbose"]).verbose is True
+    assert client_cli.build_parser().parse_args(["join", "--server", "h:1", "-v"]).verbose is True
+    assert server_cli.build_server_parser().parse_args(["serve", "-v"]).verbose is True
+
+
+def test_mor_pki_and_client_commands_run(tmp_path, capsys):
+    pki = tmp_path / "pki"
+    assert server_cli.mor_main(["pki", "init", "--pki", str(pki)]) == 0
+    assert server_cli.mor_main(["server", "pki", "issue-client", "alice", "--pki", str(pki)]) == 0
+    assert server_cli.server_main(["pki", "issue-client", "bob", "--dir", str(pki)]) == 0  # the old spelling
+    assert (pki / "clients" / "alice" / "tls.crt").is_file() and (pki / "clients" / "bob" / "tls.crt").is_file()
+    assert server_cli.mor_main(["client", "keygen", "--out", str(tmp_path / "inst"), "--name", "carol"]) == 0
+    assert (tmp_path / "inst" / "tls.csr").is_file()
+    capsys.readouterr()
+    # a client error through `mor client` is one line naming the flag, like through mor-client
+    rc = server_cli.mor_main(["client", "join", "--server", "localhost:9", "--scorer", "fedutil:LengthScorer"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--creds" in err[0], err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 60.0) -> list[str]:
+    seen, end = [], time.monotonic() + timeout
+    while time.monotonic() < end:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return seen
+    raise AssertionError(f"{needle!r} not printed; got {seen}")
+
+
+@pytest.mark.parametrize("argv", [
+    ["server", "serve", "--insecure", "--rounds", "1", "--min-clients", "2"],  # waiting for clients (was ignored)
+    ["server", "serve", "--insecure"],  # idle serving
+])
+def test_sigterm_stops_serve_at_every_stage(argv):
+    port = _free_port()
+    p = subprocess.Popen([*MOR, *argv, "--port", str(port)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        _wait_for_line(p, "listening on")
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=20)
+        took = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+    lines = [ln for ln in err.splitlines() if ln.strip() and "INSECURE MODE" not in ln]  # --insecure's warning
+    assert "Traceback" not in err and len(lines) == 1 and "SIGTERM" in lines[0], err
+    assert took < 15, took
+    assert p.returncode == (128 + signal.SIGTERM if "--rounds" in argv else 0), (p.returncode, err)
+
+
+def test_serve_rounds_in_secagg_mode(tmp_path):
+    """`mor server serve --mode secagg --rounds N`: equal weights, the server sees only the sum."""
+    pki = tmp_path / "pki"
+    names = ("alice", "bob", "carol")
+    assert server_cli.mor_main(["pki", "init", "--pki", str(pki)]) == 0
+    for n in names:
+        assert server_cli.mor_main(["pki", "issue-client", n, "--pki", str(pki)]) == 0
+    port = _free_port()
+    server = subprocess.Popen([*MOR, "server", "serve", "--pki", str(pki), "--port", str(port),
+                               "--rounds", "2", "--items", "8", "--min-clients", "3", "--mode", "secagg",
+                               "--exit-after-rounds"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=ENV)
+    procs = [ClientProcess(n, mor_client_argv("join", "--server", f"localhost:{port}", "--creds",
+                                              str(pki / "clients" / n), "--scorer", "fedutil:LengthScorer",
+                                              "--modes", "secagg"),
+                           tmp_path / f"{n}.log", env={"PYTHONPATH": str(ROOT / "tests")}).start() for n in names]
+    try:
+        out, _ = server.communicate(timeout=180)
+    finally:
+        stop_all(procs)
+    assert server.returncode == 0, out
+    rounds = [ln for ln in out.splitlines() if ln.startswith("round ")]
+    assert len(rounds) == 2 and all("completed" in ln for ln in rounds), out
+    assert "clients online (secagg): alice, bob, carol" in out, out
+
+
+def test_serve_secagg_needs_two_clients(capsys):
+    rc = server_cli.mor_main(["server", "serve", "--insecure", "--rounds", "1", "--mode", "secagg",
+                              "--min-clients", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--min-clients" in err[0], err
+
+
+def test_align_flags_are_checked_before_work(tmp_path, capsys):
+    cases = [(["align", "--adapter", str(tmp_path)], "--adapter"),
+             (["align", "--models", str(tmp_path)], "--models"),
+             (["align", "--serve", "--pki", str(tmp_path)], "--pki"),
+             (["align", "--serve", "--mode", "secagg", "--min-clients", "1", "--pki", str(tmp_path)], "--mode"),
+             (["align", "--serve", "--models", str(tmp_path)], "--models"),
+             (["align", "--steps", "0"], "--steps")]
+    for argv, field in cases:
+        rc = server_cli.mor_main([*argv, "--workdir", str(tmp_path / "w")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and field in err[0] and "Traceback" not in err[0], (argv, err)
+
+
+def test_sigterm_while_align_waits_for_clients(tmp_path):
+    pki = tmp_path / "pki"
+    assert server_cli.mor_main(["pki", "init", "--pki", str(pki)]) == 0
+    p = subprocess.Popen([*MOR, "align", "--serve", "--pki", str(pki), "--port",
+                          str(_free_port()), "--workdir", str(tmp_path / "w"), "--mode", "plain"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        _wait_for_line(p, "waiting up to")
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert p.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert lines[-1].startswith("mor align: interrupted by SIGTERM"), err
+
+
+@pytest.mark.slow
+def test_align_serve_with_two_clients(tmp_path):
+    """The deployment's server side: `mor align --serve` aligns on the rewards of clients that joined."""
+    pki = tmp_path / "pki"
+    assert server_cli.mor_main(["pki", "init", "--pki", str(pki)]) == 0
+    for n in ("alice", "bob"):
+        assert server_cli.mor_main(["pki", "issue-client", n, "--pki", str(pki)]) == 0
+    port = _free_port()
+    work = tmp_path / "w"
+    p = subprocess.Popen([*MOR, "align", "--serve", "--pki", str(pki), "--port",
+                          str(port), "--workdir", str(work), "--mode", "plain", "--min-clients", "2", "--steps", "2",
+                          "--sft-steps", "2", "--eval-size", "16", "--w-format", "0"],  # 0: every completion scored
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    procs = [ClientProcess(n, mor_client_argv("join", "--server", f"localhost:{port}", "--creds",
+                                              str(pki / "clients" / n), "--scorer", "fedutil:LengthScorer"),
+                           tmp_path / f"{n}.log", env={"PYTHONPATH": str(ROOT / "tests")}).start()
+             for n in ("alice", "bob")]
+    try:
+        out, _ = p.communicate(timeout=280)
+    finally:
+        stop_all(procs)
+    assert p.returncode == 0, out[-3000:]
+    assert "clients online: alice, bob" in out and "accuracy " in out, out[-3000:]
+    import json
+
+    rep = json.loads((work / "report" / "report.json").read_text())
+    # the calibration round and GRPO's reward round(s) (one per generation batch) came from the two clients
+    assert rep["rounds"]["ok"] >= 2 and rep["rounds"]["unscored_completions"] == 0, rep["rounds"]
+    # the rounds are in the server's signed audit log, which verifies
+    assert server_cli.mor_main(["audit", "verify", str(work / "server-audit.jsonl"), "--trust-embedded-key"]) == 0
