@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import shutil
 import signal
 import sys
@@ -44,7 +43,7 @@ DEFAULT_CLIENTS = (
     {"name": "bank-shape", "arch": "vit", "partition": "client1"},
     {"name": "lab-yesno", "arch": "lora", "partition": "client2"},
 )
-MODES = ("plain", "secagg", "secagg+dp")
+MODES = ("plain", "dp", "secagg", "secagg+dp")
 #: keys of DemoConfig.alignment (AlignmentConfig fields, plus sft_steps for the warm start's SFTConfig.steps)
 ALIGNMENT_OVERRIDES = ("eval_size", "curve_size", "curve_every", "sft_steps", "router_steps", "heldout_pairs")
 #: GRPO settings of the demo (on top of GRPORunConfig's defaults): 400 steps at lr 3e-4 and beta 0.05 (measured
@@ -126,8 +125,8 @@ class DemoConfig:
     max_pairs / epochs / batch_size overriding the architecture's training preset."""
     epsilon: Annotated[float, BeforeValidator(_epsilon), Field(gt=0, strict=True)] = 8.0
     """Example-level ε of each client's DP-SGD training (one preference pair is the unit); "inf" disables DP."""
-    mode: Literal["plain", "secagg", "secagg+dp"] = "secagg"
-    """Privacy mode of GRPO's scoring rounds: plain, secagg or secagg+dp."""
+    mode: Literal["plain", "dp", "secagg", "secagg+dp"] = "secagg"
+    """Privacy mode of GRPO's scoring rounds: plain, dp (each client noises its own scores), secagg or secagg+dp."""
     calibration_mode: Literal["plain", "dp"] = "plain"
     """Mode of the router-calibration round on the server's public pairs: plain or dp (charged to ledgers)."""
     client_budget: Annotated[_Real, Field(gt=0)] = 20.0

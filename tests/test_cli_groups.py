@@ -228,3 +228,35 @@ def test_align_serve_with_two_clients(tmp_path):
     assert rep["rounds"]["ok"] >= 2 and rep["rounds"]["unscored_completions"] == 0, rep["rounds"]
     # the rounds are in the server's signed audit log, which verifies
     assert server_cli.mor_main(["audit", "verify", str(work / "server-audit.jsonl"), "--trust-embedded-key"]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_demo_in_dp_mode(tmp_path):
+    """`mor demo --mode dp`: every GRPO reward round is a dp round; each client noises its own scores and charges
+    its ledger (a Gaussian release per round), and the run completes."""
+    import json
+    import sqlite3
+
+    work = tmp_path / "demo"
+    cfg = {"seed": 0, "calibration_mode": "plain", "w_format": 0.0, "client_budget": 1000, "dp_noise_multiplier": 4.0,
+           "clients": [{"name": "a-color", "arch": "cnn", "partition": "client0", "max_pairs": 48, "epochs": 1,
+                        "pretrain_epochs": 0},
+                       {"name": "b-shape", "arch": "cnn", "partition": "client1", "max_pairs": 48, "epochs": 1,
+                        "pretrain_epochs": 0}],
+           "grpo": {"max_steps": 2, "prompts_per_step": 2, "num_generations": 2},
+           "alignment": {"eval_size": 12, "curve_size": 0, "sft_steps": 2, "router_steps": 20, "heldout_pairs": 0}}
+    (tmp_path / "run.json").write_text(json.dumps(cfg))
+    r = subprocess.run([*MOR, "demo", "--config", str(tmp_path / "run.json"), "--mode", "dp", "--workdir", str(work)],
+                       capture_output=True, text=True, timeout=580,
+                       env={**ENV, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    report = json.loads((work / "report" / "demo.json").read_text())
+    assert report["config"]["mode"] == "dp" and report["federation"]["rounds_completed"] >= 2
+    for name in ("a-color", "b-shape"):
+        with sqlite3.connect(work / "clients" / name / "ledger.sqlite") as db:
+            rows = list(db.execute("SELECT round_id, mechanism FROM entries WHERE kind = 'release'"))
+        rounds = [r[0] for r in rows]
+        # one Gaussian release per GRPO reward round (dp mode: the client noised its own scores), no round twice
+        assert len(rounds) >= 1 and len(set(rounds)) == len(rounds), (name, rows)
+        assert {r[1] for r in rows} == {"gaussian"}, (name, rows)
