@@ -1,0 +1,368 @@
+"""Client-side trainer of the parameter-sharing baselines (FLORA fedit/stack/ffa, Fed-CMP) on the built-in policy.
+
+Given a training round's broadcast (:class:`mor_client.training.TrainingRequest`), :class:`PolicyTrainer` loads the
+tensors into its own copy of the same warm-started tiny Llava the server aligns, trains one local pass over its
+private split and returns its trained values of the tensors the round asks for:
+
+* FLORA (``fedit``, ``stack``, ``ffa``): LoRA adapters (peft, ``inject_adapter_in_model``) on the language
+  model's attention output projections (``o_proj``), rank from the broadcast A's shape, ``lora_alpha`` from the
+  round (FLORA: 64 at rank 2, a scaling of 32); ``ffa`` trains only B (A stays at its shared random init);
+  ``stack`` also receives the merged base weights of those projections;
+* Fed-CMP (``fedcmp``): the multimodal projector's weights and biases, everything else frozen.
+
+The objective is SFT on the chosen answers of the client's preference pairs (one example per pair, so a pair is the
+privacy unit). With a finite ``hparams.epsilon`` the round runs Opacus DP-SGD (Poisson sampling, per-example
+clipping) with the noise calibrated so that ``total_rounds`` rounds together spend that epsilon (PRV accountant),
+and each round is recorded in the client's privacy ledger (``record_training``, unit ``pair``) before its update
+leaves. Tensor names are the plain model's parameter names (``...o_proj.lora_A.weight``, ``...o_proj.weight``,
+``model.multi_modal_projector.linear_1.weight``), never peft's internal ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .training import METHODS, TrainingRefused, TrainingRequest, TrainingResult, is_private
+
+LORA_TARGET = r".*language_model.*\.o_proj"
+"""peft ``target_modules`` regex: the attention output projections of the language model only."""
+PROJECTOR_PREFIX = "model.multi_modal_projector."
+LORA_METHODS = ("fedit", "stack", "ffa")
+
+
+# --------------------------------------------------------------------------------------------- name plumbing
+def canonical(name: str) -> str:
+    """peft's parameter name -> the plain model's (``...o_proj.base_layer.weight`` -> ``...o_proj.weight``,
+    ``...lora_A.default.weight`` -> ``...lora_A.weight``)."""
+    return name.replace(".base_layer.", ".").replace(".default.", ".").replace(".default", "")
+
+
+def lora_modules(model) -> list[str]:
+    """Names of the modules LoRA adapts (the language model's ``o_proj`` linear layers)."""
+    pat = re.compile(LORA_TARGET)
+    return [n for n, m in model.named_modules() if pat.fullmatch(n) and isinstance(m, torch.nn.Linear)]
+
+
+def projector_state(model) -> dict[str, np.ndarray]:
+    """Fed-CMP's tensors: every parameter of the multimodal projector."""
+    out = {n: p.detach().cpu().float().numpy().copy() for n, p in model.named_parameters()
+           if n.startswith(PROJECTOR_PREFIX)}
+    if not out:
+        raise ValueError(f"the policy has no parameters under {PROJECTOR_PREFIX!r} (not a Llava-style VLM?)")
+    return out
+
+
+def lora_init(model, rank: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Fresh adapters for every LoRA module, as peft initialises them: A ~ kaiming-uniform(a=sqrt 5), B = 0."""
+    g = torch.Generator().manual_seed(int(seed))
+    out = {}
+    for mod in lora_modules(model):
+        lin = model.get_submodule(mod)
+        a = torch.empty(rank, lin.in_features)
+        bound = 1.0 / math.sqrt(lin.in_features)  # kaiming_uniform_(a=sqrt(5)) on a (rank, in) matrix
+        a.uniform_(-bound, bound, generator=g)
+        out[f"{mod}.lora_A.weight"] = a.numpy()
+        out[f"{mod}.lora_B.weight"] = np.zeros((lin.out_features, rank), np.float32)
+    if not out:
+        raise ValueError(f"the policy has no module matching {LORA_TARGET!r} to adapt")
+    return out
+
+
+def base_weights(model, modules: Sequence[str]) -> dict[str, np.ndarray]:
+    return {f"{m}.weight": model.get_submodule(m).weight.detach().cpu().float().numpy().copy() for m in modules}
+
+
+def apply_state(model, method: str, state: Mapping[str, np.ndarray], *, lora_alpha: float = 64.0):
+    """A copy of ``model`` with a baseline's server state applied as plain weights (for evaluation and as the
+    next stage's base): LoRA adapters merged as W + (lora_alpha / r) B A; base or projector tensors loaded."""
+    out = copy.deepcopy(model)
+    params = dict(out.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            if ".lora_A." in name or ".lora_B." in name:
+                continue
+            params[name].copy_(torch.as_tensor(np.asarray(value), dtype=params[name].dtype))
+        if method in LORA_METHODS:
+            for mod in lora_modules(out):
+                a, b = state.get(f"{mod}.lora_A.weight"), state.get(f"{mod}.lora_B.weight")
+                if a is None or b is None:
+                    continue
+                s = lora_alpha / np.shape(a)[0]
+                w = out.get_submodule(mod).weight
+                w += torch.as_tensor(s * (np.asarray(b, np.float64) @ np.asarray(a, np.float64)), dtype=w.dtype)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the trainer
+@dataclass
+class SFTExample:
+    """One supervised example of a client: its image, the question and the answer its annotator chose."""
+
+    image: bytes
+    question: str
+    answer: str
+
+
+def examples_from_pairs(pairs) -> list[SFTExample]:
+    """SFT examples from preference pairs: the chosen answer of each pair (annotator noise included)."""
+    return [SFTExample(p.example.image, p.example.question, p.chosen) for p in pairs]
+
+
+class PolicyTrainer:
+    """Trains the parameter-sharing baselines on a client's private examples (see the module docstring).
+
+    model, processor: the warm-started policy (the same checkpoint the server aligns); kept unchanged, each round
+    trains a copy. examples: objects with ``.image``, ``.question``, ``.answer`` (:func:`examples_from_pairs`).
+    ledger: a ``privacy.ledger.PrivacyLedger`` charged (unit ``pair``) for every round's training.
+    """
+
+    methods = METHODS
+
+    def __init__(self, model, processor, examples: Sequence, *, ledger=None, device: str = "cpu",
+                 model_id: str = "baseline", max_examples: int | None = None, methods: Sequence[str] = METHODS,
+                 accountant: str = "prv"):
+        self.base = model.to("cpu").eval()
+        self.processor = processor
+        self.examples = list(examples)[:max_examples] if max_examples else list(examples)
+        if len(self.examples) < 2:
+            raise ValueError(f"PolicyTrainer needs at least 2 training examples, got {len(self.examples)}")
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"methods: {unknown[0]!r} is not one of {METHODS}")
+        self.methods = tuple(methods)
+        self.ledger = ledger
+        self.device = torch.device(device)
+        self.model_id = model_id
+        if accountant not in ("prv", "rdp"):
+            raise ValueError(f"accountant must be 'prv' or 'rdp', got {accountant!r}")
+        self.accountant = accountant
+        """How the noise is calibrated and the rounds recorded: ``prv`` (tight, as the reward models' DP-SGD) or
+        ``rdp`` (fast, conservative)."""
+        self._encoded = None
+        self._history: list[tuple[float, float, int]] = []  # (noise, sample_rate, steps) of past rounds
+        self.last: dict = {}
+
+    @classmethod
+    def from_policy_dir(cls, policy_dir, examples, **kw) -> "PolicyTrainer":
+        """Load the warm-started policy saved with ``mor_server.policy.save_policy`` (a local folder)."""
+        from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+        model = LlavaForConditionalGeneration.from_pretrained(policy_dir, local_files_only=True)
+        processor = LlavaProcessor.from_pretrained(policy_dir, local_files_only=True)
+        return cls(model, processor, examples, **kw)
+
+    # -- data ------------------------------------------------------------------------------------------------------
+    def _data(self) -> dict:
+        if self._encoded is None:
+            from mor_server.policy import _sft_batch  # the warm start's own tokenisation: answer + </s> labelled
+
+            self._encoded = _sft_batch(self.processor, self.examples, torch.device("cpu"))
+        return self._encoded
+
+    # -- one round -------------------------------------------------------------------------------------------------
+    def _prepare(self, req: TrainingRequest):
+        """A fresh copy of the policy with the broadcast loaded; returns (model, {canonical name: param})."""
+        model = copy.deepcopy(self.base)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if req.method in LORA_METHODS:
+            a_names = [n for n in req.parameters if n.endswith(".lora_A.weight")]
+            if not a_names:
+                raise TrainingRefused("INVALID_ARGUMENT", f"{req.method}: the broadcast has no lora_A tensors")
+            rank = int(req.parameters[a_names[0]].shape[0])
+            from peft import LoraConfig, inject_adapter_in_model
+
+            cfg = LoraConfig(r=rank, lora_alpha=float(req.hparams["lora_alpha"]), lora_dropout=0.0, bias="none",
+                             target_modules=LORA_TARGET)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = inject_adapter_in_model(cfg, model)
+        params = {canonical(n): p for n, p in model.named_parameters()}
+        with torch.no_grad():
+            for name, value in req.parameters.items():
+                p = params.get(name)
+                if p is None or tuple(p.shape) != tuple(value.shape):
+                    raise TrainingRefused("INVALID_ARGUMENT", f"broadcast tensor {name!r} {list(value.shape)} does "
+                                                              "not match this client's policy (another checkpoint?)")
+                p.copy_(torch.as_tensor(value, dtype=p.dtype))
+        for p in model.parameters():  # peft made its new adapters trainable: only the update's tensors train
+            p.requires_grad_(False)
+        trainable = [params[n] for n in req.update_names]
+        for p in trainable:
+            p.requires_grad_(True)
+        return model.to(self.device), params, trainable
+
+    def noise_for(self, h: Mapping, n: int) -> tuple[float, float, int]:
+        """(noise multiplier, sample rate, steps per round) so that ``total_rounds`` rounds spend ``epsilon``."""
+        batch = min(int(h["batch_size"]), n)
+        q = batch / n
+        steps = int(h["local_epochs"]) * math.ceil(n / batch)
+        if not is_private(h):
+            return 0.0, q, steps
+        z = _noise_multiplier(float(h["epsilon"]), float(h["delta"]), q, steps * int(h["total_rounds"]),
+                              self.accountant)
+        return z, q, steps
+
+    def train(self, req: TrainingRequest) -> TrainingResult:
+        h = req.hparams
+        if req.method not in self.methods:
+            raise TrainingRefused("FAILED_PRECONDITION", f"this client does not train {req.method!r}")
+        if h["round_index"] >= h["total_rounds"]:
+            raise TrainingRefused("RESOURCE_EXHAUSTED", f"round_index {h['round_index']} >= total_rounds "
+                                                        f"{h['total_rounds']}: this run's epsilon is spent",
+                                  remaining_epsilon=0.0)
+        t0 = time.perf_counter()
+        torch.manual_seed(int(h["seed"]) * 1_000_003 + int(h["round_index"]))
+        model, params, trainable = self._prepare(req)
+        data = self._data()
+        n = int(data["input_ids"].shape[0])
+        noise, q, steps = self.noise_for(h, n)
+        private = is_private(h)
+        opt = torch.optim.AdamW(trainable, lr=float(h["learning_rate"]), betas=(h["adam_beta1"], h["adam_beta2"]),
+                                eps=float(h["adam_eps"]), weight_decay=float(h["weight_decay"]))
+        ds = torch.utils.data.TensorDataset(data["input_ids"], data["attention_mask"], data["pixel_values"],
+                                            data["labels"])
+        batch = min(int(h["batch_size"]), n)
+        gen = torch.Generator().manual_seed(int(h["seed"]) * 7919 + int(h["round_index"]))
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, generator=gen)
+        net = _PolicyForward(model)
+        engine = None
+        if private:
+            from opacus import PrivacyEngine
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                engine = PrivacyEngine(accountant="prv")
+                net, opt, loader = engine.make_private(module=net, optimizer=opt, data_loader=loader,
+                                                       noise_multiplier=noise, max_grad_norm=float(h["max_grad_norm"]),
+                                                       poisson_sampling=True, grad_sample_mode="hooks")
+        net.train()
+        done, losses = 0, []
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
+            warnings.filterwarnings("ignore", message=".*Secure RNG.*")
+            for _ in range(int(h["local_epochs"])):
+                for b in loader:
+                    if b[0].shape[0] == 0:  # an empty Poisson batch is still a DP-SGD step: noise only
+                        from mor_client.rewards.trainer import _noise_only_step
+
+                        _noise_only_step(opt, trainable, "hooks")
+                        done += 1
+                        continue
+                    b = [t.to(self.device) for t in b]
+                    loss = _sft_loss(net(*b[:3]), b[3])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if not private:
+                        torch.nn.utils.clip_grad_norm_(trainable, float(h["max_grad_norm"]))
+                    opt.step()
+                    done += 1
+                    losses.append(float(loss.item()))
+        if engine is not None and hasattr(net, "_close"):
+            net._close()
+        steps_taken = done
+        out = {name: params[name].detach().cpu().float().numpy().copy() for name in req.update_names}
+        # charge before the update leaves this client (the SDK sends it after train() returns)
+        if self.ledger is not None:
+            self.ledger.record_training(model_id=f"{self.model_id}:{req.method}:{req.round_id}",
+                                        noise_multiplier=noise if private else 0.0, sample_rate=q,
+                                        steps=steps_taken, delta=float(h["delta"]), unit="pair",
+                                        accountant=self.accountant)
+        self._history.append((noise if private else 0.0, q, steps_taken))
+        eps = self.epsilon(float(h["delta"]))
+        self.last = {"round_id": req.round_id, "method": req.method, "tensors": out, "num_examples": n,
+                     "noise_multiplier": noise, "sample_rate": q, "steps": steps_taken, "epsilon": eps,
+                     "seconds": time.perf_counter() - t0}
+        return TrainingResult(out, n, epsilon=eps, loss=float(np.mean(losses)) if losses else float("nan"),
+                              info={k: v for k, v in self.last.items() if k != "tensors"})
+
+    def epsilon(self, delta: float) -> float:
+        """Example-level epsilon so far: the ledger's (every training it records, composed; read from its newest
+        entry) or this trainer's own rounds (same bound) without a ledger."""
+        if self.ledger is not None:
+            rows = self.ledger.history("pair")
+            return float(rows[-1]["epsilon_after"]) if rows else 0.0
+        if not self._history or any(z == 0 for z, _, _ in self._history):
+            return math.inf
+        from privacy import accounting as acc
+
+        return float(acc.prv_epsilon(self._history, delta) if self.accountant == "prv"
+                     else acc.rdp_epsilon(self._history, delta))
+
+
+_INT_ORDERS = tuple(range(2, 65)) + (80, 96, 128, 192, 256)
+
+
+@functools.lru_cache(maxsize=64)
+def _noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv") -> float:
+    """The smallest noise multiplier (to 0.1%) whose ``steps`` Poisson-subsampled Gaussian steps are at most
+    (``epsilon``, ``delta``)-DP by the ledger's own bound (:mod:`privacy.accounting`: RDP, or PRV including its
+    ``eps_error``), so the ledger never reports more than the target for the run. Bisection, bracketed by RDP
+    (fast; PRV is never above it); cached: a run asks the same question every round."""
+    from privacy import accounting as acc
+
+    def eps(z: float, how, orders=_INT_ORDERS) -> float:
+        hist = [(z, sample_rate, steps)]
+        return acc.rdp_epsilon(hist, delta, orders) if how == "rdp" else acc.prv_epsilon(hist, delta)
+
+    def bisect(lo: float, hi: float, how: str, rel: float, orders=_INT_ORDERS) -> float:
+        while hi - lo > rel * hi:
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if eps(mid, how, orders) <= epsilon else (mid, hi)
+        return hi
+
+    # RDP over any subset of orders bounds epsilon from above, so every z found here keeps the ledger (which
+    # takes the minimum over all its orders, and PRV) at or below the target. First integer orders (fast), then
+    # the ledger's orders near the best one at that z (fractional orders near 1-2 matter at large epsilon)
+    hi = 1.0
+    while eps(hi, "rdp") > epsilon:
+        hi *= 2
+        if hi > 1e6:
+            raise ValueError(f"no noise multiplier reaches epsilon {epsilon} at delta {delta}")
+    lo = hi / 2
+    while lo > 1e-3 and eps(lo, "rdp") <= epsilon:
+        lo /= 2
+    z = bisect(lo, hi, "rdp", 1e-3)
+    full = list(acc.DEFAULT_ORDERS)
+    best = acc.rdp_to_epsilon(acc.rdp_curve(z, sample_rate, steps, full), delta, full)[1]
+    if best in full:
+        i = full.index(best)
+        near = tuple(sorted(set(full[max(0, i - 3): i + 4]) | set(_INT_ORDERS)))
+        if eps(z / 2, "rdp", near) > epsilon:
+            z = bisect(z / 2, z, "rdp", 1e-3, near)
+    if accountant == "prv":  # PRV is tighter still: less noise for the same (epsilon, delta)
+        if eps(z / 4, "prv") > epsilon:
+            z = bisect(z / 4, z, "prv", 2e-3)
+    return float(z)
+
+
+class _PolicyForward(torch.nn.Module):
+    """(input_ids, attention_mask, pixel_values) -> logits; a plain module for Opacus' GradSampleModule."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, pixel_values):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
+
+
+def _sft_loss(logits, labels):
+    """Mean over examples of each example's mean token cross-entropy on its labelled tokens (per-example terms,
+    so DP-SGD's per-example clipping sees one example's loss)."""
+    logits, tgt = logits[:, :-1].float(), labels[:, 1:]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1).clamp(min=0),
+                         reduction="none").view(tgt.shape)
+    mask = (tgt != -100).float()
+    return ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()

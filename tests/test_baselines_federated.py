@@ -1,0 +1,221 @@
+"""FLORA (fedit, ffa, stack) and Fed-CMP as real federated runs: PolicyTrainer clients over loopback gRPC with mTLS
+train a tiny Llava locally (peft LoRA on the language model's o_proj / the projector), the server aggregates with
+mor_server.baselines.aggregation, and what it aggregates is exactly what the clients computed."""
+
+import asyncio
+import io
+import math
+
+import numpy as np
+import pytest
+
+from mor_client import ClientCredentials, FederationClient
+from mor_server.baselines import aggregation as agg
+from mor_server.baselines.federated import BaselineConfig, FederatedBaseline, evaluate_policy
+from mor_server.server import FederationServer, ServerConfig
+
+from fedutil import CARD, LengthScorer
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+WORDS = ["what", "color", "is", "the", "shape", "red", "blue", "green", "?"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from mor_server.policy import TinyLlavaConfig, build_tiny_llava
+
+    cfg = TinyLlavaConfig(image_size=16, patch_size=8, vision_hidden=16, vision_layers=1, text_hidden=16,
+                          text_layers=1, heads=2, intermediate=32, max_positions=64)
+    return build_tiny_llava(words=WORDS, config=cfg)
+
+
+def _examples(colours, n):
+    from PIL import Image
+
+    from mor_client.baselines import SFTExample
+
+    out = []
+    for i in range(n):
+        name, rgb = colours[i % len(colours)]
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), rgb).save(buf, format="PNG")
+        out.append(SFTExample(buf.getvalue(), "what color is the shape?", name))
+    return out
+
+
+RED, BLUE, GREEN = ("red", (220, 20, 20)), ("blue", (20, 20, 220)), ("green", (20, 200, 20))
+
+
+def _trainer(tiny, colours, n, **kw):
+    from mor_client.baselines import PolicyTrainer
+
+    model, proc = tiny
+    return PolicyTrainer(model, proc, _examples(colours, n), **kw)
+
+
+async def _federation(pki_dir, trainers):
+    server = FederationServer(ServerConfig(pki_dir=pki_dir))
+    await server.start()
+    clients = [FederationClient(f"localhost:{server.port}", ClientCredentials.from_dir(pki_dir / "clients" / n),
+                                LengthScorer(), card=CARD, trainer=t) for n, t in trainers.items()]
+    tasks = [asyncio.create_task(c.run()) for c in clients]
+    await server.wait_for_clients(len(clients), timeout=20)
+    return server, clients, tasks
+
+
+async def _stop(server, clients, tasks):
+    for c in clients:
+        await c.stop()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await server.stop()
+
+
+def _same_as_clients(fb, trainers):
+    """The server aggregated exactly the tensors each client's trainer produced (bit for bit, float32)."""
+    assert set(fb.last_updates) == set(trainers)
+    for c, t in trainers.items():
+        u = fb.last_updates[c]
+        assert u.num_examples == t.last["num_examples"]
+        assert set(u.tensors) == set(t.last["tensors"])
+        for n, v in t.last["tensors"].items():
+            assert np.array_equal(u.tensors[n], v.astype(np.float32)), (c, n)
+
+
+def test_flora_rounds_over_mtls_equal_aggregation_of_client_updates(pki_dir, tiny):
+    model, proc = tiny
+    trainers = {"alice": _trainer(tiny, [RED], 6), "bob": _trainer(tiny, [BLUE, GREEN], 10)}
+    hp = {"learning_rate": 0.05, "batch_size": 4, "epsilon": math.inf}
+
+    async def main():
+        server, clients, tasks = await _federation(pki_dir, trainers)
+        try:
+            await server.wait_for_trainers(2, "fedit", timeout=10)
+            # fedit: two rounds; each round's new state is aggregation.fedit of the clients' updates
+            fb = FederatedBaseline(model, BaselineConfig("fedit", rounds=2, hparams=hp, timeout=60))
+            init = dict(fb.state)
+            for r in range(2):
+                rec = await fb.run_round(server, r)
+                assert rec.ok, rec.reason
+                assert rec.num_examples == {"alice": 6, "bob": 10}
+                _same_as_clients(fb, trainers)
+                assert trainers["bob"].last["round_id"] == rec.round_id
+                ups = [fb.last_updates[c].tensors for c in ("alice", "bob")]
+                want = agg.fedit(ups, [6, 10])
+                for n in want:
+                    assert np.allclose(fb.state[n], want[n], atol=1e-7)
+                # the round's broadcast is the previous state
+                assert all(np.array_equal(fb.last_params[n], (init if r == 0 else prev)[n]) for n in init)
+                prev = dict(fb.state)
+            assert any(not np.array_equal(fb.state[n], init[n]) for n in init), "training changed nothing"
+            assert all(np.abs(fb.state[n]).max() > 0 for n in fb.state if ".lora_B." in n)
+
+            # ffa: A stays at its shared init, only B comes back and is averaged
+            ffa = FederatedBaseline(model, BaselineConfig("ffa", rounds=1, hparams=hp, timeout=60, seed=3))
+            a_init = {n: v for n, v in ffa.state.items() if ".lora_A." in n}
+            assert (await ffa.run_round(server, 0)).ok
+            _same_as_clients(ffa, trainers)
+            assert all(".lora_B." in n for n in ffa.last_updates["alice"].tensors)
+            for n, v in a_init.items():
+                assert np.array_equal(ffa.state[n], v)
+            b = [n for n in ffa.state if ".lora_B." in n]
+            want = agg.weighted_average([{n: ffa.last_updates[c].tensors[n] for n in b} for c in ("alice", "bob")],
+                                        [6, 10])
+            assert all(np.allclose(ffa.state[n], want[n], atol=1e-7) for n in b)
+
+            # stack: the base o_proj weights move by s * sum p_k B_k A_k (exact), adapters are fresh each round
+            st = FederatedBaseline(model, BaselineConfig("stack", rounds=1, hparams=hp, timeout=60))
+            base0 = dict(st.state)
+            assert (await st.run_round(server, 0)).ok
+            _same_as_clients(st, trainers)
+            delta = agg.stack([st.last_updates[c].tensors for c in ("alice", "bob")], [6, 10], scaling=64 / 2)
+            for mod, d in delta.items():
+                assert np.abs(d).max() > 0
+                assert np.allclose(st.state[f"{mod}.weight"], base0[f"{mod}.weight"] + d, atol=1e-6)
+            # the merged policy is the warm start plus the stacked update
+            merged = dict(st.policy_model().named_parameters())
+            for mod in delta:
+                assert np.allclose(merged[f"{mod}.weight"].detach().numpy(), st.state[f"{mod}.weight"], atol=1e-6)
+            acc = evaluate_policy(fb.policy_model(), proc, _examples([RED, BLUE], 4), batch_size=4)
+            assert acc["n"] == 4 and 0.0 <= acc["overall"] <= 1.0
+        finally:
+            await _stop(server, clients, tasks)
+
+    asyncio.run(main())
+
+
+def test_fedcmp_rounds_under_dp_sgd_charge_the_ledgers(pki_dir, tiny, tmp_path):
+    from privacy.ledger import PrivacyLedger
+
+    model, proc = tiny
+    ledgers = {c: PrivacyLedger(tmp_path / f"{c}.sqlite") for c in ("alice", "bob")}
+    trainers = {"alice": _trainer(tiny, [RED, GREEN], 8, ledger=ledgers["alice"], model_id="fedcmp-alice",
+                                 accountant="rdp"),
+                "bob": _trainer(tiny, [BLUE], 8, ledger=ledgers["bob"], model_id="fedcmp-bob", accountant="rdp")}
+    hp = {"learning_rate": 0.05, "batch_size": 4, "epsilon": 8.0, "delta": 1e-3, "max_grad_norm": 1.0}
+
+    async def main():
+        server, clients, tasks = await _federation(pki_dir, trainers)
+        try:
+            await server.wait_for_trainers(2, "fedcmp", timeout=10)
+            cra = agg.CanonicalConfig(energy=1.0, reliability=False, momentum=0.0)  # = FedAvg of the deltas
+            fb = FederatedBaseline(model, BaselineConfig("fedcmp", rounds=2, hparams=hp, timeout=120, cra=cra))
+            w0 = dict(fb.state)
+            assert all(n.startswith("model.multi_modal_projector.") for n in w0)
+            for r in range(2):
+                prev = dict(fb.state)
+                rec = await fb.run_round(server, r)
+                assert rec.ok, rec.reason
+                _same_as_clients(fb, trainers)
+                ups = [fb.last_updates[c].tensors for c in ("alice", "bob")]
+                fedavg = agg.weighted_average(ups, [8, 8])
+                for n in w0:
+                    assert np.allclose(fb.state[n], fedavg[n], atol=1e-6), n
+                # and the same through the CRA aggregator itself on the deltas
+                again = agg.CanonicalAggregator(cra).step(prev, [{n: u[n] - prev[n] for n in u} for u in ups],
+                                                          [8, 8])
+                assert all(np.allclose(fb.state[n], again[n], atol=1e-6) for n in w0)
+                assert trainers["alice"].last["noise_multiplier"] > 0
+            eps = {c: ledgers[c].epsilon("pair") for c in ledgers}
+            assert all(7.5 < e <= 8.0 for e in eps.values()), eps  # the run spends (almost) exactly its epsilon
+            assert fb.history[-1].epsilon == pytest.approx(eps)
+            assert [len(ledgers[c].history("pair")) for c in ledgers] == [2, 2]
+            # the run's budget is spent: a third round is refused by both clients, and fails
+            out = await server.run_training_round(fb.state, "fedcmp", {**hp, "round_index": 2, "total_rounds": 2},
+                                                  min_clients=1, timeout=30)
+            assert not out.ok and all("refused" in why for why in out.dropped.values())
+            assert [len(ledgers[c].history("pair")) for c in ledgers] == [2, 2], "a refused round charges nothing"
+        finally:
+            await _stop(server, clients, tasks)
+            for led in ledgers.values():
+                led.close()
+
+    asyncio.run(main())
+
+
+def test_cra_with_reliability_and_momentum_over_the_wire(pki_dir, tiny):
+    """The default Fed-CMP aggregation (energy threshold, reliability, OPM momentum) applied to the updates the
+    server received gives the state the driver keeps."""
+    model, proc = tiny
+    trainers = {"alice": _trainer(tiny, [RED], 6), "bob": _trainer(tiny, [BLUE], 6), "carol": _trainer(tiny, [GREEN], 6)}
+    hp = {"learning_rate": 0.05, "batch_size": 3}
+
+    async def main():
+        server, clients, tasks = await _federation(pki_dir, trainers)
+        try:
+            await server.wait_for_trainers(3, "fedcmp", timeout=10)
+            cfg = agg.CanonicalConfig(energy=0.9, temperature=0.5, momentum=0.9)
+            fb = FederatedBaseline(model, BaselineConfig("fedcmp", rounds=2, hparams=hp, timeout=60, cra=cfg))
+            mirror = agg.CanonicalAggregator(cfg)
+            for r in range(2):
+                prev = dict(fb.state)
+                assert (await fb.run_round(server, r)).ok
+                ups = [fb.last_updates[c].tensors for c in sorted(trainers)]
+                want = mirror.step(prev, [{n: u[n] - prev[n] for n in u} for u in ups], [6, 6, 6])
+                assert all(np.allclose(fb.state[n], want[n], atol=1e-6) for n in want)
+            assert fb.cra.last and all(len(v["rho"]) == 3 for v in fb.cra.last.values())
+        finally:
+            await _stop(server, clients, tasks)
+
+    asyncio.run(main())
