@@ -1,4 +1,4 @@
-"""Shared pieces of the command lines (``mor``, ``mor-server``, ``mor-client``): argument validators, a parser whose
+"""Shared pieces of the command lines (``mor``, ``mor server``, ``mor client``): argument validators, a parser whose
 errors are one line, a help formatter that shows defaults, and the ``main`` wrapper every CLI runs under.
 
 Every numeric, host and path flag is checked by argparse (``type=``) before any work starts; a bad value ends the

@@ -1,4 +1,4 @@
-"""Console entry points (``mor``, ``mor-server``, ``mor-client`` in pyproject.toml).
+"""Console entry points (``mor``, ``mor server``, ``mor client`` in pyproject.toml).
 
 Starting a CLI imports grpc, cryptography and often torch, which can take seconds on a busy machine: the CLI's
 module is imported here, inside the Ctrl-C guard, so an interrupt during start-up also ends with one line and exit

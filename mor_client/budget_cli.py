@@ -1,4 +1,4 @@
-"""``mor-client budget``: print the privacy ledger for a privacy officer, every figure with its unit.
+"""``mor client budget``: print the privacy ledger for a privacy officer, every figure with its unit.
 
     mor-client budget --ledger ledger.db                 # summary per unit
     mor-client budget --ledger ledger.db --history       # + every training and release
@@ -90,7 +90,7 @@ def _run(args) -> int:
 
 
 def register(subparsers) -> None:
-    """Add the ``budget`` subcommand to ``mor-client``'s subparsers."""
+    """Add the ``budget`` subcommand to ``mor client``'s subparsers."""
     p = subparsers.add_parser("budget", help="print the privacy ledger (epsilon per unit, budget, history)",
                               formatter_class=RawHelpFormatter, description=__doc__)
     p.add_argument("--ledger", required=True, type=existing_file, help="the client's privacy ledger (SQLite file)")

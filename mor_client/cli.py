@@ -1,4 +1,4 @@
-"""``mor-client``: join a federation, train a reward model, show its card, print the privacy ledger.
+"""``mor client``: join a federation, train a reward model, show its card, print the privacy ledger.
 
 Thin shell over the SDK. Errors a user can fix are printed as one line naming the argument (exit code 2).
 """
@@ -35,7 +35,7 @@ def load_scorer(model: Path | None, scorer_spec: str | None):
         from .rewards import RewardModelScorer
 
         if not (model / "card.json").exists():
-            raise UsageError(f"--model {model}: no reward model there (expected a folder made by `mor-client train`)")
+            raise UsageError(f"--model {model}: no reward model there (expected a folder made by `mor client train`)")
         return RewardModelScorer.from_dir(model)
     return scorer_from_spec(scorer_spec)
 
@@ -106,7 +106,7 @@ def _pin_membership(secagg, args, creds) -> None:
               flush=True)
     elif args.require_membership:
         raise UsageError("--require-membership: --creds has no membership-ca.crt, roster.json and membership.crt "
-                         "(from the membership authority: `mor-server pki membership enrol` / `roster`)")
+                         "(from the membership authority: `mor pki membership enrol` / `roster`)")
     else:
         print("mor-client: WARNING: no membership roster pinned (single-CA pilot): the server operator's CA certifies "
               "peers, so an operator keeping its key can mint sybil clients; see README 'PKI and access'",
@@ -192,13 +192,13 @@ def _keygen(args) -> int:
     tls_key, tls_csr = new_tls_key_and_csr(args.name, args.out, force=args.force)
     id_key, id_csr = membership.new_identity(args.name, args.out, force=args.force)
     print(f"{args.name}: private keys {tls_key} and {id_key} (mode 0600: keep them here); send {tls_csr} and "
-          f"{id_csr} to the federation operator (`mor-server pki sign-csr {args.name} --csr DIR`) and put the "
+          f"{id_csr} to the federation operator (`mor pki sign-csr {args.name} --csr DIR`) and put the "
           f"tls.crt, identity.crt and ca.crt you get back into {args.out}/")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """``mor-client``: the same commands as ``mor client``."""
+    """``mor client``: the same commands as ``mor client``."""
     from mor.cliargs import verbose_everywhere
 
     parser = ArgumentParser(prog="mor-client", description="MoR federation client (institution side); the same "
@@ -209,12 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_commands(sub) -> None:
-    """The client's commands (join, keygen, train, card, budget) on a sub-parser action: ``mor-client`` and
+    """The client's commands (join, keygen, train, card, budget) on a sub-parser action: ``mor client`` and
     ``mor client`` share them."""
     j = sub.add_parser("join", help="connect to the federation and answer scoring tasks until stopped")
     j.add_argument("--server", required=True, type=host_port, help="host:port of the federation server")
-    j.add_argument("--creds", type=existing_dir, help="credentials folder from `mor-server pki issue-client NAME`")
-    j.add_argument("--model", type=existing_dir, help="reward-model folder made by `mor-client train`")
+    j.add_argument("--creds", type=existing_dir, help="credentials folder from `mor pki issue-client NAME`")
+    j.add_argument("--model", type=existing_dir, help="reward-model folder made by `mor client train`")
     j.add_argument("--scorer", help="your own scorer: package.module:attr or path/to/file.py:attr, naming a class, an "
                                     "object with .score(items) or a function f(items); it must return one list "
                                     "of floats per item, one per candidate (list[list[float]])")

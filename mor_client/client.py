@@ -187,7 +187,7 @@ class FederationClient:
         left = cert.not_valid_after_utc.timestamp() - time.time()
         if left < warn_days * 86400:
             log.warning("this client's TLS certificate expires in %.1f days (%s): ask the federation to renew it "
-                        "(`mor-server pki renew NAME`)", left / 86400, cert.not_valid_after_utc.isoformat())
+                        "(`mor pki renew NAME`)", left / 86400, cert.not_valid_after_utc.isoformat())
             self.on_event("certificate_expiring", {"seconds_left": left})
         return left
 

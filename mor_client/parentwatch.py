@@ -1,6 +1,6 @@
 """Exit when the orchestrating parent process is gone (``mor demo``, a test harness, a supervisor).
 
-An orchestrator that starts ``mor-client join`` / ``mor-client train`` as child processes sets the environment
+An orchestrator that starts ``mor client join`` / ``mor client train`` as child processes sets the environment
 variable ``MOR_PARENT_PID`` to its own pid. The child then
 
 * asks Linux to send it ``SIGTERM`` when its parent dies (``prctl(PR_SET_PDEATHSIG)`` through ctypes; nothing
@@ -8,8 +8,8 @@ variable ``MOR_PARENT_PID`` to its own pid. The child then
 * runs a daemon thread that polls ``os.getppid()`` every ``interval`` seconds (the portable fallback, and a second
   line on Linux: a child re-parented to init or a subreaper sees its parent pid change).
 
-Either way the child gets ``SIGTERM`` (``mor-client join`` stops its session and closes its audit log with a final
-checkpoint; ``mor-client train`` simply ends, its output was not committed yet) and, if it is still alive ``grace``
+Either way the child gets ``SIGTERM`` (``mor client join`` stops its session and closes its audit log with a final
+checkpoint; ``mor client train`` simply ends, its output was not committed yet) and, if it is still alive ``grace``
 seconds later, it exits hard with status 143. A child whose parent died before the watch was armed exits at once.
 
 Linux sends the death signal when the parent *thread* that forked the child exits: orchestrators must start these

@@ -1,4 +1,4 @@
-"""``mor-client train`` and ``mor-client card``: argparse wiring over :mod:`mor_client.rewards`.
+"""``mor client train`` and ``mor client card``: argparse wiring over :mod:`mor_client.rewards`.
 
 The lead's ``mor_client/cli.py`` calls :func:`register` with its subparsers.
 """
@@ -156,7 +156,7 @@ def register(subparsers) -> None:
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=_train)
     c = subparsers.add_parser("card", help="show a trained reward model's card")
-    c.add_argument("model_dir", type=existing_dir, help="a model folder written by `mor-client train`")
+    c.add_argument("model_dir", type=existing_dir, help="a model folder written by `mor client train`")
     c.add_argument("--json", action="store_true", help="print the card as JSON")
     c.set_defaults(func=_card)
 

@@ -295,3 +295,55 @@ async def handle_training_task(client, task, send_q) -> None:
     log.info("training round %s answered: %s, %d tensors, %d examples", rid, method, len(tensors), n_ex)
     client.on_event("training", {"round_id": rid, "method": method, "release": "update", "examples": n_ex,
                                  "epsilon": eps})
+
+
+# ------------------------------------------------------------------------------------------ mor-client join flags
+class NoScorer:
+    """A scorer for a client that only trains (``mor-client join --scorer mor_client.training:NoScorer``): every
+    scoring task is refused (the SDK answers INTERNAL "local scorer failed"), training rounds are answered."""
+
+    card = {"architecture": "none (parameter-sharing baseline client)", "parameter_count": 0}
+
+    def score(self, items):
+        raise RuntimeError("this client only answers training rounds (it has no reward model)")
+
+
+def add_join_flags(j) -> None:
+    """The ``mor-client join`` flags of the trainer (one argument group)."""
+    from mor.cliargs import csv_choices, existing_dir, non_negative_int, positive_int
+
+    g = j.add_argument_group("training rounds of the parameter-sharing baselines (docs/baselines.md)")
+    g.add_argument("--train-policy", type=existing_dir, default=None,
+                   help="the warm-started policy folder (the server's frozen reference, saved with save_pretrained): "
+                        "with it this client answers training rounds (FLORA fedit/stack/ffa, Fed-CMP)")
+    g.add_argument("--train-partition", default="client0",
+                   help="this institution's private split of the federation data (client0, client1, ...): SFT on "
+                        "the chosen answers of its preference pairs")
+    g.add_argument("--train-data-seed", type=non_negative_int, default=0, help="seed of the federation split")
+    g.add_argument("--train-n-clients", type=positive_int, default=3, help="clients in the federation split")
+    g.add_argument("--train-max-examples", type=positive_int, default=None,
+                   help="train on at most this many of the partition's pairs")
+    g.add_argument("--train-methods", default=",".join(METHODS), type=csv_choices(METHODS),
+                   help="comma-separated methods this client trains")
+    g.add_argument("--train-accountant", choices=("prv", "rdp"), default="prv",
+                   help="how DP-SGD's noise is calibrated and recorded in --ledger")
+    g.add_argument("--train-device", default="cpu", help="cpu, cuda or cuda:N")
+
+
+def trainer_from_args(args, ledger=None):
+    """The PolicyTrainer that ``--train-policy`` asks for (None without it); ``ledger``: the join's --ledger."""
+    if getattr(args, "train_policy", None) is None:
+        return None
+    from mor_client.baselines import PolicyTrainer, examples_from_pairs
+    from mor_client.data import make_federation_split
+
+    split = make_federation_split(seed=args.train_data_seed, n_clients=args.train_n_clients)
+    if args.train_partition not in split.clients:
+        raise ValueError(f"--train-partition {args.train_partition!r} unknown; this split has "
+                         f"{sorted(split.clients)}")
+    methods = tuple(m.strip() for m in args.train_methods.split(",") if m.strip())
+    return PolicyTrainer.from_policy_dir(args.train_policy, examples_from_pairs(split.clients[args.train_partition]
+                                                                                 .train),
+                                         ledger=ledger, device=args.train_device, methods=methods,
+                                         max_examples=args.train_max_examples, accountant=args.train_accountant,
+                                         model_id=f"baseline-{args.train_partition}")

@@ -2,8 +2,8 @@
 
 1. PKI: a federation CA, the server certificate, one certificate pair per client (reused when present).
 2. Reward models: each client trains its own reward model with DP-SGD on its private partition of easy-vqa
-   (three architectures, three question-type domains), as a separate ``mor-client train`` process; cached.
-3. Federation: the server (grpc.aio, mTLS, Prometheus, signed audit log) and three ``mor-client join``
+   (three architectures, three question-type domains), as a separate ``mor client train`` process; cached.
+3. Federation: the server (grpc.aio, mTLS, Prometheus, signed audit log) and three ``mor client join``
    processes over loopback, each with its own privacy ledger and audit log.
 4. Alignment: warm-start the tiny Llava policy on the server's public split (the frozen reference), calibrate the
    Mixture-of-Rewards router from a scoring round on the server's public preference pairs, run GRPO whose reward

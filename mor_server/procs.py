@@ -1,12 +1,12 @@
 """Client processes for the loopback demo and integration tests: start, wait for readiness, stop cleanly, and leave
 nothing behind when the orchestrator dies.
 
-Each client runs as its own OS process (``mor-client join ...``), as it would in an institution. Output goes to a
+Each client runs as its own OS process (``mor client join ...``), as it would in an institution. Output goes to a
 log file per client; stopping sends SIGTERM (the client finishes its session and exits) and SIGKILL after a grace.
 
 Nothing outlives the orchestrator:
 
-* every child gets ``MOR_PARENT_PID`` (this process' pid), so ``mor-client`` exits when its parent is gone
+* every child gets ``MOR_PARENT_PID`` (this process' pid), so ``mor client`` exits when its parent is gone
   (``mor_client.parentwatch``: Linux ``PR_SET_PDEATHSIG`` plus a parent-pid watchdog thread);
 * with a ``pidfile``, the child's pid and argv are written next to its outputs (``<name>.pid.json``) while it runs;
   :func:`reap_stale` (called by ``mor demo`` on start) stops any process still listed there from an orchestrator
@@ -196,7 +196,7 @@ def run_child(argv: list[str], *, pidfile: Path | None = None, role: str = "trai
 
 
 def mor_client_argv(*args: str) -> list[str]:
-    """argv running ``mor-client`` with the current interpreter (works without the console script on PATH)."""
+    """argv running ``mor client`` with the current interpreter (works without the console script on PATH)."""
     return [sys.executable, "-m", "mor_client.cli", *args]
 
 

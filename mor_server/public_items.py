@@ -1,4 +1,4 @@
-"""Public scoring items for `mor-server serve --rounds`: easy-vqa test images and questions (public data), each
+"""Public scoring items for `mor server serve --rounds`: easy-vqa test images and questions (public data), each
 with the candidate answers of its question's type (colours, shapes, or yes/no)."""
 
 from __future__ import annotations

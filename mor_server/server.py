@@ -71,7 +71,7 @@ class ServerConfig:
     port: int = 0
     """TCP port; 0 picks a free port (read it from ``FederationServer.port`` after start)."""
     pki_dir: Path | None = None
-    """Folder made by ``mor-server pki init``; required unless ``insecure``."""
+    """Folder made by ``mor pki init``; required unless ``insecure``."""
     insecure: bool = False
     """Serve without TLS. Only for local debugging: identities are then taken on trust from metadata."""
     max_message_bytes: int = 16 * MiB
@@ -97,7 +97,7 @@ class ServerConfig:
     """How often the server re-reads its CRL (``pki/server/crl.pem``, checked by file signature and next_update).
     A revocation reaches open sessions within this interval: they end with PERMISSION_DENIED and the client is a
     dropout of every round in flight. A CRL whose next_update has passed is not trusted: every client is refused
-    (UNAVAILABLE) until the CA re-signs it (``mor-server pki crl-refresh``)."""
+    (UNAVAILABLE) until the CA re-signs it (``mor pki crl-refresh``)."""
     max_outbox: int = 1024
     """Messages (tasks, acks, stages) that may wait for one client to read them. A client that lets more pile up is
     not reading its stream: its session ends with RESOURCE_EXHAUSTED."""
@@ -200,13 +200,13 @@ class FederationServer(pb_grpc.FederationServicer):
             self.port = self._server.add_insecure_port(addr)
         else:
             if cfg.pki_dir is None:
-                raise ValueError("ServerConfig.pki_dir is required for mTLS (run `mor-server pki init --dir PKI`), "
+                raise ValueError("ServerConfig.pki_dir is required for mTLS (run `mor pki init --pki PKI`), "
                                  "or set insecure=True for local debugging only")
             creds = pki.ServerCredentials.from_dir(cfg.pki_dir)
             self._ca_cert = creds.ca_cert
             self._crl_path = creds.crl_path or pki.crl_path(cfg.pki_dir)
             self._check_crl()
-            # dynamic: a rotated server.key + server.crt (`mor-server pki renew-server`) is used from the next TLS
+            # dynamic: a rotated server.key + server.crt (`mor pki renew-server`) is used from the next TLS
             # handshake on, without a restart; open sessions keep their connection
             self._tls_files = (Path(cfg.pki_dir) / "server" / "server.key", Path(cfg.pki_dir) / "server" / "server.crt")
             self._tls_sig = self._file_sig()
@@ -338,7 +338,7 @@ class FederationServer(pb_grpc.FederationServicer):
             left = x509.load_pem_x509_certificate(pem).not_valid_after_utc.timestamp() - now
             self._expiry_gauge.labels(certificate=label).set(left)
             if left < 30 * 86400:
-                log.warning("the %s certificate expires in %.1f days: renew it (`mor-server pki renew-server`, or "
+                log.warning("the %s certificate expires in %.1f days: renew it (`mor pki renew-server`, or "
                             "a new CA with `pki init --force` for the CA)", label, left / 86400)
 
     # -- identity ---------------------------------------------------------------------------------------------------
@@ -360,8 +360,8 @@ class FederationServer(pb_grpc.FederationServicer):
             self._crl.check_fresh(what=f"the server's CRL {self._crl_path}")
             problem = None
         except FileNotFoundError:
-            problem = (f"the server's CRL {self._crl_path} is missing; publish one with `mor-server pki crl-refresh "
-                       "--dir PKI`")
+            problem = (f"the server's CRL {self._crl_path} is missing; publish one with `mor pki crl-refresh "
+                       "--pki PKI`")
         except pki.PKIError as e:
             problem = str(e)
         if problem is not None:
@@ -467,7 +467,7 @@ class FederationServer(pb_grpc.FederationServicer):
             left = cert.not_valid_after_utc.timestamp() - time.time()
             self._expiry_gauge.labels(certificate=f"client:{client_id}").set(left)
             if left < 30 * 86400:
-                log.warning("the TLS certificate of %s expires in %.1f days: renew it (`mor-server pki renew %s`)",
+                log.warning("the TLS certificate of %s expires in %.1f days: renew it (`mor pki renew %s`)",
                             client_id, left / 86400, client_id)
         self._audit("registration", {"client_id": client_id, "card": card,
                                      "certificate": None if cert is None else {

@@ -2,7 +2,7 @@
 
 Why
 ---
-With the single-CA set-up (``mor-server pki init``) the server operator holds the only CA. An operator who keeps that
+With the single-CA set-up (``mor pki init``) the server operator holds the only CA. An operator who keeps that
 key can mint identity certificates for *sybil* clients, and every SecAgg guarantee that counts clients (the Shamir
 threshold, the isolation checks, ``min_survivors``) then counts the operator's own puppets. That set-up is for
 pilots only.
@@ -24,7 +24,7 @@ the authority did not enrol: a sybil with a TLS-CA identity certificate, a certi
 member's certificate under another name, or a name on the roster with a key the operator made is refused by every
 honest peer, and the round aborts.
 
-Layout of a membership folder (``mor-server pki membership init --dir membership``)::
+Layout of a membership folder (``mor pki membership init --membership membership``)::
 
     membership/membership-ca.key  (0600; the authority's signing key: keep it offline, away from the server operator)
     membership/membership-ca.crt  (what every client pins)
@@ -97,8 +97,8 @@ class MembershipAuthority:
             key = serialization.load_pem_private_key((d / "membership-ca.key").read_bytes(), password=None)
             cert = x509.load_pem_x509_certificate((d / "membership-ca.crt").read_bytes())
         except FileNotFoundError as e:
-            raise MembershipError(f"no membership authority in {d}: {e.filename} is missing; run `mor-server pki "
-                                  f"membership init --dir {d}` first") from None
+            raise MembershipError(f"no membership authority in {d}: {e.filename} is missing; run `mor pki "
+                                  f"membership init --membership {d}` first") from None
         return cls(key, cert, d)
 
     def _records(self) -> dict:
@@ -182,7 +182,7 @@ def load_identity_public_key(pem: bytes, *, expected_name: str | None = None,
         except ValueError as e:
             raise MembershipError(f"{what}: neither a PEM CSR nor a PEM public key ({e})") from None
     if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise MembershipError(f"{what}: the identity key must be Ed25519 (make one with `mor-server pki membership "
+        raise MembershipError(f"{what}: the identity key must be Ed25519 (make one with `mor pki membership "
                               "keygen NAME --out DIR`)")
     return key
 
@@ -275,8 +275,8 @@ def write_roster(mdir: str | Path, out: str | Path, *, days: float = 30, federat
     auth = MembershipAuthority.load(mdir)
     members = {n: r for n, r in auth._records().items() if not r.get("removed")}
     if not members:
-        raise MembershipError(f"no enrolled members in {auth.dir}; enrol them first (`mor-server pki membership "
-                              "enrol NAME --dir DIR --identity-public-key CSR`)")
+        raise MembershipError(f"no enrolled members in {auth.dir}; enrol them first (`mor pki membership "
+                              "enrol NAME --membership DIR --identity-public-key CSR`)")
     serial_path = auth.dir / "roster-serial"
     serial = (int(serial_path.read_text().strip()) if serial_path.exists() else 0) + 1
     doc = sign_roster(auth, members, serial=serial, days=days, federation=federation)
@@ -394,7 +394,7 @@ class Membership:
         own = None
         if own_certificate_path is not None:
             own = read(own_certificate_path, "membership certificate",
-                       "enrol with the membership authority (`mor-server pki membership enrol NAME`)")
+                       "enrol with the membership authority (`mor pki membership enrol NAME`)")
         return cls(ca, roster, roster_path=roster_path, own_certificate_pem=own)
 
     @classmethod

@@ -1,6 +1,6 @@
 """Federation PKI: a CA, the server's TLS certificate, client TLS + identity certificates, revocation.
 
-Layout of a PKI folder (``mor-server pki init --dir pki``)::
+Layout of a PKI folder (``mor pki init --pki pki``)::
 
     pki/ca/ca.key  ca.crt  issued.json                (the CA's key never leaves this folder)
     pki/server/server.key  server.crt  ca.crt  crl.pem
@@ -87,7 +87,7 @@ class CA:
             key = serialization.load_pem_private_key((d / "ca.key").read_bytes(), password=None)
             cert = x509.load_pem_x509_certificate((d / "ca.crt").read_bytes())
         except FileNotFoundError as e:
-            raise PKIError(f"no federation CA in {pki_dir}: {e.filename} is missing; run `mor-server pki init --dir "
+            raise PKIError(f"no federation CA in {pki_dir}: {e.filename} is missing; run `mor pki init --pki "
                            f"{pki_dir}` first") from None
         return cls(key, cert)
 
@@ -200,7 +200,7 @@ def issue_client(pki_dir: str | Path, name: str, *, days: float = 365, out_dir: 
     ca = ca or CA.load(pki_dir)
     out = Path(out_dir) if out_dir else pki_dir / "clients" / name
     if tls_public_key is not None and not isinstance(tls_public_key, ec.EllipticCurvePublicKey):
-        raise PKIError("tls_public_key must be an EC public key (P-256, from `mor-client keygen`)")
+        raise PKIError("tls_public_key must be an EC public key (P-256, from `mor client keygen`)")
     tls_key = ec.generate_private_key(ec.SECP256R1()) if tls_public_key is None else None
     tls_cert = (
         ca._builder(_name(name), tls_public_key or tls_key.public_key(), days, not_before)
@@ -232,7 +232,7 @@ def issue_client(pki_dir: str | Path, name: str, *, days: float = 365, out_dir: 
 def new_tls_key_and_csr(name: str, out_dir: str | Path, *, force: bool = False) -> tuple[Path, Path]:
     """Institution side of enrolment by CSR: an EC P-256 TLS key in ``out_dir/tls.key`` (0600, never sent anywhere)
     and ``out_dir/tls.csr`` (Common Name ``name``, signed by the key). The operator signs it with
-    ``mor-server pki sign-csr``; only certificates come back."""
+    ``mor pki sign-csr``; only certificates come back."""
     check_name(name)
     out = Path(out_dir)
     key_path, csr_path = out / "tls.key", out / "tls.csr"
@@ -258,7 +258,7 @@ def load_tls_csr(pem: bytes, *, expected_name: str, what: str = "tls.csr") -> ec
         raise PKIError(f"{what}: the CSR names {cns[0].value if cns else None!r}, not {expected_name!r}")
     key = csr.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise PKIError(f"{what}: the TLS key must be an EC key (make it with `mor-client keygen`)")
+        raise PKIError(f"{what}: the TLS key must be an EC key (make it with `mor client keygen`)")
     return key
 
 
@@ -324,7 +324,7 @@ def certificate_expiry(path: str | Path) -> float:
 
 
 CRL_DAYS = 30.0
-"""Default validity of a signed CRL (its ``next_update``); re-sign before then with ``mor-server pki crl-refresh``."""
+"""Default validity of a signed CRL (its ``next_update``); re-sign before then with ``mor pki crl-refresh``."""
 
 
 def crl_path(pki_dir: str | Path) -> Path:
@@ -353,7 +353,7 @@ class CRL:
     def check_fresh(self, at: _dt.datetime | None = None, what: str = "CRL") -> "CRL":
         if self.stale(at):
             raise PKIError(f"{what} is stale: its next_update ({_fmt(self.next_update)}) has passed; the CA must "
-                           "re-sign it (`mor-server pki crl-refresh --dir PKI`)")
+                           "re-sign it (`mor pki crl-refresh --pki PKI`)")
         return self
 
 
@@ -392,11 +392,11 @@ def read_crl(source: str | Path | bytes, ca_cert: x509.Certificate) -> CRL:
     try:
         data = bytes(source) if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
     except FileNotFoundError:
-        raise PKIError(f"{where} is missing; re-sign it with `mor-server pki crl-refresh --dir PKI`") from None
+        raise PKIError(f"{where} is missing; re-sign it with `mor pki crl-refresh --pki PKI`") from None
     try:
         crl = x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----") else x509.load_der_x509_crl(data)
     except ValueError as e:
-        raise PKIError(f"{where} is not a CRL ({e}); re-sign it with `mor-server pki crl-refresh --dir PKI`") from None
+        raise PKIError(f"{where} is not a CRL ({e}); re-sign it with `mor pki crl-refresh --pki PKI`") from None
     if crl.issuer != ca_cert.subject or not crl.is_signature_valid(ca_cert.public_key()):
         raise PKIError(f"{where}: CRL signature does not verify against the federation CA; refusing to use it")
     return CRL({r.serial_number: r.revocation_date_utc for r in crl}, crl.last_update_utc, crl.next_update_utc,
@@ -491,7 +491,7 @@ class ClientCredentials:
         d = Path(path)
         missing = [n for n in ("ca.crt", "tls.key", "tls.crt") if not (d / n).exists()]
         if missing:
-            raise PKIError(f"credentials folder {d} lacks {', '.join(missing)}; issue one with `mor-server pki "
+            raise PKIError(f"credentials folder {d} lacks {', '.join(missing)}; issue one with `mor pki "
                            "issue-client NAME` and copy pki/clients/NAME to the client")
         opt = lambda n: (d / n).read_bytes() if (d / n).exists() else None  # noqa: E731
         return cls((d / "ca.crt").read_bytes(), (d / "tls.key").read_bytes(), (d / "tls.crt").read_bytes(),
@@ -521,7 +521,7 @@ class ServerCredentials:
         d = Path(pki_dir) / "server"
         missing = [n for n in ("ca.crt", "server.key", "server.crt") if not (d / n).exists()]
         if missing:
-            raise PKIError(f"server credentials in {d} lack {', '.join(missing)}; run `mor-server pki init --dir "
+            raise PKIError(f"server credentials in {d} lack {', '.join(missing)}; run `mor pki init --pki "
                            f"{pki_dir}`")
         crl = crl_path(pki_dir)
         if not crl.exists() and _legacy_crl_path(pki_dir).exists():
@@ -539,7 +539,7 @@ def load_identity_key(path: str | Path) -> ed25519.Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except FileNotFoundError:
-        raise PKIError(f"identity key {path} is missing; re-issue the credentials with `mor-server pki`") from None
+        raise PKIError(f"identity key {path} is missing; re-issue the credentials with `mor pki`") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise PKIError(f"{path} is not an Ed25519 identity key")
     return key

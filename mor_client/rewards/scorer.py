@@ -27,7 +27,7 @@ class RewardModelScorer:
 
     @classmethod
     def from_dir(cls, path, *, device: str = "cpu", batch_size: int = 256) -> "RewardModelScorer":
-        """Load a folder written by ``mor-client train`` (or :func:`~mor_client.rewards.store.save_model_dir`)."""
+        """Load a folder written by ``mor client train`` (or :func:`~mor_client.rewards.store.save_model_dir`)."""
         model, vocab, card = load_model_dir(path, device=device)
         return cls(model, vocab, card, device=device, batch_size=batch_size)
 

@@ -54,15 +54,15 @@ def read_card(path: str | os.PathLike) -> dict:
     """The card of a model folder (ValueError naming the folder if there is none)."""
     p = Path(path) / CARD
     if not p.is_file():
-        raise ValueError(f"{path}: no {CARD} there; expected a folder written by `mor-client train`")
+        raise ValueError(f"{path}: no {CARD} there; expected a folder written by `mor client train`")
     try:
         card = json.loads(p.read_text())
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"{p}: not valid JSON ({e}); the model card is corrupt: retrain the model with "
-                         "`mor-client train` or restore the folder") from None
+                         "`mor client train` or restore the folder") from None
     if not isinstance(card, dict):
         raise ValueError(f"{p}: expected a JSON object (the model card), got {type(card).__name__}; retrain the "
-                         "model with `mor-client train` or restore the folder")
+                         "model with `mor client train` or restore the folder")
     return card
 
 
