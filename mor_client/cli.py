@@ -22,6 +22,7 @@ from privacy.pki import ClientCredentials, PKIError
 
 from .client import ClientError, FederationClient
 from .release import ReleasePolicy
+from .training import add_join_flags as add_training_flags, trainer_from_args
 
 #: privacy modes a client can accept (``--modes``)
 CLIENT_MODES = ("plain", "dp", "secagg", "secagg+dp")
@@ -164,6 +165,7 @@ def _join(args) -> int:
     client = FederationClient(args.server, creds, scorer, card=_card_for(scorer, args), policy=policy,
                               insecure_client_id=args.insecure_id if args.insecure else None,
                               max_attempts=args.max_attempts, secagg_handler=secagg, audit=audit,
+                              trainer=trainer_from_args(args, ledger),  # issue #12: training rounds
                               on_event=lambda kind, info: print(f"[{kind}] {json.dumps(info)}", flush=True)
                               if args.verbose or kind in ("connected", "rejected") else None)
 
@@ -248,6 +250,7 @@ def add_commands(sub) -> None:
                    help="give up after this many failed connections (default: retry forever)")
     j.add_argument("--insecure", action="store_true", help="DANGER: no TLS (server must run --insecure)")
     j.add_argument("--insecure-id", default="insecure-client", help="client name claimed with --insecure")
+    add_training_flags(j)  # issue #12: --train-policy, --train-partition, ... (mor_client/training.py)
     j.set_defaults(func=_join)
     k = sub.add_parser("keygen", help="enrolment by CSR: make this institution's TLS key and identity key with their "
                                       "CSRs (the keys never leave DIR; send only the .csr files to the operator)")

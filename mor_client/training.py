@@ -310,7 +310,7 @@ class NoScorer:
 
 def add_join_flags(j) -> None:
     """The ``mor-client join`` flags of the trainer (one argument group)."""
-    from mor.cliargs import csv_choices, existing_dir, non_negative_int, positive_int
+    from mor.cliargs import csv_choices, device, existing_dir, non_negative_int, positive_int
 
     g = j.add_argument_group("training rounds of the parameter-sharing baselines (docs/baselines.md)")
     g.add_argument("--train-policy", type=existing_dir, default=None,
@@ -327,7 +327,7 @@ def add_join_flags(j) -> None:
                    help="comma-separated methods this client trains")
     g.add_argument("--train-accountant", choices=("prv", "rdp"), default="prv",
                    help="how DP-SGD's noise is calibrated and recorded in --ledger")
-    g.add_argument("--train-device", default="cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--train-device", type=device, default="cpu", help="cpu, cuda or cuda:N")
 
 
 def trainer_from_args(args, ledger=None):
@@ -339,7 +339,9 @@ def trainer_from_args(args, ledger=None):
 
     split = make_federation_split(seed=args.train_data_seed, n_clients=args.train_n_clients)
     if args.train_partition not in split.clients:
-        raise ValueError(f"--train-partition {args.train_partition!r} unknown; this split has "
+        from mor.cliargs import UsageError
+
+        raise UsageError(f"--train-partition {args.train_partition!r} unknown; this split has "
                          f"{sorted(split.clients)}")
     methods = tuple(m.strip() for m in args.train_methods.split(",") if m.strip())
     return PolicyTrainer.from_policy_dir(args.train_policy, examples_from_pairs(split.clients[args.train_partition]

@@ -219,3 +219,49 @@ def test_cra_with_reliability_and_momentum_over_the_wire(pki_dir, tiny):
             await _stop(server, clients, tasks)
 
     asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_mor_client_join_process_answers_training_rounds(pki_dir, tiny, tmp_path):
+    """A real `mor-client join --train-policy ...` process (its own private easy-vqa partition, DP-SGD at epsilon
+    8 charged to its --ledger) answers a Fed-CMP round from the server over mTLS."""
+    import time
+
+    from mor_server.policy import save_policy
+    from mor_server.procs import ClientProcess, mor_client_argv, stop_all
+    from privacy.ledger import PrivacyLedger
+
+    model, proc = tiny
+    policy_dir = save_policy(model, proc, tmp_path / "policy")
+    ledger = tmp_path / "carol-ledger.sqlite"
+    p = ClientProcess("carol", mor_client_argv(
+        "join", "--server", "PORT", "--creds", str(pki_dir / "clients" / "carol"),
+        "--scorer", "mor_client.training:NoScorer", "--ledger", str(ledger), "--train-policy", str(policy_dir),
+        "--train-partition", "client1", "--train-max-examples", "12", "--train-methods", "fedcmp",
+        "--train-accountant", "rdp"), tmp_path / "carol.log")
+
+    async def main():
+        server = FederationServer(ServerConfig(pki_dir=pki_dir))
+        await server.start()
+        p.argv = [a.replace("PORT", f"localhost:{server.port}") for a in p.argv]
+        p.start()
+        try:
+            await server.wait_for_trainers(1, "fedcmp", timeout=90)
+            assert server.online_trainers("fedit") == []  # it announced fedcmp only
+            fb = FederatedBaseline(model, BaselineConfig("fedcmp", rounds=1, timeout=90, hparams={
+                "learning_rate": 0.01, "batch_size": 4, "epsilon": 8.0, "delta": 1e-4}))
+            rec = await fb.run_round(server, 0)
+            assert rec.ok, (rec.reason, p.tail())
+            assert rec.num_examples == {"carol": 12} and 0 < rec.epsilon["carol"] <= 8.0
+        finally:
+            stop_all([p])
+            await server.stop()
+
+    asyncio.run(main())
+    led = PrivacyLedger(ledger)
+    try:
+        rows = led.history("pair")
+        assert len(rows) == 1 and rows[0]["noise_multiplier"] > 0 and rows[0]["model_id"].startswith("baseline-client1")
+    finally:
+        led.close()
+    assert "stopped after" in p.tail(), p.tail()
