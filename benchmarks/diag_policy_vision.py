@@ -1,19 +1,22 @@
-"""Diagnostic: can the built-in policy learn to *see* (colour and shape) at all, and from what?
+"""Diagnostic: can the built-in policy learn to *see* (colour and shape), from what, and can GRPO then climb?
 
-Issue #17 found every aligned policy answering each colour question with one word. This script separates the
-policy's capacity from the reward: it trains the built-in tiny Llava **supervised** (the strongest signal there
-is) on one of two public sources and reports per-type accuracy next to the majority-answer rate and the number
-of distinct answers (mor_server.evaluate), on held-out easy-vqa test images:
+Issue #17 found every aligned policy answering each colour question with one word. This script builds the built-in
+tiny Llava, optionally runs stage 1 of the public warm start (:class:`mor_server.policy.PretrainConfig`: vision-tower
+classification and/or captioning of synthetic images drawn by the project's own renderer, no privacy cost), then a
+supervised stage on one of two public sources, and reports per-type accuracy next to the majority-answer rate and
+the number of distinct answers (mor_server.evaluate) on held-out easy-vqa test images:
 
 * ``--data public``: the server's 300 labelled public examples (what the demo's warm start uses);
-* ``--data synthetic``: examples drawn by the project's own Pillow renderer (mor_client.data.synthetic; public
-  by construction, no privacy cost), ``--synthetic N`` images.
+* ``--data synthetic``: synthetic VQA examples (mor_client.data.synthetic), ``--synthetic N`` images.
 
-Optionally the vision tower is first pre-trained alone (``--vision-steps``) to classify the synthetic images'
-colour and shape from every patch token. Writes ``benchmarks/results/policy_vision.json`` (appends one record per
-run). Example (measured figures in docs/alignment.md, "Can the tiny policy see?"):
+The result is the *reference*. With ``--oracle-grpo-steps`` GRPO then runs from it under an oracle exact-match
+reward on the server's unlabeled prompts (the ceiling any reward can give from this reference), and the exploration
+of the reference is measured first: per type, the share of prompts for which at least one of G samples (GRPO's
+group) is right. Appends one record per run to ``benchmarks/results/policy_vision.json``. Measured figures and the
+exact commands: docs/alignment.md, "Can the tiny policy see?". Example:
 
-    .venv/bin/python benchmarks/diag_policy_vision.py --data synthetic --sft-steps 1000
+    .venv/bin/python benchmarks/diag_policy_vision.py --data public --sft-steps 50 --caption-steps 500 \\
+        --oracle-grpo-steps 400
 """
 
 from __future__ import annotations
@@ -28,37 +31,79 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def pretrain_vision(model, processor, cfg, *, n_images: int, steps: int, seed: int = 777) -> dict:
-    """Every patch token of the vision tower (and their mean) classifies the image's colour and shape."""
+def exploration(model, processor, items, *, samples: int, temperature: float) -> dict:
+    """Per type: share of ``items`` with at least one exact-match answer among ``samples`` sampled completions, and
+    the distinct (normalised) answers sampled."""
     import torch
 
-    from mor_client.data.easyvqa import COLORS, SHAPE_NAMES
-    from mor_client.data.synthetic import make_synthetic_examples, synthetic_attributes
-    from mor_server.policy import to_pil
+    from mor_server.evaluate import domain_of
+    from mor_server.policy import exact_match, generate_answers, normalize_answer
 
-    ex = make_synthetic_examples(n_images, seed=seed)
-    pix = processor.image_processor([to_pil(e.image) for e in ex], return_tensors="pt")["pixel_values"]
-    attrs = [synthetic_attributes(seed, i) for i in range(n_images)]
-    ys = torch.tensor([SHAPE_NAMES.index(s) for s, _ in attrs])
-    yc = torch.tensor([COLORS.index(c) for _, c in attrs])
-    tower = model.model.vision_tower
-    hc, hs = torch.nn.Linear(cfg.vision_hidden, len(COLORS)), torch.nn.Linear(cfg.vision_hidden, len(SHAPE_NAMES))
-    opt = torch.optim.AdamW([*tower.parameters(), *hc.parameters(), *hs.parameters()], lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    ce = torch.nn.functional.cross_entropy
-    acc_c = acc_s = 0.0
-    for _ in range(steps):
-        idx = torch.randint(0, n_images, (64,), generator=gen)
-        h = tower(pixel_values=pix[idx]).last_hidden_state
-        t = h.shape[1]
-        pc, ps = hc(h.mean(1)), hs(h.mean(1))
-        loss = (ce(hc(h).flatten(0, 1), yc[idx].repeat_interleave(t)) + ce(hs(h).flatten(0, 1),
-                ys[idx].repeat_interleave(t)) + ce(pc, yc[idx]) + ce(ps, ys[idx]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        acc_c, acc_s = float((pc.argmax(1) == yc[idx]).float().mean()), float((ps.argmax(1) == ys[idx]).float().mean())
-    return {"steps": steps, "images": n_images, "last_batch_colour_acc": acc_c, "last_batch_shape_acc": acc_s}
+    torch.manual_seed(0)
+    old = model.generation_config.temperature
+    model.generation_config.temperature = temperature
+    try:
+        rep = [e for e in items for _ in range(samples)]
+        ans = generate_answers(model, processor, rep, do_sample=True, max_new_tokens=4)
+    finally:
+        model.generation_config.temperature = old
+    out: dict = {}
+    for k, e in enumerate(items):
+        d = out.setdefault(domain_of(e), {"prompts": 0, "any_right": 0, "answers": set(), "right_share": 0.0})
+        group = ans[k * samples:(k + 1) * samples]
+        right = [exact_match(a, e.answer) for a in group]
+        d["prompts"] += 1
+        d["any_right"] += int(any(right))
+        d["right_share"] += sum(right) / samples
+        d["answers"].update(normalize_answer(a) for a in group)
+    return {t: {"prompts": d["prompts"], "any_right_rate": d["any_right"] / d["prompts"],
+                "right_sample_rate": d["right_share"] / d["prompts"], "distinct_sampled": sorted(d["answers"])}
+            for t, d in sorted(out.items())}
+
+
+def caption_accuracy(model, processor, *, seed: int, n: int = 200) -> float:
+    """Share of held-out synthetic images (not among stage 1's) whose greedy caption names their colour and shape."""
+    from mor_client.data.synthetic_captions import make_caption_examples
+    from mor_server.policy import generate_answers
+
+    items = make_caption_examples(n, seed=10_000 + seed, start=1_000_000)
+    caps = generate_answers(model, processor, items, max_new_tokens=5)
+    return sum(set(e.answer.split()) - {"a", "the", "is", "there"} <= set(c.split())
+               for e, c in zip(items, caps)) / n
+
+
+def oracle_grpo(model, processor, split, test, a) -> dict:
+    import tempfile
+
+    from mor_server.evaluate import accuracy, format_accuracy_table
+    from mor_server.grpo import GRPORunConfig, make_prompt_dataset, run_grpo
+    from mor_server.policy import exact_match, save_policy
+    from mor_server.rewards import completion_text
+
+    truth = {str(e.example_id): e.answer for e in split.server_unlabeled}
+    curve: list[float] = []
+
+    def oracle(prompts=None, completions=None, example_id=None, **kw):
+        r = [float(exact_match(completion_text(c), truth[str(i)])) for c, i in zip(completions, example_id)]
+        curve.append(sum(r) / len(r))
+        return r
+
+    work = Path(tempfile.mkdtemp(prefix="diag-vision-"))
+    save_policy(model, processor, work / "reference")
+    cfg = GRPORunConfig(output_dir=str(work / "grpo"), max_steps=a.oracle_grpo_steps, save_steps=0, seed=a.seed,
+                        temperature=a.grpo_temperature, num_generations=a.grpo_generations,
+                        learning_rate=a.grpo_lr, beta=a.grpo_beta, progress=False)
+    t1 = time.perf_counter()
+    res = run_grpo(work / "reference", make_prompt_dataset(split.server_unlabeled), [oracle], None, cfg)
+    seconds = time.perf_counter() - t1
+    after = accuracy(res["model"], res["processor"], test)
+    print(f"then oracle GRPO {a.oracle_grpo_steps} steps: overall {100 * after['overall']:.1f}% ({seconds:.0f} s)")
+    print(format_accuracy_table(after))
+    return {"steps": a.oracle_grpo_steps, "seconds": seconds, "accuracy": after,
+            "settings": {"temperature": cfg.temperature, "num_generations": cfg.num_generations,
+                         "learning_rate": cfg.learning_rate, "beta": cfg.beta},
+            "train_reward_per_20_steps": [sum(curve[i:i + 20]) / len(curve[i:i + 20])
+                                          for i in range(0, len(curve), 20)]}
 
 
 def main() -> int:
@@ -70,29 +115,46 @@ def main() -> int:
     ap.add_argument("--sft-steps", type=int, default=1000, help="supervised steps (batch 32)")
     ap.add_argument("--lr", type=float, default=3e-3, help="SFT learning rate")
     ap.add_argument("--patch", type=int, default=16, help="vision patch size (64x64 images: 16 -> 16 image tokens)")
-    ap.add_argument("--vision-steps", type=int, default=0, help="vision-tower pre-training steps (0: none)")
+    ap.add_argument("--text-hidden", type=int, default=64, help="hidden size of the tiny Llama (and vision tower)")
+    ap.add_argument("--layers", type=int, default=2, help="layers of the tiny Llama (and of the vision tower)")
+    ap.add_argument("--vision-steps", type=int, default=0, help="stage 1: vision-tower classification steps")
+    ap.add_argument("--caption-steps", type=int, default=0, help="stage 1: captioning steps on synthetic images")
+    ap.add_argument("--pretrain-images", type=int, default=2000, help="stage 1: synthetic images")
     ap.add_argument("--oracle-grpo-steps", type=int, default=0,
                     help="after SFT, this many GRPO steps with an oracle exact-match reward on the server's unlabeled "
-                         "prompts (the ceiling any reward can give from this reference; demo GRPO settings)")
+                         "prompts (the ceiling any reward can give from this reference)")
+    ap.add_argument("--grpo-temperature", type=float, default=1.0)
+    ap.add_argument("--grpo-generations", type=int, default=8)
+    ap.add_argument("--grpo-lr", type=float, default=3e-4)
+    ap.add_argument("--grpo-beta", type=float, default=0.05)
+    ap.add_argument("--explore-prompts", type=int, default=200,
+                    help="unlabeled prompts on which the reference's exploration is measured (0: skip)")
     ap.add_argument("--eval-size", type=int, default=600, help="held-out test examples")
-    ap.add_argument("--seed", type=int, default=0, help="federation split seed (test images, public split)")
+    ap.add_argument("--seed", type=int, default=0, help="federation split seed and policy seeds")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "policy_vision.json")
     a = ap.parse_args()
-
-    import torch
 
     from mor_client.data.partition import make_federation_split
     from mor_client.data.synthetic import make_synthetic_examples
     from mor_server.alignment import heldout_test
     from mor_server.evaluate import accuracy, format_accuracy_table
-    from mor_server.policy import SFTConfig, TinyLlavaConfig, build_tiny_llava, sft_warm_start
+    from mor_server.policy import (PretrainConfig, SFTConfig, TinyLlavaConfig, build_tiny_llava, pick_device,
+                                   pretrain_policy, sft_warm_start)
 
-    cfg = TinyLlavaConfig(patch_size=a.patch, seed=a.seed)
+    cfg = TinyLlavaConfig(patch_size=a.patch, seed=a.seed, text_hidden=a.text_hidden, vision_hidden=a.text_hidden,
+                          intermediate=2 * a.text_hidden, text_layers=a.layers, vision_layers=a.layers)
     model, processor = build_tiny_llava(config=cfg)
+    model.to(pick_device()[0])
     split = make_federation_split(seed=a.seed, n_clients=3)
     test = heldout_test(split)[: a.eval_size]
     t0 = time.perf_counter()
-    vision = pretrain_vision(model, processor, cfg, n_images=2000, steps=a.vision_steps) if a.vision_steps else None
+    pre = PretrainConfig(vision_steps=a.vision_steps, caption_steps=a.caption_steps, images=a.pretrain_images,
+                         seed=a.seed)
+    stage1 = pretrain_policy(model, processor, pre) if pre.enabled() else None
+    stage1_s = time.perf_counter() - t0
+    if a.caption_steps:
+        stage1["heldout_caption_accuracy"] = caption_accuracy(model, processor, seed=a.seed)
+        print("stage 1 held-out captions naming both the colour and the shape:", stage1["heldout_caption_accuracy"])
     if a.data == "public":
         data = list(split.server_public)
     else:
@@ -101,40 +163,18 @@ def main() -> int:
                                                             max_seconds=7200), progress=True)
     seconds = time.perf_counter() - t0
     acc = accuracy(model, processor, test)
-    print(f"{a.data} SFT-{a.sft_steps}, patch {a.patch}, vision pre-training {a.vision_steps} steps: "
-          f"overall {100 * acc['overall']:.1f}% ({seconds:.0f} s)")
+    print(f"reference: stage 1 vision {a.vision_steps} + captions {a.caption_steps} steps ({stage1_s:.0f} s), "
+          f"{a.data} SFT-{a.sft_steps}, patch {a.patch}: overall {100 * acc['overall']:.1f}% ({seconds:.0f} s)")
     print(format_accuracy_table(acc))
-    grpo = None
-    if a.oracle_grpo_steps:
-        import tempfile
-
-        from mor_server.grpo import GRPORunConfig, make_prompt_dataset, run_grpo
-        from mor_server.policy import exact_match, save_policy
-        from mor_server.rewards import completion_text
-
-        truth = {str(e.example_id): e.answer for e in split.server_unlabeled}
-        curve: list[float] = []
-
-        def oracle(prompts=None, completions=None, example_id=None, **kw):
-            r = [float(exact_match(completion_text(c), truth[str(i)])) for c, i in zip(completions, example_id)]
-            curve.append(sum(r) / len(r))
-            return r
-
-        work = Path(tempfile.mkdtemp(prefix="diag-vision-"))
-        save_policy(model, processor, work / "reference")
-        t1 = time.perf_counter()
-        res = run_grpo(work / "reference", make_prompt_dataset(split.server_unlabeled), [oracle], None,
-                       GRPORunConfig(output_dir=str(work / "grpo"), max_steps=a.oracle_grpo_steps, save_steps=0,
-                                     seed=a.seed))
-        after = accuracy(res["model"], res["processor"], test)
-        grpo = {"steps": a.oracle_grpo_steps, "seconds": time.perf_counter() - t1, "accuracy": after,
-                "train_reward_per_20_steps": [sum(curve[i:i + 20]) / len(curve[i:i + 20])
-                                              for i in range(0, len(curve), 20)]}
-        print(f"then oracle GRPO {a.oracle_grpo_steps} steps: overall {100 * after['overall']:.1f}% "
-              f"({grpo['seconds']:.0f} s)")
-        print(format_accuracy_table(after))
-    rec = {"args": {k: str(v) for k, v in vars(a).items()}, "vision_pretraining": vision, "sft": info,
-           "seconds": seconds, "accuracy": acc, "oracle_grpo": grpo,
+    explore = None
+    if a.explore_prompts:
+        explore = exploration(model, processor, list(split.server_unlabeled)[: a.explore_prompts],
+                              samples=a.grpo_generations, temperature=a.grpo_temperature)
+        print("reference exploration (>= 1 of G samples right):",
+              {t: round(v["any_right_rate"], 2) for t, v in explore.items()})
+    grpo = oracle_grpo(model, processor, split, test, a) if a.oracle_grpo_steps else None
+    rec = {"args": {k: str(v) for k, v in vars(a).items()}, "stage1": stage1, "stage1_seconds": stage1_s,
+           "sft": info, "seconds": seconds, "accuracy": acc, "exploration": explore, "oracle_grpo": grpo,
            "parameters": sum(p.numel() for p in model.parameters())}
     runs = json.loads(a.out.read_text()) if a.out.is_file() else []
     a.out.parent.mkdir(parents=True, exist_ok=True)

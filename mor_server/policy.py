@@ -324,6 +324,110 @@ def sft_warm_start(model, processor, examples: Sequence, config: SFTConfig | Non
             "examples": len(examples)}
 
 
+@dataclass
+class PretrainConfig:
+    """Stage 1 of the built-in policy's public warm start (issue #17): before the SFT on the server's public VQA
+    examples, learn to *see* from synthetic images drawn by the project's own renderer (no privacy cost).
+
+    * ``vision_steps``: the vision tower alone learns to classify each synthetic image's colour and shape from every
+      patch token (and their mean), through two linear heads that are thrown away afterwards;
+    * ``caption_steps``: the whole policy learns to caption synthetic images ("a red circle", "the circle is red";
+      :mod:`mor_client.data.synthetic_captions`): grounded colour and shape words, but no VQA question -> answer
+      mapping (the prompt is never a question).
+
+    Both 0: no stage 1 (the warm start is the public SFT alone)."""
+
+    vision_steps: int = 0
+    """Vision-tower classification steps (batch 64)."""
+    caption_steps: int = 0
+    """Captioning steps of the whole policy (batch ``batch_size``)."""
+    images: int = 2000
+    """Synthetic images drawn for stage 1 (both parts use the same images)."""
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    seed: int = 0
+    """Seed of the synthetic images and of the batch order (follows the run's seed in the demo)."""
+    max_seconds: float = 1800.0
+    """Safety cap on each part's wall-clock time."""
+
+    def enabled(self) -> bool:
+        return self.vision_steps > 0 or self.caption_steps > 0
+
+
+def pretrain_vision_tower(model, processor, examples: Sequence, labels: Sequence[tuple[int, int]], *, steps: int,
+                          n_colors: int, n_shapes: int, seed: int = 0, learning_rate: float = 3e-3,
+                          batch_size: int = 64, max_seconds: float = 1800.0) -> dict:
+    """Every patch token of the vision tower (and their mean) classifies the image's colour and shape.
+
+    labels: ``(colour index, shape index)`` per example. Returns the last batch's colour/shape accuracy."""
+    import time
+
+    device = next(model.parameters()).device
+    pix = processor.image_processor([to_pil(e.image) for e in examples], return_tensors="pt")["pixel_values"]
+    pix = pix.to(device=device, dtype=next(model.parameters()).dtype)
+    yc = torch.tensor([c for c, _ in labels], device=device)
+    ys = torch.tensor([s for _, s in labels], device=device)
+    tower = model.model.vision_tower
+    hidden = model.config.vision_config.hidden_size
+    torch.manual_seed(seed)
+    hc, hs = torch.nn.Linear(hidden, n_colors).to(device), torch.nn.Linear(hidden, n_shapes).to(device)
+    opt = torch.optim.AdamW([*tower.parameters(), *hc.parameters(), *hs.parameters()], lr=learning_rate)
+    gen = torch.Generator().manual_seed(seed)
+    ce = torch.nn.functional.cross_entropy
+    acc_c = acc_s = float("nan")
+    t0, done = time.perf_counter(), 0
+    tower.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(examples), (batch_size,), generator=gen).to(device)
+        h = tower(pixel_values=pix[idx]).last_hidden_state
+        t = h.shape[1]
+        pc, ps = hc(h.mean(1)), hs(h.mean(1))
+        loss = (ce(hc(h).flatten(0, 1), yc[idx].repeat_interleave(t)) + ce(hs(h).flatten(0, 1),
+                ys[idx].repeat_interleave(t)) + ce(pc, yc[idx]) + ce(ps, ys[idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        done += 1
+        acc_c = float((pc.argmax(1) == yc[idx]).float().mean())
+        acc_s = float((ps.argmax(1) == ys[idx]).float().mean())
+        if time.perf_counter() - t0 > max_seconds:
+            break
+    model.eval()
+    return {"steps": done, "seconds": round(time.perf_counter() - t0, 2), "last_batch_colour_acc": acc_c,
+            "last_batch_shape_acc": acc_s}
+
+
+def pretrain_policy(model, processor, config: PretrainConfig, *, progress: bool = True) -> dict:
+    """Stage 1 of the warm start (see :class:`PretrainConfig`), in place. Returns a summary dict."""
+    from mor_client.data.easyvqa import COLORS, SHAPE_NAMES
+    from mor_client.data.synthetic import synthetic_attributes
+    from mor_client.data.synthetic_captions import make_caption_examples
+
+    for name in ("vision_steps", "caption_steps", "images"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"PretrainConfig.{name} must be >= 0, got {getattr(config, name)}")
+    out: dict = {"images": config.images}
+    if not config.enabled():
+        return out
+    if config.images < 1:
+        raise ValueError("PretrainConfig.images must be >= 1 when vision_steps or caption_steps > 0")
+    data_seed = 10_000 + config.seed  # a stream of its own (the reward models' synthetic data use small seeds)
+    captions = make_caption_examples(config.images, seed=data_seed)
+    if config.vision_steps:
+        labels = []
+        for i in range(config.images):
+            shape, color = synthetic_attributes(data_seed, i)
+            labels.append((COLORS.index(color), SHAPE_NAMES.index(shape)))
+        out["vision"] = pretrain_vision_tower(model, processor, captions, labels, steps=config.vision_steps,
+                                              n_colors=len(COLORS), n_shapes=len(SHAPE_NAMES), seed=config.seed,
+                                              learning_rate=config.learning_rate, max_seconds=config.max_seconds)
+    if config.caption_steps:
+        out["captions"] = sft_warm_start(model, processor, captions, SFTConfig(
+            steps=config.caption_steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
+            seed=config.seed, max_seconds=config.max_seconds), progress=progress)
+    return out
+
+
 def generation_constraints(model) -> dict:
     """Decoding constraints shared with GRPO's sampling: TRL suppresses the image token when it generates for a
     VLM (a sampled image token would have no image features), so GRPO never sees, and never pushes down, that
@@ -362,7 +466,7 @@ def generate_answers(model, processor, items: Sequence, *, batch_size: int = 64,
     return out
 
 
-WARM_START_CODE_VERSION = "2"
+WARM_START_CODE_VERSION = "3"
 """Part of the warm-start cache key: bump it whenever the policy builder, tokenizer or SFT code changes what a
 cached reference would contain, so no stale checkpoint is reused."""
 
@@ -380,8 +484,10 @@ def examples_digest(examples: Sequence) -> str:
 
 
 def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLlavaConfig | None = None,
-                      sft: SFTConfig | None = None, progress: bool = True):
-    """Build + SFT the tiny policy, or reuse the checkpoint cached in ``cache_dir`` when its settings match.
+                      sft: SFTConfig | None = None, pretrain: PretrainConfig | None = None,
+                      progress: bool = True):
+    """Build + (stage 1: ``pretrain`` on synthetic images, optional) + SFT the tiny policy, or reuse the checkpoint
+    cached in ``cache_dir`` when its settings match (configs of every stage, data digest and code version).
 
     Returns ``(model, processor, info)``; the directory holds the frozen reference checkpoint.
     """
@@ -389,7 +495,8 @@ def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLl
 
     cache_dir = Path(cache_dir)
     key = {"tiny": asdict(tiny or TinyLlavaConfig()), "sft": asdict(sft or SFTConfig()), "n": len(examples),
-           "data_sha256": examples_digest(examples), "code": WARM_START_CODE_VERSION}
+           "data_sha256": examples_digest(examples), "code": WARM_START_CODE_VERSION,
+           "pretrain": asdict(pretrain) if pretrain is not None and pretrain.enabled() else None}
     meta = cache_dir / "warm_start.json"
     try:
         cached = json.loads(meta.read_text()) if meta.is_file() else None
@@ -402,7 +509,10 @@ def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLl
         return model, processor, {**cached.get("info", {}), "cached": True}
     model, processor = build_tiny_llava(config=tiny)
     model.to(pick_device()[0])  # the warm start trains on the GPU when there is one (fp32 weights; saved as such)
+    pre = pretrain_policy(model, processor, pretrain, progress=progress) if pretrain is not None else None
     info = sft_warm_start(model, processor, examples, sft, progress=progress)
+    if pre is not None and pretrain.enabled():
+        info = {**info, "pretrain": pre}
     # built in a staging folder and swapped in whole, warm_start.json (the cache's completion marker) written last
     # inside it: a run killed while saving leaves the old cache or none, never a half-written one that is trusted
     from privacy.fsutil import replace_dir, staging_dir

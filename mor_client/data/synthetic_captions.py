@@ -1,0 +1,48 @@
+"""Synthetic **captioned** images: public vision-language pre-training data for the built-in policy (issue #17).
+
+Stage 1 of the policy's two-stage public warm start (:class:`mor_server.policy.PretrainConfig`), like real VLM
+training: before the policy sees a single VQA example it learns, from images drawn by this project's own renderer
+(:mod:`mor_client.data.synthetic`, public by construction), to *describe* an image in words -- "a red circle",
+"the circle is red", "there is a red circle". That teaches it to see and gives it the colour and shape vocabulary
+grounded in pixels, but not the question -> answer mapping of VQA: the prompt is always the same
+(:data:`CAPTION_PROMPT`), never a question, and a caption is never a one-word answer.
+
+Every word of a prompt or caption is in easy-vqa's vocabulary (the built-in policy's word-level tokenizer), so no
+token is unknown. Deterministic: the same ``(seed, index)`` gives the same PNG (the synthetic renderer's) and the
+same caption; the caption template is drawn from its own stream, so the image is the synthetic module's image
+``index`` of ``seed`` byte for byte.
+"""
+
+from __future__ import annotations
+
+import random
+
+from .easyvqa import VQAExample
+from .synthetic import make_synthetic_examples, synthetic_attributes
+
+#: The one caption prompt (the text after the image); deliberately not a question.
+CAPTION_PROMPT = "the image"
+#: Caption templates: bare attribute lists and short sentences, colour first or shape first (so the first word of a
+#: caption is a colour, a shape or an article, and neither attribute always comes first).
+CAPTION_TEMPLATES: tuple[str, ...] = ("{color} {shape}", "{shape} is {color}", "a {color} {shape}",
+                                      "the {shape} is {color}")
+
+
+def caption(seed: int, index: int) -> str:
+    """The caption of synthetic image ``index`` of ``seed``."""
+    shape, color = synthetic_attributes(seed, index)
+    rng = random.Random(f"mor-synthetic-caption:{seed}:{index}")
+    return rng.choice(CAPTION_TEMPLATES).format(color=color, shape=shape)
+
+
+def make_caption_examples(n_images: int, *, seed: int, start: int = 0) -> list[VQAExample]:
+    """``n_images`` synthetic images, each with :data:`CAPTION_PROMPT` as ``question`` and its caption as
+    ``answer`` (``question_type`` "caption", ``domain`` "synthetic"), ready for
+    :func:`mor_server.policy.sft_warm_start`."""
+    if n_images < 0:
+        raise ValueError(f"n_images must be >= 0, got {n_images}")
+    images = make_synthetic_examples(n_images, seed=seed, question_types=("color",), start=start)
+    return [VQAExample(example_id=f"caption-{seed}-{start + k}", image=e.image, question=CAPTION_PROMPT,
+                       answer=caption(seed, start + k), question_type="caption", domain="synthetic",
+                       image_id=e.image_id)
+            for k, e in enumerate(images)]

@@ -1,0 +1,66 @@
+"""Stage 1 of the built-in policy's public warm start (issue #17): synthetic captions and the cached warm start."""
+
+from __future__ import annotations
+
+import pytest
+
+from mor_client.data.easyvqa import COLORS, SHAPE_NAMES
+from mor_client.data.synthetic import make_synthetic_examples, synthetic_attributes
+from mor_client.data.synthetic_captions import CAPTION_PROMPT, caption, make_caption_examples
+from mor_server.policy import (PretrainConfig, SFTConfig, TinyLlavaConfig, easyvqa_vocabulary, pretrain_policy,
+                               build_tiny_llava, task_words, warm_start_cached)
+
+SMALL = TinyLlavaConfig(image_size=32, patch_size=16, vision_hidden=32, text_hidden=32, intermediate=64, heads=2)
+
+
+def test_captions_are_deterministic_cover_every_colour_and_shape_and_use_known_words():
+    a = make_caption_examples(120, seed=5)
+    b = make_caption_examples(120, seed=5)
+    assert [(e.image, e.question, e.answer) for e in a] == [(e.image, e.question, e.answer) for e in b]
+    other = make_caption_examples(120, seed=6)
+    assert [e.answer for e in a] != [e.answer for e in other]
+    # the caption names what is drawn: the synthetic module's image `index` of `seed`, byte for byte
+    drawn = make_synthetic_examples(120, seed=5)
+    for i, (e, d) in enumerate(zip(a, drawn)):
+        shape, color = synthetic_attributes(5, i)
+        assert e.image == d.image and e.question == CAPTION_PROMPT and e.answer == caption(5, i)
+        assert set(e.answer.split()) >= {shape, color}
+    words = {w for e in a for w in e.answer.split()}
+    assert set(COLORS) | set(SHAPE_NAMES) <= words
+    assert set(task_words([CAPTION_PROMPT] + [e.answer for e in a])) <= set(easyvqa_vocabulary())  # no <unk>
+    assert "?" not in CAPTION_PROMPT  # a caption prompt, never a VQA question
+    assert make_caption_examples(3, seed=5, start=2)[0].answer == caption(5, 2)
+
+
+def test_pretraining_changes_the_policy_and_rejects_bad_settings():
+    import torch
+
+    model, processor = build_tiny_llava(config=SMALL)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    info = pretrain_policy(model, processor, PretrainConfig(vision_steps=2, caption_steps=2, images=16, batch_size=8),
+                           progress=False)
+    assert info["vision"]["steps"] == 2 and info["captions"]["steps"] == 2
+    after = model.state_dict()
+    tower = [k for k in after if "vision_tower" in k]
+    lm = [k for k in after if "language_model" in k and "embed" not in k]
+    assert any(not torch.equal(before[k], after[k]) for k in tower)
+    assert any(not torch.equal(before[k], after[k]) for k in lm)
+    with pytest.raises(ValueError, match="caption_steps"):
+        pretrain_policy(model, processor, PretrainConfig(caption_steps=-1))
+    with pytest.raises(ValueError, match="images"):
+        pretrain_policy(model, processor, PretrainConfig(caption_steps=1, images=0))
+
+
+def test_warm_start_cache_key_follows_the_stage1_config(tmp_path):
+    public = make_synthetic_examples(16, seed=1)
+    sft = SFTConfig(steps=1, batch_size=8)
+    pre = PretrainConfig(caption_steps=1, images=8, batch_size=8)
+    _, _, first = warm_start_cached(tmp_path / "ref", public, tiny=SMALL, sft=sft, pretrain=pre, progress=False)
+    _, _, again = warm_start_cached(tmp_path / "ref", public, tiny=SMALL, sft=sft, pretrain=pre, progress=False)
+    assert first["cached"] is False and again["cached"] is True and first["pretrain"]["captions"]["steps"] == 1
+    for changed in (PretrainConfig(caption_steps=2, images=8, batch_size=8),
+                    PretrainConfig(caption_steps=1, images=8, batch_size=8, seed=1),
+                    PretrainConfig(caption_steps=1, vision_steps=1, images=8, batch_size=8), None):
+        _, _, info = warm_start_cached(tmp_path / "ref", public, tiny=SMALL, sft=sft, pretrain=changed,
+                                       progress=False)
+        assert info["cached"] is False, changed  # another stage-1 config never reuses the cached reference
