@@ -20,10 +20,11 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable
 
-__all__ = ["ArgumentParser", "verbose_everywhere", "VERBOSE_HELP", "HelpFormatter", "RawHelpFormatter", "UsageError", "run_main", "one_line",
-           "int_range", "float_range", "positive_int", "non_negative_int", "positive_float", "non_negative_float",
-           "open_unit_interval", "fraction", "port", "bind_host", "host_name", "host_list", "host_port",
-           "existing_file", "existing_dir", "output_file", "output_dir", "dir_path", "csv_choices", "device"]
+__all__ = ["ArgumentParser", "verbose_everywhere", "VERBOSE_HELP", "HelpFormatter", "RawHelpFormatter", "UsageError",
+           "run_main", "one_line", "int_range", "float_range", "positive_int", "non_negative_int", "positive_float",
+           "non_negative_float", "open_unit_interval", "fraction", "port", "bind_host", "host_name", "host_list",
+           "host_port", "client_name", "partition_name", "existing_file", "existing_dir", "output_file", "output_dir", "dir_path",
+           "csv_choices", "device"]
 
 
 class UsageError(Exception):
@@ -297,6 +298,30 @@ def host_port(text: str) -> str:
         raise argparse.ArgumentTypeError(f"write an IPv6 address in brackets, e.g. [::1]:{p}, got {text!r}")
     _check_host_syntax(host)
     return text
+
+
+def client_name(text: str) -> str:
+    """A federation member's name (its certificates' Common Name): the PKI's rule, checked at parse time."""
+    from privacy.pki import PKIError, check_name
+
+    try:
+        return check_name(text)
+    except PKIError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+client_name.__name__ = "client name"
+
+
+def partition_name(text: str) -> str:
+    """A partition of the embedded federation split: client0, client1, ..."""
+    if not (text.startswith("client") and text[len("client"):].isdigit()):
+        raise argparse.ArgumentTypeError(f"expected client0, client1, ... (a client of the federation split), "
+                                         f"got {text!r}")
+    return text
+
+
+partition_name.__name__ = "partition"
 
 
 def existing_file(text: str) -> Path:

@@ -15,9 +15,9 @@ import signal
 import sys
 from pathlib import Path
 
-from mor.cliargs import (VERBOSE_HELP, ArgumentParser, UsageError, csv_choices, existing_dir, existing_file,
-                         float_range, host_port, loaded_errors, non_negative_float, non_negative_int, open_unit_interval,
-                         output_dir, output_file, positive_int, run_main)
+from mor.cliargs import (VERBOSE_HELP, ArgumentParser, UsageError, client_name, csv_choices, existing_dir,
+                         existing_file, float_range, host_port, loaded_errors, non_negative_float, non_negative_int,
+                         open_unit_interval, output_dir, output_file, positive_int, run_main)
 from privacy.pki import ClientCredentials, PKIError
 
 from .client import ClientError, FederationClient
@@ -249,14 +249,16 @@ def add_commands(sub) -> None:
     j.add_argument("--max-attempts", type=positive_int, default=None,
                    help="give up after this many failed connections (default: retry forever)")
     j.add_argument("--insecure", action="store_true", help="DANGER: no TLS (server must run --insecure)")
-    j.add_argument("--insecure-id", default="insecure-client", help="client name claimed with --insecure")
+    j.add_argument("--insecure-id", default="insecure-client", type=client_name,
+                   help="client name claimed with --insecure")
     add_training_flags(j)  # issue #12: --train-policy, --train-partition, ... (mor_client/training.py)
     j.set_defaults(func=_join)
     k = sub.add_parser("keygen", help="enrolment by CSR: make this institution's TLS key and identity key with their "
                                       "CSRs (the keys never leave DIR; send only the .csr files to the operator)")
     k.add_argument("--out", type=output_dir, required=True, metavar="DIR",
                    help="credentials folder to create: tls.key, tls.csr, identity.key, identity.csr")
-    k.add_argument("--name", required=True, help="the institution's client name (the certificates' Common Name)")
+    k.add_argument("--name", required=True, type=client_name,
+                   help="the institution's client name (the certificates' Common Name)")
     k.add_argument("--force", action="store_true", help="replace existing keys (certificates for them stop matching)")
     k.set_defaults(func=_keygen)
     for modname in ("train_cli", "budget_cli"):

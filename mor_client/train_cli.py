@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from mor.cliargs import (device, existing_dir, fraction, non_negative_int, open_unit_interval, output_dir, output_file,
-                         positive_float, positive_int, register_missing)
+                         partition_name, positive_float, positive_int, register_missing)
 
 
 def _epsilon(text: str) -> float:
@@ -27,11 +27,7 @@ def _epsilon(text: str) -> float:
     return v
 
 
-def _partition(text: str) -> str:
-    if not (text.startswith("client") and text[len("client"):].isdigit()):
-        raise argparse.ArgumentTypeError(f"expected client0, client1, ... (a client of the federation split), "
-                                         f"got {text!r}")
-    return text
+_partition = partition_name  # mor.cliargs: one rule for every --partition flag
 
 
 def _record_ledger(path: Path, model_id: str, card: dict) -> str:

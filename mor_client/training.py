@@ -310,13 +310,13 @@ class NoScorer:
 
 def add_join_flags(j) -> None:
     """The ``mor-client join`` flags of the trainer (one argument group)."""
-    from mor.cliargs import csv_choices, device, existing_dir, non_negative_int, positive_int
+    from mor.cliargs import csv_choices, device, existing_dir, non_negative_int, partition_name, positive_int
 
     g = j.add_argument_group("training rounds of the parameter-sharing baselines (docs/baselines.md)")
     g.add_argument("--train-policy", type=existing_dir, default=None,
                    help="the warm-started policy folder (the server's frozen reference, saved with save_pretrained): "
                         "with it this client answers training rounds (FLORA fedit/stack/ffa, Fed-CMP)")
-    g.add_argument("--train-partition", default="client0",
+    g.add_argument("--train-partition", default="client0", type=partition_name,
                    help="this institution's private split of the federation data (client0, client1, ...): SFT on "
                         "the chosen answers of its preference pairs")
     g.add_argument("--train-data-seed", type=non_negative_int, default=0, help="seed of the federation split")

@@ -19,8 +19,8 @@ import json
 import sys
 from pathlib import Path
 
-from mor.cliargs import (RawHelpFormatter, UsageError, bind_host, existing_dir, non_negative_float, non_negative_int, output_dir, port,
-                         positive_float, positive_int)
+from mor.cliargs import (RawHelpFormatter, UsageError, bind_host, existing_dir, non_negative_float, non_negative_int,
+                         output_dir, port, positive_float, positive_int)
 
 #: privacy modes of the federated reward rounds (``--mode``)
 ALIGN_MODES = ("plain", "dp", "secagg", "secagg+dp")

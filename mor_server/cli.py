@@ -13,9 +13,10 @@ import signal
 import sys
 from pathlib import Path
 
-from mor.cliargs import (VERBOSE_HELP, ArgumentParser, UsageError, bind_host, dir_path, existing_dir, existing_file,
-                         float_range, host_list, loaded_errors, non_negative_int, output_dir, output_file, port, positive_float,
-                         positive_int, register_missing, run_main, verbose_everywhere)
+from mor.cliargs import (VERBOSE_HELP, ArgumentParser, UsageError, bind_host, client_name, dir_path, existing_dir,
+                         existing_file, float_range, host_list, loaded_errors, non_negative_int, output_dir,
+                         output_file, port, positive_float, positive_int, register_missing, run_main,
+                         verbose_everywhere)
 from privacy import pki
 
 
@@ -37,7 +38,7 @@ def _add_pki(sub) -> None:
     init.add_argument("--force", action="store_true", help="replace an existing CA (invalidates every certificate)")
     init.set_defaults(func=_pki_init)
     iss = ps.add_parser("issue-client", help="issue a client's TLS + identity certificates")
-    iss.add_argument("name", help="client name (becomes its identity: the certificate's Common Name)")
+    iss.add_argument("name", type=client_name, help="client name (becomes its identity: the certificate's Common Name)")
     iss.add_argument("--pki", "--dir", dest="dir", type=dir_path, default="pki", help=PKI_HELP)
     iss.add_argument("--days", type=positive_float, default=365, help="validity of the certificates in days")
     iss.add_argument("--out", type=output_dir, default=None, help="output folder (default: PKI/clients/NAME)")
@@ -46,7 +47,7 @@ def _add_pki(sub) -> None:
                           "keygen`, or a PEM public key) instead of generating one: no identity.key is written")
     iss.set_defaults(func=_pki_issue)
     rev = ps.add_parser("revoke", help="revoke every certificate issued to a client (a running server picks it up)")
-    rev.add_argument("name", help="the client name whose certificates are revoked")
+    rev.add_argument("name", type=client_name, help="the client name whose certificates are revoked")
     rev.add_argument("--pki", "--dir", dest="dir", type=dir_path, default="pki", help=PKI_HELP)
     rev.add_argument("--days", type=positive_float, default=pki.CRL_DAYS,
                      help="validity of the re-signed CRL in days (its next_update)")
@@ -58,7 +59,7 @@ def _add_pki(sub) -> None:
     crl.set_defaults(func=_pki_crl_refresh)
     sc = ps.add_parser("sign-csr", help="enrolment by CSR: certify an institution's own TLS and identity keys (from "
                                         "`mor client keygen`); the private keys never travel")
-    sc.add_argument("name", help="client name (must be the Common Name of both CSRs)")
+    sc.add_argument("name", type=client_name, help="client name (must be the Common Name of both CSRs)")
     sc.add_argument("--pki", "--dir", dest="dir", type=dir_path, default="pki", help=PKI_HELP)
     sc.add_argument("--csr", type=existing_dir, required=True, metavar="DIR",
                     help="folder holding the institution's tls.csr and identity.csr")
@@ -68,7 +69,7 @@ def _add_pki(sub) -> None:
     sc.set_defaults(func=_pki_sign_csr)
     rn = ps.add_parser("renew", help="issue new certificates for a client's SAME keys (no key moves, nothing "
                                      "else is invalidated)")
-    rn.add_argument("name", help="client name")
+    rn.add_argument("name", type=client_name, help="client name")
     rn.add_argument("--pki", "--dir", dest="dir", type=dir_path, default="pki", help=PKI_HELP)
     rn.add_argument("--creds", type=existing_dir, default=None, metavar="DIR",
                     help="folder holding the client's current tls.crt and identity.crt (default: PKI/clients/NAME)")
@@ -177,12 +178,12 @@ def _add_membership(ps) -> None:
     init.add_argument("--force", action="store_true", help="replace an existing membership CA")
     init.set_defaults(func=_membership_init)
     kg = ms.add_parser("keygen", help="institution: make its own identity key and a CSR (the key never leaves)")
-    kg.add_argument("name", help="the institution's client name (its TLS certificate's Common Name)")
+    kg.add_argument("name", type=client_name, help="the institution's client name (its TLS certificate's Common Name)")
     kg.add_argument("--out", type=output_dir, required=True, help="folder for identity.key (0600) and identity.csr")
     kg.add_argument("--force", action="store_true", help="replace an existing identity.key")
     kg.set_defaults(func=_membership_keygen)
     en = ms.add_parser("enrol", help="authority: certify a member's identity key (from its CSR or public key)")
-    en.add_argument("name", help="member name (must equal its TLS client name)")
+    en.add_argument("name", type=client_name, help="member name (must equal its TLS client name)")
     en.add_argument("--membership", "--dir", dest="dir", type=dir_path, default="membership",
                     help=MEMBERSHIP_HELP)
     src = en.add_mutually_exclusive_group(required=True)
@@ -194,7 +195,7 @@ def _add_membership(ps) -> None:
     en.add_argument("--out", type=output_dir, default=None, help="output folder (default: DIR/members/NAME)")
     en.set_defaults(func=_membership_enrol)
     rm = ms.add_parser("remove", help="authority: take a member off the next roster")
-    rm.add_argument("name", help="member name")
+    rm.add_argument("name", type=client_name, help="member name")
     rm.add_argument("--membership", "--dir", dest="dir", type=dir_path, default="membership",
                     help=MEMBERSHIP_HELP)
     rm.set_defaults(func=_membership_remove)
@@ -304,7 +305,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-message-mb", type=float_range(0, 2047, lo_open=True), default=16.0,
                    help="largest gRPC message accepted or sent, in MiB (gRPC's limit is 2 GiB)")
     p.add_argument("--rounds", type=non_negative_int, default=0,
-                   help="after --min-clients join, run this many scoring rounds on public easy-vqa items and print them")
+                   help="after --min-clients join, run this many scoring rounds on public easy-vqa items and print "
+                        "them")
     p.add_argument("--mode", choices=SERVE_MODES, default="plain",
                    help="privacy mode of the --rounds rounds (secagg, secagg+dp: equal weights, only the sum is seen)")
     p.add_argument("--items", type=positive_int, default=64, help="items per scoring task (with --rounds)")

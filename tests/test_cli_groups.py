@@ -260,3 +260,33 @@ def test_demo_in_dp_mode(tmp_path):
         # one Gaussian release per GRPO reward round (dp mode: the client noised its own scores), no round twice
         assert len(rounds) >= 1 and len(set(rounds)) == len(rounds), (name, rows)
         assert {r[1] for r in rows} == {"gaussian"}, (name, rows)
+
+
+#: value-taking flags that are free text by design (anything is a valid value)
+FREE_TEXT = {"--scorer",  # resolved and checked by scorer_from_spec (tests/test_sdk.py)
+             "--federation", "--model-id",  # labels written into a roster / the ledger
+             "--name"}  # only in `pki membership init`: the membership CA's display name
+
+
+def test_every_value_flag_is_validated():
+    """Every flag or argument taking a value has a type or a choices list that argparse checks before any work
+    starts (free-text flags are listed above); a client name is checked against the PKI's rule at parse time."""
+    mor = server_cli.build_mor_parser()
+    unchecked = []
+
+    def walk(p, path=()):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    walk(sub, (*path, name))
+            elif a.nargs != 0 and a.type is None and a.choices is None and not isinstance(a, argparse._HelpAction):
+                flag = a.option_strings[0] if a.option_strings else a.dest
+                if flag not in FREE_TEXT or (flag == "--name" and path[-2:] != ("membership", "init")):
+                    unchecked.append(" ".join((*path, flag)))
+
+    walk(mor)
+    assert not unchecked, f"flags taking a value with no validation: {unchecked}"
+    with pytest.raises(SystemExit):
+        mor.parse_args(["pki", "issue-client", "no spaces"])
+    with pytest.raises(SystemExit):
+        mor.parse_args(["client", "keygen", "--out", "x", "--name", "-bad/"])
