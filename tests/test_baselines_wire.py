@@ -73,7 +73,7 @@ def test_codec_round_trip_is_exact_little_endian():
     x = np.array([[1.5, -2.0, 3.25e-8]], dtype=np.float32)
     t = encode_tensor("w", x)
     assert t["shape"] == [1, 3] and t["dtype"] == "float32" and t["data"] == x.astype("<f4").tobytes()
-    assert t["data"][:4] == bytes.fromhex("0000c03f")  # 1.5 in binary32, little-endian
+    assert t["data"] == bytes.fromhex("0000c03f000000c021960b33")  # docs/protocol.md §9.2 example
     back = decode_tensors(tensors_to_pb({"w": x}), {"w": (1, 3)}, "p")
     assert np.array_equal(back["w"], x)
     h = {"learning_rate": 0.1, "epsilon": 4.0, "total_rounds": 3, "round_index": 2, "weight_decay": 0.0}
