@@ -250,6 +250,13 @@ async def handle_training_task(client, task, send_q) -> None:
         return refuse("FAILED_PRECONDITION", f"method {method!r} is not one this client trains "
                                              f"({list(trainer.methods)})")
     timeout = task.timeout_ms / 1000 if task.timeout_ms else 600.0
+    secagg = task.mode == pb.PRIVACY_MODE_SECAGG
+    if secagg:  # checked before training: a round this client cannot finish is refused at once
+        problem = _secagg_precheck(client, task)
+        if problem is not None:
+            return refuse(*problem)
+    elif task.mode not in (pb.PRIVACY_MODE_UNSPECIFIED, pb.PRIVACY_MODE_PLAIN):
+        return refuse("FAILED_PRECONDITION", f"training rounds run in plain or secagg mode, not mode {task.mode}")
     try:
         params = decode_tensors(task.parameters, None, "task.parameters")
         names = tuple(task.update_names)
@@ -280,6 +287,8 @@ async def handle_training_task(client, task, send_q) -> None:
             raise TensorProblem("num_examples", f"num_examples {n_ex} outside 1..{task.max_num_examples}")
     except (TensorProblem, TypeError, ValueError) as e:
         return refuse("INTERNAL", f"local trainer returned an update the task does not accept: {e}")
+    if secagg:
+        return await _secagg_update(client, task, {n: res.tensors[n] for n in names}, n_ex, send_q, refuse)
     h = hashlib.sha256()
     for t in tensors:
         h.update(t.name.encode() + b"\0" + t.data)
@@ -349,3 +358,64 @@ def trainer_from_args(args, ledger=None):
                                          ledger=ledger, device=args.train_device, methods=methods,
                                          max_examples=args.train_max_examples, accountant=args.train_accountant,
                                          model_id=f"baseline-{args.train_partition}")
+
+
+def _secagg_precheck(client, task):
+    """``(code, reason)`` when this client cannot take part in a secagg training round, else None: secagg enabled
+    with a SecAggSession, the task's setup stage present, the CRL accepted, the cohort on the pinned roster."""
+    session = client.secagg_handler
+    if session is None or "secagg" not in client.policy.supported_modes:
+        return "FAILED_PRECONDITION", "secure aggregation (mode secagg) is not enabled on this client"
+    if task.method not in ("fedit", "ffa"):
+        return "INVALID_ARGUMENT", f"a secagg training round must be fedit or ffa (a weighted sum), not {task.method}"
+    if not task.HasField("secagg"):
+        return "INVALID_ARGUMENT", "secagg training task carries no setup stage (task.secagg)"
+    from privacy import pki
+
+    try:
+        if task.crl:
+            session.accept_crl(task.crl)
+        elif getattr(session, "require_crl", False) and getattr(session, "_crl", None) is None:
+            raise pki.PKIError("the task carries no CRL, so peers' revocation cannot be checked")
+    except pki.PKIError as e:
+        return "FAILED_PRECONDITION", f"revocation check: {e}"
+    if session.membership is not None:
+        from privacy.membership import MembershipError
+        from privacy.secagg import SecAggError
+        from privacy.secagg.messages import SetupConfig
+
+        try:
+            cohort = SetupConfig.from_bytes(bytes(task.secagg.payload), round_id=task.round_id).client_ids
+            session.membership.check_cohort(cohort)
+        except (MembershipError, SecAggError) as e:
+            return "PERMISSION_DENIED", f"membership: {e}"
+    return None
+
+
+def secagg_input(tensors: Mapping[str, np.ndarray], names: Sequence[str], num_examples: int) -> np.ndarray:
+    """The SecAgg+ input of a training round (docs/protocol.md §9.5): [n * every value of ``names`` in order,
+    flattened row-major, ..., n]."""
+    n = float(num_examples)
+    return np.concatenate([n * np.asarray(tensors[k], np.float64).reshape(-1) for k in names] + [np.array([n])])
+
+
+async def _secagg_update(client, task, tensors, n_ex, send_q, refuse) -> None:
+    """Mask this client's weighted update in the SecAgg+ round of a secagg training task: the SDK's SecAggSession
+    runs the stages (signed keys, survivor checks, query audit) exactly as for a scoring round."""
+    from privacy.secagg import SecAggClient
+
+    session = client.secagg_handler
+    vec = secagg_input(tensors, list(task.update_names), n_ex)
+    bound = task.value_bound * task.max_num_examples
+    if not np.all(np.abs(vec) <= bound):
+        return refuse("OUT_OF_RANGE", "the weighted update lies outside the round's value range")
+    sc = SecAggClient(task.round_id, client.client_id, identity_key=session._key, verify_peer=session.verify_peer,
+                      identity_proof=session.identity_proof, **session.knobs(client), ledger=None,
+                      query_audit=session.query_audit, item_digests=None)
+    sc.set_input(vec)
+    session._rounds[task.round_id] = sc
+    session._modes[task.round_id] = "secagg"
+    await session._step(client, send_q, task.secagg)
+    client.on_event("training", {"round_id": task.round_id, "method": task.method, "release": "secagg",
+                                 "examples": n_ex})
+

@@ -1079,6 +1079,123 @@ class FederationServer(pb_grpc.FederationServicer):
         await self._audit_flush()
         return outcome
 
+    async def run_secagg_training_round(self, params, method: str, hparams: dict | None = None, *,
+                                        update_names: Sequence[str] | None = None,
+                                        participants: Sequence[str] | None = None, min_clients: int | None = None,
+                                        timeout: float = 600.0, stage_timeout: float | None = None,
+                                        value_bound: float = 100.0, max_num_examples: int = 100_000,
+                                        frac_bits: int = 16, round_id: str | None = None) -> RoundOutcome:
+        """A training round of ``fedit`` or ``ffa`` under SecAgg+ (docs/protocol.md §9.5): each client trains, then
+        masks [n_k * theta_k (every tensor of ``update_names``, flattened, in order), n_k]; the server unmasks only
+        the sum, so it learns the sample-weighted average sum_k n_k theta_k / sum_k n_k and the total count, never a
+        client's update. ``reports`` of a completed round: ``{"mean": {name: array}, "num_examples": total,
+        "survivors": [...]}``. Fixed point: 2^-frac_bits per coordinate of n_k theta_k; every value of a client's
+        input must lie within value_bound * max_num_examples (else that client refuses: OUT_OF_RANGE)."""
+        from mor_client.training import hparams_to_pb, tensors_to_pb
+        from privacy.secagg import STAGES, SecAggAbort, SecAggServer
+
+        if method not in ("fedit", "ffa"):
+            raise ValueError(f"secure aggregation needs a weighted sum: fedit or ffa, not {method!r} (stack and "
+                             "fedcmp need each client's update)")
+        params = {n: np.asarray(v, dtype=np.float32) for n, v in params.items()}
+        spec = TrainingSpec(method, {n: tuple(v.shape) for n, v in params.items()},
+                            tuple(update_names) if update_names is not None else tuple(sorted(params)),
+                            float(value_bound), int(max_num_examples))
+        hp = hparams_to_pb(hparams or {})
+        round_id = round_id or self.new_round_id()
+        mode, now = f"train:{method}", self._clock()
+        chosen = tuple(sorted(participants if participants is not None else self.online_trainers(method)))
+        self.metrics.rounds_started.labels(mode=mode).inc()
+        if not chosen:
+            return self._fail_early(round_id, mode, chosen, now, f"no client online trains {method!r}")
+        sizes = [int(np.prod(spec.shapes[n])) for n in spec.update_names]
+        m = sum(sizes) + 1
+        try:
+            sa = SecAggServer(round_id, chosen, vector_length=m, value_range=spec.value_bound * spec.max_num_examples,
+                              frac_bits=frac_bits, mod_bits=64, out_of_range="error")
+        except Exception as e:
+            return self._fail_early(round_id, mode, chosen, now, f"secure aggregation could not start: {e}")
+        min_clients = max(sa.threshold, min_clients or sa.threshold)
+        if len(chosen) < min_clients:
+            return self._fail_early(round_id, mode, chosen, now,
+                                    f"{len(chosen)} clients online train {method}; SecAgg+ needs at least {min_clients}")
+        task = pb.TrainingTask(round_id=round_id, method=method, parameters=tensors_to_pb(params),
+                               update_names=list(spec.update_names), hparams=hp, timeout_ms=int(timeout * 1000),
+                               value_bound=spec.value_bound, max_num_examples=spec.max_num_examples,
+                               mode=pb.PRIVACY_MODE_SECAGG, crl=self._crl.pem if self._crl else b"")
+        if pb.ServerMessage(training_task=task).ByteSize() + 1024 > self.config.max_message_bytes:
+            raise ValueError(f"the training task exceeds max_message_bytes={self.config.max_message_bytes}")
+        task_digest = hashlib.sha256(task.SerializeToString(deterministic=True)).hexdigest()
+        stage_timeout = stage_timeout or min(timeout, 10.0)
+        steps = sa.stage_steps()
+        dropped: dict[str, str] = {}
+        able = set(self.online_trainers(method))
+        for c in chosen:
+            if c in self._conns and c not in able:
+                dropped[c] = f"does not train {method} (training_methods / protocol revision)"
+                sa.mark_dropout(c, STAGES[0])
+        out, reason, alive = sa.setup(), "", [c for c in chosen if c not in dropped]
+        try:
+            for i, stage in enumerate(STAGES):
+                limit = timeout if i == 0 else stage_timeout
+                if i == 0:
+                    sends = {}
+                    for c, payload in out.items():
+                        t = pb.TrainingTask()
+                        t.CopyFrom(task)
+                        t.secagg.CopyFrom(pb.SecAggMessage(round_id=round_id, stage=stage, payload=payload))
+                        sends[c] = pb.ServerMessage(training_task=t)
+                else:
+                    sends = {c: pb.ServerMessage(secagg=pb.SecAggMessage(round_id=round_id, stage=stage,
+                                                                          payload=payload))
+                             for c, payload in out.items()}
+                targets = tuple(c for c in alive if c in sends)
+                rnd = Round(_stage_key(round_id, stage), targets or tuple(alive[:1]) or chosen[:1], 1,
+                            self._clock() + limit + self.config.deadline_grace_s, self._clock(), 0, "secagg")
+                if not targets:
+                    raise SecAggAbort(f"no client left at stage {stage}")
+                o = await self._gather(rnd, _Pending(rnd, [], asyncio.Event(), "secagg"), sends)
+                for c, why in o.dropped.items():
+                    dropped.setdefault(c, f"{why} (stage {stage})")
+                alive = list(o.responders)
+                res = await asyncio.to_thread(steps[i], {c: o.reports[c] for c in o.responders})
+                out = res if isinstance(res, dict) else {}
+        except SecAggAbort as e:
+            reason = f"secure aggregation aborted: {e}"
+        except asyncio.CancelledError as e:
+            self._on_cancelled(RoundOutcome(round_id, RoundState.FAILED, chosen, (), dropped, {}, _cancel_reason(e),
+                                            now, self._clock()), mode, task_digest=task_digest)
+            raise
+        result = sa.result()
+        for c, stage in result.dropped.items():
+            dropped.setdefault(c, f"dropped at stage {stage}" + (f": {sa.rejected[c]}" if c in sa.rejected else ""))
+        ok = result.ok and len(result.survivors) >= min_clients
+        reports = {}
+        if ok:
+            total = np.asarray(result.total, dtype=np.float64)
+            count = float(total[-1])
+            if not count >= 1:
+                ok, reason = False, f"the unmasked example count is {count:g}"
+            else:
+                mean, k = {}, 0
+                for n, size in zip(spec.update_names, sizes):
+                    mean[n] = (total[k:k + size] / count).reshape(spec.shapes[n])
+                    k += size
+                reports = {"mean": mean, "num_examples": count, "survivors": list(result.survivors)}
+        if result.ok and not ok and not reason:
+            reason = f"only {len(result.survivors)} survivors, min_clients={min_clients}"
+        outcome = RoundOutcome(round_id, RoundState.COMPLETED if ok else RoundState.FAILED, chosen,
+                               tuple(result.survivors) if ok else (), dropped, reports,
+                               reason or ("" if ok else result.reason), now, self._clock())
+        h = {f.name: v for f, v in hp.ListFields()}
+        self._account(outcome, mode, task_digest=task_digest, extra={
+            "method": method, "secagg": True, "hparams": h, "broadcast_tensors": len(params),
+            "update_names": len(spec.update_names), "vector_length": m, "threshold": sa.threshold,
+            "secagg_config_digest": sa.config_digest(), "rejected": dict(sa.rejected),
+            "num_examples_total": reports.get("num_examples")})
+        await self._audit_flush()
+        return outcome
+
     def _on_cancelled(self, outcome: RoundOutcome, mode: str, *, task_digest: str = "",
                       extra: dict | None = None) -> None:
         """A round task was cancelled (its caller gave up, or the server stops): it is recorded as failed with the

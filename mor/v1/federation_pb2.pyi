@@ -218,7 +218,7 @@ class TrainingHyperParameters(_message.Message):
     def __init__(self, learning_rate: _Optional[float] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., total_rounds: _Optional[int] = ..., round_index: _Optional[int] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., adam_beta1: _Optional[float] = ..., adam_beta2: _Optional[float] = ..., adam_eps: _Optional[float] = ..., lora_alpha: _Optional[float] = ..., objective: _Optional[str] = ...) -> None: ...
 
 class TrainingTask(_message.Message):
-    __slots__ = ("round_id", "method", "parameters", "update_names", "hparams", "timeout_ms", "value_bound", "max_num_examples")
+    __slots__ = ("round_id", "method", "parameters", "update_names", "hparams", "timeout_ms", "value_bound", "max_num_examples", "mode", "secagg", "crl")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +227,9 @@ class TrainingTask(_message.Message):
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     VALUE_BOUND_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
+    CRL_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     method: str
     parameters: _containers.RepeatedCompositeFieldContainer[Tensor]
@@ -235,7 +238,10 @@ class TrainingTask(_message.Message):
     timeout_ms: int
     value_bound: float
     max_num_examples: int
-    def __init__(self, round_id: _Optional[str] = ..., method: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., update_names: _Optional[_Iterable[str]] = ..., hparams: _Optional[_Union[TrainingHyperParameters, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., value_bound: _Optional[float] = ..., max_num_examples: _Optional[int] = ...) -> None: ...
+    mode: PrivacyMode
+    secagg: SecAggMessage
+    crl: bytes
+    def __init__(self, round_id: _Optional[str] = ..., method: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., update_names: _Optional[_Iterable[str]] = ..., hparams: _Optional[_Union[TrainingHyperParameters, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., value_bound: _Optional[float] = ..., max_num_examples: _Optional[int] = ..., mode: _Optional[_Union[PrivacyMode, str]] = ..., secagg: _Optional[_Union[SecAggMessage, _Mapping]] = ..., crl: _Optional[bytes] = ...) -> None: ...
 
 class ParameterUpdate(_message.Message):
     __slots__ = ("tensors", "num_examples", "epsilon_charged", "train_loss")

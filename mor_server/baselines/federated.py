@@ -52,10 +52,17 @@ class BaselineConfig:
     value_bound: float = 1e4
     cra: agg.CanonicalConfig = field(default_factory=agg.CanonicalConfig)
     """Fed-CMP's aggregation settings."""
+    secagg: bool = False
+    """fedit / ffa only: run each round under SecAgg+ (the server unmasks only sum_k n_k theta_k and sum_k n_k,
+    never a client's update; docs/protocol.md §9.5). ``value_bound`` * ``max_num_examples`` is then the fixed-point
+    range of each client's weighted input."""
+    max_num_examples: int = 100_000
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.secagg and self.method not in ("fedit", "ffa"):
+            raise ValueError(f"secagg needs a weighted sum (fedit or ffa); {self.method} needs each client's update")
         if int(self.rounds) != self.rounds or self.rounds < 1:
             raise ValueError(f"rounds must be an integer >= 1, got {self.rounds!r}")
         if int(self.lora_rank) != self.lora_rank or self.lora_rank < 1:
@@ -139,9 +146,23 @@ class FederatedBaseline:
         cfg = self.config
         params, names = self.broadcast(index)
         t0 = time.perf_counter()
+        if cfg.secagg:  # the server gets only the weighted average: that IS the new fedit / ffa state
+            out = await server.run_secagg_training_round(
+                params, cfg.method, self.hparams_for(index), update_names=names, participants=cfg.participants,
+                min_clients=cfg.min_clients, timeout=cfg.timeout, value_bound=cfg.value_bound,
+                max_num_examples=cfg.max_num_examples)
+            if out.ok:
+                self.last_params, self.last_updates = params, {}
+                self.state = {**self.state, **{n: np.asarray(v, np.float32) for n, v in out.reports["mean"].items()}}
+            rec = RoundRecord(index, out.round_id, out.ok, tuple(out.responders), dict(out.dropped),
+                              {"(sum)": out.reports.get("num_examples")} if out.ok else {}, {}, {},
+                              0, time.perf_counter() - t0, out.reason)
+            self.history.append(rec)
+            return rec
         out = await server.run_training_round(params, cfg.method, self.hparams_for(index), update_names=names,
                                               participants=cfg.participants, min_clients=cfg.min_clients,
-                                              timeout=cfg.timeout, value_bound=cfg.value_bound)
+                                              timeout=cfg.timeout, value_bound=cfg.value_bound,
+                                              max_num_examples=cfg.max_num_examples)
         if out.ok:
             self.last_params, self.last_updates = params, dict(out.reports)
             self.state = self.aggregate(params, out.reports)
@@ -186,9 +207,8 @@ class FederatedBaseline:
                 "update_bytes_per_client_per_round": sum(4 * int(np.prod(np.shape(v))) for n, v in params.items()
                                                          if n in names),
                 "broadcast_bytes_per_round": sum(4 * int(np.prod(np.shape(v))) for v in params.values()),
-                "server_sees": ("each client's update in the clear" if self.config.method in ("stack", "fedcmp")
-                                else "each client's update in the clear (a weighted sum: SecAgg-able, not "
-                                     "implemented here)"),
+                "server_sees": ("only the sample-weighted average of the updates and the total example count "
+                                "(SecAgg+)" if self.config.secagg else "each client's update in the clear"),
                 "config": {k: v for k, v in asdict(self.config).items() if k != "cra"},
                 "history": [asdict(h) for h in self.history]}
 
