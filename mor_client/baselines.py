@@ -24,6 +24,7 @@ import copy
 import functools
 import math
 import re
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -150,6 +151,7 @@ class PolicyTrainer:
         """How the noise is calibrated and the rounds recorded: ``prv`` (tight, as the reward models' DP-SGD) or
         ``rdp`` (fast, conservative)."""
         self._encoded = None
+        self._lock = threading.Lock()
         self._history: list[tuple[float, float, int]] = []  # (noise, sample_rate, steps) of past rounds
         self.last: dict = {}
 
@@ -215,6 +217,10 @@ class PolicyTrainer:
         return z, q, steps
 
     def train(self, req: TrainingRequest) -> TrainingResult:
+        with self._lock:  # one round at a time: the ledger's order and the trainer's history stay consistent
+            return self._train(req)
+
+    def _train(self, req: TrainingRequest) -> TrainingResult:
         h = req.hparams
         if req.method not in self.methods:
             raise TrainingRefused("FAILED_PRECONDITION", f"this client does not train {req.method!r}")
