@@ -93,23 +93,6 @@ class AlignmentConfig:
     progress: bool = True
 
 
-def calibration_pairs(public: Sequence, *, seed: int = 0) -> list[tuple[object, str, str]]:
-    """Server-side preference pairs from its labelled public split: (example, chosen=answer, rejected=a wrong
-    answer of the same question type seen in the split). Examples whose type has a single answer are skipped."""
-    by_type: dict[str, set[str]] = {}
-    for e in public:
-        by_type.setdefault(domain_of(e), set()).add(normalize_answer(e.answer))
-    rng = random.Random(seed)
-    out = []
-    for e in public:
-        wrong = sorted(by_type[domain_of(e)] - {normalize_answer(e.answer)})
-        if wrong:
-            out.append((e, normalize_answer(e.answer), rng.choice(wrong)))
-    if not out:
-        raise ValueError("calibration_pairs: the public split has no question type with two distinct answers")
-    return out
-
-
 def heldout_test(split) -> list:
     """easy-vqa test examples whose images are in neither the server's public nor its unlabeled split (both are
     carved from the test split), i.e. images the policy never saw: the evaluation set of the demo and benchmarks."""
@@ -131,27 +114,121 @@ def answer_schema(public: Sequence, unlabeled: Sequence = (), vocabulary: Sequen
                             questions=[e.question for e in unlabeled], vocabulary=vocab)
 
 
+def calibration_items(public: Sequence, schema: AnswerSchema) -> list[tuple[object, list[str], int]]:
+    """The router's calibration items, on the objective GRPO's ``answer_softmax`` reward uses: each labelled public
+    example with every answer valid for its question (``schema.valid_answers``, plus the label if the schema missed
+    it), and the index of the right one. Examples with a single candidate are skipped."""
+    out = []
+    for e in public:
+        right = normalize_answer(e.answer)
+        cands = sorted(set(schema.valid_answers(e.question)) | {right})
+        if len(cands) >= 2:
+            out.append((e, cands, cands.index(right)))
+    if not out:
+        raise ValueError("calibration_items: no public example has two or more candidate answers")
+    return out
+
+
+def compare_routings(router: MoRRouter, feats: np.ndarray, scores: Mapping[str, Sequence], truth: Sequence[int],
+                     domains: Sequence[str], oracle: Mapping[str, str], objective: int = 0) -> dict:
+    """Ranking quality of routing strategies on the same items (held-out public items): the learned router, the
+    uniform mixture, the router's top-1 and top-2 clients, oracle routing (all weight, per true question type, on
+    the client best for that type on the calibration items: ``oracle``) and each client alone. Accuracy is top-1
+    among each item's candidates; ``loglik`` uses the router's calibrated alpha."""
+    from .router import candidate_tensor, ranking_quality
+
+    clients = list(scores)
+    n = len(truth)
+    S, mask, t = candidate_tensor(scores, truth, n)
+    alpha = float(router.calibration.get("alpha", 1.0))
+    k = len(clients)
+
+    def as_matrix(w: Mapping[str, Sequence[float]]) -> np.ndarray:
+        return np.array([w.get(c, [0.0] * n) for c in clients], dtype=np.float64).T
+
+    out = {"items": n, "router": ranking_quality(as_matrix(router.weights(feats, clients, objective)), S, mask, t,
+                                                  alpha),
+           "uniform": ranking_quality(np.full((n, k), 1.0 / k), S, mask, t, alpha)}
+    saved = router.top_k
+    try:
+        for top in (1, 2):
+            if top < k:
+                router.top_k = top
+                out[f"top{top}"] = ranking_quality(as_matrix(router.weights(feats, clients, objective)), S, mask, t,
+                                                   alpha)
+    finally:
+        router.top_k = saved
+    W = np.array([[1.0 if oracle.get(d) == c else 0.0 for c in clients] for d in domains])
+    W[W.sum(axis=1) == 0] = 1.0 / k  # a type the calibration items did not cover: uniform
+    out["oracle_type"] = ranking_quality(W, S, mask, t, alpha)
+    out["clients"] = {c: ranking_quality(np.eye(k)[[j] * n], S, mask, t, alpha) for j, c in enumerate(clients)}
+    out["by_domain"] = {}
+    for d in sorted(set(domains)):
+        idx = np.array([i for i, dd in enumerate(domains) if dd == d])
+        sub = (S[idx], mask[idx], t[idx])
+        rw = as_matrix(router.weights(feats[idx], clients, objective))
+        out["by_domain"][d] = {"items": int(len(idx)), "router": ranking_quality(rw, *sub, alpha)["accuracy"],
+                               "uniform": ranking_quality(np.full((len(idx), k), 1.0 / k), *sub, alpha)["accuracy"],
+                               "oracle_type": ranking_quality(W[idx], *sub, alpha)["accuracy"]}
+    return out
+
+
+def routing_summary(calibration: Mapping) -> str | None:
+    """One line comparing the router with uniform, top-1 and oracle routing on the held-out public items."""
+    h = (calibration or {}).get("heldout")
+    if not h:
+        return None
+    parts = [f"{name} {100 * h[key]['accuracy']:.1f}%" for key, name in
+             (("router", "router"), ("uniform", "uniform"), ("top1", "top-1"), ("oracle_type", "oracle by type"))
+             if key in h]
+    return (f"router on {h['items']} held-out public items (right answer ranked first among the valid ones): "
+            + ", ".join(parts))
+
+
 def calibrate_router(backend: RewardBackend, public: Sequence, features: FeatureExtractor, *, hidden: int = 32,
                      steps: int = 300, top_k: int | None = None, objective: int = 0, seed: int = 0,
-                     purpose: str = "calibration", retries: int = 1, progress: bool = False) -> MoRRouter:
-    """Run one calibration scoring round over the server's public pairs and fit a router to it."""
-    pairs = calibration_pairs(public, seed=seed)
-    items = [ScoringItem(item_id=f"cal-{i}", image=e.image, question=e.question, candidates=(c, r))
-             for i, (e, c, r) in enumerate(pairs)]
+                     purpose: str = "calibration", retries: int = 1, progress: bool = False,
+                     schema: AnswerSchema | None = None, heldout_fraction: float = 0.2) -> MoRRouter:
+    """Run one calibration scoring round over the server's labelled public examples (each with every valid answer
+    as a candidate) and fit a router on the answer-softmax objective GRPO uses. A seeded ``heldout_fraction`` of the
+    examples is kept out of the fit and used to compare the router with uniform, top-k and oracle routing
+    (``router.calibration["heldout"]``); they are in the same round, so the comparison costs no extra release."""
+    schema = schema or answer_schema(public)
+    cal = calibration_items(public, schema)
+    items = [ScoringItem(item_id=f"cal-{i}", image=e.image, question=e.question, candidates=tuple(c))
+             for i, (e, c, _) in enumerate(cal)]
     # the one retry policy (mor_server.rounds.RetryPolicy); the backend itself runs exactly one round per call
     scores = RetryPolicy.from_retries(retries).run(lambda _i: backend.client_scores(items, purpose=purpose),
                                                    what="router calibration round")
     if not scores:
         raise RoundFailed("router calibration round returned no client scores (no live clients?)")
-    diffs = {c: [s[0] - s[1] for s in rows] for c, rows in scores.items()}
-    feats = features.batch([e.image for e, _, _ in pairs], [e.question for e, _, _ in pairs])
-    router = MoRRouter(list(diffs), features.dim, hidden=hidden, top_k=top_k, seed=seed,
+    order = np.random.default_rng(seed).permutation(len(cal))
+    n_held = int(round(heldout_fraction * len(cal))) if len(cal) >= 10 else 0
+    held, fit = sorted(order[:n_held].tolist()), sorted(order[n_held:].tolist())
+    feats = features.batch([e.image for e, _, _ in cal], [e.question for e, _, _ in cal])
+    truth = np.array([t for _, _, t in cal])
+    doms = [domain_of(e) for e, _, _ in cal]
+    pick = lambda idx: {c: [rows[i] for i in idx] for c, rows in scores.items()}  # noqa: E731
+    router = MoRRouter(list(scores), features.dim, hidden=hidden, top_k=top_k, seed=seed,
                        feature_config=features.config())
-    router.calibrate(feats, diffs, objective=objective, steps=steps, progress=progress)
-    doms = [domain_of(e) for e, _, _ in pairs]
-    w = router.weights(feats, live=list(diffs), objective=objective)
+    router.calibrate(feats[fit], pick(fit), truth[fit], objective=objective, steps=steps, progress=progress)
+    w = router.weights(feats, live=list(scores), objective=objective)
     router.calibration["weights_by_domain"] = {
         d: {c: float(np.mean([w[c][i] for i, dd in enumerate(doms) if dd == d])) for c in w} for d in sorted(set(doms))}
+    if held:
+        from .router import candidate_tensor, ranking_quality
+
+        S, mask, t = candidate_tensor(pick(fit), truth[fit], len(fit))
+        fit_doms = [doms[i] for i in fit]
+        oracle = {}
+        for d in sorted(set(fit_doms)):
+            idx = [i for i, dd in enumerate(fit_doms) if dd == d]
+            acc = {c: ranking_quality(np.eye(len(scores))[[j] * len(idx)], S[idx], mask[idx], t[idx], 1.0)["accuracy"]
+                   for j, c in enumerate(scores)}
+            oracle[d] = max(acc, key=acc.get)
+        router.calibration["heldout"] = compare_routings(router, feats[held], pick(held), truth[held],
+                                                         [doms[i] for i in held], oracle, objective)
+        router.calibration["heldout"]["oracle_choice"] = oracle
     return router
 
 
@@ -214,7 +291,7 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
     before = accuracy(model, processor, eval_set)
     before_win = {c: win_rate(model, processor, list(p)) for c, p in (heldout_pairs or {}).items() if p}
 
-    # 2. router
+    # 2. router (calibrated on the answer-softmax objective over the format rule's valid answers)
     t0 = time.perf_counter()
     features = FeatureExtractor()
     if plan.reuse_router:  # calibrated by the interrupted run: no second calibration round (nor its charge)
@@ -222,7 +299,9 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
     else:
         router = calibrate_router(backend, public, features, hidden=cfg.router_hidden, steps=cfg.router_steps,
                                   top_k=cfg.top_k, objective=cfg.objective, seed=cfg.seed,
-                                  purpose=cfg.calibration_purpose, retries=cfg.retries)
+                                  purpose=cfg.calibration_purpose, retries=cfg.retries,
+                                  schema=answer_schema(public, unlabeled, cfg.answer_vocabulary,
+                                                       typed=cfg.typed_answers))
         runstate.save_router(router, work / "router")
     timings["router_s"] = time.perf_counter() - t0
     stages.set_postfix_str("router calibrated")

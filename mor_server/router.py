@@ -1,13 +1,16 @@
 """Mixture-of-Rewards router: g(x, objective) -> softmax weights over the registered clients.
 
 The router is a small MLP over input features (:mod:`mor_server.features`) plus a learned embedding of the
-alignment objective. It is calibrated on the server's public preference pairs by maximising the Bradley-Terry
-likelihood of the *mixed* reward::
+alignment objective. It is calibrated on the objective it is used for: on the server's labelled public
+examples, each with its candidate answers (every answer valid for the question, as GRPO's ``answer_softmax``
+reward scores them), by maximising the likelihood of the right answer under the softmax of the *mixed* reward::
 
-    P(chosen > rejected | x) = sigmoid(alpha * sum_k w_k(x) * (s_k(x, chosen) - s_k(x, rejected)))
+    P(answer a | x) = softmax_a(alpha * sum_k w_k(x) * s_k(x, a))
 
 with per-client scores s_k released in a ``plain`` or ``dp`` round and a learned scale alpha > 0 (the weights
-stay on the simplex, because in secagg mode clients multiply their own scores by them).
+stay on the simplex, because in secagg mode clients multiply their own scores by them). With two candidates this
+is the Bradley-Terry likelihood of a preference pair, ``sigmoid(alpha * sum_k w_k (s_k(chosen) - s_k(rejected)))``;
+:meth:`MoRRouter.calibrate` also takes pairs as score differences.
 
 Clients that join or leave are handled at routing time: weights are renormalised over the live clients the
 router knows; live clients it does not know get weight 0 until :meth:`MoRRouter.calibrate` is run again
@@ -128,27 +131,28 @@ class MoRRouter:
         return out
 
     # ------------------------------------------------------------------ calibration
-    def calibrate(self, features: np.ndarray, score_diffs: Mapping[str, Sequence[float]], *, objective=0,
-                  steps: int = 300, lr: float = 0.05, l2: float = 1e-3, progress: bool = False) -> dict:
-        """Fit the router by maximising the Bradley-Terry likelihood of the mixed reward.
+    def calibrate(self, features: np.ndarray, scores: Mapping[str, Sequence], truth: Sequence[int] | None = None,
+                  *, objective=0, steps: int = 300, lr: float = 0.05, l2: float = 1e-3, progress: bool = False) -> dict:
+        """Fit the router: maximise the likelihood of the right candidate under softmax(alpha * mixed scores).
 
-        features: (n, feature_dim) features of the n public preference pairs.
-        score_diffs: ``{client: [s(chosen) - s(rejected) for each pair]}`` for the clients to route over; this
-            (re)defines ``client_ids`` when it names a different set of clients.
-        Returns a summary: log-likelihood and pairwise accuracy of the mixture, uniform mixture and each client.
+        features: (n, feature_dim) features of the n calibration items.
+        scores: ``{client: [[s(candidate 0), s(candidate 1), ...] for each item]}`` (items may have different
+            numbers of candidates), with ``truth[i]`` the index of item i's right candidate; or, for preference
+            pairs, ``{client: [s(chosen) - s(rejected) for each pair]}`` with ``truth`` None. This (re)defines
+            ``client_ids`` when it names a different set of clients.
+        Returns a summary on the calibration items (top-1 accuracy and mean log-likelihood of the mixture, the
+        uniform mixture and each client).
         """
         from tqdm.auto import tqdm
 
-        clients = list(score_diffs)
+        clients = list(scores)
         if not clients:
             raise ValueError("MoRRouter.calibrate: score_diffs is empty; run a calibration scoring round first")
         f = np.asarray(features, dtype=np.float32)
         n = f.shape[0]
         if n == 0:
             raise ValueError("MoRRouter.calibrate: no calibration pairs")
-        d = np.stack([np.asarray(score_diffs[c], dtype=np.float32) for c in clients], axis=1)
-        if d.shape != (n, len(clients)) or not np.isfinite(d).all():
-            raise ValueError(f"MoRRouter.calibrate: every client needs {n} finite score differences")
+        S, mask, t = candidate_tensor(scores, truth, n)
         if clients != self.client_ids:
             self.client_ids = clients
             torch.manual_seed(self.seed)
@@ -157,13 +161,14 @@ class MoRRouter:
         self.std = f.std(axis=0) + 1e-6
         x = self._tensor(f)
         obj = self._objectives(objective, n)
-        dt = torch.from_numpy(d)
+        St, neg, tt = torch.from_numpy(S), torch.from_numpy(np.where(mask, 0.0, -np.inf).astype(np.float32)), \
+            torch.from_numpy(t)
         opt = torch.optim.Adam(self.net.parameters(), lr=lr)
         self.net.train()
         for _ in tqdm(range(steps), desc="router calibration", disable=not progress, leave=False):
             w = torch.softmax(self.net(x, obj), dim=1)
-            margin = torch.exp(self.net.log_alpha) * (w * dt).sum(dim=1)
-            loss = -torch.nn.functional.logsigmoid(margin).mean()
+            mixed = torch.einsum("nk,nkm->nm", w, St)
+            loss = torch.nn.functional.cross_entropy(torch.exp(self.net.log_alpha) * mixed + neg, tt)
             reg = sum((p ** 2).sum() for name, p in self.net.named_parameters() if "weight" in name)
             opt.zero_grad()
             (loss + l2 * reg).backward()
@@ -171,18 +176,14 @@ class MoRRouter:
         self.net.eval()
         with torch.no_grad():
             w = torch.softmax(self.net(x, obj), dim=1).numpy()
-        mixed = (w * d).sum(axis=1)
         alpha = float(torch.exp(self.net.log_alpha.detach()))
-
-        def ll(m):
-            return float(np.mean(-np.logaddexp(0.0, -alpha * m)))
-
+        k = len(clients)
         self.calibration = {
-            "pairs": n, "alpha": alpha,
-            "mixture": {"loglik": ll(mixed), "accuracy": float(np.mean(mixed > 0))},
-            "uniform": {"loglik": ll(d.mean(axis=1)), "accuracy": float(np.mean(d.mean(axis=1) > 0))},
-            "clients": {c: {"accuracy": float(np.mean(d[:, k] > 0)), "mean_weight": float(w[:, k].mean())}
-                        for k, c in enumerate(clients)},
+            "items": n, "pairs": n, "alpha": alpha, "objective": "softmax over each item's candidates",
+            "mixture": ranking_quality(w, S, mask, t, alpha),
+            "uniform": ranking_quality(np.full((n, k), 1.0 / k), S, mask, t, alpha),
+            "clients": {c: {**ranking_quality(np.eye(k)[[j] * n], S, mask, t, alpha),
+                            "mean_weight": float(w[:, j].mean())} for j, c in enumerate(clients)},
         }
         return self.calibration
 
@@ -216,6 +217,50 @@ class MoRRouter:
         return r
 
 
+def candidate_tensor(scores: Mapping[str, Sequence], truth: Sequence[int] | None, n: int) \
+        -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-client candidate scores as one padded array: ``S`` (n, clients, max candidates), ``mask`` (n, max
+    candidates: True where a candidate exists) and ``truth`` (n,). Pairs given as score differences (``truth`` None)
+    become two candidates ``[diff, 0]`` with the right one first. Raises ValueError on ragged or non-finite input."""
+    clients = list(scores)
+    pairs = truth is None
+    rows = {c: [[float(v), 0.0] for v in scores[c]] if pairs else [list(map(float, r)) for r in scores[c]]
+            for c in clients}
+    t = np.zeros(n, dtype=np.int64) if pairs else np.asarray(list(truth), dtype=np.int64)
+    if any(len(rows[c]) != n for c in clients) or t.shape != (n,):
+        raise ValueError(f"MoRRouter.calibrate: every client needs {n} finite score differences" if pairs else
+                         f"MoRRouter.calibrate: every client needs scores for {n} items, and truth {n} indices")
+    sizes = [len(r) for r in rows[clients[0]]]
+    if any([len(r) for r in rows[c]] != sizes for c in clients) or min(sizes, default=0) < 2:
+        raise ValueError("MoRRouter.calibrate: every client must score the same candidates, at least 2 per item")
+    if ((t < 0) | (t >= np.asarray(sizes))).any():
+        raise ValueError("MoRRouter.calibrate: a truth index is outside its item's candidates")
+    m = max(sizes)
+    S = np.zeros((n, len(clients), m), dtype=np.float32)
+    mask = np.zeros((n, m), dtype=bool)
+    for i, size in enumerate(sizes):
+        mask[i, :size] = True
+        for j, c in enumerate(clients):
+            S[i, j, :size] = rows[c][i]
+    if not np.isfinite(S).all():
+        raise ValueError(f"MoRRouter.calibrate: every client needs {n} finite score differences" if pairs else
+                         "MoRRouter.calibrate: scores must be finite")
+    return S, mask, t
+
+
+def ranking_quality(w: np.ndarray, S: np.ndarray, mask: np.ndarray, truth: np.ndarray, alpha: float) -> dict:
+    """How well the mixture ``sum_k w[:, k] * S[:, k]`` ranks each item's right candidate: top-1 accuracy (a tie
+    counts as wrong) and mean log-likelihood of the right candidate under softmax(alpha * mixture)."""
+    mixed = np.einsum("nk,nkm->nm", np.asarray(w, dtype=np.float64), S.astype(np.float64))
+    z = np.where(mask, alpha * mixed, -np.inf)
+    n = len(truth)
+    right = z[np.arange(n), truth]
+    others = np.where(np.arange(z.shape[1])[None, :] == truth[:, None], -np.inf, z)
+    top = z.max(axis=1, keepdims=True)
+    loglik = right - (top[:, 0] + np.log(np.exp(z - top).sum(axis=1)))
+    return {"accuracy": float(np.mean(right > others.max(axis=1))), "loglik": float(np.mean(loglik))}
+
+
 def entropy(weights: Mapping[str, Sequence[float]]) -> float:
     """Mean entropy (nats) of per-item routing weights (a metric: log K is uniform, 0 is one client)."""
     w = np.array([list(v) for v in weights.values()], dtype=np.float64).T
@@ -225,4 +270,4 @@ def entropy(weights: Mapping[str, Sequence[float]]) -> float:
     return float(np.mean(-(w * np.log(w)).sum(axis=1)))
 
 
-__all__ = ["MoRRouter", "entropy"]
+__all__ = ["MoRRouter", "candidate_tensor", "entropy", "ranking_quality"]

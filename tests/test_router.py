@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mor_client.data.easyvqa import load_easyvqa
-from mor_server.alignment import calibrate_router, calibration_pairs
+from mor_server.alignment import answer_schema, calibrate_router, calibration_items
 from mor_server.features import FeatureExtractor
 from mor_server.inprocess import InProcessBackend, LabelExpertScorer
 from mor_server.router import MoRRouter
@@ -59,18 +59,61 @@ def test_calibrated_router_routes_each_domain_to_its_expert(public, tmp_path):
     for d in DOMAINS:
         assert by_dom[d][f"expert_{d}"] > 0.6, (d, by_dom[d])
     cal = router.calibration
-    # the routed mixture ranks pairs better than the uniform mixture and than any single client
+    # the routed mixture ranks the right answer first more often than the uniform mixture and any single client,
+    # on the calibration items and on the held-out ones
     assert cal["mixture"]["accuracy"] > cal["uniform"]["accuracy"]
     assert cal["mixture"]["accuracy"] > max(c["accuracy"] for c in cal["clients"].values())
+    held = cal["heldout"]
+    assert held["items"] >= 50 and held["router"]["accuracy"] > held["uniform"]["accuracy"]
+    assert held["oracle_choice"] == {d: f"expert_{d}" for d in DOMAINS}
     # save / load gives the same weights
-    pairs = calibration_pairs(public)
-    feats = fx.batch([e.image for e, _, _ in pairs[:20]], [e.question for e, _, _ in pairs[:20]])
+    cal = calibration_items(public, answer_schema(public))
+    feats = fx.batch([e.image for e, _, _ in cal[:20]], [e.question for e, _, _ in cal[:20]])
     router.save(tmp_path / "router")
     loaded = MoRRouter.load(tmp_path / "router")
     assert loaded.client_ids == router.client_ids
     np.testing.assert_allclose(loaded.logits(feats), router.logits(feats), rtol=1e-5, atol=1e-6)
     with pytest.raises(FileNotFoundError, match="router.json"):
         MoRRouter.load(tmp_path / "nothing")
+
+
+class Flipped:
+    """A client whose preferences are inverted (an adversarial or badly mislabelled annotator)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def score(self, items):
+        return [[1.0 - v for v in row] for row in self.inner.score(items)]
+
+
+def test_router_learns_to_ignore_a_flipped_client(public):
+    """Scenario B of the baselines: a fourth client with inverted preferences. Calibrated on the objective it is
+    used for (the right answer among every valid one), the router puts almost no weight on it and ranks held-out
+    items far better than the uniform mixture, which averaging cannot avoid."""
+    scorers = {f"expert_{d}": LabelExpertScorer(public, [d]) for d in DOMAINS}
+    scorers["flipped"] = Flipped(LabelExpertScorer(public, list(DOMAINS)))
+    router = calibrate_router(InProcessBackend(scorers), public, FeatureExtractor(), steps=300, seed=0)
+    cal = router.calibration
+    assert cal["clients"]["flipped"]["mean_weight"] < 0.05, cal["clients"]
+    held = cal["heldout"]
+    assert held["router"]["accuracy"] >= held["uniform"]["accuracy"] + 0.2, held
+    assert held["router"]["accuracy"] >= held["oracle_type"]["accuracy"] - 0.05, held
+
+
+def test_listwise_calibration_checks_its_input():
+    fx = FeatureExtractor()
+    r = MoRRouter(["a", "b"], fx.dim)
+    f = np.zeros((2, fx.dim), np.float32)
+    good = {"a": [[1.0, 0.0, 0.5], [0.0, 1.0]], "b": [[0.0, 1.0, 0.2], [1.0, 0.0]]}
+    r.calibrate(f, good, [0, 1], steps=5)
+    assert r.calibration["items"] == 2
+    with pytest.raises(ValueError, match="same candidates"):
+        r.calibrate(f, {"a": good["a"], "b": [[0.0, 1.0], [1.0, 0.0]]}, [0, 1], steps=5)
+    with pytest.raises(ValueError, match="outside"):
+        r.calibrate(f, good, [3, 0], steps=5)
+    with pytest.raises(ValueError, match="finite"):
+        r.calibrate(f, {"a": [[1.0, float("inf")], [0.0, 1.0]], "b": [[0.0, 1.0], [1.0, 0.0]]}, [0, 1], steps=5)
 
 
 def test_calibration_rejects_bad_scores():
