@@ -18,6 +18,7 @@ from pathlib import Path
 from mor.cliargs import (VERBOSE_HELP, ArgumentParser, UsageError, client_name, csv_choices, existing_dir,
                          existing_file, float_range, host_port, loaded_errors, non_negative_float, non_negative_int,
                          open_unit_interval, output_dir, output_file, positive_int, run_main)
+from mor.modes import MODES
 from privacy.pki import ClientCredentials, PKIError
 
 from .client import ClientError, FederationClient
@@ -25,7 +26,7 @@ from .release import ReleasePolicy
 from .training import add_join_flags as add_training_flags, trainer_from_args
 
 #: privacy modes a client can accept (``--modes``)
-CLIENT_MODES = ("plain", "dp", "secagg", "secagg+dp")
+CLIENT_MODES = MODES  # mor.modes: the one list of privacy modes
 
 
 def load_scorer(model: Path | None, scorer_spec: str | None):

@@ -24,6 +24,7 @@ from typing import Callable
 
 import grpc
 
+from mor.modes import SECAGG_MODES
 from mor.v1 import federation_pb2 as pb
 from mor.v1 import federation_pb2_grpc as pb_grpc
 from privacy.pki import ClientCredentials
@@ -318,7 +319,7 @@ class FederationClient:
         mode = PB_TO_MODE.get(task.mode, "unspecified")
         items = items_from_pb(task.items)
         timeout = task.timeout_ms / 1000 if task.timeout_ms else 30.0
-        if mode in ("secagg", "secagg+dp") and self.secagg_handler is not None:
+        if mode in SECAGG_MODES and self.secagg_handler is not None:
             await self.secagg_handler.on_task(task, items, self, send_q)
             return
         flat = await self.score_items(task.round_id, items, timeout)

@@ -6,16 +6,13 @@ import json
 import math
 from typing import Sequence
 
+from mor.modes import PrivacyMode
 from mor.v1 import federation_pb2 as pb
 
 from .types import ScoringItem
 
-MODE_TO_PB = {
-    "plain": pb.PRIVACY_MODE_PLAIN,
-    "dp": pb.PRIVACY_MODE_DP,
-    "secagg": pb.PRIVACY_MODE_SECAGG,
-    "secagg+dp": pb.PRIVACY_MODE_SECAGG_DP,
-}
+#: mor.modes.PrivacyMode <-> the wire's mor.v1.PrivacyMode (the same list; PRIVACY_MODE_<NAME> for each member)
+MODE_TO_PB = {m.value: pb.PrivacyMode.Value(f"PRIVACY_MODE_{m.name}") for m in PrivacyMode}
 PB_TO_MODE = {v: k for k, v in MODE_TO_PB.items()}
 SDK_VERSION = "mor-python/0.1.0"
 """What this SDK sends as ``RegisterRequest.sdk_version`` / ``Hello.sdk_version``: ``<implementation>/<version>``,

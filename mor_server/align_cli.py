@@ -21,9 +21,10 @@ from pathlib import Path
 
 from mor.cliargs import (RawHelpFormatter, UsageError, bind_host, existing_dir, non_negative_float, non_negative_int,
                          output_dir, port, positive_float, positive_int)
+from mor.modes import MODES, PER_CLIENT_MODES, SECAGG_MODES
 
 #: privacy modes of the federated reward rounds (``--mode``)
-ALIGN_MODES = ("plain", "dp", "secagg", "secagg+dp")
+ALIGN_MODES = MODES
 
 
 def register(sub) -> None:
@@ -68,7 +69,7 @@ def register(sub) -> None:
                      help="seconds to wait for --min-clients before giving up")
     fed.add_argument("--mode", choices=ALIGN_MODES, default="secagg",
                      help="privacy mode of GRPO's reward rounds")
-    fed.add_argument("--calibration-mode", choices=("plain", "dp"), default="plain",
+    fed.add_argument("--calibration-mode", choices=PER_CLIENT_MODES, default="plain",
                      help="mode of the router-calibration round on the public pairs")
     fed.add_argument("--round-timeout", type=positive_float, default=60.0, help="deadline of one reward round (s)")
     fed.add_argument("--dp-noise-multiplier", type=positive_float, default=1.0,
@@ -87,7 +88,7 @@ def _check(args) -> None:
                              "`mor client train` or run `mor demo` first")
     if args.serve:
         quorum = _quorum(args)
-        if args.mode in ("secagg", "secagg+dp") and (args.min_clients < 2 or quorum < 2):
+        if args.mode in SECAGG_MODES and (args.min_clients < 2 or quorum < 2):
             raise UsageError(f"--mode {args.mode} needs --min-clients and --quorum of 2 or more (a sum over one "
                              "client is its score)")
         if quorum > args.min_clients:
@@ -100,7 +101,7 @@ def _check(args) -> None:
 def _quorum(args) -> int:
     if args.quorum is not None:
         return args.quorum
-    floor = 2 if args.mode in ("secagg", "secagg+dp") else 1
+    floor = 2 if args.mode in SECAGG_MODES else 1
     return max(floor, args.min_clients - 1)
 
 

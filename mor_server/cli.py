@@ -17,6 +17,7 @@ from mor.cliargs import (VERBOSE_HELP, ArgumentParser, UsageError, bind_host, cl
                          existing_file, float_range, host_list, loaded_errors, non_negative_int, output_dir,
                          output_file, port, positive_float, positive_int, register_missing, run_main,
                          verbose_everywhere)
+from mor.modes import MODES, SECAGG_MODES
 from privacy import pki
 
 
@@ -319,8 +320,8 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=_serve)
 
 
-#: privacy modes of `serve --rounds` (the wire contract's PrivacyMode values)
-SERVE_MODES = ("plain", "dp", "secagg", "secagg+dp")
+#: privacy modes of `serve --rounds` (mor.modes: the one list)
+SERVE_MODES = MODES
 
 
 async def _serve_rounds(server, args) -> None:
@@ -331,7 +332,7 @@ async def _serve_rounds(server, args) -> None:
     print(f"clients online ({args.mode}): {', '.join(online)}", flush=True)
     items = public_scoring_items(args.items)
     for _ in range(args.rounds):
-        if args.mode in ("secagg", "secagg+dp"):
+        if args.mode in SECAGG_MODES:
             live = list(online)
             weights = {c: [1.0 / len(live)] * len(items) for c in live}
             out = await server.run_secagg_round(items, weights=weights, mode=args.mode, participants=live,
@@ -351,7 +352,7 @@ def _serve(args) -> int:
 
     if args.port < 0 or args.port > 65535:
         raise UsageError(f"--port {args.port} is not a TCP port (0-65535)")
-    if args.rounds and args.mode in ("secagg", "secagg+dp") and args.min_clients < 2:
+    if args.rounds and args.mode in SECAGG_MODES and args.min_clients < 2:
         raise UsageError(f"--mode {args.mode} needs --min-clients 2 or more (a sum over one client is its score)")
     cfg = ServerConfig(host=args.host, port=args.port, pki_dir=None if args.insecure else args.pki,
                        insecure=args.insecure, metrics_port=args.metrics_port, health_port=args.health_port,

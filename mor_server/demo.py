@@ -31,6 +31,7 @@ from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAda
 from typing_extensions import NotRequired, TypedDict
 
 from mor.cliargs import non_negative_int, output_dir, positive_int
+from mor.modes import MODES, PER_CLIENT_MODES, SECAGG_MODES
 from privacy import pki
 
 from privacy.fsutil import replace_dir, staging_dir
@@ -43,7 +44,6 @@ DEFAULT_CLIENTS = (
     {"name": "bank-shape", "arch": "vit", "partition": "client1"},
     {"name": "lab-yesno", "arch": "lora", "partition": "client2"},
 )
-MODES = ("plain", "dp", "secagg", "secagg+dp")
 #: keys of DemoConfig.alignment (AlignmentConfig fields, plus sft_steps for the warm start's SFTConfig.steps)
 ALIGNMENT_OVERRIDES = ("eval_size", "curve_size", "curve_every", "sft_steps", "router_steps", "heldout_pairs")
 #: GRPO settings of the demo (on top of GRPORunConfig's defaults): 400 steps at lr 3e-4 and beta 0.05 (measured
@@ -125,9 +125,9 @@ class DemoConfig:
     max_pairs / epochs / batch_size overriding the architecture's training preset."""
     epsilon: Annotated[float, BeforeValidator(_epsilon), Field(gt=0, strict=True)] = 8.0
     """Example-level ε of each client's DP-SGD training (one preference pair is the unit); "inf" disables DP."""
-    mode: Literal["plain", "dp", "secagg", "secagg+dp"] = "secagg"
+    mode: Literal[MODES] = "secagg"
     """Privacy mode of GRPO's scoring rounds: plain, dp (each client noises its own scores), secagg or secagg+dp."""
-    calibration_mode: Literal["plain", "dp"] = "plain"
+    calibration_mode: Literal[PER_CLIENT_MODES] = "plain"
     """Mode of the router-calibration round on the server's public pairs: plain or dp (charged to ledgers)."""
     client_budget: Annotated[_Real, Field(gt=0)] = 20.0
     """Client-level ε budget each client's ledger enforces for dp / secagg+dp releases."""
@@ -192,7 +192,7 @@ class DemoConfig:
             if int(c["partition"][len("client"):]) >= len(self.clients):
                 raise ValueError(f"clients[{i}].partition: {c['partition']!r} does not exist in a split over "
                                  f"{len(self.clients)} clients; use client0..client{len(self.clients) - 1}")
-        if self.mode in ("secagg", "secagg+dp") and len(self.clients) < 2:
+        if self.mode in SECAGG_MODES and len(self.clients) < 2:
             raise ValueError(f"mode: {self.mode} needs at least 2 clients (have {len(self.clients)}); add a client "
                              "or use mode plain")
         _check_grpo(self.grpo)
@@ -322,7 +322,7 @@ def setup_pki(cfg: DemoConfig, work: Path) -> Path:
 
 
 def start_clients(cfg: DemoConfig, work: Path, port: int, pki_dir: Path) -> list[ClientProcess]:
-    modes = "plain,dp,secagg,secagg+dp"
+    modes = ",".join(MODES)
     procs = []
     for c in cfg.clients:
         cdir = work / "clients" / c["name"]

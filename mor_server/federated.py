@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mor.modes import MODES, PER_CLIENT_MODES, SECAGG_MODES
 from mor_client.types import ScoringItem
 from mor_client.wire import unflatten
 
@@ -39,9 +40,9 @@ class FederatedBackend:
         """isolation_floor: in plain ``secagg``, mix an item's routing weights with uniform by the smallest amount
         that the clients' default isolation rule accepts (``privacy.secagg.weights.floor_for_isolation``);
         otherwise a sharp router makes clients refuse the round."""
-        if calibration_mode not in ("plain", "dp"):
+        if calibration_mode not in PER_CLIENT_MODES:
             raise ValueError(f"calibration_mode must be 'plain' or 'dp', got {calibration_mode!r}")
-        if mix_mode not in ("plain", "dp", "secagg", "secagg+dp"):
+        if mix_mode not in MODES:
             raise ValueError(f"mix_mode must be plain, dp, secagg or secagg+dp, got {mix_mode!r}")
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
@@ -63,7 +64,7 @@ class FederatedBackend:
 
     def _round(self, items, mode: str, **kw):
         try:
-            if mode in ("secagg", "secagg+dp"):
+            if mode in SECAGG_MODES:
                 out = self.server.run_secagg_round(items, mode=mode, min_clients=self.min_clients,
                                                    timeout=self.timeout, **kw, **self.secagg_options)
             else:
@@ -99,7 +100,7 @@ class FederatedBackend:
 
             M = floor_for_isolation(np.stack([W[c] for c in live]))
             W = {c: M[i] for i, c in enumerate(live)}
-        if self.mix_mode in ("secagg", "secagg+dp"):
+        if self.mix_mode in SECAGG_MODES:
             out = self._round(items, self.mix_mode, participants=live, weights={c: W[c].tolist() for c in live})
             total = np.asarray(out.reports["sum"], dtype=np.float64)
             denom = sum(W[c] for c in out.responders)

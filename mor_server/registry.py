@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-KNOWN_MODES = ("plain", "dp", "secagg", "secagg+dp")
+from mor.modes import MODES
+
+KNOWN_MODES = MODES  # mor.modes: the one list of privacy modes
 
 
 class CardInvalid(ValueError):

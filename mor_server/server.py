@@ -34,6 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_reflection.v1alpha import reflection_pb2 as _reflection_pb2
 
+from mor.modes import SECAGG_MODES
 from mor.v1 import federation_pb2 as pb
 from mor.v1 import federation_pb2_grpc as pb_grpc
 from mor_client.training import METHODS as _TRAINING_METHODS
@@ -723,7 +724,7 @@ class FederationServer(pb_grpc.FederationServicer):
                 raise ReportRejected("FAILED_PRECONDITION", "report.secagg.stage",
                                      f"round {report.round_id} is not at stage {msg.stage!r} now") from None
             raise
-        if rnd.mode not in ("secagg", "secagg+dp"):
+        if rnd.mode not in SECAGG_MODES:
             raise ReportRejected("INVALID_ARGUMENT", "report.secagg", f"round {report.round_id} is not a secagg round")
         rnd.submit(client_id, bytes(msg.payload), self._clock())
         pending = self._pending.get(key)
@@ -892,7 +893,7 @@ class FederationServer(pb_grpc.FederationServicer):
         from privacy.secagg import STAGES, SecAggAbort, SecAggServer
         from privacy.secagg import ddp
 
-        if mode not in ("secagg", "secagg+dp"):
+        if mode not in SECAGG_MODES:
             raise ValueError(f"run_secagg_round runs secagg or secagg+dp, got {mode!r}")
         self._check_items(items)
         round_id = round_id or self.new_round_id()
