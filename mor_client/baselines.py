@@ -108,16 +108,19 @@ def apply_state(model, method: str, state: Mapping[str, np.ndarray], *, lora_alp
 # ------------------------------------------------------------------------------------------------ the trainer
 @dataclass
 class SFTExample:
-    """One supervised example of a client: its image, the question and the answer its annotator chose."""
+    """One example of a client: its image, the question, the answer its annotator chose and (for DPO) the one it
+    rejected."""
 
     image: bytes
     question: str
     answer: str
+    rejected: str | None = None
 
 
 def examples_from_pairs(pairs) -> list[SFTExample]:
-    """SFT examples from preference pairs: the chosen answer of each pair (annotator noise included)."""
-    return [SFTExample(p.example.image, p.example.question, p.chosen) for p in pairs]
+    """Examples from preference pairs: the chosen answer of each pair (annotator noise included) and the rejected
+    one (used by the ``dpo`` objective)."""
+    return [SFTExample(p.example.image, p.example.question, p.chosen, p.rejected) for p in pairs]
 
 
 class PolicyTrainer:
@@ -171,6 +174,22 @@ class PolicyTrainer:
 
             self._encoded = _sft_batch(self.processor, self.examples, torch.device("cpu"))
         return self._encoded
+
+    def _dpo_data(self) -> dict:
+        """Chosen and rejected completions of every pair, tokenised together (equal lengths), split in halves."""
+        if getattr(self, "_dpo_encoded", None) is None:
+            from mor_server.policy import _sft_batch
+
+            if any(getattr(e, "rejected", None) is None for e in self.examples):
+                raise TrainingRefused("FAILED_PRECONDITION", "objective dpo needs a rejected answer for every "
+                                                             "example (this client has chosen answers only)")
+            rej = [SFTExample(e.image, e.question, e.rejected) for e in self.examples]
+            enc = _sft_batch(self.processor, list(self.examples) + rej, torch.device("cpu"))
+            n = len(self.examples)
+            self._dpo_encoded = {"pixel_values": enc["pixel_values"][:n],
+                                 **{f"{k}_c": enc[k][:n] for k in ("input_ids", "attention_mask", "labels")},
+                                 **{f"{k}_r": enc[k][n:] for k in ("input_ids", "attention_mask", "labels")}}
+        return self._dpo_encoded
 
     # -- one round -------------------------------------------------------------------------------------------------
     def _prepare(self, req: TrainingRequest):
@@ -231,14 +250,28 @@ class PolicyTrainer:
         t0 = time.perf_counter()
         torch.manual_seed(int(h["seed"]) * 1_000_003 + int(h["round_index"]))
         model, params, trainable = self._prepare(req)
-        data = self._data()
-        n = int(data["input_ids"].shape[0])
+        dpo = h["objective"] == "dpo"
+        if dpo:  # the reference is the round's broadcast policy: its log-probabilities before any local step
+            d = self._dpo_data()
+            with torch.no_grad():
+                model.eval()
+                ref_c = _seq_logprob(_PolicyForward(model), d["input_ids_c"], d["attention_mask_c"],
+                                     d["pixel_values"], d["labels_c"])
+                ref_r = _seq_logprob(_PolicyForward(model), d["input_ids_r"], d["attention_mask_r"],
+                                     d["pixel_values"], d["labels_r"])
+            ds = torch.utils.data.TensorDataset(d["input_ids_c"], d["attention_mask_c"], d["input_ids_r"],
+                                                d["attention_mask_r"], d["pixel_values"], d["labels_c"],
+                                                d["labels_r"], ref_c, ref_r)
+            n = int(d["input_ids_c"].shape[0])
+        else:
+            data = self._data()
+            ds = torch.utils.data.TensorDataset(data["input_ids"], data["attention_mask"], data["pixel_values"],
+                                                data["labels"])
+            n = int(data["input_ids"].shape[0])
         noise, q, steps = self.noise_for(h, n)
         private = is_private(h)
         opt = torch.optim.AdamW(trainable, lr=float(h["learning_rate"]), betas=(h["adam_beta1"], h["adam_beta2"]),
                                 eps=float(h["adam_eps"]), weight_decay=float(h["weight_decay"]))
-        ds = torch.utils.data.TensorDataset(data["input_ids"], data["attention_mask"], data["pixel_values"],
-                                            data["labels"])
         batch = min(int(h["batch_size"]), n)
         gen = torch.Generator().manual_seed(int(h["seed"]) * 7919 + int(h["round_index"]))
         loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, generator=gen)
@@ -267,9 +300,19 @@ class PolicyTrainer:
                         done += 1
                         continue
                     b = [t.to(self.device) for t in b]
-                    loss = _sft_loss(net(*b[:3]), b[3])
+                    if dpo:
+                        loss = _dpo_loss(net, b, float(h["dpo_beta"]))
+                    else:
+                        loss = _sft_loss(net(*b[:3]), b[3])
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    # DP-DPO: rows i and B+i are pair i, the hooks see 2B rows: halve so a pair's two rows sum to its
+                    # own gradient
+                    (loss / 2 if private and dpo else loss).backward()
+                    if private and dpo:  # clip and noise per PAIR (the privacy unit), not per completion
+                        from mor_client.rewards.trainer import group_grad_samples
+
+                        m = b[0].shape[0]
+                        group_grad_samples(trainable, torch.arange(m).repeat(2), m)
                     if not private:
                         torch.nn.utils.clip_grad_norm_(trainable, float(h["max_grad_norm"]))
                     opt.step()
@@ -362,6 +405,33 @@ class _PolicyForward(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, pixel_values):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
+
+
+def _seq_logprob_from_logits(logits, labels):
+    """Sum of log p(token) over each row's labelled tokens (the answer and </s>)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    tgt = labels[:, 1:]
+    tok = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (tok * (tgt != -100).float()).sum(1)
+
+
+def _seq_logprob(net, input_ids, attention_mask, pixel_values, labels, batch: int = 64):
+    out = []
+    for i in range(0, input_ids.shape[0], batch):
+        s = slice(i, i + batch)
+        out.append(_seq_logprob_from_logits(net(input_ids[s], attention_mask[s], pixel_values[s]), labels[s]))
+    return torch.cat(out)
+
+
+def _dpo_loss(net, b, beta: float):
+    """DPO (Rafailov et al. 2023) per pair, averaged: -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) -
+    log ref(r)))); chosen and rejected completions go through one forward pass (rows i and B + i)."""
+    ids_c, m_c, ids_r, m_r, pix, lab_c, lab_r, ref_c, ref_r = b
+    k = ids_c.shape[0]
+    logits = net(torch.cat([ids_c, ids_r]), torch.cat([m_c, m_r]), torch.cat([pix, pix]))
+    lp = _seq_logprob_from_logits(logits, torch.cat([lab_c, lab_r]))
+    margin = (lp[:k] - ref_c) - (lp[k:] - ref_r)
+    return -F.logsigmoid(beta * margin).mean()
 
 
 def _sft_loss(logits, labels):

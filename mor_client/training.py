@@ -21,7 +21,7 @@ METHODS = ("fedit", "stack", "ffa", "fedcmp")
 """Parameter-sharing methods a training round can run (docs/baselines.md)."""
 DTYPE = "float32"
 """The only tensor dtype of the wire contract: IEEE-754 binary32, little-endian."""
-OBJECTIVES = ("sft",)
+OBJECTIVES = ("sft", "dpo")
 MAX_TENSORS = 4096
 """At most this many tensors in one task or update."""
 MAX_NAME_BYTES = 512
@@ -158,6 +158,7 @@ HPARAM_DEFAULTS = {
     "learning_rate": 5e-5, "local_epochs": 1, "batch_size": 16, "epsilon": math.inf, "delta": 1e-5,
     "max_grad_norm": 1.0, "total_rounds": 1, "round_index": 0, "seed": 0, "weight_decay": 0.2,
     "adam_beta1": 0.9, "adam_beta2": 0.98, "adam_eps": 1e-6, "lora_alpha": 64.0, "objective": "sft",
+    "dpo_beta": 0.1,
 }
 
 
@@ -167,7 +168,7 @@ def check_hparams(h: Mapping) -> dict:
     if unknown:
         raise ValueError(f"hparams: unknown key {unknown[0]!r}; known: {sorted(HPARAM_DEFAULTS)}")
     out = {**HPARAM_DEFAULTS, **h}
-    for k in ("learning_rate", "max_grad_norm", "lora_alpha", "adam_eps"):
+    for k in ("learning_rate", "max_grad_norm", "lora_alpha", "adam_eps", "dpo_beta"):
         if not (isinstance(out[k], (int, float)) and math.isfinite(out[k]) and out[k] > 0):
             raise ValueError(f"hparams.{k}: must be a finite number > 0, got {out[k]!r}")
     for k in ("local_epochs", "batch_size", "total_rounds"):

@@ -184,7 +184,7 @@ class Tensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class TrainingHyperParameters(_message.Message):
-    __slots__ = ("learning_rate", "local_epochs", "batch_size", "epsilon", "delta", "max_grad_norm", "total_rounds", "round_index", "seed", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "lora_alpha", "objective")
+    __slots__ = ("learning_rate", "local_epochs", "batch_size", "epsilon", "delta", "max_grad_norm", "total_rounds", "round_index", "seed", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "lora_alpha", "objective", "dpo_beta")
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +200,7 @@ class TrainingHyperParameters(_message.Message):
     ADAM_EPS_FIELD_NUMBER: _ClassVar[int]
     LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    DPO_BETA_FIELD_NUMBER: _ClassVar[int]
     learning_rate: float
     local_epochs: int
     batch_size: int
@@ -215,7 +216,8 @@ class TrainingHyperParameters(_message.Message):
     adam_eps: float
     lora_alpha: float
     objective: str
-    def __init__(self, learning_rate: _Optional[float] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., total_rounds: _Optional[int] = ..., round_index: _Optional[int] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., adam_beta1: _Optional[float] = ..., adam_beta2: _Optional[float] = ..., adam_eps: _Optional[float] = ..., lora_alpha: _Optional[float] = ..., objective: _Optional[str] = ...) -> None: ...
+    dpo_beta: float
+    def __init__(self, learning_rate: _Optional[float] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., total_rounds: _Optional[int] = ..., round_index: _Optional[int] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., adam_beta1: _Optional[float] = ..., adam_beta2: _Optional[float] = ..., adam_eps: _Optional[float] = ..., lora_alpha: _Optional[float] = ..., objective: _Optional[str] = ..., dpo_beta: _Optional[float] = ...) -> None: ...
 
 class TrainingTask(_message.Message):
     __slots__ = ("round_id", "method", "parameters", "update_names", "hparams", "timeout_ms", "value_bound", "max_num_examples", "mode", "secagg", "crl")
