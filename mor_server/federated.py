@@ -53,7 +53,6 @@ class FederatedBackend:
         self.secagg_options = dict(secagg_options or {})
         self.isolation_floor = bool(isolation_floor)
         self.rounds = {"ok": 0, "failed": 0, "cancelled": 0}
-        self.last_outcome = None
 
     def client_ids(self) -> list[str]:
         return self.server.server.online_clients()
@@ -73,7 +72,6 @@ class FederatedBackend:
         except RoundCancelled as e:
             self.rounds["cancelled"] += 1
             raise RoundFailed(f"{mode} scoring round {e}") from None
-        self.last_outcome = out
         if out.ok:
             self.rounds["ok"] += 1
             return out

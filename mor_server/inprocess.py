@@ -1,8 +1,7 @@
 """An in-process :class:`~mor_server.rewards.RewardBackend` over local scorers (no network, no privacy mode).
 
 It is the baseline the federation benchmark compares against (same reward models, called directly) and what
-the alignment tests use. Clients can be taken offline and brought back to exercise the router's handling of
-live clients.
+the alignment tests use.
 """
 
 from __future__ import annotations
@@ -24,18 +23,11 @@ class InProcessBackend:
             if not callable(getattr(s, "score", None)):
                 raise TypeError(f"InProcessBackend: scorer {name!r} has no .score(items) method")
         self.scorers = dict(scorers)
-        self.offline: set[str] = set()
         self.rounds = 0
 
     def client_ids(self) -> list[str]:
-        """Live clients (registered and not taken offline)."""
-        return [c for c in self.scorers if c not in self.offline]
-
-    def set_online(self, client_id: str, online: bool) -> None:
-        """Take a client offline (it stops answering) or bring it back."""
-        if client_id not in self.scorers:
-            raise KeyError(f"unknown client {client_id!r}; known: {sorted(self.scorers)}")
-        (self.offline.discard if online else self.offline.add)(client_id)
+        """The clients (every registered scorer is live in process)."""
+        return list(self.scorers)
 
     def _scores(self, client_id: str, items: Sequence[ScoringItem]) -> list[list[float]]:
         try:

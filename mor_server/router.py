@@ -189,14 +189,17 @@ class MoRRouter:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
-        """Save to a directory: ``router.json`` (config, normalisation, calibration summary) + ``router.pt``."""
+        """Save to a directory: ``router.json`` (config, normalisation, calibration summary) + ``router.safetensors``
+        (the weights; no pickle)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         meta = {"client_ids": self.client_ids, "feature_dim": self.feature_dim, "n_objectives": self.n_objectives,
                 "hidden": self.hidden, "top_k": self.top_k, "seed": self.seed, "feature_config": self.feature_config,
                 "mean": self.mean.tolist(), "std": self.std.tolist(), "calibration": self.calibration}
         (path / "router.json").write_text(json.dumps(meta))
-        torch.save(self.net.state_dict(), path / "router.pt")
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(path / "router.safetensors"))
         return path
 
     @classmethod
@@ -209,7 +212,12 @@ class MoRRouter:
         meta = json.loads((path / "router.json").read_text())
         r = cls(meta["client_ids"], meta["feature_dim"], n_objectives=meta["n_objectives"], hidden=meta["hidden"],
                 top_k=meta["top_k"], seed=meta["seed"], feature_config=meta.get("feature_config"))
-        r.net.load_state_dict(torch.load(path / "router.pt", weights_only=True))
+        if (path / "router.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            r.net.load_state_dict(load_file(str(path / "router.safetensors")))
+        else:  # saved by a version before 0.1.0's safetensors switch
+            r.net.load_state_dict(torch.load(path / "router.pt", weights_only=True))
         r.net.eval()
         r.mean = np.asarray(meta["mean"], dtype=np.float32)
         r.std = np.asarray(meta["std"], dtype=np.float32)

@@ -503,9 +503,11 @@ def train_reward_model(train_pairs: Sequence, heldout_pairs: Sequence, config: T
     if cfg.private:
         from opacus import PrivacyEngine
 
-        with warnings.catch_warnings():
+        # Opacus warns here that its secure RNG is off (noise from torch's PRNG, not a CSPRNG): a privacy product
+        # shows that warning, and the card records it (secure_rng)
+        engine = PrivacyEngine(accountant=cfg.accountant)
+        with warnings.catch_warnings():  # only make_private's own chatter (accountant orders, hook notes)
             warnings.simplefilter("ignore")
-            engine = PrivacyEngine(accountant=cfg.accountant)
             made = engine.make_private_with_epsilon(
                 module=wrapped, optimizer=opt, criterion=loss_fn, data_loader=loader, target_epsilon=cfg.epsilon,
                 target_delta=delta, epochs=cfg.epochs, max_grad_norm=cfg.max_grad_norm, poisson_sampling=True,
@@ -516,38 +518,37 @@ def train_reward_model(train_pairs: Sequence, heldout_pairs: Sequence, config: T
             wrapped, opt, loader = made
     steps = 0
     model.train()
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    warnings.filterwarnings("ignore", message="Secure RNG turned off")
-    for epoch in _bar(range(cfg.epochs), cfg, f"{'DP-SGD' if cfg.private else 'training'} {arch}"):
-        total, count = 0.0, 0
-        for b in loader:
-            unit_of_row = None
-            if grouped:
-                *b, unit_of_row = b
-            if b[0].shape[0] == 0:  # an empty Poisson batch
-                if engine is not None:  # still a DP-SGD step: a noise-only update, counted by the accountant
-                    _noise_only_step(opt, params, cfg.grad_sample_mode)
-                    steps += 1
-                continue
-            b = [t.to(device) for t in b]
-            out = wrapped(*b)
-            loss = loss_fn(out, torch.ones_like(out))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if unit_of_row is not None:  # one clipped contribution per annotator, not per pair
-                group_grad_samples(params, unit_of_row, int(unit_of_row.max()) + 1)
-            opt.step()
-            steps += 1
-            total += float(loss.item()) * out.shape[0]
-            count += out.shape[0]
-        history.append({"phase": "private" if cfg.private else "train", "epoch": epoch + 1,
-                        "loss": total / max(count, 1)})
+    with warnings.catch_warnings():  # scoped, not process-wide: torch's note on Opacus' full backward hooks
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for epoch in _bar(range(cfg.epochs), cfg, f"{'DP-SGD' if cfg.private else 'training'} {arch}"):
+            total, count = 0.0, 0
+            for b in loader:
+                unit_of_row = None
+                if grouped:
+                    *b, unit_of_row = b
+                if b[0].shape[0] == 0:  # an empty Poisson batch
+                    if engine is not None:  # still a DP-SGD step: a noise-only update, counted by the accountant
+                        _noise_only_step(opt, params, cfg.grad_sample_mode)
+                        steps += 1
+                    continue
+                b = [t.to(device) for t in b]
+                out = wrapped(*b)
+                loss = loss_fn(out, torch.ones_like(out))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if unit_of_row is not None:  # one clipped contribution per annotator, not per pair
+                    group_grad_samples(params, unit_of_row, int(unit_of_row.max()) + 1)
+                opt.step()
+                steps += 1
+                total += float(loss.item()) * out.shape[0]
+                count += out.shape[0]
+            history.append({"phase": "private" if cfg.private else "train", "epoch": epoch + 1,
+                            "loss": total / max(count, 1)})
     train_seconds = time.perf_counter() - t_private
     model.eval()
     if engine is not None:
-        # remove Opacus hooks so the plain module scores normally
-        if hasattr(wrapped, "_close"):
-            wrapped._close()
+        # remove Opacus' hooks and per-sample attributes so the plain module scores normally (public API)
+        wrapped.cleanup()
         acct_steps = sum(s for _, _, s in engine.accountant.history)
         noise, sample_rate = engine.accountant.history[-1][0], engine.accountant.history[-1][1]
         epsilon = float(engine.get_epsilon(delta))
@@ -568,6 +569,7 @@ def train_reward_model(train_pairs: Sequence, heldout_pairs: Sequence, config: T
         "synthetic_pretrain_pairs": synthetic_pairs,
         "synthetic_pretrain_types": list(synthetic_types),
         "dp": engine is not None,
+        "secure_rng": bool(engine.secure_mode) if engine is not None else None,
         "epsilon": epsilon if engine is not None else None,
         "target_epsilon": cfg.epsilon if engine is not None else None,
         "delta": delta if engine is not None else None,

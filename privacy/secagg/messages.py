@@ -336,9 +336,3 @@ class UnmaskShares(Message):
     sk_shares: dict
 
 
-@dataclass
-class SharePlain:
-    """Plaintext inside one AES-GCM ciphertext (fixed 66+ bytes)."""
-
-    b_share: int
-    sk_share: int

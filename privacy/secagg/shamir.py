@@ -33,7 +33,7 @@ def combine(points: Sequence[tuple[int, int]], threshold: int) -> bytes:
     pts = list(dict(points).items())[:threshold]
     if len(pts) < threshold:
         raise SecAggAbort(f"only {len(pts)} shares, {threshold} needed to reconstruct")
-    num_total, secret = 1, 0
+    secret = 0
     xs = [x for x, _ in pts]
     for i, (xi, yi) in enumerate(pts):
         num, den = 1, 1
@@ -42,7 +42,6 @@ def combine(points: Sequence[tuple[int, int]], threshold: int) -> bytes:
                 num = num * (-xj) % P
                 den = den * (xi - xj) % P
         secret = (secret + yi * num * pow(den, -1, P)) % P
-    del num_total
     if secret >> 256:
         raise SecAggAbort("reconstructed value is not a 32-byte secret (inconsistent shares)")
     return secret.to_bytes(32, "big")
