@@ -92,7 +92,8 @@ async def _federated_run(split, test, model, proc, method: str, epsilon: float, 
         tasks = [asyncio.create_task(c.run()) for c in clients]
         try:
             hp = {"learning_rate": args.lr, "batch_size": args.batch_size, "local_epochs": args.local_epochs,
-                  "epsilon": epsilon, "delta": args.delta, "max_grad_norm": args.max_grad_norm}
+                  "epsilon": epsilon, "delta": args.delta, "max_grad_norm": args.max_grad_norm,
+                  "objective": args.objective, "dpo_beta": args.dpo_beta}
             cfg = BaselineConfig(method, rounds=args.rounds, hparams=hp, timeout=args.round_timeout, seed=seed,
                                  secagg=secagg)
             t0 = time.perf_counter()
@@ -112,6 +113,7 @@ async def _federated_run(split, test, model, proc, method: str, epsilon: float, 
                 led.close()
     acc = out["accuracy"]
     return {"method": method, "epsilon_target": epsilon, "seed": seed, "secagg": secagg,
+            "objective": args.objective, "learning_rate": args.lr,
             "accuracy": acc["overall"], "by_domain": acc["by_domain"], "collapsed": acc.get("collapsed", []),
             "rounds": out["rounds"], "completed": out["completed"], "failed": out["failed"],
             "epsilon_per_client": eps, "update_bytes_per_client_per_round": out["update_bytes_per_client_per_round"],
@@ -128,7 +130,9 @@ def _cell_key(method, eps, seed, args) -> str:
     h = hashlib.sha256(json.dumps({"m": method, "e": eps, "s": seed, "r": args.rounds, "lr": args.lr,
                                    "b": args.batch_size, "ep": args.local_epochs, "d": args.delta,
                                    "c": args.max_grad_norm, "p": args.max_pairs, "n": args.eval_size,
-                                   "sa": bool(args.secagg), "v": 1}, sort_keys=True).encode()).hexdigest()[:12]
+                                   "sa": bool(args.secagg), "v": 1,
+                                   **({"o": args.objective, "beta": args.dpo_beta} if args.objective != "sft" else {})},
+                                  sort_keys=True).encode()).hexdigest()[:12]
     return f"{method}-{'inf' if math.isinf(eps) else f'eps{eps:g}'}-seed{seed}-{h}"
 
 
@@ -149,6 +153,9 @@ def main(argv=None) -> int:
     ap.add_argument("--privacy", nargs="+", default=["inf", "8"], help="run-level epsilon per client; inf: no DP")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--objective", choices=("sft", "dpo"), default="sft",
+                    help="clients' local objective: SFT on the chosen answers, or DPO on the pairs")
+    ap.add_argument("--dpo-beta", type=float, default=0.1)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--local-epochs", type=int, default=1)
     ap.add_argument("--delta", type=float, default=1e-5)
@@ -203,7 +210,8 @@ def main(argv=None) -> int:
         if fr.is_file():
             ref_acc[s] = json.loads(fr.read_text())
     print(f"\nheld-out easy-vqa test accuracy (%), {len(args.seeds)} seed(s), {args.rounds} rounds, "
-          f"{args.max_pairs} pairs/client, {args.eval_size} test examples; mean ± std over seeds")
+          f"{args.max_pairs} pairs/client, {args.eval_size} test examples, objective {args.objective}, lr {args.lr:g}; "
+          "mean ± std over seeds")
     print(f"{'method':<8} {'epsilon':>8} {'overall':>14} {'colour':>8} {'shape':>8} {'yes/no':>8} "
           f"{'bytes/client/round':>19} {'server sees':<12}")
     if ref_acc:
