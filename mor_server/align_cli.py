@@ -198,7 +198,7 @@ def _run_federated(args, work: Path, stop, sigs, data) -> dict:
             raise UsageError(f"--host {args.host} --port {args.port}: cannot listen there; pick another "
                              "--host/--port") from None
         print(f"mor align: server on {args.host}:{port_} (mTLS)"
-              + (f", metrics on :{server.server.metrics_port}/metrics" if server.server.metrics_port else "")
+              + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else "")
               + f"; waiting up to {args.wait_clients:.0f} s for {args.min_clients} client(s) accepting "
                 f"{args.mode}", flush=True)
         online = server.wait_for_clients(args.min_clients, timeout=args.wait_clients, mode=args.mode)
@@ -210,7 +210,7 @@ def _run_federated(args, work: Path, stop, sigs, data) -> dict:
                           "dp_noise_multiplier": args.dp_noise_multiplier, "clients": sorted(online),
                           "policy": str(args.policy)}, sort_keys=True)
         report = run_alignment(backend, **data, config=_config(args, key),
-                               registry=server.server.metrics.registry, stop=stop)
+                               registry=server.metrics.registry, stop=stop)
         report["federation"] = {"clients": list(online), "mode": args.mode, "rounds": dict(backend.rounds)}
         return report
     finally:

@@ -384,7 +384,7 @@ def align(cfg: DemoConfig, work: Path, backend, server, *, cards: dict | None = 
 
     res = run_alignment(backend, public=split.server_public, unlabeled=split.server_unlabeled,
                         test=heldout_test(split), heldout_pairs=heldout, config=acfg,
-                        registry=server.server.metrics.registry, epsilon=client_epsilon, stop=stop)
+                        registry=server.metrics.registry, epsilon=client_epsilon, stop=stop)
     res.pop("model", None)
     res.pop("processor", None)
     return res
@@ -446,7 +446,7 @@ def _run_demo_locked(cfg: DemoConfig, work: Path, stop, sigs) -> dict:
         except TimeoutError as e:
             logs = "\n".join(f"--- {p.name} ---\n{p.tail(15)}" for p in procs)
             raise RuntimeError(f"{e}\nclient logs:\n{logs}") from None
-        print(f"    server on localhost:{port}, metrics on :{server.server.metrics_port}/metrics; "
+        print(f"    server on localhost:{port}, metrics on :{server.metrics_port}/metrics; "
               f"clients online: {', '.join(online)}", flush=True)
         backend = FederatedBackend(server, calibration_mode=cfg.calibration_mode, mix_mode=cfg.mode,
                                    timeout=cfg.round_timeout, min_clients=max(1, len(cfg.clients) - 1),
@@ -456,7 +456,7 @@ def _run_demo_locked(cfg: DemoConfig, work: Path, stop, sigs) -> dict:
             result = align(cfg, work, backend, server, cards=cards, stop=stop)
         except GRPOInterrupted as e:
             raise DemoInterrupted(sigs.signum or signal.SIGTERM, e.checkpoint, e.step) from None
-        m = server.server.metrics
+        m = server.metrics
         fed = {"rounds_completed": int(m.total("mor_rounds_completed_total")),
                "rounds_failed": int(m.total("mor_rounds_failed_total")),
                "dropouts": int(m.total("mor_client_dropouts_total")),

@@ -55,7 +55,7 @@ class FederatedBackend:
         self.rounds = {"ok": 0, "failed": 0, "cancelled": 0}
 
     def client_ids(self) -> list[str]:
-        return self.server.server.online_clients()
+        return self.server.online_clients()
 
     def cancel(self, reason: str = "abandoned by its caller") -> int:
         """Cancel the round(s) in flight on the server and wait until they have ended; returns how many."""

@@ -1391,6 +1391,25 @@ class ServerThread:
     def wait_for_clients(self, n: int, timeout: float = 30.0, mode: str | None = None) -> list[str]:
         return self.call(self.server.wait_for_clients(n, timeout, mode))
 
+    def online_clients(self, mode: str | None = None) -> list[str]:
+        """The clients online now (supporting ``mode``), read on the server's loop: the registry and the session
+        table are only ever touched by that thread, so callers on other threads (the alignment engine, TRL)
+        never iterate them while the loop mutates them."""
+
+        async def read() -> list[str]:
+            return self.server.online_clients(mode)
+
+        return self.call(read(), 30, what="online_clients")
+
+    @property
+    def metrics(self):
+        """The server's :class:`~mor_server.metrics.FederationMetrics` (prometheus-client is thread-safe)."""
+        return self.server.metrics
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.server.metrics_port
+
     def run_training_round(self, params, method: str, hparams: dict | None = None, *, wait_s: float | None = None,
                            **kw) -> RoundOutcome:
         """``FederationServer.run_training_round``, bounded like :meth:`run_round`."""
