@@ -124,26 +124,16 @@ def _config(args, resume_key: str):
 
 
 def _align_cmd(args: argparse.Namespace) -> int:
-    from .grpo import GracefulStop, GRPOInterrupted
-    from .jobcontrol import RunInterrupted, Signals, close_progress_bars, lock_workdir
+    from .jobcontrol import RunInterrupted, close_progress_bars, run_job
 
     _check(args)
     work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    lock = lock_workdir(work, "mor align")
-    stop = GracefulStop()
     try:
-        with Signals(stop, "mor align") as sigs:
-            try:
-                report = _run(args, work, stop, sigs)
-            except GRPOInterrupted as e:
-                raise RunInterrupted(sigs.signum or 15, e.checkpoint, e.step) from None
+        report = run_job(work, "mor align", lambda stop, sigs: _run(args, work, stop, sigs))
     except RunInterrupted as e:
         close_progress_bars()
         print(f"mor align: {e}", file=sys.stderr, flush=True)
         return 128 + e.signum
-    finally:
-        lock.close()
     _print(report)
     return 0
 

@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import shutil
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -36,7 +35,7 @@ from privacy import pki
 
 from privacy.fsutil import replace_dir, staging_dir
 from .jobcontrol import RunInterrupted as DemoInterrupted  # SIGINT/SIGTERM and the workdir lock: shared with mor align
-from .jobcontrol import Signals, close_progress_bars, lock_workdir
+from .jobcontrol import close_progress_bars, run_job
 from .procs import ClientProcess, mor_client_argv, reap_stale, run_child, stop_all
 
 DEFAULT_CLIENTS = (
@@ -393,26 +392,16 @@ def align(cfg: DemoConfig, work: Path, backend, server, *, cards: dict | None = 
 def run_demo(cfg: DemoConfig) -> dict:
     """The whole demo. SIGINT/SIGTERM stop it cleanly (DemoInterrupted); a rerun after a crash or a stop resumes:
     cached reward models and warm start, the calibrated router, GRPO from its newest complete checkpoint."""
-    from .grpo import GracefulStop
-
     cfg.validate()
     alignment_overrides(cfg)
     work = Path(cfg.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    lock = lock_workdir(work, "mor demo")
-    stop = GracefulStop()
-    try:
-        with Signals(stop, "mor demo") as sigs:
-            return _run_demo_locked(cfg, work, stop, sigs)
-    finally:
-        lock.close()
+    return run_job(work, "mor demo", lambda stop, sigs: _run_demo_locked(cfg, work, stop, sigs))
 
 
 def _run_demo_locked(cfg: DemoConfig, work: Path, stop, sigs) -> dict:
     from privacy.audit import AuditError, AuditLog
 
     from .federated import FederatedBackend
-    from .grpo import GRPOInterrupted
     from .server import ServerConfig, ServerThread
 
     reaped = reap_stale(_pid_dir(work))
@@ -452,10 +441,7 @@ def _run_demo_locked(cfg: DemoConfig, work: Path, stop, sigs) -> dict:
                                    timeout=cfg.round_timeout, min_clients=max(1, len(cfg.clients) - 1),
                                    dp_noise_multiplier=cfg.dp_noise_multiplier)
         _say(4, total, "alignment: warm start -> router calibration -> GRPO with federated rewards -> evaluation")
-        try:
-            result = align(cfg, work, backend, server, cards=cards, stop=stop)
-        except GRPOInterrupted as e:
-            raise DemoInterrupted(sigs.signum or signal.SIGTERM, e.checkpoint, e.step) from None
+        result = align(cfg, work, backend, server, cards=cards, stop=stop)  # a signal: run_job reports the checkpoint
         m = server.metrics
         fed = {"rounds_completed": int(m.total("mor_rounds_completed_total")),
                "rounds_failed": int(m.total("mor_rounds_failed_total")),

@@ -13,6 +13,9 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 
 class RunInterrupted(Exception):
@@ -95,3 +98,22 @@ class Signals:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         return False
+
+
+def run_job(work: Path, prog: str, body: "Callable[[object, Signals], T]") -> T:
+    """Run a long job in ``work``: hold the folder's lock, install the SIGINT/SIGTERM handlers, and call
+    ``body(stop, sigs)`` (``stop``: the GracefulStop to hand to GRPO). A GRPO stopped by a signal
+    (GRPOInterrupted) becomes :class:`RunInterrupted` naming its checkpoint."""
+    from .grpo import GracefulStop, GRPOInterrupted
+
+    Path(work).mkdir(parents=True, exist_ok=True)
+    lock = lock_workdir(work, prog)
+    stop = GracefulStop()
+    try:
+        with Signals(stop, prog) as sigs:
+            try:
+                return body(stop, sigs)
+            except GRPOInterrupted as e:
+                raise RunInterrupted(sigs.signum or signal.SIGTERM, e.checkpoint, e.step) from None
+    finally:
+        lock.close()
