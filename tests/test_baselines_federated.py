@@ -111,28 +111,36 @@ def test_flora_rounds_over_mtls_equal_aggregation_of_client_updates(pki_dir, tin
             assert any(not np.array_equal(fb.state[n], init[n]) for n in init), "training changed nothing"
             assert all(np.abs(fb.state[n]).max() > 0 for n in fb.state if ".lora_B." in n)
 
-            # ffa: A stays at its shared init, only B comes back and is averaged
-            ffa = FederatedBaseline(model, BaselineConfig("ffa", rounds=1, hparams=hp, timeout=60, seed=3))
+            # ffa (2 rounds): A stays at its shared init, only B comes back and is averaged
+            ffa = FederatedBaseline(model, BaselineConfig("ffa", rounds=2, hparams=hp, timeout=60, seed=3))
             a_init = {n: v for n, v in ffa.state.items() if ".lora_A." in n}
-            assert (await ffa.run_round(server, 0)).ok
-            _same_as_clients(ffa, trainers)
-            assert all(".lora_B." in n for n in ffa.last_updates["alice"].tensors)
-            for n, v in a_init.items():
-                assert np.array_equal(ffa.state[n], v)
             b = [n for n in ffa.state if ".lora_B." in n]
-            want = agg.weighted_average([{n: ffa.last_updates[c].tensors[n] for n in b} for c in ("alice", "bob")],
-                                        [6, 10])
-            assert all(np.allclose(ffa.state[n], want[n], atol=1e-7) for n in b)
+            for r in range(2):
+                assert (await ffa.run_round(server, r)).ok
+                _same_as_clients(ffa, trainers)
+                assert all(".lora_B." in n for n in ffa.last_updates["alice"].tensors)
+                for n, v in a_init.items():
+                    assert np.array_equal(ffa.state[n], v) and np.array_equal(ffa.last_params[n], v)
+                want = agg.weighted_average([{n: ffa.last_updates[c].tensors[n] for n in b}
+                                             for c in ("alice", "bob")], [6, 10])
+                assert all(np.allclose(ffa.state[n], want[n], atol=1e-7) for n in b)
 
-            # stack: the base o_proj weights move by s * sum p_k B_k A_k (exact), adapters are fresh each round
-            st = FederatedBaseline(model, BaselineConfig("stack", rounds=1, hparams=hp, timeout=60))
-            base0 = dict(st.state)
-            assert (await st.run_round(server, 0)).ok
-            _same_as_clients(st, trainers)
-            delta = agg.stack([st.last_updates[c].tensors for c in ("alice", "bob")], [6, 10], scaling=64 / 2)
-            for mod, d in delta.items():
-                assert np.abs(d).max() > 0
-                assert np.allclose(st.state[f"{mod}.weight"], base0[f"{mod}.weight"] + d, atol=1e-6)
+            # stack (2 rounds): the base o_proj weights move by s * sum p_k B_k A_k (exact); adapters are fresh
+            # each round (B = 0, A the same seeded init for every client, another one next round)
+            st = FederatedBaseline(model, BaselineConfig("stack", rounds=2, hparams=hp, timeout=60))
+            inits = []
+            for r in range(2):
+                base0 = dict(st.state)
+                assert (await st.run_round(server, r)).ok
+                _same_as_clients(st, trainers)
+                inits.append({n: v for n, v in st.last_params.items() if ".lora_A." in n})
+                assert all(not st.last_params[n].any() for n in st.last_params if ".lora_B." in n)
+                assert all(np.array_equal(st.last_params[n], base0[n]) for n in base0)
+                delta = agg.stack([st.last_updates[c].tensors for c in ("alice", "bob")], [6, 10], scaling=64 / 2)
+                for mod, d in delta.items():
+                    assert np.abs(d).max() > 0
+                    assert np.allclose(st.state[f"{mod}.weight"], base0[f"{mod}.weight"] + d, atol=1e-6)
+            assert all(not np.array_equal(inits[0][n], inits[1][n]) for n in inits[0])
             # the merged policy is the warm start plus the stacked update
             merged = dict(st.policy_model().named_parameters())
             for mod in delta:
