@@ -24,6 +24,7 @@ import copy
 import functools
 import math
 import re
+import secrets
 import threading
 import time
 import warnings
@@ -248,7 +249,13 @@ class PolicyTrainer:
                                                         f"{h['total_rounds']}: this run's epsilon is spent",
                                   remaining_epsilon=0.0)
         t0 = time.perf_counter()
-        torch.manual_seed(int(h["seed"]) * 1_000_003 + int(h["round_index"]))
+        private = is_private(h)
+        # the server chooses hparams.seed: under DP the noise and the Poisson sampling must not be derivable from it
+        # (the server could regenerate the noise and subtract it), so they come from a secret seed drawn from the
+        # OS's CSPRNG (torch's generators themselves are not cryptographic; Opacus' secure_mode needs torchcsprng,
+        # which is not installed). Without DP the public seed makes a round reproducible.
+        secret = secrets.randbits(63) if private else None
+        torch.manual_seed(secret if private else int(h["seed"]) * 1_000_003 + int(h["round_index"]))
         model, params, trainable = self._prepare(req)
         dpo = h["objective"] == "dpo"
         if dpo:  # the reference is the round's broadcast policy: its log-probabilities before any local step
@@ -269,11 +276,11 @@ class PolicyTrainer:
                                                 data["labels"])
             n = int(data["input_ids"].shape[0])
         noise, q, steps = self.noise_for(h, n)
-        private = is_private(h)
         opt = torch.optim.AdamW(trainable, lr=float(h["learning_rate"]), betas=(h["adam_beta1"], h["adam_beta2"]),
                                 eps=float(h["adam_eps"]), weight_decay=float(h["weight_decay"]))
         batch = min(int(h["batch_size"]), n)
-        gen = torch.Generator().manual_seed(int(h["seed"]) * 7919 + int(h["round_index"]))
+        gen = torch.Generator().manual_seed(secrets.randbits(63) if private
+                                            else int(h["seed"]) * 7919 + int(h["round_index"]))
         loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, generator=gen)
         net = _PolicyForward(model)
         engine = None
@@ -285,7 +292,9 @@ class PolicyTrainer:
                 engine = PrivacyEngine(accountant="prv")
                 net, opt, loader = engine.make_private(module=net, optimizer=opt, data_loader=loader,
                                                        noise_multiplier=noise, max_grad_norm=float(h["max_grad_norm"]),
-                                                       poisson_sampling=True, grad_sample_mode="hooks")
+                                                       poisson_sampling=True, grad_sample_mode="hooks",
+                                                       noise_generator=torch.Generator().manual_seed(
+                                                           secrets.randbits(63)))
         net.train()
         done, losses = 0, []
         with warnings.catch_warnings():

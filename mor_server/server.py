@@ -1070,7 +1070,7 @@ class FederationServer(pb_grpc.FederationServicer):
         except asyncio.CancelledError:
             self._on_cancelled(rnd.outcome, mode, task_digest=pending.task_digest)
             raise
-        h = {f.name: v for f, v in hp.ListFields()}
+        h = {("public_seed" if f.name == "seed" else f.name): v for f, v in hp.ListFields()}  # public: in the task
         self._account(outcome, mode, task_digest=pending.task_digest, extra={
             "method": method, "hparams": h, "broadcast_tensors": len(params), "broadcast_bytes": size,
             "update_names": len(spec.update_names), "update_bytes": spec.update_bytes,
@@ -1188,7 +1188,7 @@ class FederationServer(pb_grpc.FederationServicer):
         outcome = RoundOutcome(round_id, RoundState.COMPLETED if ok else RoundState.FAILED, chosen,
                                tuple(result.survivors) if ok else (), dropped, reports,
                                reason or ("" if ok else result.reason), now, self._clock())
-        h = {f.name: v for f, v in hp.ListFields()}
+        h = {("public_seed" if f.name == "seed" else f.name): v for f, v in hp.ListFields()}  # public: in the task
         self._account(outcome, mode, task_digest=task_digest, extra={
             "method": method, "secagg": True, "hparams": h, "broadcast_tensors": len(params),
             "update_names": len(spec.update_names), "vector_length": m, "threshold": sa.threshold,

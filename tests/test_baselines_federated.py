@@ -328,3 +328,29 @@ def test_dpo_objective_over_mtls_raises_the_chosen_margin(pki_dir, tiny, tmp_pat
             led.close()
 
     asyncio.run(main())
+
+
+def test_dp_noise_is_not_determined_by_the_servers_seed(tiny):
+    """Attack: the server picks hparams.seed. If the client's DP-SGD noise (and Poisson sampling) came from an RNG
+    seeded with it, the server could regenerate the noise and subtract it from the update. Two clients with the
+    same data answering the same DP task must therefore send different updates; without DP the seed makes runs
+    reproducible."""
+    from mor_client.baselines import PolicyTrainer, projector_state
+    from mor_client.training import TrainingRequest, check_hparams
+
+    model, proc = tiny
+    params = projector_state(model)
+    names = tuple(sorted(params))
+
+    def run(eps):
+        h = check_hparams({"learning_rate": 0.05, "batch_size": 4, "epsilon": eps, "delta": 1e-3, "seed": 7})
+        outs = []
+        for _ in range(2):
+            tr = PolicyTrainer(model, proc, _examples([RED, BLUE], 8), accountant="rdp")
+            outs.append(tr.train(TrainingRequest("r1", "fedcmp", params, names, h)).tensors)
+        return outs
+
+    a, b = run(8.0)
+    assert any(not np.array_equal(a[n], b[n]) for n in names), "DP noise reproducible from the server's seed"
+    a, b = run(math.inf)
+    assert all(np.array_equal(a[n], b[n]) for n in names), "without DP the public seed makes a round reproducible"

@@ -156,7 +156,7 @@ def test_training_round_over_mtls_aggregates_exactly(pki_dir, tmp_path):
         server, clients, tasks = await _start(pki_dir, trainers, audit_path=log_path)
         try:
             assert sorted(await server.wait_for_trainers(2, "fedit", timeout=10)) == ["alice", "bob"]
-            hp = {"learning_rate": 0.01, "total_rounds": 2, "round_index": 1, "epsilon": 8.0}
+            hp = {"learning_rate": 0.01, "total_rounds": 2, "round_index": 1, "epsilon": 8.0, "seed": 5}
             out = await server.run_training_round(PARAMS, "fedit", hp, timeout=10)
             assert out.ok, out.reason
             assert set(out.responders) == {"alice", "bob"}
@@ -192,6 +192,8 @@ def test_training_round_over_mtls_aggregates_exactly(pki_dir, tmp_path):
     assert r0["method"] == "fedit" and r0["state"] == "completed" and len(r0["task_digest"]) == 64
     assert r0["updates"]["bob"]["num_examples"] == 30 and len(r0["updates"]["bob"]["sha256"]) == 64
     assert r0["updates"]["alice"]["bytes"] == 4 * (6 + 8) and r0["hparams"]["round_index"] == 1
+    # the training seed is public (in the task): logged as such, never mistaken for secret material
+    assert r0["hparams"]["public_seed"] == 5 and "seed" not in r0["hparams"]
     assert r0["epsilon_total"] == {"alice": 2.5, "bob": 2.5}
     assert "data" not in str(r0), "the audit log holds digests and counts, never tensor values"
 
