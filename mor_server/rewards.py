@@ -51,6 +51,15 @@ class RewardBackend(Protocol):
         ...
 
 
+def _process_group():
+    """``torch.distributed`` when this process is one rank of several (accelerate launch / DDP), else None."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
 def completion_text(completion: Any) -> str:
     """Text of one TRL completion: a string, or a conversational ``[{"role": "assistant", "content": ...}]``."""
     if isinstance(completion, str):
@@ -201,6 +210,35 @@ class MoRReward:
     def __call__(self, prompts=None, completions=None, **kwargs) -> list[float | None]:
         if completions is None:
             raise ValueError("MoRReward: called without completions")
+        dist = _process_group()
+        if dist is not None:
+            return self._call_distributed(dist, completions, kwargs)
+        return self._call_local(completions, kwargs)
+
+    def _call_distributed(self, dist, completions, kwargs) -> list[float | None]:
+        """Under ``accelerate launch`` (DDP, several processes): every rank sends its completions and their
+        dataset columns to rank 0, which runs ONE scoring round for the whole generation batch (the clients see
+        one round per step, as with one process, and a prompt's completions are grouped even when TRL spread them
+        over ranks) and sends each rank its rewards back. Only rank 0 needs a backend (it hosts the server)."""
+        n = len(completions)
+        cols = {k: list(v) for k, v in kwargs.items() if isinstance(v, (list, tuple)) and len(v) == n}
+        rank, world = dist.get_rank(), dist.get_world_size()
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object((list(completions), cols), gathered, dst=0)
+        parts = None
+        if rank == 0:
+            all_completions = [c for comps, _ in gathered for c in comps]
+            all_cols = {k: [v for _, cs in gathered for v in cs[k]] for k in cols}
+            rewards = self._call_local(all_completions, {**kwargs, **all_cols})
+            parts, start = [], 0
+            for comps, _ in gathered:
+                parts.append(rewards[start:start + len(comps)])
+                start += len(comps)
+        mine = [None]
+        dist.scatter_object_list(mine, parts, src=0)
+        return mine[0]
+
+    def _call_local(self, completions, kwargs) -> list[float | None]:
         n = len(completions)
         step = getattr(kwargs.get("trainer_state"), "global_step", None)
         if self.valid is None:
