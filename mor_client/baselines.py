@@ -136,7 +136,7 @@ class PolicyTrainer:
 
     def __init__(self, model, processor, examples: Sequence, *, ledger=None, device: str = "cpu",
                  model_id: str = "baseline", max_examples: int | None = None, methods: Sequence[str] = METHODS,
-                 accountant: str = "prv"):
+                 accountant: str = "prv", max_epsilon: float | None = None):
         self.base = model.to("cpu").eval()
         self.processor = processor
         self.examples = list(examples)[:max_examples] if max_examples else list(examples)
@@ -152,6 +152,13 @@ class PolicyTrainer:
         if accountant not in ("prv", "rdp"):
             raise ValueError(f"accountant must be 'prv' or 'rdp', got {accountant!r}")
         self.accountant = accountant
+        if max_epsilon is not None and not max_epsilon > 0:
+            raise ValueError(f"max_epsilon must be > 0 (or None: no ceiling), got {max_epsilon!r}")
+        self.max_epsilon = max_epsilon
+        """The client's own example-level ceiling: a round that would take the composed epsilon (the ledger's:
+        every training it records, reward models included; else this trainer's rounds) past it is refused before
+        training, whatever epsilon, total_rounds and round_index the server announces. None: no ceiling (the
+        server's run-level epsilon is trusted)."""
         """How the noise is calibrated and the rounds recorded: ``prv`` (tight, as the reward models' DP-SGD) or
         ``rdp`` (fast, conservative)."""
         self._encoded = None
@@ -276,6 +283,12 @@ class PolicyTrainer:
                                                 data["labels"])
             n = int(data["input_ids"].shape[0])
         noise, q, steps = self.noise_for(h, n)
+        if self.max_epsilon is not None:
+            after = self.prospective_epsilon(noise if private else 0.0, q, steps, float(h["delta"]))
+            if after > self.max_epsilon:
+                raise TrainingRefused("RESOURCE_EXHAUSTED", f"this round would take the example-level epsilon to "
+                                                            f"{after:.3g} > max_epsilon {self.max_epsilon:g}",
+                                      remaining_epsilon=max(0.0, self.max_epsilon - self.epsilon(float(h["delta"]))))
         opt = torch.optim.AdamW(trainable, lr=float(h["learning_rate"]), betas=(h["adam_beta1"], h["adam_beta2"]),
                                 eps=float(h["adam_eps"]), weight_decay=float(h["weight_decay"]))
         batch = min(int(h["batch_size"]), n)
@@ -344,6 +357,25 @@ class PolicyTrainer:
                      "seconds": time.perf_counter() - t0}
         return TrainingResult(out, n, epsilon=eps, loss=float(np.mean(losses)) if losses else float("nan"),
                               info={k: v for k, v in self.last.items() if k != "tensors"})
+
+    def prospective_epsilon(self, noise: float, sample_rate: float, steps: int, delta: float) -> float:
+        """The composed example-level epsilon if a round of (noise, sample_rate, steps) were recorded now, by the
+        same composition the ledger applies when it records it."""
+        if self.ledger is not None:
+            from privacy.ledger import PrivacyLedger
+
+            rows = [dict(r) for r in self.ledger._rows("pair")]
+            new = dict(kind="training", unit="pair", epsilon_given=math.inf if noise <= 0 else None, delta=delta,
+                       mechanism="dpsgd", rho=None, noise_multiplier=noise, sample_rate=sample_rate, steps=steps,
+                       accountant=self.accountant)
+            rows.append(new)
+            return float(PrivacyLedger._compose(rows, PrivacyLedger._natural_delta(rows, delta))[0])
+        hist = [*self._history, (noise, sample_rate, steps)]
+        if any(z <= 0 for z, _, _ in hist):
+            return math.inf
+        from privacy import accounting as acc
+
+        return float(acc.prv_epsilon(hist, delta) if self.accountant == "prv" else acc.rdp_epsilon(hist, delta))
 
     def epsilon(self, delta: float) -> float:
         """Example-level epsilon so far: the ledger's (every training it records, composed; read from its newest

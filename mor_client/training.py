@@ -320,7 +320,8 @@ class NoScorer:
 
 def add_join_flags(j) -> None:
     """The ``mor-client join`` flags of the trainer (one argument group)."""
-    from mor.cliargs import csv_choices, device, existing_dir, non_negative_int, partition_name, positive_int
+    from mor.cliargs import (csv_choices, device, existing_dir, non_negative_int, partition_name, positive_float,
+                             positive_int)
 
     g = j.add_argument_group("training rounds of the parameter-sharing baselines (docs/baselines.md)")
     g.add_argument("--train-policy", type=existing_dir, default=None,
@@ -338,6 +339,10 @@ def add_join_flags(j) -> None:
     g.add_argument("--train-accountant", choices=("prv", "rdp"), default="prv",
                    help="how DP-SGD's noise is calibrated and recorded in --ledger")
     g.add_argument("--train-device", type=device, default="cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--train-max-epsilon", type=positive_float, default=None,
+                   help="this client's example-level epsilon ceiling: refuse any training round that would take the "
+                        "--ledger's composed epsilon (reward models included) past it, whatever epsilon the server "
+                        "announces (default: none, the server's run-level epsilon is trusted)")
 
 
 def trainer_from_args(args, ledger=None):
@@ -354,11 +359,17 @@ def trainer_from_args(args, ledger=None):
         raise UsageError(f"--train-partition {args.train_partition!r} unknown; this split has "
                          f"{sorted(split.clients)}")
     methods = tuple(m.strip() for m in args.train_methods.split(",") if m.strip())
+    if args.train_max_epsilon is None:
+        import sys
+
+        print("mor-client: WARNING: no --train-max-epsilon: training rounds spend whatever epsilon the server "
+              "announces (recorded in --ledger, never refused)", file=sys.stderr, flush=True)
     return PolicyTrainer.from_policy_dir(args.train_policy, examples_from_pairs(split.clients[args.train_partition]
                                                                                  .train),
                                          ledger=ledger, device=args.train_device, methods=methods,
                                          max_examples=args.train_max_examples, accountant=args.train_accountant,
-                                         model_id=f"baseline-{args.train_partition}")
+                                         model_id=f"baseline-{args.train_partition}",
+                                         max_epsilon=args.train_max_epsilon)
 
 
 def _secagg_precheck(client, task):

@@ -246,7 +246,7 @@ def test_mor_client_join_process_answers_training_rounds(pki_dir, tiny, tmp_path
         "join", "--server", "PORT", "--creds", str(pki_dir / "clients" / "carol"),
         "--scorer", "mor_client.training:NoScorer", "--ledger", str(ledger), "--train-policy", str(policy_dir),
         "--train-partition", "client1", "--train-max-examples", "12", "--train-methods", "fedcmp",
-        "--train-accountant", "rdp"), tmp_path / "carol.log")
+        "--train-accountant", "rdp", "--train-max-epsilon", "8"), tmp_path / "carol.log")
 
     async def main():
         server = FederationServer(ServerConfig(pki_dir=pki_dir))
@@ -354,3 +354,32 @@ def test_dp_noise_is_not_determined_by_the_servers_seed(tiny):
     assert any(not np.array_equal(a[n], b[n]) for n in names), "DP noise reproducible from the server's seed"
     a, b = run(math.inf)
     assert all(np.array_equal(a[n], b[n]) for n in names), "without DP the public seed makes a round reproducible"
+
+
+def test_client_privacy_ceiling_bounds_what_the_server_can_spend(tiny, tmp_path):
+    """Attack: the server sets the run's epsilon, total_rounds and round_index. Re-announcing 'round 0 of 1 at
+    epsilon 8' every round, or asking for no DP at all, would spend the client's privacy without bound. With
+    max_epsilon the client refuses any round that would take its ledger (everything it records: reward models,
+    earlier runs) past its own ceiling, before training, and charges nothing for it."""
+    from mor_client.baselines import PolicyTrainer, projector_state
+    from mor_client.training import TrainingRefused, TrainingRequest, check_hparams
+    from privacy.ledger import PrivacyLedger
+
+    model, proc = tiny
+    params = projector_state(model)
+    names = tuple(sorted(params))
+    led = PrivacyLedger(tmp_path / "ledger.sqlite")
+    try:
+        tr = PolicyTrainer(model, proc, _examples([RED, BLUE], 8), ledger=led, accountant="rdp", max_epsilon=8.0)
+        h = check_hparams({"learning_rate": 0.05, "batch_size": 4, "epsilon": 8.0, "delta": 1e-3,
+                           "total_rounds": 1, "round_index": 0})
+        tr.train(TrainingRequest("r1", "fedcmp", params, names, h))
+        spent = led.epsilon("pair")
+        assert 7.5 < spent <= 8.0
+        for rid, hp in (("r2", h), ("r3", {**h, "epsilon": math.inf})):  # a 'fresh run', then no DP at all
+            with pytest.raises(TrainingRefused) as e:
+                tr.train(TrainingRequest(rid, "fedcmp", params, names, hp))
+            assert e.value.code == "RESOURCE_EXHAUSTED" and "max_epsilon" in e.value.reason
+        assert len(led.history("pair")) == 1 and led.epsilon("pair") == spent, "a refused round charges nothing"
+    finally:
+        led.close()
