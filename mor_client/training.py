@@ -320,7 +320,7 @@ class NoScorer:
 
 def add_join_flags(j) -> None:
     """The ``mor-client join`` flags of the trainer (one argument group)."""
-    from mor.cliargs import (csv_choices, device, existing_dir, non_negative_int, partition_name, positive_float,
+    from mor.cliargs import (csv_choices, device, existing_dir, float_range, non_negative_int, partition_name,
                              positive_int)
 
     g = j.add_argument_group("training rounds of the parameter-sharing baselines (docs/baselines.md)")
@@ -339,10 +339,10 @@ def add_join_flags(j) -> None:
     g.add_argument("--train-accountant", choices=("prv", "rdp"), default="prv",
                    help="how DP-SGD's noise is calibrated and recorded in --ledger")
     g.add_argument("--train-device", type=device, default="cpu", help="cpu, cuda or cuda:N")
-    g.add_argument("--train-max-epsilon", type=positive_float, default=None,
-                   help="this client's example-level epsilon ceiling: refuse any training round that would take the "
-                        "--ledger's composed epsilon (reward models included) past it, whatever epsilon the server "
-                        "announces (default: none, the server's run-level epsilon is trusted)")
+    g.add_argument("--train-max-epsilon", type=float_range(0, lo_open=True, allow_inf=True), default=None,
+                   help="required with --train-policy: this client's example-level epsilon ceiling; any training "
+                        "round that would take the --ledger's composed epsilon (reward models included) past it is "
+                        "refused, whatever the server announces; 'inf' accepts any round, non-private ones included")
 
 
 def trainer_from_args(args, ledger=None):
@@ -359,11 +359,12 @@ def trainer_from_args(args, ledger=None):
         raise UsageError(f"--train-partition {args.train_partition!r} unknown; this split has "
                          f"{sorted(split.clients)}")
     methods = tuple(m.strip() for m in args.train_methods.split(",") if m.strip())
-    if args.train_max_epsilon is None:
-        import sys
+    if args.train_max_epsilon is None:  # fail closed: the server's announcement is not a ceiling
+        from mor.cliargs import UsageError
 
-        print("mor-client: WARNING: no --train-max-epsilon: training rounds spend whatever epsilon the server "
-              "announces (recorded in --ledger, never refused)", file=sys.stderr, flush=True)
+        raise UsageError("--train-policy needs --train-max-epsilon EPS: the most example-level epsilon this client "
+                         "lets training rounds spend (the server's announced epsilon is not a limit); 'inf' accepts "
+                         "any round, non-private ones included")
     return PolicyTrainer.from_policy_dir(args.train_policy, examples_from_pairs(split.clients[args.train_partition]
                                                                                  .train),
                                          ledger=ledger, device=args.train_device, methods=methods,

@@ -290,3 +290,17 @@ def test_every_value_flag_is_validated():
         mor.parse_args(["pki", "issue-client", "no spaces"])
     with pytest.raises(SystemExit):
         mor.parse_args(["client", "keygen", "--out", "x", "--name", "-bad/"])
+
+
+def test_training_rounds_need_a_client_side_epsilon_ceiling(tmp_path, capsys):
+    """Fail closed: a client that opts into the baselines' training rounds must say how much example-level epsilon
+    they may spend; without it the server's announcement (or a non-private round) would be the only limit."""
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    argv = ["client", "join", "--insecure", "--server", "localhost:9", "--scorer", "mor_client.training:NoScorer",
+            "--train-policy", str(policy), "--max-attempts", "1"]
+    rc = server_cli.mor_main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--train-max-epsilon" in err[0], err
+    ns = server_cli.build_mor_parser().parse_args([*argv, "--train-max-epsilon", "inf"])
+    assert ns.train_max_epsilon == float("inf")
