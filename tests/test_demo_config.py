@@ -30,7 +30,7 @@ def test_config_file_errors_name_the_setting(tmp_path):
 
 
 @pytest.mark.parametrize("change,msg", [
-    ({"mode": "secret"}, "mode: must be 'plain', 'dp', 'secagg' or 'secagg\+dp', got 'secret'"),
+    ({"mode": "secret"}, r"mode: must be 'plain', 'dp', 'secagg' or 'secagg\+dp', got 'secret'"),
     ({"calibration_mode": "secagg"}, "calibration_mode"),
     ({"clients": []}, r"clients: needs at least 1 item"),
     ({"clients": [{"name": "a", "arch": "cnn", "partition": "client0"}] * 2}, "names must be unique"),
