@@ -119,6 +119,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=2, help="layers of the tiny Llama (and of the vision tower)")
     ap.add_argument("--vision-steps", type=int, default=0, help="stage 1: vision-tower classification steps")
     ap.add_argument("--caption-steps", type=int, default=0, help="stage 1: captioning steps on synthetic images")
+    ap.add_argument("--match-steps", type=int, default=0, help="stage 1: image-text matching steps (after captions)")
     ap.add_argument("--pretrain-images", type=int, default=2000, help="stage 1: synthetic images")
     ap.add_argument("--oracle-grpo-steps", type=int, default=0,
                     help="after SFT, this many GRPO steps with an oracle exact-match reward on the server's unlabeled "
@@ -148,9 +149,26 @@ def main() -> int:
     split = make_federation_split(seed=a.seed, n_clients=3)
     test = heldout_test(split)[: a.eval_size]
     t0 = time.perf_counter()
-    pre = PretrainConfig(vision_steps=a.vision_steps, caption_steps=a.caption_steps, images=a.pretrain_images,
+    pre = PretrainConfig(vision_steps=a.vision_steps, caption_steps=a.caption_steps, match_steps=a.match_steps, images=a.pretrain_images,
                          seed=a.seed)
-    stage1 = pretrain_policy(model, processor, pre) if pre.enabled() else None
+    stage1 = None
+    if pre.enabled():  # stage 1 is cached (keyed by its settings and the policy's) so variants after it share it
+        import hashlib
+
+        from transformers import LlavaForConditionalGeneration
+
+        from mor_server.policy import WARM_START_CODE_VERSION, save_policy
+
+        key = json.dumps({"tiny": vars(cfg), "pretrain": vars(pre), "code": WARM_START_CODE_VERSION}, sort_keys=True)
+        cache = ROOT / "benchmarks" / ".cache" / f"stage1-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+        if (cache / "stage1.json").is_file():
+            model = LlavaForConditionalGeneration.from_pretrained(cache, local_files_only=True)
+            model.to(pick_device()[0])
+            stage1 = {**json.loads((cache / "stage1.json").read_text()), "cached": True}
+        else:
+            stage1 = pretrain_policy(model, processor, pre)
+            save_policy(model, processor, cache)
+            (cache / "stage1.json").write_text(json.dumps(stage1))
     stage1_s = time.perf_counter() - t0
     if a.caption_steps:
         stage1["heldout_caption_accuracy"] = caption_accuracy(model, processor, seed=a.seed)
@@ -163,7 +181,7 @@ def main() -> int:
                                                             max_seconds=7200), progress=True)
     seconds = time.perf_counter() - t0
     acc = accuracy(model, processor, test)
-    print(f"reference: stage 1 vision {a.vision_steps} + captions {a.caption_steps} steps ({stage1_s:.0f} s), "
+    print(f"reference: stage 1 vision {a.vision_steps} + captions {a.caption_steps} + matching {a.match_steps} steps ({stage1_s:.0f} s), "
           f"{a.data} SFT-{a.sft_steps}, patch {a.patch}: overall {100 * acc['overall']:.1f}% ({seconds:.0f} s)")
     print(format_accuracy_table(acc))
     explore = None

@@ -6,7 +6,7 @@ import pytest
 
 from mor_client.data.easyvqa import COLORS, SHAPE_NAMES
 from mor_client.data.synthetic import make_synthetic_examples, synthetic_attributes
-from mor_client.data.synthetic_captions import CAPTION_PROMPT, caption, make_caption_examples
+from mor_client.data.synthetic_captions import CAPTION_PROMPT, caption, make_caption_examples, matching_text
 from mor_server.policy import (PretrainConfig, SFTConfig, TinyLlavaConfig, easyvqa_vocabulary, pretrain_policy,
                                build_tiny_llava, task_words, warm_start_cached)
 
@@ -32,14 +32,28 @@ def test_captions_are_deterministic_cover_every_colour_and_shape_and_use_known_w
     assert make_caption_examples(3, seed=5, start=2)[0].answer == caption(5, 2)
 
 
+def test_matching_pairs_are_deterministic_balanced_and_labelled_by_what_is_drawn():
+    pairs = [matching_text(7, i, d) for i in range(100) for d in range(3)]
+    assert pairs == [matching_text(7, i, d) for i in range(100) for d in range(3)]
+    assert 0.4 < sum(m for _, m in pairs) / len(pairs) < 0.6
+    vocab = set(easyvqa_vocabulary())
+    for i in range(100):
+        shape, color = synthetic_attributes(7, i)
+        for d in range(3):
+            text, matched = matching_text(7, i, d)
+            named = set(text.split()) - {"shape"}
+            assert matched == (named <= {shape, color}), (text, shape, color)
+            assert "?" not in text and set(text.split()) <= vocab
+
+
 def test_pretraining_changes_the_policy_and_rejects_bad_settings():
     import torch
 
     model, processor = build_tiny_llava(config=SMALL)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    info = pretrain_policy(model, processor, PretrainConfig(vision_steps=2, caption_steps=2, images=16, batch_size=8),
-                           progress=False)
-    assert info["vision"]["steps"] == 2 and info["captions"]["steps"] == 2
+    info = pretrain_policy(model, processor, PretrainConfig(vision_steps=2, caption_steps=2, match_steps=2, images=16,
+                                                            batch_size=8), progress=False)
+    assert info["vision"]["steps"] == 2 and info["captions"]["steps"] == 2 and info["matching"]["steps"] == 2
     after = model.state_dict()
     tower = [k for k in after if "vision_tower" in k]
     lm = [k for k in after if "language_model" in k and "embed" not in k]
@@ -60,7 +74,8 @@ def test_warm_start_cache_key_follows_the_stage1_config(tmp_path):
     assert first["cached"] is False and again["cached"] is True and first["pretrain"]["captions"]["steps"] == 1
     for changed in (PretrainConfig(caption_steps=2, images=8, batch_size=8),
                     PretrainConfig(caption_steps=1, images=8, batch_size=8, seed=1),
-                    PretrainConfig(caption_steps=1, vision_steps=1, images=8, batch_size=8), None):
+                    PretrainConfig(caption_steps=1, vision_steps=1, images=8, batch_size=8),
+                    PretrainConfig(caption_steps=1, match_steps=1, images=8, batch_size=8), None):
         _, _, info = warm_start_cached(tmp_path / "ref", public, tiny=SMALL, sft=sft, pretrain=changed,
                                        progress=False)
         assert info["cached"] is False, changed  # another stage-1 config never reuses the cached reference

@@ -46,3 +46,24 @@ def make_caption_examples(n_images: int, *, seed: int, start: int = 0) -> list[V
                        answer=caption(seed, start + k), question_type="caption", domain="synthetic",
                        image_id=e.image_id)
             for k, e in enumerate(images)]
+
+
+def matching_text(seed: int, index: int, draw: int = 0) -> tuple[str, bool]:
+    """An image-text matching pair for synthetic image ``index`` of ``seed`` (BLIP-style ITM pre-training): a short
+    phrase -- "{colour} shape", "{shape}" or "{colour} {shape}" -- and whether it describes the image (half of the
+    draws; a mismatch changes one attribute). ``draw`` picks another pair for the same image. The phrase is no
+    question and the label is read by a throwaway head, never by the language model's answer words."""
+    from .easyvqa import COLORS, SHAPE_NAMES
+
+    shape, color = synthetic_attributes(seed, index)
+    rng = random.Random(f"mor-synthetic-match:{seed}:{index}:{draw}")
+    kind = rng.choice(("color", "shape", "both"))
+    matched = rng.random() < 0.5
+    c, s = color, shape
+    if not matched:
+        if kind == "color" or (kind == "both" and rng.random() < 0.5):
+            c = rng.choice([x for x in COLORS if x != color])
+        else:
+            s = rng.choice([x for x in SHAPE_NAMES if x != shape])
+    text = {"color": f"{c} shape", "shape": s, "both": f"{c} {s}"}[kind]
+    return text, matched
