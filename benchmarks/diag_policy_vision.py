@@ -15,8 +15,8 @@ of the reference is measured first: per type, the share of prompts for which at 
 group) is right. Appends one record per run to ``benchmarks/results/policy_vision.json``. Measured figures and the
 exact commands: docs/alignment.md, "Can the tiny policy see?". Example:
 
-    .venv/bin/python benchmarks/diag_policy_vision.py --data public --sft-steps 50 --caption-steps 500 \\
-        --oracle-grpo-steps 400
+    .venv/bin/python benchmarks/diag_policy_vision.py --data public --sft-steps 50 --patch 8 --vision-steps 600 \\
+        --caption-steps 1000 --oracle-grpo-steps 400
 """
 
 from __future__ import annotations
