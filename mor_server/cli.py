@@ -1,4 +1,4 @@
-"""Command lines of the server side: ``mor server`` (PKI, serving) and ``mor`` (the main job, audits).
+"""The ``mor`` command (every group: server, client, pki, audit, demo, align) and its alias ``mor-server``.
 
 Thin shells: parse arguments, call library code, print results. Errors a user can fix are printed as one line
 naming the argument and the fix (exit code 2), never as a traceback.
@@ -19,9 +19,6 @@ from mor.cliargs import (VERBOSE_HELP, ArgumentParser, UsageError, bind_host, cl
                          verbose_everywhere)
 from mor.modes import MODES, SECAGG_MODES
 from privacy import pki
-
-
-
 
 #: help of the flag naming the PKI folder (``--pki``; ``--dir`` is its former name, still accepted)
 PKI_HELP = "PKI folder made by `mor pki init` (--dir: the same flag's former name)"
