@@ -37,6 +37,27 @@ def client(pki_dir, name, server: FederationServer, scorer=None, **kw) -> Federa
                             scorer or LengthScorer(), card=kw.pop("card", CARD), **kw)
 
 
+async def start_federation(pki_dir, names, make_client=None, **server_kw):
+    """Start a server and one running FederationClient per name (``make_client(pki_dir, name, server)``, default
+    :func:`client`); returns ``(server, clients, tasks)`` once every client is online. End with
+    :func:`stop_federation`."""
+    server = FederationServer(ServerConfig(pki_dir=pki_dir, **server_kw))
+    await server.start()
+    make = make_client or (lambda d, n, srv: client(d, n, srv))
+    clients = [make(pki_dir, n, server) for n in names]
+    tasks = [asyncio.create_task(c.run()) for c in clients]
+    if names:
+        await server.wait_for_clients(len(names), timeout=20)
+    return server, clients, tasks
+
+
+async def stop_federation(server, clients, tasks):
+    for c in clients:
+        await c.stop()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await server.stop()
+
+
 @contextlib.asynccontextmanager
 async def federation(pki_dir, names=("alice", "bob", "carol"), scorers=None, **server_kw):
     server = FederationServer(ServerConfig(pki_dir=pki_dir, **server_kw))
@@ -48,7 +69,4 @@ async def federation(pki_dir, names=("alice", "bob", "carol"), scorers=None, **s
             await server.wait_for_clients(len(names), timeout=20)
         yield server, clients, tasks
     finally:
-        for c in clients:
-            await c.stop()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await server.stop()
+        await stop_federation(server, clients, tasks)

@@ -14,7 +14,7 @@ from mor_server.baselines import aggregation as agg
 from mor_server.baselines.federated import BaselineConfig, FederatedBaseline, evaluate_policy
 from mor_server.server import FederationServer, ServerConfig
 
-from fedutil import CARD, LengthScorer
+from fedutil import CARD, LengthScorer, start_federation, stop_federation
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
@@ -56,20 +56,12 @@ def _trainer(tiny, colours, n, **kw):
 
 
 async def _federation(pki_dir, trainers):
-    server = FederationServer(ServerConfig(pki_dir=pki_dir))
-    await server.start()
-    clients = [FederationClient(f"localhost:{server.port}", ClientCredentials.from_dir(pki_dir / "clients" / n),
-                                LengthScorer(), card=CARD, trainer=t) for n, t in trainers.items()]
-    tasks = [asyncio.create_task(c.run()) for c in clients]
-    await server.wait_for_clients(len(clients), timeout=20)
-    return server, clients, tasks
+    return await start_federation(pki_dir, list(trainers), lambda d, n, srv: FederationClient(
+        f"localhost:{srv.port}", ClientCredentials.from_dir(d / "clients" / n), LengthScorer(), card=CARD,
+        trainer=trainers[n]))
 
 
-async def _stop(server, clients, tasks):
-    for c in clients:
-        await c.stop()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await server.stop()
+_stop = stop_federation
 
 
 def _same_as_clients(fb, trainers):

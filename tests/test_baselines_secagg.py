@@ -11,9 +11,8 @@ from mor_client import ClientCredentials, FederationClient, ReleasePolicy
 from mor_client.secagg_session import SecAggSession
 from mor_client.training import TrainingRefused, TrainingResult, secagg_input
 from mor_server.baselines.federated import BaselineConfig, FederatedBaseline
-from mor_server.server import FederationServer, ServerConfig
 
-from fedutil import CARD, LengthScorer
+from fedutil import CARD, LengthScorer, start_federation, stop_federation
 
 NAMES = ("alice", "bob", "carol", "dave")
 A, B = "m.o_proj.lora_A.weight", "m.o_proj.lora_B.weight"
@@ -39,26 +38,16 @@ class NoiseTrainer:
 
 
 async def _federation(pki_dir, trainers, modes=("secagg",), **server_kw):
-    server = FederationServer(ServerConfig(pki_dir=pki_dir, **server_kw))
-    await server.start()
-    clients = []
-    for n, t in trainers.items():
-        creds = ClientCredentials.from_dir(pki_dir / "clients" / n)
-        clients.append(FederationClient(f"localhost:{server.port}", creds, LengthScorer(),
-                                        card={**CARD, "supported_modes": list(modes)},
-                                        policy=ReleasePolicy(tuple(modes)),
-                                        secagg_handler=SecAggSession(creds) if "secagg" in modes else None,
-                                        trainer=t))
-    tasks = [asyncio.create_task(c.run()) for c in clients]
-    await server.wait_for_clients(len(clients), timeout=20)
-    return server, clients, tasks
+    def make(d, n, srv):
+        creds = ClientCredentials.from_dir(d / "clients" / n)
+        return FederationClient(f"localhost:{srv.port}", creds, LengthScorer(),
+                                card={**CARD, "supported_modes": list(modes)}, policy=ReleasePolicy(tuple(modes)),
+                                secagg_handler=SecAggSession(creds) if "secagg" in modes else None, trainer=trainers[n])
+
+    return await start_federation(pki_dir, list(trainers), make, **server_kw)
 
 
-async def _stop(server, clients, tasks):
-    for c in clients:
-        await c.stop()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await server.stop()
+_stop = stop_federation
 
 
 def test_secagg_parameter_round_recovers_the_weighted_average(pki_dir, tmp_path):

@@ -18,9 +18,8 @@ from mor_client.wire import card_to_pb
 from mor_server.baselines import aggregation as agg
 from mor_server.baselines.training_round import TrainingRound, TrainingSpec, validate_update
 from mor_server.rounds import ReportRejected
-from mor_server.server import FederationServer, ServerConfig
 
-from fedutil import CARD, LengthScorer
+from fedutil import CARD, LengthScorer, start_federation, stop_federation
 
 A, B = "m.o_proj.lora_A.weight", "m.o_proj.lora_B.weight"
 PARAMS = {A: np.arange(6, dtype=np.float32).reshape(2, 3) / 10, B: np.zeros((4, 2), np.float32)}
@@ -53,19 +52,10 @@ def _client(pki_dir, name, server, trainer):
 
 
 async def _start(pki_dir, trainers, **kw):
-    server = FederationServer(ServerConfig(pki_dir=pki_dir, **kw))
-    await server.start()
-    clients = [_client(pki_dir, n, server, t) for n, t in trainers.items()]
-    tasks = [asyncio.create_task(c.run()) for c in clients]
-    await server.wait_for_clients(len(clients), timeout=20)
-    return server, clients, tasks
+    return await start_federation(pki_dir, list(trainers), lambda d, n, srv: _client(d, n, srv, trainers[n]), **kw)
 
 
-async def _stop(server, clients, tasks):
-    for c in clients:
-        await c.stop()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await server.stop()
+_stop = stop_federation
 
 
 # ---------------------------------------------------------------------------------------------- pure checks
