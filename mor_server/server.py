@@ -874,6 +874,43 @@ class FederationServer(pb_grpc.FederationServicer):
             del self._pending[key]
         return outcome
 
+    async def _secagg_stages(self, sa, round_id: str, chosen: Sequence[str], alive: list[str], first, *,
+                             timeout: float, stage_timeout: float, label_mode: str, dropped: dict[str, str]) -> str:
+        """Drive a SecAgg+ round's stages over the sessions (the one stage loop of every secure round: scoring and
+        training). The first stage's payloads ride in the task (``first(stage, payload) -> ServerMessage``), every
+        later stage in a SecAggMessage; each stage waits for its participants until its deadline (the first
+        ``timeout``, the others ``stage_timeout``) and its survivors feed the next. Unmasking runs off the event
+        loop. Fills ``dropped`` as clients drop; returns the abort reason ("" when the stages ran to the end).
+        CancelledError propagates (the caller records the cancelled round)."""
+        from privacy.secagg import STAGES, SecAggAbort
+
+        steps = sa.stage_steps()  # one per stage after setup, then finish
+        out = sa.setup()
+        try:
+            for i, stage in enumerate(STAGES):
+                limit = timeout if i == 0 else stage_timeout
+                if i == 0:
+                    sends = {c: first(stage, payload) for c, payload in out.items()}
+                else:
+                    sends = {c: pb.ServerMessage(secagg=pb.SecAggMessage(round_id=round_id, stage=stage,
+                                                                          payload=payload))
+                             for c, payload in out.items()}
+                targets = tuple(c for c in alive if c in sends)
+                rnd = Round(_stage_key(round_id, stage), targets or tuple(alive[:1]) or tuple(chosen[:1]), 1,
+                            self._clock() + limit + self.config.deadline_grace_s, self._clock(), 0, label_mode)
+                if not targets:
+                    raise SecAggAbort(f"no client left at stage {stage}")
+                o = await self._gather(rnd, _Pending(rnd, [], asyncio.Event(), label_mode), sends)
+                for c, why in o.dropped.items():
+                    dropped.setdefault(c, f"{why} (stage {stage})")
+                alive = list(o.responders)
+                # unmasking is CPU work: off the event loop, so other rounds and sessions keep their deadlines
+                res = await asyncio.to_thread(steps[i], {c: o.reports[c] for c in o.responders})
+                out = res if isinstance(res, dict) else {}
+        except SecAggAbort as e:
+            return f"secure aggregation aborted: {e}"
+        return ""
+
     async def run_secagg_round(self, items: Sequence[ScoringItem], *, weights: dict[str, Sequence[float]],
                                mode: str = "secagg", participants: Sequence[str] | None = None,
                                min_clients: int | None = None, timeout: float = 30.0, value_range: float = 16.0,
@@ -890,7 +927,7 @@ class FederationServer(pb_grpc.FederationServicer):
         (default: min(timeout, 10 s)). A silent client is a dropout, not a stall. ``max_colluders``: the colluding
         clients per neighbourhood the round tolerates (default: privacy.secagg.graph.default_colluders); clients
         refuse a round below their own minimum."""
-        from privacy.secagg import STAGES, SecAggAbort, SecAggServer
+        from privacy.secagg import SecAggServer
         from privacy.secagg import ddp
 
         if mode not in SECAGG_MODES:
@@ -929,43 +966,20 @@ class FederationServer(pb_grpc.FederationServicer):
             return self._fail_early(round_id, mode, chosen, now,
                                     f"{len(chosen)} clients online for {mode}; SecAgg+ needs at least {min_clients}")
         stage_timeout = stage_timeout or min(timeout, 10.0)
-        steps = sa.stage_steps()  # one per stage after setup, then finish
         dropped: dict[str, str] = {}
-        out = sa.setup()
-        task_digest = ""
-        reason = ""
-        alive = list(chosen)
+        task = pb.ScoringTask(round_id=round_id, items=items_to_pb(items), timeout_ms=int(timeout * 1000),
+                              mode=mode_to_pb(mode), crl=self._crl.pem if self._crl else b"")
+        task_digest = hashlib.sha256(task.SerializeToString(deterministic=True)).hexdigest()
+
+        def first(stage: str, payload: bytes) -> pb.ServerMessage:  # the task carries the first stage's payload
+            t = pb.ScoringTask()
+            t.CopyFrom(task)
+            t.secagg.CopyFrom(pb.SecAggMessage(round_id=round_id, stage=stage, payload=payload))
+            return pb.ServerMessage(task=t)
+
         try:
-            for i, stage in enumerate(STAGES):
-                limit = timeout if i == 0 else stage_timeout
-                if i == 0:
-                    task = pb.ScoringTask(round_id=round_id, items=items_to_pb(items), timeout_ms=int(limit * 1000),
-                                          mode=mode_to_pb(mode), crl=self._crl.pem if self._crl else b"")
-                    task_digest = hashlib.sha256(task.SerializeToString(deterministic=True)).hexdigest()
-                    sends = {}
-                    for c, payload in out.items():
-                        t = pb.ScoringTask()
-                        t.CopyFrom(task)
-                        t.secagg.CopyFrom(pb.SecAggMessage(round_id=round_id, stage=stage, payload=payload))
-                        sends[c] = pb.ServerMessage(task=t)
-                else:
-                    sends = {c: pb.ServerMessage(secagg=pb.SecAggMessage(round_id=round_id, stage=stage,
-                                                                          payload=payload))
-                             for c, payload in out.items()}
-                targets = tuple(c for c in alive if c in sends)
-                rnd = Round(_stage_key(round_id, stage), targets or alive[:1], 1,
-                            self._clock() + limit + self.config.deadline_grace_s, self._clock(), 0, mode)
-                if not targets:
-                    raise SecAggAbort(f"no client left at stage {stage}")
-                o = await self._gather(rnd, _Pending(rnd, [], asyncio.Event(), mode), sends)
-                for c, why in o.dropped.items():
-                    dropped.setdefault(c, f"{why} (stage {stage})")
-                alive = list(o.responders)
-                # unmasking is CPU work: off the event loop, so other rounds and sessions keep their deadlines
-                res = await asyncio.to_thread(steps[i], {c: o.reports[c] for c in o.responders})
-                out = res if isinstance(res, dict) else {}
-        except SecAggAbort as e:
-            reason = f"secure aggregation aborted: {e}"
+            reason = await self._secagg_stages(sa, round_id, chosen, list(chosen), first, timeout=timeout,
+                                               stage_timeout=stage_timeout, label_mode=mode, dropped=dropped)
         except asyncio.CancelledError as e:  # abandoned by its caller: record it, tell the clients, stop
             self._on_cancelled(RoundOutcome(round_id, RoundState.FAILED, chosen, (), dropped, {}, _cancel_reason(e),
                                             now, self._clock()), mode, task_digest=task_digest,
@@ -1093,7 +1107,7 @@ class FederationServer(pb_grpc.FederationServicer):
         "survivors": [...]}``. Fixed point: 2^-frac_bits per coordinate of n_k theta_k; every value of a client's
         input must lie within value_bound * max_num_examples (else that client refuses: OUT_OF_RANGE)."""
         from mor_client.training import hparams_to_pb, tensors_to_pb
-        from privacy.secagg import STAGES, SecAggAbort, SecAggServer
+        from privacy.secagg import STAGES, SecAggServer
 
         if method not in ("fedit", "ffa"):
             raise ValueError(f"secure aggregation needs a weighted sum: fedit or ffa, not {method!r} (stack and "
@@ -1128,41 +1142,23 @@ class FederationServer(pb_grpc.FederationServicer):
             raise ValueError(f"the training task exceeds max_message_bytes={self.config.max_message_bytes}")
         task_digest = hashlib.sha256(task.SerializeToString(deterministic=True)).hexdigest()
         stage_timeout = stage_timeout or min(timeout, 10.0)
-        steps = sa.stage_steps()
         dropped: dict[str, str] = {}
         able = set(self.online_trainers(method))
         for c in chosen:
             if c in self._conns and c not in able:
                 dropped[c] = f"does not train {method} (training_methods / protocol revision)"
                 sa.mark_dropout(c, STAGES[0])
-        out, reason, alive = sa.setup(), "", [c for c in chosen if c not in dropped]
+
+        def first(stage: str, payload: bytes) -> pb.ServerMessage:  # the task carries the first stage's payload
+            t = pb.TrainingTask()
+            t.CopyFrom(task)
+            t.secagg.CopyFrom(pb.SecAggMessage(round_id=round_id, stage=stage, payload=payload))
+            return pb.ServerMessage(training_task=t)
+
         try:
-            for i, stage in enumerate(STAGES):
-                limit = timeout if i == 0 else stage_timeout
-                if i == 0:
-                    sends = {}
-                    for c, payload in out.items():
-                        t = pb.TrainingTask()
-                        t.CopyFrom(task)
-                        t.secagg.CopyFrom(pb.SecAggMessage(round_id=round_id, stage=stage, payload=payload))
-                        sends[c] = pb.ServerMessage(training_task=t)
-                else:
-                    sends = {c: pb.ServerMessage(secagg=pb.SecAggMessage(round_id=round_id, stage=stage,
-                                                                          payload=payload))
-                             for c, payload in out.items()}
-                targets = tuple(c for c in alive if c in sends)
-                rnd = Round(_stage_key(round_id, stage), targets or tuple(alive[:1]) or chosen[:1], 1,
-                            self._clock() + limit + self.config.deadline_grace_s, self._clock(), 0, "secagg")
-                if not targets:
-                    raise SecAggAbort(f"no client left at stage {stage}")
-                o = await self._gather(rnd, _Pending(rnd, [], asyncio.Event(), "secagg"), sends)
-                for c, why in o.dropped.items():
-                    dropped.setdefault(c, f"{why} (stage {stage})")
-                alive = list(o.responders)
-                res = await asyncio.to_thread(steps[i], {c: o.reports[c] for c in o.responders})
-                out = res if isinstance(res, dict) else {}
-        except SecAggAbort as e:
-            reason = f"secure aggregation aborted: {e}"
+            reason = await self._secagg_stages(sa, round_id, chosen, [c for c in chosen if c not in dropped], first,
+                                               timeout=timeout, stage_timeout=stage_timeout, label_mode="secagg",
+                                               dropped=dropped)
         except asyncio.CancelledError as e:
             self._on_cancelled(RoundOutcome(round_id, RoundState.FAILED, chosen, (), dropped, {}, _cancel_reason(e),
                                             now, self._clock()), mode, task_digest=task_digest)
