@@ -146,8 +146,8 @@ def compare_routings(router: MoRRouter, feats: np.ndarray, scores: Mapping[str, 
     def as_matrix(w: Mapping[str, Sequence[float]]) -> np.ndarray:
         return np.array([w.get(c, [0.0] * n) for c in clients], dtype=np.float64).T
 
-    out = {"items": n, "router": ranking_quality(as_matrix(router.weights(feats, clients, objective)), S, mask, t,
-                                                  alpha),
+    Wr = as_matrix(router.weights(feats, clients, objective))
+    out = {"items": n, "router": ranking_quality(Wr, S, mask, t, alpha),
            "uniform": ranking_quality(np.full((n, k), 1.0 / k), S, mask, t, alpha)}
     saved = router.top_k
     try:
@@ -166,8 +166,7 @@ def compare_routings(router: MoRRouter, feats: np.ndarray, scores: Mapping[str, 
     for d in sorted(set(domains)):
         idx = np.array([i for i, dd in enumerate(domains) if dd == d])
         sub = (S[idx], mask[idx], t[idx])
-        rw = as_matrix(router.weights(feats[idx], clients, objective))
-        out["by_domain"][d] = {"items": int(len(idx)), "router": ranking_quality(rw, *sub, alpha)["accuracy"],
+        out["by_domain"][d] = {"items": int(len(idx)), "router": ranking_quality(Wr[idx], *sub, alpha)["accuracy"],
                                "uniform": ranking_quality(np.full((len(idx), k), 1.0 / k), *sub, alpha)["accuracy"],
                                "oracle_type": ranking_quality(W[idx], *sub, alpha)["accuracy"]}
     return out

@@ -874,11 +874,11 @@ class FederationServer(pb_grpc.FederationServicer):
             del self._pending[key]
         return outcome
 
-    async def _secagg_stages(self, sa, round_id: str, chosen: Sequence[str], alive: list[str], first, *,
-                             timeout: float, stage_timeout: float, label_mode: str, dropped: dict[str, str]) -> str:
+    async def _secagg_stages(self, sa, round_id: str, chosen: Sequence[str], alive: list[str], task, task_field: str,
+                             *, timeout: float, stage_timeout: float, label_mode: str, dropped: dict[str, str]) -> str:
         """Drive a SecAgg+ round's stages over the sessions (the one stage loop of every secure round: scoring and
-        training). The first stage's payloads ride in the task (``first(stage, payload) -> ServerMessage``), every
-        later stage in a SecAggMessage; each stage waits for its participants until its deadline (the first
+        training). The first stage's payloads ride in a copy of ``task`` (sent as ``ServerMessage.<task_field>``),
+        every later stage in a SecAggMessage; each stage waits for its participants until its deadline (the first
         ``timeout``, the others ``stage_timeout``) and its survivors feed the next. Unmasking runs off the event
         loop. Fills ``dropped`` as clients drop; returns the abort reason ("" when the stages ran to the end).
         CancelledError propagates (the caller records the cancelled round)."""
@@ -890,7 +890,12 @@ class FederationServer(pb_grpc.FederationServicer):
             for i, stage in enumerate(STAGES):
                 limit = timeout if i == 0 else stage_timeout
                 if i == 0:
-                    sends = {c: first(stage, payload) for c, payload in out.items()}
+                    sends = {}
+                    for c, payload in out.items():
+                        t = type(task)()
+                        t.CopyFrom(task)
+                        t.secagg.CopyFrom(pb.SecAggMessage(round_id=round_id, stage=stage, payload=payload))
+                        sends[c] = pb.ServerMessage(**{task_field: t})
                 else:
                     sends = {c: pb.ServerMessage(secagg=pb.SecAggMessage(round_id=round_id, stage=stage,
                                                                           payload=payload))
@@ -970,15 +975,8 @@ class FederationServer(pb_grpc.FederationServicer):
         task = pb.ScoringTask(round_id=round_id, items=items_to_pb(items), timeout_ms=int(timeout * 1000),
                               mode=mode_to_pb(mode), crl=self._crl.pem if self._crl else b"")
         task_digest = hashlib.sha256(task.SerializeToString(deterministic=True)).hexdigest()
-
-        def first(stage: str, payload: bytes) -> pb.ServerMessage:  # the task carries the first stage's payload
-            t = pb.ScoringTask()
-            t.CopyFrom(task)
-            t.secagg.CopyFrom(pb.SecAggMessage(round_id=round_id, stage=stage, payload=payload))
-            return pb.ServerMessage(task=t)
-
         try:
-            reason = await self._secagg_stages(sa, round_id, chosen, list(chosen), first, timeout=timeout,
+            reason = await self._secagg_stages(sa, round_id, chosen, list(chosen), task, "task", timeout=timeout,
                                                stage_timeout=stage_timeout, label_mode=mode, dropped=dropped)
         except asyncio.CancelledError as e:  # abandoned by its caller: record it, tell the clients, stop
             self._on_cancelled(RoundOutcome(round_id, RoundState.FAILED, chosen, (), dropped, {}, _cancel_reason(e),
@@ -1148,17 +1146,10 @@ class FederationServer(pb_grpc.FederationServicer):
             if c in self._conns and c not in able:
                 dropped[c] = f"does not train {method} (training_methods / protocol revision)"
                 sa.mark_dropout(c, STAGES[0])
-
-        def first(stage: str, payload: bytes) -> pb.ServerMessage:  # the task carries the first stage's payload
-            t = pb.TrainingTask()
-            t.CopyFrom(task)
-            t.secagg.CopyFrom(pb.SecAggMessage(round_id=round_id, stage=stage, payload=payload))
-            return pb.ServerMessage(training_task=t)
-
         try:
-            reason = await self._secagg_stages(sa, round_id, chosen, [c for c in chosen if c not in dropped], first,
-                                               timeout=timeout, stage_timeout=stage_timeout, label_mode="secagg",
-                                               dropped=dropped)
+            reason = await self._secagg_stages(sa, round_id, chosen, [c for c in chosen if c not in dropped], task,
+                                               "training_task", timeout=timeout, stage_timeout=stage_timeout,
+                                               label_mode="secagg", dropped=dropped)
         except asyncio.CancelledError as e:
             self._on_cancelled(RoundOutcome(round_id, RoundState.FAILED, chosen, (), dropped, {}, _cancel_reason(e),
                                             now, self._clock()), mode, task_digest=task_digest)
