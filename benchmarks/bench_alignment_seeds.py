@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def run_demo(seed: int, workdir: Path, mode: str, extra: list[str]) -> dict:
-    argv = [sys.executable, "-c", "import sys; from mor_server.cli import mor_main; sys.exit(mor_main())", "demo", "--seed", str(seed), "--workdir", str(workdir),
+    argv = [sys.executable, "-c", "import sys; from mor_server.apps.cli import mor_main; sys.exit(mor_main())", "demo", "--seed", str(seed), "--workdir", str(workdir),
             "--mode", mode, *extra]
     t0 = time.perf_counter()
     log = workdir.with_suffix(".log")
@@ -44,9 +44,9 @@ def run_demo(seed: int, workdir: Path, mode: str, extra: list[str]) -> dict:
 def baseline(seed: int, steps: int, eval_size: int, workdir: Path) -> dict:
     """SFT on the server's public split only, evaluated like the demo (first eval_size held-out test examples)."""
     from mor_client.data.partition import make_federation_split
-    from mor_server.alignment import heldout_test
-    from mor_server.evaluate import accuracy
-    from mor_server.policy import SFTConfig, TinyLlavaConfig, warm_start_cached
+    from mor_server.alignment.pipeline import heldout_test
+    from mor_server.alignment.evaluate import accuracy
+    from mor_server.alignment.policy import SFTConfig, TinyLlavaConfig, warm_start_cached
 
     split = make_federation_split(seed=seed, n_clients=3)
     test = heldout_test(split)[:eval_size]

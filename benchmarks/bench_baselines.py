@@ -39,9 +39,9 @@ def _reference(seed: int, cache: Path, eval_size: int):
     """The warm start of ``mor demo --seed S`` (tiny Llava, SFT-50 on the server's public split), its held-out
     test examples and its accuracy (cached)."""
     from mor_client.data import make_federation_split
-    from mor_server.alignment import heldout_test
-    from mor_server.evaluate import accuracy
-    from mor_server.policy import SFTConfig, TinyLlavaConfig, warm_start_cached
+    from mor_server.alignment.pipeline import heldout_test
+    from mor_server.alignment.evaluate import accuracy
+    from mor_server.alignment.policy import SFTConfig, TinyLlavaConfig, warm_start_cached
 
     split = make_federation_split(seed=seed, n_clients=3)
     test = heldout_test(split)[:eval_size]
@@ -64,7 +64,7 @@ async def _federated_run(split, test, model, proc, method: str, epsilon: float, 
     from mor_client.baselines import PolicyTrainer, examples_from_pairs
     from mor_client.secagg_session import SecAggSession
     from mor_server.baselines.federated import BaselineConfig, run_baseline
-    from mor_server.server import FederationServer, ServerConfig
+    from mor_server.federation.server import FederationServer, ServerConfig
     from privacy import pki
     from privacy.ledger import PrivacyLedger
 

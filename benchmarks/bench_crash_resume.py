@@ -25,9 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mor_server.procs import pid_alive, read_pidfile  # noqa: E402
+from mor_server.apps.procs import pid_alive, read_pidfile  # noqa: E402
 
-MOR = [sys.executable, "-c", "import sys; from mor_server.cli import mor_main; sys.exit(mor_main())"]
+MOR = [sys.executable, "-c", "import sys; from mor_server.apps.cli import mor_main; sys.exit(mor_main())"]
 
 
 def main() -> int:

@@ -38,7 +38,7 @@ def quick_models(out: Path, seed: int) -> dict[str, Path]:
 
 
 def timed_grpo(ref_dir, dataset, reward, steps: int, out: Path) -> dict:
-    from mor_server.grpo import GRPORunConfig, run_grpo
+    from mor_server.alignment.grpo import GRPORunConfig, run_grpo
 
     cfg = GRPORunConfig(output_dir=str(out), max_steps=steps, save_steps=0, progress=False)
     t0 = time.perf_counter()
@@ -62,15 +62,15 @@ def main() -> int:
 
     from mor_client.data.partition import make_federation_split
     from mor_client.rewards import RewardModelScorer
-    from mor_server.alignment import calibrate_router
-    from mor_server.features import FeatureExtractor
-    from mor_server.federated import FederatedBackend
-    from mor_server.grpo import make_prompt_dataset
-    from mor_server.inprocess import InProcessBackend
-    from mor_server.policy import warm_start_cached
-    from mor_server.procs import ClientProcess, mor_client_argv, stop_all
-    from mor_server.rewards import MoRReward
-    from mor_server.server import ServerConfig, ServerThread
+    from mor_server.alignment.pipeline import calibrate_router
+    from mor_server.alignment.features import FeatureExtractor
+    from mor_server.federation.backend import FederatedBackend
+    from mor_server.alignment.grpo import make_prompt_dataset
+    from mor_server.alignment.inprocess import InProcessBackend
+    from mor_server.alignment.policy import warm_start_cached
+    from mor_server.apps.procs import ClientProcess, mor_client_argv, stop_all
+    from mor_server.alignment.rewards import MoRReward
+    from mor_server.federation.server import ServerConfig, ServerThread
     from privacy import pki
 
     work = Path(tempfile.mkdtemp(prefix="mor-bench-grpo-"))

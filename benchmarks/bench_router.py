@@ -65,9 +65,9 @@ def trained_models(seed: int, work: Path) -> dict:
 
 def run(seed: int, scenario: str, work: Path) -> dict:
     from mor_client.data.partition import make_federation_split
-    from mor_server.alignment import calibrate_router
-    from mor_server.features import FeatureExtractor
-    from mor_server.inprocess import InProcessBackend, LabelExpertScorer
+    from mor_server.alignment.pipeline import calibrate_router
+    from mor_server.alignment.features import FeatureExtractor
+    from mor_server.alignment.inprocess import InProcessBackend, LabelExpertScorer
 
     split = make_federation_split(seed=seed, n_clients=3)
     public = split.server_public

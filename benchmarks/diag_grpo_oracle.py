@@ -34,11 +34,11 @@ def main() -> int:
     a = ap.parse_args()
 
     from mor_client.data.partition import make_federation_split
-    from mor_server.alignment import heldout_test
-    from mor_server.evaluate import accuracy
-    from mor_server.grpo import GRPORunConfig, make_prompt_dataset, run_grpo
-    from mor_server.policy import SFTConfig, TinyLlavaConfig, exact_match, warm_start_cached
-    from mor_server.rewards import completion_text
+    from mor_server.alignment.pipeline import heldout_test
+    from mor_server.alignment.evaluate import accuracy
+    from mor_server.alignment.grpo import GRPORunConfig, make_prompt_dataset, run_grpo
+    from mor_server.alignment.policy import SFTConfig, TinyLlavaConfig, exact_match, warm_start_cached
+    from mor_server.alignment.rewards import completion_text
 
     split = make_federation_split(seed=a.seed, n_clients=3)
     test = heldout_test(split)[: a.eval_size]

@@ -1,10 +1,10 @@
 """Diagnostic: can the built-in policy learn to *see* (colour and shape), from what, and can GRPO then climb?
 
 Issue #17 found every aligned policy answering each colour question with one word. This script builds the built-in
-tiny Llava, optionally runs stage 1 of the public warm start (:class:`mor_server.policy.PretrainConfig`: vision-tower
+tiny Llava, optionally runs stage 1 of the public warm start (:class:`mor_server.alignment.policy.PretrainConfig`: vision-tower
 classification and/or captioning of synthetic images drawn by the project's own renderer, no privacy cost), then a
 supervised stage on one of two public sources, and reports per-type accuracy next to the majority-answer rate and
-the number of distinct answers (mor_server.evaluate) on held-out easy-vqa test images:
+the number of distinct answers (mor_server.alignment.evaluate) on held-out easy-vqa test images:
 
 * ``--data public``: the server's 300 labelled public examples (what the demo's warm start uses);
 * ``--data synthetic``: synthetic VQA examples (mor_client.data.synthetic), ``--synthetic N`` images.
@@ -36,8 +36,8 @@ def exploration(model, processor, items, *, samples: int, temperature: float) ->
     the distinct (normalised) answers sampled."""
     import torch
 
-    from mor_server.evaluate import domain_of
-    from mor_server.policy import exact_match, generate_answers, normalize_answer
+    from mor_server.alignment.evaluate import domain_of
+    from mor_server.alignment.policy import exact_match, generate_answers, normalize_answer
 
     torch.manual_seed(0)
     old = model.generation_config.temperature
@@ -64,7 +64,7 @@ def exploration(model, processor, items, *, samples: int, temperature: float) ->
 def caption_accuracy(model, processor, *, seed: int, n: int = 200) -> float:
     """Share of held-out synthetic images (not among stage 1's) whose greedy caption names their colour and shape."""
     from mor_client.data.synthetic_captions import make_caption_examples
-    from mor_server.policy import generate_answers
+    from mor_server.alignment.policy import generate_answers
 
     items = make_caption_examples(n, seed=10_000 + seed, start=1_000_000)
     caps = generate_answers(model, processor, items, max_new_tokens=5)
@@ -75,10 +75,10 @@ def caption_accuracy(model, processor, *, seed: int, n: int = 200) -> float:
 def oracle_grpo(model, processor, split, test, a) -> dict:
     import tempfile
 
-    from mor_server.evaluate import accuracy, format_accuracy_table
-    from mor_server.grpo import GRPORunConfig, make_prompt_dataset, run_grpo
-    from mor_server.policy import exact_match, save_policy
-    from mor_server.rewards import completion_text
+    from mor_server.alignment.evaluate import accuracy, format_accuracy_table
+    from mor_server.alignment.grpo import GRPORunConfig, make_prompt_dataset, run_grpo
+    from mor_server.alignment.policy import exact_match, save_policy
+    from mor_server.alignment.rewards import completion_text
 
     truth = {str(e.example_id): e.answer for e in split.server_unlabeled}
     curve: list[float] = []
@@ -137,9 +137,9 @@ def main() -> int:
 
     from mor_client.data.partition import make_federation_split
     from mor_client.data.synthetic import make_synthetic_examples
-    from mor_server.alignment import heldout_test
-    from mor_server.evaluate import accuracy, format_accuracy_table
-    from mor_server.policy import (PretrainConfig, SFTConfig, TinyLlavaConfig, build_tiny_llava, pick_device,
+    from mor_server.alignment.pipeline import heldout_test
+    from mor_server.alignment.evaluate import accuracy, format_accuracy_table
+    from mor_server.alignment.policy import (PretrainConfig, SFTConfig, TinyLlavaConfig, build_tiny_llava, pick_device,
                                    pretrain_policy, sft_warm_start)
 
     cfg = TinyLlavaConfig(patch_size=a.patch, seed=a.seed, text_hidden=a.text_hidden, vision_hidden=a.text_hidden,
@@ -157,7 +157,7 @@ def main() -> int:
 
         from transformers import LlavaForConditionalGeneration
 
-        from mor_server.policy import WARM_START_CODE_VERSION, save_policy
+        from mor_server.alignment.policy import WARM_START_CODE_VERSION, save_policy
 
         key = json.dumps({"tiny": vars(cfg), "pretrain": vars(pre), "code": WARM_START_CODE_VERSION}, sort_keys=True)
         cache = ROOT / "benchmarks" / ".cache" / f"stage1-{hashlib.sha256(key.encode()).hexdigest()[:16]}"

@@ -21,11 +21,11 @@ def _run(prog: str, module: str, func: str) -> int:
 
 
 def mor() -> int:
-    return _run("mor", "mor_server.cli", "mor_main")
+    return _run("mor", "mor_server.apps.cli", "mor_main")
 
 
 def mor_server() -> int:
-    return _run("mor-server", "mor_server.cli", "server_main")
+    return _run("mor-server", "mor_server.apps.cli", "server_main")
 
 
 def mor_client() -> int:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 
 from mor_client import ClientCredentials, FederationClient, ScoringItem
-from mor_server.server import FederationServer, ServerConfig
+from mor_server.federation.server import FederationServer, ServerConfig
 
 
 class LengthScorer:

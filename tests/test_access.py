@@ -9,7 +9,7 @@ import pytest
 from mor.v1 import federation_pb2 as pb
 from mor.v1 import federation_pb2_grpc as pb_grpc
 from mor_client import ClientCredentials, ClientError, FederationClient
-from mor_server.server import FederationServer, ServerConfig
+from mor_server.federation.server import FederationServer, ServerConfig
 from privacy import pki
 
 from fedutil import CARD, LengthScorer, federation

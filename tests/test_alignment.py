@@ -7,10 +7,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from mor_client.data.partition import make_federation_split
-from mor_server.alignment import AlignmentConfig, run_alignment
-from mor_server.grpo import GRPORunConfig
-from mor_server.inprocess import InProcessBackend, LabelExpertScorer
-from mor_server.policy import SFTConfig, TinyLlavaConfig
+from mor_server.alignment.pipeline import AlignmentConfig, run_alignment
+from mor_server.alignment.grpo import GRPORunConfig
+from mor_server.alignment.inprocess import InProcessBackend, LabelExpertScorer
+from mor_server.alignment.policy import SFTConfig, TinyLlavaConfig
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from mor_server.answers import AnswerSchema
-from mor_server.rewards import FormatReward
+from mor_server.alignment.answers import AnswerSchema
+from mor_server.alignment.rewards import FormatReward
 
 PUBLIC = [
     ("what color is the shape?", "red"), ("what color is the shape?", "blue"),

@@ -7,7 +7,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from PIL import Image
 
-from mor_server import audit_cli
+from mor_server.apps import audit_cli
 from privacy.audit import AuditLog, build_report
 from privacy.ledger import BudgetExceeded, PrivacyLedger
 

@@ -8,7 +8,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mor_server import audit_cli
+from mor_server.apps import audit_cli
 from privacy.audit import AuditLog, read_entries, verify_log
 from privacy.audit.entry import make_entry
 

@@ -12,7 +12,7 @@ import pytest
 from mor_client import ClientCredentials, FederationClient
 from mor_server.baselines import aggregation as agg
 from mor_server.baselines.federated import BaselineConfig, FederatedBaseline, evaluate_policy
-from mor_server.server import FederationServer, ServerConfig
+from mor_server.federation.server import FederationServer, ServerConfig
 
 from fedutil import CARD, LengthScorer, start_federation, stop_federation
 
@@ -24,7 +24,7 @@ WORDS = ["what", "color", "is", "the", "shape", "red", "blue", "green", "?"]
 
 @pytest.fixture(scope="module")
 def tiny():
-    from mor_server.policy import TinyLlavaConfig, build_tiny_llava
+    from mor_server.alignment.policy import TinyLlavaConfig, build_tiny_llava
 
     cfg = TinyLlavaConfig(image_size=16, patch_size=8, vision_hidden=16, vision_layers=1, text_hidden=16,
                           text_layers=1, heads=2, intermediate=32, max_positions=64)
@@ -227,8 +227,8 @@ def test_mor_client_join_process_answers_training_rounds(pki_dir, tiny, tmp_path
     8 charged to its --ledger) answers a Fed-CMP round from the server over mTLS."""
     import time
 
-    from mor_server.policy import save_policy
-    from mor_server.procs import ClientProcess, mor_client_argv, stop_all
+    from mor_server.alignment.policy import save_policy
+    from mor_server.apps.procs import ClientProcess, mor_client_argv, stop_all
     from privacy.ledger import PrivacyLedger
 
     model, proc = tiny

@@ -17,7 +17,7 @@ from mor_client.training import (TRAINING_REVISION, TensorProblem, TrainingRefus
 from mor_client.wire import card_to_pb
 from mor_server.baselines import aggregation as agg
 from mor_server.baselines.training_round import TrainingRound, TrainingSpec, validate_update
-from mor_server.rounds import ReportRejected
+from mor_server.federation.rounds import ReportRejected
 
 from fedutil import CARD, LengthScorer, start_federation, stop_federation
 

@@ -5,14 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mor_server.procs import ClientProcess, mor_client_argv, stop_all
+from mor_server.apps.procs import ClientProcess, mor_client_argv, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_cli_serve_and_three_clients(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "mor_server.cli", *a], capture_output=True, text=True,  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "mor_server.apps.cli", *a], capture_output=True, text=True,  # noqa: E731
                                     env=env, timeout=120)
     pki = tmp_path / "pki"
     assert run("pki", "init", "--dir", str(pki)).returncode == 0
@@ -26,7 +26,7 @@ def test_cli_serve_and_three_clients(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "mor_server.cli", "serve", "--pki", str(pki), "--port",
+    server = subprocess.Popen([sys.executable, "-m", "mor_server.apps.cli", "serve", "--pki", str(pki), "--port",
                                str(port), "--rounds", "2", "--items", "16", "--min-clients", "3",
                                "--exit-after-rounds"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=env)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from mor_client import cli as client_cli
-from mor_server import cli as server_cli
-from mor_server.procs import ClientProcess, mor_client_argv, stop_all
+from mor_server.apps import cli as server_cli
+from mor_server.apps.procs import ClientProcess, mor_client_argv, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
 MOR = [sys.executable, "-m", "mor.entry"]  # the `mor` console script, without needing it on PATH

@@ -14,8 +14,8 @@ import sqlite3
 import pytest
 
 from mor_client import cli as client_cli
-from mor_server import audit_cli
-from mor_server import cli as server_cli
+from mor_server.apps import audit_cli
+from mor_server.apps import cli as server_cli
 
 
 class WorkStarted(BaseException):
@@ -195,7 +195,7 @@ def test_corrupt_card_names_its_file(tmp_path, capsys):
     (["pki", "init", "--hosts", "localhost,999.1.1.1"], "--hosts"),
 ])
 def test_server_flags_are_validated(monkeypatch, tmp_path, capsys, argv, field):
-    from mor_server import server as server_mod
+    from mor_server.federation import server as server_mod
     from privacy import pki
 
     monkeypatch.setattr(server_mod.FederationServer, "start", _trip)
@@ -276,7 +276,7 @@ def test_audit_report_out_that_is_a_file(signed_log, tmp_path, capsys):
 
 @pytest.fixture()
 def no_demo(monkeypatch):
-    from mor_server import demo
+    from mor_server.apps import demo
 
     monkeypatch.setattr(demo, "run_demo", _trip)
     monkeypatch.setattr(demo, "setup_pki", _trip)
@@ -450,7 +450,7 @@ def test_mor_without_the_demo_extra(signed_log, tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; sys.modules['pydantic'] = None; from mor_server.cli import mor_main; "
+    code = ("import sys; sys.modules['pydantic'] = None; from mor_server.apps.cli import mor_main; "
             "sys.exit(mor_main(sys.argv[1:]))")
     r = subprocess.run([sys.executable, "-c", code, "audit", "verify", str(signed_log), "--trust-embedded-key"],
                        capture_output=True, text=True, timeout=120)

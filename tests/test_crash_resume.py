@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from mor_server.procs import pid_alive, read_pidfile, reap_stale, write_pidfile
+from mor_server.apps.procs import pid_alive, read_pidfile, reap_stale, write_pidfile
 
 ROOT = Path(__file__).resolve().parent.parent
-MOR = [sys.executable, "-c", "import sys; from mor_server.cli import mor_main; sys.exit(mor_main())"]
+MOR = [sys.executable, "-c", "import sys; from mor_server.apps.cli import mor_main; sys.exit(mor_main())"]
 
 
 def _wait(pred, timeout: float, every: float = 0.1):
@@ -134,7 +134,7 @@ def _fake_checkpoint(d: Path, step: int, *, state: bool = True, extra=()) -> Pat
 
 
 def test_latest_checkpoint_skips_half_written_ones(tmp_path):
-    from mor_server.grpo import discard_incomplete_checkpoints, latest_checkpoint
+    from mor_server.alignment.grpo import discard_incomplete_checkpoints, latest_checkpoint
 
     _fake_checkpoint(tmp_path, 2, extra=["mor_state.json"])
     _fake_checkpoint(tmp_path, 4)  # killed before the on_save callback wrote mor_state.json
@@ -149,7 +149,7 @@ def test_latest_checkpoint_skips_half_written_ones(tmp_path):
 
 
 def test_resume_plan_needs_the_same_unfinished_run(tmp_path):
-    from mor_server import runstate
+    from mor_server.alignment import runstate
 
     work = tmp_path
     p = runstate.plan(work, "k1", "auto")
@@ -168,7 +168,7 @@ def test_resume_plan_needs_the_same_unfinished_run(tmp_path):
 
 def test_warm_start_cache_is_swapped_in_whole(tmp_path, monkeypatch):
     """A warm start killed while saving leaves no cache that the next run would trust."""
-    from mor_server import policy
+    from mor_server.alignment import policy
 
     class Boom(Exception):
         pass

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mor_server.demo import DemoConfig
+from mor_server.apps.demo import DemoConfig
 
 
 def test_config_file_errors_name_the_setting(tmp_path):
@@ -48,7 +48,7 @@ def test_validate_rejects_bad_settings(change, msg):
 def test_cli_prints_one_line_error(tmp_path):
     cfg = tmp_path / "run.json"
     cfg.write_text(json.dumps({"mode": "nope"}))
-    r = subprocess.run([sys.executable, "-c", "import sys; from mor_server.cli import mor_main; sys.exit(mor_main())",
+    r = subprocess.run([sys.executable, "-c", "import sys; from mor_server.apps.cli import mor_main; sys.exit(mor_main())",
                         "demo", "--config", str(cfg)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "mode: must be" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and str(cfg) in r.stderr

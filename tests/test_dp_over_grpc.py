@@ -8,8 +8,8 @@ import grpc
 import numpy as np
 
 from mor_client import ClientCredentials, FederationClient, ReleasePolicy
-from mor_server.rounds import RoundState
-from mor_server.server import FederationServer, ServerConfig
+from mor_server.federation.rounds import RoundState
+from mor_server.federation.server import FederationServer, ServerConfig
 from privacy.ledger import PrivacyLedger
 
 from fedutil import LengthScorer, make_items

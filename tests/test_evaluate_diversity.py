@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from mor_server.evaluate import accuracy, answer_diversity, format_accuracy_table
+from mor_server.alignment.evaluate import accuracy, answer_diversity, format_accuracy_table
 
 COLOURS = ["red", "green", "blue", "brown", "gray", "black", "teal", "yellow"]
 
@@ -25,7 +25,7 @@ def _examples():
 def test_a_constant_colour_answer_is_flagged_and_scores_the_majority_rate(caplog):
     ex = _examples()
     answers = ["brown" if e.question_type == "color" else e.answer for e in ex]  # yes/no perfect, colour constant
-    with caplog.at_level(logging.WARNING, logger="mor_server.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="mor_server.alignment.evaluate"):
         acc = accuracy(None, None, ex, answers=answers)
     col = acc["diversity"]["color"]
     gold_brown = sum(e.answer == "brown" for e in ex if e.question_type == "color")

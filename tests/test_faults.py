@@ -14,11 +14,11 @@ from mor.v1 import federation_pb2_grpc as pb_grpc
 from mor_client import ClientCredentials, FederationClient
 from mor_client.client import ClientThread
 from mor_client.wire import card_to_pb
-from mor_server.features import FeatureExtractor
-from mor_server.federated import FederatedBackend
-from mor_server.rewards import MoRReward
-from mor_server.router import MoRRouter
-from mor_server.server import ServerConfig, ServerThread
+from mor_server.alignment.features import FeatureExtractor
+from mor_server.federation.backend import FederatedBackend
+from mor_server.alignment.rewards import MoRReward
+from mor_server.alignment.router import MoRRouter
+from mor_server.federation.server import ServerConfig, ServerThread
 
 from fedutil import CARD, LengthScorer, federation, make_items
 

@@ -6,12 +6,12 @@ import pytest
 
 from mor_client import ClientCredentials, ClientThread, FederationClient, ReleasePolicy
 from mor_client.secagg_session import SecAggSession
-from mor_server.features import FeatureExtractor
-from mor_server.federated import FederatedBackend
-from mor_server.inprocess import InProcessBackend
-from mor_server.rewards import MoRReward
-from mor_server.router import MoRRouter
-from mor_server.server import ServerConfig, ServerThread
+from mor_server.alignment.features import FeatureExtractor
+from mor_server.federation.backend import FederatedBackend
+from mor_server.alignment.inprocess import InProcessBackend
+from mor_server.alignment.rewards import MoRReward
+from mor_server.alignment.router import MoRRouter
+from mor_server.federation.server import ServerConfig, ServerThread
 
 from fedutil import LengthScorer
 

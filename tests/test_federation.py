@@ -7,8 +7,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mor_server.rounds import RoundState
-from mor_server.server import FederationServer, ServerConfig
+from mor_server.federation.rounds import RoundState
+from mor_server.federation.server import FederationServer, ServerConfig
 
 from fedutil import LengthScorer, federation, make_items
 

@@ -10,12 +10,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from mor_client.data.easyvqa import load_easyvqa
-from mor_server.features import FeatureExtractor
-from mor_server.grpo import GRPOMetrics, GRPORunConfig, make_prompt_dataset, run_grpo
-from mor_server.inprocess import InProcessBackend
-from mor_server.policy import TinyLlavaConfig, build_tiny_llava, exact_match, normalize_answer, save_policy
-from mor_server.rewards import FormatReward, LengthReward, MoRReward, RoundFailed, hybrid_rewards
-from mor_server.router import MoRRouter
+from mor_server.alignment.features import FeatureExtractor
+from mor_server.alignment.grpo import GRPOMetrics, GRPORunConfig, make_prompt_dataset, run_grpo
+from mor_server.alignment.inprocess import InProcessBackend
+from mor_server.alignment.policy import TinyLlavaConfig, build_tiny_llava, exact_match, normalize_answer, save_policy
+from mor_server.alignment.rewards import FormatReward, LengthReward, MoRReward, RoundFailed, hybrid_rewards
+from mor_server.alignment.router import MoRRouter
 
 
 class LabelScorer:
@@ -179,7 +179,7 @@ def test_grpo_survives_failed_rounds(examples, router, policy_dir, tmp_path):
 def test_malformed_completions_are_not_sent_and_rewards_are_bounded(examples, router):
     """valid=...: a completion of the wrong type never reaches the clients (MoR reward missing, the format rule
     prices it); group_sigmoid: the calibrated preference over the group's mean, in (0, 1)."""
-    from mor_server.answers import AnswerSchema
+    from mor_server.alignment.answers import AnswerSchema
 
     class Recording(InProcessBackend):
         sent: list = []
@@ -211,7 +211,7 @@ def test_answer_softmax_rewards_are_the_mixtures_probability_among_the_questions
     well-formed completion is right still rewards it (group_sigmoid would give 0.5)."""
     import math as m
 
-    from mor_server.answers import AnswerSchema
+    from mor_server.alignment.answers import AnswerSchema
 
     class Recording(InProcessBackend):
         items: list = []

@@ -17,11 +17,11 @@ def _rank_main(policy_dir: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     from mor_client.data.easyvqa import load_easyvqa
-    from mor_server.features import FeatureExtractor
-    from mor_server.grpo import GRPORunConfig, make_prompt_dataset, run_grpo
-    from mor_server.inprocess import InProcessBackend, LabelExpertScorer
-    from mor_server.rewards import MoRReward
-    from mor_server.router import MoRRouter
+    from mor_server.alignment.features import FeatureExtractor
+    from mor_server.alignment.grpo import GRPORunConfig, make_prompt_dataset, run_grpo
+    from mor_server.alignment.inprocess import InProcessBackend, LabelExpertScorer
+    from mor_server.alignment.rewards import MoRReward
+    from mor_server.alignment.router import MoRRouter
 
     examples = load_easyvqa("test")[:32]
 
@@ -59,7 +59,7 @@ def test_two_process_grpo_runs_one_round_per_batch_on_rank0(tmp_path):
     import subprocess
     import sys
 
-    from mor_server.policy import TinyLlavaConfig, build_tiny_llava, save_policy
+    from mor_server.alignment.policy import TinyLlavaConfig, build_tiny_llava, save_policy
 
     model, processor = build_tiny_llava(config=TinyLlavaConfig(seed=0))
     save_policy(model, processor, tmp_path / "policy")

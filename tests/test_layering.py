@@ -25,6 +25,20 @@ EXCEPTIONS = {
     ("mor_client/baselines.py", "mor_server"),
 }
 
+#: the rooms inside mor_server (docs/architecture.md) and which other rooms' modules each may import: a prefix
+#: ``room`` allows the whole room, ``room.module`` that module only
+ROOMS = {
+    "federation": {"baselines.training_round"},  # the server runs the baselines' training rounds (their round book)
+    "alignment": {"federation.rounds", "federation.metrics"},  # pure: round errors, RetryPolicy, closed label sets
+    "baselines": {"federation", "alignment"},
+    "apps": {"federation", "alignment", "baselines"},
+}
+#: known crossings between rooms, each with its reason
+ROOM_EXCEPTIONS = {
+    # ``python -m mor_server.alignment.pipeline`` is an alias of ``mor align``: its main() calls the apps' CLI
+    ("mor_server/alignment/pipeline.py", "apps.cli"),
+}
+
 
 def _imports(path: Path):
     tree = ast.parse(path.read_text(), filename=str(path))
@@ -45,6 +59,40 @@ def test_no_import_crosses_a_layer():
                 if top in ALLOWED and top != pkg and top not in allowed and (rel, top) not in EXCEPTIONS:
                     bad.append(f"{rel}:{line} imports {top}")
     assert not bad, "imports across layers (docs/architecture.md):\n" + "\n".join(bad)
+
+
+def _server_imports(path: Path):
+    """(line, module) of every import of mor_server in one of its files, relative imports resolved."""
+    pkg = ["mor_server", *path.relative_to(ROOT / "mor_server").parts[:-1]]
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom):
+            base = pkg[:len(pkg) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            names = [mod] if node.module else [f"{mod}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            if name.startswith("mor_server."):
+                yield node.lineno, name.removeprefix("mor_server.")
+
+
+def test_server_rooms_import_only_what_docs_architecture_allows():
+    """federation, alignment, baselines and apps are the rooms of mor_server; each file is in exactly one."""
+    loose = [p.name for p in (ROOT / "mor_server").glob("*.py") if p.name != "__init__.py"]
+    assert not loose, f"modules outside the rooms of mor_server: {loose}"
+    bad = []
+    for room, allowed in ROOMS.items():
+        for f in sorted((ROOT / "mor_server" / room).rglob("*.py")):
+            rel = str(f.relative_to(ROOT))
+            for line, mod in _server_imports(f):
+                target = mod.split(".")[0]
+                if target == room or (rel, ".".join(mod.split(".")[:2])) in ROOM_EXCEPTIONS:
+                    continue
+                if not any(mod == a or mod.startswith(a + ".") for a in allowed):
+                    bad.append(f"{rel}:{line} imports mor_server.{mod}")
+    assert not bad, "imports across rooms of mor_server (docs/architecture.md):\n" + "\n".join(bad)
 
 
 def test_importing_the_sdk_pulls_no_training_stack():

@@ -16,7 +16,7 @@ from cryptography import x509
 from mor.v1 import federation_pb2 as pb
 from mor_client import ClientCredentials
 from mor_client.secagg_session import SecAggSession
-from mor_server.cli import server_main
+from mor_server.apps.cli import server_main
 from privacy import membership as mb
 from privacy import pki
 from privacy.secagg.driver import run_secagg_round
@@ -300,7 +300,7 @@ def test_membership_over_the_federation_stream(fed, png_bytes):
     proofs are membership certificates); once the operator adds its own TLS-certified sybil to the round, every
     member refuses it and the round fails instead of counting the sybil."""
     from mor_client import FederationClient, ReleasePolicy
-    from mor_server.server import FederationServer, ServerConfig
+    from mor_server.federation.server import FederationServer, ServerConfig
 
     from fedutil import LengthScorer, make_items
 

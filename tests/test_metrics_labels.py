@@ -12,8 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mor_client.training import METHODS
 from mor_client.wire import MODE_TO_PB
-from mor_server import metrics as M
-from mor_server.grpo import GRPOMetrics
+from mor_server.federation import metrics as M
+from mor_server.alignment.grpo import GRPOMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def test_unknown_label_values_are_refused():
                        (m.reports_rejected, {"code": "OK"}), (m.reports_rejected, {"code": "bogus"}),
                        (m.sessions_ended, {"code": "invalid_argument"}), (m.dropouts, {"reason": "refused: tired"}),
                        (g.rounds, {"outcome": "timeout"})):
-        with pytest.raises(M.UnknownLabel, match="mor_server/metrics.py"):
+        with pytest.raises(M.UnknownLabel, match="mor_server/federation/metrics.py"):
             metric.labels(**kw)
     with pytest.raises(TypeError):
         m.rounds_started.labels(reason="plain")

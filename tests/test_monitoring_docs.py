@@ -12,8 +12,8 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mor_server.grpo import GRPOMetrics
-from mor_server.metrics import FederationMetrics
+from mor_server.alignment.grpo import GRPOMetrics
+from mor_server.federation.metrics import FederationMetrics
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "monitoring"
 DASHBOARD = DOCS / "grafana-dashboard.json"

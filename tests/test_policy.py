@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mor_client.data.easyvqa import ANSWERS, load_easyvqa
-from mor_server.policy import (IMAGE_TOKEN, SFTConfig, TinyLlavaConfig, _sft_batch, build_tiny_llava,
+from mor_server.alignment.policy import (IMAGE_TOKEN, SFTConfig, TinyLlavaConfig, _sft_batch, build_tiny_llava,
                                generate_answers, load_policy, normalize_answer, save_policy, sft_warm_start, user_message)
 
 SMALL = TinyLlavaConfig(image_size=32, patch_size=16, vision_hidden=32, text_hidden=32, intermediate=64, heads=2)
@@ -87,7 +87,7 @@ def test_evaluation_decodes_like_grpo_sampling_never_an_image_token(data):
     """TRL suppresses the image token when it samples GRPO completions, so GRPO never pushes that token's
     probability down; evaluation must decode under the same rule or it measures another policy (one whose greedy
     answer can be an image placeholder, i.e. an empty string)."""
-    from mor_server.policy import generation_constraints, to_pil
+    from mor_server.alignment.policy import generation_constraints, to_pil
 
     model, processor = build_tiny_llava(config=SMALL)
     image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -117,7 +117,7 @@ def test_evaluation_decodes_like_grpo_sampling_never_an_image_token(data):
 
 def test_warm_start_cache_is_keyed_by_the_data_not_its_size(data, tmp_path):
     """Two public splits of the same size (another seed's) must not share a cached reference."""
-    from mor_server.policy import examples_digest, warm_start_cached
+    from mor_server.alignment.policy import examples_digest, warm_start_cached
 
     train, _ = data
     a, b = train[:16], train[16:32]

@@ -190,7 +190,7 @@ def test_serve_health_port_flag_answers_probes_without_a_certificate(pki_dir):
 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    proc = subprocess.Popen([sys.executable, "-m", "mor_server.cli", "serve", "--pki", str(pki_dir), "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "mor_server.apps.cli", "serve", "--pki", str(pki_dir), "--port", "0",
                              "--health-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         line = proc.stdout.readline()

@@ -199,7 +199,7 @@ def test_secagg_peers_are_checked_against_the_crl(fresh_pki, tmp_path):
 
 
 def test_cli_revoke_and_crl_refresh(fresh_pki, capsys):
-    from mor_server.cli import server_main
+    from mor_server.apps.cli import server_main
 
     ca = pki.CA.load(fresh_pki).cert
     assert server_main(["pki", "revoke", "mallory", "--dir", str(fresh_pki)]) == 0

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from mor_client.data.easyvqa import load_easyvqa
-from mor_server.alignment import answer_schema, calibrate_router, calibration_items
-from mor_server.features import FeatureExtractor
-from mor_server.inprocess import InProcessBackend, LabelExpertScorer
-from mor_server.router import MoRRouter
+from mor_server.alignment.pipeline import answer_schema, calibrate_router, calibration_items
+from mor_server.alignment.features import FeatureExtractor
+from mor_server.alignment.inprocess import InProcessBackend, LabelExpertScorer
+from mor_server.alignment.router import MoRRouter
 
 DOMAINS = ("color", "shape", "yesno")
 
@@ -133,8 +133,8 @@ def test_an_items_weights_do_not_depend_on_its_batch():
     import numpy as np
 
     from mor_client.data.partition import make_federation_split
-    from mor_server.features import FeatureExtractor
-    from mor_server.router import MoRRouter
+    from mor_server.alignment.features import FeatureExtractor
+    from mor_server.alignment.router import MoRRouter
 
     fx = FeatureExtractor()
     split = make_federation_split(seed=0, n_clients=3)

@@ -19,7 +19,7 @@ HEAVY = ("torch", "transformers", "trl", "opacus", "peft", "datasets", "accelera
 
 def test_importing_the_sdk_and_server_loads_no_training_stack():
     code = ("import sys, mor_client, mor_client.client, mor_client.secagg_session, privacy.pki, privacy.membership, "
-            "privacy.audit, mor_server.server\n"
+            "privacy.audit, mor_server.federation.server\n"
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -89,7 +89,7 @@ def _base_install_env(tmp_path) -> dict:
 
 def test_readme_sdk_example_runs_verbatim_against_a_loopback_server(pki_dir, png_bytes, tmp_path):
     from fedutil import make_items
-    from mor_server.server import ServerConfig, ServerThread
+    from mor_server.federation.server import ServerConfig, ServerThread
 
     script = tmp_path / "sdk_example.py"
     script.write_text(_readme_sdk_block())
@@ -194,7 +194,7 @@ def test_sdk_warns_when_its_certificate_is_about_to_expire(tmp_path, caplog):
 def test_join_with_a_scorer_file_in_a_base_install(pki_dir, png_bytes, tmp_path):
     """`mor-client join --scorer path/to/file.py:Class` works without torch & co. and answers a round."""
     from fedutil import make_items
-    from mor_server.server import ServerConfig, ServerThread
+    from mor_server.federation.server import ServerConfig, ServerThread
 
     f = tmp_path / "my_scorers.py"
     f.write_text(SCORER_FILE)
@@ -221,7 +221,7 @@ def test_secagg_clients_in_a_base_install_complete_a_round(pki_dir, png_bytes, t
     import numpy as np
 
     from fedutil import make_items
-    from mor_server.server import ServerConfig, ServerThread
+    from mor_server.federation.server import ServerConfig, ServerThread
 
     f = tmp_path / "my_scorers.py"
     f.write_text(SCORER_FILE)

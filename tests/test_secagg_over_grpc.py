@@ -8,7 +8,7 @@ import pytest
 
 from mor_client import ClientCredentials, FederationClient, ReleasePolicy
 from mor_client.secagg_session import SecAggSession
-from mor_server.server import FederationServer, ServerConfig
+from mor_server.federation.server import FederationServer, ServerConfig
 
 from fedutil import LengthScorer, make_items
 

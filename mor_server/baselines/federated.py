@@ -1,6 +1,6 @@
 """Run a parameter-sharing baseline as a real federation: R training rounds over the server's gRPC sessions (mTLS,
 protocol revision 3), each aggregated with the rules of :mod:`mor_server.baselines.aggregation`, then the resulting
-policy evaluated with :mod:`mor_server.evaluate`.
+policy evaluated with :mod:`mor_server.alignment.evaluate`.
 
 Server state per method (docs/baselines.md):
 
@@ -181,7 +181,7 @@ class FederatedBaseline:
         return self.history
 
     def run_sync(self, server_thread) -> list[RoundRecord]:
-        """The same through a :class:`mor_server.server.ServerThread`."""
+        """The same through a :class:`mor_server.federation.server.ServerThread`."""
         for r in range(self.config.rounds):
             server_thread.call(self.run_round(server_thread.server, r),
                                self.config.timeout + server_thread.server.config.deadline_grace_s
@@ -215,7 +215,7 @@ class FederatedBaseline:
 
 def evaluate_policy(model, processor, examples: Sequence, **kw) -> dict:
     """Exact-match accuracy of a baseline's policy (overall, per domain, diversity): :func:`evaluate.accuracy`."""
-    from mor_server.evaluate import accuracy
+    from mor_server.alignment.evaluate import accuracy
 
     return accuracy(model, processor, list(examples), **kw)
 

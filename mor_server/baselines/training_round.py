@@ -1,6 +1,6 @@
 """A training round of the parameter-sharing baselines as pure logic (no grpc, no asyncio, no clock of its own).
 
-Like a scoring round (:class:`mor_server.rounds.Round`, whose participant/deadline/replay/dropout rules it
+Like a scoring round (:class:`mor_server.federation.rounds.Round`, whose participant/deadline/replay/dropout rules it
 inherits), but each participant answers with a parameter update: its trained values of the tensors the task names,
 validated here against the broadcast shapes (:func:`mor_client.training.decode_tensors`) so every malformed update
 is refused with a status naming its field and never reaches an aggregation rule.
@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from mor_client.training import METHODS, TensorProblem, decode_tensors
-from mor_server.rounds import ReportRejected, Round
+from mor_server.federation.rounds import ReportRejected, Round
 
 
 @dataclass(frozen=True)

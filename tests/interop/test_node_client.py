@@ -14,7 +14,7 @@ from npmenv import HERE, node_modules
 
 from fedutil import LengthScorer, client, make_items
 from mor_client import ReleasePolicy
-from mor_server.server import FederationServer, ServerConfig, dp_score_bound
+from mor_server.federation.server import FederationServer, ServerConfig, dp_score_bound
 
 
 @pytest.fixture(scope="module")

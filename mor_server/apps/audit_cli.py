@@ -207,7 +207,7 @@ def _report_impl(args) -> int:
     return 0 if rep["ok"] else 1
 
 
-def main(argv=None) -> int:  # standalone entry for tests / `python -m mor_server.audit_cli`
+def main(argv=None) -> int:  # standalone entry for tests / `python -m mor_server.apps.audit_cli`
     def parse():
         parser = ArgumentParser(prog="mor")
         sub = parser.add_subparsers(dest="cmd", required=True)

@@ -1,7 +1,7 @@
 """Reward callables for TRL's GRPOTrainer: the Mixture-of-Rewards reward over a backend, rule rewards, hybrid.
 
 The seam with the federation (the lead's gRPC backend implements :class:`RewardBackend`; the in-process
-backend in :mod:`mor_server.inprocess` is the baseline and what the tests use):
+backend in :mod:`mor_server.alignment.inprocess` is the baseline and what the tests use):
 
 - ``client_ids()``: the live clients now;
 - ``client_scores(items, purpose=...)``: per-client scores (plain or DP-noised), for router calibration;
@@ -30,7 +30,7 @@ from mor_client.types import ScoringItem
 
 from .features import FeatureExtractor
 from .router import MoRRouter, entropy
-from .rounds import RetryPolicy, RoundFailed  # noqa: F401  (RoundFailed is re-exported: backends raise it)
+from ..federation.rounds import RetryPolicy, RoundFailed  # noqa: F401  (RoundFailed is re-exported: backends raise it)
 
 
 #: How MoRReward turns the mixed scores into rewards (see MoRReward).
@@ -105,7 +105,7 @@ class MoRReward:
     The dataset given to TRL must have columns ``image_png`` (PNG bytes) or ``image`` (PIL), ``question`` and
     ``example_id``; an optional ``domain`` column feeds the routing-by-domain history.
 
-    valid: ``valid(question, completion_text) -> bool`` (e.g. :meth:`mor_server.answers.AnswerSchema.is_valid`).
+    valid: ``valid(question, completion_text) -> bool`` (e.g. :meth:`mor_server.alignment.answers.AnswerSchema.is_valid`).
         Completions it rejects are never sent to the clients (a reward model's score for an answer it was never
         trained to rank is meaningless) and get ``None`` here; the format rule reward prices them. Counted in
         ``unscored``. A batch with no valid completion runs no round.
@@ -114,7 +114,7 @@ class MoRReward:
         probability that the completion is preferred to the group's average, bounded in (0, 1) so that, with a
         format weight above the MoR weight, no score can make a malformed answer worth more than a well-formed one.
         ``"answer_softmax"`` (needs ``anchors``): each item's candidates are the question's possible answers
-        (``anchors(question)``, e.g. :meth:`mor_server.answers.AnswerSchema.valid_answers`) plus any other
+        (``anchors(question)``, e.g. :meth:`mor_server.alignment.answers.AnswerSchema.valid_answers`) plus any other
         completion, each scored once; a completion's reward is its probability under the calibrated mixture,
         ``softmax_a(alpha * r(a))[completion]``: an absolute signal in (0, 1) that does not depend on which other
         completions were sampled (with group_sigmoid a group whose only well-formed completion is right gets 0.5).
@@ -166,7 +166,7 @@ class MoRReward:
         domains = _column(kwargs, "domain", n)
         if questions is None or images is None:
             raise ValueError("MoRReward needs dataset columns 'question' and 'image_png' (or 'image'); build the "
-                             "GRPO dataset with mor_server.grpo.make_prompt_dataset")
+                             "GRPO dataset with mor_server.alignment.grpo.make_prompt_dataset")
         if ids is None:
             ids = [f"{q}|{hash(png_bytes(im))}" for q, im in zip(questions, images)]
         order: dict[str, int] = {}
@@ -327,7 +327,7 @@ class FormatReward:
     """1.0 when the completion is exactly one answer word valid for its question, else 0.0.
 
     answers: the task's answer set (any question takes any of them), or an
-    :class:`~mor_server.answers.AnswerSchema` (typed: a colour question takes a colour; needs the dataset column
+    :class:`~mor_server.alignment.answers.AnswerSchema` (typed: a colour question takes a colour; needs the dataset column
     ``question``).
     """
 

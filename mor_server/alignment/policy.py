@@ -1,5 +1,8 @@
 """Policy VLMs for alignment: a built-in tiny Llava, SFT warm start, and loading a local HF VLM (+ LoRA).
 
+One module although over 400 lines: the builder, the warm-start stages, tokenisation and decoding all share
+one prompt format (the chat template, ``_sft_batch``, ``generation_constraints``), which a split would scatter.
+
 The built-in default is a ``LlavaForConditionalGeneration`` built from a config (tiny SigLIP vision tower +
 tiny Llama), a word-level tokenizer over the task vocabulary (``tokenizers`` wrapped in
 ``PreTrainedTokenizerFast``, ``<image>`` is one token) and a ``LlavaProcessor`` with a chat template, so TRL's

@@ -108,9 +108,9 @@ def _quorum(args) -> int:
 def _config(args, resume_key: str):
     import easy_vqa
 
-    from .alignment import AlignmentConfig
-    from .grpo import GRPORunConfig
-    from .policy import SFTConfig
+    from ..alignment.pipeline import AlignmentConfig
+    from ..alignment.grpo import GRPORunConfig
+    from ..alignment.policy import SFTConfig
 
     grpo = {k: v for k, v in dict(max_steps=args.steps, learning_rate=args.lr, beta=args.beta,
                                   temperature=args.temperature).items() if v is not None}
@@ -141,12 +141,12 @@ def _align_cmd(args: argparse.Namespace) -> int:
 def _run(args, work: Path, stop, sigs) -> dict:
     from mor_client.data.partition import make_federation_split
 
-    from .alignment import heldout_test, run_alignment
+    from ..alignment.pipeline import heldout_test, run_alignment
 
     split = make_federation_split(seed=args.seed)
     data = dict(public=split.server_public, unlabeled=split.server_unlabeled, test=heldout_test(split))
     if not args.serve:
-        from .inprocess import InProcessBackend, LabelExpertScorer
+        from ..alignment.inprocess import InProcessBackend, LabelExpertScorer
 
         if args.models is not None:
             from mor_client.rewards.scorer import RewardModelScorer
@@ -168,9 +168,9 @@ def _run_federated(args, work: Path, stop, sigs, data) -> dict:
     from privacy import pki
     from privacy.audit import AuditError, AuditLog
 
-    from .alignment import run_alignment
-    from .federated import FederatedBackend
-    from .server import ServerConfig, ServerThread
+    from ..alignment.pipeline import run_alignment
+    from ..federation.backend import FederatedBackend
+    from ..federation.server import ServerConfig, ServerThread
 
     try:
         audit = AuditLog(work / "server-audit.jsonl", actor="server", on_torn="recover",
@@ -212,14 +212,14 @@ def _run_federated(args, work: Path, stop, sigs, data) -> dict:
 
 
 def _print(rep: dict) -> None:
-    from .evaluate import format_accuracy_table
+    from ..alignment.evaluate import format_accuracy_table
 
     b, f = rep["accuracy_before"], rep["accuracy_after"]
     print(f"accuracy {b['overall']:.3f} -> {f['overall']:.3f}  " + "  ".join(
         f"{d}: {b['by_domain'][d]:.3f} -> {f['by_domain'].get(d, 0):.3f}" for d in b["by_domain"]))
     if f.get("diversity"):
         print(format_accuracy_table(f))
-    from .alignment import routing_summary
+    from ..alignment.pipeline import routing_summary
 
     line = routing_summary(rep.get("router") or {})
     if line:

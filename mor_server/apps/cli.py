@@ -323,7 +323,7 @@ SERVE_MODES = MODES
 
 async def _serve_rounds(server, args) -> None:
     """The ``--rounds`` job: wait for the clients, run the rounds, print one line each."""
-    from .public_items import public_scoring_items
+    from ..federation.public_items import public_scoring_items
 
     online = await server.wait_for_clients(args.min_clients, timeout=args.wait_clients, mode=args.mode)
     print(f"clients online ({args.mode}): {', '.join(online)}", flush=True)
@@ -345,7 +345,7 @@ def _serve(args) -> int:
     """Serve until SIGINT/SIGTERM. Both are honoured at every stage: while waiting for clients, during a round (the
     round is cancelled: clients get RoundCancelled) and while idle; the server then stops gracefully (exit code 0
     when idle, 128 + the signal when --rounds had not all run)."""
-    from .server import FederationServer, ServerConfig
+    from ..federation.server import FederationServer, ServerConfig
 
     if args.port < 0 or args.port > 65535:
         raise UsageError(f"--port {args.port} is not a TCP port (0-65535)")

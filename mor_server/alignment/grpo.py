@@ -129,7 +129,7 @@ class GRPOMetrics:
         self.reward_std = Gauge("mor_grpo_reward_std", "Std of the total reward of the last logged step", registry=r)
         self.kl = Gauge("mor_grpo_kl", "KL to the reference at the last logged step", registry=r)
         self.loss = Gauge("mor_grpo_loss", "GRPO loss at the last logged step", registry=r)
-        from .metrics import REWARD_ROUND_OUTCOMES, ClosedLabel
+        from ..federation.metrics import REWARD_ROUND_OUTCOMES, ClosedLabel
 
         self.rounds = ClosedLabel(Counter("mor_reward_rounds", "Reward scoring rounds run for GRPO", ["outcome"],
                                           registry=r), "outcome", REWARD_ROUND_OUTCOMES)

@@ -60,7 +60,7 @@ class ClosedLabel:
         value = args[0] if args else kwargs[self.label]
         if value not in self.values:
             raise UnknownLabel(f"{self.metric._name}: {self.label}={value!r} is not one of {list(self.values)}; add it "
-                               "to the label set in mor_server/metrics.py (and to docs/monitoring/ if it is charted)")
+                               "to the label set in mor_server/federation/metrics.py (and to docs/monitoring/ if it is charted)")
         return self.metric.labels(**{self.label: value})
 
     def __getattr__(self, name):
@@ -76,7 +76,7 @@ def dropout_reason(why: str) -> str:
         return head
     if head not in _unlisted and len(_unlisted) < 100:
         _unlisted.add(head)
-        log.warning("dropout reason %r is not in mor_server.metrics.DROPOUT_REASONS; counted as 'other'", head[:80])
+        log.warning("dropout reason %r is not in mor_server.federation.metrics.DROPOUT_REASONS; counted as 'other'", head[:80])
     return "other"
 
 

@@ -10,7 +10,7 @@
 When a client drops, the mixture is renormalised over the clients that answered (per item: divide by the sum of
 the responders' weights), so a dropout never turns into a zero reward. Each call runs exactly ONE round, which ends
 by its own deadline inside the server (``timeout``); a failed round raises ``RoundFailed`` and the caller's
-:class:`~mor_server.rounds.RetryPolicy` (in ``MoRReward`` / ``calibrate_router``, the only layer that retries)
+:class:`~mor_server.federation.rounds.RetryPolicy` (in ``MoRReward`` / ``calibrate_router``, the only layer that retries)
 decides whether to try again. :meth:`FederatedBackend.cancel` cancels the round in flight on the server's loop and
 waits until it has ended (recorded as failed, "cancelled"; clients told), so no abandoned round keeps running.
 """

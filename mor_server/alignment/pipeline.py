@@ -28,7 +28,7 @@ from .features import FeatureExtractor
 from .grpo import GRPOMetrics, GRPORunConfig, make_prompt_dataset, run_grpo
 from .policy import (SFTConfig, TinyLlavaConfig, load_policy, normalize_answer, save_policy, warm_start_cached)
 from .rewards import MoRReward, RewardBackend, RoundFailed, hybrid_rewards
-from .rounds import RetryPolicy
+from ..federation.rounds import RetryPolicy
 from .router import MoRRouter
 
 
@@ -382,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m mor_server.alignment``: an alias of ``mor align`` (mor_server/align_cli.py)."""
     import sys
 
-    from .cli import mor_main
+    from ..apps.cli import mor_main
 
     return mor_main(["align", *(sys.argv[1:] if argv is None else argv)])
 

@@ -1,7 +1,7 @@
 """Job control of the long runs (``mor demo``, ``mor align``): SIGINT/SIGTERM handling, an exclusive lock on the
 work folder, and tidy progress bars when a run stops.
 
-Inside GRPO a signal ends the current optimizer step with a checkpoint (:class:`mor_server.grpo.GracefulStop`);
+Inside GRPO a signal ends the current optimizer step with a checkpoint (:class:`mor_server.alignment.grpo.GracefulStop`);
 anywhere else :class:`RunInterrupted` is raised at once; a second signal interrupts at once too. A rerun of the same
 command resumes (cached models and warm start, the calibrated router, GRPO from its newest complete checkpoint).
 """
@@ -104,7 +104,7 @@ def run_job(work: Path, prog: str, body: "Callable[[object, Signals], T]") -> T:
     """Run a long job in ``work``: hold the folder's lock, install the SIGINT/SIGTERM handlers, and call
     ``body(stop, sigs)`` (``stop``: the GracefulStop to hand to GRPO). A GRPO stopped by a signal
     (GRPOInterrupted) becomes :class:`RunInterrupted` naming its checkpoint."""
-    from .grpo import GracefulStop, GRPOInterrupted
+    from ..alignment.grpo import GracefulStop, GRPOInterrupted
 
     Path(work).mkdir(parents=True, exist_ok=True)
     lock = lock_workdir(work, prog)

@@ -45,7 +45,7 @@ from privacy import pki
 # imported here, never inside a round: the first SecAgg round must not pay the import on the event loop
 from privacy.secagg import STAGES as _SECAGG_STAGES  # noqa: F401
 
-from .baselines.training_round import TrainingRound, TrainingSpec
+from ..baselines.training_round import TrainingRound, TrainingSpec
 from .metrics import FederationMetrics
 from .registry import CardInvalid, ClientRegistry
 from .rounds import ReportRejected, Round, RoundBook, RoundCancelled, RoundOutcome, RoundState, validate_scores
@@ -1390,7 +1390,7 @@ class ServerThread:
 
     @property
     def metrics(self):
-        """The server's :class:`~mor_server.metrics.FederationMetrics` (prometheus-client is thread-safe)."""
+        """The server's :class:`~mor_server.federation.metrics.FederationMetrics` (prometheus-client is thread-safe)."""
         return self.server.metrics
 
     @property

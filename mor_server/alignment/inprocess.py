@@ -1,4 +1,4 @@
-"""An in-process :class:`~mor_server.rewards.RewardBackend` over local scorers (no network, no privacy mode).
+"""An in-process :class:`~mor_server.alignment.rewards.RewardBackend` over local scorers (no network, no privacy mode).
 
 It is the baseline the federation benchmark compares against (same reward models, called directly) and what
 the alignment tests use.

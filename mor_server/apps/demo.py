@@ -223,7 +223,7 @@ def _first_error(e: ValidationError) -> str:
 
 def _check_grpo(grpo: dict) -> None:
     """``grpo`` overrides: known GRPORunConfig fields of the right types and ranges (checked before any work)."""
-    from .grpo import GRPORunConfig
+    from ..alignment.grpo import GRPORunConfig
 
     known = {f.name for f in fields(GRPORunConfig)}
     unknown = sorted(set(grpo) - known)
@@ -343,8 +343,8 @@ def align(cfg: DemoConfig, work: Path, backend, server, *, cards: dict | None = 
     from mor_client.data.partition import make_federation_split
     from privacy.ledger import PrivacyLedger
 
-    from .alignment import AlignmentConfig, heldout_test, run_alignment
-    from .grpo import GRPORunConfig
+    from ..alignment.pipeline import AlignmentConfig, heldout_test, run_alignment
+    from ..alignment.grpo import GRPORunConfig
 
     split = make_federation_split(seed=cfg.seed, n_clients=len(cfg.clients))
     heldout = {c["name"]: split.clients[c["partition"]].heldout for c in cfg.clients
@@ -355,7 +355,7 @@ def align(cfg: DemoConfig, work: Path, backend, server, *, cards: dict | None = 
         raise ValueError(f"grpo: unknown setting(s) {unknown}; known: {sorted(known)}")
     import easy_vqa
 
-    from .policy import SFTConfig
+    from ..alignment.policy import SFTConfig
 
     extra = alignment_overrides(cfg)
     if "heldout_pairs" in extra:
@@ -401,8 +401,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 def _run_demo_locked(cfg: DemoConfig, work: Path, stop, sigs) -> dict:
     from privacy.audit import AuditError, AuditLog
 
-    from .federated import FederatedBackend
-    from .server import ServerConfig, ServerThread
+    from ..federation.backend import FederatedBackend
+    from ..federation.server import ServerConfig, ServerThread
 
     reaped = reap_stale(_pid_dir(work))
     if reaped:
@@ -502,11 +502,11 @@ def print_summary(report: dict, out: Path) -> None:
     for k, b, a in rows:
         print(f"{k:<24}{100 * b:>9.1f}%{100 * a:>9.1f}%{100 * (a - b):>+8.1f}")
     if after.get("diversity"):
-        from .evaluate import format_accuracy_table
+        from ..alignment.evaluate import format_accuracy_table
         print("aligned policy's answers per domain (accuracy next to what always giving the commonest answer scores):")
         print(format_accuracy_table(after))
     print(f"KL(aligned || reference): {al['kl_to_reference']:.4f}")
-    from .alignment import routing_summary
+    from ..alignment.pipeline import routing_summary
 
     line = routing_summary(al.get("router") or {})
     if line:
@@ -538,7 +538,7 @@ def register(sub) -> None:
     from mor.cliargs import existing_file
 
     p.add_argument("--config", type=existing_file,
-                   help="JSON file with DemoConfig settings (README, 'mor demo'; docstrings in mor_server/demo.py)")
+                   help="JSON file with DemoConfig settings (README, 'mor demo'; docstrings in mor_server/apps/demo.py)")
     p.add_argument("--workdir", type=output_dir, help="output folder (default: runs/demo)")
     p.add_argument("--mode", choices=MODES, help="privacy mode of GRPO's scoring rounds (default: secagg)")
     p.add_argument("--seed", type=non_negative_int, help="seed of the split, inits, DP noise and sampling (default: 0)")
