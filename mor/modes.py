@@ -9,7 +9,7 @@ A mode says what leaves a client for one round (docs/protocol.md, README "Privac
 
 ``PrivacyMode`` is a ``str`` enum, so a member equals its wire string (``PrivacyMode.SECAGG_DP == "secagg+dp"``)
 and code that stores or compares plain strings keeps working; the ``mor.v1.PrivacyMode`` protobuf enum is the
-same list on the wire (``mor_client.wire.MODE_TO_PB``).
+same list on the wire (``mor.wire.MODE_TO_PB``).
 """
 
 from __future__ import annotations

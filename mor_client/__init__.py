@@ -4,7 +4,7 @@ from privacy.pki import ClientCredentials
 
 from .client import ClientError, ClientThread, FederationClient
 from .release import Release, ReleasePolicy
-from .types import FunctionScorer, Scorer, ScoringItem
+from mor.types import FunctionScorer, Scorer, ScoringItem
 
 __all__ = ["ClientCredentials", "ClientError", "ClientThread", "FederationClient", "FunctionScorer", "Release",
            "ReleasePolicy", "Scorer", "ScoringItem"]

@@ -35,7 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .training import METHODS, TrainingRefused, TrainingRequest, TrainingResult, is_private
+from mor.training import METHODS, is_private
+
+from .training import TrainingRefused, TrainingRequest, TrainingResult
 
 LORA_TARGET = r".*language_model.*\.o_proj"
 """peft ``target_modules`` regex: the attention output projections of the language model only."""

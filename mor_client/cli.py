@@ -47,7 +47,7 @@ def scorer_from_spec(spec: str):
     installed or on PYTHONPATH) or ``path/to/file.py:attr`` (the file is loaded as a module under its own name; its
     folder is not added to ``sys.path``). ``attr`` may name a class (instantiated without arguments), an object with
     ``.score(items)``, or a function ``f(items) -> list[list[float]]`` (wrapped in ``FunctionScorer``)."""
-    from .types import FunctionScorer
+    from mor.types import FunctionScorer
 
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:

@@ -30,8 +30,8 @@ from mor.v1 import federation_pb2_grpc as pb_grpc
 from privacy.pki import ClientCredentials
 
 from .release import Release, ReleasePolicy
-from .types import ScoreShapeError, Scorer, check_score_shape
-from .wire import PB_TO_MODE, PROTOCOL_REVISION, SDK_VERSION, card_to_pb, flatten, items_from_pb
+from mor.types import ScoreShapeError, Scorer, check_score_shape
+from mor.wire import PB_TO_MODE, PROTOCOL_REVISION, SDK_VERSION, card_to_pb, flatten, items_from_pb
 
 log = logging.getLogger("mor.client")
 _PERMANENT = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,

@@ -22,7 +22,7 @@ from mor.v1 import federation_pb2 as pb
 from privacy import pki
 
 from .release import Release
-from .wire import PB_TO_MODE
+from mor.wire import PB_TO_MODE
 
 log = logging.getLogger("mor.client.secagg")
 

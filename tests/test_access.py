@@ -78,7 +78,7 @@ def test_identity_certificate_must_match_tls_identity(pki_dir):
             alice = ClientCredentials.from_dir(pki_dir / "clients/alice")
             bob = ClientCredentials.from_dir(pki_dir / "clients/bob")
             creds = grpc.ssl_channel_credentials(alice.ca_pem, alice.tls_key_pem, alice.tls_cert_pem)
-            from mor_client.wire import card_to_pb
+            from mor.wire import card_to_pb
             async with grpc.aio.secure_channel(f"localhost:{server.port}", creds) as ch:
                 stub = pb_grpc.FederationStub(ch)
                 with pytest.raises(grpc.aio.AioRpcError) as e:

@@ -328,7 +328,8 @@ def test_dp_noise_is_not_determined_by_the_servers_seed(tiny):
     same data answering the same DP task must therefore send different updates; without DP the seed makes runs
     reproducible."""
     from mor_client.baselines import PolicyTrainer, projector_state
-    from mor_client.training import TrainingRequest, check_hparams
+    from mor.training import check_hparams
+    from mor_client.training import TrainingRequest
 
     model, proc = tiny
     params = projector_state(model)
@@ -354,7 +355,8 @@ def test_client_privacy_ceiling_bounds_what_the_server_can_spend(tiny, tmp_path)
     max_epsilon the client refuses any round that would take its ledger (everything it records: reward models,
     earlier runs) past its own ceiling, before training, and charges nothing for it."""
     from mor_client.baselines import PolicyTrainer, projector_state
-    from mor_client.training import TrainingRefused, TrainingRequest, check_hparams
+    from mor.training import check_hparams
+    from mor_client.training import TrainingRefused, TrainingRequest
     from privacy.ledger import PrivacyLedger
 
     model, proc = tiny

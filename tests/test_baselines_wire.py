@@ -12,9 +12,10 @@ import pytest
 from mor.v1 import federation_pb2 as pb
 from mor.v1 import federation_pb2_grpc as pb_grpc
 from mor_client import ClientCredentials, FederationClient
-from mor_client.training import (TRAINING_REVISION, TensorProblem, TrainingRefused, TrainingResult, decode_tensors,
-                                 encode_tensor, hparams_from_pb, hparams_to_pb, tensors_to_pb)
-from mor_client.wire import card_to_pb
+from mor.training import (TRAINING_REVISION, TensorProblem, decode_tensors, encode_tensor, hparams_from_pb,
+                          hparams_to_pb, tensors_to_pb)
+from mor_client.training import TrainingRefused, TrainingResult
+from mor.wire import card_to_pb
 from mor_server.baselines import aggregation as agg
 from mor_server.baselines.training_round import TrainingRound, TrainingSpec, validate_update
 from mor_server.federation.rounds import ReportRejected

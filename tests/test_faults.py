@@ -13,7 +13,7 @@ from mor.v1 import federation_pb2 as pb
 from mor.v1 import federation_pb2_grpc as pb_grpc
 from mor_client import ClientCredentials, FederationClient
 from mor_client.client import ClientThread
-from mor_client.wire import card_to_pb
+from mor.wire import card_to_pb
 from mor_server.alignment.features import FeatureExtractor
 from mor_server.federation.backend import FederatedBackend
 from mor_server.alignment.rewards import MoRReward

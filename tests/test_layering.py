@@ -95,6 +95,15 @@ def test_server_rooms_import_only_what_docs_architecture_allows():
     assert not bad, "imports across rooms of mor_server (docs/architecture.md):\n" + "\n".join(bad)
 
 
+def test_the_federation_shares_only_the_contract_with_the_sdk():
+    """The server side of the wire speaks the contract in mor/ (types, wire helpers, the training codec), never
+    the client SDK: a client-side change cannot change what the server accepts."""
+    bad = [f"{f.relative_to(ROOT)}:{line} imports mor_client"
+           for f in sorted((ROOT / "mor_server" / "federation").rglob("*.py"))
+           for line, top in _imports(f) if top == "mor_client"]
+    assert not bad, "\n".join(bad)
+
+
 def test_importing_the_sdk_pulls_no_training_stack():
     """An institution embedding the SDK with its own scorer needs none of torch, transformers, trl, opacus."""
     code = ("import sys, mor_client, mor_client.cli; "

@@ -10,8 +10,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mor_client.training import METHODS
-from mor_client.wire import MODE_TO_PB
+from mor.training import METHODS
+from mor.wire import MODE_TO_PB
 from mor_server.federation import metrics as M
 from mor_server.alignment.grpo import GRPOMetrics
 

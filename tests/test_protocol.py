@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from mor.v1 import federation_pb2 as pb
-from mor_client.wire import PROTOCOL_REVISION, card_to_pb
+from mor.wire import PROTOCOL_REVISION, card_to_pb
 
 from fedutil import CARD, federation, make_items
 from test_wire_validation import RawClient

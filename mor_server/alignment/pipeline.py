@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from mor_client.types import ScoringItem
+from mor.types import ScoringItem
 
 from .answers import AnswerSchema
 from .evaluate import (accuracy, accuracy_callback, domain_of, format_accuracy_table, kl_to_reference, plot_report,

@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
-from mor_client.types import ScoringItem
+from mor.types import ScoringItem
 
 from .features import FeatureExtractor
 from .router import MoRRouter, entropy

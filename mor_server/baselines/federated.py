@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from mor_client.training import METHODS, check_hparams
+from mor.training import METHODS, check_hparams
 
 from . import aggregation as agg
 
@@ -42,7 +42,7 @@ class BaselineConfig:
     lora_alpha: float = 64.0
     """FLORA's reference: rank 2, lora_alpha 64 (a scaling of 32)."""
     hparams: dict = field(default_factory=dict)
-    """Local training (keys of ``mor_client.training.HPARAM_DEFAULTS``); round_index and total_rounds are set per
+    """Local training (keys of ``mor.training.HPARAM_DEFAULTS``); round_index and total_rounds are set per
     round from ``rounds``; ``epsilon`` is the example-level budget of the whole run (inf: no DP)."""
     min_clients: int | None = None
     """Fewest updates a round needs (None: every client that trains the method)."""

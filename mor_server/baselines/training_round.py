@@ -2,7 +2,7 @@
 
 Like a scoring round (:class:`mor_server.federation.rounds.Round`, whose participant/deadline/replay/dropout rules it
 inherits), but each participant answers with a parameter update: its trained values of the tensors the task names,
-validated here against the broadcast shapes (:func:`mor_client.training.decode_tensors`) so every malformed update
+validated here against the broadcast shapes (:func:`mor.training.decode_tensors`) so every malformed update
 is refused with a status naming its field and never reaches an aggregation rule.
 """
 
@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from mor_client.training import METHODS, TensorProblem, decode_tensors
+from mor.training import METHODS, TensorProblem, decode_tensors
 from mor_server.federation.rounds import ReportRejected, Round
 
 

@@ -23,8 +23,8 @@ from typing import Sequence
 import numpy as np
 
 from mor.modes import MODES, PER_CLIENT_MODES, SECAGG_MODES
-from mor_client.types import ScoringItem
-from mor_client.wire import unflatten
+from mor.types import ScoringItem
+from mor.wire import unflatten
 
 from .rounds import RoundCancelled, RoundFailed
 from .server import FederationServer, ServerThread

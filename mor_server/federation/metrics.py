@@ -18,7 +18,7 @@ from typing import Iterable
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from mor_client.training import METHODS as TRAINING_METHODS
+from mor.training import METHODS as TRAINING_METHODS
 from privacy.secagg.stages import STAGES as SECAGG_STAGES
 from .registry import KNOWN_MODES
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from mor_client.types import ScoringItem
+from mor.types import ScoringItem
 
 SHAPES = ("circle", "rectangle", "triangle")
 YESNO = ("yes", "no")

@@ -37,9 +37,9 @@ from grpc_reflection.v1alpha import reflection_pb2 as _reflection_pb2
 from mor.modes import SECAGG_MODES
 from mor.v1 import federation_pb2 as pb
 from mor.v1 import federation_pb2_grpc as pb_grpc
-from mor_client.training import METHODS as _TRAINING_METHODS
-from mor_client.types import ScoringItem
-from mor_client.wire import (MIN_PROTOCOL_REVISION, PROTOCOL_REVISION, SDK_VERSION, card_from_pb, check_card_pb,
+from mor.training import METHODS as _TRAINING_METHODS
+from mor.types import ScoringItem
+from mor.wire import (MIN_PROTOCOL_REVISION, PROTOCOL_REVISION, SDK_VERSION, card_from_pb, check_card_pb,
                              expected_scores, items_to_pb, mode_to_pb, unflatten)
 from privacy import pki
 # imported here, never inside a round: the first SecAgg round must not pay the import on the event loop
@@ -1010,7 +1010,7 @@ class FederationServer(pb_grpc.FederationServicer):
     # -- training rounds of the parameter-sharing baselines (protocol revision 3, docs/protocol.md §9) ----------
     def online_trainers(self, method: str) -> list[str]:
         """Online clients that announced ``method`` in RegisterRequest.training_methods and speak revision 3."""
-        from mor_client.training import TRAINING_REVISION
+        from mor.training import TRAINING_REVISION
 
         return [c for c in self.online_clients() if method in self._training_methods.get(c, ())
                 and self._conns[c].revision >= TRAINING_REVISION]
@@ -1034,13 +1034,13 @@ class FederationServer(pb_grpc.FederationServicer):
                                  min_clients: int | None = None, timeout: float = 600.0, value_bound: float = 1e4,
                                  max_num_examples: int = 10_000_000, round_id: str | None = None) -> RoundOutcome:
         """One training round of a parameter-sharing baseline: broadcast ``params`` (name -> float32 array) with
-        the method and local-training ``hparams`` (:data:`mor_client.training.HPARAM_DEFAULTS`), gather each
+        the method and local-training ``hparams`` (:data:`mor.training.HPARAM_DEFAULTS`), gather each
         participant's validated update. ``update_names``: the tensors clients send back (default: all). Like
         :meth:`run_round` it never raises for client behaviour: ``outcome.reports[c]`` is a
         :class:`~mor_server.baselines.training_round.ClientUpdate` (tensors, num_examples, epsilon, digest); a
         failed round has state FAILED and a reason. Recorded in the audit log (digests and counts, never the
         tensors) and the round metrics under mode ``train:<method>``."""
-        from mor_client.training import hparams_to_pb, tensors_to_pb
+        from mor.training import hparams_to_pb, tensors_to_pb
 
         params = {n: np.asarray(v, dtype=np.float32) for n, v in params.items()}
         spec = TrainingSpec(method, {n: tuple(v.shape) for n, v in params.items()},
@@ -1104,7 +1104,7 @@ class FederationServer(pb_grpc.FederationServicer):
         client's update. ``reports`` of a completed round: ``{"mean": {name: array}, "num_examples": total,
         "survivors": [...]}``. Fixed point: 2^-frac_bits per coordinate of n_k theta_k; every value of a client's
         input must lie within value_bound * max_num_examples (else that client refuses: OUT_OF_RANGE)."""
-        from mor_client.training import hparams_to_pb, tensors_to_pb
+        from mor.training import hparams_to_pb, tensors_to_pb
         from privacy.secagg import STAGES, SecAggServer
 
         if method not in ("fedit", "ffa"):

@@ -6,8 +6,8 @@ import json
 import math
 from typing import Sequence
 
-from mor.modes import PrivacyMode
-from mor.v1 import federation_pb2 as pb
+from .modes import PrivacyMode
+from .v1 import federation_pb2 as pb
 
 from .types import ScoringItem
 
