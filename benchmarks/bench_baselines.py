@@ -64,7 +64,8 @@ async def _federated_run(split, test, model, proc, method: str, epsilon: float, 
     from mor_client.baselines import PolicyTrainer, examples_from_pairs
     from mor_client.secagg_session import SecAggSession
     from mor_server.baselines.federated import BaselineConfig, run_baseline
-    from mor_server.federation.server import FederationServer, ServerConfig
+    from mor_server.federation.config import ServerConfig
+    from mor_server.federation.server import FederationServer
     from privacy import pki
     from privacy.ledger import PrivacyLedger
 

@@ -70,7 +70,8 @@ def main() -> int:
     from mor_server.alignment.policy import warm_start_cached
     from mor_server.apps.procs import ClientProcess, mor_client_argv, stop_all
     from mor_server.alignment.rewards import MoRReward
-    from mor_server.federation.server import ServerConfig, ServerThread
+    from mor_server.federation.config import ServerConfig
+    from mor_server.federation.thread import ServerThread
     from privacy import pki
 
     work = Path(tempfile.mkdtemp(prefix="mor-bench-grpo-"))

@@ -21,7 +21,8 @@ from pathlib import Path
 from easy_vqa import get_answers, get_train_image_paths, get_train_questions
 
 from mor_client import ClientCredentials, FederationClient, ScoringItem
-from mor_server.federation.server import FederationServer, ServerConfig
+from mor_server.federation.config import ServerConfig
+from mor_server.federation.server import FederationServer
 from privacy import pki
 
 

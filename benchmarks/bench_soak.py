@@ -74,7 +74,8 @@ def _rss_mib(pid: int) -> float | None:
 async def serve(a) -> None:
     from privacy import pki
     from privacy.audit import AuditLog
-    from mor_server.federation.server import AUDIT_MAX_INLINE, FederationServer, ServerConfig
+    from mor_server.federation.config import AUDIT_MAX_INLINE, ServerConfig
+    from mor_server.federation.server import FederationServer
 
     work = Path(a.workdir)
     audit = AuditLog(work / "server-audit.jsonl", signing_key=pki.load_identity_key(work / "pki/server/identity.key"),

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 
 from mor_client import ClientCredentials, FederationClient, ScoringItem
-from mor_server.federation.server import FederationServer, ServerConfig
+from mor_server.federation.config import ServerConfig
+from mor_server.federation.server import FederationServer
 
 
 class LengthScorer:

@@ -9,7 +9,8 @@ import pytest
 from mor.v1 import federation_pb2 as pb
 from mor.v1 import federation_pb2_grpc as pb_grpc
 from mor_client import ClientCredentials, ClientError, FederationClient
-from mor_server.federation.server import FederationServer, ServerConfig
+from mor_server.federation.config import ServerConfig
+from mor_server.federation.server import FederationServer
 from privacy import pki
 
 from fedutil import CARD, LengthScorer, federation

@@ -12,7 +12,8 @@ import pytest
 from mor_client import ClientCredentials, FederationClient
 from mor_server.baselines import aggregation as agg
 from mor_server.baselines.federated import BaselineConfig, FederatedBaseline, evaluate_policy
-from mor_server.federation.server import FederationServer, ServerConfig
+from mor_server.federation.config import ServerConfig
+from mor_server.federation.server import FederationServer
 
 from fedutil import CARD, LengthScorer, start_federation, stop_federation
 

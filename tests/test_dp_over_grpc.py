@@ -9,7 +9,8 @@ import numpy as np
 
 from mor_client import ClientCredentials, FederationClient, ReleasePolicy
 from mor_server.federation.rounds import RoundState
-from mor_server.federation.server import FederationServer, ServerConfig
+from mor_server.federation.config import ServerConfig
+from mor_server.federation.server import FederationServer
 from privacy.ledger import PrivacyLedger
 
 from fedutil import LengthScorer, make_items

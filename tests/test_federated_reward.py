@@ -11,7 +11,8 @@ from mor_server.federation.backend import FederatedBackend
 from mor_server.alignment.inprocess import InProcessBackend
 from mor_server.alignment.rewards import MoRReward
 from mor_server.alignment.router import MoRRouter
-from mor_server.federation.server import ServerConfig, ServerThread
+from mor_server.federation.config import ServerConfig
+from mor_server.federation.thread import ServerThread
 
 from fedutil import LengthScorer
 

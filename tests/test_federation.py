@@ -8,7 +8,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mor_server.federation.rounds import RoundState
-from mor_server.federation.server import FederationServer, ServerConfig
+from mor_server.federation.config import ServerConfig
+from mor_server.federation.server import FederationServer
 
 from fedutil import LengthScorer, federation, make_items
 

@@ -300,7 +300,8 @@ def test_membership_over_the_federation_stream(fed, png_bytes):
     proofs are membership certificates); once the operator adds its own TLS-certified sybil to the round, every
     member refuses it and the round fails instead of counting the sybil."""
     from mor_client import FederationClient, ReleasePolicy
-    from mor_server.federation.server import FederationServer, ServerConfig
+    from mor_server.federation.config import ServerConfig
+    from mor_server.federation.server import FederationServer
 
     from fedutil import LengthScorer, make_items
 

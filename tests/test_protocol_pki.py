@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from mor_client import ClientCredentials, FederationClient
 from mor_client.cli import main as client_main
 from mor_server.apps.cli import server_main
-from mor_server.federation.server import FederationServer, ServerConfig
+from mor_server.federation.config import ServerConfig
+from mor_server.federation.server import FederationServer
 from privacy import pki
 
 from fedutil import CARD, LengthScorer, make_items

@@ -89,7 +89,8 @@ def _base_install_env(tmp_path) -> dict:
 
 def test_readme_sdk_example_runs_verbatim_against_a_loopback_server(pki_dir, png_bytes, tmp_path):
     from fedutil import make_items
-    from mor_server.federation.server import ServerConfig, ServerThread
+    from mor_server.federation.config import ServerConfig
+    from mor_server.federation.thread import ServerThread
 
     script = tmp_path / "sdk_example.py"
     script.write_text(_readme_sdk_block())
@@ -194,7 +195,8 @@ def test_sdk_warns_when_its_certificate_is_about_to_expire(tmp_path, caplog):
 def test_join_with_a_scorer_file_in_a_base_install(pki_dir, png_bytes, tmp_path):
     """`mor-client join --scorer path/to/file.py:Class` works without torch & co. and answers a round."""
     from fedutil import make_items
-    from mor_server.federation.server import ServerConfig, ServerThread
+    from mor_server.federation.config import ServerConfig
+    from mor_server.federation.thread import ServerThread
 
     f = tmp_path / "my_scorers.py"
     f.write_text(SCORER_FILE)
@@ -221,7 +223,8 @@ def test_secagg_clients_in_a_base_install_complete_a_round(pki_dir, png_bytes, t
     import numpy as np
 
     from fedutil import make_items
-    from mor_server.federation.server import ServerConfig, ServerThread
+    from mor_server.federation.config import ServerConfig
+    from mor_server.federation.thread import ServerThread
 
     f = tmp_path / "my_scorers.py"
     f.write_text(SCORER_FILE)

@@ -8,7 +8,8 @@ import pytest
 
 from mor_client import ClientCredentials, FederationClient, ReleasePolicy
 from mor_client.secagg_session import SecAggSession
-from mor_server.federation.server import FederationServer, ServerConfig
+from mor_server.federation.config import ServerConfig
+from mor_server.federation.server import FederationServer
 
 from fedutil import LengthScorer, make_items
 

@@ -170,7 +170,8 @@ def _run_federated(args, work: Path, stop, sigs, data) -> dict:
 
     from ..alignment.pipeline import run_alignment
     from ..federation.backend import FederatedBackend
-    from ..federation.server import ServerConfig, ServerThread
+    from ..federation.config import ServerConfig
+    from ..federation.thread import ServerThread
 
     try:
         audit = AuditLog(work / "server-audit.jsonl", actor="server", on_torn="recover",

@@ -345,7 +345,8 @@ def _serve(args) -> int:
     """Serve until SIGINT/SIGTERM. Both are honoured at every stage: while waiting for clients, during a round (the
     round is cancelled: clients get RoundCancelled) and while idle; the server then stops gracefully (exit code 0
     when idle, 128 + the signal when --rounds had not all run)."""
-    from ..federation.server import FederationServer, ServerConfig
+    from ..federation.config import ServerConfig
+    from ..federation.server import FederationServer
 
     if args.port < 0 or args.port > 65535:
         raise UsageError(f"--port {args.port} is not a TCP port (0-65535)")

@@ -402,7 +402,8 @@ def _run_demo_locked(cfg: DemoConfig, work: Path, stop, sigs) -> dict:
     from privacy.audit import AuditError, AuditLog
 
     from ..federation.backend import FederatedBackend
-    from ..federation.server import ServerConfig, ServerThread
+    from ..federation.config import ServerConfig
+    from ..federation.thread import ServerThread
 
     reaped = reap_stale(_pid_dir(work))
     if reaped:

@@ -181,7 +181,7 @@ class FederatedBaseline:
         return self.history
 
     def run_sync(self, server_thread) -> list[RoundRecord]:
-        """The same through a :class:`mor_server.federation.server.ServerThread`."""
+        """The same through a :class:`mor_server.federation.thread.ServerThread`."""
         for r in range(self.config.rounds):
             server_thread.call(self.run_round(server_thread.server, r),
                                self.config.timeout + server_thread.server.config.deadline_grace_s

@@ -27,7 +27,8 @@ from mor.types import ScoringItem
 from mor.wire import unflatten
 
 from .rounds import RoundCancelled, RoundFailed
-from .server import FederationServer, ServerThread
+from .server import FederationServer
+from .thread import ServerThread
 
 log = logging.getLogger("mor.federated")
 

@@ -260,3 +260,22 @@ class RoundBook:
     def drop_everywhere(self, client_id: str, reason: str) -> list[Round]:
         """Drop a client from every open round it takes part in (e.g. it disconnected)."""
         return [r for r in self.open.values() if r.drop(client_id, reason)]
+
+
+def check_bound(values: Sequence[float], bound: float, field_path: str) -> None:
+    """Every score within the task's declared range ``|score| <= bound`` (``ScoringTask.score_bound``)."""
+    for i, v in enumerate(values):
+        if abs(v) > bound:
+            raise ReportRejected("INVALID_ARGUMENT", f"{field_path}[{i}]",
+                                 f"{field_path}[{i}] is {v:g}, outside the task's declared range |score| <= "
+                                 f"{bound:g} (task.score_bound); scores are rewards, higher is better, on a bounded "
+                                 "scale")
+
+
+PAYLOAD_FOR_MODE = {"plain": "plain", "dp": "dp"}
+"""The report payload of each mode a plain scoring round runs in (secure aggregation sends ``report.secagg``)."""
+
+
+def stage_key(round_id: str, stage: str) -> str:
+    """The round-book key of one stage of a secure-aggregation round."""
+    return f"{round_id}/{stage}"

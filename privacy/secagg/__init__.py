@@ -16,10 +16,10 @@ from .errors import (DifferencingError, InputOutOfRange, MessageError, Parameter
 from .query_audit import QueryAudit
 from .server import SecAggResult, SecAggServer
 from .stages import (DEFAULT_STAGE_TIMEOUT_S, STAGE_COLLECT_MASKED, STAGE_CONSISTENCY, STAGE_SETUP, STAGE_SHARE_KEYS,
-                     STAGE_UNMASK, STAGES)
+                     STAGE_UNMASK, STAGES, StageLoop)
 
 __all__ = ["SecAggClient", "SecAggServer", "SecAggResult", "RoundStats", "run_secagg_round", "make_identities",
            "SecAggError", "SecAggAbort", "ProtocolViolation", "MessageError", "WeightIsolationError",
            "DifferencingError", "RoundReplayError", "QueryAudit",
            "InputOutOfRange", "ParameterError", "STAGES", "STAGE_SETUP", "STAGE_SHARE_KEYS", "STAGE_COLLECT_MASKED",
-           "STAGE_CONSISTENCY", "STAGE_UNMASK", "DEFAULT_STAGE_TIMEOUT_S"]
+           "STAGE_CONSISTENCY", "STAGE_UNMASK", "DEFAULT_STAGE_TIMEOUT_S", "StageLoop"]

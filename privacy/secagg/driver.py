@@ -16,7 +16,7 @@ from . import keys
 from .client import SecAggClient
 from .errors import SecAggAbort, SecAggError
 from .server import SecAggResult, SecAggServer
-from .stages import STAGES
+from .stages import StageLoop
 
 
 @dataclass
@@ -75,15 +75,15 @@ def run_secagg_round(inputs: dict, *, round_id: str = "round-0", weights=None, d
                        bytes_received={c: 0 for c in ids})
     gone: set = set()
     drop = {s: set(v) for s, v in (dropouts or {}).items()}
-    server_steps = srv.stage_steps()
     try:
         t0 = time.perf_counter()
-        out = srv.setup()
+        loop = StageLoop(srv)
         stats.server_s += time.perf_counter() - t0
-        for stage, step in zip(STAGES, server_steps):
+        while not loop.done:
+            stage = loop.stage
             gone |= drop.get(stage, set())
             replies = {}
-            for c, payload in out.items():
+            for c, payload in loop.outgoing.items():
                 if c in gone:
                     continue
                 if tamper is not None:
@@ -101,9 +101,8 @@ def run_secagg_round(inputs: dict, *, round_id: str = "round-0", weights=None, d
                 stats.bytes_sent[c] += len(rep)
                 replies[c] = rep
             t0 = time.perf_counter()
-            res = step(replies)
+            loop.advance(replies)
             stats.server_s += time.perf_counter() - t0
-            out = res if isinstance(res, dict) else {}
     except SecAggAbort:
         pass
     return srv.result(), stats

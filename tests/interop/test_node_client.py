@@ -14,7 +14,8 @@ from npmenv import HERE, node_modules
 
 from fedutil import LengthScorer, client, make_items
 from mor_client import ReleasePolicy
-from mor_server.federation.server import FederationServer, ServerConfig, dp_score_bound
+from mor_server.federation.config import ServerConfig, dp_score_bound
+from mor_server.federation.server import FederationServer
 
 
 @pytest.fixture(scope="module")
