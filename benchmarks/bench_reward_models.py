@@ -47,7 +47,7 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     from mor_client.data import make_federation_split, make_pairs
     from mor_client.rewards import build_model, default_vocab, demo_config, pairwise_accuracy, train_reward_model
-    from mor_client.rewards.trainer import public_pretrain
+    from mor_client.rewards.pretrain import public_pretrain
 
     t_all = time.perf_counter()
     split = make_federation_split(seed=a.seed, n_annotators=a.n_annotators)

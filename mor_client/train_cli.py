@@ -104,7 +104,7 @@ def register(subparsers) -> None:
     """Add the ``train`` and ``card`` subcommands (``func(args) -> int``) to ``subparsers``."""
     try:
         from mor_client.rewards.models import ARCHITECTURES
-        from mor_client.rewards.trainer import UNITS
+        from mor_client.rewards.config import UNITS
     except ImportError as e:  # a lean install without the train extra (torch, opacus): say so, in one line
         register_missing(subparsers, "train", "train a reward model on a client partition", e, "train",
                          flags=("--out", "--arch", "--epsilon", "--partition", "--ledger"))

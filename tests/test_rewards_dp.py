@@ -12,7 +12,7 @@ from mor_client.data import make_federation_split, make_pairs
 from mor_client.rewards import (RewardModelScorer, RewardModule, TrainConfig, build_model, default_vocab,
                                 encode_pairs, load_model_dir, make_dp_compatible, pairwise_accuracy,
                                 register_architecture, save_model_dir, train_reward_model)
-from mor_client.rewards.trainer import PairModel
+from mor_client.rewards.pairs import PairModel
 from mor.types import ScoringItem
 
 torch.set_num_threads(2)

@@ -6,7 +6,8 @@ from torch import nn
 
 from mor_client.data import make_federation_split
 from mor_client.rewards import TrainConfig, build_model, default_vocab, encode_pairs, train_reward_model
-from mor_client.rewards.trainer import PairModel, UnitDataset, collate_units, group_grad_samples, units_of
+from mor_client.rewards.pairs import PairModel
+from mor_client.rewards.trainer import UnitDataset, collate_units, group_grad_samples, units_of
 
 torch.set_num_threads(2)
 

@@ -12,9 +12,9 @@ shape (circle, rectangle or triangle) in one of eight named colours (X11/CSS val
   (about any of the 8 colours or 3 shapes, affirmative or negated)
 
 Because it costs no privacy, a client may pre-train its whole model on as many of these as it likes before
-the DP-SGD phase on its private pairs (see ``TrainConfig.synthetic_images`` in
-:mod:`mor_client.rewards.trainer`). Deterministic: the same ``(seed, index)`` gives byte-identical PNGs and
-the same question; disjoint index ranges (``start``) give disjoint images.
+the DP-SGD phase on its private pairs (see ``TrainConfig.synthetic_images`` in :mod:`mor_client.rewards.config`;
+run by :mod:`mor_client.rewards.pretrain`). Deterministic: the same ``(seed, index)`` gives byte-identical PNGs
+and the same question; disjoint index ranges (``start``) give disjoint images.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ from .models import (ARCHITECTURES, CNNRewardModel, LoRARewardModel, RewardModul
                      make_dp_compatible, register_architecture)
 from .scorer import RewardModelScorer
 from .store import load_model_dir, read_card, save_model_dir
-from .trainer import (DEMO_PRESETS, TrainConfig, TrainResult, demo_config, pairwise_accuracy, public_pretrain,
-                      train_reward_model)
+from .config import DEMO_PRESETS, TrainConfig, demo_config
+from .pretrain import public_pretrain
+from .trainer import TrainResult, pairwise_accuracy, train_reward_model
 
 __all__ = [
     "Vocab", "default_vocab", "encode_batch", "encode_pairs", "ARCHITECTURES", "CNNRewardModel",

@@ -263,7 +263,7 @@ def _say(step: int, total: int, msg: str) -> None:
 
 
 def _model_key(cfg: DemoConfig, c: dict) -> str:
-    from mor_client.rewards.trainer import DEMO_PRESETS
+    from mor_client.rewards.config import DEMO_PRESETS
 
     blob = json.dumps({**{k: v for k, v in c.items() if k != "name"}, "epsilon": str(cfg.epsilon),
                        "seed": cfg.seed, "n": len(cfg.clients), "preset": DEMO_PRESETS.get(c.get("arch"), {}),
