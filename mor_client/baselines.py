@@ -1,5 +1,8 @@
 """Client-side trainer of the parameter-sharing baselines (FLORA fedit/stack/ffa, Fed-CMP) on the built-in policy.
 
+One module although over 400 lines: the trainer and the tensor helpers the server's driver reuses
+(``base_weights``, ``lora_init``, ``apply_state``) define one layout of the broadcast, which must not drift apart.
+
 Given a training round's broadcast (:class:`mor_client.training.TrainingRequest`), :class:`PolicyTrainer` loads the
 tensors into its own copy of the same warm-started tiny Llava the server aligns, trains one local pass over its
 private split and returns its trained values of the tensors the round asks for:
@@ -302,9 +305,11 @@ class PolicyTrainer:
         if private:
             from opacus import PrivacyEngine
 
-            with warnings.catch_warnings():
+            # Opacus warns here that its secure RNG is off (noise from torch's PRNG, not a CSPRNG): a privacy
+            # product shows that warning (the noise below is seeded from the OS's CSPRNG)
+            engine = PrivacyEngine(accountant="prv")
+            with warnings.catch_warnings():  # only make_private's own chatter (accountant orders, hook notes)
                 warnings.simplefilter("ignore")
-                engine = PrivacyEngine(accountant="prv")
                 net, opt, loader = engine.make_private(module=net, optimizer=opt, data_loader=loader,
                                                        noise_multiplier=noise, max_grad_norm=float(h["max_grad_norm"]),
                                                        poisson_sampling=True, grad_sample_mode="hooks",
@@ -314,7 +319,6 @@ class PolicyTrainer:
         done, losses = 0, []
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
-            warnings.filterwarnings("ignore", message=".*Secure RNG.*")
             for _ in range(int(h["local_epochs"])):
                 for b in loader:
                     if b[0].shape[0] == 0:  # an empty Poisson batch is still a DP-SGD step: noise only
@@ -342,8 +346,8 @@ class PolicyTrainer:
                     opt.step()
                     done += 1
                     losses.append(float(loss.item()))
-        if engine is not None and hasattr(net, "_close"):
-            net._close()
+        if engine is not None:  # remove Opacus' hooks and per-sample attributes (public API)
+            net.cleanup()
         steps_taken = done
         out = {name: params[name].detach().cpu().float().numpy().copy() for name in req.update_names}
         # charge before the update leaves this client (the SDK sends it after train() returns)

@@ -1,5 +1,8 @@
 """``FederationClient``: the SDK an institution embeds to join a MoR federation.
 
+One module although over 400 lines: it is one class, the session's life (connect, register, hello, tasks,
+heartbeats, reconnects), whose methods share its connection state.
+
 It dials the server outbound over mutual TLS, registers its reward model's card, keeps one ``Session`` stream open,
 scores each task with the institution's own ``scorer`` and sends back only what its :class:`ReleasePolicy` allows.
 It reconnects with exponential backoff (full jitter), honours task deadlines, keeps no global state, and shuts down

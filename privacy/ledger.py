@@ -1,5 +1,8 @@
 """The client's privacy ledger (SQLite, WAL): every mechanism ever applied, composed on demand.
 
+One module although over 400 lines: one SQLite schema and the composition rules over it; a split would put
+the schema in two places.
+
 Two units, never added together
 -------------------------------
 * ``pair`` (or ``annotator``) - **example level**. Charged by DP-SGD training (:meth:`PrivacyLedger.record_training`):

@@ -1,5 +1,8 @@
 """Membership the server cannot forge: a membership CA the operator does not hold, and a signed roster clients pin.
 
+One module although over 400 lines: the membership CA, enrolment and the roster it signs are one trust root
+that shares its key handling and folder layout.
+
 Why
 ---
 With the single-CA set-up (``mor pki init``) the server operator holds the only CA. An operator who keeps that

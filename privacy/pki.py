@@ -1,5 +1,8 @@
 """Federation PKI: a CA, the server's TLS certificate, client TLS + identity certificates, revocation.
 
+One module although over 400 lines: every certificate operation (CA, issue, renew, CRL, credentials) works on
+the one folder layout below with the same crash-safe writes.
+
 Layout of a PKI folder (``mor pki init --pki pki``)::
 
     pki/ca/ca.key  ca.crt  issued.json                (the CA's key never leaves this folder)

@@ -1,5 +1,8 @@
 """The reward-model zoo behind one small interface.
 
+One module although over 400 lines: the architectures share the interface, its building blocks and the
+registry, and are meant to be read side by side.
+
 Every model is a :class:`RewardModule`: ``forward(image, question, question_mask, answers, answers_mask)``
 returns one scalar reward per candidate answer, shape ``[B, K]``. Shapes (see
 :func:`mor_client.rewards.features.encode_batch`): image ``[B,3,S,S]`` float, question ``[B,Lq]`` long,

@@ -141,13 +141,13 @@ def _serve(args) -> int:
 
 
 def add_server_commands(sub) -> None:
-    """``serve`` and the ``pki`` group: ``mor server`` and ``mor server`` share them."""
+    """``serve`` and the ``pki`` group: ``mor-server`` and ``mor server`` share them."""
     _add_serve(sub)
     add_pki_commands(sub)
 
 
 def build_server_parser() -> argparse.ArgumentParser:
-    """``mor server``: the same commands as ``mor server``."""
+    """``mor-server``: the same commands as ``mor server``."""
     parser = ArgumentParser(prog="mor-server", description="MoR federation server; the same commands as `mor server`")
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     add_server_commands(parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND"))

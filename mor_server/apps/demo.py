@@ -1,5 +1,8 @@
 """``mor demo``: the main job. A full federated alignment run on the embedded default.
 
+One module although over 400 lines: it is the main job read top to bottom, its config (:class:`DemoConfig`) and
+its steps in the order they run; no other command uses them.
+
 1. PKI: a federation CA, the server certificate, one certificate pair per client (reused when present).
 2. Reward models: each client trains its own reward model with DP-SGD on its private partition of easy-vqa
    (three architectures, three question-type domains), as a separate ``mor client train`` process; cached.

@@ -1,5 +1,8 @@
 """Privacy-budget audit report: per client, ε over time from the ledger and from the audit logs, which must agree.
 
+One module although over 400 lines: its two sources (ledgers and audit logs) are cross-checked entry by entry,
+so their readers live with the comparison.
+
 Inputs: audit logs (the server's and any clients'), each verified first, and per-client ledgers
 (``privacy.ledger.PrivacyLedger``). Cross-references by ``round_id``:
 
