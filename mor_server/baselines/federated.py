@@ -19,7 +19,6 @@ exactly like MoR's aligned policy.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Sequence
