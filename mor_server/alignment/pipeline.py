@@ -26,7 +26,8 @@ from .evaluate import (accuracy, accuracy_callback, domain_of, format_accuracy_t
                        win_rate, write_report)
 from .features import FeatureExtractor
 from .grpo import GRPOMetrics, GRPORunConfig, make_prompt_dataset, run_grpo
-from .policy import (SFTConfig, TinyLlavaConfig, load_policy, normalize_answer, save_policy, warm_start_cached)
+from .policy import (PretrainConfig, SFTConfig, TinyLlavaConfig, load_policy, normalize_answer, save_policy,
+                     warm_start_cached)
 from .rewards import MoRReward, RewardBackend, RoundFailed, hybrid_rewards
 from ..federation.rounds import RetryPolicy
 from .router import MoRRouter
@@ -42,6 +43,10 @@ class AlignmentConfig:
     """Size of the built-in policy (ignored when policy_path is set)."""
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=50))
     """Warm start on the server's public split: deliberately short, so the reference is far from perfect."""
+    pretrain: PretrainConfig | None = None
+    """Stage 1 of the warm start before the public SFT (vision pre-training and captioning of synthetic images,
+    no privacy cost; :class:`mor_server.policy.PretrainConfig`). None: the public SFT alone (the demo's default).
+    Its seed follows the run's seed."""
     grpo: GRPORunConfig = field(default_factory=GRPORunConfig)
     """GRPO settings (output_dir is overridden to <work_dir>/grpo)."""
     policy_path: str | None = None
@@ -54,6 +59,9 @@ class AlignmentConfig:
     router_steps: int = 300
     top_k: int | None = None
     """Route each item to its top-k clients only (None: all live clients)."""
+    routing: str = "learned"
+    """``learned``: the Mixture of Rewards router; ``uniform``: the ablation without a router (uniform weights over
+    the live clients, only the reward scale calibrated, on the same objective and calibration round)."""
     objective: int = 0
     """Alignment-objective id routed on."""
     w_mix: float = 1.0
@@ -187,7 +195,8 @@ def routing_summary(calibration: Mapping) -> str | None:
 def calibrate_router(backend: RewardBackend, public: Sequence, features: FeatureExtractor, *, hidden: int = 32,
                      steps: int = 300, top_k: int | None = None, objective: int = 0, seed: int = 0,
                      purpose: str = "calibration", retries: int = 1, progress: bool = False,
-                     schema: AnswerSchema | None = None, heldout_fraction: float = 0.2) -> MoRRouter:
+                     schema: AnswerSchema | None = None, heldout_fraction: float = 0.2,
+                     routing: str = "learned") -> MoRRouter:
     """Run one calibration scoring round over the server's labelled public examples (each with every valid answer
     as a candidate) and fit a router on the answer-softmax objective GRPO uses. A seeded ``heldout_fraction`` of the
     examples is kept out of the fit and used to compare the router with uniform, top-k and oracle routing
@@ -209,7 +218,7 @@ def calibrate_router(backend: RewardBackend, public: Sequence, features: Feature
     doms = [domain_of(e) for e, _, _ in cal]
     pick = lambda idx: {c: [rows[i] for i in idx] for c, rows in scores.items()}  # noqa: E731
     router = MoRRouter(list(scores), features.dim, hidden=hidden, top_k=top_k, seed=seed,
-                       feature_config=features.config())
+                       feature_config=features.config(), routing=routing)
     router.calibrate(feats[fit], pick(fit), truth[fit], objective=objective, steps=steps, progress=progress)
     w = router.weights(feats, live=list(scores), objective=objective)
     router.calibration["weights_by_domain"] = {
@@ -271,7 +280,8 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
         # the policy's initialisation and SFT follow the run's seed (so do the baselines built beside it)
         model, processor, warm = warm_start_cached(ref_dir, public, tiny=replace(cfg.tiny, seed=cfg.seed),
                                                    sft=replace(cfg.sft, seed=cfg.seed),
-                                                   progress=cfg.progress)
+                                                   pretrain=replace(cfg.pretrain, seed=cfg.seed) if cfg.pretrain
+                                                   else None, progress=cfg.progress)
     timings["warm_start_s"] = time.perf_counter() - t0
     stages.set_postfix_str("warm start done")
     stages.update(1)
@@ -298,7 +308,7 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
     else:
         router = calibrate_router(backend, public, features, hidden=cfg.router_hidden, steps=cfg.router_steps,
                                   top_k=cfg.top_k, objective=cfg.objective, seed=cfg.seed,
-                                  purpose=cfg.calibration_purpose, retries=cfg.retries,
+                                  purpose=cfg.calibration_purpose, retries=cfg.retries, routing=cfg.routing,
                                   schema=answer_schema(public, unlabeled, cfg.answer_vocabulary,
                                                        typed=cfg.typed_answers))
         runstate.save_router(router, work / "router")

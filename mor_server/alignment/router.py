@@ -51,10 +51,15 @@ class MoRRouter:
     feature_dim: length of the feature vectors (``FeatureExtractor.dim``).
     n_objectives: number of alignment-objective ids (0 .. n_objectives-1).
     top_k: keep only the k largest weights per item (None: all live clients).
+    routing: ``"learned"`` (the Mixture of Rewards) or ``"uniform"``, the ablation without a router: every item's
+        weights are uniform over the live clients and calibration fits only the scale alpha, on the same objective.
     """
 
+    ROUTINGS = ("learned", "uniform")
+
     def __init__(self, client_ids: Sequence[str], feature_dim: int, *, n_objectives: int = 1, hidden: int = 32,
-                 top_k: int | None = None, seed: int = 0, feature_config: dict | None = None):
+                 top_k: int | None = None, seed: int = 0, feature_config: dict | None = None,
+                 routing: str = "learned"):
         client_ids = list(client_ids)
         if not client_ids:
             raise ValueError("MoRRouter: client_ids is empty; register at least one client before building a router")
@@ -62,6 +67,9 @@ class MoRRouter:
             raise ValueError(f"MoRRouter: client_ids has duplicates: {client_ids}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"MoRRouter: top_k must be >= 1 or None, got {top_k}")
+        if routing not in self.ROUTINGS:
+            raise ValueError(f"MoRRouter: routing must be one of {', '.join(self.ROUTINGS)}, got {routing!r}")
+        self.routing = routing
         self.client_ids = client_ids
         self.feature_dim = int(feature_dim)
         self.n_objectives = int(n_objectives)
@@ -114,6 +122,8 @@ class MoRRouter:
         known = [c for c in live if c in self.client_ids]
         if not known:
             return {c: [1.0 / len(live)] * n for c in live}
+        if self.routing == "uniform":
+            return {c: [1.0 / len(known) if c in known else 0.0] * n for c in live}
         # one row at a time: a batched matmul's last bits depend on the batch's size and make-up, and an item's
         # weights must be a function of that item alone (the same prompt asked again in another GRPO batch must get
         # bit-identical weights, or the clients' query audit refuses the second sum as a differencing attempt)
@@ -163,7 +173,9 @@ class MoRRouter:
         obj = self._objectives(objective, n)
         St, neg, tt = torch.from_numpy(S), torch.from_numpy(np.where(mask, 0.0, -np.inf).astype(np.float32)), \
             torch.from_numpy(t)
-        opt = torch.optim.Adam(self.net.parameters(), lr=lr)
+        # uniform routing: the network's output layer stays at its zero init (logits 0, weights uniform); only alpha
+        params = [self.net.log_alpha] if self.routing == "uniform" else list(self.net.parameters())
+        opt = torch.optim.Adam(params, lr=lr)
         self.net.train()
         for _ in tqdm(range(steps), desc="router calibration", disable=not progress, leave=False):
             w = torch.softmax(self.net(x, obj), dim=1)
@@ -180,6 +192,7 @@ class MoRRouter:
         k = len(clients)
         self.calibration = {
             "items": n, "pairs": n, "alpha": alpha, "objective": "softmax over each item's candidates",
+            "routing": self.routing,
             "mixture": ranking_quality(w, S, mask, t, alpha),
             "uniform": ranking_quality(np.full((n, k), 1.0 / k), S, mask, t, alpha),
             "clients": {c: {**ranking_quality(np.eye(k)[[j] * n], S, mask, t, alpha),
@@ -195,6 +208,7 @@ class MoRRouter:
         path.mkdir(parents=True, exist_ok=True)
         meta = {"client_ids": self.client_ids, "feature_dim": self.feature_dim, "n_objectives": self.n_objectives,
                 "hidden": self.hidden, "top_k": self.top_k, "seed": self.seed, "feature_config": self.feature_config,
+                "routing": self.routing,
                 "mean": self.mean.tolist(), "std": self.std.tolist(), "calibration": self.calibration}
         (path / "router.json").write_text(json.dumps(meta))
         from safetensors.torch import save_file
@@ -211,7 +225,8 @@ class MoRRouter:
                                     f"to MoRRouter.save")
         meta = json.loads((path / "router.json").read_text())
         r = cls(meta["client_ids"], meta["feature_dim"], n_objectives=meta["n_objectives"], hidden=meta["hidden"],
-                top_k=meta["top_k"], seed=meta["seed"], feature_config=meta.get("feature_config"))
+                top_k=meta["top_k"], seed=meta["seed"], feature_config=meta.get("feature_config"),
+                routing=meta.get("routing", "learned"))
         if (path / "router.safetensors").is_file():
             from safetensors.torch import load_file
 

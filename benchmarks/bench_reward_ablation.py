@@ -1,0 +1,273 @@
+"""Which reward earns the alignment? GRPO under the same budget with different rewards, side by side (issues #12, #17).
+
+Every cell is one in-process alignment run (``mor_server.alignment.run_alignment``: reference -> router calibration
+-> GRPO -> evaluation on the same held-out test examples) that differs from its neighbours only in the reward:
+
+* ``mor``: the Mixture of Rewards, the learned router over the clients' trained DP reward models;
+* ``uniform``: the same reward models mixed uniformly (no router; only the reward scale is calibrated);
+* ``oracle``: one client holding every label of the server's prompts (exact match): the ceiling any reward gives;
+* ``client:<name>``: one client's reward model alone.
+
+Scenarios: ``honest`` (the demo's three clients: cnn / colour, vit / shape, lora / yes-no; DP-SGD at epsilon 8, trained by
+``mor client train`` exactly as ``mor demo`` trains them) and ``adversary`` (plus a fourth client that inverts a label
+expert over every question type: an adversarially flipped annotator; the router should learn to ignore it, a uniform
+mixture cannot).
+
+Policies: ``default`` (the demo's reference: the built-in tiny Llava, 16 image tokens, SFT-50 on the server's public
+split) and ``seeing`` (64 image tokens and the public stage-1 warm start of ``mor_server.policy.PretrainConfig``: vision
+pre-training 600 steps + captioning 1000 steps on synthetic images, then the same SFT-50), the policy with which a
+reward can teach colour (docs/alignment.md).
+
+The demo's GRPO settings (400 steps, 8 prompts x 8 completions, lr 3e-4, beta 0.05, typed format rule at weight 4,
+answer-softmax shaping). Each finished cell is cached as one JSON file, so an interrupted grid resumes where it stopped
+and two invocations with disjoint ``--only`` filters can share the work; progress and an estimate of the time left are
+printed. Writes ``benchmarks/results/reward_ablation.json`` and a PNG.
+
+    .venv/bin/python benchmarks/bench_reward_ablation.py --policy seeing --methods oracle mor uniform --seeds 0 1 2
+    .venv/bin/python benchmarks/bench_reward_ablation.py --policy seeing --scenario adversary --methods mor uniform
+    .venv/bin/python benchmarks/bench_reward_ablation.py --report-only          # the table from the cached cells
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_router import Inverted, trained_models  # noqa: E402  (the same cached reward models as the router bench)
+
+POLICIES = ("default", "seeing")
+SCENARIOS = ("honest", "adversary")
+TYPES = ("color", "shape", "yesno")
+
+
+def policy_settings(policy: str):
+    from mor_server.policy import PretrainConfig, TinyLlavaConfig
+
+    if policy == "seeing":
+        return TinyLlavaConfig(patch_size=8), PretrainConfig(vision_steps=600, caption_steps=1000)
+    return TinyLlavaConfig(), None
+
+
+def reference(policy: str, seed: int, split, cache: Path) -> Path:
+    """The cell's reference, built once per (policy, seed) and copied into each cell (warm_start_cached's key)."""
+    from dataclasses import replace
+
+    from mor_server.policy import SFTConfig, warm_start_cached
+
+    tiny, pre = policy_settings(policy)
+    d = cache / "references" / f"{policy}-seed{seed}"
+    t0 = time.perf_counter()
+    _, _, info = warm_start_cached(d, split.server_public, tiny=replace(tiny, seed=seed),
+                                   sft=SFTConfig(steps=50, seed=seed),
+                                   pretrain=replace(pre, seed=seed) if pre else None, progress=False)
+    if not info.get("cached"):
+        print(f"  built the {policy} reference of seed {seed} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return d
+
+
+def scorers_for(scenario: str, method: str, seed: int, split, cache: Path) -> dict:
+    from mor_server.inprocess import LabelExpertScorer
+
+    known = list(split.server_public) + list(split.server_unlabeled)
+    if method == "oracle":
+        return {"oracle": LabelExpertScorer(known, list(TYPES))}
+    scorers = trained_models(seed, cache / "reward_models")
+    if scenario == "adversary":
+        scorers["adversary"] = Inverted(LabelExpertScorer(known, list(TYPES)))
+    if method.startswith("client:"):
+        name = method.split(":", 1)[1]
+        if name not in scorers:
+            raise SystemExit(f"--methods: unknown client {name!r}; the clients are {', '.join(scorers)}")
+        return {name: scorers[name]}
+    return scorers
+
+
+def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, steps: int) -> dict:
+    from dataclasses import replace
+
+    from easy_vqa import get_answers
+
+    from mor_client.data.partition import make_federation_split
+    from mor_server.alignment import AlignmentConfig, heldout_test, run_alignment
+    from mor_server.demo import DEMO_GRPO_DEFAULTS
+    from mor_server.grpo import GRPORunConfig
+    from mor_server.inprocess import InProcessBackend
+    from mor_server.policy import SFTConfig
+
+    split = make_federation_split(seed=seed, n_clients=3)
+    ref = reference(policy, seed, split, cache)
+    scorers = scorers_for(scenario, method, seed, split, cache)
+    work = cache / "runs" / f"{policy}-{scenario}-{method.replace(':', '_')}-seed{seed}"
+    if work.exists():
+        shutil.rmtree(work)
+    shutil.copytree(ref, work / "reference")
+    tiny, pre = policy_settings(policy)
+    cfg = AlignmentConfig(work_dir=str(work), tiny=tiny, sft=SFTConfig(steps=50), pretrain=pre,
+                          grpo=GRPORunConfig(**{**DEMO_GRPO_DEFAULTS, "max_steps": steps, "save_steps": 0}),
+                          seed=seed, answer_vocabulary=list(get_answers()), w_format=4.0,
+                          routing="uniform" if method == "uniform" else "learned",
+                          curve_every=100, resume=False, progress=False)
+    t0 = time.perf_counter()
+    rep = run_alignment(InProcessBackend(scorers), public=split.server_public, unlabeled=split.server_unlabeled,
+                        test=heldout_test(split), config=cfg)
+    seconds = time.perf_counter() - t0
+    cal = rep["router"]
+    out = {"policy": policy, "scenario": scenario, "method": method, "seed": seed, "seconds": seconds,
+           "grpo_seconds": rep["timings"]["grpo_s"], "before": rep["accuracy_before"], "after": rep["accuracy_after"],
+           "kl_to_reference": rep["kl_to_reference"], "rounds": rep["rounds"],
+           "router": {"alpha": cal.get("alpha"), "routing": cal.get("routing"),
+                      "mean_weight": {c: v.get("mean_weight") for c, v in cal.get("clients", {}).items()},
+                      "weights_by_domain": cal.get("weights_by_domain"),
+                      "heldout": {k: (v["accuracy"] if isinstance(v, dict) and "accuracy" in v else None)
+                                  for k, v in cal.get("heldout", {}).items()}},
+           "routing_by_domain_grpo": rep["routing_by_domain_grpo"], "accuracy_curve": rep["accuracy_curve"]}
+    shutil.rmtree(work / "grpo", ignore_errors=True)  # checkpoints are not needed once evaluated
+    return out
+
+
+def fmt(v: list[float]) -> str:
+    return f"{statistics.mean(v):5.1f} ({max(v) - min(v):4.1f})" if v else "    -     "
+
+
+def report(cells: list[dict], out: Path) -> dict:
+    groups: dict[tuple, list[dict]] = {}
+    for c in cells:
+        groups.setdefault((c["policy"], c["scenario"], c["method"]), []).append(c)
+    print("\nheld-out test accuracy %, mean (spread max-min) over seeds; per type: accuracy / distinct answers; "
+          "'collapsed' = one answer for a whole type")
+    head = f"{'policy':<8}{'scenario':<10}{'reward':<22}{'seeds':<8}{'reference':>13}{'aligned':>13}" + \
+        "".join(f"{t:>20}" for t in TYPES)
+    print(head)
+    summary = {}
+    for (pol, sc, m), cs in sorted(groups.items()):
+        cs = sorted(cs, key=lambda c: c["seed"])
+        before = [100 * c["before"]["overall"] for c in cs]
+        after = [100 * c["after"]["overall"] for c in cs]
+        per = {}
+        line = f"{pol:<8}{sc:<10}{m:<22}{','.join(str(c['seed']) for c in cs):<8}{fmt(before):>13}{fmt(after):>13}"
+        for t in TYPES:
+            acc = [100 * c["after"]["by_domain"].get(t, 0.0) for c in cs]
+            div = [c["after"].get("diversity", {}).get(t, {}) for c in cs]
+            distinct = [d.get("distinct_answers") for d in div]
+            collapsed = sum(bool(d.get("collapsed")) for d in div)
+            majority = [100 * d.get("majority_rate", 0.0) for d in div]
+            per[t] = {"accuracy": acc, "distinct_answers": distinct, "collapsed_runs": collapsed,
+                      "majority_rate": majority}
+            line += f"{statistics.mean(acc):>9.1f} / {'/'.join(str(x) for x in distinct):<8}"
+        print(line)
+        summary[f"{pol}/{sc}/{m}"] = {"seeds": [c["seed"] for c in cs], "reference": before, "aligned": after,
+                                       "aligned_mean": statistics.mean(after), "by_type": per,
+                                       "grpo_seconds": [c["grpo_seconds"] for c in cs]}
+    # paired differences that the issues ask about
+    pairs = [("mor", "uniform"), ("mor", "oracle")]
+    for pol in POLICIES:
+        for sc in SCENARIOS:
+            for a, b in pairs:
+                ga, gb = groups.get((pol, sc, a), []), groups.get((pol, sc, b), [])
+                common = sorted({c["seed"] for c in ga} & {c["seed"] for c in gb})
+                if not common:
+                    continue
+                d = [100 * (next(c for c in ga if c["seed"] == s)["after"]["overall"]
+                            - next(c for c in gb if c["seed"] == s)["after"]["overall"]) for s in common]
+                summary[f"{pol}/{sc}/{a}-minus-{b}"] = {"seeds": common, "points": d, "mean": statistics.mean(d)}
+                print(f"{pol} {sc}: {a} - {b} = {statistics.mean(d):+.1f} points (per seed "
+                      f"{', '.join(f'{x:+.1f}' for x in d)})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"summary": summary, "cells": cells}, indent=1, default=str))
+    print(f"written: {out}")
+    try:
+        plot(summary, out.with_suffix(".png"))
+    except Exception as e:  # the PNG is a convenience; the JSON is the record
+        print(f"(no PNG: {e})")
+    return summary
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(k, v) for k, v in summary.items() if "aligned" in v]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4))
+    xs = range(len(rows))
+    ax.bar(xs, [statistics.mean(v["aligned"]) for _, v in rows],
+           yerr=[[statistics.mean(v["aligned"]) - min(v["aligned"]) for _, v in rows],
+                 [max(v["aligned"]) - statistics.mean(v["aligned"]) for _, v in rows]], capsize=3, label="aligned")
+    ax.scatter(xs, [statistics.mean(v["reference"]) for _, v in rows], color="k", marker="_", s=200,
+               label="reference", zorder=3)
+    ax.set_xticks(list(xs), [k.replace("/", "\n") for k, _ in rows], fontsize=7)
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--policy", choices=POLICIES, nargs="+", default=["seeing"])
+    ap.add_argument("--scenario", choices=SCENARIOS, nargs="+", default=["honest"])
+    ap.add_argument("--methods", nargs="+", default=["oracle", "mor", "uniform"],
+                    help="mor, uniform, oracle, client:<name> (hospital-color, bank-shape, lab-yesno)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=400, help="GRPO steps (the demo's 400)")
+    ap.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache" / "reward_ablation")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reward_ablation.json")
+    ap.add_argument("--report-only", action="store_true", help="only print the table of the cached cells")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="only train the reward models and build the references of the selected seeds / policies")
+    a = ap.parse_args()
+    for m in a.methods:
+        if m not in ("mor", "uniform", "oracle") and not m.startswith("client:"):
+            raise SystemExit(f"--methods: unknown reward {m!r}; use mor, uniform, oracle or client:<name>")
+    cells_dir = a.cache / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    if not a.report_only:
+        todo = [(p, s, m, seed) for seed in a.seeds for p in a.policy for s in a.scenario for m in a.methods
+                if not (m == "oracle" and s != "honest")]
+        if a.prepare_only:
+            from mor_client.data.partition import make_federation_split
+
+            for seed in a.seeds:
+                trained_models(seed, a.cache / "reward_models")
+                for p in a.policy:
+                    reference(p, seed, make_federation_split(seed=seed, n_clients=3), a.cache)
+            return 0
+        done_s: list[float] = []
+        for i, (p, s, m, seed) in enumerate(todo):
+            f = cells_dir / f"{p}-{s}-{m.replace(':', '_')}-seed{seed}.json"
+            if f.is_file():
+                continue
+            left = sum(1 for (p2, s2, m2, sd2) in todo[i:]
+                       if not (cells_dir / f"{p2}-{s2}-{m2.replace(':', '_')}-seed{sd2}.json").is_file())
+            eta = f", about {statistics.mean(done_s) * left / 60:.0f} min left" if done_s else ""
+            print(f"[{i + 1}/{len(todo)}] {p} {s} {m} seed {seed}{eta}", flush=True)
+            t0 = time.perf_counter()
+            cell = run_cell(p, s, m, seed, a.cache, a.steps)
+            done_s.append(time.perf_counter() - t0)
+            tmp = f.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cell, indent=1, default=str))
+            tmp.replace(f)
+            print(f"    reference {100 * cell['before']['overall']:.1f}% -> {100 * cell['after']['overall']:.1f}%  "
+                  + "  ".join(f"{t} {100 * cell['after']['by_domain'].get(t, 0):.0f}" for t in TYPES)
+                  + f"  ({cell['seconds']:.0f} s)", flush=True)
+    cells = [json.loads(f.read_text()) for f in sorted(cells_dir.glob("*.json"))]
+    if not cells:
+        print("no cached cells yet")
+        return 1
+    report(cells, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
