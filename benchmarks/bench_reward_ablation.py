@@ -1,7 +1,7 @@
 """Which reward earns the alignment? GRPO under the same budget with different rewards, side by side (issues #12, #17).
 
-Every cell is one in-process alignment run (``mor_server.alignment.run_alignment``: reference -> router calibration
--> GRPO -> evaluation on the same held-out test examples) that differs from its neighbours only in the reward:
+Every cell is one in-process alignment run (``mor_server.alignment.pipeline.run_alignment``: reference -> router
+calibration -> GRPO -> evaluation on the same held-out test examples) that differs from its neighbours only in the reward:
 
 * ``mor``: the Mixture of Rewards, the learned router over the clients' trained DP reward models;
 * ``uniform``: the same reward models mixed uniformly (no router; only the reward scale is calibrated);
@@ -14,8 +14,8 @@ expert over every question type: an adversarially flipped annotator; the router 
 mixture cannot).
 
 Policies: ``default`` (the demo's reference: the built-in tiny Llava, 16 image tokens, SFT-50 on the server's public
-split) and ``seeing`` (64 image tokens and the public stage-1 warm start of ``mor_server.policy.PretrainConfig``: vision
-pre-training 600 steps + captioning 1000 steps on synthetic images, then the same SFT-50), the policy with which a
+split) and ``seeing`` (64 image tokens and the public stage-1 warm start of
+``mor_server.alignment.policy.PretrainConfig``: vision pre-training 600 steps + captioning 1000 steps on synthetic images, then the same SFT-50), the policy with which a
 reward can teach colour (docs/alignment.md).
 
 The demo's GRPO settings (400 steps, 8 prompts x 8 completions, lr 3e-4, beta 0.05, typed format rule at weight 4,
@@ -50,7 +50,7 @@ TYPES = ("color", "shape", "yesno")
 
 
 def policy_settings(policy: str):
-    from mor_server.policy import PretrainConfig, TinyLlavaConfig
+    from mor_server.alignment.policy import PretrainConfig, TinyLlavaConfig
 
     if policy == "seeing":
         return TinyLlavaConfig(patch_size=8), PretrainConfig(vision_steps=600, caption_steps=1000)
@@ -61,7 +61,7 @@ def reference(policy: str, seed: int, split, cache: Path) -> Path:
     """The cell's reference, built once per (policy, seed) and copied into each cell (warm_start_cached's key)."""
     from dataclasses import replace
 
-    from mor_server.policy import SFTConfig, warm_start_cached
+    from mor_server.alignment.policy import SFTConfig, warm_start_cached
 
     tiny, pre = policy_settings(policy)
     d = cache / "references" / f"{policy}-seed{seed}"
@@ -75,7 +75,7 @@ def reference(policy: str, seed: int, split, cache: Path) -> Path:
 
 
 def scorers_for(scenario: str, method: str, seed: int, split, cache: Path) -> dict:
-    from mor_server.inprocess import LabelExpertScorer
+    from mor_server.alignment.inprocess import LabelExpertScorer
 
     known = list(split.server_public) + list(split.server_unlabeled)
     if method == "oracle":
@@ -97,11 +97,11 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
     from easy_vqa import get_answers
 
     from mor_client.data.partition import make_federation_split
-    from mor_server.alignment import AlignmentConfig, heldout_test, run_alignment
-    from mor_server.demo import DEMO_GRPO_DEFAULTS
-    from mor_server.grpo import GRPORunConfig
-    from mor_server.inprocess import InProcessBackend
-    from mor_server.policy import SFTConfig
+    from mor_server.alignment.pipeline import AlignmentConfig, heldout_test, run_alignment
+    from mor_server.apps.demo import DEMO_GRPO_DEFAULTS
+    from mor_server.alignment.grpo import GRPORunConfig
+    from mor_server.alignment.inprocess import InProcessBackend
+    from mor_server.alignment.policy import SFTConfig
 
     split = make_federation_split(seed=seed, n_clients=3)
     ref = reference(policy, seed, split, cache)
