@@ -63,6 +63,27 @@ class RewardModule(nn.Module):
         """Parameters trained under DP-SGD (default: all). LoRA models return only adapters + head."""
         return [p for p in self.parameters()]
 
+    def save_pretrained(self, save_directory, *, vocab, card: dict | None = None) -> dict:
+        """Hugging Face convention: write ``model.safetensors``, ``config.json``, ``README.md``, ``vocab.json`` and
+        ``card.json`` to ``save_directory`` (see :mod:`mor_client.rewards.store`); returns the card written.
+        ``card``: the trainer's card (default: a bare one, architecture and hyper-parameters only)."""
+        from .store import save_pretrained
+
+        return save_pretrained(save_directory, self, vocab, card or {"architecture": self.arch})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_path, *, device: str = "cpu") -> "RewardModule":
+        """Hugging Face convention: the model (eval mode) of a local folder written by :meth:`save_pretrained` or
+        ``mor client train``, weights digest checked; never downloads. On a subclass the folder's architecture
+        must be that class. For scoring, ``RewardModelScorer.from_pretrained`` also loads the vocabulary."""
+        from .store import from_pretrained
+
+        model, _vocab, card = from_pretrained(pretrained_model_path, device=device)
+        if not isinstance(model, cls):
+            raise ValueError(f"{pretrained_model_path}: holds a {card.get('architecture')!r} model, not a "
+                             f"{cls.__name__}; load it with RewardModule.from_pretrained")
+        return model
+
 
 def bag_of_words(tokens: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[..., L] token ids + mask -> [..., V] normalised counts (so Linear(V, D) = masked mean embedding)."""

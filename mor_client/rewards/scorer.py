@@ -10,7 +10,7 @@ import torch
 from mor.types import ScoringItem
 
 from .features import encode_batch
-from .store import load_model_dir
+from .store import from_pretrained, save_pretrained
 
 
 class RewardModelScorer:
@@ -26,10 +26,18 @@ class RewardModelScorer:
         self.image_size = int(self.card.get("model_config", {}).get("image_size", 32))
 
     @classmethod
-    def from_dir(cls, path, *, device: str = "cpu", batch_size: int = 256) -> "RewardModelScorer":
-        """Load a folder written by ``mor client train`` (or :func:`~mor_client.rewards.store.save_model_dir`)."""
-        model, vocab, card = load_model_dir(path, device=device)
+    def from_pretrained(cls, path, *, device: str = "cpu", batch_size: int = 256) -> "RewardModelScorer":
+        """Load a local folder written by ``mor client train`` (or :func:`~mor_client.rewards.store.save_pretrained`);
+        the weights' digest is checked and nothing is downloaded."""
+        model, vocab, card = from_pretrained(path, device=device)
         return cls(model, vocab, card, device=device, batch_size=batch_size)
+
+    #: the first name of :meth:`from_pretrained`
+    from_dir = from_pretrained
+
+    def save_pretrained(self, path) -> dict:
+        """Write this scorer's model, vocabulary and card as a model folder; returns the card written."""
+        return save_pretrained(path, self.model, self.vocab, self.card)
 
     @torch.no_grad()
     def score(self, items: Sequence[ScoringItem]) -> list[list[float]]:
