@@ -34,6 +34,7 @@ from typing_extensions import NotRequired, TypedDict
 
 from mor.cliargs import non_negative_int, output_dir, positive_int
 from mor.modes import MODES, PER_CLIENT_MODES, SECAGG_MODES
+from ..alignment.recipes import WARM_STARTS
 from privacy import pki
 
 from privacy.fsutil import replace_dir, staging_dir
@@ -142,6 +143,10 @@ class DemoConfig:
     answering with one of the task's answers, so it cannot drift to strings no reward model was trained on."""
     w_length: Annotated[_Real, Field(ge=0)] = 0.0
     """Weight of the length rule reward."""
+    warm_start: Literal[WARM_STARTS] = "sft"
+    """Warm-start recipe of the built-in policy (mor_server.alignment.recipes): ``sft`` (SFT on the server's public
+    split) or ``synthetic+sft`` (64 image tokens; vision pre-training and captioning of synthetic images first, no
+    privacy cost: the policy learns to see, so the clients' colour and shape rewards reach it)."""
     grpo: Annotated[dict[str, Any], Field(strict=True)] = field(default_factory=dict)
     """Overrides of the alignment engine's GRPO settings (e.g. {"max_steps": 200}), applied on top of
     DEMO_GRPO_DEFAULTS; see docs/alignment.md for every field."""
@@ -359,6 +364,7 @@ def align(cfg: DemoConfig, work: Path, backend, server, *, cards: dict | None = 
     import easy_vqa
 
     from ..alignment.policy import SFTConfig
+    from ..alignment.recipes import warm_start_recipe
 
     extra = alignment_overrides(cfg)
     if "heldout_pairs" in extra:
@@ -366,6 +372,7 @@ def align(cfg: DemoConfig, work: Path, backend, server, *, cards: dict | None = 
         heldout = {c: list(p)[:n] for c, p in heldout.items()}
     if "sft_steps" in extra:
         extra["sft"] = SFTConfig(steps=extra.pop("sft_steps"))
+    extra["tiny"], extra["pretrain"] = warm_start_recipe(cfg.warm_start, seed=cfg.seed)
     acfg = AlignmentConfig(**extra, work_dir=str(work / "alignment"),
                            grpo=GRPORunConfig(**{**DEMO_GRPO_DEFAULTS, **cfg.grpo}),
                            seed=cfg.seed, answer_vocabulary=list(easy_vqa.get_answers()),
@@ -547,13 +554,16 @@ def register(sub) -> None:
     p.add_argument("--mode", choices=MODES, help="privacy mode of GRPO's scoring rounds (default: secagg)")
     p.add_argument("--seed", type=non_negative_int, help="seed of the split, inits, DP noise and sampling (default: 0)")
     p.add_argument("--steps", type=positive_int, help="GRPO steps (overrides grpo.max_steps; default: 400)")
+    p.add_argument("--warm-start", dest="warm_start", choices=WARM_STARTS,
+                   help="warm-start recipe of the built-in policy: sft, or synthetic+sft (vision pre-training and "
+                        "captioning of synthetic images first, 64 image tokens; default: sft)")
     p.add_argument("--fresh", action="store_true", default=None, help="retrain cached reward models and warm start")
     p.set_defaults(func=_demo_cmd)
 
 
 def _demo_cmd(args: argparse.Namespace) -> int:
     over = dict(workdir=None if args.workdir is None else str(args.workdir), mode=args.mode, seed=args.seed,
-                fresh=args.fresh)
+                fresh=args.fresh, warm_start=args.warm_start)
     cfg = DemoConfig.from_file(args.config, **over) if args.config else DemoConfig(
         **{k: v for k, v in over.items() if v is not None})
     if args.steps is not None:

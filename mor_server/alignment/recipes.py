@@ -1,0 +1,27 @@
+"""Named warm-start recipes of the built-in policy: what ``mor demo --warm-start`` and
+``benchmarks/bench_reward_ablation.py --warm-start`` select (one home for both).
+
+* ``sft``: the built-in tiny Llava (16 image tokens), SFT on the server's public split. Cheap, but the policy
+  stays image-blind: under GRPO every colour and shape question collapses to one answer, whatever the reward
+  (issue #17, docs/alignment.md).
+* ``synthetic+sft``: 64 image tokens and the public stage 1 before the same SFT: the vision tower pre-trained on
+  synthetic images drawn by the project's renderer (600 steps), then captioning of those images (1000 steps); no
+  private data and no privacy cost. With it a reward can teach colour and shape (docs/alignment.md,
+  "Which reward earns the alignment").
+"""
+
+from __future__ import annotations
+
+WARM_STARTS = ("sft", "synthetic+sft")
+
+
+def warm_start_recipe(name: str, *, seed: int = 0):
+    """``(TinyLlavaConfig, PretrainConfig or None)`` of a named recipe, seeded with the run's seed. (The policy module
+    is imported here, not at the top: the command line reads WARM_STARTS without loading torch.)"""
+    from .policy import PretrainConfig, TinyLlavaConfig
+
+    if name == "sft":
+        return TinyLlavaConfig(seed=seed), None
+    if name == "synthetic+sft":
+        return TinyLlavaConfig(patch_size=8, seed=seed), PretrainConfig(vision_steps=600, caption_steps=1000, seed=seed)
+    raise ValueError(f"warm start must be one of {', '.join(WARM_STARTS)}, got {name!r}")
