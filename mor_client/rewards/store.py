@@ -225,7 +225,8 @@ def from_pretrained(path: str | os.PathLike, device: str = "cpu"):
         raise ValueError(f"{path}: {CARD} has no weights_sha256, so {WEIGHTS} cannot be verified; {RETRAIN}")
     digest = sha256_file(d / WEIGHTS)
     if digest != card["weights_sha256"]:
-        raise ValueError(f"{path}: {WEIGHTS} does not match the card's weights_sha256 (corrupted or replaced)")
+        raise ValueError(f"{path}: {WEIGHTS} does not match the card's weights_sha256 (corrupted or replaced); "
+                         f"{RETRAIN}")
     config = read_config(d, card)
     vocab = Vocab(json.loads((d / VOCAB).read_text()))
     if (d / CONFIG).is_file():
