@@ -1,6 +1,10 @@
 """Shared pieces of the command lines (``mor``, ``mor server``, ``mor client``): argument validators, a parser whose
 errors are one line, a help formatter that shows defaults, and the ``main`` wrapper every CLI runs under.
 
+One module although over 400 lines: it is the single place every CLI takes its command-line conventions from (one
+import, one error format for the parser, the wrapper and some 25 validators of a dozen lines each, and
+``docs/architecture.md`` sends every new flag validator here).
+
 Every numeric, host and path flag is checked by argparse (``type=``) before any work starts; a bad value ends the
 command with one line on stderr naming the flag and what to give instead, and exit code 2. Expected errors raised
 later (a corrupt ledger, a missing credential) are printed as one line with exit code 2 too; Ctrl-C prints one line
