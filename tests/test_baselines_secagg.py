@@ -64,12 +64,13 @@ def test_secagg_parameter_round_recovers_the_weighted_average(pki_dir, tmp_path)
             out = await server.run_secagg_training_round(PARAMS, "fedit", {"learning_rate": 0.1}, timeout=20)
             assert out.ok, out.reason
             assert sorted(out.responders) == list(NAMES)
-            assert set(out.reports) == {"mean", "num_examples", "survivors"}, "no individual update reaches it"
-            assert out.reports["num_examples"] == 100
+            assert set(out.aggregate) == {"mean", "num_examples", "survivors"}, "no individual update reaches it"
+            assert out.reports == {}, "a SecAgg+ round has no per-client reports"
+            assert out.aggregate["num_examples"] == 100
             for k in (A, B):
                 want = sum(counts[n] * trainers[n].sent[0][k].astype(np.float64) for n in NAMES) / 100
                 # one fixed-point step (2^-16) per coordinate of n_k theta_k, divided by sum n
-                np.testing.assert_allclose(out.reports["mean"][k], want, atol=4 * 2.0 ** -16 / 100 + 1e-9)
+                np.testing.assert_allclose(out.aggregate["mean"][k], want, atol=4 * 2.0 ** -16 / 100 + 1e-9)
 
             # the driver: ffa under secagg keeps A frozen and takes B from the unmasked average
             fb = FederatedBaseline(_NoPolicy(), BaselineConfig(
@@ -86,9 +87,9 @@ def test_secagg_parameter_round_recovers_the_weighted_average(pki_dir, tmp_path)
             out = await server.run_secagg_training_round(PARAMS, "fedit", {}, timeout=20)
             assert out.ok, out.reason
             assert sorted(out.responders) == ["alice", "bob", "carol"] and "refused" in out.dropped["dave"]
-            assert out.reports["num_examples"] == 45
+            assert out.aggregate["num_examples"] == 45
             want = sum(counts[n] * trainers[n].sent[-1][A].astype(np.float64) for n in NAMES[:3]) / 45
-            np.testing.assert_allclose(out.reports["mean"][A], want, atol=4 * 2.0 ** -16 / 45 + 1e-9)
+            np.testing.assert_allclose(out.aggregate["mean"][A], want, atol=4 * 2.0 ** -16 / 45 + 1e-9)
             with pytest.raises(ValueError, match="weighted sum"):
                 await server.run_secagg_training_round(PARAMS, "fedcmp", {})
             assert server.metrics.value("mor_rounds_completed_total", {"mode": "train:fedit"}) == 2

@@ -340,7 +340,7 @@ def test_membership_over_the_federation_stream(fed, png_bytes):
     ok, bad = asyncio.run(main())
     assert ok.ok, ok.reason
     expect = sum(0.3 * np.array([len(c) + i for it in items for c in it.candidates]) for i in range(3))
-    np.testing.assert_allclose(ok.reports["sum"], expect, atol=1e-3)
+    np.testing.assert_allclose(ok.aggregate["sum"], expect, atol=1e-3)
     assert not bad.ok
     for n in MEMBERS:
         assert "not on the signed roster" in bad.dropped.get(n, ""), bad.dropped

@@ -105,6 +105,7 @@ def test_readme_sdk_example_runs_verbatim_against_a_loopback_server(pki_dir, png
             out = srv.run_round(items, timeout=20)
             assert out.ok, out.reason
             assert out.reports["carol"] == [float(len(c)) for it in items for c in it.candidates]
+            assert out.aggregate == {}, "a plain round's payloads are per client, in reports"
             time.sleep(0.2)
         finally:
             proc.send_signal(signal.SIGTERM)  # the script's own handler stops the client cleanly
@@ -252,7 +253,7 @@ def test_secagg_clients_in_a_base_install_complete_a_round(pki_dir, png_bytes, t
             logs = [p.communicate(timeout=30)[0] for p in procs]
     assert out.ok, (out.reason, [lg[-1500:] for lg in logs])
     expect = [float(len(c)) for it in items for c in it.candidates]
-    np.testing.assert_allclose(out.reports["sum"], expect, atol=1e-3)
+    np.testing.assert_allclose(out.aggregate["sum"], expect, atol=1e-3)
     assert all(p.returncode == 0 for p in procs), [lg[-1500:] for lg in logs]
 
 

@@ -57,8 +57,9 @@ def test_server_learns_only_the_weighted_sum(pki_dir, png_bytes, tmp_path):
     sizes = [len(it.candidates) for it in items]
     expect = sum(np.repeat(w[i], sizes) * np.array([len(c) + 0.25 * i for it in items for c in it.candidates])
                  for i in range(len(NAMES)))
-    np.testing.assert_allclose(out.reports["sum"], expect, atol=1e-3)
-    assert set(out.reports) == {"sum", "survivors", "out_of_range"}, "no individual scores reach the server"
+    np.testing.assert_allclose(out.aggregate["sum"], expect, atol=1e-3)
+    assert set(out.aggregate) == {"sum", "survivors", "out_of_range"}, "no individual scores reach the server"
+    assert out.reports == {}, "a SecAgg+ round has no per-client reports"
     from privacy.audit import read_entries
     text = (tmp_path / "audit.jsonl").read_text()
     rounds = [e for e in read_entries(tmp_path / "audit.jsonl") if e.event == "round"]
@@ -87,7 +88,7 @@ def test_dropout_mid_protocol_still_recovers_sum(pki_dir, png_bytes):
     assert out.ok, out.reason
     assert set(out.responders) == {"alice", "bob", "carol"} and "dave" in out.dropped
     expect = sum(0.25 * np.array([len(c) + i for it in items for c in it.candidates]) for i in range(3))
-    np.testing.assert_allclose(out.reports["sum"], expect, atol=1e-3)
+    np.testing.assert_allclose(out.aggregate["sum"], expect, atol=1e-3)
 
 
 def test_isolating_weights_are_refused(pki_dir, png_bytes):
@@ -122,7 +123,7 @@ def test_secagg_dp_charges_every_ledger_and_sum_carries_calibrated_noise(pki_dir
     outs = asyncio.run(_with_federation(pki_dir, scorers, body, session_kw={"modes": ("secagg", "secagg+dp")}))
     assert all(o.ok for o in outs), [(o.reason, o.dropped) for o in outs]
     exact = np.array([len(c) for it in items for c in it.candidates], dtype=float)
-    noisy = np.array(outs[0].reports["sum"])
+    noisy = np.array(outs[0].aggregate["sum"])
     assert not np.allclose(noisy, exact, atol=1e-6), "secagg+dp must add noise"
     # noise std of the sum = 0.05 * L2 sensitivity (w_cap * 2C * sqrt(m)) = 0.05 * 2 * 8 * sqrt(8) ~ 2.3
     assert np.abs(noisy - exact).max() < 6 * 0.05 * 2 * 8 * np.sqrt(len(exact))

@@ -152,9 +152,9 @@ class FederatedBaseline:
                 max_num_examples=cfg.max_num_examples)
             if out.ok:
                 self.last_params, self.last_updates = params, {}
-                self.state = {**self.state, **{n: np.asarray(v, np.float32) for n, v in out.reports["mean"].items()}}
+                self.state = {**self.state, **{n: np.asarray(v, np.float32) for n, v in out.aggregate["mean"].items()}}
             rec = RoundRecord(index, out.round_id, out.ok, tuple(out.responders), dict(out.dropped),
-                              {"(sum)": out.reports.get("num_examples")} if out.ok else {}, {}, {},
+                              {"(sum)": out.aggregate.get("num_examples")} if out.ok else {}, {}, {},
                               0, time.perf_counter() - t0, out.reason)
             self.history.append(rec)
             return rec

@@ -101,7 +101,7 @@ class FederatedBackend:
             W = {c: M[i] for i, c in enumerate(live)}
         if self.mix_mode in SECAGG_MODES:
             out = self._round(items, self.mix_mode, participants=live, weights={c: W[c].tolist() for c in live})
-            total = np.asarray(out.reports["sum"], dtype=np.float64)
+            total = np.asarray(out.aggregate["sum"], dtype=np.float64)
             denom = sum(W[c] for c in out.responders)
         else:
             out = self._round(items, self.mix_mode, participants=live)

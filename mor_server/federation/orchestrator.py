@@ -72,8 +72,9 @@ class RoundOrchestrator:
                         dp_clip: float = 1.0, dp_noise_multiplier: float = 1.0,
                         round_id: str | None = None) -> RoundOutcome:
         """Send one scoring task and gather reports. Never raises for client behaviour: a failed round comes back as
-        a RoundOutcome with state FAILED and a reason. For ``plain``, ``reports[c]`` is the flat score list; use
-        :meth:`scores_by_client` for per-item lists."""
+        a RoundOutcome with state FAILED and a reason. For ``plain``, ``reports[c]`` is the flat score list, for
+        ``dp`` ``{"scores": [...], "epsilon": ...}``; use :meth:`scores_by_client` for per-item lists. (Its
+        ``aggregate`` is empty: that field is for SecAgg+ rounds.)"""
         if mode not in PAYLOAD_FOR_MODE:
             raise ValueError(f"run_round supports modes {sorted(PAYLOAD_FOR_MODE)}; got {mode!r} "
                              "(secure aggregation runs through run_secagg_round)")

@@ -98,15 +98,26 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class RoundOutcome:
+    """How a round ended. What the server learned is in exactly one of two fields, by the kind of round:
+
+    * ``reports``: one validated payload per responding client, for rounds where each client's answer reaches the
+      server (``plain``: the flat score list; ``dp``: ``{"scores", "epsilon"}``; training rounds: a
+      ``ClientUpdate``); empty for secure-aggregation rounds.
+    * ``aggregate``: what a secure-aggregation round unmasks, and nothing per client (scoring:
+      ``{"sum", "survivors", "out_of_range"}``; training: ``{"mean", "num_examples", "survivors"}``); empty for
+      every other round and for a failed one.
+    """
+
     round_id: str
     state: RoundState
     participants: tuple[str, ...]
     responders: tuple[str, ...]
     dropped: dict[str, str]            # client -> why (disconnected, deadline, refused: ...)
-    reports: dict[str, object]         # client -> validated payload (only responders)
+    reports: dict[str, object]         # client -> validated payload (only responders; never in SecAgg+ rounds)
     reason: str = ""
     started_at: float = 0.0
     closed_at: float = 0.0
+    aggregate: dict[str, object] = field(default_factory=dict)  # SecAgg+ rounds only: the unmasked aggregate
 
     @property
     def ok(self) -> bool:

@@ -76,7 +76,8 @@ class SecAggTransport:
                                stage_timeout: float | None = None, round_id: str | None = None,
                                max_colluders: int | None = None) -> RoundOutcome:
         """One SecAgg+ round: every client multiplies its scores by its routing weight (one weight per item) and
-        masks them; the server unmasks only the weighted sum ``reports["sum"]`` (flat, item-major). The server
+        masks them; the server unmasks only the weighted sum ``aggregate["sum"]`` (flat, item-major; ``reports`` stays
+        empty). The server
         never holds an individual client's score. ``mode="secagg+dp"`` adds distributed discrete-Gaussian noise
         calibrated to ``dp_min_survivors`` (default: the threshold) and charged to each client's ledger.
 
@@ -139,11 +140,11 @@ class SecAggTransport:
         ok = result.ok and len(result.survivors) >= min_clients
         if result.ok and not ok:
             reason = f"only {len(result.survivors)} survivors, min_clients={min_clients}"
-        reports = {"sum": result.total.tolist(), "survivors": list(result.survivors),
-                   "out_of_range": result.out_of_range} if ok else {}
+        aggregate = {"sum": result.total.tolist(), "survivors": list(result.survivors),
+                     "out_of_range": result.out_of_range} if ok else {}
         outcome = RoundOutcome(round_id, RoundState.COMPLETED if ok else RoundState.FAILED, chosen,
-                               tuple(result.survivors) if ok else (), dropped, reports,
-                               reason or ("" if ok else result.reason), now, end)
+                               tuple(result.survivors) if ok else (), dropped, {},
+                               reason or ("" if ok else result.reason), now, end, aggregate=aggregate)
         agg = {}
         if ok:
             total = np.asarray(result.total)
@@ -165,8 +166,8 @@ class SecAggTransport:
         """A training round of ``fedit`` or ``ffa`` under SecAgg+ (docs/protocol.md §9.5): each client trains, then
         masks [n_k * theta_k (every tensor of ``update_names``, flattened, in order), n_k]; the server unmasks only
         the sum, so it learns the sample-weighted average sum_k n_k theta_k / sum_k n_k and the total count, never a
-        client's update. ``reports`` of a completed round: ``{"mean": {name: array}, "num_examples": total,
-        "survivors": [...]}``. Fixed point: 2^-frac_bits per coordinate of n_k theta_k; every value of a client's
+        client's update. ``aggregate`` of a completed round: ``{"mean": {name: array}, "num_examples": total,
+        "survivors": [...]}`` (``reports`` stays empty). Fixed point: 2^-frac_bits per coordinate of n_k theta_k; every value of a client's
         input must lie within value_bound * max_num_examples (else that client refuses: OUT_OF_RANGE)."""
         from mor.training import hparams_to_pb, tensors_to_pb
 
@@ -221,7 +222,7 @@ class SecAggTransport:
         for c, stage in result.dropped.items():
             dropped.setdefault(c, f"dropped at stage {stage}" + (f": {sa.rejected[c]}" if c in sa.rejected else ""))
         ok = result.ok and len(result.survivors) >= min_clients
-        reports = {}
+        aggregate = {}
         if ok:
             total = np.asarray(result.total, dtype=np.float64)
             count = float(total[-1])
@@ -232,18 +233,18 @@ class SecAggTransport:
                 for n, size in zip(spec.update_names, sizes):
                     mean[n] = (total[k:k + size] / count).reshape(spec.shapes[n])
                     k += size
-                reports = {"mean": mean, "num_examples": count, "survivors": list(result.survivors)}
+                aggregate = {"mean": mean, "num_examples": count, "survivors": list(result.survivors)}
         if result.ok and not ok and not reason:
             reason = f"only {len(result.survivors)} survivors, min_clients={min_clients}"
         outcome = RoundOutcome(round_id, RoundState.COMPLETED if ok else RoundState.FAILED, chosen,
-                               tuple(result.survivors) if ok else (), dropped, reports,
-                               reason or ("" if ok else result.reason), now, self._clock())
+                               tuple(result.survivors) if ok else (), dropped, {},
+                               reason or ("" if ok else result.reason), now, self._clock(), aggregate=aggregate)
         h = {("public_seed" if f.name == "seed" else f.name): v for f, v in hp.ListFields()}  # public: in the task
         self._account(outcome, mode, task_digest=task_digest, extra={
             "method": method, "secagg": True, "hparams": h, "broadcast_tensors": len(params),
             "update_names": len(spec.update_names), "vector_length": m, "threshold": sa.threshold,
             "secagg_config_digest": sa.config_digest(), "rejected": dict(sa.rejected),
-            "num_examples_total": reports.get("num_examples")})
+            "num_examples_total": aggregate.get("num_examples")})
         await self._audit_flush()
         return outcome
 

@@ -137,8 +137,8 @@ def test_two_node_clients_and_a_python_client_complete_a_secagg_round(node_ready
         base = np.array([len(c) for it in items for c in it.candidates], dtype=float)
         expect = sum(np.repeat(np.array(w[c]), sizes) * (base + off) for c, off in (("alice", 0), ("carol", 1),
                                                                                     ("dave", 2)))
-        np.testing.assert_allclose(out.reports["sum"], expect, atol=1e-3)
-        assert sorted(out.reports["survivors"]) == ["alice", "carol", "dave"]
+        np.testing.assert_allclose(out.aggregate["sum"], expect, atol=1e-3)
+        assert sorted(out.aggregate["survivors"]) == ["alice", "carol", "dave"]
         assert rcs == [0, 0], [n.proc.stderr.read()[-1000:] for n in nodes]
         for n in nodes:
             assert [e["stage"] for e in n.kinds("secagg")] == ["setup", "reveal", "share_keys", "collect_masked",
