@@ -86,6 +86,8 @@ def test_each_architecture_round_trips_through_save_pretrained_and_from_pretrain
     model = build_model(arch, len(vocab), **SMALL[arch]).eval()
     card = model.save_pretrained(tmp_path / arch, vocab=vocab)
     assert card["architecture"] == arch and card["model_config"] == json.loads(json.dumps(model.config))
+    assert "not recorded" in (tmp_path / arch / "README.md").read_text()  # a bare card claims no guarantee
+    assert _metadata((tmp_path / arch / "README.md").read_text())["differential_privacy"]["dp"] is None
     loaded = RewardModule.from_pretrained(tmp_path / arch)
     assert type(loaded) is type(model) and not loaded.training
     items = _items(split)

@@ -90,11 +90,11 @@ def model_card_markdown(card: dict) -> str:
 
     arch = str(card.get("architecture", "custom"))
     domain = card.get("domain") or ""
-    dp = bool(card.get("dp"))
+    dp = card.get("dp")  # None: a bare card (e.g. RewardModule.save_pretrained without one) records no training
     guarantee = {k: _json_number(card.get(k)) for k in (
         "dp", "epsilon", "target_epsilon", "delta", "accountant", "privacy_unit", "privacy_units",
         "noise_multiplier", "sample_rate", "steps", "epochs", "max_grad_norm", "secure_rng")}
-    guarantee["dp"] = dp
+    guarantee["dp"] = None if dp is None else bool(dp)
     acc = card.get("heldout_pairwise_accuracy")
     eval_results = None
     if isinstance(acc, (int, float)):
@@ -114,6 +114,8 @@ def model_card_markdown(card: dict) -> str:
                    f"accountant, noise multiplier {_fmt(card.get('noise_multiplier'), '.3f')}, sample rate "
                    f"{_fmt(card.get('sample_rate'), '.4g')}, {card.get('steps')} steps, clipping norm "
                    f"{card.get('max_grad_norm')}")
+    elif dp is None:
+        promise = "not recorded: this folder's card holds no training record"
     else:
         promise = "none: trained without differential privacy (epsilon = infinity)"
     acc_text = _fmt(acc, ".3f") if isinstance(acc, (int, float)) else "not measured"
