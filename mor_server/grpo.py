@@ -462,7 +462,7 @@ def run_grpo(model_dir: str | Path, train_dataset, reward_funcs: list, reward_we
     :class:`GRPOInterrupted` is raised (no final policy is written). Returns ``{"model", "processor", "global_step", "log_history",
     "final_dir", "seconds", "resumed_from"}``; the final policy is saved to ``<output_dir>/final``.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
     from trl import GRPOTrainer
 
     cfg = config or GRPORunConfig()
@@ -474,7 +474,9 @@ def run_grpo(model_dir: str | Path, train_dataset, reward_funcs: list, reward_we
     dev, dtype = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    from .policy import _load_processor
+
+    processor = _load_processor(model_dir)  # AutoProcessor (image-only when a video half needs torchvision)
     processor.tokenizer.padding_side = "left"
     args = cfg.to_trl(reward_weights)
     extra = [_stop_callback(stop)] if stop is not None else []
