@@ -281,28 +281,29 @@ class _Ranks:
     def __init__(self):
         import os
 
-        self.state = None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        self.dist = dist
+        if not (dist.is_available() and dist.is_initialized()) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import PartialState
 
-            self.state = PartialState()
+            PartialState()  # under accelerate launch / torchrun: joins the process group (and sets the GPU)
+        self.on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     @property
     def main(self) -> bool:
-        return self.state is None or self.state.is_main_process
+        return not self.on or self.dist.get_rank() == 0
 
     def wait(self) -> None:
-        if self.state is not None:
-            self.state.wait_for_everyone()
+        if self.on:
+            self.dist.barrier()
 
     def share(self, value):
         """Rank 0's ``value`` on every rank (pickled)."""
-        if self.state is None:
+        if not self.on:
             return value
-        import torch.distributed as dist
-
         box = [value]
-        dist.broadcast_object_list(box, src=0)
+        self.dist.broadcast_object_list(box, src=0)
         return box[0]
 
 
