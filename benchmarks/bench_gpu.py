@@ -35,12 +35,28 @@ if str(ROOT) not in sys.path:
 
 DOMAINS = {"ColorExpert": "color", "ShapeExpert": "shape", "YesNoExpert": "yesno"}
 
+_NEW = {"pipeline": "mor_server.alignment.pipeline", "backend": "mor_server.federation.backend",
+        "procs": "mor_server.apps.procs", "thread": "mor_server.federation.thread",
+        "config": "mor_server.federation.config"}
+_OLD = {"pipeline": "mor_server.alignment", "backend": "mor_server.federated", "procs": "mor_server.procs",
+        "thread": "mor_server.server", "config": "mor_server.server"}
+
+
+def _mod(name: str):
+    """A mor_server module in either layout (rooms after issue #15: alignment/, federation/, apps/; flat before),
+    decided by the mor_server actually imported (so an editable install of another checkout is never mixed in)."""
+    import importlib
+
+    rooms = hasattr(importlib.import_module("mor_server.alignment"), "__path__")
+    return importlib.import_module(_NEW.get(name, f"mor_server.alignment.{name}") if rooms
+                                   else _OLD.get(name, f"mor_server.{name}"))
+
 
 def _expert(domain: str):
     """A label expert of one question type over the server's public + unlabeled split of MOR_BENCH_SEED (what a
     client process builds; the seed comes through the environment because `--scorer` classes take no argument)."""
     from mor_client.data.partition import make_federation_split
-    from mor_server.inprocess import LabelExpertScorer
+    LabelExpertScorer = _mod("inprocess").LabelExpertScorer
 
     split = make_federation_split(seed=int(os.environ.get("MOR_BENCH_SEED", "0")))
     return LabelExpertScorer(list(split.server_public) + list(split.server_unlabeled), [domain])
@@ -68,10 +84,11 @@ class Federation:
     """A federation server here and one `mor client join` process per label expert, over loopback mTLS."""
 
     def __init__(self, work: Path, seed: int, mode: str):
-        from mor_server.federated import FederatedBackend
-        from mor_server.procs import ClientProcess, mor_client_argv
-        from mor_server.server import ServerConfig, ServerThread
         from privacy import pki
+
+        FederatedBackend = _mod("backend").FederatedBackend
+        ClientProcess, mor_client_argv = _mod("procs").ClientProcess, _mod("procs").mor_client_argv
+        ServerConfig, ServerThread = _mod("config").ServerConfig, _mod("thread").ServerThread
 
         pki_dir = work / "pki"
         pki.init_ca(pki_dir)
@@ -93,9 +110,7 @@ class Federation:
         self.backend = FederatedBackend(self.server, mix_mode=mode, timeout=120, min_clients=2)
 
     def close(self) -> None:
-        from mor_server.procs import stop_all
-
-        stop_all(self.procs)
+        _mod("procs").stop_all(self.procs)
         self.server.stop()
 
 
@@ -109,12 +124,14 @@ def run_case(preset: str, steps: int, *, split, test, backend, router, features,
              sft_steps: int | None, lr: float | None, beta: float | None, guard_every: int) -> dict:
     from dataclasses import replace
 
-    from mor_server.alignment import AlignmentConfig
-    from mor_server.evaluate import accuracy
-    from mor_server.grpo import (CollapseGuardConfig, GRPOMetrics, GRPORunConfig, collapse_guard_callback,
-                                 make_prompt_dataset, run_grpo)
-    from mor_server.policy import warm_start_cached
-    from mor_server.rewards import MoRReward
+    AlignmentConfig = _mod("pipeline").AlignmentConfig
+    accuracy = _mod("evaluate").accuracy
+    g = _mod("grpo")
+    CollapseGuardConfig, GRPOMetrics, GRPORunConfig = g.CollapseGuardConfig, g.GRPOMetrics, g.GRPORunConfig
+    collapse_guard_callback, make_prompt_dataset, run_grpo = g.collapse_guard_callback, g.make_prompt_dataset, \
+        g.run_grpo
+    warm_start_cached = _mod("policy").warm_start_cached
+    MoRReward = _mod("rewards").MoRReward
 
     cuda = _cuda() if device in (None, "cuda") else None
     acfg = AlignmentConfig.from_preset(preset)
@@ -204,9 +221,9 @@ def main(argv=None) -> int:
     steps = [int(s) for s in a.steps.split(",") if s.strip()]
 
     from mor_client.data.partition import make_federation_split
-    from mor_server.alignment import calibrate_router, heldout_test
-    from mor_server.features import FeatureExtractor
-    from mor_server.inprocess import InProcessBackend
+    calibrate_router, heldout_test = _mod("pipeline").calibrate_router, _mod("pipeline").heldout_test
+    FeatureExtractor = _mod("features").FeatureExtractor
+    InProcessBackend = _mod("inprocess").InProcessBackend
 
     os.environ["MOR_BENCH_SEED"] = str(a.seed)
     split = make_federation_split(seed=a.seed)

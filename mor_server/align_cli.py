@@ -30,6 +30,15 @@ from mor.modes import MODES, PER_CLIENT_MODES, SECAGG_MODES
 ALIGN_MODES = MODES
 
 
+def device_arg(text: str) -> str:
+    """``--device``: cpu, cuda or cuda:N (checked at parse time; whether CUDA is there is checked before work)."""
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text.strip()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda or cuda:N")
+    return text.strip()
+
+
 def register(sub) -> None:
     p = sub.add_parser("align", help="align a VLM with GRPO on rewards from a live federation (--serve), trained "
                                      "reward models (--models) or label experts",
@@ -54,7 +63,7 @@ def register(sub) -> None:
                    help="policy size and its GRPO/warm-start defaults: tiny (0.24M, the default), small (40M), base "
                         "(383M), byo (defaults for your own --policy: LoRA r=16, lr 5e-5; the default with "
                         "--policy); small/base/byo defaults are not GPU-validated yet (docs/alignment.md)")
-    p.add_argument("--device", default=None, metavar="DEV",
+    p.add_argument("--device", type=device_arg, default=None, metavar="DEV",
                    help="force a device for warm start, evaluation and GRPO (cpu, cuda, cuda:1; default: CUDA with "
                         "bf16 when present)")
     p.add_argument("--lora-r", type=non_negative_int, default=None,
@@ -105,14 +114,10 @@ def _check(args) -> None:
     if args.preset in ("tiny", "small", "base") and args.policy is not None:
         raise UsageError(f"--preset {args.preset} is a built-in policy size; with --policy DIR use --preset byo "
                          "(or leave --preset out)")
-    if args.device is not None:
+    if args.device is not None and args.device.startswith("cuda"):
         import torch
 
-        try:
-            dev = torch.device(args.device)
-        except (RuntimeError, ValueError):
-            raise UsageError(f"--device {args.device}: not a torch device (cpu, cuda, cuda:0)") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
+        if not torch.cuda.is_available():
             raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
     if args.use_vllm:
         import importlib.util
@@ -147,10 +152,8 @@ def _config(args, resume_key: str):
     import easy_vqa
 
     from .alignment import AlignmentConfig
-    from .grpo import GRPORunConfig
+    from .grpo import CollapseGuardConfig, GRPORunConfig
     from .policy import SFTConfig
-
-    from .grpo import CollapseGuardConfig
 
     grpo = {k: v for k, v in dict(max_steps=args.steps, learning_rate=args.lr, beta=args.beta,
                                   temperature=args.temperature, lora_r=args.lora_r).items() if v is not None}

@@ -201,8 +201,8 @@ def write_report(report: dict, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
 
     def clean(v):
-        if isinstance(v, float):
-            return None if math.isnan(v) else round(v, 4)
+        if isinstance(v, float):  # 4 places; below 1e-3 (learning rates) 4 significant digits instead of 0.0
+            return None if math.isnan(v) else round(v, 4) if abs(v) >= 1e-3 or v == 0 else float(f"{v:.4g}")
         if isinstance(v, dict):
             return {str(k): clean(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):

@@ -18,10 +18,17 @@ def _rank_main(out_dir: str) -> None:
     import torch.distributed as dist
 
     from mor_client.data.partition import make_federation_split
-    from mor_server.alignment import AlignmentConfig, run_alignment
-    from mor_server.grpo import CollapseGuardConfig, GRPORunConfig
-    from mor_server.inprocess import InProcessBackend, LabelExpertScorer
-    from mor_server.policy import SFTConfig, TinyLlavaConfig
+
+    try:  # the layout after issue #15 (mor_server/alignment/ is a package)
+        from mor_server.alignment.grpo import CollapseGuardConfig, GRPORunConfig
+        from mor_server.alignment.inprocess import InProcessBackend, LabelExpertScorer
+        from mor_server.alignment.pipeline import AlignmentConfig, run_alignment
+        from mor_server.alignment.policy import SFTConfig, TinyLlavaConfig
+    except ModuleNotFoundError:  # before it
+        from mor_server.alignment import AlignmentConfig, run_alignment
+        from mor_server.grpo import CollapseGuardConfig, GRPORunConfig
+        from mor_server.inprocess import InProcessBackend, LabelExpertScorer
+        from mor_server.policy import SFTConfig, TinyLlavaConfig
 
     split = make_federation_split(seed=0, public_size=60, unlabeled_size=32, max_heldout=8)
     known = list(split.server_public) + list(split.server_unlabeled)

@@ -10,9 +10,15 @@ import json
 import pytest
 
 from mor_client.data.partition import make_federation_split
-from mor_server.alignment import AlignmentConfig, run_alignment
-from mor_server.inprocess import InProcessBackend, LabelExpertScorer
-from mor_server.policy import build_tiny_vlm, generate_answers, load_policy, save_policy
+
+try:  # the layout after issue #15 (mor_server/alignment/ is a package)
+    from mor_server.alignment.inprocess import InProcessBackend, LabelExpertScorer
+    from mor_server.alignment.pipeline import AlignmentConfig, run_alignment
+    from mor_server.alignment.policy import build_tiny_vlm, generate_answers, load_policy, save_policy
+except ModuleNotFoundError:  # before it
+    from mor_server.alignment import AlignmentConfig, run_alignment
+    from mor_server.inprocess import InProcessBackend, LabelExpertScorer
+    from mor_server.policy import build_tiny_vlm, generate_answers, load_policy, save_policy
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,21 @@ import pytest
 import torch
 
 from mor_client.data.easyvqa import load_easyvqa
-from mor_server.grpo import (CollapseGuardConfig, GRPORunConfig, collapse_guard_callback, judge_answers,
-                             make_prompt_dataset, run_grpo)
-from mor_server.policy import (ImageCache, POLICY_PRESETS, SFTConfig, TinyLlavaConfig, autocast_for,
-                               build_tiny_llava, generate_answers, pick_device, preset_parameter_count, save_policy,
-                               warm_start_cached)
+
+try:  # the layout after issue #15 (mor_server/alignment/ is a package)
+    from mor_server.alignment.grpo import (CollapseGuardConfig, GRPORunConfig, collapse_guard_callback,
+                                           judge_answers, make_prompt_dataset, run_grpo)
+    from mor_server.alignment.pipeline import PRESET_DEFAULTS, AlignmentConfig
+    from mor_server.alignment.policy import (ImageCache, POLICY_PRESETS, SFTConfig, TinyLlavaConfig, autocast_for,
+                                             generate_answers, pick_device, preset_parameter_count, save_policy,
+                                             warm_start_cached)
+except ModuleNotFoundError:  # before it
+    from mor_server.alignment import PRESET_DEFAULTS, AlignmentConfig
+    from mor_server.grpo import (CollapseGuardConfig, GRPORunConfig, collapse_guard_callback, judge_answers,
+                                 make_prompt_dataset, run_grpo)
+    from mor_server.policy import (ImageCache, POLICY_PRESETS, SFTConfig, TinyLlavaConfig, autocast_for,
+                                   generate_answers, pick_device, preset_parameter_count, save_policy,
+                                   warm_start_cached)
 
 SMALL = TinyLlavaConfig(image_size=32, patch_size=16, vision_hidden=32, text_hidden=32, intermediate=64, heads=2)
 
@@ -85,8 +95,6 @@ def test_presets_have_the_stated_sizes():
     assert (small.image_size // small.patch_size) ** 2 == 64
     base = POLICY_PRESETS["base"]
     assert (base.vision_hidden, base.vision_layers, base.text_hidden, base.text_layers) == (768, 12, 1024, 16)
-    from mor_server.alignment import PRESET_DEFAULTS, AlignmentConfig
-
     cfg = AlignmentConfig.from_preset("base", seed=3, grpo={"max_steps": 7})
     assert cfg.preset == "base" and cfg.tiny.text_hidden == 1024 and cfg.tiny.seed == 3
     assert cfg.grpo.max_steps == 7 and cfg.grpo.learning_rate == PRESET_DEFAULTS["base"]["grpo"]["learning_rate"]
