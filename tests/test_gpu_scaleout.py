@@ -15,12 +15,14 @@ from mor_client.data.easyvqa import load_easyvqa
 try:  # the layout after issue #15 (mor_server/alignment/ is a package)
     from mor_server.alignment.grpo import (CollapseGuardConfig, GRPORunConfig, collapse_guard_callback,
                                            judge_answers, make_prompt_dataset, run_grpo)
+    from mor_server.alignment.evaluate import accuracy, kl_to_reference
     from mor_server.alignment.pipeline import PRESET_DEFAULTS, AlignmentConfig
     from mor_server.alignment.policy import (ImageCache, POLICY_PRESETS, SFTConfig, TinyLlavaConfig, autocast_for,
                                              generate_answers, pick_device, preset_parameter_count, save_policy,
                                              warm_start_cached)
 except ModuleNotFoundError:  # before it
     from mor_server.alignment import PRESET_DEFAULTS, AlignmentConfig
+    from mor_server.evaluate import accuracy, kl_to_reference
     from mor_server.grpo import (CollapseGuardConfig, GRPORunConfig, collapse_guard_callback, judge_answers,
                                  make_prompt_dataset, run_grpo)
     from mor_server.policy import (ImageCache, POLICY_PRESETS, SFTConfig, TinyLlavaConfig, autocast_for,
@@ -186,3 +188,19 @@ def test_use_vllm_without_vllm_fails_cleanly():
         GRPORunConfig(use_vllm=True).validate()
     with pytest.raises(ValueError, match="lora_r"):
         GRPORunConfig(lora_r=-1).validate()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU path is tested above)")
+def test_on_cuda_the_warm_start_evaluation_and_grpo_run_on_the_gpu(examples, tmp_path):
+    """Only where CUDA is present: the default device rule puts every stage on the GPU (bf16 GRPO)."""
+    model, processor, info = warm_start_cached(tmp_path / "ref", examples, tiny=SMALL,
+                                               sft=SFTConfig(steps=5, batch_size=16), progress=False)
+    assert info["device"].startswith("cuda") and next(model.parameters()).device.type == "cuda"
+    acc = accuracy(model, processor, examples[:32])
+    assert 0.0 <= acc["overall"] <= 1.0
+    assert kl_to_reference(model, model, processor, examples[:16]) == pytest.approx(0.0, abs=1e-3)
+    cfg = GRPORunConfig(output_dir=str(tmp_path / "run"), max_steps=2, prompts_per_step=2, num_generations=2,
+                        max_completion_length=2, save_steps=0, progress=False)
+    res = run_grpo(tmp_path / "ref", make_prompt_dataset(examples[:16]), [_constant_reward], None, cfg)
+    p = next(res["model"].parameters())
+    assert res["global_step"] == 2 and p.device.type == "cuda" and p.dtype == torch.bfloat16
