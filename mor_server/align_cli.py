@@ -181,13 +181,32 @@ def _align_cmd(args: argparse.Namespace) -> int:
     _check(args)
     work = Path(args.workdir)
     try:
-        report = run_job(work, "mor align", lambda stop, sigs: _run(args, work, stop, sigs))
+        if _rank() == 0:
+            report = run_job(work, "mor align", lambda stop, sigs: _run(args, work, stop, sigs))
+        else:  # under accelerate launch / torchrun rank 0 holds the folder's lock for the whole job
+            report = _rank_job(args, work)
     except RunInterrupted as e:
         close_progress_bars()
         print(f"mor align: {e}", file=sys.stderr, flush=True)
         return 128 + e.signum
     _print(report)
     return 0
+
+
+def _rank_job(args, work: Path) -> dict:
+    """What :func:`mor_server.jobcontrol.run_job` does, without the workdir lock (rank 0 holds it): SIGINT/SIGTERM
+    end GRPO's current step, and a GRPO stopped that way becomes RunInterrupted."""
+    import signal
+
+    from .grpo import GracefulStop, GRPOInterrupted
+    from .jobcontrol import RunInterrupted, Signals
+
+    stop = GracefulStop()
+    with Signals(stop, "mor align") as sigs:
+        try:
+            return _run(args, work, stop, sigs)
+        except GRPOInterrupted as e:
+            raise RunInterrupted(sigs.signum or signal.SIGTERM, e.checkpoint, e.step) from None
 
 
 def _rank() -> int:

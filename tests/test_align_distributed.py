@@ -87,3 +87,29 @@ def test_alignment_under_two_processes_scores_on_rank0_only(tmp_path):
     assert r0["guard_checks"] == r1["guard_checks"] == [0, 1, 2]
     rep = json.loads((tmp_path / "run" / "report" / "report.json").read_text())
     assert rep["grpo"]["global_step"] == 2 and rep["rounds"]["ok"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_mor_align_runs_under_torchrun_with_two_processes(tmp_path):
+    """The documented command shape: `torchrun`/`accelerate launch` start `mor align` once per rank; rank 0 holds
+    the workdir lock (the other rank does not try to) and scores for both; one report."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+    work = tmp_path / "w"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "mor.entry",
+                        "align", "--steps", "2", "--sft-steps", "2", "--eval-size", "8", "--device", "cpu",
+                        "--w-format", "0", "--collapse-every", "1", "--workdir", str(work)],
+                       capture_output=True, text=True, timeout=540, env=env, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    lines = [json.loads(ln.split("rounds ", 1)[1].split("; GRPO")[0]) for ln in r.stdout.splitlines()
+             if ln.startswith("KL to reference")]
+    assert len(lines) == 2, r.stdout[-2000:]  # both ranks finished
+    rank0 = max(lines, key=lambda x: x["ok"])
+    rank1 = min(lines, key=lambda x: x["ok"])
+    assert rank0["ok"] == 2 and rank1 == {"ok": 0, "failed": 0, "failed_attempts": 0, "unscored_completions": 0}
+    rep = json.loads((work / "report" / "report.json").read_text())
+    assert rep["grpo"]["global_step"] == 2 and rep["rounds"]["ok"] == 2
