@@ -269,7 +269,8 @@ def judge_answers(answers: Sequence[str], domains: Sequence[str], baseline: dict
         out["degenerate"] = True
         out["reason"] = (f"{100 * empty:.0f}% of the probe answers are empty (at the start: "
                          f"{100 * baseline['empty_share']:.0f}%)")
-    elif len(varied) >= max(1, config.min_varied_types) and len(collapsed) >= config.collapsed_types_share * len(varied):
+    elif len(varied) >= max(1, config.min_varied_types) \
+            and len(collapsed) >= config.collapsed_types_share * len(varied):
         out["degenerate"] = True
         out["reason"] = (f"one answer per question type for {', '.join(collapsed)} (at the start: "
                          + ", ".join(f"{d} {baseline['distinct_by_type'][d]}" for d in collapsed)

@@ -487,6 +487,47 @@ def _sft_batch(processor, examples, device, images: ImageCache | None = None):
     return {k: v.to(device) for k, v in enc.items()}
 
 
+class SFTEncoded:
+    """Every SFT example encoded once, before training: the processor runs over the examples in chunks (images
+    decoded once, pixel values computed once per example), and a training batch is then only an index, a pad and a
+    stack (:meth:`batch`), identical to what :func:`_sft_batch` gives for the same examples. ``ok`` is False when
+    the processor's output is not one row per example (e.g. Qwen2-VL's flattened patches) or a prompt has no
+    ``ASSISTANT:`` token: the caller then encodes each batch with :func:`_sft_batch`."""
+
+    def __init__(self, processor, examples: Sequence, images: ImageCache | None = None, chunk: int = 128):
+        self.pad_id = processor.tokenizer.pad_token_id
+        asst = processor.tokenizer.convert_tokens_to_ids(ASSISTANT)
+        self.rows: list[dict] = []
+        self.seq_keys: set[str] = set()
+        self.ok = self.pad_id is not None
+        cache = images if images is not None else ImageCache()
+        for b in range(0, len(examples), chunk) if self.ok else ():
+            part = list(examples[b: b + chunk])
+            enc = _sft_batch(processor, part, torch.device("cpu"), cache)
+            ids = enc["input_ids"]
+            if any(v.shape[0] != len(part) for v in enc.values()) or \
+                    not bool((ids == asst).any(dim=1).all()):
+                self.ok = False
+                break
+            self.seq_keys = {k for k, v in enc.items() if v.dim() == 2 and v.shape == ids.shape}
+            lens = enc["attention_mask"].sum(dim=1).tolist()
+            for i, n in enumerate(lens):  # right-padded: a row's tokens are its first n
+                self.rows.append({k: (v[i, : int(n)] if k in self.seq_keys else v[i]) for k, v in enc.items()})
+
+    def batch(self, idx: Sequence[int], device) -> dict:
+        rows = [self.rows[i] for i in idx]
+        width = max(len(r["input_ids"]) for r in rows)
+        fill = {"input_ids": self.pad_id, "attention_mask": 0, "labels": -100}
+        out = {}
+        for k in rows[0]:
+            if k in self.seq_keys:
+                out[k] = torch.stack([torch.nn.functional.pad(r[k], (0, width - len(r[k])), value=fill.get(k, 0))
+                                      for r in rows])
+            else:
+                out[k] = torch.stack([r[k] for r in rows])
+        return {k: v.to(device) for k, v in out.items()}
+
+
 def sft_warm_start(model, processor, examples: Sequence, config: SFTConfig | None = None, *, progress: bool = True
                    ) -> dict:
     """Supervised fine-tuning on labelled examples (the server's public split): answers in the right format.
@@ -508,6 +549,7 @@ def sft_warm_start(model, processor, examples: Sequence, config: SFTConfig | Non
         examples = examples[: cfg.max_examples]
     device = model_device(model)
     cache = ImageCache()
+    encoded = SFTEncoded(processor, examples, cache)  # every example encoded once (one row per example)
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
@@ -523,7 +565,9 @@ def sft_warm_start(model, processor, examples: Sequence, config: SFTConfig | Non
         order = list(range(len(examples)))
         rng.shuffle(order)
         for b in range(0, len(order), cfg.batch_size):
-            batch = _sft_batch(processor, [examples[i] for i in order[b: b + cfg.batch_size]], device, cache)
+            idx = order[b: b + cfg.batch_size]
+            batch = encoded.batch(idx, device) if encoded.ok else \
+                _sft_batch(processor, [examples[i] for i in idx], device, cache)
             with autocast_for(device):  # bf16 matmuls on CUDA (fp32 weights and optimizer); fp32 on the CPU
                 out = model(**batch)
             opt.zero_grad()

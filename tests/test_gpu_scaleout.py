@@ -18,15 +18,15 @@ try:  # the layout after issue #15 (mor_server/alignment/ is a package)
     from mor_server.alignment.evaluate import accuracy, kl_to_reference
     from mor_server.alignment.pipeline import PRESET_DEFAULTS, AlignmentConfig
     from mor_server.alignment.policy import (ImageCache, POLICY_PRESETS, SFTConfig, TinyLlavaConfig, autocast_for,
-                                             generate_answers, pick_device, preset_parameter_count, save_policy,
-                                             warm_start_cached)
+                                             build_tiny_llava, generate_answers, pick_device,
+                                             preset_parameter_count, save_policy, warm_start_cached)
 except ModuleNotFoundError:  # before it
     from mor_server.alignment import PRESET_DEFAULTS, AlignmentConfig
     from mor_server.evaluate import accuracy, kl_to_reference
     from mor_server.grpo import (CollapseGuardConfig, GRPORunConfig, collapse_guard_callback, judge_answers,
                                  make_prompt_dataset, run_grpo)
     from mor_server.policy import (ImageCache, POLICY_PRESETS, SFTConfig, TinyLlavaConfig, autocast_for,
-                                   generate_answers, pick_device, preset_parameter_count, save_policy,
+                                   build_tiny_llava, generate_answers, pick_device, preset_parameter_count, save_policy,
                                    warm_start_cached)
 
 SMALL = TinyLlavaConfig(image_size=32, patch_size=16, vision_hidden=32, text_hidden=32, intermediate=64, heads=2)
@@ -84,6 +84,27 @@ def test_warm_start_and_generation_run_on_the_given_device(examples, tmp_path):
     assert generate_answers(model, processor, examples[:12], batch_size=5, images=cache) == a
     assert len(cache._pil) == images
     assert generate_answers(model, processor, examples[:12], batch_size=12) == a
+
+
+def test_sft_examples_are_encoded_once_and_batches_match_per_batch_encoding(examples):
+    """The warm start encodes every example once (images decoded and preprocessed once); a batch from that
+    encoding is the very tensors per-batch encoding gives, so CPU training is unchanged."""
+    import random
+
+    try:
+        from mor_server.alignment.policy import SFTEncoded, _sft_batch
+    except ModuleNotFoundError:
+        from mor_server.policy import SFTEncoded, _sft_batch
+
+    _, processor = build_tiny_llava(config=SMALL)
+    enc = SFTEncoded(processor, examples, chunk=40)
+    assert enc.ok and len(enc.rows) == len(examples) and enc.seq_keys == {"input_ids", "attention_mask", "labels"}
+    rng = random.Random(0)
+    for _ in range(4):
+        idx = rng.sample(range(len(examples)), 16)
+        a = enc.batch(idx, "cpu")
+        b = _sft_batch(processor, [examples[i] for i in idx], torch.device("cpu"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_presets_have_the_stated_sizes():
