@@ -1,7 +1,7 @@
 """Evaluation of an aligned policy: exact-match accuracy (overall and per domain), KL to the reference,
 held-out preference win rates, a JSON report and matplotlib plots.
 
-Examples are duck-typed like in :mod:`mor_server.policy` (``.image``, ``.question``, ``.answer``, and a domain
+Examples are duck-typed like in :mod:`mor_server.alignment.policy` (``.image``, ``.question``, ``.answer``, and a domain
 field, ``question_type`` by default). Preference pairs have ``.example``, ``.chosen``, ``.rejected``.
 """
 
@@ -16,7 +16,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .policy import EOS, exact_match, generate_answers, normalize_answer, to_pil, user_message
+from .policy import (EOS, ImageCache, autocast_for, exact_match, generate_answers, model_device, normalize_answer,
+                     user_message)
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def domain_of(example, field: str = "question_type") -> str:
 
 def accuracy(model, processor, examples: Sequence, *, domain_field: str = "question_type",
              batch_size: int = 64, answers: Sequence[str] | None = None) -> dict:
-    """Greedy strict exact-match accuracy (:func:`~mor_server.policy.exact_match`) with the answer diversity that
+    """Greedy strict exact-match accuracy (:func:`~mor_server.alignment.policy.exact_match`) with the answer diversity that
     tells a policy that sees from one that repeats a common word.
 
     Returns ``{"overall", "n", "by_domain": {d: acc}, "counts": {d: n}, "diversity": {d: ...}, "collapsed": [d]}``
@@ -104,7 +105,7 @@ def format_accuracy_table(acc: Mapping) -> str:
     return "\n".join(lines)
 
 
-def _encode(processor, examples, answers, device):
+def _encode(processor, examples, answers, device, images: ImageCache | None = None):
     """Prompt + answer + </s>, left-padded; returns the batch and each row's answer-token count."""
     tok = processor.tokenizer
     prompts = [processor.apply_chat_template(user_message(e.question), add_generation_prompt=True) for e in examples]
@@ -112,7 +113,8 @@ def _encode(processor, examples, answers, device):
     old = tok.padding_side
     tok.padding_side = "left"
     try:
-        enc = processor(images=[to_pil(e.image) for e in examples], text=texts, return_tensors="pt", padding=True)
+        enc = processor(images=(images or ImageCache()).pils(examples), text=texts, return_tensors="pt",
+                        padding=True)
     finally:
         tok.padding_side = old
     n_ans = [len(tok(" " + normalize_answer(a) + " " + EOS, add_special_tokens=False)["input_ids"]) for a in answers]
@@ -120,15 +122,17 @@ def _encode(processor, examples, answers, device):
 
 
 @torch.no_grad()
-def answer_logprobs(model, processor, examples: Sequence, answers: Sequence[str], *, batch_size: int = 64
-                    ) -> list[float]:
-    """log p(answer + </s> | image, question) under the model, one per example."""
-    device = next(model.parameters()).device
+def answer_logprobs(model, processor, examples: Sequence, answers: Sequence[str], *, batch_size: int = 64,
+                    images: ImageCache | None = None) -> list[float]:
+    """log p(answer + </s> | image, question) under the model, one per example (on the model's device, bf16
+    autocast on CUDA, log-probabilities in fp32). images: decoded images shared with other passes."""
+    device = model_device(model)
     out: list[float] = []
     for b in range(0, len(examples), batch_size):
         ex, an = list(examples[b: b + batch_size]), list(answers[b: b + batch_size])
-        enc, n_ans = _encode(processor, ex, an, device)
-        logits = model(**enc).logits.float()
+        enc, n_ans = _encode(processor, ex, an, device, images)
+        with autocast_for(device):
+            logits = model(**enc).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         tgt = enc["input_ids"][:, 1:]
         tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
@@ -142,14 +146,19 @@ def kl_to_reference(model, ref_model, processor, examples: Sequence, *, batch_si
     """Mean sequence KL(policy || reference) along the policy's greedy answers (sum over answer tokens)."""
     if not examples:
         raise ValueError("kl_to_reference: examples is empty")
-    device = next(model.parameters()).device
-    answers = generate_answers(model, processor, list(examples), batch_size=batch_size)
+    device = model_device(model)
+    if model_device(ref_model) != device:
+        raise ValueError(f"kl_to_reference: the reference is on {model_device(ref_model)}, the policy on {device}; "
+                         f"move both to one device")
+    cache = ImageCache()
+    answers = generate_answers(model, processor, list(examples), batch_size=batch_size, images=cache)
     total = 0.0
     for b in range(0, len(examples), batch_size):
         ex, an = list(examples[b: b + batch_size]), answers[b: b + batch_size]
-        enc, n_ans = _encode(processor, ex, an, device)
-        lp = torch.log_softmax(model(**enc).logits.float()[:, :-1], dim=-1)
-        lq = torch.log_softmax(ref_model(**enc).logits.float()[:, :-1], dim=-1)
+        enc, n_ans = _encode(processor, ex, an, device, cache)
+        with autocast_for(device):
+            lp = torch.log_softmax(model(**enc).logits.float()[:, :-1], dim=-1)
+            lq = torch.log_softmax(ref_model(**enc).logits.float()[:, :-1], dim=-1)
         kl_tok = (lp.exp() * (lp - lq)).sum(-1)
         for i, n in enumerate(n_ans):
             total += float(kl_tok[i, -n:].sum())
@@ -161,8 +170,9 @@ def win_rate(model, processor, pairs: Sequence, *, batch_size: int = 64) -> floa
     if not pairs:
         raise ValueError("win_rate: pairs is empty")
     ex = [p.example for p in pairs]
-    lc = answer_logprobs(model, processor, ex, [p.chosen for p in pairs], batch_size=batch_size)
-    lr = answer_logprobs(model, processor, ex, [p.rejected for p in pairs], batch_size=batch_size)
+    cache = ImageCache()  # both passes encode the same images: decode each once
+    lc = answer_logprobs(model, processor, ex, [p.chosen for p in pairs], batch_size=batch_size, images=cache)
+    lr = answer_logprobs(model, processor, ex, [p.rejected for p in pairs], batch_size=batch_size, images=cache)
     return sum(float(c > r) for c, r in zip(lc, lr)) / len(pairs)
 
 
@@ -191,8 +201,8 @@ def write_report(report: dict, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
 
     def clean(v):
-        if isinstance(v, float):
-            return None if math.isnan(v) else round(v, 4)
+        if isinstance(v, float):  # 4 places; below 1e-3 (learning rates) 4 significant digits instead of 0.0
+            return None if math.isnan(v) else round(v, 4) if abs(v) >= 1e-3 or v == 0 else float(f"{v:.4g}")
         if isinstance(v, dict):
             return {str(k): clean(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):

@@ -56,6 +56,21 @@ class GRPORunConfig:
     """Seed of sampling, shuffling and initialisation."""
     progress: bool = True
     """Show TRL's progress bar."""
+    lora_r: int = 0
+    """LoRA rank (0: full fine-tuning). > 0 trains peft LoRA adapters through TRL's ``peft_config`` (the base
+    weights stay frozen, so a 2B-class VLM fits one GPU; with beta > 0 the reference is the base model with the
+    adapters disabled)."""
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: str | list | None = "all-linear"
+    """peft target_modules ('all-linear': every linear layer but the output head)."""
+    use_vllm: bool = False
+    """Generate completions with vLLM (TRL's ``use_vllm``, colocate mode: vLLM shares each training GPU). Off by
+    default; needs CUDA and the vllm package (an error says so when it is missing)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Share of each GPU's memory vLLM may take in colocate mode."""
+    device: str | None = None
+    """Force a device ("cpu"); None: CUDA with bf16 when present, else CPU."""
 
     def validate(self) -> None:
         for name in ("max_steps", "prompts_per_step", "num_generations", "max_completion_length", "logging_steps"):
@@ -67,14 +82,43 @@ class GRPORunConfig:
             raise ValueError("GRPORunConfig: beta must be >= 0, learning_rate and epsilon > 0")
         if self.loss_type not in ("grpo", "dapo", "dr_grpo", "bnpo"):
             raise ValueError(f"GRPORunConfig.loss_type must be grpo, dapo, dr_grpo or bnpo, got {self.loss_type!r}")
+        if self.lora_r < 0 or (self.lora_r and self.lora_alpha <= 0) or not 0 <= self.lora_dropout < 1:
+            raise ValueError("GRPORunConfig: lora_r must be >= 0, lora_alpha > 0 and 0 <= lora_dropout < 1")
+        if self.lora_r:
+            import importlib.util
+
+            if importlib.util.find_spec("peft") is None:
+                raise ValueError("GRPORunConfig.lora_r > 0 needs the peft package (pip install peft)")
+        if self.use_vllm:
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                raise ValueError("GRPORunConfig.use_vllm needs the vllm package, which is not installed "
+                                 "(pip install vllm, on a CUDA machine); leave use_vllm off to generate with "
+                                 "transformers")
+            if pick_device(self.device)[0].type != "cuda":
+                raise ValueError("GRPORunConfig.use_vllm needs a CUDA device (vLLM colocate mode)")
+            if not 0 < self.vllm_gpu_memory_utilization < 1:
+                raise ValueError("GRPORunConfig.vllm_gpu_memory_utilization must be in (0, 1)")
+
+    def peft_config(self):
+        """The ``peft.LoraConfig`` handed to TRL when lora_r > 0, else None."""
+        if not self.lora_r:
+            return None
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=self.lora_target_modules, task_type="CAUSAL_LM")
 
     def to_trl(self, reward_weights: Sequence[float] | None):
         """The equivalent ``trl.GRPOConfig`` (CPU: use_cpu, fp32; CUDA: bf16)."""
         from trl import GRPOConfig
 
         self.validate()
-        dev, _ = pick_device()
+        dev, _ = pick_device(self.device)
         cpu = dev.type == "cpu"
+        vllm = dict(use_vllm=True, vllm_mode="colocate",
+                    vllm_gpu_memory_utilization=self.vllm_gpu_memory_utilization) if self.use_vllm else {}
         return GRPOConfig(
             output_dir=self.output_dir, max_steps=self.max_steps,
             per_device_train_batch_size=self.prompts_per_step * self.num_generations,
@@ -86,7 +130,7 @@ class GRPORunConfig:
             data_seed=self.seed, report_to="none", use_cpu=cpu, bf16=not cpu, gradient_checkpointing=False,
             dataloader_num_workers=0, disable_tqdm=not self.progress,
             reward_weights=list(reward_weights) if reward_weights is not None else None,
-            lr_scheduler_type="constant", warmup_steps=0,
+            lr_scheduler_type="constant", warmup_steps=0, **vllm,
         )
 
 
@@ -159,6 +203,166 @@ def _callback(metrics: GRPOMetrics):
                     gauge.set(float("nan") if logs[key] is None else float(logs[key]))
 
     return PrometheusCallback()
+
+
+@dataclass
+class CollapseGuardConfig:
+    """Stop (or roll back) GRPO when the policy's answers degenerate (issue #13: a 383M policy collapsed to empty
+    answers under the tiny policy's learning rate). Every ``every`` optimizer steps the policy answers a fixed probe
+    set of prompts greedily (no labels are read) and the answers are judged against the same policy's answers when
+    training began."""
+
+    every: int = 20
+    """Check every this many optimizer steps (0: no guard)."""
+    probe_size: int = 48
+    """Prompts of the probe set (the first ones of the prompt pool)."""
+    max_empty_share: float = 0.5
+    """Degenerate when at least this share of the probe answers is empty (nothing but special tokens/spaces) and
+    that is 25 points more than at the start."""
+    collapsed_types_share: float = 1.0
+    """Degenerate when at least this share of the question types that had two or more distinct answers at the
+    start now get one single answer (1.0: all of them), provided at least ``min_varied_types`` types had two or
+    more at the start."""
+    min_varied_types: int = 2
+    """The one-answer-per-type rule applies only when this many question types had varied answers at the start (a
+    briefly warm-started small policy often gives one answer per type for all but one type already: its one varied
+    type flipping to a single answer is noise of one step, not the collapse this guards against)."""
+    action: str = "stop"
+    """'stop': end training at the failed check (the degenerate weights are kept and reported); 'rollback': end it
+    and restore the trainable weights of the last check that passed (kept on the CPU)."""
+
+    def validate(self) -> None:
+        if self.every < 0 or self.probe_size < 1 or self.min_varied_types < 1:
+            raise ValueError("CollapseGuardConfig: every must be >= 0, probe_size and min_varied_types >= 1")
+        if not 0 < self.max_empty_share <= 1 or not 0 < self.collapsed_types_share <= 1:
+            raise ValueError("CollapseGuardConfig: max_empty_share and collapsed_types_share must be in (0, 1]")
+        if self.action not in ("stop", "rollback"):
+            raise ValueError(f"CollapseGuardConfig.action must be 'stop' or 'rollback', got {self.action!r}")
+
+
+def judge_answers(answers: Sequence[str], domains: Sequence[str], baseline: dict | None,
+                  config: CollapseGuardConfig) -> dict:
+    """Whether a probe set's answers are degenerate (see :class:`CollapseGuardConfig`). ``baseline``: this
+    function's result on the answers at the start (None: this is the baseline). Returns ``{"empty_share",
+    "distinct_by_type", "collapsed_types", "degenerate", "reason"}``."""
+    from collections import defaultdict
+
+    from .policy import normalize_answer
+
+    if len(answers) != len(domains) or not answers:
+        raise ValueError("judge_answers: answers and domains must be non-empty and of equal length")
+    norm = [normalize_answer(a) for a in answers]
+    by_type: dict[str, set] = defaultdict(set)
+    for a, d in zip(norm, domains):
+        if a:
+            by_type[d].add(a)
+    empty = sum(1 for a in norm if not a) / len(norm)
+    distinct = {d: len(by_type.get(d, ())) for d in sorted(set(domains))}
+    out = {"empty_share": empty, "distinct_by_type": distinct, "collapsed_types": [], "degenerate": False,
+           "reason": None}
+    if baseline is None:
+        return out
+    varied = [d for d, n in baseline["distinct_by_type"].items() if n >= 2]
+    collapsed = [d for d in varied if distinct.get(d, 0) <= 1]
+    out["collapsed_types"] = collapsed
+    if empty >= config.max_empty_share and empty >= baseline["empty_share"] + 0.25:
+        out["degenerate"] = True
+        out["reason"] = (f"{100 * empty:.0f}% of the probe answers are empty (at the start: "
+                         f"{100 * baseline['empty_share']:.0f}%)")
+    elif len(varied) >= max(1, config.min_varied_types) \
+            and len(collapsed) >= config.collapsed_types_share * len(varied):
+        out["degenerate"] = True
+        out["reason"] = (f"one answer per question type for {', '.join(collapsed)} (at the start: "
+                         + ", ".join(f"{d} {baseline['distinct_by_type'][d]}" for d in collapsed)
+                         + " distinct answers)")
+    return out
+
+
+def collapse_guard_callback(processor, probe: Sequence, config: CollapseGuardConfig | None = None, *,
+                            domain_field: str = "question_type"):
+    """A TrainerCallback applying :class:`CollapseGuardConfig` on ``probe`` (items with ``.image``,
+    ``.question`` and a question type). Its ``.checks`` list every check, ``.stopped`` says where and why it
+    stopped (None while it has not), ``.summary()`` is the report's entry. Under accelerate the verdict of rank 0
+    is broadcast, so every rank stops at the same step."""
+    import logging
+
+    from transformers import TrainerCallback
+
+    from .evaluate import domain_of
+    from .policy import generate_answers
+
+    cfg = config or CollapseGuardConfig()
+    cfg.validate()
+    probe = list(probe)[: cfg.probe_size]
+    if not probe:
+        raise ValueError("collapse_guard_callback: the probe set is empty")
+    domains = [domain_of(e, domain_field) for e in probe]
+    log = logging.getLogger("mor_server.alignment.grpo")
+
+    class CollapseGuard(TrainerCallback):
+        def __init__(self):
+            self.baseline: dict | None = None
+            self.checks: list[dict] = []
+            self.stopped: dict | None = None
+            self._good: tuple[int, dict] | None = None
+
+        def _answers(self, model) -> list[str]:
+            was_training = model.training
+            try:
+                return generate_answers(model, processor, probe, batch_size=len(probe))
+            finally:
+                model.train(was_training)
+
+        def _snapshot(self, model, step: int) -> None:
+            if cfg.action == "rollback":
+                self._good = (step, {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
+                                     if p.requires_grad})
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            if model is None or not cfg.every:
+                return
+            self.baseline = judge_answers(self._answers(model), domains, None, cfg)
+            self.checks.append({"step": state.global_step, **self.baseline})
+            self._snapshot(model, state.global_step)
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if model is None or not cfg.every or self.baseline is None or state.global_step % cfg.every:
+                return
+            verdict = judge_answers(self._answers(model), domains, self.baseline, cfg)
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():  # one decision for every rank
+                box = [verdict]
+                dist.broadcast_object_list(box, src=0)
+                verdict = box[0]
+            self.checks.append({"step": state.global_step, **verdict})
+            if not verdict["degenerate"]:
+                self._snapshot(model, state.global_step)
+                return
+            self.stopped = {"step": state.global_step, "reason": verdict["reason"], "action": cfg.action,
+                            "rolled_back_to": None}
+            if cfg.action == "rollback" and self._good is not None:
+                good_step, weights = self._good
+                import torch
+
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        if n in weights:
+                            p.copy_(weights[n].to(p.device, p.dtype))
+                self.stopped["rolled_back_to"] = good_step
+            msg = (f"collapse guard: the policy's answers degenerated at GRPO step {state.global_step} "
+                   f"({verdict['reason']}); training stopped"
+                   + (f", weights rolled back to step {self.stopped['rolled_back_to']}"
+                      if self.stopped["rolled_back_to"] is not None else ""))
+            log.warning(msg)
+            print(f"    {msg}", flush=True)
+            control.should_training_stop = True
+
+        def summary(self) -> dict:
+            return {"config": asdict(cfg), "probe_size": len(probe), "stopped": self.stopped,
+                    "checks": self.checks}
+
+    return CollapseGuard()
 
 
 class GRPOInterrupted(Exception):
@@ -252,31 +456,34 @@ def run_grpo(model_dir: str | Path, train_dataset, reward_funcs: list, reward_we
              resume: bool | str | Path = False, callbacks: Sequence = (), stop: GracefulStop | None = None) -> dict:
     """Run GRPO on the policy saved in ``model_dir`` (also the KL reference when beta > 0).
 
-    callbacks: extra ``transformers.TrainerCallback`` objects (e.g. :func:`mor_server.evaluate.accuracy_callback`).
+    callbacks: extra ``transformers.TrainerCallback`` objects (e.g. :func:`mor_server.alignment.evaluate.accuracy_callback`).
     resume: True continues from the newest complete checkpoint in ``config.output_dir``, a path from that
     checkpoint (the step count, optimizer, scheduler and RNG states continue; the run stops at ``config.max_steps``
     in total). stop: a :class:`GracefulStop`; once requested, the current step ends with a checkpoint and
     :class:`GRPOInterrupted` is raised (no final policy is written). Returns ``{"model", "processor", "global_step", "log_history",
     "final_dir", "seconds", "resumed_from"}``; the final policy is saved to ``<output_dir>/final``.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
     from trl import GRPOTrainer
 
     cfg = config or GRPORunConfig()
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"run_grpo: model_dir {str(model_dir)!r} has no config.json; save the warm-started "
-                                f"policy with mor_server.policy.save_policy first")
+                                f"policy with mor_server.alignment.policy.save_policy first")
     metrics = metrics or GRPOMetrics(registry)
-    dev, dtype = pick_device()
+    dev, dtype = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    from .policy import _load_processor
+
+    processor = _load_processor(model_dir)  # AutoProcessor (image-only when a video half needs torchvision)
     processor.tokenizer.padding_side = "left"
     args = cfg.to_trl(reward_weights)
     extra = [_stop_callback(stop)] if stop is not None else []
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
-                          processing_class=processor, callbacks=[_callback(metrics), *callbacks, *extra])
+                          processing_class=processor, callbacks=[_callback(metrics), *callbacks, *extra],
+                          peft_config=cfg.peft_config())
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)  # logs go to Prometheus and log_history, not to stdout
@@ -310,7 +517,8 @@ def run_grpo(model_dir: str | Path, train_dataset, reward_funcs: list, reward_we
                               step=step, checkpoint=str(saved) if saved else None, reason=stop.reason)
     final = Path(cfg.output_dir) / "final"
     trainer.save_model(str(final))
-    processor.save_pretrained(final)
+    if trainer.accelerator.is_main_process:  # one writer under accelerate
+        processor.save_pretrained(final)
     metrics.step.set(trainer.state.global_step)
     model = trainer.model
     model.eval()

@@ -25,9 +25,10 @@ from .answers import AnswerSchema
 from .evaluate import (accuracy, accuracy_callback, domain_of, format_accuracy_table, kl_to_reference, plot_report,
                        win_rate, write_report)
 from .features import FeatureExtractor
-from .grpo import GRPOMetrics, GRPORunConfig, make_prompt_dataset, run_grpo
-from .policy import (PretrainConfig, SFTConfig, TinyLlavaConfig, load_policy, normalize_answer, save_policy,
-                     warm_start_cached)
+from .grpo import (CollapseGuardConfig, GRPOMetrics, GRPORunConfig, collapse_guard_callback, make_prompt_dataset,
+                   run_grpo)
+from .policy import (PretrainConfig, SFTConfig, TinyLlavaConfig, load_policy, normalize_answer, pick_device,
+                     policy_preset, save_policy, warm_start_cached)
 from .rewards import MoRReward, RewardBackend, RoundFailed, hybrid_rewards
 from ..federation.rounds import RetryPolicy
 from .router import MoRRouter
@@ -45,7 +46,7 @@ class AlignmentConfig:
     """Warm start on the server's public split: deliberately short, so the reference is far from perfect."""
     pretrain: PretrainConfig | None = None
     """Stage 1 of the warm start before the public SFT (vision pre-training and captioning of synthetic images,
-    no privacy cost; :class:`mor_server.policy.PretrainConfig`). None: the public SFT alone (the demo's default).
+    no privacy cost; :class:`mor_server.alignment.policy.PretrainConfig`). None: the public SFT alone (the demo's default).
     Its seed follows the run's seed."""
     grpo: GRPORunConfig = field(default_factory=GRPORunConfig)
     """GRPO settings (output_dir is overridden to <work_dir>/grpo)."""
@@ -99,6 +100,45 @@ class AlignmentConfig:
     """Identity of what the backend scores with (e.g. digests of the clients' reward models and the privacy mode):
     part of the run's key, so a run is never resumed with different rewards."""
     progress: bool = True
+    preset: str | None = None
+    """The size preset this config was built from (:meth:`from_preset`; informational, recorded in the report)."""
+    device: str | None = None
+    """Force a device for the warm start, evaluation and GRPO ("cpu", "cuda:0"); None: CUDA (bf16) when present."""
+    collapse_guard: CollapseGuardConfig = field(default_factory=CollapseGuardConfig)
+    """Stop (or roll back) GRPO when the policy's answers on a fixed probe of prompts degenerate (every=0: off)."""
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "AlignmentConfig":
+        """A config with a size preset's policy and its per-size warm-start and GRPO defaults
+        (:data:`PRESET_DEFAULTS`); ``overrides`` are AlignmentConfig fields, and ``grpo``/``sft`` may be dicts of
+        the fields to change on top of the preset's. ``byo`` is for a model of your own (``policy_path``)."""
+        if name not in PRESET_DEFAULTS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_DEFAULTS)}")
+        d = PRESET_DEFAULTS[name]
+        seed = overrides.get("seed", 0)
+        grpo, sft = overrides.pop("grpo", {}), overrides.pop("sft", {})
+        kw: dict = {"preset": name}
+        kw["grpo"] = grpo if isinstance(grpo, GRPORunConfig) else GRPORunConfig(**{**d["grpo"], **grpo})
+        kw["sft"] = sft if isinstance(sft, SFTConfig) else SFTConfig(**{**d["sft"], **sft})
+        if name != "byo":
+            kw["tiny"] = policy_preset(name, seed=seed)
+        return cls(**{**kw, **overrides})
+
+
+#: Per-size defaults of :meth:`AlignmentConfig.from_preset` and ``mor align --preset``. ``tiny``'s are the values
+#: measured on the CPU (docs/alignment.md). The others are conservative choices made after issue #13's H200 run,
+#: where the tiny policy's lr 3e-4 made the 40M policy worse (60.0% -> 43.7%) and the 383M one collapse to empty
+#: answers: learning rates 10-30x lower, a stronger KL (beta 0.1), and LoRA (TRL's peft_config) for a model of
+#: your own. NOT YET VALIDATED ON A GPU: no GPU was available when they were set; benchmarks/bench_gpu.py measures
+#: them.
+PRESET_DEFAULTS: dict[str, dict] = {
+    "tiny": {"grpo": {}, "sft": {"steps": 50}},
+    "small": {"grpo": {"learning_rate": 2e-5, "beta": 0.1}, "sft": {"steps": 50}},
+    "base": {"grpo": {"learning_rate": 1e-5, "beta": 0.1}, "sft": {"steps": 100, "learning_rate": 1e-3,
+                                                                     "max_seconds": 900.0}},
+    "byo": {"grpo": {"learning_rate": 5e-5, "beta": 0.1, "lora_r": 16, "lora_alpha": 32, "prompts_per_step": 4,
+                     "num_generations": 8, "max_completion_length": 8}, "sft": {"steps": 0}},
+}
 
 
 def heldout_test(split) -> list:
@@ -240,6 +280,41 @@ def calibrate_router(backend: RewardBackend, public: Sequence, features: Feature
     return router
 
 
+class _Ranks:
+    """The processes of one run: under ``accelerate launch`` (WORLD_SIZE > 1) rank 0 warm-starts the policy,
+    decides the resume plan, calibrates the router (the only scoring round outside GRPO) and writes the report,
+    and the other ranks wait for it and read what it wrote; GRPO's reward rounds run on rank 0 only
+    (:class:`mor_server.rewards.MoRReward` gathers every rank's completions). One process: no waiting."""
+
+    def __init__(self):
+        import os
+
+        import torch.distributed as dist
+
+        self.dist = dist
+        if not (dist.is_available() and dist.is_initialized()) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+
+            PartialState()  # under accelerate launch / torchrun: joins the process group (and sets the GPU)
+        self.on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    @property
+    def main(self) -> bool:
+        return not self.on or self.dist.get_rank() == 0
+
+    def wait(self) -> None:
+        if self.on:
+            self.dist.barrier()
+
+    def share(self, value):
+        """Rank 0's ``value`` on every rank (pickled)."""
+        if not self.on:
+            return value
+        box = [value]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
 def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequence, test: Sequence,
                   heldout_pairs: Mapping[str, Sequence] | None = None, config: AlignmentConfig | None = None,
                   registry=None, epsilon: Callable[[], Mapping[str, float]] | None = None,
@@ -248,7 +323,7 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
     ``<work_dir>/report/report.json`` with PNG plots beside it).
 
     An interrupted run resumes (``config.resume``, see :mod:`mor_server.runstate`); ``stop`` is an optional
-    :class:`mor_server.grpo.GracefulStop` that ends GRPO with a checkpoint (raising GRPOInterrupted).
+    :class:`mor_server.alignment.grpo.GracefulStop` that ends GRPO with a checkpoint (raising GRPOInterrupted).
 
     heldout_pairs: ``{client: [PreferencePair]}`` for the per-client held-out win rates (optional).
     epsilon: called at the end for ``{client: ε spent}`` (shown in the report and plotted; optional).
@@ -267,21 +342,28 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
     timings: dict[str, float] = {}
     stages = tqdm(total=4, desc="alignment", disable=not cfg.progress)
 
-    # 1. reference policy
+    ranks = _Ranks()
+
+    # 1. reference policy (under accelerate: rank 0 builds it; the others then load what it saved)
     t0 = time.perf_counter()
     ref_dir = work / "reference"
+    if not ranks.main:
+        ranks.wait()
     if cfg.policy_path:
-        model, processor = load_policy(cfg.policy_path, adapter=cfg.adapter_path)
+        model, processor = load_policy(cfg.policy_path, adapter=cfg.adapter_path, device=cfg.device)
         if cfg.adapter_path:
             model = model.merge_and_unload()
-        save_policy(model, processor, ref_dir)
+        if ranks.main:
+            save_policy(model, processor, ref_dir)
         warm = {"policy_path": cfg.policy_path, "adapter_path": cfg.adapter_path}
     else:
         # the policy's initialisation and SFT follow the run's seed (so do the baselines built beside it)
         model, processor, warm = warm_start_cached(ref_dir, public, tiny=replace(cfg.tiny, seed=cfg.seed),
                                                    sft=replace(cfg.sft, seed=cfg.seed),
                                                    pretrain=replace(cfg.pretrain, seed=cfg.seed) if cfg.pretrain
-                                                   else None, progress=cfg.progress)
+                                                   else None, progress=cfg.progress, device=cfg.device)
+    if ranks.main:
+        ranks.wait()
     timings["warm_start_s"] = time.perf_counter() - t0
     stages.set_postfix_str("warm start done")
     stages.update(1)
@@ -289,8 +371,10 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
     from . import runstate
 
     plan = runstate.plan(work, runstate.run_key(cfg, ref_dir, sizes={"public": len(public),
-                                                                     "unlabeled": len(unlabeled)}), cfg.resume)
-    if plan.reuse_router:
+                                                                     "unlabeled": len(unlabeled)}), cfg.resume) \
+        if ranks.main else None
+    plan = ranks.share(plan)
+    if plan.reuse_router and ranks.main:
         print(f"    resuming the interrupted alignment run in {work}: "
               + (f"GRPO from {plan.checkpoint.name}" if plan.checkpoint else "GRPO from step 0 (no checkpoint yet)")
               + ", router from the interrupted run"
@@ -305,6 +389,9 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
     features = FeatureExtractor()
     if plan.reuse_router:  # calibrated by the interrupted run: no second calibration round (nor its charge)
         router = MoRRouter.load(work / "router")
+    elif not ranks.main:  # rank 0 runs the calibration round; the other ranks load the router it saves
+        ranks.wait()
+        router = MoRRouter.load(work / "router")
     else:
         router = calibrate_router(backend, public, features, hidden=cfg.router_hidden, steps=cfg.router_steps,
                                   top_k=cfg.top_k, objective=cfg.objective, seed=cfg.seed,
@@ -312,6 +399,7 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
                                   schema=answer_schema(public, unlabeled, cfg.answer_vocabulary,
                                                        typed=cfg.typed_answers))
         runstate.save_router(router, work / "router")
+        ranks.wait()
     timings["router_s"] = time.perf_counter() - t0
     stages.set_postfix_str("router calibrated")
     stages.update(1)
@@ -320,7 +408,8 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
     t0 = time.perf_counter()
     metrics = GRPOMetrics(registry)
     schema = answer_schema(public, unlabeled, cfg.answer_vocabulary, typed=cfg.typed_answers)
-    (work / "router" / "answer_schema.json").write_text(json.dumps(schema.to_dict(), indent=1))
+    if ranks.main:
+        (work / "router" / "answer_schema.json").write_text(json.dumps(schema.to_dict(), indent=1))
     mor = MoRReward(backend, router, features, objective=cfg.objective, deadline_s=cfg.deadline_s,
                     retries=cfg.retries, metrics=metrics, shaping=cfg.reward_shaping,
                     valid=schema.is_valid if cfg.w_format > 0 else None,
@@ -328,14 +417,18 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
     funcs, weights = hybrid_rewards(mor, answers=schema, w_mix=cfg.w_mix, w_format=cfg.w_format,
                                     w_length=cfg.w_length)
     gcfg = GRPORunConfig(**{**asdict(cfg.grpo), "output_dir": str(work / "grpo"), "seed": cfg.seed,
-                            "progress": cfg.progress})
+                            "progress": cfg.progress, "device": cfg.grpo.device or cfg.device})
     curve = accuracy_callback(processor, list(test)[: cfg.curve_size], cfg.curve_every) \
         if cfg.curve_size and cfg.curve_every else None
     if plan.checkpoint is not None:  # the reward's counters/history and the curve so far, as checkpointed
         runstate.restore(plan.checkpoint, mor, curve)
+    # the collapse guard's probe: the first prompts of the unlabeled pool (answers never read)
+    guard = collapse_guard_callback(processor, list(unlabeled), cfg.collapse_guard) \
+        if cfg.collapse_guard.every else None
     res = run_grpo(ref_dir, make_prompt_dataset(unlabeled), funcs, weights, gcfg, metrics=metrics,
                    resume=plan.checkpoint or False, stop=stop,
-                   callbacks=[*([curve] if curve else []), runstate.state_callback(mor, curve)])
+                   callbacks=[*([curve] if curve else []), *([guard] if guard else []),
+                              *([runstate.state_callback(mor, curve)] if ranks.main else [])])
     timings["grpo_s"] = time.perf_counter() - t0
     stages.set_postfix_str("GRPO done")
     stages.update(1)
@@ -370,16 +463,23 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
         "grpo": {"global_step": res["global_step"], "seconds": res["seconds"], "resumed_from": res["resumed_from"],
                  "config": res["config"]},
         "warm_start": warm, "accuracy_curve": curve.points if curve else [], "log_history": log,
+        "collapse_guard": guard.summary() if guard else None, "preset": cfg.preset,
+        "device": {"device": str(next(aligned.parameters()).device), "dtype": str(next(aligned.parameters()).dtype),
+                   "picked": str(pick_device(cfg.device)[0])},
         "timings": {**timings, "total_s": time.perf_counter() - t_start},
         "sizes": {"public": len(public), "unlabeled": len(unlabeled), "test_eval": len(eval_set)},
     }
     out = work / "report"
-    report["report_path"] = str(write_report(report, out))
-    report["plots"] = [str(p) for p in plot_report(
-        out, log_history=log, accuracy_points=report["accuracy_curve"], before=before, after=after,
-        routing_by_domain=routing_mean or router.calibration.get("weights_by_domain"), epsilon=eps)]
-    write_report(report, out)
-    runstate.mark_complete(work)
+    if ranks.main:  # one writer under accelerate
+        report["report_path"] = str(write_report(report, out))
+        report["plots"] = [str(p) for p in plot_report(
+            out, log_history=log, accuracy_points=report["accuracy_curve"], before=before, after=after,
+            routing_by_domain=routing_mean or router.calibration.get("weights_by_domain"), epsilon=eps)]
+        write_report(report, out)
+        runstate.mark_complete(work)
+    else:
+        report["report_path"], report["plots"] = str(out / "report.json"), []
+    ranks.wait()
     stages.set_postfix_str("evaluated")
     stages.update(1)
     stages.close()
@@ -389,7 +489,7 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m mor_server.alignment``: an alias of ``mor align`` (mor_server/align_cli.py)."""
+    """``python -m mor_server.alignment.pipeline``: an alias of ``mor align`` (mor_server/apps/align_cli.py)."""
     import sys
 
     from ..apps.cli import mor_main

@@ -102,6 +102,34 @@ class TinyLlavaConfig:
     """Seed of the random initialisation."""
 
 
+#: Built-in policy sizes (issue #13). ``tiny`` is the default TinyLlavaConfig; ``small`` and ``base`` are the 40M and
+#: ~400M members of the same family that were run on one H200 in issue #13 (vision hidden x layers, text hidden x
+#: layers as named there; heads and MLP widths chosen here). Parameter counts: :func:`preset_parameter_count`.
+POLICY_PRESETS: dict[str, TinyLlavaConfig] = {
+    "tiny": TinyLlavaConfig(),
+    "small": TinyLlavaConfig(image_size=64, patch_size=8, vision_hidden=384, vision_layers=6, text_hidden=512,
+                             text_layers=8, heads=8, intermediate=1536, max_positions=128),
+    "base": TinyLlavaConfig(image_size=64, patch_size=8, vision_hidden=768, vision_layers=12, text_hidden=1024,
+                            text_layers=16, heads=16, intermediate=4096, max_positions=128),
+}
+
+
+def policy_preset(name: str, *, seed: int = 0) -> TinyLlavaConfig:
+    """The TinyLlavaConfig of a built-in preset ('tiny', 'small', 'base'), with ``seed``."""
+    from dataclasses import replace
+
+    if name not in POLICY_PRESETS:
+        raise ValueError(f"unknown policy preset {name!r}; choose one of {', '.join(POLICY_PRESETS)}")
+    return replace(POLICY_PRESETS[name], seed=seed)
+
+
+def preset_parameter_count(name_or_config: str | TinyLlavaConfig, words: Sequence[str] | None = None) -> int:
+    """Parameters of a built-in policy size, counted on the meta device (no memory, no initialisation)."""
+    cfg = policy_preset(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    model, _ = build_tiny_llava(words, cfg, device="meta")
+    return sum(p.numel() for p in model.parameters())
+
+
 def build_tokenizer(words: Sequence[str]):
     """A word-level ``PreTrainedTokenizerFast`` over ``words`` plus the special tokens (``<image>`` is one token)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -124,11 +152,15 @@ def build_tokenizer(words: Sequence[str]):
     return fast
 
 
-def build_tiny_llava(words: Sequence[str] | None = None, config: TinyLlavaConfig | None = None):
+def build_tiny_llava(words: Sequence[str] | None = None, config: TinyLlavaConfig | None = None, *,
+                     device: str | torch.device | None = None):
     """Build the built-in policy from scratch: returns ``(model, processor)``.
 
     words: the task vocabulary (default: every word of easy-vqa's questions and answers).
+    device: where the weights are created (default: the CPU; "meta": shapes only, e.g. to count parameters).
     """
+    import contextlib
+
     from transformers import (LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
                               SiglipImageProcessorPil, SiglipVisionConfig)
 
@@ -159,38 +191,214 @@ def build_tiny_llava(words: Sequence[str] | None = None, config: TinyLlavaConfig
     llava_cfg.eos_token_id = tokenizer.eos_token_id
     llava_cfg.bos_token_id = tokenizer.bos_token_id
     torch.manual_seed(cfg.seed)
-    model = LlavaForConditionalGeneration(llava_cfg)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = LlavaForConditionalGeneration(llava_cfg)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model, processor
 
 
-def pick_device() -> tuple[torch.device, torch.dtype]:
-    """CUDA with bf16 when present, CPU with fp32 otherwise."""
+def _has_torchvision() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchvision") is not None
+
+
+def _image_only(processor_class):
+    """``processor_class`` without its video processor (None): transformers' video processors need torchvision,
+    and image-text alignment never feeds a video. Keeps the class name, so a saved folder still names the real
+    class and loads as such wherever torchvision is installed."""
+
+    class ImageOnly(processor_class):
+        video_processor = None
+
+        @classmethod
+        def get_attributes(cls):
+            return [a for a in processor_class.get_attributes() if a != "video_processor"]
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = processor_class.__name__
+    return ImageOnly
+
+
+def _load_processor(path: Path):
+    """``AutoProcessor`` from a local folder; when that fails only because the processor's video half needs
+    torchvision (Qwen2-VL-style processors on a CPU-only install), the same processor without it."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path, local_files_only=True)
+    except (ImportError, OSError) as e:  # no torchvision, or a folder saved image-only (no video config)
+        if _has_torchvision() or not any(w in str(e).lower() for w in ("torchvision", "video")):
+            raise
+        import transformers
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        meta = json.loads((path / "processor_config.json").read_text())
+        cls = getattr(transformers, str(meta.get("processor_class", "")), None)
+        if cls is None or "video_processor" not in cls.get_attributes():
+            raise
+        template = path / "chat_template.jinja"
+        extra = {k: v for k, v in meta.items() if k not in ("processor_class", "image_processor", "video_processor")
+                 and not isinstance(v, dict)}
+        return _image_only(cls)(image_processor=AutoImageProcessor.from_pretrained(path, local_files_only=True),
+                                tokenizer=AutoTokenizer.from_pretrained(path, local_files_only=True),
+                                video_processor=None,
+                                chat_template=template.read_text() if template.is_file() else None, **extra)
+
+
+#: Families :func:`build_tiny_vlm` builds (randomly initialised, from config, nothing downloaded).
+TINY_VLM_FAMILIES = ("llava", "idefics3", "qwen2_vl")
+
+
+def _chat_template(image_placeholder: str) -> str:
+    """:data:`CHAT_TEMPLATE` with another image placeholder (what the family's processor expands)."""
+    return CHAT_TEMPLATE.replace("{{ '<image> ' }}", "{{ '" + image_placeholder + " ' }}")
+
+
+def build_tiny_vlm(family: str, words: Sequence[str] | None = None, *, hidden: int = 32, layers: int = 2,
+                   heads: int = 2, intermediate: int = 64, image_size: int = 64, seed: int = 0):
+    """A tiny, randomly initialised VLM of another family than the built-in Llava, built from its config with a
+    local word-level tokenizer and the family's own processor classes (nothing is downloaded): what a pilot's
+    model looks like to the bring-your-own path (``AlignmentConfig.policy_path``) once saved with
+    :func:`save_policy`. Returns ``(model, processor)``.
+
+    family: 'llava' (:func:`build_tiny_llava`), 'idefics3' (the SmolVLM family: SigLIP-style tower, pixel
+    shuffle, Llama text model) or 'qwen2_vl' (Qwen2-VL: windowless ViT with 2x2 patch merging, M-RoPE; its
+    processor needs torchvision for its video half).
+    """
+    words = list(words) if words is not None else easyvqa_vocabulary()
+    if family == "llava":
+        return build_tiny_llava(words, TinyLlavaConfig(image_size=image_size, patch_size=16, vision_hidden=hidden,
+                                                       text_hidden=hidden, vision_layers=layers, text_layers=layers,
+                                                       heads=heads, intermediate=intermediate, seed=seed))
+    tok = build_tokenizer(words)
+    if family == "idefics3":
+        from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
+                                  Idefics3Processor, LlamaConfig)
+        from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+
+        patch, scale = 16, 2
+        tok.add_tokens(["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
+                       + [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)], special_tokens=True)
+        ip = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": image_size},
+                                       max_image_size={"longest_edge": image_size}, do_resize=True)
+        n_img = (image_size // patch) ** 2 // scale ** 2
+        processor = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=n_img,
+                                      chat_template=_chat_template(IMAGE_TOKEN))
+        vision = Idefics3VisionConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                                      num_attention_heads=heads, image_size=image_size, patch_size=patch)
+        text = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                           max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        cfg = Idefics3Config(vision_config=vision, text_config=text, scale_factor=scale,
+                             image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), pad_token_id=tok.pad_token_id)
+        torch.manual_seed(seed)
+        model = Idefics3ForConditionalGeneration(cfg)
+    elif family == "qwen2_vl":
+        from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil,
+                                  Qwen2VLProcessor)
+
+        tok.add_tokens(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+                       special_tokens=True)
+        side = max(56, image_size // 28 * 28)  # 14-pixel patches merged 2x2: multiples of 28
+        ip = Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side)
+        template = _chat_template("<|vision_start|><|image_pad|><|vision_end|>")
+        if _has_torchvision():
+            from transformers import Qwen2VLVideoProcessor
+
+            processor = Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
+                                         chat_template=template)
+        else:  # the video half needs torchvision: an image-only processor (what alignment uses)
+            processor = _image_only(Qwen2VLProcessor)(image_processor=ip, tokenizer=tok, video_processor=None,
+                                                      chat_template=template)
+        half = hidden // heads // 2
+        section = [half - 2 * (half // 3), half // 3, half // 3]
+        cfg = Qwen2VLConfig(
+            text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                             max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                             rope_parameters={"rope_type": "default", "mrope_section": section,
+                                              "rope_theta": 10000.0}),
+            vision_config=dict(depth=layers, embed_dim=hidden, hidden_size=hidden, num_heads=heads, mlp_ratio=2,
+                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+            image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+            video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+            vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+            vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration(cfg)
+    else:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(TINY_VLM_FAMILIES)}")
+    gc = model.generation_config
+    gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
+    return model, processor
+
+
+def pick_device(device: str | torch.device | None = None) -> tuple[torch.device, torch.dtype]:
+    """Where the policy runs and its compute dtype: CUDA with bf16 when present, CPU with fp32 otherwise.
+
+    device: force a device ("cpu", "cuda", "cuda:1"); its dtype follows the same rule (bf16 on CUDA)."""
+    if device is not None:
+        dev = torch.device(device)
+        return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.bfloat16
     return torch.device("cpu"), torch.float32
 
 
-def load_policy(path: str | Path, *, adapter: str | Path | None = None, device: str | None = None):
+def model_device(model) -> torch.device:
+    """The device of a model's (first) parameters."""
+    return next(model.parameters()).device
+
+
+def autocast_for(device: torch.device | str):
+    """bf16 autocast on CUDA (fp32 master weights, bf16 matmuls), nothing on the CPU (results stay exactly those
+    of fp32): the one mixed-precision rule of the warm start and the evaluation."""
+    import contextlib
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class ImageCache:
+    """Decoded images keyed by the identity of their source (PNG bytes or PIL image): every image is decoded once
+    per cache, however many batches, answers or epochs it appears in. Keys hold a reference to the source, so an
+    id is never reused while cached."""
+
+    def __init__(self):
+        self._pil: dict[int, tuple[Any, Any]] = {}
+
+    def pil(self, image):
+        hit = self._pil.get(id(image))
+        if hit is None or hit[0] is not image:
+            hit = (image, to_pil(image))
+            self._pil[id(image)] = hit
+        return hit[1]
+
+    def pils(self, examples) -> list:
+        return [self.pil(e.image) for e in examples]
+
+
+def load_policy(path: str | Path, *, adapter: str | Path | None = None, device: str | torch.device | None = None):
     """Load a local Hugging Face VLM directory (``AutoModelForImageTextToText`` + ``AutoProcessor``).
 
     adapter: optional local peft LoRA adapter directory applied on top (kept trainable).
     Nothing is fetched from a hub (``local_files_only=True``). Returns ``(model, processor)``.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"policy path {str(path)!r} is not a Hugging Face model directory (no config.json); "
                                 f"pass a local directory saved with save_pretrained, or use the built-in tiny policy")
-    dev, dtype = pick_device()
-    if device is not None:
-        dev = torch.device(device)
-        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dev, dtype = pick_device(device)
     model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    processor = _load_processor(path)
     if adapter is not None:
         from peft import PeftModel
 
@@ -244,30 +452,83 @@ class SFTConfig:
     """Use at most this many examples (None: all)."""
 
 
-def _sft_batch(processor, examples, device):
-    """Tokenise a batch: full conversation; labels only on the answer + </s>."""
+def _sft_batch(processor, examples, device, images: ImageCache | None = None):
+    """Tokenise a batch: full conversation; labels only on the answer + </s>. ``images``: decoded images reused
+    across batches (each image is decoded once per warm start instead of once per batch it appears in); the
+    processor encodes the whole batch in one call."""
     tok = processor.tokenizer
-    images = [to_pil(e.image) for e in examples]
+    pils = (images or ImageCache()).pils(examples)
     prompts = [processor.apply_chat_template(user_message(e.question), add_generation_prompt=True)
                for e in examples]
     full = [p + " " + str(e.answer).lower() + " " + EOS for p, e in zip(prompts, examples)]
     old = tok.padding_side
     tok.padding_side = "right"
     try:
-        enc = processor(images=images, text=full, return_tensors="pt", padding=True)
-        prompt_lens = [len(processor(images=[im], text=[p])["input_ids"][0]) for im, p in zip(images[:1], prompts[:1])]
+        enc = processor(images=pils, text=full, return_tensors="pt", padding=True)
     finally:
         tok.padding_side = old
     labels = enc["input_ids"].clone()
     labels[enc["attention_mask"] == 0] = -100
     # all prompts render to the same number of tokens only if questions have equal length: mask per row instead
     asst = tok.convert_tokens_to_ids(ASSISTANT)
+    prompt_len = None
     for i in range(labels.shape[0]):
         pos = (enc["input_ids"][i] == asst).nonzero()
-        cut = int(pos[-1]) + 1 if len(pos) else prompt_lens[0]
+        if len(pos):
+            cut = int(pos[-1]) + 1
+        else:  # no ASSISTANT token (another tokenizer): the first prompt's length, encoded only when needed
+            if prompt_len is None:
+                old = tok.padding_side
+                tok.padding_side = "right"
+                try:
+                    prompt_len = len(processor(images=pils[:1], text=prompts[:1])["input_ids"][0])
+                finally:
+                    tok.padding_side = old
+            cut = prompt_len
         labels[i, :cut] = -100
     enc["labels"] = labels
     return {k: v.to(device) for k, v in enc.items()}
+
+
+class SFTEncoded:
+    """Every SFT example encoded once, before training: the processor runs over the examples in chunks (images
+    decoded once, pixel values computed once per example), and a training batch is then only an index, a pad and a
+    stack (:meth:`batch`), identical to what :func:`_sft_batch` gives for the same examples. ``ok`` is False when
+    the processor's output is not one row per example (e.g. Qwen2-VL's flattened patches) or a prompt has no
+    ``ASSISTANT:`` token: the caller then encodes each batch with :func:`_sft_batch`."""
+
+    def __init__(self, processor, examples: Sequence, images: ImageCache | None = None, chunk: int = 128):
+        self.pad_id = processor.tokenizer.pad_token_id
+        asst = processor.tokenizer.convert_tokens_to_ids(ASSISTANT)
+        self.rows: list[dict] = []
+        self.seq_keys: set[str] = set()
+        self.ok = self.pad_id is not None
+        cache = images if images is not None else ImageCache()
+        for b in range(0, len(examples), chunk) if self.ok else ():
+            part = list(examples[b: b + chunk])
+            enc = _sft_batch(processor, part, torch.device("cpu"), cache)
+            ids = enc["input_ids"]
+            if any(v.shape[0] != len(part) for v in enc.values()) or \
+                    not bool((ids == asst).any(dim=1).all()):
+                self.ok = False
+                break
+            self.seq_keys = {k for k, v in enc.items() if v.dim() == 2 and v.shape == ids.shape}
+            lens = enc["attention_mask"].sum(dim=1).tolist()
+            for i, n in enumerate(lens):  # right-padded: a row's tokens are its first n
+                self.rows.append({k: (v[i, : int(n)] if k in self.seq_keys else v[i]) for k, v in enc.items()})
+
+    def batch(self, idx: Sequence[int], device) -> dict:
+        rows = [self.rows[i] for i in idx]
+        width = max(len(r["input_ids"]) for r in rows)
+        fill = {"input_ids": self.pad_id, "attention_mask": 0, "labels": -100}
+        out = {}
+        for k in rows[0]:
+            if k in self.seq_keys:
+                out[k] = torch.stack([torch.nn.functional.pad(r[k], (0, width - len(r[k])), value=fill.get(k, 0))
+                                      for r in rows])
+            else:
+                out[k] = torch.stack([r[k] for r in rows])
+        return {k: v.to(device) for k, v in out.items()}
 
 
 def sft_warm_start(model, processor, examples: Sequence, config: SFTConfig | None = None, *, progress: bool = True
@@ -289,7 +550,9 @@ def sft_warm_start(model, processor, examples: Sequence, config: SFTConfig | Non
             raise TypeError(f"sft_warm_start: examples need an .{attr} field (got {type(examples[0]).__name__})")
     if cfg.max_examples:
         examples = examples[: cfg.max_examples]
-    device = next(model.parameters()).device
+    device = model_device(model)
+    cache = ImageCache()
+    encoded = SFTEncoded(processor, examples, cache)  # every example encoded once (one row per example)
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
@@ -305,8 +568,11 @@ def sft_warm_start(model, processor, examples: Sequence, config: SFTConfig | Non
         order = list(range(len(examples)))
         rng.shuffle(order)
         for b in range(0, len(order), cfg.batch_size):
-            batch = _sft_batch(processor, [examples[i] for i in order[b: b + cfg.batch_size]], device)
-            out = model(**batch)
+            idx = order[b: b + cfg.batch_size]
+            batch = encoded.batch(idx, device) if encoded.ok else \
+                _sft_batch(processor, [examples[i] for i in idx], device, cache)
+            with autocast_for(device):  # bf16 matmuls on CUDA (fp32 weights and optimizer); fp32 on the CPU
+                out = model(**batch)
             opt.zero_grad()
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -324,7 +590,7 @@ def sft_warm_start(model, processor, examples: Sequence, config: SFTConfig | Non
     bar.close()
     model.eval()
     return {"steps": step, "seconds": round(time.perf_counter() - t0, 2), "final_loss": loss_v,
-            "examples": len(examples)}
+            "examples": len(examples), "device": str(device)}
 
 
 @dataclass
@@ -511,9 +777,13 @@ def generation_constraints(model) -> dict:
 
 @torch.no_grad()
 def generate_answers(model, processor, items: Sequence, *, batch_size: int = 64, max_new_tokens: int = 3,
-                     do_sample: bool = False) -> list[str]:
-    """Greedy (or sampled) answers for items with ``.image`` and ``.question``; returns decoded strings."""
-    device = next(model.parameters()).device
+                     do_sample: bool = False, images: ImageCache | None = None) -> list[str]:
+    """Greedy (or sampled) answers for items with ``.image`` and ``.question``; returns decoded strings.
+
+    Runs on the model's device (bf16 autocast on CUDA); each chunk's images are encoded in one processor call.
+    images: an :class:`ImageCache` shared with other passes over the same items (each image decoded once)."""
+    device = model_device(model)
+    cache = images if images is not None else ImageCache()
     tok = processor.tokenizer
     old = tok.padding_side
     tok.padding_side = "left"
@@ -524,11 +794,11 @@ def generate_answers(model, processor, items: Sequence, *, batch_size: int = 64,
             chunk = items[b: b + batch_size]
             prompts = [processor.apply_chat_template(user_message(e.question), add_generation_prompt=True)
                        for e in chunk]
-            enc = processor(images=[to_pil(e.image) for e in chunk], text=prompts, return_tensors="pt",
-                            padding=True).to(device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                 **generation_constraints(model))
+            enc = processor(images=cache.pils(chunk), text=prompts, return_tensors="pt", padding=True).to(device)
+            with autocast_for(device):
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                     **generation_constraints(model))
             new = gen[:, enc["input_ids"].shape[1]:]
             out.extend(s.strip() for s in tok.batch_decode(new, skip_special_tokens=True))
     finally:
@@ -555,12 +825,15 @@ def examples_digest(examples: Sequence) -> str:
 
 def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLlavaConfig | None = None,
                       sft: SFTConfig | None = None, pretrain: PretrainConfig | None = None,
-                      progress: bool = True):
+                      progress: bool = True, device: str | torch.device | None = None):
     """Build + (stage 1: ``pretrain`` on synthetic images, optional) + SFT the tiny policy, or reuse the checkpoint
     cached in ``cache_dir`` when its settings match (configs of every stage, data digest and code version).
 
+    device: where the policy is built, warm-started and returned (default :func:`pick_device`: CUDA when present,
+    with bf16 autocast; fp32 weights are trained and saved). The device is not part of the cache key.
     Returns ``(model, processor, info)``; the directory holds the frozen reference checkpoint.
     """
+    dev = pick_device(device)[0]
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
     cache_dir = Path(cache_dir)
@@ -575,10 +848,10 @@ def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLl
     if isinstance(cached, dict) and cached.get("key") == key:
         model = LlavaForConditionalGeneration.from_pretrained(cache_dir, local_files_only=True)
         processor = LlavaProcessor.from_pretrained(cache_dir, local_files_only=True)
-        model.to(pick_device()[0]).eval()  # evaluation before GRPO runs where the policy will train
+        model.to(dev).eval()  # evaluation before GRPO runs where the policy will train
         return model, processor, {**cached.get("info", {}), "cached": True}
     model, processor = build_tiny_llava(config=tiny)
-    model.to(pick_device()[0])  # the warm start trains on the GPU when there is one (fp32 weights; saved as such)
+    model.to(dev)  # the warm start trains on the GPU when there is one (fp32 weights; saved as such)
     pre = pretrain_policy(model, processor, pretrain, progress=progress) if pretrain is not None else None
     info = sft_warm_start(model, processor, examples, sft, progress=progress)
     if pre is not None and pretrain.enabled():

@@ -8,8 +8,11 @@ easy-vqa task, with rewards from one of three sources:
   loaded in-process, no federation;
 * neither: label experts in-process (one per question type; the upper bound of what trained reward models give).
 
-A thin shell over :func:`mor_server.alignment.run_alignment`; SIGINT/SIGTERM end GRPO's current step with a
+A thin shell over :func:`mor_server.alignment.pipeline.run_alignment`; SIGINT/SIGTERM end GRPO's current step with a
 checkpoint and a rerun resumes (mor_server/jobcontrol.py), like ``mor demo``.
+
+Under ``accelerate launch`` (DDP or DeepSpeed, one process per GPU) every rank runs this command; only rank 0 runs
+the federation server (``--serve``) and scoring rounds, the other ranks train on the rewards it gathers.
 """
 
 from __future__ import annotations
@@ -25,6 +28,15 @@ from mor.modes import MODES, PER_CLIENT_MODES, SECAGG_MODES
 
 #: privacy modes of the federated reward rounds (``--mode``)
 ALIGN_MODES = MODES
+
+
+def device_arg(text: str) -> str:
+    """``--device``: cpu, cuda or cuda:N (checked at parse time; whether CUDA is there is checked before work)."""
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text.strip()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda or cuda:N")
+    return text.strip()
 
 
 def register(sub) -> None:
@@ -47,6 +59,22 @@ def register(sub) -> None:
                    help="a local Hugging Face VLM folder to align instead of the built-in tiny Llava (no warm start)")
     p.add_argument("--adapter", type=existing_dir, default=None, metavar="DIR",
                    help="a peft LoRA adapter folder on top of --policy")
+    p.add_argument("--preset", choices=("tiny", "small", "base", "byo"), default=None,
+                   help="policy size and its GRPO/warm-start defaults: tiny (0.24M, the default), small (40M), base "
+                        "(383M), byo (defaults for your own --policy: LoRA r=16, lr 5e-5; the default with "
+                        "--policy); small/base/byo defaults are not GPU-validated yet (docs/alignment.md)")
+    p.add_argument("--device", type=device_arg, default=None, metavar="DEV",
+                   help="force a device for warm start, evaluation and GRPO (cpu, cuda, cuda:1; default: CUDA with "
+                        "bf16 when present)")
+    p.add_argument("--lora-r", type=non_negative_int, default=None,
+                   help="LoRA rank of GRPO through TRL's peft_config (0: full fine-tuning; default: the preset's)")
+    p.add_argument("--collapse-every", type=non_negative_int, default=None,
+                   help="check the policy's answers on a fixed probe every N GRPO steps and stop when they "
+                        "degenerate (empty, or one answer per question type); 0: off (default 20)")
+    p.add_argument("--collapse-action", choices=("stop", "rollback"), default="stop",
+                   help="on collapse: stop there, or stop and restore the weights of the last good check")
+    p.add_argument("--use-vllm", action="store_true",
+                   help="generate GRPO's completions with vLLM (TRL use_vllm, colocate mode; needs CUDA and vllm)")
     p.add_argument("--fresh", action="store_true",
                    help="start over even when an interrupted run with the same settings left a checkpoint in "
                         "--workdir (by default such a run resumes from its newest complete checkpoint)")
@@ -81,6 +109,21 @@ def _check(args) -> None:
     """Cross-flag checks (one line naming the flag), before any work starts."""
     if args.adapter is not None and args.policy is None:
         raise UsageError("--adapter needs --policy DIR (the base model the adapter belongs to)")
+    if args.preset == "byo" and args.policy is None:
+        raise UsageError("--preset byo needs --policy DIR (it sets the defaults for a model of your own)")
+    if args.preset in ("tiny", "small", "base") and args.policy is not None:
+        raise UsageError(f"--preset {args.preset} is a built-in policy size; with --policy DIR use --preset byo "
+                         "(or leave --preset out)")
+    if args.device is not None and args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+    if args.use_vllm:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise UsageError("--use-vllm: the vllm package is not installed (pip install vllm, on a CUDA machine)")
     if args.models is not None:
         dirs = sorted(d for d in Path(args.models).glob("*/model") if (d / "card.json").is_file())
         if not dirs:
@@ -108,19 +151,28 @@ def _quorum(args) -> int:
 def _config(args, resume_key: str):
     import easy_vqa
 
+    from ..alignment.grpo import CollapseGuardConfig, GRPORunConfig
     from ..alignment.pipeline import AlignmentConfig
-    from ..alignment.grpo import GRPORunConfig
     from ..alignment.policy import SFTConfig
 
     grpo = {k: v for k, v in dict(max_steps=args.steps, learning_rate=args.lr, beta=args.beta,
-                                  temperature=args.temperature).items() if v is not None}
+                                  temperature=args.temperature, lora_r=args.lora_r).items() if v is not None}
+    if args.use_vllm:
+        grpo["use_vllm"] = True
+    guard = CollapseGuardConfig(action=args.collapse_action,
+                                **({} if args.collapse_every is None else {"every": args.collapse_every}))
+    common = dict(work_dir=str(args.workdir), seed=args.seed, eval_size=args.eval_size,
+                  resume=False if args.fresh else "auto", resume_key=resume_key, top_k=args.top_k,
+                  w_format=args.w_format, answer_vocabulary=list(easy_vqa.get_answers()),
+                  deadline_s=args.round_timeout * 2, device=args.device, collapse_guard=guard,
+                  policy_path=None if args.policy is None else str(args.policy),
+                  adapter_path=None if args.adapter is None else str(args.adapter))
+    preset = args.preset or ("byo" if args.policy is not None else None)
+    if preset is not None:
+        sft = {} if args.sft_steps is None else {"steps": args.sft_steps}
+        return AlignmentConfig.from_preset(preset, grpo=grpo, sft=sft, **common)
     extra = {} if args.sft_steps is None else {"sft": SFTConfig(steps=args.sft_steps)}
-    return AlignmentConfig(work_dir=str(args.workdir), seed=args.seed, eval_size=args.eval_size,
-                           resume=False if args.fresh else "auto", resume_key=resume_key, top_k=args.top_k,
-                           w_format=args.w_format, answer_vocabulary=list(easy_vqa.get_answers()),
-                           grpo=GRPORunConfig(**grpo), deadline_s=args.round_timeout * 2,
-                           policy_path=None if args.policy is None else str(args.policy),
-                           adapter_path=None if args.adapter is None else str(args.adapter), **extra)
+    return AlignmentConfig(grpo=GRPORunConfig(**grpo), **common, **extra)
 
 
 def _align_cmd(args: argparse.Namespace) -> int:
@@ -129,13 +181,53 @@ def _align_cmd(args: argparse.Namespace) -> int:
     _check(args)
     work = Path(args.workdir)
     try:
-        report = run_job(work, "mor align", lambda stop, sigs: _run(args, work, stop, sigs))
+        if _rank() == 0:
+            report = run_job(work, "mor align", lambda stop, sigs: _run(args, work, stop, sigs))
+        else:  # under accelerate launch / torchrun rank 0 holds the folder's lock for the whole job
+            report = _rank_job(args, work)
     except RunInterrupted as e:
         close_progress_bars()
         print(f"mor align: {e}", file=sys.stderr, flush=True)
         return 128 + e.signum
     _print(report)
     return 0
+
+
+def _rank_job(args, work: Path) -> dict:
+    """What :func:`mor_server.jobcontrol.run_job` does, without the workdir lock (rank 0 holds it): SIGINT/SIGTERM
+    end GRPO's current step, and a GRPO stopped that way becomes RunInterrupted."""
+    import signal
+
+    from ..alignment.grpo import GracefulStop, GRPOInterrupted
+    from .jobcontrol import RunInterrupted, Signals
+
+    stop = GracefulStop()
+    with Signals(stop, "mor align") as sigs:
+        try:
+            return _run(args, work, stop, sigs)
+        except GRPOInterrupted as e:
+            raise RunInterrupted(sigs.signum or signal.SIGTERM, e.checkpoint, e.step) from None
+
+
+def _rank() -> int:
+    """This process's rank under ``accelerate launch`` / torchrun (0 without them)."""
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+class RankBackend:
+    """The reward backend of a rank other than 0 under ``accelerate launch --serve``: the federation server runs on
+    rank 0 only, and MoRReward gathers every rank's completions to it, so nothing here is ever asked to score."""
+
+    def client_ids(self) -> list[str]:
+        return []
+
+    def client_scores(self, items, *, purpose="calibration"):
+        raise RuntimeError("only rank 0 runs scoring rounds (the federation server lives there)")
+
+    def mixed_scores(self, items, weights):
+        raise RuntimeError("only rank 0 runs scoring rounds (the federation server lives there)")
 
 
 def _run(args, work: Path, stop, sigs) -> dict:
@@ -161,6 +253,10 @@ def _run(args, work: Path, stop, sigs) -> dict:
             key = "label-experts"
         cfg = _config(args, json.dumps({"rewards": key, "policy": str(args.policy)}, sort_keys=True))
         return run_alignment(backend, **data, config=cfg, stop=stop)
+    if _rank() != 0:
+        print(f"mor align: rank {_rank()}: training on the rewards gathered by rank 0 (its server)", flush=True)
+        key = json.dumps({"mode": args.mode, "policy": str(args.policy)}, sort_keys=True)
+        return run_alignment(RankBackend(), **data, config=_config(args, key), stop=stop)
     return _run_federated(args, work, stop, sigs, data)
 
 
