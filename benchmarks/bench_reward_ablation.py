@@ -11,11 +11,13 @@ calibration -> GRPO -> evaluation on the same held-out test examples) that diffe
 Scenarios: ``honest`` (the demo's three clients: cnn / colour, vit / shape, lora / yes-no; DP-SGD at epsilon 8, trained by
 ``mor client train`` exactly as ``mor demo`` trains them) and ``adversary`` (plus a fourth client that inverts a label
 expert over every question type: an adversarially flipped annotator; the router should learn to ignore it, a uniform
-mixture cannot).
+mixture cannot) and ``inflating`` (the same adversary, its scores multiplied by 100: still inside the
+federation's declared score bound of 1000, and enough to outweigh the honest clients in a uniform mixture).
 
-Policies: ``default`` (the demo's reference: the built-in tiny Llava, 16 image tokens, SFT-50 on the server's public
-split) and ``seeing`` (64 image tokens and the public stage-1 warm start of
-``mor_server.alignment.policy.PretrainConfig``: vision pre-training 600 steps + captioning 1000 steps on synthetic images, then the same SFT-50), the policy with which a
+Warm starts (``--warm-start``, the recipes of ``mor demo --warm-start``, mor_server/alignment/recipes.py): ``sft`` (the
+demo's reference: the built-in tiny Llava, 16 image tokens, SFT-50 on the server's public split) and ``synthetic+sft``
+(64 image tokens; vision pre-training 600 steps and captioning 1000 steps of synthetic images, then the same SFT-50),
+the policy with which a
 reward can teach colour (docs/alignment.md).
 
 The demo's GRPO settings (400 steps, 8 prompts x 8 completions, lr 3e-4, beta 0.05, typed format rule at weight 4,
@@ -23,8 +25,8 @@ answer-softmax shaping). Each finished cell is cached as one JSON file, so an in
 and two invocations with disjoint ``--only`` filters can share the work; progress and an estimate of the time left are
 printed. Writes ``benchmarks/results/reward_ablation.json`` and a PNG.
 
-    .venv/bin/python benchmarks/bench_reward_ablation.py --policy seeing --methods oracle mor uniform --seeds 0 1 2
-    .venv/bin/python benchmarks/bench_reward_ablation.py --policy seeing --scenario adversary --methods mor uniform
+    .venv/bin/python benchmarks/bench_reward_ablation.py --warm-start sft synthetic+sft --methods oracle mor uniform
+    .venv/bin/python benchmarks/bench_reward_ablation.py --scenario adversary inflating --methods mor uniform
     .venv/bin/python benchmarks/bench_reward_ablation.py --report-only          # the table from the cached cells
 """
 
@@ -44,17 +46,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_router import Inverted, trained_models  # noqa: E402  (the same cached reward models as the router bench)
 
-POLICIES = ("default", "seeing")
-SCENARIOS = ("honest", "adversary")
+from mor_server.alignment.recipes import WARM_STARTS  # noqa: E402
+SCENARIOS = ("honest", "adversary", "inflating")
+INFLATE = 100.0  # the inflating adversary's score scale: the honest models' scores spread 17-37 over an item's answers, the
+# label expert's 1; the federation's declared plain-score bound is 1000
 TYPES = ("color", "shape", "yesno")
 
 
-def policy_settings(policy: str):
-    from mor_server.alignment.policy import PretrainConfig, TinyLlavaConfig
-
-    if policy == "seeing":
-        return TinyLlavaConfig(patch_size=8), PretrainConfig(vision_steps=600, caption_steps=1000)
-    return TinyLlavaConfig(), None
+def cell_name(policy: str, scenario: str, method: str, seed: int) -> str:
+    """The file name of a cell (and of its run folder): the warm start, scenario, reward and seed."""
+    return f"{policy.replace('+', '_')}-{scenario}-{method.replace(':', '_')}-seed{seed}"
 
 
 def reference(policy: str, seed: int, split, cache: Path) -> Path:
@@ -62,16 +63,26 @@ def reference(policy: str, seed: int, split, cache: Path) -> Path:
     from dataclasses import replace
 
     from mor_server.alignment.policy import SFTConfig, warm_start_cached
+    from mor_server.alignment.recipes import warm_start_recipe
 
-    tiny, pre = policy_settings(policy)
-    d = cache / "references" / f"{policy}-seed{seed}"
+    tiny, pre = warm_start_recipe(policy, seed=seed)
+    d = cache / "references" / f"{policy.replace('+', '_')}-seed{seed}"
     t0 = time.perf_counter()
-    _, _, info = warm_start_cached(d, split.server_public, tiny=replace(tiny, seed=seed),
-                                   sft=SFTConfig(steps=50, seed=seed),
-                                   pretrain=replace(pre, seed=seed) if pre else None, progress=False)
+    _, _, info = warm_start_cached(d, split.server_public, tiny=tiny, sft=SFTConfig(steps=50, seed=seed),
+                                   pretrain=pre, progress=False)
     if not info.get("cached"):
         print(f"  built the {policy} reference of seed {seed} in {time.perf_counter() - t0:.0f} s", flush=True)
     return d
+
+
+class Scaled:
+    """A client that multiplies another scorer's scores (an adversary inflating its scores within the bound)."""
+
+    def __init__(self, inner, factor: float):
+        self.inner, self.factor = inner, factor
+
+    def score(self, items):
+        return [[self.factor * v for v in row] for row in self.inner.score(items)]
 
 
 def scorers_for(scenario: str, method: str, seed: int, split, cache: Path) -> dict:
@@ -81,8 +92,10 @@ def scorers_for(scenario: str, method: str, seed: int, split, cache: Path) -> di
     if method == "oracle":
         return {"oracle": LabelExpertScorer(known, list(TYPES))}
     scorers = trained_models(seed, cache / "reward_models")
-    if scenario == "adversary":
+    if scenario in ("adversary", "inflating"):
         scorers["adversary"] = Inverted(LabelExpertScorer(known, list(TYPES)))
+    if scenario == "inflating":
+        scorers["adversary"] = Scaled(scorers["adversary"], INFLATE)
     if method.startswith("client:"):
         name = method.split(":", 1)[1]
         if name not in scorers:
@@ -102,15 +115,16 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
     from mor_server.alignment.grpo import GRPORunConfig
     from mor_server.alignment.inprocess import InProcessBackend
     from mor_server.alignment.policy import SFTConfig
+    from mor_server.alignment.recipes import warm_start_recipe
 
     split = make_federation_split(seed=seed, n_clients=3)
     ref = reference(policy, seed, split, cache)
     scorers = scorers_for(scenario, method, seed, split, cache)
-    work = cache / "runs" / f"{policy}-{scenario}-{method.replace(':', '_')}-seed{seed}"
+    work = cache / "runs" / cell_name(policy, scenario, method, seed)
     if work.exists():
         shutil.rmtree(work)
     shutil.copytree(ref, work / "reference")
-    tiny, pre = policy_settings(policy)
+    tiny, pre = warm_start_recipe(policy, seed=seed)
     cfg = AlignmentConfig(work_dir=str(work), tiny=tiny, sft=SFTConfig(steps=50), pretrain=pre,
                           grpo=GRPORunConfig(**{**DEMO_GRPO_DEFAULTS, "max_steps": steps, "save_steps": 0}),
                           seed=seed, answer_vocabulary=list(get_answers()), w_format=4.0,
@@ -144,7 +158,7 @@ def report(cells: list[dict], out: Path) -> dict:
         groups.setdefault((c["policy"], c["scenario"], c["method"]), []).append(c)
     print("\nheld-out test accuracy %, mean (spread max-min) over seeds; per type: accuracy / distinct answers; "
           "'collapsed' = one answer for a whole type")
-    head = f"{'policy':<8}{'scenario':<10}{'reward':<22}{'seeds':<8}{'reference':>13}{'aligned':>13}" + \
+    head = f"{'warm start':<14}{'scenario':<10}{'reward':<22}{'seeds':<8}{'reference':>13}{'aligned':>13}" + \
         "".join(f"{t:>20}" for t in TYPES)
     print(head)
     summary = {}
@@ -153,7 +167,7 @@ def report(cells: list[dict], out: Path) -> dict:
         before = [100 * c["before"]["overall"] for c in cs]
         after = [100 * c["after"]["overall"] for c in cs]
         per = {}
-        line = f"{pol:<8}{sc:<10}{m:<22}{','.join(str(c['seed']) for c in cs):<8}{fmt(before):>13}{fmt(after):>13}"
+        line = f"{pol:<14}{sc:<10}{m:<22}{','.join(str(c['seed']) for c in cs):<8}{fmt(before):>13}{fmt(after):>13}"
         for t in TYPES:
             acc = [100 * c["after"]["by_domain"].get(t, 0.0) for c in cs]
             div = [c["after"].get("diversity", {}).get(t, {}) for c in cs]
@@ -169,7 +183,7 @@ def report(cells: list[dict], out: Path) -> dict:
                                        "grpo_seconds": [c["grpo_seconds"] for c in cs]}
     # paired differences that the issues ask about
     pairs = [("mor", "uniform"), ("mor", "oracle")]
-    for pol in POLICIES:
+    for pol in WARM_STARTS:
         for sc in SCENARIOS:
             for a, b in pairs:
                 ga, gb = groups.get((pol, sc, a), []), groups.get((pol, sc, b), [])
@@ -215,7 +229,8 @@ def plot(summary: dict, path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--policy", choices=POLICIES, nargs="+", default=["seeing"])
+    ap.add_argument("--warm-start", dest="policy", choices=WARM_STARTS, nargs="+", default=["sft", "synthetic+sft"],
+                    help="warm-start recipes of the policy (mor demo --warm-start)")
     ap.add_argument("--scenario", choices=SCENARIOS, nargs="+", default=["honest"])
     ap.add_argument("--methods", nargs="+", default=["oracle", "mor", "uniform"],
                     help="mor, uniform, oracle, client:<name> (hospital-color, bank-shape, lab-yesno)")
@@ -245,11 +260,11 @@ def main() -> int:
             return 0
         done_s: list[float] = []
         for i, (p, s, m, seed) in enumerate(todo):
-            f = cells_dir / f"{p}-{s}-{m.replace(':', '_')}-seed{seed}.json"
+            f = cells_dir / f"{cell_name(p, s, m, seed)}.json"
             if f.is_file():
                 continue
             left = sum(1 for (p2, s2, m2, sd2) in todo[i:]
-                       if not (cells_dir / f"{p2}-{s2}-{m2.replace(':', '_')}-seed{sd2}.json").is_file())
+                       if not (cells_dir / f"{cell_name(p2, s2, m2, sd2)}.json").is_file())
             eta = f", about {statistics.mean(done_s) * left / 60:.0f} min left" if done_s else ""
             print(f"[{i + 1}/{len(todo)}] {p} {s} {m} seed {seed}{eta}", flush=True)
             t0 = time.perf_counter()

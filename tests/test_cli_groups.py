@@ -173,11 +173,30 @@ def test_align_flags_are_checked_before_work(tmp_path, capsys):
              (["align", "--serve", "--pki", str(tmp_path)], "--pki"),
              (["align", "--serve", "--mode", "secagg", "--min-clients", "1", "--pki", str(tmp_path)], "--mode"),
              (["align", "--serve", "--models", str(tmp_path)], "--models"),
-             (["align", "--steps", "0"], "--steps")]
+             (["align", "--steps", "0"], "--steps"),
+             (["align", "--warm-start", "synthetic+sft", "--preset", "small"], "--warm-start"),
+             (["align", "--routing", "mixture"], "--routing")]
     for argv, field in cases:
         rc = server_cli.mor_main([*argv, "--workdir", str(tmp_path / "w")])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and field in err[0] and "Traceback" not in err[0], (argv, err)
+
+
+def test_align_routing_and_warm_start_reach_the_engine(tmp_path):
+    """`mor align --routing uniform` runs the reward ablation without a router and `--warm-start synthetic+sft` the
+    seeing policy's public stage 1: both must reach the AlignmentConfig the engine runs, seeded with the run."""
+    from mor_server.apps.align_cli import _config
+
+    parser = server_cli.build_mor_parser()
+    args = parser.parse_args(["align", "--routing", "uniform", "--warm-start", "synthetic+sft", "--seed", "3",
+                              "--workdir", str(tmp_path)])
+    cfg = _config(args, "k")
+    assert cfg.routing == "uniform"
+    assert cfg.tiny.patch_size == 8 and cfg.tiny.seed == 3
+    assert cfg.pretrain is not None and cfg.pretrain.vision_steps > 0 and cfg.pretrain.caption_steps > 0
+    assert cfg.pretrain.seed == 3
+    plain = _config(parser.parse_args(["align", "--workdir", str(tmp_path)]), "k")
+    assert plain.routing == "learned" and plain.pretrain is None and plain.tiny.patch_size == 16
 
 
 def test_sigterm_while_align_waits_for_clients(tmp_path):

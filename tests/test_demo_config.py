@@ -27,6 +27,9 @@ def test_config_file_errors_name_the_setting(tmp_path):
     cfg = DemoConfig.from_file(good, seed=3)
     cfg.validate()
     assert cfg.epsilon == float("inf") and cfg.seed == 3 and cfg.grpo == {"max_steps": 5}
+    assert cfg.warm_start == "sft"  # the default recipe; the config file or --warm-start selects the other
+    good.write_text(json.dumps({"warm_start": "synthetic+sft"}))
+    assert DemoConfig.from_file(good).warm_start == "synthetic+sft"
 
 
 @pytest.mark.parametrize("change,msg", [
@@ -39,6 +42,7 @@ def test_config_file_errors_name_the_setting(tmp_path):
     ({"epsilon": -1}, "epsilon: must be greater than 0, got -1"),
     ({"epsilon": None}, "epsilon: must be a valid number, got None"),
     ({"mode": "secagg", "clients": [{"name": "a", "arch": "cnn", "partition": "client0"}]}, "at least 2 clients"),
+    ({"warm_start": "imagenet"}, r"warm_start: must be 'sft' or 'synthetic\+sft', got 'imagenet'"),
 ])
 def test_validate_rejects_bad_settings(change, msg):
     with pytest.raises(ValueError, match=msg):

@@ -26,6 +26,8 @@ from mor.cliargs import (RawHelpFormatter, UsageError, bind_host, existing_dir, 
                          output_dir, port, positive_float, positive_int)
 from mor.modes import MODES, PER_CLIENT_MODES, SECAGG_MODES
 
+from ..alignment.recipes import WARM_STARTS
+
 #: privacy modes of the federated reward rounds (``--mode``)
 ALIGN_MODES = MODES
 
@@ -53,6 +55,12 @@ def register(sub) -> None:
     p.add_argument("--beta", type=non_negative_float, default=None, help="KL weight (default: the engine's)")
     p.add_argument("--temperature", type=positive_float, default=None, help="sampling temperature")
     p.add_argument("--top-k", type=positive_int, default=None, help="route each item to its top-k clients only")
+    p.add_argument("--warm-start", dest="warm_start", choices=WARM_STARTS, default="sft",
+                   help="warm-start recipe of the built-in tiny policy (as mor demo --warm-start): sft, or "
+                        "synthetic+sft (vision pre-training and captioning of synthetic images first) (default: sft)")
+    p.add_argument("--routing", choices=("learned", "uniform"), default="learned",
+                   help="learned: the Mixture-of-Rewards router; uniform: the ablation without a router (uniform "
+                        "weights, only the reward scale calibrated) (default: learned)")
     p.add_argument("--w-format", type=non_negative_float, default=4.0, help="weight of the typed answer-format rule")
     p.add_argument("--eval-size", type=positive_int, default=600, help="held-out test examples evaluated")
     p.add_argument("--policy", type=existing_dir, default=None, metavar="DIR",
@@ -114,6 +122,9 @@ def _check(args) -> None:
     if args.preset in ("tiny", "small", "base") and args.policy is not None:
         raise UsageError(f"--preset {args.preset} is a built-in policy size; with --policy DIR use --preset byo "
                          "(or leave --preset out)")
+    if args.warm_start != "sft" and (args.policy is not None or args.preset is not None):
+        raise UsageError(f"--warm-start {args.warm_start} is a recipe of the built-in tiny policy (the default); "
+                         "leave out --preset and --policy, or leave out --warm-start")
     if args.device is not None and args.device.startswith("cuda"):
         import torch
 
@@ -154,6 +165,7 @@ def _config(args, resume_key: str):
     from ..alignment.grpo import CollapseGuardConfig, GRPORunConfig
     from ..alignment.pipeline import AlignmentConfig
     from ..alignment.policy import SFTConfig
+    from ..alignment.recipes import warm_start_recipe
 
     grpo = {k: v for k, v in dict(max_steps=args.steps, learning_rate=args.lr, beta=args.beta,
                                   temperature=args.temperature, lora_r=args.lora_r).items() if v is not None}
@@ -163,6 +175,7 @@ def _config(args, resume_key: str):
                                 **({} if args.collapse_every is None else {"every": args.collapse_every}))
     common = dict(work_dir=str(args.workdir), seed=args.seed, eval_size=args.eval_size,
                   resume=False if args.fresh else "auto", resume_key=resume_key, top_k=args.top_k,
+                  routing=args.routing,
                   w_format=args.w_format, answer_vocabulary=list(easy_vqa.get_answers()),
                   deadline_s=args.round_timeout * 2, device=args.device, collapse_guard=guard,
                   policy_path=None if args.policy is None else str(args.policy),
@@ -172,6 +185,7 @@ def _config(args, resume_key: str):
         sft = {} if args.sft_steps is None else {"steps": args.sft_steps}
         return AlignmentConfig.from_preset(preset, grpo=grpo, sft=sft, **common)
     extra = {} if args.sft_steps is None else {"sft": SFTConfig(steps=args.sft_steps)}
+    extra["tiny"], extra["pretrain"] = warm_start_recipe(args.warm_start, seed=args.seed)
     return AlignmentConfig(grpo=GRPORunConfig(**grpo), **common, **extra)
 
 
