@@ -46,7 +46,8 @@ def baseline(seed: int, steps: int, eval_size: int, workdir: Path) -> dict:
     from mor_client.data.partition import make_federation_split
     from mor_server.alignment.pipeline import heldout_test
     from mor_server.alignment.evaluate import accuracy
-    from mor_server.alignment.policy import SFTConfig, TinyLlavaConfig, warm_start_cached
+    from mor_server.alignment.policy import TinyLlavaConfig
+    from mor_server.alignment.warmstart import SFTConfig, warm_start_cached
 
     split = make_federation_split(seed=seed, n_clients=3)
     test = heldout_test(split)[:eval_size]

@@ -41,7 +41,8 @@ def _reference(seed: int, cache: Path, eval_size: int):
     from mor_client.data import make_federation_split
     from mor_server.alignment.pipeline import heldout_test
     from mor_server.alignment.evaluate import accuracy
-    from mor_server.alignment.policy import SFTConfig, TinyLlavaConfig, warm_start_cached
+    from mor_server.alignment.policy import TinyLlavaConfig
+    from mor_server.alignment.warmstart import SFTConfig, warm_start_cached
 
     split = make_federation_split(seed=seed, n_clients=3)
     test = heldout_test(split)[:eval_size]

@@ -62,12 +62,12 @@ def main() -> int:
 
     from mor_client.data.partition import make_federation_split
     from mor_client.rewards import RewardModelScorer
-    from mor_server.alignment.pipeline import calibrate_router
+    from mor_server.alignment.calibration import calibrate_router
     from mor_server.alignment.features import FeatureExtractor
     from mor_server.federation.backend import FederatedBackend
     from mor_server.alignment.grpo import make_prompt_dataset
     from mor_server.alignment.inprocess import InProcessBackend
-    from mor_server.alignment.policy import warm_start_cached
+    from mor_server.alignment.warmstart import warm_start_cached
     from mor_server.apps.procs import ClientProcess, mor_client_argv, stop_all
     from mor_server.alignment.rewards import MoRReward
     from mor_server.federation.config import ServerConfig

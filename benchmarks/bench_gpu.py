@@ -111,13 +111,11 @@ def run_case(preset: str, steps: int, *, split, test, backend, router, features,
              sft_steps: int | None, lr: float | None, beta: float | None, guard_every: int) -> dict:
     from dataclasses import replace
 
-    from mor_server.alignment.pipeline import AlignmentConfig
     from mor_server.alignment.evaluate import accuracy
-    from mor_server.alignment import grpo as g
-    CollapseGuardConfig, GRPOMetrics, GRPORunConfig = g.CollapseGuardConfig, g.GRPOMetrics, g.GRPORunConfig
-    collapse_guard_callback, make_prompt_dataset, run_grpo = g.collapse_guard_callback, g.make_prompt_dataset, \
-        g.run_grpo
-    from mor_server.alignment.policy import warm_start_cached
+    from mor_server.alignment.grpo import GRPOMetrics, GRPORunConfig, make_prompt_dataset, run_grpo
+    from mor_server.alignment.guard import CollapseGuardConfig, collapse_guard_callback
+    from mor_server.alignment.pipeline import AlignmentConfig
+    from mor_server.alignment.warmstart import warm_start_cached
     from mor_server.alignment.rewards import MoRReward
 
     cuda = _cuda() if device in (None, "cuda") else None
@@ -208,7 +206,8 @@ def main(argv=None) -> int:
     steps = [int(s) for s in a.steps.split(",") if s.strip()]
 
     from mor_client.data.partition import make_federation_split
-    from mor_server.alignment.pipeline import calibrate_router, heldout_test
+    from mor_server.alignment.calibration import calibrate_router
+    from mor_server.alignment.pipeline import heldout_test
     from mor_server.alignment.features import FeatureExtractor
     from mor_server.alignment.inprocess import InProcessBackend
 

@@ -62,7 +62,7 @@ def reference(policy: str, seed: int, split, cache: Path) -> Path:
     """The cell's reference, built once per (policy, seed) and copied into each cell (warm_start_cached's key)."""
     from dataclasses import replace
 
-    from mor_server.alignment.policy import SFTConfig, warm_start_cached
+    from mor_server.alignment.warmstart import SFTConfig, warm_start_cached
     from mor_server.alignment.recipes import warm_start_recipe
 
     tiny, pre = warm_start_recipe(policy, seed=seed)
@@ -114,7 +114,7 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
     from mor_server.apps.demo import DEMO_GRPO_DEFAULTS
     from mor_server.alignment.grpo import GRPORunConfig
     from mor_server.alignment.inprocess import InProcessBackend
-    from mor_server.alignment.policy import SFTConfig
+    from mor_server.alignment.warmstart import SFTConfig
     from mor_server.alignment.recipes import warm_start_recipe
 
     split = make_federation_split(seed=seed, n_clients=3)

@@ -65,7 +65,7 @@ def trained_models(seed: int, work: Path) -> dict:
 
 def run(seed: int, scenario: str, work: Path) -> dict:
     from mor_client.data.partition import make_federation_split
-    from mor_server.alignment.pipeline import calibrate_router
+    from mor_server.alignment.calibration import calibrate_router
     from mor_server.alignment.features import FeatureExtractor
     from mor_server.alignment.inprocess import InProcessBackend, LabelExpertScorer
 

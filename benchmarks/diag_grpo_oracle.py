@@ -37,7 +37,8 @@ def main() -> int:
     from mor_server.alignment.pipeline import heldout_test
     from mor_server.alignment.evaluate import accuracy
     from mor_server.alignment.grpo import GRPORunConfig, make_prompt_dataset, run_grpo
-    from mor_server.alignment.policy import SFTConfig, TinyLlavaConfig, exact_match, warm_start_cached
+    from mor_server.alignment.policy import TinyLlavaConfig, exact_match
+    from mor_server.alignment.warmstart import SFTConfig, warm_start_cached
     from mor_server.alignment.rewards import completion_text
 
     split = make_federation_split(seed=a.seed, n_clients=3)

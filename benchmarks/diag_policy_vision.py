@@ -1,7 +1,7 @@
 """Diagnostic: can the built-in policy learn to *see* (colour and shape), from what, and can GRPO then climb?
 
 Issue #17 found every aligned policy answering each colour question with one word. This script builds the built-in
-tiny Llava, optionally runs stage 1 of the public warm start (:class:`mor_server.alignment.policy.PretrainConfig`: vision-tower
+tiny Llava, optionally runs stage 1 of the public warm start (:class:`mor_server.alignment.warmstart.PretrainConfig`: vision-tower
 classification and/or captioning of synthetic images drawn by the project's own renderer, no privacy cost), then a
 supervised stage on one of two public sources, and reports per-type accuracy next to the majority-answer rate and
 the number of distinct answers (mor_server.alignment.evaluate) on held-out easy-vqa test images:
@@ -139,8 +139,8 @@ def main() -> int:
     from mor_client.data.synthetic import make_synthetic_examples
     from mor_server.alignment.pipeline import heldout_test
     from mor_server.alignment.evaluate import accuracy, format_accuracy_table
-    from mor_server.alignment.policy import (PretrainConfig, SFTConfig, TinyLlavaConfig, build_tiny_llava, pick_device,
-                                   pretrain_policy, sft_warm_start)
+    from mor_server.alignment.policy import TinyLlavaConfig, build_tiny_llava, pick_device
+    from mor_server.alignment.warmstart import PretrainConfig, SFTConfig, pretrain_policy, sft_warm_start
 
     cfg = TinyLlavaConfig(patch_size=a.patch, seed=a.seed, text_hidden=a.text_hidden, vision_hidden=a.text_hidden,
                           intermediate=2 * a.text_hidden, text_layers=a.layers, vision_layers=a.layers)
@@ -157,7 +157,8 @@ def main() -> int:
 
         from transformers import LlavaForConditionalGeneration
 
-        from mor_server.alignment.policy import WARM_START_CODE_VERSION, save_policy
+        from mor_server.alignment.policy import save_policy
+        from mor_server.alignment.warmstart import WARM_START_CODE_VERSION
 
         key = json.dumps({"tiny": vars(cfg), "pretrain": vars(pre), "code": WARM_START_CODE_VERSION}, sort_keys=True)
         cache = ROOT / "benchmarks" / ".cache" / f"stage1-{hashlib.sha256(key.encode()).hexdigest()[:16]}"

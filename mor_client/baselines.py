@@ -183,7 +183,7 @@ class PolicyTrainer:
     # -- data ------------------------------------------------------------------------------------------------------
     def _data(self) -> dict:
         if self._encoded is None:
-            from mor_server.alignment.policy import _sft_batch  # the warm start's own tokenisation: answer + </s> labelled
+            from mor_server.alignment.warmstart import _sft_batch  # the warm start's own tokenisation: answer + </s> labelled
 
             self._encoded = _sft_batch(self.processor, self.examples, torch.device("cpu"))
         return self._encoded
@@ -191,7 +191,7 @@ class PolicyTrainer:
     def _dpo_data(self) -> dict:
         """Chosen and rejected completions of every pair, tokenised together (equal lengths), split in halves."""
         if getattr(self, "_dpo_encoded", None) is None:
-            from mor_server.alignment.policy import _sft_batch
+            from mor_server.alignment.warmstart import _sft_batch  # the warm start's own tokenisation: answer + </s> labelled
 
             if any(getattr(e, "rejected", None) is None for e in self.examples):
                 raise TrainingRefused("FAILED_PRECONDITION", "objective dpo needs a rejected answer for every "

@@ -19,10 +19,12 @@ def _rank_main(out_dir: str) -> None:
 
     from mor_client.data.partition import make_federation_split
 
-    from mor_server.alignment.grpo import CollapseGuardConfig, GRPORunConfig
+    from mor_server.alignment.grpo import GRPORunConfig
+    from mor_server.alignment.guard import CollapseGuardConfig
     from mor_server.alignment.inprocess import InProcessBackend, LabelExpertScorer
     from mor_server.alignment.pipeline import AlignmentConfig, run_alignment
-    from mor_server.alignment.policy import SFTConfig, TinyLlavaConfig
+    from mor_server.alignment.policy import TinyLlavaConfig
+    from mor_server.alignment.warmstart import SFTConfig
 
     split = make_federation_split(seed=0, public_size=60, unlabeled_size=32, max_heldout=8)
     known = list(split.server_public) + list(split.server_unlabeled)

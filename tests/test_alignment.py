@@ -10,7 +10,8 @@ from mor_client.data.partition import make_federation_split
 from mor_server.alignment.pipeline import AlignmentConfig, run_alignment
 from mor_server.alignment.grpo import GRPORunConfig
 from mor_server.alignment.inprocess import InProcessBackend, LabelExpertScorer
-from mor_server.alignment.policy import SFTConfig, TinyLlavaConfig
+from mor_server.alignment.policy import TinyLlavaConfig
+from mor_server.alignment.warmstart import SFTConfig
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from mor_client.data.partition import make_federation_split
 
 from mor_server.alignment.inprocess import InProcessBackend, LabelExpertScorer
 from mor_server.alignment.pipeline import AlignmentConfig, run_alignment
-from mor_server.alignment.policy import build_tiny_vlm, generate_answers, load_policy, save_policy
+from mor_server.alignment.policy import generate_answers, load_policy, save_policy
+from mor_server.alignment.families import build_tiny_vlm
 
 
 @pytest.fixture(scope="module")

@@ -168,7 +168,7 @@ def test_resume_plan_needs_the_same_unfinished_run(tmp_path):
 
 def test_warm_start_cache_is_swapped_in_whole(tmp_path, monkeypatch):
     """A warm start killed while saving leaves no cache that the next run would trust."""
-    from mor_server.alignment import policy
+    from mor_server.alignment import warmstart
 
     class Boom(Exception):
         pass
@@ -178,15 +178,15 @@ def test_warm_start_cache_is_swapped_in_whole(tmp_path, monkeypatch):
         (Path(path) / "config.json").write_text("{}")
         raise Boom()
 
-    monkeypatch.setattr(policy, "save_policy", dying_save)
-    monkeypatch.setattr(policy, "sft_warm_start", lambda *a, **k: {"steps": 0})
+    monkeypatch.setattr(warmstart, "save_policy", dying_save)
+    monkeypatch.setattr(warmstart, "sft_warm_start", lambda *a, **k: {"steps": 0})
     import torch
 
-    monkeypatch.setattr(policy, "build_tiny_llava", lambda config=None: (torch.nn.Linear(1, 1), object()))
-    monkeypatch.setattr(policy, "examples_digest", lambda ex: "d", raising=False)
+    monkeypatch.setattr(warmstart, "build_tiny_llava", lambda config=None: (torch.nn.Linear(1, 1), object()))
+    monkeypatch.setattr(warmstart, "examples_digest", lambda ex: "d", raising=False)
     cache = tmp_path / "reference"
     with pytest.raises(Boom):
-        policy.warm_start_cached(cache, [object()], progress=False)
+        warmstart.warm_start_cached(cache, [object()], progress=False)
     assert not (cache / "warm_start.json").exists() and not (cache / "config.json").exists()
 
 

@@ -12,13 +12,13 @@ import torch
 
 from mor_client.data.easyvqa import load_easyvqa
 
-from mor_server.alignment.grpo import (CollapseGuardConfig, GRPORunConfig, collapse_guard_callback,
-                                       judge_answers, make_prompt_dataset, run_grpo)
+from mor_server.alignment.grpo import GRPORunConfig, make_prompt_dataset, run_grpo
+from mor_server.alignment.guard import CollapseGuardConfig, collapse_guard_callback, judge_answers
 from mor_server.alignment.evaluate import accuracy, kl_to_reference
 from mor_server.alignment.pipeline import PRESET_DEFAULTS, AlignmentConfig
-from mor_server.alignment.policy import (ImageCache, POLICY_PRESETS, SFTConfig, TinyLlavaConfig, autocast_for,
-                                         build_tiny_llava, generate_answers, pick_device,
-                                         preset_parameter_count, save_policy, warm_start_cached)
+from mor_server.alignment.policy import (ImageCache, POLICY_PRESETS, TinyLlavaConfig, autocast_for, build_tiny_llava,
+                                         generate_answers, pick_device, preset_parameter_count, save_policy)
+from mor_server.alignment.warmstart import SFTConfig, warm_start_cached
 
 SMALL = TinyLlavaConfig(image_size=32, patch_size=16, vision_hidden=32, text_hidden=32, intermediate=64, heads=2)
 
@@ -82,10 +82,7 @@ def test_sft_examples_are_encoded_once_and_batches_match_per_batch_encoding(exam
     encoding is the very tensors per-batch encoding gives, so CPU training is unchanged."""
     import random
 
-    try:
-        from mor_server.alignment.policy import SFTEncoded, _sft_batch
-    except ModuleNotFoundError:
-        from mor_server.alignment.policy import SFTEncoded, _sft_batch
+    from mor_server.alignment.warmstart import SFTEncoded, _sft_batch
 
     _, processor = build_tiny_llava(config=SMALL)
     enc = SFTEncoded(processor, examples, chunk=40)

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from mor_client.data.easyvqa import ANSWERS, load_easyvqa
-from mor_server.alignment.policy import (IMAGE_TOKEN, SFTConfig, TinyLlavaConfig, _sft_batch, build_tiny_llava,
-                               generate_answers, load_policy, normalize_answer, save_policy, sft_warm_start, user_message)
+from mor_server.alignment.policy import (IMAGE_TOKEN, TinyLlavaConfig, build_tiny_llava, generate_answers,
+                                         load_policy, normalize_answer, save_policy, user_message)
+from mor_server.alignment.warmstart import SFTConfig, _sft_batch, sft_warm_start
 
 SMALL = TinyLlavaConfig(image_size=32, patch_size=16, vision_hidden=32, text_hidden=32, intermediate=64, heads=2)
 
@@ -117,7 +118,7 @@ def test_evaluation_decodes_like_grpo_sampling_never_an_image_token(data):
 
 def test_warm_start_cache_is_keyed_by_the_data_not_its_size(data, tmp_path):
     """Two public splits of the same size (another seed's) must not share a cached reference."""
-    from mor_server.alignment.policy import examples_digest, warm_start_cached
+    from mor_server.alignment.warmstart import examples_digest, warm_start_cached
 
     train, _ = data
     a, b = train[:16], train[16:32]

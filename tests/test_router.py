@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mor_client.data.easyvqa import load_easyvqa
-from mor_server.alignment.pipeline import answer_schema, calibrate_router, calibration_items
+from mor_server.alignment.calibration import answer_schema, calibrate_router, calibration_items
 from mor_server.alignment.features import FeatureExtractor
 from mor_server.alignment.inprocess import InProcessBackend, LabelExpertScorer
 from mor_server.alignment.router import MoRRouter

@@ -7,8 +7,8 @@ import pytest
 from mor_client.data.easyvqa import COLORS, SHAPE_NAMES
 from mor_client.data.synthetic import make_synthetic_examples, synthetic_attributes
 from mor_client.data.synthetic_captions import CAPTION_PROMPT, caption, make_caption_examples, matching_text
-from mor_server.alignment.policy import (PretrainConfig, SFTConfig, TinyLlavaConfig, easyvqa_vocabulary, pretrain_policy,
-                               build_tiny_llava, task_words, warm_start_cached)
+from mor_server.alignment.policy import TinyLlavaConfig, easyvqa_vocabulary, build_tiny_llava, task_words
+from mor_server.alignment.warmstart import PretrainConfig, SFTConfig, pretrain_policy, warm_start_cached
 
 SMALL = TinyLlavaConfig(image_size=32, patch_size=16, vision_hidden=32, text_hidden=32, intermediate=64, heads=2)
 

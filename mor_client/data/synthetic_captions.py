@@ -1,6 +1,6 @@
 """Synthetic **captioned** images: public vision-language pre-training data for the built-in policy (issue #17).
 
-Stage 1 of the policy's two-stage public warm start (:class:`mor_server.alignment.policy.PretrainConfig`), like real VLM
+Stage 1 of the policy's two-stage public warm start (:class:`mor_server.alignment.warmstart.PretrainConfig`), like real VLM
 training: before the policy sees a single VQA example it learns, from images drawn by this project's own renderer
 (:mod:`mor_client.data.synthetic`, public by construction), to *describe* an image in words -- "a red circle",
 "the circle is red", "there is a red circle". That teaches it to see and gives it the colour and shape vocabulary
@@ -38,7 +38,7 @@ def caption(seed: int, index: int) -> str:
 def make_caption_examples(n_images: int, *, seed: int, start: int = 0) -> list[VQAExample]:
     """``n_images`` synthetic images, each with :data:`CAPTION_PROMPT` as ``question`` and its caption as
     ``answer`` (``question_type`` "caption", ``domain`` "synthetic"), ready for
-    :func:`mor_server.alignment.policy.sft_warm_start`."""
+    :func:`mor_server.alignment.warmstart.sft_warm_start`."""
     if n_images < 0:
         raise ValueError(f"n_images must be >= 0, got {n_images}")
     images = make_synthetic_examples(n_images, seed=seed, question_types=("color",), start=start)

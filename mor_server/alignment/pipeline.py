@@ -11,7 +11,6 @@ The server only reads labels of ``public`` (its small calibration split); ``unla
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,19 +18,15 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from mor.types import ScoringItem
-
-from .answers import AnswerSchema
-from .evaluate import (accuracy, accuracy_callback, domain_of, format_accuracy_table, kl_to_reference, plot_report,
-                       win_rate, write_report)
+from .calibration import answer_schema, calibrate_router
+from .evaluate import accuracy, accuracy_callback, kl_to_reference, plot_report, win_rate, write_report
 from .features import FeatureExtractor
-from .grpo import (CollapseGuardConfig, GRPOMetrics, GRPORunConfig, collapse_guard_callback, make_prompt_dataset,
-                   run_grpo)
-from .policy import (PretrainConfig, SFTConfig, TinyLlavaConfig, load_policy, normalize_answer, pick_device,
-                     policy_preset, save_policy, warm_start_cached)
-from .rewards import MoRReward, RewardBackend, RoundFailed, hybrid_rewards
-from ..federation.rounds import RetryPolicy
+from .grpo import GRPOMetrics, GRPORunConfig, make_prompt_dataset, run_grpo
+from .guard import CollapseGuardConfig, collapse_guard_callback
+from .policy import TinyLlavaConfig, load_policy, pick_device, policy_preset, save_policy
+from .rewards import MoRReward, RewardBackend, hybrid_rewards
 from .router import MoRRouter
+from .warmstart import PretrainConfig, SFTConfig, warm_start_cached
 
 
 @dataclass
@@ -46,7 +41,7 @@ class AlignmentConfig:
     """Warm start on the server's public split: deliberately short, so the reference is far from perfect."""
     pretrain: PretrainConfig | None = None
     """Stage 1 of the warm start before the public SFT (vision pre-training and captioning of synthetic images,
-    no privacy cost; :class:`mor_server.alignment.policy.PretrainConfig`). None: the public SFT alone (the demo's default).
+    no privacy cost; :class:`mor_server.alignment.warmstart.PretrainConfig`). None: the public SFT alone (the demo's default).
     Its seed follows the run's seed."""
     grpo: GRPORunConfig = field(default_factory=GRPORunConfig)
     """GRPO settings (output_dir is overridden to <work_dir>/grpo)."""
@@ -148,136 +143,6 @@ def heldout_test(split) -> list:
 
     used = {e.image_id for e in list(split.server_public) + list(split.server_unlabeled)}
     return [e for e in load_easyvqa("test") if e.image_id not in used]
-
-
-def answer_schema(public: Sequence, unlabeled: Sequence = (), vocabulary: Sequence[str] | None = None, *,
-                  typed: bool = True) -> AnswerSchema:
-    """The answer schema of the format rule: typed (learned from the public split's answers and the wording of
-    every public question) or, with ``typed=False``, just the answer set."""
-    vocab = sorted({normalize_answer(a) for a in vocabulary} if vocabulary is not None
-                   else {normalize_answer(e.answer) for e in public})
-    if not typed:
-        return AnswerSchema.untyped(vocab)
-    return AnswerSchema.fit([(e.question, normalize_answer(e.answer)) for e in public],
-                            questions=[e.question for e in unlabeled], vocabulary=vocab)
-
-
-def calibration_items(public: Sequence, schema: AnswerSchema) -> list[tuple[object, list[str], int]]:
-    """The router's calibration items, on the objective GRPO's ``answer_softmax`` reward uses: each labelled public
-    example with every answer valid for its question (``schema.valid_answers``, plus the label if the schema missed
-    it), and the index of the right one. Examples with a single candidate are skipped."""
-    out = []
-    for e in public:
-        right = normalize_answer(e.answer)
-        cands = sorted(set(schema.valid_answers(e.question)) | {right})
-        if len(cands) >= 2:
-            out.append((e, cands, cands.index(right)))
-    if not out:
-        raise ValueError("calibration_items: no public example has two or more candidate answers")
-    return out
-
-
-def compare_routings(router: MoRRouter, feats: np.ndarray, scores: Mapping[str, Sequence], truth: Sequence[int],
-                     domains: Sequence[str], oracle: Mapping[str, str], objective: int = 0) -> dict:
-    """Ranking quality of routing strategies on the same items (held-out public items): the learned router, the
-    uniform mixture, the router's top-1 and top-2 clients, oracle routing (all weight, per true question type, on
-    the client best for that type on the calibration items: ``oracle``) and each client alone. Accuracy is top-1
-    among each item's candidates; ``loglik`` uses the router's calibrated alpha."""
-    from .router import candidate_tensor, ranking_quality
-
-    clients = list(scores)
-    n = len(truth)
-    S, mask, t = candidate_tensor(scores, truth, n)
-    alpha = float(router.calibration.get("alpha", 1.0))
-    k = len(clients)
-
-    def as_matrix(w: Mapping[str, Sequence[float]]) -> np.ndarray:
-        return np.array([w.get(c, [0.0] * n) for c in clients], dtype=np.float64).T
-
-    Wr = as_matrix(router.weights(feats, clients, objective))
-    out = {"items": n, "router": ranking_quality(Wr, S, mask, t, alpha),
-           "uniform": ranking_quality(np.full((n, k), 1.0 / k), S, mask, t, alpha)}
-    saved = router.top_k
-    try:
-        for top in (1, 2):
-            if top < k:
-                router.top_k = top
-                out[f"top{top}"] = ranking_quality(as_matrix(router.weights(feats, clients, objective)), S, mask, t,
-                                                   alpha)
-    finally:
-        router.top_k = saved
-    W = np.array([[1.0 if oracle.get(d) == c else 0.0 for c in clients] for d in domains])
-    W[W.sum(axis=1) == 0] = 1.0 / k  # a type the calibration items did not cover: uniform
-    out["oracle_type"] = ranking_quality(W, S, mask, t, alpha)
-    out["clients"] = {c: ranking_quality(np.eye(k)[[j] * n], S, mask, t, alpha) for j, c in enumerate(clients)}
-    out["by_domain"] = {}
-    for d in sorted(set(domains)):
-        idx = np.array([i for i, dd in enumerate(domains) if dd == d])
-        sub = (S[idx], mask[idx], t[idx])
-        out["by_domain"][d] = {"items": int(len(idx)), "router": ranking_quality(Wr[idx], *sub, alpha)["accuracy"],
-                               "uniform": ranking_quality(np.full((len(idx), k), 1.0 / k), *sub, alpha)["accuracy"],
-                               "oracle_type": ranking_quality(W[idx], *sub, alpha)["accuracy"]}
-    return out
-
-
-def routing_summary(calibration: Mapping) -> str | None:
-    """One line comparing the router with uniform, top-1 and oracle routing on the held-out public items."""
-    h = (calibration or {}).get("heldout")
-    if not h:
-        return None
-    parts = [f"{name} {100 * h[key]['accuracy']:.1f}%" for key, name in
-             (("router", "router"), ("uniform", "uniform"), ("top1", "top-1"), ("oracle_type", "oracle by type"))
-             if key in h]
-    return (f"router on {h['items']} held-out public items (right answer ranked first among the valid ones): "
-            + ", ".join(parts))
-
-
-def calibrate_router(backend: RewardBackend, public: Sequence, features: FeatureExtractor, *, hidden: int = 32,
-                     steps: int = 300, top_k: int | None = None, objective: int = 0, seed: int = 0,
-                     purpose: str = "calibration", retries: int = 1, progress: bool = False,
-                     schema: AnswerSchema | None = None, heldout_fraction: float = 0.2,
-                     routing: str = "learned") -> MoRRouter:
-    """Run one calibration scoring round over the server's labelled public examples (each with every valid answer
-    as a candidate) and fit a router on the answer-softmax objective GRPO uses. A seeded ``heldout_fraction`` of the
-    examples is kept out of the fit and used to compare the router with uniform, top-k and oracle routing
-    (``router.calibration["heldout"]``); they are in the same round, so the comparison costs no extra release."""
-    schema = schema or answer_schema(public)
-    cal = calibration_items(public, schema)
-    items = [ScoringItem(item_id=f"cal-{i}", image=e.image, question=e.question, candidates=tuple(c))
-             for i, (e, c, _) in enumerate(cal)]
-    # the one retry policy (mor_server.rounds.RetryPolicy); the backend itself runs exactly one round per call
-    scores = RetryPolicy.from_retries(retries).run(lambda _i: backend.client_scores(items, purpose=purpose),
-                                                   what="router calibration round")
-    if not scores:
-        raise RoundFailed("router calibration round returned no client scores (no live clients?)")
-    order = np.random.default_rng(seed).permutation(len(cal))
-    n_held = int(round(heldout_fraction * len(cal))) if len(cal) >= 10 else 0
-    held, fit = sorted(order[:n_held].tolist()), sorted(order[n_held:].tolist())
-    feats = features.batch([e.image for e, _, _ in cal], [e.question for e, _, _ in cal])
-    truth = np.array([t for _, _, t in cal])
-    doms = [domain_of(e) for e, _, _ in cal]
-    pick = lambda idx: {c: [rows[i] for i in idx] for c, rows in scores.items()}  # noqa: E731
-    router = MoRRouter(list(scores), features.dim, hidden=hidden, top_k=top_k, seed=seed,
-                       feature_config=features.config(), routing=routing)
-    router.calibrate(feats[fit], pick(fit), truth[fit], objective=objective, steps=steps, progress=progress)
-    w = router.weights(feats, live=list(scores), objective=objective)
-    router.calibration["weights_by_domain"] = {
-        d: {c: float(np.mean([w[c][i] for i, dd in enumerate(doms) if dd == d])) for c in w} for d in sorted(set(doms))}
-    if held:
-        from .router import candidate_tensor, ranking_quality
-
-        S, mask, t = candidate_tensor(pick(fit), truth[fit], len(fit))
-        fit_doms = [doms[i] for i in fit]
-        oracle = {}
-        for d in sorted(set(fit_doms)):
-            idx = [i for i, dd in enumerate(fit_doms) if dd == d]
-            acc = {c: ranking_quality(np.eye(len(scores))[[j] * len(idx)], S[idx], mask[idx], t[idx], 1.0)["accuracy"]
-                   for j, c in enumerate(scores)}
-            oracle[d] = max(acc, key=acc.get)
-        router.calibration["heldout"] = compare_routings(router, feats[held], pick(held), truth[held],
-                                                         [doms[i] for i in held], oracle, objective)
-        router.calibration["heldout"]["oracle_choice"] = oracle
-    return router
 
 
 class _Ranks:

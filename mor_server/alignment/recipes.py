@@ -18,7 +18,8 @@ WARM_STARTS = ("sft", "synthetic+sft")
 def warm_start_recipe(name: str, *, seed: int = 0):
     """``(TinyLlavaConfig, PretrainConfig or None)`` of a named recipe, seeded with the run's seed. (The policy module
     is imported here, not at the top: the command line reads WARM_STARTS without loading torch.)"""
-    from .policy import PretrainConfig, TinyLlavaConfig
+    from .policy import TinyLlavaConfig
+    from .warmstart import PretrainConfig
 
     if name == "sft":
         return TinyLlavaConfig(seed=seed), None

@@ -162,9 +162,10 @@ def _quorum(args) -> int:
 def _config(args, resume_key: str):
     import easy_vqa
 
-    from ..alignment.grpo import CollapseGuardConfig, GRPORunConfig
+    from ..alignment.grpo import GRPORunConfig
+    from ..alignment.guard import CollapseGuardConfig
     from ..alignment.pipeline import AlignmentConfig
-    from ..alignment.policy import SFTConfig
+    from ..alignment.warmstart import SFTConfig
     from ..alignment.recipes import warm_start_recipe
 
     grpo = {k: v for k, v in dict(max_steps=args.steps, learning_rate=args.lr, beta=args.beta,
@@ -330,7 +331,7 @@ def _print(rep: dict) -> None:
         f"{d}: {b['by_domain'][d]:.3f} -> {f['by_domain'].get(d, 0):.3f}" for d in b["by_domain"]))
     if f.get("diversity"):
         print(format_accuracy_table(f))
-    from ..alignment.pipeline import routing_summary
+    from ..alignment.calibration import routing_summary
 
     line = routing_summary(rep.get("router") or {})
     if line:

@@ -363,7 +363,7 @@ def align(cfg: DemoConfig, work: Path, backend, server, *, cards: dict | None = 
         raise ValueError(f"grpo: unknown setting(s) {unknown}; known: {sorted(known)}")
     import easy_vqa
 
-    from ..alignment.policy import SFTConfig
+    from ..alignment.warmstart import SFTConfig
     from ..alignment.recipes import warm_start_recipe
 
     extra = alignment_overrides(cfg)
@@ -517,7 +517,7 @@ def print_summary(report: dict, out: Path) -> None:
         print("aligned policy's answers per domain (accuracy next to what always giving the commonest answer scores):")
         print(format_accuracy_table(after))
     print(f"KL(aligned || reference): {al['kl_to_reference']:.4f}")
-    from ..alignment.pipeline import routing_summary
+    from ..alignment.calibration import routing_summary
 
     line = routing_summary(al.get("router") or {})
     if line:

@@ -1,0 +1,419 @@
+"""The built-in policy's warm start: the reference GRPO starts from, and is KL-regularised to.
+
+One module although a little over 400 lines: both stages train through the same batch encoding (``_sft_batch``,
+``SFTEncoded``) and the cache key covers both, so a split would separate a stage from the key that decides its reuse.
+
+* stage 1 (optional, :class:`PretrainConfig`): learn to see from synthetic images drawn by the project's own renderer
+  (vision-tower classification, captioning, image-text matching; no private data, no privacy cost);
+* stage 2 (:class:`SFTConfig`, :func:`sft_warm_start`): supervised fine-tuning on the server's labelled public split;
+* :func:`warm_start_cached`: both, cached in a folder keyed by every stage's settings, the data digest and
+  :data:`WARM_START_CODE_VERSION`, swapped in whole so a killed run never leaves a cache that is trusted.
+
+The prompt format (chat template, ``user_message``) and the model builder live in :mod:`.policy`; the named recipes
+``mor demo --warm-start`` selects are in :mod:`.recipes`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .policy import (ASSISTANT, EOS, ImageCache, TinyLlavaConfig, autocast_for, build_tiny_llava, model_device,
+                     pick_device, save_policy, to_pil, user_message)
+
+
+@dataclass
+class SFTConfig:
+    """Supervised warm start of the policy on labelled (image, question, answer) examples."""
+
+    steps: int = 150
+    """Optimizer steps (deterministic given the seed; about 15 s on 2 idle CPU cores)."""
+    max_seconds: float = 120.0
+    """Safety cap on wall-clock time; training stops at whichever of steps / max_seconds comes first."""
+    epochs: int = 1000
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    max_examples: int | None = None
+    """Use at most this many examples (None: all)."""
+
+
+def _sft_batch(processor, examples, device, images: ImageCache | None = None):
+    """Tokenise a batch: full conversation; labels only on the answer + </s>. ``images``: decoded images reused
+    across batches (each image is decoded once per warm start instead of once per batch it appears in); the
+    processor encodes the whole batch in one call."""
+    tok = processor.tokenizer
+    pils = (images or ImageCache()).pils(examples)
+    prompts = [processor.apply_chat_template(user_message(e.question), add_generation_prompt=True)
+               for e in examples]
+    full = [p + " " + str(e.answer).lower() + " " + EOS for p, e in zip(prompts, examples)]
+    old = tok.padding_side
+    tok.padding_side = "right"
+    try:
+        enc = processor(images=pils, text=full, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = old
+    labels = enc["input_ids"].clone()
+    labels[enc["attention_mask"] == 0] = -100
+    # all prompts render to the same number of tokens only if questions have equal length: mask per row instead
+    asst = tok.convert_tokens_to_ids(ASSISTANT)
+    prompt_len = None
+    for i in range(labels.shape[0]):
+        pos = (enc["input_ids"][i] == asst).nonzero()
+        if len(pos):
+            cut = int(pos[-1]) + 1
+        else:  # no ASSISTANT token (another tokenizer): the first prompt's length, encoded only when needed
+            if prompt_len is None:
+                old = tok.padding_side
+                tok.padding_side = "right"
+                try:
+                    prompt_len = len(processor(images=pils[:1], text=prompts[:1])["input_ids"][0])
+                finally:
+                    tok.padding_side = old
+            cut = prompt_len
+        labels[i, :cut] = -100
+    enc["labels"] = labels
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+class SFTEncoded:
+    """Every SFT example encoded once, before training: the processor runs over the examples in chunks (images
+    decoded once, pixel values computed once per example), and a training batch is then only an index, a pad and a
+    stack (:meth:`batch`), identical to what :func:`_sft_batch` gives for the same examples. ``ok`` is False when
+    the processor's output is not one row per example (e.g. Qwen2-VL's flattened patches) or a prompt has no
+    ``ASSISTANT:`` token: the caller then encodes each batch with :func:`_sft_batch`."""
+
+    def __init__(self, processor, examples: Sequence, images: ImageCache | None = None, chunk: int = 128):
+        self.pad_id = processor.tokenizer.pad_token_id
+        asst = processor.tokenizer.convert_tokens_to_ids(ASSISTANT)
+        self.rows: list[dict] = []
+        self.seq_keys: set[str] = set()
+        self.ok = self.pad_id is not None
+        cache = images if images is not None else ImageCache()
+        for b in range(0, len(examples), chunk) if self.ok else ():
+            part = list(examples[b: b + chunk])
+            enc = _sft_batch(processor, part, torch.device("cpu"), cache)
+            ids = enc["input_ids"]
+            if any(v.shape[0] != len(part) for v in enc.values()) or \
+                    not bool((ids == asst).any(dim=1).all()):
+                self.ok = False
+                break
+            self.seq_keys = {k for k, v in enc.items() if v.dim() == 2 and v.shape == ids.shape}
+            lens = enc["attention_mask"].sum(dim=1).tolist()
+            for i, n in enumerate(lens):  # right-padded: a row's tokens are its first n
+                self.rows.append({k: (v[i, : int(n)] if k in self.seq_keys else v[i]) for k, v in enc.items()})
+
+    def batch(self, idx: Sequence[int], device) -> dict:
+        rows = [self.rows[i] for i in idx]
+        width = max(len(r["input_ids"]) for r in rows)
+        fill = {"input_ids": self.pad_id, "attention_mask": 0, "labels": -100}
+        out = {}
+        for k in rows[0]:
+            if k in self.seq_keys:
+                out[k] = torch.stack([torch.nn.functional.pad(r[k], (0, width - len(r[k])), value=fill.get(k, 0))
+                                      for r in rows])
+            else:
+                out[k] = torch.stack([r[k] for r in rows])
+        return {k: v.to(device) for k, v in out.items()}
+
+
+def sft_warm_start(model, processor, examples: Sequence, config: SFTConfig | None = None, *, progress: bool = True
+                   ) -> dict:
+    """Supervised fine-tuning on labelled examples (the server's public split): answers in the right format.
+
+    Returns a summary dict (steps, seconds, final loss). The model is trained in place and left in eval mode.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    cfg = config or SFTConfig()
+    examples = list(examples)
+    if not examples:
+        raise ValueError("sft_warm_start: examples is empty; pass the server's labelled public split")
+    for attr in ("image", "question", "answer"):
+        if not hasattr(examples[0], attr):
+            raise TypeError(f"sft_warm_start: examples need an .{attr} field (got {type(examples[0]).__name__})")
+    if cfg.max_examples:
+        examples = examples[: cfg.max_examples]
+    device = model_device(model)
+    cache = ImageCache()
+    encoded = SFTEncoded(processor, examples, cache)  # every example encoded once (one row per example)
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                            weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total = min(cfg.steps, steps_per_epoch * cfg.epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
+    model.train()
+    t0, step, loss_v = time.perf_counter(), 0, float("nan")
+    bar = tqdm(total=total, desc="SFT warm start", disable=not progress, leave=False)
+    done = False
+    for _ in range(cfg.epochs):
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for b in range(0, len(order), cfg.batch_size):
+            idx = order[b: b + cfg.batch_size]
+            batch = encoded.batch(idx, device) if encoded.ok else \
+                _sft_batch(processor, [examples[i] for i in idx], device, cache)
+            with autocast_for(device):  # bf16 matmuls on CUDA (fp32 weights and optimizer); fp32 on the CPU
+                out = model(**batch)
+            opt.zero_grad()
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            loss_v = out.loss.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_v:.3f}")
+            if step >= cfg.steps or time.perf_counter() - t0 > cfg.max_seconds:
+                done = True
+                break
+        if done:
+            break
+    bar.close()
+    model.eval()
+    return {"steps": step, "seconds": round(time.perf_counter() - t0, 2), "final_loss": loss_v,
+            "examples": len(examples), "device": str(device)}
+
+
+@dataclass
+class PretrainConfig:
+    """Stage 1 of the built-in policy's public warm start (issue #17): before the SFT on the server's public VQA
+    examples, learn to *see* from synthetic images drawn by the project's own renderer (no privacy cost).
+
+    * ``vision_steps``: the vision tower alone learns to classify each synthetic image's colour and shape from every
+      patch token (and their mean), through two linear heads that are thrown away afterwards;
+    * ``caption_steps``: the whole policy learns to caption synthetic images ("a red circle", "the circle is red";
+      :mod:`mor_client.data.synthetic_captions`): grounded colour and shape words, but no VQA question -> answer
+      mapping (the prompt is never a question).
+
+    Both 0: no stage 1 (the warm start is the public SFT alone)."""
+
+    vision_steps: int = 0
+    """Vision-tower classification steps (batch 64)."""
+    caption_steps: int = 0
+    """Captioning steps of the whole policy (batch ``batch_size``)."""
+    match_steps: int = 0
+    """Image-text matching steps after the captions (BLIP-style ITM: does "red shape" / "circle" / "red circle"
+    describe the image?), read from the language model's last hidden state by a throwaway linear head. Each
+    matching step also takes a captioning batch when ``caption_steps`` > 0 (without it, matching alone made the
+    policy forget its captions: 92.5% -> 6.5% held-out, docs/alignment.md)."""
+    images: int = 2000
+    """Synthetic images drawn for stage 1 (both parts use the same images)."""
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    seed: int = 0
+    """Seed of the synthetic images and of the batch order (follows the run's seed in the demo)."""
+    max_seconds: float = 1800.0
+    """Safety cap on each part's wall-clock time."""
+
+    def enabled(self) -> bool:
+        return self.vision_steps > 0 or self.caption_steps > 0 or self.match_steps > 0
+
+
+def pretrain_vision_tower(model, processor, examples: Sequence, labels: Sequence[tuple[int, int]], *, steps: int,
+                          n_colors: int, n_shapes: int, seed: int = 0, learning_rate: float = 3e-3,
+                          batch_size: int = 64, max_seconds: float = 1800.0) -> dict:
+    """Every patch token of the vision tower (and their mean) classifies the image's colour and shape.
+
+    labels: ``(colour index, shape index)`` per example. Returns the last batch's colour/shape accuracy."""
+    import time
+
+    device = next(model.parameters()).device
+    pix = processor.image_processor([to_pil(e.image) for e in examples], return_tensors="pt")["pixel_values"]
+    pix = pix.to(device=device, dtype=next(model.parameters()).dtype)
+    yc = torch.tensor([c for c, _ in labels], device=device)
+    ys = torch.tensor([s for _, s in labels], device=device)
+    tower = model.model.vision_tower
+    hidden = model.config.vision_config.hidden_size
+    torch.manual_seed(seed)
+    hc, hs = torch.nn.Linear(hidden, n_colors).to(device), torch.nn.Linear(hidden, n_shapes).to(device)
+    opt = torch.optim.AdamW([*tower.parameters(), *hc.parameters(), *hs.parameters()], lr=learning_rate)
+    gen = torch.Generator().manual_seed(seed)
+    ce = torch.nn.functional.cross_entropy
+    acc_c = acc_s = float("nan")
+    t0, done = time.perf_counter(), 0
+    tower.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(examples), (batch_size,), generator=gen).to(device)
+        h = tower(pixel_values=pix[idx]).last_hidden_state
+        t = h.shape[1]
+        pc, ps = hc(h.mean(1)), hs(h.mean(1))
+        loss = (ce(hc(h).flatten(0, 1), yc[idx].repeat_interleave(t)) + ce(hs(h).flatten(0, 1),
+                ys[idx].repeat_interleave(t)) + ce(pc, yc[idx]) + ce(ps, ys[idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        done += 1
+        acc_c = float((pc.argmax(1) == yc[idx]).float().mean())
+        acc_s = float((ps.argmax(1) == ys[idx]).float().mean())
+        if time.perf_counter() - t0 > max_seconds:
+            break
+    model.eval()
+    return {"steps": done, "seconds": round(time.perf_counter() - t0, 2), "last_batch_colour_acc": acc_c,
+            "last_batch_shape_acc": acc_s}
+
+
+def pretrain_policy(model, processor, config: PretrainConfig, *, progress: bool = True) -> dict:
+    """Stage 1 of the warm start (see :class:`PretrainConfig`), in place. Returns a summary dict."""
+    from mor_client.data.easyvqa import COLORS, SHAPE_NAMES
+    from mor_client.data.synthetic import synthetic_attributes
+    from mor_client.data.synthetic_captions import make_caption_examples
+
+    for name in ("vision_steps", "caption_steps", "match_steps", "images"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"PretrainConfig.{name} must be >= 0, got {getattr(config, name)}")
+    out: dict = {"images": config.images}
+    if not config.enabled():
+        return out
+    if config.images < 1:
+        raise ValueError("PretrainConfig.images must be >= 1 when vision_steps, caption_steps or match_steps > 0")
+    data_seed = 10_000 + config.seed  # a stream of its own (the reward models' synthetic data use small seeds)
+    captions = make_caption_examples(config.images, seed=data_seed)
+    if config.vision_steps:
+        labels = []
+        for i in range(config.images):
+            shape, color = synthetic_attributes(data_seed, i)
+            labels.append((COLORS.index(color), SHAPE_NAMES.index(shape)))
+        out["vision"] = pretrain_vision_tower(model, processor, captions, labels, steps=config.vision_steps,
+                                              n_colors=len(COLORS), n_shapes=len(SHAPE_NAMES), seed=config.seed,
+                                              learning_rate=config.learning_rate, max_seconds=config.max_seconds)
+    if config.caption_steps:
+        out["captions"] = sft_warm_start(model, processor, captions, SFTConfig(
+            steps=config.caption_steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
+            seed=config.seed, max_seconds=config.max_seconds), progress=progress)
+    if config.match_steps:
+        out["matching"] = pretrain_matching(model, processor, captions, seed=data_seed, steps=config.match_steps,
+                                            with_captions=config.caption_steps > 0,
+                                            batch_size=config.batch_size, learning_rate=config.learning_rate,
+                                            train_seed=config.seed, max_seconds=config.max_seconds)
+    return out
+
+
+def pretrain_matching(model, processor, images: Sequence, *, seed: int, steps: int, batch_size: int = 32,
+                      learning_rate: float = 3e-3, train_seed: int = 0, max_seconds: float = 1800.0,
+                      with_captions: bool = False) -> dict:
+    """BLIP-style image-text matching on synthetic images: the prompt ``<image> {phrase}`` (no question), a
+    throwaway linear head on the language model's last hidden state at the generation position predicts whether
+    the phrase describes the image (:func:`mor_client.data.synthetic_captions.matching_text`; image ``k`` of
+    ``images`` is synthetic image ``k`` of ``seed``). ``with_captions``: every step also trains on a batch of
+    ``images`` as captioning examples (their ``question``/``answer``), so matching does not erase the captions.
+    Returns the last batch's matching accuracy."""
+    import time
+
+    from mor_client.data.synthetic_captions import matching_text
+
+    device = next(model.parameters()).device
+    tok = processor.tokenizer
+    torch.manual_seed(train_seed)
+    head = torch.nn.Linear(model.config.text_config.hidden_size, 1).to(device)
+    opt = torch.optim.AdamW([*[p for p in model.parameters() if p.requires_grad], *head.parameters()],
+                            lr=learning_rate)
+    rng = random.Random(train_seed)
+    pil = {}
+    model.train()
+    t0, done, acc = time.perf_counter(), 0, float("nan")
+    old = tok.padding_side
+    tok.padding_side = "left"  # the generation position is the last one of every row
+    try:
+        for step in range(steps):
+            idx = [rng.randrange(len(images)) for _ in range(batch_size)]
+            pairs = [matching_text(seed, k, step) for k in idx]
+            prompts = [processor.apply_chat_template(user_message(t), add_generation_prompt=True) for t, _ in pairs]
+            for k in idx:
+                if k not in pil:
+                    pil[k] = to_pil(images[k].image)
+            enc = processor(images=[pil[k] for k in idx], text=prompts, return_tensors="pt", padding=True).to(device)
+            h = model(**enc, output_hidden_states=True).hidden_states[-1][:, -1, :]
+            y = torch.tensor([float(m) for _, m in pairs], device=device)
+            logit = head(h.float()).squeeze(-1)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y)
+            if with_captions:
+                tok.padding_side = old
+                cap = _sft_batch(processor, [images[rng.randrange(len(images))] for _ in range(batch_size)], device)
+                tok.padding_side = "left"
+                loss = loss + model(**cap).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            done += 1
+            acc = float(((logit > 0).float() == y).float().mean())
+            if time.perf_counter() - t0 > max_seconds:
+                break
+    finally:
+        tok.padding_side = old
+    model.eval()
+    return {"steps": done, "seconds": round(time.perf_counter() - t0, 2), "last_batch_accuracy": acc}
+
+
+WARM_START_CODE_VERSION = "3"
+"""Part of the warm-start cache key: bump it whenever the policy builder, tokenizer or SFT code changes what a
+cached reference would contain, so no stale checkpoint is reused."""
+
+
+def examples_digest(examples: Sequence) -> str:
+    """SHA-256 over every example's question, answer and image pixels (order-sensitive): what a cache of a model
+    trained on ``examples`` is keyed by, so another seed's split with the same size never matches."""
+    h = hashlib.sha256()
+    for e in examples:
+        img = to_pil(e.image)
+        for part in (str(e.question).encode(), b"\0", str(e.answer).encode(), b"\0",
+                     f"{img.size[0]}x{img.size[1]}".encode(), img.tobytes()):
+            h.update(part)
+    return h.hexdigest()
+
+
+def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLlavaConfig | None = None,
+                      sft: SFTConfig | None = None, pretrain: PretrainConfig | None = None,
+                      progress: bool = True, device: str | torch.device | None = None):
+    """Build + (stage 1: ``pretrain`` on synthetic images, optional) + SFT the tiny policy, or reuse the checkpoint
+    cached in ``cache_dir`` when its settings match (configs of every stage, data digest and code version).
+
+    device: where the policy is built, warm-started and returned (default :func:`pick_device`: CUDA when present,
+    with bf16 autocast; fp32 weights are trained and saved). The device is not part of the cache key.
+    Returns ``(model, processor, info)``; the directory holds the frozen reference checkpoint.
+    """
+    dev = pick_device(device)[0]
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    cache_dir = Path(cache_dir)
+    key = {"tiny": asdict(tiny or TinyLlavaConfig()), "sft": asdict(sft or SFTConfig()), "n": len(examples),
+           "data_sha256": examples_digest(examples), "code": WARM_START_CODE_VERSION,
+           "pretrain": asdict(pretrain) if pretrain is not None and pretrain.enabled() else None}
+    meta = cache_dir / "warm_start.json"
+    try:
+        cached = json.loads(meta.read_text()) if meta.is_file() else None
+    except (OSError, ValueError):
+        cached = None
+    if isinstance(cached, dict) and cached.get("key") == key:
+        model = LlavaForConditionalGeneration.from_pretrained(cache_dir, local_files_only=True)
+        processor = LlavaProcessor.from_pretrained(cache_dir, local_files_only=True)
+        model.to(dev).eval()  # evaluation before GRPO runs where the policy will train
+        return model, processor, {**cached.get("info", {}), "cached": True}
+    model, processor = build_tiny_llava(config=tiny)
+    model.to(dev)  # the warm start trains on the GPU when there is one (fp32 weights; saved as such)
+    pre = pretrain_policy(model, processor, pretrain, progress=progress) if pretrain is not None else None
+    info = sft_warm_start(model, processor, examples, sft, progress=progress)
+    if pre is not None and pretrain.enabled():
+        info = {**info, "pretrain": pre}
+    # built in a staging folder and swapped in whole, warm_start.json (the cache's completion marker) written last
+    # inside it: a run killed while saving leaves the old cache or none, never a half-written one that is trusted
+    from privacy.fsutil import replace_dir, staging_dir
+
+    staged = staging_dir(cache_dir)
+    save_policy(model, processor, staged)
+    (staged / "warm_start.json").write_text(json.dumps({"key": key, "info": info}, indent=1))
+    replace_dir(staged, cache_dir)
+    return model, processor, {**info, "cached": False}
