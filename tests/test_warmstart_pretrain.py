@@ -32,6 +32,25 @@ def test_captions_are_deterministic_cover_every_colour_and_shape_and_use_known_w
     assert make_caption_examples(3, seed=5, start=2)[0].answer == caption(5, 2)
 
 
+def test_varied_caption_prompts_decide_what_is_named():
+    """``prompts="varied"``: the text after the image decides whether the caption names the whole image, its colour
+    or its shape, so a policy pre-trained on them must read the prompt; same images as the fixed prompt's."""
+    fixed = make_caption_examples(90, seed=5)
+    varied = make_caption_examples(90, seed=5, prompts="varied")
+    assert [e.image for e in varied] == [e.image for e in fixed]
+    seen = set()
+    for i, e in enumerate(varied):
+        shape, color = synthetic_attributes(5, i)
+        seen.add(e.question)
+        expected = {"the image": caption(5, i), "the color": color, "the shape": shape}[e.question]
+        assert e.answer == expected, (e.question, e.answer)
+        assert "?" not in e.question
+    assert seen == {"the image", "the color", "the shape"}
+    assert set(task_words([e.question for e in varied] + [e.answer for e in varied])) <= set(easyvqa_vocabulary())
+    with pytest.raises(ValueError, match="prompts must be 'fixed' or 'varied'"):
+        make_caption_examples(1, seed=5, prompts="questions")
+
+
 def test_matching_pairs_are_deterministic_balanced_and_labelled_by_what_is_drawn():
     pairs = [matching_text(7, i, d) for i in range(100) for d in range(3)]
     assert pairs == [matching_text(7, i, d) for i in range(100) for d in range(3)]

@@ -28,6 +28,12 @@ CAPTION_TEMPLATES: tuple[str, ...] = ("{color} {shape}", "{shape} is {color}", "
                                       "the {shape} is {color}")
 
 
+#: ``prompts="varied"``: the prompt decides what the caption names (the whole image, its colour or its shape), so the
+#: language model must read the text after the image; with the one fixed prompt it learns to ignore it.
+VARIED_PROMPTS: tuple[tuple[str, str], ...] = (("the image", "{both}"), ("the color", "{color}"),
+                                               ("the shape", "{shape}"))
+
+
 def caption(seed: int, index: int) -> str:
     """The caption of synthetic image ``index`` of ``seed``."""
     shape, color = synthetic_attributes(seed, index)
@@ -35,17 +41,29 @@ def caption(seed: int, index: int) -> str:
     return rng.choice(CAPTION_TEMPLATES).format(color=color, shape=shape)
 
 
-def make_caption_examples(n_images: int, *, seed: int, start: int = 0) -> list[VQAExample]:
+def prompted_caption(seed: int, index: int) -> tuple[str, str]:
+    """``(prompt, caption)`` of synthetic image ``index`` of ``seed`` under :data:`VARIED_PROMPTS`."""
+    shape, color = synthetic_attributes(seed, index)
+    rng = random.Random(f"mor-synthetic-prompt:{seed}:{index}")
+    prompt, form = rng.choice(VARIED_PROMPTS)
+    return prompt, form.format(color=color, shape=shape, both=caption(seed, index))
+
+
+def make_caption_examples(n_images: int, *, seed: int, start: int = 0, prompts: str = "fixed") -> list[VQAExample]:
     """``n_images`` synthetic images, each with :data:`CAPTION_PROMPT` as ``question`` and its caption as
     ``answer`` (``question_type`` "caption", ``domain`` "synthetic"), ready for
-    :func:`mor_server.alignment.warmstart.sft_warm_start`."""
+    :func:`mor_server.alignment.warmstart.sft_warm_start`. ``prompts="varied"``: each image's prompt and caption
+    from :func:`prompted_caption` instead."""
     if n_images < 0:
         raise ValueError(f"n_images must be >= 0, got {n_images}")
+    if prompts not in ("fixed", "varied"):
+        raise ValueError(f"prompts must be 'fixed' or 'varied', got {prompts!r}")
     images = make_synthetic_examples(n_images, seed=seed, question_types=("color",), start=start)
-    return [VQAExample(example_id=f"caption-{seed}-{start + k}", image=e.image, question=CAPTION_PROMPT,
-                       answer=caption(seed, start + k), question_type="caption", domain="synthetic",
-                       image_id=e.image_id)
-            for k, e in enumerate(images)]
+    pairs = [prompted_caption(seed, start + k) if prompts == "varied" else (CAPTION_PROMPT, caption(seed, start + k))
+             for k in range(len(images))]
+    return [VQAExample(example_id=f"caption-{seed}-{start + k}", image=e.image, question=q, answer=a,
+                       question_type="caption", domain="synthetic", image_id=e.image_id)
+            for k, (e, (q, a)) in enumerate(zip(images, pairs))]
 
 
 def matching_text(seed: int, index: int, draw: int = 0) -> tuple[str, bool]:

@@ -209,6 +209,10 @@ class PretrainConfig:
     describe the image?), read from the language model's last hidden state by a throwaway linear head. Each
     matching step also takes a captioning batch when ``caption_steps`` > 0 (without it, matching alone made the
     policy forget its captions: 92.5% -> 6.5% held-out, docs/alignment.md)."""
+    caption_prompts: str = "fixed"
+    """``fixed``: every caption follows the one prompt "the image"; ``varied``: the prompt ("the image", "the color",
+    "the shape") decides what the caption names, so the language model learns to read the text after the image
+    (:func:`mor_client.data.synthetic_captions.prompted_caption`)."""
     images: int = 2000
     """Synthetic images drawn for stage 1 (both parts use the same images)."""
     batch_size: int = 32
@@ -280,7 +284,7 @@ def pretrain_policy(model, processor, config: PretrainConfig, *, progress: bool 
     if config.images < 1:
         raise ValueError("PretrainConfig.images must be >= 1 when vision_steps, caption_steps or match_steps > 0")
     data_seed = 10_000 + config.seed  # a stream of its own (the reward models' synthetic data use small seeds)
-    captions = make_caption_examples(config.images, seed=data_seed)
+    captions = make_caption_examples(config.images, seed=data_seed, prompts=config.caption_prompts)
     if config.vision_steps:
         labels = []
         for i in range(config.images):
