@@ -153,11 +153,13 @@ def fmt(v: list[float]) -> str:
 
 
 def report(cells: list[dict], out: Path) -> dict:
+    from mor_server.alignment.evaluate import is_collapsed
+
     groups: dict[tuple, list[dict]] = {}
     for c in cells:
         groups.setdefault((c["policy"], c["scenario"], c["method"]), []).append(c)
-    print("\nheld-out test accuracy %, mean (spread max-min) over seeds; per type: accuracy / distinct answers; "
-          "'collapsed' = one answer for a whole type")
+    print("\nheld-out test accuracy %, mean (spread max-min) over seeds; per type: mean accuracy / distinct answers "
+          "per seed (more than the type's answers: wrong-type answers), cN: N runs collapsed to one answer")
     head = f"{'warm start':<14}{'scenario':<10}{'reward':<22}{'seeds':<8}{'reference':>13}{'aligned':>13}" + \
         "".join(f"{t:>20}" for t in TYPES)
     print(head)
@@ -172,11 +174,14 @@ def report(cells: list[dict], out: Path) -> dict:
             acc = [100 * c["after"]["by_domain"].get(t, 0.0) for c in cs]
             div = [c["after"].get("diversity", {}).get(t, {}) for c in cs]
             distinct = [d.get("distinct_answers") for d in div]
-            collapsed = sum(bool(d.get("collapsed")) for d in div)
+            # the evaluation's current rule on the stored records (cells measured before it flagged yes/no too)
+            collapsed = sum(is_collapsed(d.get("top_answer_share", 0.0), d.get("majority_rate", 1.0),
+                                         d.get("gold_distinct", 0)) for d in div)
             majority = [100 * d.get("majority_rate", 0.0) for d in div]
             per[t] = {"accuracy": acc, "distinct_answers": distinct, "collapsed_runs": collapsed,
                       "majority_rate": majority}
-            line += f"{statistics.mean(acc):>9.1f} / {'/'.join(str(x) for x in distinct):<8}"
+            cell = f"{statistics.mean(acc):.1f} / {'/'.join(str(x) for x in distinct)}" + (f" c{collapsed}" if collapsed else "")
+            line += f"{cell:>20}"
         print(line)
         summary[f"{pol}/{sc}/{m}"] = {"seeds": [c["seed"] for c in cs], "reference": before, "aligned": after,
                                        "aligned_mean": statistics.mean(after), "by_type": per,

@@ -33,9 +33,22 @@ def test_a_constant_colour_answer_is_flagged_and_scores_the_majority_rate(caplog
     assert col["majority_rate"] == pytest.approx(gold_brown / 40)  # accuracy equals the constant policy's bar
     assert col["distinct_answers"] == 1 and col["entropy_bits"] == 0.0 and col["top_answer"] == "brown"
     assert col["collapsed"] is True and acc["collapsed"] == ["color"]
-    assert acc["diversity"]["yesno"]["collapsed"] is False  # only 2 gold answers: never called collapsed
+    assert acc["diversity"]["yesno"]["collapsed"] is False  # both answers used, each where it is right
     assert "collapsed in color" in caplog.text and "'brown'" in caplog.text
     assert "COLLAPSED" in format_accuracy_table(acc)
+
+
+def test_a_constant_yes_no_answer_is_flagged_too():
+    """Two gold answers are no excuse: a policy answering "yes" to every yes/no question has collapsed (issue #17's
+    aligned policies did exactly that on some seeds). A type whose gold answer is nearly constant is not flagged."""
+    ex = _examples()
+    answers = ["yes" if e.question_type == "yesno" else e.answer for e in ex]
+    acc = accuracy(None, None, ex, answers=answers)
+    assert acc["diversity"]["yesno"]["collapsed"] is True and acc["collapsed"] == ["yesno"]
+    assert acc["by_domain"]["yesno"] == pytest.approx(acc["diversity"]["yesno"]["majority_rate"])
+    skewed = [SimpleNamespace(question="is there a circle?", answer="yes" if i else "no", question_type="yesno",
+                              image=None) for i in range(20)]  # gold 95% "yes": answering "yes" is no collapse
+    assert accuracy(None, None, skewed, answers=["yes"] * 20)["collapsed"] == []
 
 
 def test_a_policy_that_sees_is_not_flagged():

@@ -70,14 +70,22 @@ def _entropy_bits(values: Sequence[str]) -> float:
     return max(0.0, float(-sum((c / n) * math.log2(c / n) for c in Counter(values).values()))) if n else 0.0
 
 
+def is_collapsed(top_answer_share: float, majority_rate: float, gold_distinct: int, collapse_share: float = 0.9) -> bool:
+    """The collapse rule of :func:`answer_diversity` (also applied to stored diversity records by the benchmarks)."""
+    return bool(gold_distinct >= 2 and top_answer_share >= collapse_share and majority_rate < collapse_share)
+
+
 def answer_diversity(answers: Sequence[str], gold: Sequence[str], *, collapse_share: float = 0.9) -> dict:
     """How varied a policy's answers are, next to what a constant answer would score.
 
     ``majority_rate``: accuracy of always giving the most common gold answer (the bar a constant policy reaches);
     ``distinct_answers`` / ``gold_distinct``: how many different answers the policy gave / the gold set has;
     ``entropy_bits`` / ``gold_entropy_bits``: Shannon entropy of those distributions; ``top_answer`` and
-    ``top_answer_share``: the policy's most frequent answer and its share. ``collapsed`` is True when the gold set
-    has at least 3 distinct answers and the policy gives one answer to at least ``collapse_share`` of questions.
+    ``top_answer_share``: the policy's most frequent answer and its share. ``collapsed`` is True when the policy
+    gives one answer to at least ``collapse_share`` of the questions while the gold answers are not that uniform
+    themselves (their commonest answer below ``collapse_share``): a colour type answered "brown" throughout, and a
+    yes/no type answered "yes" throughout, are both collapsed; a type whose gold answer is nearly always the same
+    is not.
     """
     if len(answers) != len(gold) or not gold:
         raise ValueError("answer_diversity: answers and gold must be non-empty and of equal length")
@@ -90,7 +98,7 @@ def answer_diversity(answers: Sequence[str], gold: Sequence[str], *, collapse_sh
     return {"majority_rate": maj_n / len(g), "distinct_answers": len(set(a)), "gold_distinct": gold_distinct,
             "entropy_bits": _entropy_bits(a), "gold_entropy_bits": _entropy_bits(g),
             "top_answer": top, "top_answer_share": share,
-            "collapsed": bool(gold_distinct >= 3 and share >= collapse_share)}
+            "collapsed": is_collapsed(share, maj_n / len(g), gold_distinct, collapse_share)}
 
 
 def format_accuracy_table(acc: Mapping) -> str:
