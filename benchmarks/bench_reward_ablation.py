@@ -55,18 +55,31 @@ TYPES = ("color", "shape", "yesno")
 
 def cell_name(policy: str, scenario: str, method: str, seed: int) -> str:
     """The file name of a cell (and of its run folder): the warm start, scenario, reward and seed."""
-    return f"{policy.replace('+', '_')}-{scenario}-{method.replace(':', '_')}-seed{seed}"
+    return f"{policy.replace('+', '_').replace('/', '_')}-{scenario}-{method.replace(':', '_')}-seed{seed}"
+
+
+def recipe(label: str, seed: int):
+    """``(TinyLlavaConfig, PretrainConfig | None)`` of a warm-start label: a recipe of mor/alignment/recipes.py, or
+    ``<recipe>/varied`` for its stage 1 with ``caption_prompts="varied"`` (``--caption-prompts varied``)."""
+    from dataclasses import replace
+
+    from mor_server.alignment.recipes import warm_start_recipe
+
+    name, _, prompts = label.partition("/")
+    tiny, pre = warm_start_recipe(name, seed=seed)
+    if prompts:
+        if pre is None:
+            raise SystemExit(f"--caption-prompts {prompts}: the {name} warm start has no stage 1 to caption in")
+        pre = replace(pre, caption_prompts=prompts)
+    return tiny, pre
 
 
 def reference(policy: str, seed: int, split, cache: Path) -> Path:
     """The cell's reference, built once per (policy, seed) and copied into each cell (warm_start_cached's key)."""
-    from dataclasses import replace
-
     from mor_server.alignment.warmstart import SFTConfig, warm_start_cached
-    from mor_server.alignment.recipes import warm_start_recipe
 
-    tiny, pre = warm_start_recipe(policy, seed=seed)
-    d = cache / "references" / f"{policy.replace('+', '_')}-seed{seed}"
+    tiny, pre = recipe(policy, seed)
+    d = cache / "references" / f"{policy.replace('+', '_').replace('/', '_')}-seed{seed}"
     t0 = time.perf_counter()
     _, _, info = warm_start_cached(d, split.server_public, tiny=tiny, sft=SFTConfig(steps=50, seed=seed),
                                    pretrain=pre, progress=False)
@@ -105,17 +118,15 @@ def scorers_for(scenario: str, method: str, seed: int, split, cache: Path) -> di
 
 
 def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, steps: int) -> dict:
-    from dataclasses import replace
-
     from easy_vqa import get_answers
 
     from mor_client.data.partition import make_federation_split
     from mor_server.alignment.pipeline import AlignmentConfig, heldout_test, run_alignment
     from mor_server.apps.demo import DEMO_GRPO_DEFAULTS
     from mor_server.alignment.grpo import GRPORunConfig
+    from mor_server.alignment.guard import CollapseGuardConfig
     from mor_server.alignment.inprocess import InProcessBackend
     from mor_server.alignment.warmstart import SFTConfig
-    from mor_server.alignment.recipes import warm_start_recipe
 
     split = make_federation_split(seed=seed, n_clients=3)
     ref = reference(policy, seed, split, cache)
@@ -124,12 +135,15 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
     if work.exists():
         shutil.rmtree(work)
     shutil.copytree(ref, work / "reference")
-    tiny, pre = warm_start_recipe(policy, seed=seed)
+    tiny, pre = recipe(policy, seed)
     cfg = AlignmentConfig(work_dir=str(work), tiny=tiny, sft=SFTConfig(steps=50), pretrain=pre,
                           grpo=GRPORunConfig(**{**DEMO_GRPO_DEFAULTS, "max_steps": steps, "save_steps": 0}),
                           seed=seed, answer_vocabulary=list(get_answers()), w_format=4.0,
                           routing="uniform" if method == "uniform" else "learned",
-                          curve_every=100, resume=False, progress=False)
+                          curve_every=100, resume=False, progress=False,
+                          # every cell runs its whole GRPO budget: the collapse guard (on in the demo) would end
+                          # some runs early and the rewards would no longer be compared at the same budget
+                          collapse_guard=CollapseGuardConfig(every=0))
     t0 = time.perf_counter()
     rep = run_alignment(InProcessBackend(scorers), public=split.server_public, unlabeled=split.server_unlabeled,
                         test=heldout_test(split), config=cfg)
@@ -188,7 +202,7 @@ def report(cells: list[dict], out: Path) -> dict:
                                        "grpo_seconds": [c["grpo_seconds"] for c in cs]}
     # paired differences that the issues ask about
     pairs = [("mor", "uniform"), ("mor", "oracle")]
-    for pol in WARM_STARTS:
+    for pol in sorted({c["policy"] for c in cells}):
         for sc in SCENARIOS:
             for a, b in pairs:
                 ga, gb = groups.get((pol, sc, a), []), groups.get((pol, sc, b), [])
@@ -236,6 +250,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--warm-start", dest="policy", choices=WARM_STARTS, nargs="+", default=["sft", "synthetic+sft"],
                     help="warm-start recipes of the policy (mor demo --warm-start)")
+    ap.add_argument("--caption-prompts", choices=("fixed", "varied"), default="fixed",
+                    help="stage 1's caption prompts (PretrainConfig.caption_prompts) for warm starts that have one; "
+                         "varied cells are labelled <warm start>/varied")
     ap.add_argument("--scenario", choices=SCENARIOS, nargs="+", default=["honest"])
     ap.add_argument("--methods", nargs="+", default=["oracle", "mor", "uniform"],
                     help="mor, uniform, oracle, client:<name> (hospital-color, bank-shape, lab-yesno)")
@@ -253,6 +270,8 @@ def main() -> int:
     cells_dir = a.cache / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     if not a.report_only:
+        if a.caption_prompts != "fixed":
+            a.policy = [f"{p}/{a.caption_prompts}" for p in a.policy]
         todo = [(p, s, m, seed) for seed in a.seeds for p in a.policy for s in a.scenario for m in a.methods
                 if not (m == "oracle" and s != "honest")]
         if a.prepare_only:
