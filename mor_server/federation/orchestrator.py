@@ -49,20 +49,23 @@ class RoundOrchestrator:
     def online_clients(self, mode: str | None = None) -> list[str]:
         return [c for c in self.registry.online(mode) if c in self._conns]
 
-    async def wait_for_clients(self, n: int, timeout: float = 30.0, mode: str | None = None) -> list[str]:
-        """Wait until at least ``n`` clients are online (supporting ``mode``); raises TimeoutError naming who is."""
+    async def _wait_until(self, who, n: int, timeout: float, what: str) -> list[str]:
+        """Wait until ``who()`` lists at least ``n`` clients; raises TimeoutError naming who is there (``what``
+        describes them: "clients online")."""
         end = self._clock() + timeout
-        while len(self.online_clients(mode)) < n:
+        while len(who()) < n:
             remaining = end - self._clock()
             if remaining <= 0:
-                raise TimeoutError(f"only {len(self.online_clients(mode))} of {n} clients online after {timeout:.0f} "
-                                   f"s: {self.online_clients(mode)}")
-            ev = self._online_changed
+                raise TimeoutError(f"only {len(who())} of {n} {what} after {timeout:.0f} s: {who()}")
             try:
-                await asyncio.wait_for(ev.wait(), min(remaining, 0.5))
+                await asyncio.wait_for(self._online_changed.wait(), min(remaining, 0.5))
             except asyncio.TimeoutError:
                 pass
-        return self.online_clients(mode)
+        return who()
+
+    async def wait_for_clients(self, n: int, timeout: float = 30.0, mode: str | None = None) -> list[str]:
+        """Wait until at least ``n`` clients are online (supporting ``mode``); raises TimeoutError naming who is."""
+        return await self._wait_until(lambda: self.online_clients(mode), n, timeout, "clients online")
 
     def new_round_id(self) -> str:
         return f"r{next(self._round_seq):06d}-{secrets.token_hex(4)}"
@@ -150,17 +153,8 @@ class RoundOrchestrator:
 
     async def wait_for_trainers(self, n: int, method: str, timeout: float = 30.0) -> list[str]:
         """Wait until at least ``n`` clients can train ``method``; raises TimeoutError naming who can."""
-        end = self._clock() + timeout
-        while len(self.online_trainers(method)) < n:
-            remaining = end - self._clock()
-            if remaining <= 0:
-                raise TimeoutError(f"only {len(self.online_trainers(method))} of {n} clients online that train "
-                                   f"{method!r} after {timeout:.0f} s: {self.online_trainers(method)}")
-            try:
-                await asyncio.wait_for(self._online_changed.wait(), min(remaining, 0.5))
-            except asyncio.TimeoutError:
-                pass
-        return self.online_trainers(method)
+        return await self._wait_until(lambda: self.online_trainers(method), n, timeout,
+                                      f"clients online that train {method!r}")
 
     async def run_training_round(self, params, method: str, hparams: dict | None = None, *,
                                  update_names: Sequence[str] | None = None, participants: Sequence[str] | None = None,
