@@ -252,6 +252,7 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
     # 2. router (calibrated on the answer-softmax objective over the format rule's valid answers)
     t0 = time.perf_counter()
     features = FeatureExtractor()
+    schema = answer_schema(public, unlabeled, cfg.answer_vocabulary, typed=cfg.typed_answers)
     if plan.reuse_router:  # calibrated by the interrupted run: no second calibration round (nor its charge)
         router = MoRRouter.load(work / "router")
     elif not ranks.main:  # rank 0 runs the calibration round; the other ranks load the router it saves
@@ -261,8 +262,7 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
         router = calibrate_router(backend, public, features, hidden=cfg.router_hidden, steps=cfg.router_steps,
                                   top_k=cfg.top_k, objective=cfg.objective, seed=cfg.seed,
                                   purpose=cfg.calibration_purpose, retries=cfg.retries, routing=cfg.routing,
-                                  schema=answer_schema(public, unlabeled, cfg.answer_vocabulary,
-                                                       typed=cfg.typed_answers))
+                                  schema=schema)
         runstate.save_router(router, work / "router")
         ranks.wait()
     timings["router_s"] = time.perf_counter() - t0
@@ -272,7 +272,6 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
     # 3. GRPO
     t0 = time.perf_counter()
     metrics = GRPOMetrics(registry)
-    schema = answer_schema(public, unlabeled, cfg.answer_vocabulary, typed=cfg.typed_answers)
     if ranks.main:
         (work / "router" / "answer_schema.json").write_text(json.dumps(schema.to_dict(), indent=1))
     mor = MoRReward(backend, router, features, objective=cfg.objective, deadline_s=cfg.deadline_s,

@@ -18,11 +18,14 @@ WARM_STARTS = ("sft", "synthetic+sft")
 def warm_start_recipe(name: str, *, seed: int = 0):
     """``(TinyLlavaConfig, PretrainConfig or None)`` of a named recipe, seeded with the run's seed. (The policy module
     is imported here, not at the top: the command line reads WARM_STARTS without loading torch.)"""
-    from .policy import TinyLlavaConfig
+    from dataclasses import replace
+
+    from .policy import policy_preset
     from .warmstart import PretrainConfig
 
+    tiny = policy_preset("tiny", seed=seed)  # the built-in size both recipes start from
     if name == "sft":
-        return TinyLlavaConfig(seed=seed), None
+        return tiny, None
     if name == "synthetic+sft":
-        return TinyLlavaConfig(patch_size=8, seed=seed), PretrainConfig(vision_steps=600, caption_steps=1000, seed=seed)
+        return replace(tiny, patch_size=8), PretrainConfig(vision_steps=600, caption_steps=1000, seed=seed)
     raise ValueError(f"warm start must be one of {', '.join(WARM_STARTS)}, got {name!r}")
