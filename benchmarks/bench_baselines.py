@@ -8,11 +8,20 @@ DP-SGD at epsilon 8 for the whole run charged to its own ledger; the server runs
 (``--cache``), so an interrupted grid resumes where it stopped; progress and an estimate of the time left are
 printed. Writes a table (stdout), ``benchmarks/results/baselines[_quick].json`` and a PNG.
 
-This is sections 1-3 of issue #12 measured; the reward-mixing ablations and scenarios B/C (sections 4-5) are not
-part of it yet.
+Scenarios (``--scenario``, issue #12 section 5): ``honest`` (the demo's three clients, one easy-vqa question type
+each), ``adversary`` (plus a fourth client whose preferences are adversarially inverted: a balanced sample of the
+honest clients' training pairs, ``--max-pairs`` in all, with chosen and rejected swapped; it trains and is averaged
+like the others) and ``shapes`` (a fourth client holds the procedural shapes family; the split, the warm start and
+the held-out test are those of ``make_federation_split(n_clients=4, include_shapes_client=True)``).
+
+The Mixture-of-Rewards side of the comparison (``--methods mor uniform oracle server``) runs through
+``bench_reward_ablation.py``'s cells (the same split, the same SFT-50 warm start, the demo's 400 GRPO steps, in
+process; cached in its own cache), so one invocation prints MoR and the baselines side by side, per scenario.
 
     .venv/bin/python benchmarks/bench_baselines.py --quick            # CI-sized smoke grid (1 seed, small)
     .venv/bin/python benchmarks/bench_baselines.py --seeds 0 1 2      # the grid (hours on 2 CPU cores)
+    .venv/bin/python benchmarks/bench_baselines.py --scenario honest adversary shapes \\
+        --methods mor uniform oracle server fedit stack ffa fedcmp   # everything, side by side
 """
 
 from __future__ import annotations
@@ -30,27 +39,60 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_reward_ablation (the Mixture-of-Rewards cells)
 
 METHODS = ("fedit", "stack", "ffa", "fedcmp")
-CLIENTS = ("client0", "client1", "client2")
+REWARD_METHODS = ("mor", "uniform", "oracle", "server")  # bench_reward_ablation.py's cells (the sft warm start)
+SCENARIOS = ("honest", "adversary", "shapes")
 
 
-def _reference(seed: int, cache: Path, eval_size: int):
-    """The warm start of ``mor demo --seed S`` (tiny Llava, SFT-50 on the server's public split), its held-out
-    test examples and its accuracy (cached)."""
-    from mor_client.data import make_federation_split
+def adversary_examples(split, seed: int, n: int) -> list:
+    """The adversarial fourth client's examples: ``n`` pairs drawn evenly from the honest clients' training pairs,
+    chosen and rejected swapped (it fine-tunes towards wrong answers of every question type)."""
+    import random
+
+    from mor_client.baselines import SFTExample
+
+    rng = random.Random(f"{seed}:adversary")
+    names = sorted(split.clients)
+    out = []
+    for k, name in enumerate(names):
+        pairs = list(split.clients[name].train)
+        take = n // len(names) + (1 if k < n % len(names) else 0)
+        out += [SFTExample(p.example.image, p.example.question, p.rejected, p.chosen)
+                for p in rng.sample(pairs, min(take, len(pairs)))]
+    rng.shuffle(out)
+    return out
+
+
+def client_examples(scenario: str, split, seed: int, max_pairs: int) -> dict:
+    """Each client's private training examples in a scenario (name -> examples)."""
+    from mor_client.baselines import examples_from_pairs
+
+    out = {name: examples_from_pairs(c.train) for name, c in sorted(split.clients.items())}
+    if scenario == "adversary":
+        out["adversary"] = adversary_examples(split, seed, max_pairs)
+    return out
+
+
+def _reference(seed: int, cache: Path, eval_size: int, scenario: str = "honest"):
+    """The warm start of ``mor demo --seed S`` (tiny Llava, SFT-50 on the server's public split) of a scenario's
+    split, its held-out test examples and its accuracy (cached)."""
+    from bench_reward_ablation import scenario_split
+
     from mor_server.alignment.pipeline import heldout_test
     from mor_server.alignment.evaluate import accuracy
     from mor_server.alignment.policy import TinyLlavaConfig
     from mor_server.alignment.warmstart import SFTConfig, warm_start_cached
 
-    split = make_federation_split(seed=seed, n_clients=3)
+    split = scenario_split(scenario, seed)
     test = heldout_test(split)[:eval_size]
-    model, proc, _ = warm_start_cached(cache / f"seed{seed}" / "reference", split.server_public,
+    cache = cache / f"seed{seed}{'-shapes' if scenario == 'shapes' else ''}"  # the adversary adds no server data
+    model, proc, _ = warm_start_cached(cache / "reference", split.server_public,
                                        tiny=TinyLlavaConfig(seed=seed), sft=SFTConfig(steps=50, seed=seed),
                                        progress=False)
     model.to("cpu").eval()
-    f = cache / f"seed{seed}" / f"reference_accuracy_{eval_size}.json"
+    f = cache / f"reference_accuracy_{eval_size}.json"
     if f.is_file():
         acc = json.loads(f.read_text())
     else:
@@ -60,9 +102,11 @@ def _reference(seed: int, cache: Path, eval_size: int):
     return split, test, model, proc, acc
 
 
-async def _federated_run(split, test, model, proc, method: str, epsilon: float, seed: int, args) -> dict:
+async def _federated_run(data: dict, test, model, proc, method: str, epsilon: float, seed: int, args) -> dict:
+    """One baseline cell: a server and one client per entry of ``data`` (name -> private examples) over loopback
+    gRPC with mTLS."""
     from mor_client import ClientCredentials, FederationClient, ReleasePolicy
-    from mor_client.baselines import PolicyTrainer, examples_from_pairs
+    from mor_client.baselines import PolicyTrainer
     from mor_client.secagg_session import SecAggSession
     from mor_server.baselines.federated import BaselineConfig, run_baseline
     from mor_server.federation.config import ServerConfig
@@ -74,6 +118,7 @@ async def _federated_run(split, test, model, proc, method: str, epsilon: float, 
     with tempfile.TemporaryDirectory(prefix="bench-baselines-") as tmp:
         tmp = Path(tmp)
         pki.init_ca(tmp / "pki")
+        CLIENTS = list(data)
         for c in CLIENTS:
             pki.issue_client(tmp / "pki", c)
         server = FederationServer(ServerConfig(pki_dir=tmp / "pki", audit_path=tmp / "audit.jsonl",
@@ -82,7 +127,7 @@ async def _federated_run(split, test, model, proc, method: str, epsilon: float, 
         ledgers, clients = {}, []
         for c in CLIENTS:
             ledgers[c] = PrivacyLedger(tmp / f"{c}.sqlite")
-            trainer = PolicyTrainer(model, proc, examples_from_pairs(split.clients[c].train), ledger=ledgers[c],
+            trainer = PolicyTrainer(model, proc, data[c], ledger=ledgers[c],
                                     max_examples=args.max_pairs, model_id=f"{method}-{c}", device=args.device)
             creds = ClientCredentials.from_dir(tmp / "pki" / "clients" / c)
             modes = ("plain", "secagg") if secagg else ("plain",)
@@ -128,14 +173,16 @@ class _NoScore:
         raise RuntimeError("a baseline client has no reward model")
 
 
-def _cell_key(method, eps, seed, args) -> str:
+def _cell_key(method, eps, seed, args, scenario: str = "honest") -> str:
     h = hashlib.sha256(json.dumps({"m": method, "e": eps, "s": seed, "r": args.rounds, "lr": args.lr,
                                    "b": args.batch_size, "ep": args.local_epochs, "d": args.delta,
                                    "c": args.max_grad_norm, "p": args.max_pairs, "n": args.eval_size,
                                    "sa": bool(args.secagg), "v": 1,
-                                   **({"o": args.objective, "beta": args.dpo_beta} if args.objective != "sft" else {})},
+                                   **({"o": args.objective, "beta": args.dpo_beta} if args.objective != "sft" else {}),
+                                   **({"sc": scenario} if scenario != "honest" else {})},
                                   sort_keys=True).encode()).hexdigest()[:12]
-    return f"{method}-{'inf' if math.isinf(eps) else f'eps{eps:g}'}-seed{seed}-{h}"
+    sc = "" if scenario == "honest" else f"{scenario}-"
+    return f"{sc}{method}-{'inf' if math.isinf(eps) else f'eps{eps:g}'}-seed{seed}-{h}"
 
 
 def _fmt(vals) -> str:
@@ -146,11 +193,40 @@ def _fmt(vals) -> str:
     return f"{100 * statistics.mean(vals):.1f} ± {100 * statistics.stdev(vals):.1f}"
 
 
+def _reward_cell(scenario: str, method: str, seed: int, cache: Path, steps: int, cells: Path) -> dict:
+    """A Mixture-of-Rewards cell (bench_reward_ablation.py, the sft warm start; its reward models and references in
+    ``cache``), run or read from ``cells``, in the baselines' row format."""
+    from bench_reward_ablation import cell_name, run_cell
+
+    f = cells / f"{cell_name('sft', scenario, method, seed)}.json"
+    if f.is_file():
+        c = json.loads(f.read_text())
+    else:
+        c = run_cell("sft", scenario, method, seed, cache, steps)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps(c, indent=1, default=str))
+        tmp.replace(f)
+    sees = {"oracle": "nothing from clients (an exact-match label oracle: the ceiling)",
+            "server": "nothing from clients (its own public split only)"}.get(
+        method, "each client's scores (plain; under secagg only their routed sum)")
+    return {"scenario": scenario, "method": method, "epsilon_target": None, "seed": seed, "secagg": False,
+            "accuracy": c["after"]["overall"], "reference": c["before"]["overall"],
+            "by_domain": c["after"]["by_domain"],
+            "collapsed": [t for t, d in c["after"].get("diversity", {}).items() if d.get("collapsed")],
+            "epsilon_per_client": ({} if method in ("oracle", "server") else "8 (DP-SGD training of each reward model)"),
+            "client_sends_per_round": ("-" if method in ("oracle", "server") else
+                                       "one score per completion (64 a round)"),
+            "server_sees": sees, "rounds": c["rounds"], "wall_s": c["seconds"], "grpo_steps": steps}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
-                    help="smoke grid: seed 0, 2 rounds, 64 pairs per client, 120 test examples")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+                    help="smoke grid: seed 0, 2 rounds, 64 pairs per client, 120 test examples, 4 GRPO steps")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + REWARD_METHODS,
+                    help="baselines (fedit stack ffa fedcmp) and Mixture-of-Rewards cells (mor uniform oracle server)")
+    ap.add_argument("--scenario", nargs="+", default=["honest"], choices=SCENARIOS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--privacy", nargs="+", default=["inf", "8"], help="run-level epsilon per client; inf: no DP")
     ap.add_argument("--rounds", type=int, default=5)
@@ -168,77 +244,112 @@ def main(argv=None) -> int:
     ap.add_argument("--secagg", action="store_true", help="fedit and ffa under SecAgg+ over the parameter vector")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache" / "baselines")
+    ap.add_argument("--reward-cache", type=Path, default=ROOT / "benchmarks" / ".cache" / "reward_ablation",
+                    help="bench_reward_ablation.py's cache (the Mixture-of-Rewards cells)")
+    ap.add_argument("--grpo-steps", type=int, default=400, help="GRPO steps of the Mixture-of-Rewards cells")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.quick:
-        args.seeds, args.rounds, args.max_pairs, args.eval_size = [0], 2, 64, 120
+        args.seeds, args.rounds, args.max_pairs, args.eval_size, args.grpo_steps = [0], 2, 64, 120, 4
+    # the quick cells (other GRPO steps) never mix with the full ones; reward models and references are shared
+    reward_cells = args.cache / "reward_quick_cells" if args.quick else args.reward_cache / "cells"
     out_path = args.out or ROOT / "benchmarks" / "results" / ("baselines_quick.json" if args.quick else
                                                               "baselines.json")
     import torch
 
     torch.set_num_threads(2)
     args.cache.mkdir(parents=True, exist_ok=True)
-    cells = [(m, math.inf if p == "inf" else float(p), s) for s in args.seeds for p in args.privacy
-             for m in args.methods]
+    cells = [(sc, m, None if m in REWARD_METHODS else (math.inf if p == "inf" else float(p)), s)
+             for sc in args.scenario for s in args.seeds for m in args.methods
+             for p in (["-"] if m in REWARD_METHODS else args.privacy)
+             if not (m in ("oracle", "server") and sc == "adversary")]  # no client in them: as in honest
+
+    def cached(sc, m, e, s) -> Path | None:
+        if m in REWARD_METHODS:
+            from bench_reward_ablation import cell_name
+            f = reward_cells / f"{cell_name('sft', sc, m, s)}.json"
+        else:
+            f = args.cache / "cells" / f"{_cell_key(m, e, s, args, sc)}.json"
+        return f
+
     results, refs, t_start, done_new = [], {}, time.perf_counter(), 0
-    for i, (method, eps, seed) in enumerate(cells):
-        f = args.cache / "cells" / f"{_cell_key(method, eps, seed, args)}.json"
-        if f.is_file():
-            results.append(json.loads(f.read_text()))
-            print(f"[{i + 1}/{len(cells)}] {method} eps={eps:g} seed={seed}: cached "
-                  f"({100 * results[-1]['accuracy']:.1f}%)", flush=True)
-            continue
-        if seed not in refs:
-            refs[seed] = _reference(seed, args.cache, args.eval_size)
-        split, test, model, proc, _ = refs[seed]
+    for i, (sc, method, eps, seed) in enumerate(cells):
+        label = f"[{i + 1}/{len(cells)}] {sc} {method}" + ("" if eps is None else f" eps={eps:g}") + f" seed={seed}"
+        f = cached(sc, method, eps, seed)
+        was_cached = f.is_file()
         t0 = time.perf_counter()
-        cell = asyncio.run(_federated_run(split, test, model, proc, method, eps, seed, args))
-        f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cell, indent=1, default=str))
-        tmp.replace(f)
+        if method in REWARD_METHODS:
+            if not was_cached:
+                print(f"{label}: running ({args.grpo_steps} GRPO steps)", flush=True)
+            cell = _reward_cell(sc, method, seed, args.reward_cache, args.grpo_steps, reward_cells)
+        elif was_cached:
+            cell = json.loads(f.read_text())
+        else:
+            if (sc, seed) not in refs:
+                refs[(sc, seed)] = _reference(seed, args.cache, args.eval_size, sc)
+            split, test, model, proc, _ = refs[(sc, seed)]
+            data = client_examples(sc, split, seed, args.max_pairs)
+            cell = asyncio.run(_federated_run(data, test, model, proc, method, eps, seed, args))
+            cell["scenario"] = sc
+            f.parent.mkdir(parents=True, exist_ok=True)
+            tmp = f.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cell, indent=1, default=str))
+            tmp.replace(f)
+        cell.setdefault("scenario", "honest")
         results.append(cell)
+        if was_cached:
+            print(f"{label}: cached ({100 * cell['accuracy']:.1f}%)", flush=True)
+            continue
         done_new += 1
         per = (time.perf_counter() - t_start) / done_new
-        left = sum(1 for (m, e, s) in cells[i + 1:]
-                   if not (args.cache / "cells" / f"{_cell_key(m, e, s, args)}.json").is_file())
-        print(f"[{i + 1}/{len(cells)}] {method} eps={eps:g} seed={seed}: {100 * cell['accuracy']:.1f}% "
-              f"({cell['completed']}/{cell['rounds']} rounds, eps/client "
-              f"{max(cell['epsilon_per_client'].values()):.2f}) in {time.perf_counter() - t0:.0f} s; "
+        left = sum(1 for c in cells[i + 1:] if not cached(*c).is_file())
+        print(f"{label}: {100 * cell['accuracy']:.1f}% in {time.perf_counter() - t0:.0f} s; "
               f"about {per * left / 60:.1f} min left", flush=True)
     ref_acc = {}
-    for s in args.seeds:
-        fr = args.cache / f"seed{s}" / f"reference_accuracy_{args.eval_size}.json"
-        if fr.is_file():
-            ref_acc[s] = json.loads(fr.read_text())
-    print(f"\nheld-out easy-vqa test accuracy (%), {len(args.seeds)} seed(s), {args.rounds} rounds, "
+    for sc in args.scenario:
+        for s in args.seeds:
+            fr = args.cache / f"seed{s}{'-shapes' if sc == 'shapes' else ''}" / f"reference_accuracy_{args.eval_size}.json"
+            if not fr.is_file():  # every cell was cached: the reference's accuracy is measured once here
+                _reference(s, args.cache, args.eval_size, sc)
+            if fr.is_file():
+                ref_acc[f"{sc}/{s}"] = json.loads(fr.read_text())
+    print(f"\nheld-out test accuracy (%), seeds {args.seeds}, mean ± std over seeds; baselines: {args.rounds} rounds, "
           f"{args.max_pairs} pairs/client, {args.eval_size} test examples, objective {args.objective}, lr {args.lr:g}; "
-          "mean ± std over seeds")
-    print(f"{'method':<8} {'epsilon':>8} {'overall':>14} {'colour':>8} {'shape':>8} {'yes/no':>8} "
-          f"{'bytes/client/round':>19} {'server sees':<12}")
-    if ref_acc:
-        r = list(ref_acc.values())
-        print(f"{'ref':<8} {'-':>8} {_fmt([x['overall'] for x in r]):>14} "
-              f"{_fmt([x['by_domain'].get('color', 0) for x in r]):>8} {_fmt([x['by_domain'].get('shape', 0) for x in r]):>8} "
-              f"{_fmt([x['by_domain'].get('yesno', 0) for x in r]):>8} {'-':>19} (SFT-50 warm start)")
+          f"Mixture-of-Rewards cells: {args.grpo_steps} GRPO steps, 600 test examples")
     rows = []
-    for method in args.methods:
-        for p in args.privacy:
-            eps = math.inf if p == "inf" else float(p)
-            cs = [c for c in results if c["method"] == method and c["epsilon_target"] == eps]
-            if not cs:
-                continue
-            row = {"method": method, "epsilon": p, "seeds": [c["seed"] for c in cs],
-                   "accuracy": [c["accuracy"] for c in cs],
-                   "by_domain": {d: [c["by_domain"].get(d, 0.0) for c in cs] for d in ("color", "shape", "yesno")},
-                   "epsilon_per_client": [c["epsilon_per_client"] for c in cs],
-                   "update_bytes_per_client_per_round": cs[0]["update_bytes_per_client_per_round"],
-                   "server_sees": cs[0]["server_sees"], "wall_s": [c["wall_s"] for c in cs]}
-            rows.append(row)
-            print(f"{method:<8} {p:>8} {_fmt(row['accuracy']):>14} {_fmt(row['by_domain']['color']):>8} "
-                  f"{_fmt(row['by_domain']['shape']):>8} {_fmt(row['by_domain']['yesno']):>8} "
-                  f"{row['update_bytes_per_client_per_round']:>19} "
-                  f"{'sum only' if 'SecAgg' in row['server_sees'] else 'each update'}")
+    for sc in args.scenario:
+        domains = sorted({d for c in results if c["scenario"] == sc for d in c["by_domain"]},
+                         key=lambda d: (d not in ("color", "shape", "yesno"), d))
+        print(f"\nscenario {sc}")
+        print(f"{'method':<8} {'epsilon':>8} {'overall':>14} " + "".join(f"{d:>13}" for d in domains)
+              + f" {'client sends / round':>24}  server sees")
+        refs_sc = [v for k, v in ref_acc.items() if k.startswith(f"{sc}/")]
+        if refs_sc:
+            print(f"{'ref':<8} {'-':>8} {_fmt([x['overall'] for x in refs_sc]):>14} "
+                  + "".join(f"{_fmt([x['by_domain'][d] for x in refs_sc if d in x['by_domain']]):>13}" for d in domains)
+                  + f" {'-':>24}  (SFT-50 warm start)")
+        for method in args.methods:
+            for p in (["-"] if method in REWARD_METHODS else args.privacy):
+                eps = None if p == "-" else (math.inf if p == "inf" else float(p))
+                cs = [c for c in results if c["scenario"] == sc and c["method"] == method
+                      and (eps is None or c["epsilon_target"] == eps)]
+                if not cs:
+                    continue
+                sends = (cs[0].get("client_sends_per_round") or
+                         f"{cs[0]['update_bytes_per_client_per_round']} B update")
+                row = {"scenario": sc, "method": method, "epsilon": p, "seeds": [c["seed"] for c in cs],
+                       "accuracy": [c["accuracy"] for c in cs],
+                       "by_domain": {d: [c["by_domain"][d] for c in cs] if all(d in c["by_domain"] for c in cs)
+                                     else [] for d in domains},
+                       "collapsed": [c.get("collapsed", []) for c in cs],
+                       "epsilon_per_client": [c["epsilon_per_client"] for c in cs],
+                       "client_sends_per_round": sends, "server_sees": cs[0]["server_sees"],
+                       "wall_s": [c["wall_s"] for c in cs]}
+                rows.append(row)
+                see = cs[0]["server_sees"]
+                see = "sum only" if "SecAgg" in see else ("each update" if "update" in see else see)
+                print(f"{method:<8} {p:>8} {_fmt(row['accuracy']):>14} "
+                      + "".join(f"{_fmt(row['by_domain'][d]):>13}" for d in domains) + f" {sends:>24}  {see}")
     report = {"command": " ".join(["benchmarks/bench_baselines.py", *(argv or sys.argv[1:])]),
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "reference": ref_acc, "rows": rows, "cells": results}
@@ -251,18 +362,24 @@ def main(argv=None) -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        labels = [f"{r['method']}\n{'no DP' if r['epsilon'] == 'inf' else 'eps ' + r['epsilon']}" for r in rows]
-        means = [100 * statistics.mean(r["accuracy"]) for r in rows]
-        errs = [100 * statistics.stdev(r["accuracy"]) if len(r["accuracy"]) > 1 else 0 for r in rows]
-        ax.bar(range(len(rows)), means, yerr=errs, color="tab:blue")
-        if ref_acc:
-            ax.axhline(100 * statistics.mean(x["overall"] for x in ref_acc.values()), color="gray", ls="--",
-                       label="reference (SFT-50)")
-            ax.legend()
-        ax.set_xticks(range(len(rows)), labels, fontsize=7)
-        ax.set_ylabel("held-out accuracy (%)")
-        ax.set_title("parameter-sharing baselines over the federation")
+        fig, axes = plt.subplots(1, len(args.scenario), figsize=(5 + 2.5 * len(args.scenario), 3.8), squeeze=False)
+        for ax, sc in zip(axes[0], args.scenario):
+            rs = [r for r in rows if r["scenario"] == sc]
+            labels = [r["method"] + ("" if r["epsilon"] == "-" else
+                                     f"\n{'no DP' if r['epsilon'] == 'inf' else 'eps ' + r['epsilon']}") for r in rs]
+            means = [100 * statistics.mean(r["accuracy"]) for r in rs]
+            errs = [100 * statistics.stdev(r["accuracy"]) if len(r["accuracy"]) > 1 else 0 for r in rs]
+            ax.bar(range(len(rs)), means, yerr=errs,
+                   color=["tab:orange" if r["method"] in REWARD_METHODS else "tab:blue" for r in rs])
+            refs_sc = [v for k, v in ref_acc.items() if k.startswith(f"{sc}/")]
+            if refs_sc:
+                ax.axhline(100 * statistics.mean(x["overall"] for x in refs_sc), color="gray", ls="--",
+                           label="reference (SFT-50)")
+                ax.legend(fontsize=7)
+            ax.set_xticks(range(len(rs)), labels, fontsize=6)
+            ax.set_ylabel("held-out accuracy (%)")
+            ax.set_title(f"scenario {sc}")
+        fig.suptitle("Mixture of Rewards (orange) and parameter-sharing baselines (blue)", fontsize=9)
         fig.tight_layout()
         png = out_path.with_suffix(".png")
         fig.savefig(png, dpi=120)

@@ -6,13 +6,19 @@ calibration -> GRPO -> evaluation on the same held-out test examples) that diffe
 * ``mor``: the Mixture of Rewards, the learned router over the clients' trained DP reward models;
 * ``uniform``: the same reward models mixed uniformly (no router; only the reward scale is calibrated);
 * ``oracle``: one client holding every label of the server's prompts (exact match): the ceiling any reward gives;
-* ``client:<name>``: one client's reward model alone.
+* ``client:<name>``: one client's reward model alone;
+* ``server``: a reward model the server trains on its own public labelled split (no client at all; the same cnn
+  architecture as the colour client, non-private since the data is the server's own): what a server gets without
+  a federation.
 
 Scenarios: ``honest`` (the demo's three clients: cnn / colour, vit / shape, lora / yes-no; DP-SGD at epsilon 8, trained by
 ``mor client train`` exactly as ``mor demo`` trains them) and ``adversary`` (plus a fourth client that inverts a label
 expert over every question type: an adversarially flipped annotator; the router should learn to ignore it, a uniform
 mixture cannot) and ``inflating`` (the same adversary, its scores multiplied by 100: still inside the
-federation's declared score bound of 1000, and enough to outweigh the honest clients in a uniform mixture).
+federation's declared score bound of 1000, and enough to outweigh the honest clients in a uniform mixture) and
+``shapes`` (another task family: a fourth client holds the procedural Pillow shapes domain, counting and left/right
+relations, ``make_federation_split(n_clients=4, include_shapes_client=True)``; the server's public and unlabeled
+splits and the held-out test gain shapes items, and the four reward models are trained on that split).
 
 Warm starts (``--warm-start``, the recipes of ``mor demo --warm-start``, mor_server/alignment/recipes.py): ``sft`` (the
 demo's reference: the built-in tiny Llava, 16 image tokens, SFT-50 on the server's public split) and ``synthetic+sft``
@@ -47,10 +53,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_router import Inverted, trained_models  # noqa: E402  (the same cached reward models as the router bench)
 
 from mor_server.alignment.recipes import WARM_STARTS  # noqa: E402
-SCENARIOS = ("honest", "adversary", "inflating")
+SCENARIOS = ("honest", "adversary", "inflating", "shapes")
 INFLATE = 100.0  # the inflating adversary's score scale: the honest models' scores spread 17-37 over an item's answers, the
 # label expert's 1; the federation's declared plain-score bound is 1000
 TYPES = ("color", "shape", "yesno")
+SHAPES_TYPES = ("count", "relation")  # the procedural family's question types (scenario shapes)
+SHAPES_CLIENTS = (("hospital-color", "cnn", "client0"), ("bank-shape", "vit", "client1"), ("lab-yesno", "lora", "client2"),
+                  ("studio-shapes", "cnn", "client3"))
+
+
+def scenario_split(scenario: str, seed: int):
+    """The federation split of a scenario: the demo's three clients, or four with a shapes client."""
+    from mor_client.data.partition import make_federation_split
+
+    if scenario == "shapes":
+        return make_federation_split(seed=seed, n_clients=4, include_shapes_client=True)
+    return make_federation_split(seed=seed, n_clients=3)
+
+
+def server_model(seed: int, split, work: Path):
+    """The server-only reward model: the cnn architecture trained on the server's public split's pairs (8 wrong
+    answers per example; one image in ten held out), non-private (the server's own data); cached in ``work``."""
+    import random
+
+    from mor_client.data.pairs import make_pairs
+    from mor_client.rewards import demo_config, save_model_dir, train_reward_model
+    from mor_client.rewards.scorer import RewardModelScorer
+
+    if not (work / "card.json").is_file():
+        t0 = time.perf_counter()
+        pairs = make_pairs(split.server_public, seed=seed, rejected_per_example=8)
+        imgs = sorted({p.example.image_id for p in pairs})
+        random.Random(seed).shuffle(imgs)
+        ho = set(imgs[: max(1, len(imgs) // 10)])
+        res = train_reward_model([p for p in pairs if p.example.image_id not in ho],
+                                 [p for p in pairs if p.example.image_id in ho],
+                                 demo_config("cnn", epsilon=None, pretrain_epochs=0, epochs=30, seed=seed,
+                                             progress=False), domain="server: its public labelled split")
+        save_model_dir(work, res.model, res.vocab, res.card)
+        print(f"  trained the server-only reward model (seed {seed}) in {time.perf_counter() - t0:.0f} s", flush=True)
+    return RewardModelScorer.from_dir(work)
 
 
 def cell_name(policy: str, scenario: str, method: str, seed: int) -> str:
@@ -74,12 +116,13 @@ def recipe(label: str, seed: int):
     return tiny, pre
 
 
-def reference(policy: str, seed: int, split, cache: Path) -> Path:
-    """The cell's reference, built once per (policy, seed) and copied into each cell (warm_start_cached's key)."""
+def reference(policy: str, seed: int, split, cache: Path, tag: str = "") -> Path:
+    """The cell's reference, built once per (policy, seed, split: ``tag``) and copied into each cell
+    (warm_start_cached's key)."""
     from mor_server.alignment.warmstart import SFTConfig, warm_start_cached
 
     tiny, pre = recipe(policy, seed)
-    d = cache / "references" / f"{policy.replace('+', '_').replace('/', '_')}-seed{seed}"
+    d = cache / "references" / f"{policy.replace('+', '_').replace('/', '_')}-seed{seed}{tag}"
     t0 = time.perf_counter()
     _, _, info = warm_start_cached(d, split.server_public, tiny=tiny, sft=SFTConfig(steps=50, seed=seed),
                                    pretrain=pre, progress=False)
@@ -102,9 +145,17 @@ def scorers_for(scenario: str, method: str, seed: int, split, cache: Path) -> di
     from mor_server.alignment.inprocess import LabelExpertScorer
 
     known = list(split.server_public) + list(split.server_unlabeled)
+    types = list(TYPES) + (list(SHAPES_TYPES) if scenario == "shapes" else [])
+    tag = "-shapes" if scenario == "shapes" else ""
     if method == "oracle":
-        return {"oracle": LabelExpertScorer(known, list(TYPES))}
-    scorers = trained_models(seed, cache / "reward_models")
+        return {"oracle": LabelExpertScorer(known, types)}
+    if method == "server":
+        return {"server": server_model(seed, split, cache / "reward_models" / f"seed{seed}{tag}" / "server")}
+    if scenario == "shapes":
+        scorers = trained_models(seed, cache / "reward_models", clients=SHAPES_CLIENTS, tag=tag,
+                                 split_args=("--n-clients", "4", "--include-shapes-client"))
+    else:
+        scorers = trained_models(seed, cache / "reward_models")
     if scenario in ("adversary", "inflating"):
         scorers["adversary"] = Inverted(LabelExpertScorer(known, list(TYPES)))
     if scenario == "inflating":
@@ -120,7 +171,7 @@ def scorers_for(scenario: str, method: str, seed: int, split, cache: Path) -> di
 def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, steps: int) -> dict:
     from easy_vqa import get_answers
 
-    from mor_client.data.partition import make_federation_split
+    from mor_client.data.shapes import SHAPES_ANSWERS
     from mor_server.alignment.pipeline import AlignmentConfig, heldout_test, run_alignment
     from mor_server.apps.demo import DEMO_GRPO_DEFAULTS
     from mor_server.alignment.grpo import GRPORunConfig
@@ -128,8 +179,8 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
     from mor_server.alignment.inprocess import InProcessBackend
     from mor_server.alignment.warmstart import SFTConfig
 
-    split = make_federation_split(seed=seed, n_clients=3)
-    ref = reference(policy, seed, split, cache)
+    split = scenario_split(scenario, seed)
+    ref = reference(policy, seed, split, cache, tag="-shapes" if scenario == "shapes" else "")
     scorers = scorers_for(scenario, method, seed, split, cache)
     work = cache / "runs" / cell_name(policy, scenario, method, seed)
     if work.exists():
@@ -138,7 +189,8 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
     tiny, pre = recipe(policy, seed)
     cfg = AlignmentConfig(work_dir=str(work), tiny=tiny, sft=SFTConfig(steps=50), pretrain=pre,
                           grpo=GRPORunConfig(**{**DEMO_GRPO_DEFAULTS, "max_steps": steps, "save_steps": 0}),
-                          seed=seed, answer_vocabulary=list(get_answers()), w_format=4.0,
+                          seed=seed, w_format=4.0,
+                          answer_vocabulary=list(get_answers()) + (list(SHAPES_ANSWERS) if scenario == "shapes" else []),
                           routing="uniform" if method == "uniform" else "learned",
                           curve_every=100, resume=False, progress=False,
                           # every cell runs its whole GRPO budget: the collapse guard (on in the demo) would end
@@ -175,7 +227,7 @@ def report(cells: list[dict], out: Path) -> dict:
     print("\nheld-out test accuracy %, mean (spread max-min) over seeds; per type: mean accuracy / distinct answers "
           "per seed (more than the type's answers: wrong-type answers), cN: N runs collapsed to one answer")
     head = f"{'warm start':<14}{'scenario':<10}{'reward':<22}{'seeds':<8}{'reference':>13}{'aligned':>13}" + \
-        "".join(f"{t:>20}" for t in TYPES)
+        "".join(f"{t:>20}" for t in TYPES + SHAPES_TYPES)
     print(head)
     summary = {}
     for (pol, sc, m), cs in sorted(groups.items()):
@@ -184,7 +236,10 @@ def report(cells: list[dict], out: Path) -> dict:
         after = [100 * c["after"]["overall"] for c in cs]
         per = {}
         line = f"{pol:<14}{sc:<10}{m:<22}{','.join(str(c['seed']) for c in cs):<8}{fmt(before):>13}{fmt(after):>13}"
-        for t in TYPES:
+        for t in TYPES + SHAPES_TYPES:
+            if not all(t in c["after"]["by_domain"] for c in cs):  # a type this scenario's test does not have
+                line += f"{'-':>20}"
+                continue
             acc = [100 * c["after"]["by_domain"].get(t, 0.0) for c in cs]
             div = [c["after"].get("diversity", {}).get(t, {}) for c in cs]
             distinct = [d.get("distinct_answers") for d in div]
@@ -255,7 +310,8 @@ def main() -> int:
                          "varied cells are labelled <warm start>/varied")
     ap.add_argument("--scenario", choices=SCENARIOS, nargs="+", default=["honest"])
     ap.add_argument("--methods", nargs="+", default=["oracle", "mor", "uniform"],
-                    help="mor, uniform, oracle, client:<name> (hospital-color, bank-shape, lab-yesno)")
+                    help="mor, uniform, oracle, server, client:<name> (hospital-color, bank-shape, lab-yesno; "
+                         "studio-shapes in the shapes scenario)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=400, help="GRPO steps (the demo's 400)")
     ap.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache" / "reward_ablation")
@@ -265,22 +321,24 @@ def main() -> int:
                     help="only train the reward models and build the references of the selected seeds / policies")
     a = ap.parse_args()
     for m in a.methods:
-        if m not in ("mor", "uniform", "oracle") and not m.startswith("client:"):
-            raise SystemExit(f"--methods: unknown reward {m!r}; use mor, uniform, oracle or client:<name>")
+        if m not in ("mor", "uniform", "oracle", "server") and not m.startswith("client:"):
+            raise SystemExit(f"--methods: unknown reward {m!r}; use mor, uniform, oracle, server or client:<name>")
     cells_dir = a.cache / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     if not a.report_only:
         if a.caption_prompts != "fixed":
             a.policy = [f"{p}/{a.caption_prompts}" for p in a.policy]
         todo = [(p, s, m, seed) for seed in a.seeds for p in a.policy for s in a.scenario for m in a.methods
-                if not (m == "oracle" and s != "honest")]
+                if not (m in ("oracle", "server") and s in ("adversary", "inflating"))]  # no client in them
         if a.prepare_only:
-            from mor_client.data.partition import make_federation_split
-
             for seed in a.seeds:
-                trained_models(seed, a.cache / "reward_models")
-                for p in a.policy:
-                    reference(p, seed, make_federation_split(seed=seed, n_clients=3), a.cache)
+                for s in a.scenario:
+                    split = scenario_split(s, seed)
+                    for m in a.methods:
+                        if m != "oracle":
+                            scorers_for(s, m, seed, split, a.cache)
+                    for p in a.policy:
+                        reference(p, seed, split, a.cache, tag="-shapes" if s == "shapes" else "")
             return 0
         done_s: list[float] = []
         for i, (p, s, m, seed) in enumerate(todo):
@@ -298,7 +356,7 @@ def main() -> int:
             tmp.write_text(json.dumps(cell, indent=1, default=str))
             tmp.replace(f)
             print(f"    reference {100 * cell['before']['overall']:.1f}% -> {100 * cell['after']['overall']:.1f}%  "
-                  + "  ".join(f"{t} {100 * cell['after']['by_domain'].get(t, 0):.0f}" for t in TYPES)
+                  + "  ".join(f"{t} {100 * v:.0f}" for t, v in cell["after"]["by_domain"].items())
                   + f"  ({cell['seconds']:.0f} s)", flush=True)
     cells = [json.loads(f.read_text()) for f in sorted(cells_dir.glob("*.json"))]
     if not cells:

@@ -45,15 +45,18 @@ class Inverted:
         return [[-v for v in row] for row in self.inner.score(items)]
 
 
-def trained_models(seed: int, work: Path) -> dict:
+def trained_models(seed: int, work: Path, *, clients=CLIENTS, split_args: tuple[str, ...] = ("--n-clients", "3"),
+                   tag: str = "") -> dict:
+    """The clients' reward models of seed ``seed``, trained once by ``mor client train`` (DP-SGD at epsilon 8) and
+    cached under ``work/seed<seed><tag>/<name>``; ``split_args`` select the federation split (e.g. a shapes client)."""
     from mor_client.rewards.scorer import RewardModelScorer
 
     out = {}
-    for name, arch, part in CLIENTS:
-        d = work / f"seed{seed}" / name
+    for name, arch, part in clients:
+        d = work / f"seed{seed}{tag}" / name
         if not (d / "card.json").is_file():
-            argv = [sys.executable, "-m", "mor_client.cli", "train", "--arch", arch, "--partition", part, "--n-clients",
-                    "3", "--epsilon", "8", "--data-seed", str(seed), "--seed", str(seed), "--out", str(d), "--quiet"]
+            argv = [sys.executable, "-m", "mor_client.cli", "train", "--arch", arch, "--partition", part, *split_args,
+                    "--epsilon", "8", "--data-seed", str(seed), "--seed", str(seed), "--out", str(d), "--quiet"]
             t0 = time.perf_counter()
             r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
             if r.returncode != 0:

@@ -197,6 +197,10 @@ def test_align_routing_and_warm_start_reach_the_engine(tmp_path):
     assert cfg.pretrain.seed == 3
     plain = _config(parser.parse_args(["align", "--workdir", str(tmp_path)]), "k")
     assert plain.routing == "learned" and plain.pretrain is None and plain.tiny.patch_size == 16
+    compact = _config(parser.parse_args(["align", "--warm-start", "compact+synthetic+sft", "--seed", "2",
+                                         "--workdir", str(tmp_path)]), "k")
+    assert (compact.tiny.text_hidden, compact.tiny.text_layers, compact.tiny.patch_size, compact.tiny.seed) == (128, 3, 8, 2)
+    assert compact.pretrain is not None and compact.pretrain.caption_steps > 0 and compact.pretrain.seed == 2
 
 
 def test_sigterm_while_align_waits_for_clients(tmp_path):

@@ -39,6 +39,9 @@ class FederationSplit:
     server_public: list[VQAExample]
     server_unlabeled: list[VQAExample]
     clients: dict[str, ClientData]
+    server_heldout: list[VQAExample] = field(default_factory=list)
+    """Held-out test items of the procedural family (``include_shapes_client``; images of neither server split), which
+    ``mor_server.alignment.pipeline.heldout_test`` adds to easy-vqa's held-out test images. Empty otherwise."""
 
 
 def _sizes(spec, n: int, name: str) -> list[int | None]:
@@ -57,7 +60,7 @@ def make_federation_split(*, seed: int, scheme: str = "by_question_type", n_clie
                           public_size: int = 300, unlabeled_size: int = 600, flip_fraction: float = 0.0,
                           include_shapes_client: bool = False, heldout_fraction: float = 0.1,
                           max_heldout: int = 600, rejected_per_example: int = 1,
-                          n_annotators: int = 8) -> FederationSplit:
+                          n_annotators: int = 8, shapes_test_size: int = 150) -> FederationSplit:
     """Split easy-vqa (and optionally the procedural family) into a federation.
 
     scheme:
@@ -68,7 +71,8 @@ def make_federation_split(*, seed: int, scheme: str = "by_question_type", n_clie
       * ``iid``: images spread uniformly.
     ``pairs_per_client``: None (all available, naturally unequal), an int cap, or one cap per client.
     ``include_shapes_client``: the last client instead holds the procedural "shapes" domain
-    (count / relation questions); the server's public and unlabeled sets then also contain shapes items.
+    (count / relation questions); the server's public and unlabeled sets then also contain shapes items, and
+    ``server_heldout`` holds ``shapes_test_size`` more (a third index range) for the held-out test.
     Each client's held-out split uses images its training split does not.
     """
     if scheme not in SCHEMES:
@@ -91,11 +95,15 @@ def make_federation_split(*, seed: int, scheme: str = "by_question_type", n_clie
     pub_imgs, unl_imgs = set(test_images[:n_pub_img]), set(test_images[n_pub_img:n_pub_img + max(1, unlabeled_size // 4)])
     public = [e for e in test if e.image_id in pub_imgs]
     unlabeled = [e for e in test if e.image_id in unl_imgs]
+    heldout: list[VQAExample] = []
     if include_shapes_client:
+        if shapes_test_size < 0:
+            raise ValueError(f"shapes_test_size must be >= 0, got {shapes_test_size}")
         n_sh_pub = max(1, public_size // (n_clients + 1))
+        n_sh_unl = max(1, unlabeled_size // (n_clients + 1))
         public += make_shapes_examples(n_sh_pub, seed=seed + 1_000_003)
-        unlabeled += make_shapes_examples(max(1, unlabeled_size // (n_clients + 1)), seed=seed + 1_000_003,
-                                          start=n_sh_pub)
+        unlabeled += make_shapes_examples(n_sh_unl, seed=seed + 1_000_003, start=n_sh_pub)
+        heldout = make_shapes_examples(shapes_test_size, seed=seed + 1_000_003, start=n_sh_pub + n_sh_unl)
     rng.shuffle(public)
     rng.shuffle(unlabeled)
     public, unlabeled = public[:public_size], unlabeled[:unlabeled_size]
@@ -153,4 +161,4 @@ def make_federation_split(*, seed: int, scheme: str = "by_question_type", n_clie
         ho_pairs = make_pairs(ho, seed=seed * 7919 + k + 104729, n_annotators=n_annotators)[:max_heldout]
         clients[f"client{k}"] = ClientData(train=tr_pairs, heldout=ho_pairs, domain_desc=descs[k],
                                            question_types=qtypes[k])
-    return FederationSplit(server_public=public, server_unlabeled=unlabeled, clients=clients)
+    return FederationSplit(server_public=public, server_unlabeled=unlabeled, clients=clients, server_heldout=heldout)

@@ -82,6 +82,15 @@ def _relation_example(rng: random.Random, seed: int, i: int) -> VQAExample:
                       domain="shapes", image_id=f"shapes-{seed}-{i}")
 
 
+def shapes_vocabulary() -> list[str]:
+    """Every word the family's questions and answers can use (its templates, kinds, colours and answers), sorted: what a
+    policy needs to read and answer it whichever items a public split happens to hold."""
+    plural = ("circles", "squares", "triangles")
+    words = {"how", "many", "are", "there", "in", "the", "image", "is", "left", "or", "right", "of", "?",
+             *plural, *_KINDS, *_RGB, *SHAPES_ANSWERS}
+    return sorted(words)
+
+
 def make_shapes_examples(n: int, *, seed: int, question_types: tuple[str, ...] = ("count", "relation"),
                          start: int = 0) -> list[VQAExample]:
     """``n`` procedural examples (one image each), cycling over ``question_types``; deterministic from

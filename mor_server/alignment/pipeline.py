@@ -138,11 +138,13 @@ PRESET_DEFAULTS: dict[str, dict] = {
 
 def heldout_test(split) -> list:
     """easy-vqa test examples whose images are in neither the server's public nor its unlabeled split (both are
-    carved from the test split), i.e. images the policy never saw: the evaluation set of the demo and benchmarks."""
+    carved from the test split), i.e. images the policy never saw: the evaluation set of the demo and benchmarks; plus
+    the split's held-out procedural items (``split.server_heldout``) when a client holds the shapes family. Those come
+    first, so the evaluation's first ``eval_size`` items include all of them."""
     from mor_client.data.easyvqa import load_easyvqa
 
     used = {e.image_id for e in list(split.server_public) + list(split.server_unlabeled)}
-    return [e for e in load_easyvqa("test") if e.image_id not in used]
+    return list(getattr(split, "server_heldout", [])) + [e for e in load_easyvqa("test") if e.image_id not in used]
 
 
 class _Ranks:

@@ -97,11 +97,14 @@ class TinyLlavaConfig:
     """Seed of the random initialisation."""
 
 
-#: Built-in policy sizes (issue #13). ``tiny`` is the default TinyLlavaConfig; ``small`` and ``base`` are the 40M and
+#: Built-in policy sizes (issue #13). ``tiny`` is the default TinyLlavaConfig (0.24M parameters); ``compact`` (0.96M: 64 image
+#: tokens, twice the width, a third text layer) is the smallest with which an oracle reward taught every question type
+#: on the seeds where ``tiny`` learns nothing (issue #17, docs/alignment.md); ``small`` and ``base`` are the 40M and
 #: ~400M members of the same family that were run on one H200 in issue #13 (vision hidden x layers, text hidden x
 #: layers as named there; heads and MLP widths chosen here). Parameter counts: :func:`preset_parameter_count`.
 POLICY_PRESETS: dict[str, TinyLlavaConfig] = {
     "tiny": TinyLlavaConfig(),
+    "compact": TinyLlavaConfig(patch_size=8, vision_hidden=128, text_hidden=128, text_layers=3, intermediate=256),
     "small": TinyLlavaConfig(image_size=64, patch_size=8, vision_hidden=384, vision_layers=6, text_hidden=512,
                              text_layers=8, heads=8, intermediate=1536, max_positions=128),
     "base": TinyLlavaConfig(image_size=64, patch_size=8, vision_hidden=768, vision_layers=12, text_hidden=1024,
@@ -123,6 +126,22 @@ def preset_parameter_count(name_or_config: str | TinyLlavaConfig, words: Sequenc
     cfg = policy_preset(name_or_config) if isinstance(name_or_config, str) else name_or_config
     model, _ = build_tiny_llava(words, cfg, device="meta")
     return sum(p.numel() for p in model.parameters())
+
+
+def policy_vocabulary(examples: Sequence = ()) -> list[str]:
+    """The built-in policy's word vocabulary for a task: easy-vqa's words, then, appended (so easy-vqa data keeps the
+    same vocabulary and token ids), the procedural shapes family's words when ``examples`` hold any of its items
+    (all of them: a public split may lack some answer, e.g. "four") and any other word of ``examples``' questions
+    and answers."""
+    from mor_client.data.shapes import shapes_vocabulary
+
+    base = easyvqa_vocabulary()
+    texts = [t for e in examples for t in (getattr(e, "question", ""), getattr(e, "answer", ""))]
+    extra = task_words(texts)
+    if any(getattr(e, "domain", None) == "shapes" for e in examples):
+        extra = sorted(set(extra) | set(shapes_vocabulary()))
+    have = set(base)
+    return base + [w for w in extra if w not in have]
 
 
 def build_tokenizer(words: Sequence[str]):

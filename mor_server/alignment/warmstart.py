@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from .policy import (ASSISTANT, EOS, ImageCache, TinyLlavaConfig, autocast_for, build_tiny_llava, model_device,
-                     pick_device, save_policy, to_pil, user_message)
+                     pick_device, policy_vocabulary, save_policy, to_pil, user_message)
 
 
 @dataclass
@@ -406,7 +406,8 @@ def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLl
         processor = LlavaProcessor.from_pretrained(cache_dir, local_files_only=True)
         model.to(dev).eval()  # evaluation before GRPO runs where the policy will train
         return model, processor, {**cached.get("info", {}), "cached": True}
-    model, processor = build_tiny_llava(config=tiny)
+    # the vocabulary covers the public split's words (easy-vqa's, plus another family's when a client holds one)
+    model, processor = build_tiny_llava(policy_vocabulary(examples), config=tiny)
     model.to(dev)  # the warm start trains on the GPU when there is one (fp32 weights; saved as such)
     pre = pretrain_policy(model, processor, pretrain, progress=progress) if pretrain is not None else None
     info = sft_warm_start(model, processor, examples, sft, progress=progress)
