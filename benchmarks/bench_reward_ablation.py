@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_router import Inverted, trained_models  # noqa: E402  (the same cached reward models as the router bench)
+from bench_router import SHAPES_CLIENTS, SHAPES_SPLIT_ARGS, Inverted, trained_models  # noqa: E402  (the router bench's models)
 
 from mor_server.alignment.recipes import WARM_STARTS  # noqa: E402
 SCENARIOS = ("honest", "adversary", "inflating", "shapes")
@@ -58,8 +58,6 @@ INFLATE = 100.0  # the inflating adversary's score scale: the honest models' sco
 # label expert's 1; the federation's declared plain-score bound is 1000
 TYPES = ("color", "shape", "yesno")
 SHAPES_TYPES = ("count", "relation")  # the procedural family's question types (scenario shapes)
-SHAPES_CLIENTS = (("hospital-color", "cnn", "client0"), ("bank-shape", "vit", "client1"), ("lab-yesno", "lora", "client2"),
-                  ("studio-shapes", "cnn", "client3"))
 
 
 def scenario_split(scenario: str, seed: int):
@@ -153,7 +151,7 @@ def scorers_for(scenario: str, method: str, seed: int, split, cache: Path) -> di
         return {"server": server_model(seed, split, cache / "reward_models" / f"seed{seed}{tag}" / "server")}
     if scenario == "shapes":
         scorers = trained_models(seed, cache / "reward_models", clients=SHAPES_CLIENTS, tag=tag,
-                                 split_args=("--n-clients", "4", "--include-shapes-client"))
+                                 split_args=SHAPES_SPLIT_ARGS)
     else:
         scorers = trained_models(seed, cache / "reward_models")
     if scenario in ("adversary", "inflating"):

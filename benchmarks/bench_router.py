@@ -9,7 +9,8 @@ routing by true question type (all weight on the client best for the type on the
 
 Scenarios: ``honest`` (the three clients), ``adversary`` (plus a fourth client that inverts a label expert over every
 question type: an adversarially flipped annotator), ``experts`` (three label experts, one per type: an upper bound on
-what trained reward models give).
+what trained reward models give) and ``shapes`` (four clients, the fourth holding the procedural shapes family:
+``make_federation_split(n_clients=4, include_shapes_client=True)``).
 
     .venv/bin/python benchmarks/bench_router.py                    # seeds 0 1 2, ~5 min of training on first run
     .venv/bin/python benchmarks/bench_router.py --seeds 0 --scenarios honest
@@ -32,6 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CLIENTS = (("hospital-color", "cnn", "client0"), ("bank-shape", "vit", "client1"), ("lab-yesno", "lora", "client2"))
+#: scenario ``shapes``: the same three on a four-client split whose last client holds the procedural shapes family
+SHAPES_CLIENTS = CLIENTS + (("studio-shapes", "cnn", "client3"),)
+SHAPES_SPLIT_ARGS = ("--n-clients", "4", "--include-shapes-client")
 STRATEGIES = ("router", "uniform", "top1", "top2", "oracle_type")
 
 
@@ -72,11 +76,16 @@ def run(seed: int, scenario: str, work: Path) -> dict:
     from mor_server.alignment.features import FeatureExtractor
     from mor_server.alignment.inprocess import InProcessBackend, LabelExpertScorer
 
-    split = make_federation_split(seed=seed, n_clients=3)
+    if scenario == "shapes":
+        split = make_federation_split(seed=seed, n_clients=4, include_shapes_client=True)
+    else:
+        split = make_federation_split(seed=seed, n_clients=3)
     public = split.server_public
     known = list(public) + list(split.server_unlabeled)
     if scenario == "experts":
         scorers = {f"expert_{d}": LabelExpertScorer(known, [d]) for d in ("color", "shape", "yesno")}
+    elif scenario == "shapes":
+        scorers = trained_models(seed, work, clients=SHAPES_CLIENTS, split_args=SHAPES_SPLIT_ARGS, tag="-shapes")
     else:
         scorers = trained_models(seed, work)
         if scenario == "adversary":
@@ -97,7 +106,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--scenarios", nargs="+", default=["honest", "adversary", "experts"],
-                    choices=["honest", "adversary", "experts"])
+                    choices=["honest", "adversary", "experts", "shapes"])
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_router")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "router.json")
     a = ap.parse_args()
