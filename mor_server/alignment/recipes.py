@@ -10,7 +10,7 @@
   "Which reward earns the alignment").
 * ``compact+synthetic+sft``: the same stage 1 and SFT on the ``compact`` policy preset (0.96M parameters, 64 image
   tokens): with an oracle reward GRPO teaches colour, shape and yes/no on seeds where the tiny policy learns nothing
-  (issue #17, docs/alignment.md), at about 3x the tiny policy's GRPO time on a CPU.
+  (issue #17, docs/alignment.md), at 2-3x the tiny policy's GRPO time on a CPU.
 """
 
 from __future__ import annotations
