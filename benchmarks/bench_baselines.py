@@ -322,12 +322,12 @@ def main(argv=None) -> int:
                          key=lambda d: (d not in ("color", "shape", "yesno"), d))
         print(f"\nscenario {sc}")
         print(f"{'method':<8} {'epsilon':>8} {'overall':>14} " + "".join(f"{d:>13}" for d in domains)
-              + f" {'client sends / round':>24}  server sees")
+              + f" {'client sends / round':>24} {'eps/client':>10} {'wall s':>7}  server sees")
         refs_sc = [v for k, v in ref_acc.items() if k.startswith(f"{sc}/")]
         if refs_sc:
             print(f"{'ref':<8} {'-':>8} {_fmt([x['overall'] for x in refs_sc]):>14} "
                   + "".join(f"{_fmt([x['by_domain'][d] for x in refs_sc if d in x['by_domain']]):>13}" for d in domains)
-                  + f" {'-':>24}  (SFT-50 warm start)")
+                  + f" {'-':>24} {'-':>10} {'-':>7}  (SFT-50 warm start)")
         for method in args.methods:
             for p in (["-"] if method in REWARD_METHODS else args.privacy):
                 eps = None if p == "-" else (math.inf if p == "inf" else float(p))
@@ -348,8 +348,12 @@ def main(argv=None) -> int:
                 rows.append(row)
                 see = cs[0]["server_sees"]
                 see = "sum only" if "SecAgg" in see else ("each update" if "update" in see else see)
+                eps_spent = [max(e.values()) for e in row["epsilon_per_client"] if isinstance(e, dict) and e]
+                eps_txt = ("8 (train)" if isinstance(row["epsilon_per_client"][0], str) else
+                           "-" if not eps_spent else "inf" if math.isinf(max(eps_spent)) else f"{max(eps_spent):.2f}")
                 print(f"{method:<8} {p:>8} {_fmt(row['accuracy']):>14} "
-                      + "".join(f"{_fmt(row['by_domain'][d]):>13}" for d in domains) + f" {sends:>24}  {see}")
+                      + "".join(f"{_fmt(row['by_domain'][d]):>13}" for d in domains)
+                      + f" {sends:>24} {eps_txt:>10} {statistics.mean(row['wall_s']):>7.0f}  {see}")
     report = {"command": " ".join(["benchmarks/bench_baselines.py", *(argv or sys.argv[1:])]),
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "reference": ref_acc, "rows": rows, "cells": results}

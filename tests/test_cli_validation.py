@@ -436,8 +436,11 @@ def test_real_sigint_ends_with_one_line_and_130(tmp_path, delay=1.5):
     import time
 
     code = "import sys; from mor.entry import mor_client; sys.exit(mor_client())"
+    # a terminal's Ctrl-C: SIGINT at its default in the child even when this suite runs in the background (a shell
+    # starts background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt)
     p = subprocess.Popen([sys.executable, "-c", code, "train", "--out", str(tmp_path / "m"), "--quiet"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(delay)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)

@@ -182,7 +182,7 @@ def test_warm_start_cache_is_swapped_in_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(warmstart, "sft_warm_start", lambda *a, **k: {"steps": 0})
     import torch
 
-    monkeypatch.setattr(warmstart, "build_tiny_llava", lambda config=None: (torch.nn.Linear(1, 1), object()))
+    monkeypatch.setattr(warmstart, "build_tiny_llava", lambda words=None, config=None: (torch.nn.Linear(1, 1), object()))
     monkeypatch.setattr(warmstart, "examples_digest", lambda ex: "d", raising=False)
     cache = tmp_path / "reference"
     with pytest.raises(Boom):
