@@ -25,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mor_server.alignment.recipes import WARM_STARTS  # noqa: E402
+
 
 def run_demo(seed: int, workdir: Path, mode: str, extra: list[str]) -> dict:
     argv = [sys.executable, "-c", "import sys; from mor_server.apps.cli import mor_main; sys.exit(mor_main())", "demo", "--seed", str(seed), "--workdir", str(workdir),
@@ -41,27 +43,44 @@ def run_demo(seed: int, workdir: Path, mode: str, extra: list[str]) -> dict:
     return rep
 
 
-def baseline(seed: int, steps: int, eval_size: int, workdir: Path) -> dict:
-    """SFT on the server's public split only, evaluated like the demo (first eval_size held-out test examples)."""
+def baseline(seed: int, steps: int, eval_size: int, workdir: Path, warm_start: str) -> dict:
+    """SFT on the server's public split only, evaluated like the demo (first eval_size held-out test examples): the
+    same warm-start recipe as the demo's reference (policy size and public stage 1), with a longer SFT."""
     from mor_client.data.partition import make_federation_split
     from mor_server.alignment.pipeline import heldout_test
     from mor_server.alignment.evaluate import accuracy
-    from mor_server.alignment.policy import TinyLlavaConfig
+    from mor_server.alignment.recipes import warm_start_recipe
     from mor_server.alignment.warmstart import SFTConfig, warm_start_cached
 
     split = make_federation_split(seed=seed, n_clients=3)
     test = heldout_test(split)[:eval_size]
-    model, processor, info = warm_start_cached(workdir / f"baseline-sft{steps}-seed{seed}", split.server_public,
-                                               tiny=TinyLlavaConfig(seed=seed),
+    tiny, pre = warm_start_recipe(warm_start, seed=seed)
+    tag = warm_start.replace("+", "_")
+    model, processor, info = warm_start_cached(workdir / f"baseline-{tag}-sft{steps}-seed{seed}", split.server_public,
+                                               tiny=tiny, pretrain=pre,
                                                sft=SFTConfig(steps=steps, seed=seed, max_seconds=3600),
                                                progress=False)
     return {"sft_steps": info["steps"], "accuracy": accuracy(model, processor, test)}
+
+
+def type_cell(acc: dict, d: str) -> str:
+    """``accuracy % (distinct answers, majority-answer rate %)`` of one question type, ``COLLAPSED`` when the policy
+    gives one answer to (nearly) every question of the type (evaluate.answer_diversity's rule)."""
+    div = acc.get("diversity", {}).get(d, {})
+    cell = f"{100 * acc['by_domain'].get(d, 0):.0f}"
+    if div:
+        cell += f" ({div['distinct_answers']} ans, maj {100 * div['majority_rate']:.0f})"
+        if div.get("collapsed"):
+            cell += " COLLAPSED"
+    return cell
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--mode", default="secagg", choices=("plain", "secagg", "secagg+dp"))
+    ap.add_argument("--warm-start", dest="warm_start", choices=WARM_STARTS, default="sft",
+                    help="mor demo --warm-start (the demo's default: sft); the baseline uses the same recipe")
     ap.add_argument("--baseline-steps", type=int, default=300,
                     help="SFT steps of the server-labels-only baseline (300 = 32 epochs of the 300-example split)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".cache" / "alignment_seeds")
@@ -71,9 +90,10 @@ def main() -> int:
     rows = []
     for s in a.seeds:
         print(f"seed {s}: mor demo --mode {a.mode} ...", flush=True)
-        rep = run_demo(s, a.workdir / f"seed{s}", a.mode, [])
+        sub = f"seed{s}" if a.warm_start == "sft" else f"{a.warm_start.replace('+', '_')}-seed{s}"
+        rep = run_demo(s, a.workdir / sub, a.mode, ["--warm-start", a.warm_start])
         al = rep["alignment"]
-        base = baseline(s, a.baseline_steps, al["sizes"]["test_eval"], a.workdir)
+        base = baseline(s, a.baseline_steps, al["sizes"]["test_eval"], a.workdir, a.warm_start)
         row = {"seed": s, "reference": al["accuracy_before"], "aligned": al["accuracy_after"],
                "gain_points": al["accuracy_gain_points"], "baseline_server_labels": base,
                "aligned_minus_baseline_points": 100 * (al["accuracy_after"]["overall"] - base["accuracy"]["overall"]),
@@ -87,15 +107,15 @@ def main() -> int:
 
     gains = [r["gain_points"] for r in rows]
     over_base = [r["aligned_minus_baseline_points"] for r in rows]
-    summary = {"mode": a.mode, "seeds": a.seeds, "gain_mean": statistics.mean(gains),
+    summary = {"mode": a.mode, "warm_start": a.warm_start, "seeds": a.seeds, "gain_mean": statistics.mean(gains),
                "gain_std": statistics.stdev(gains) if len(gains) > 1 else 0.0, "gain_min": min(gains),
                "over_baseline_mean": statistics.mean(over_base), "over_baseline_min": min(over_base),
                "baseline_steps": a.baseline_steps}
     domains = sorted(rows[0]["reference"]["by_domain"])
-    print(f"\n{'seed':<6}{'reference':>10}{'aligned':>9}{'gain':>7}{'baseline':>10}   per domain (ref -> aligned)")
+    print(f"\n{'seed':<6}{'reference':>10}{'aligned':>9}{'gain':>7}{'baseline':>10}   per type: reference -> aligned "
+          "(distinct answers, majority-answer rate)")
     for r in rows:
-        per = "  ".join(f"{d} {100 * r['reference']['by_domain'][d]:.0f}->{100 * r['aligned']['by_domain'].get(d, 0):.0f}"
-                        for d in domains)
+        per = "  ".join(f"{d} {type_cell(r['reference'], d)} -> {type_cell(r['aligned'], d)}" for d in domains)
         print(f"{r['seed']:<6}{100 * r['reference']['overall']:>9.1f}%{100 * r['aligned']['overall']:>8.1f}%"
               f"{r['gain_points']:>+7.1f}{100 * r['baseline_server_labels']['accuracy']['overall']:>9.1f}%   {per}")
     print(f"gain over the reference: mean {summary['gain_mean']:+.1f} points, std {summary['gain_std']:.1f}, "

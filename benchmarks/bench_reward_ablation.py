@@ -3,7 +3,10 @@
 Every cell is one in-process alignment run (``mor_server.alignment.pipeline.run_alignment``: reference -> router
 calibration -> GRPO -> evaluation on the same held-out test examples) that differs from its neighbours only in the reward:
 
-* ``mor``: the Mixture of Rewards, the learned router over the clients' trained DP reward models;
+* ``mor``: the Mixture of Rewards, the learned router over the clients' trained DP reward models (the router's
+  default features: the question's answer type, ``AlignmentConfig.router_features``);
+* ``mor-iq``: the same with the router on image + question-word features (the default before issue #17's router
+  measurement; cells measured before it are stored under this name);
 * ``uniform``: the same reward models mixed uniformly (no router; only the reward scale is calibrated);
 * ``oracle``: one client holding every label of the server's prompts (exact match): the ceiling any reward gives;
 * ``client:<name>``: one client's reward model alone;
@@ -50,23 +53,29 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_router import SHAPES_CLIENTS, SHAPES_SPLIT_ARGS, Inverted, trained_models  # noqa: E402  (the router bench's models)
+from bench_router import INFLATE, SHAPES_CLIENTS, SHAPES_SPLIT_ARGS, Inverted, Scaled, trained_models  # noqa: E402  (the router bench's models)
 
 from mor_server.alignment.recipes import WARM_STARTS  # noqa: E402
 SCENARIOS = ("honest", "adversary", "inflating", "shapes")
-INFLATE = 100.0  # the inflating adversary's score scale: the honest models' scores spread 17-37 over an item's answers, the
-# label expert's 1; the federation's declared plain-score bound is 1000
 TYPES = ("color", "shape", "yesno")
 SHAPES_TYPES = ("count", "relation")  # the procedural family's question types (scenario shapes)
 
 
-def scenario_split(scenario: str, seed: int):
-    """The federation split of a scenario: the demo's three clients, or four with a shapes client."""
+def scenario_split(scenario: str, seed: int, synthetic_prompt_images: int = 0):
+    """The federation split of a scenario: the demo's three clients, or four with a shapes client; plus
+    ``synthetic_prompt_images`` public synthetic images in the server's prompt pool (``--synthetic-prompts``)."""
     from mor_client.data.partition import make_federation_split
 
     if scenario == "shapes":
-        return make_federation_split(seed=seed, n_clients=4, include_shapes_client=True)
-    return make_federation_split(seed=seed, n_clients=3)
+        return make_federation_split(seed=seed, n_clients=4, include_shapes_client=True,
+                                     synthetic_prompt_images=synthetic_prompt_images)
+    return make_federation_split(seed=seed, n_clients=3, synthetic_prompt_images=synthetic_prompt_images)
+
+
+def split_label(label: str) -> tuple[str, int]:
+    """``(warm-start label, synthetic prompt images)`` of a cell's policy label ``<warm start>[@sp<N>]``."""
+    base, _, pool = label.partition("@sp")
+    return base, int(pool or 0)
 
 
 def server_model(seed: int, split, work: Path):
@@ -95,7 +104,7 @@ def server_model(seed: int, split, work: Path):
 
 def cell_name(policy: str, scenario: str, method: str, seed: int) -> str:
     """The file name of a cell (and of its run folder): the warm start, scenario, reward and seed."""
-    return f"{policy.replace('+', '_').replace('/', '_')}-{scenario}-{method.replace(':', '_')}-seed{seed}"
+    return f"{policy.replace('+', '_').replace('/', '_').replace('@', '_')}-{scenario}-{method.replace(':', '_')}-seed{seed}"
 
 
 def recipe(label: str, seed: int):
@@ -105,7 +114,7 @@ def recipe(label: str, seed: int):
 
     from mor_server.alignment.recipes import warm_start_recipe
 
-    name, _, prompts = label.partition("/")
+    name, _, prompts = split_label(label)[0].partition("/")
     tiny, pre = warm_start_recipe(name, seed=seed)
     if prompts:
         if pre is None:
@@ -120,6 +129,7 @@ def reference(policy: str, seed: int, split, cache: Path, tag: str = "") -> Path
     from mor_server.alignment.warmstart import SFTConfig, warm_start_cached
 
     tiny, pre = recipe(policy, seed)
+    policy = split_label(policy)[0]  # the prompt pool does not change the reference
     d = cache / "references" / f"{policy.replace('+', '_').replace('/', '_')}-seed{seed}{tag}"
     t0 = time.perf_counter()
     _, _, info = warm_start_cached(d, split.server_public, tiny=tiny, sft=SFTConfig(steps=50, seed=seed),
@@ -127,16 +137,6 @@ def reference(policy: str, seed: int, split, cache: Path, tag: str = "") -> Path
     if not info.get("cached"):
         print(f"  built the {policy} reference of seed {seed} in {time.perf_counter() - t0:.0f} s", flush=True)
     return d
-
-
-class Scaled:
-    """A client that multiplies another scorer's scores (an adversary inflating its scores within the bound)."""
-
-    def __init__(self, inner, factor: float):
-        self.inner, self.factor = inner, factor
-
-    def score(self, items):
-        return [[self.factor * v for v in row] for row in self.inner.score(items)]
 
 
 def scorers_for(scenario: str, method: str, seed: int, split, cache: Path) -> dict:
@@ -177,7 +177,7 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
     from mor_server.alignment.inprocess import InProcessBackend
     from mor_server.alignment.warmstart import SFTConfig
 
-    split = scenario_split(scenario, seed)
+    split = scenario_split(scenario, seed, split_label(policy)[1])
     ref = reference(policy, seed, split, cache, tag="-shapes" if scenario == "shapes" else "")
     scorers = scorers_for(scenario, method, seed, split, cache)
     work = cache / "runs" / cell_name(policy, scenario, method, seed)
@@ -190,6 +190,7 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
                           seed=seed, w_format=4.0,
                           answer_vocabulary=list(get_answers()) + (list(SHAPES_ANSWERS) if scenario == "shapes" else []),
                           routing="uniform" if method == "uniform" else "learned",
+                          **({"router_features": ("image", "question")} if method == "mor-iq" else {}),
                           curve_every=100, resume=False, progress=False,
                           # every cell runs its whole GRPO budget: the collapse guard (on in the demo) would end
                           # some runs early and the rewards would no longer be compared at the same budget
@@ -254,7 +255,7 @@ def report(cells: list[dict], out: Path) -> dict:
                                        "aligned_mean": statistics.mean(after), "by_type": per,
                                        "grpo_seconds": [c["grpo_seconds"] for c in cs]}
     # paired differences that the issues ask about
-    pairs = [("mor", "uniform"), ("mor", "oracle")]
+    pairs = [("mor", "uniform"), ("mor", "oracle"), ("mor", "mor-iq")]
     for pol in sorted({c["policy"] for c in cells}):
         for sc in SCENARIOS:
             for a, b in pairs:
@@ -306,9 +307,12 @@ def main() -> int:
     ap.add_argument("--caption-prompts", choices=("fixed", "varied"), default="fixed",
                     help="stage 1's caption prompts (PretrainConfig.caption_prompts) for warm starts that have one; "
                          "varied cells are labelled <warm start>/varied")
+    ap.add_argument("--synthetic-prompts", type=int, default=0, metavar="N",
+                    help="add N public synthetic images (3 questions each) to the server's GRPO prompt pool "
+                         "(make_federation_split(synthetic_prompt_images=N)); cells are labelled <warm start>@spN")
     ap.add_argument("--scenario", choices=SCENARIOS, nargs="+", default=["honest"])
     ap.add_argument("--methods", nargs="+", default=["oracle", "mor", "uniform"],
-                    help="mor, uniform, oracle, server, client:<name> (hospital-color, bank-shape, lab-yesno; "
+                    help="mor, mor-iq (router on image + question words), uniform, oracle, server, client:<name> (hospital-color, bank-shape, lab-yesno; "
                          "studio-shapes in the shapes scenario)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=400, help="GRPO steps (the demo's 400)")
@@ -319,19 +323,24 @@ def main() -> int:
                     help="only train the reward models and build the references of the selected seeds / policies")
     a = ap.parse_args()
     for m in a.methods:
-        if m not in ("mor", "uniform", "oracle", "server") and not m.startswith("client:"):
-            raise SystemExit(f"--methods: unknown reward {m!r}; use mor, uniform, oracle, server or client:<name>")
+        if m not in ("mor", "mor-iq", "uniform", "oracle", "server") and not m.startswith("client:"):
+            raise SystemExit(f"--methods: unknown reward {m!r}; use mor, mor-iq, uniform, oracle, server or "
+                             "client:<name>")
     cells_dir = a.cache / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     if not a.report_only:
         if a.caption_prompts != "fixed":
             a.policy = [f"{p}/{a.caption_prompts}" for p in a.policy]
+        if a.synthetic_prompts < 0:
+            raise SystemExit(f"--synthetic-prompts must be >= 0, got {a.synthetic_prompts}")
+        if a.synthetic_prompts:
+            a.policy = [f"{p}@sp{a.synthetic_prompts}" for p in a.policy]
         todo = [(p, s, m, seed) for seed in a.seeds for p in a.policy for s in a.scenario for m in a.methods
                 if not (m in ("oracle", "server") and s in ("adversary", "inflating"))]  # no client in them
         if a.prepare_only:
             for seed in a.seeds:
                 for s in a.scenario:
-                    split = scenario_split(s, seed)
+                    split = scenario_split(s, seed, a.synthetic_prompts)
                     for m in a.methods:
                         if m != "oracle":
                             scorers_for(s, m, seed, split, a.cache)

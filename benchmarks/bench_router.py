@@ -8,14 +8,20 @@ answers of the other 20%: the learned router, the uniform mixture, the router's 
 routing by true question type (all weight on the client best for the type on the fit items) and each client alone.
 
 Scenarios: ``honest`` (the three clients), ``adversary`` (plus a fourth client that inverts a label expert over every
-question type: an adversarially flipped annotator), ``experts`` (three label experts, one per type: an upper bound on
+question type: an adversarially flipped annotator), ``inflating`` (that adversary with its scores x100), ``experts`` (three label experts, one per type: an upper bound on
 what trained reward models give) and ``shapes`` (four clients, the fourth holding the procedural shapes family:
 ``make_federation_split(n_clients=4, include_shapes_client=True)``).
 
-    .venv/bin/python benchmarks/bench_router.py                    # seeds 0 1 2, ~5 min of training on first run
-    .venv/bin/python benchmarks/bench_router.py --seeds 0 --scenarios honest
+Feature sets (``--features``, ``AlignmentConfig.router_features``) are compared side by side on the same scoring
+rounds: ``type`` (the question's answer type under the answer schema; the default), ``image+question`` (pooled pixels
+and hashed words; the default before issue #17's measurement) and ``type+question``. Besides the 60 held-out public
+items, every router is also measured on the server's GRPO prompt pool (600 items a seed, the prompts the reward is
+used on; their labels are read by this benchmark only).
 
-Prints accuracy (right answer ranked first among the valid ones) mean ± spread per strategy, and writes
+    .venv/bin/python benchmarks/bench_router.py                    # seeds 0 1 2, ~5 min of training on first run
+    .venv/bin/python benchmarks/bench_router.py --seeds 0 --scenarios honest --features type
+
+Prints accuracy (right answer ranked first among the valid ones) mean (spread) per strategy, and writes
 ``benchmarks/results/router.json``.
 """
 
@@ -70,70 +76,125 @@ def trained_models(seed: int, work: Path, *, clients=CLIENTS, split_args: tuple[
     return out
 
 
-def run(seed: int, scenario: str, work: Path) -> dict:
+FEATURES = {"type": ("type",), "image+question": ("image", "question"), "type+question": ("type", "question")}
+
+
+class Scaled:
+    """A client that multiplies another scorer's scores (an adversary inflating its scores within the bound)."""
+
+    def __init__(self, inner, factor: float):
+        self.inner, self.factor = inner, factor
+
+    def score(self, items):
+        return [[self.factor * v for v in row] for row in self.inner.score(items)]
+
+
+INFLATE = 100.0  # the inflating adversary's score scale: the honest models' scores spread 17-37 over an item's answers, the
+# label expert's 1; the federation's declared plain-score bound is 1000
+
+
+def scenario_scorers(seed: int, scenario: str, work: Path):
+    """``(split, scorers)`` of a scenario."""
     from mor_client.data.partition import make_federation_split
-    from mor_server.alignment.calibration import calibrate_router
-    from mor_server.alignment.features import FeatureExtractor
-    from mor_server.alignment.inprocess import InProcessBackend, LabelExpertScorer
+    from mor_server.alignment.inprocess import LabelExpertScorer
 
     if scenario == "shapes":
         split = make_federation_split(seed=seed, n_clients=4, include_shapes_client=True)
     else:
         split = make_federation_split(seed=seed, n_clients=3)
-    public = split.server_public
-    known = list(public) + list(split.server_unlabeled)
+    known = list(split.server_public) + list(split.server_unlabeled)
     if scenario == "experts":
         scorers = {f"expert_{d}": LabelExpertScorer(known, [d]) for d in ("color", "shape", "yesno")}
     elif scenario == "shapes":
         scorers = trained_models(seed, work, clients=SHAPES_CLIENTS, split_args=SHAPES_SPLIT_ARGS, tag="-shapes")
     else:
         scorers = trained_models(seed, work)
-        if scenario == "adversary":
+        if scenario in ("adversary", "inflating"):
             scorers["adversary"] = Inverted(LabelExpertScorer(known, ["color", "shape", "yesno"]))
-    t0 = time.perf_counter()
-    router = calibrate_router(InProcessBackend(scorers), public, FeatureExtractor(), seed=seed)
-    cal = router.calibration
-    h = cal["heldout"]
-    return {"seed": seed, "scenario": scenario, "seconds": time.perf_counter() - t0, "alpha": cal["alpha"],
-            "heldout_items": h["items"], **{s: h[s]["accuracy"] for s in STRATEGIES if s in h},
-            "clients": {c: v["accuracy"] for c, v in h["clients"].items()},
-            "mean_weight": {c: v["mean_weight"] for c, v in cal["clients"].items()},
-            "by_domain": h["by_domain"], "oracle_choice": h["oracle_choice"],
-            "weights_by_domain": cal["weights_by_domain"]}
+        if scenario == "inflating":
+            scorers["adversary"] = Scaled(scorers["adversary"], INFLATE)
+    return split, scorers
+
+
+def run(seed: int, scenario: str, work: Path, features: list[str]) -> list[dict]:
+    """One row per feature set: the router fitted on 80% of the public items, every strategy compared on the other
+    20% (``heldout``) and on the server's GRPO prompt pool (``pool``: the prompts the reward is actually used on;
+    their labels are read here only to measure, never by the server)."""
+    from mor.types import ScoringItem
+    from mor_server.alignment.calibration import answer_schema, calibrate_router, calibration_items, compare_routings
+    from mor_server.alignment.evaluate import domain_of
+    from mor_server.alignment.features import FeatureExtractor
+    from mor_server.alignment.inprocess import InProcessBackend
+
+    split, scorers = scenario_scorers(seed, scenario, work)
+    public = split.server_public
+    backend = InProcessBackend(scorers)
+    schema = answer_schema(public, split.server_unlabeled)
+    pool = calibration_items(split.server_unlabeled, schema)
+    items = [ScoringItem(item_id=f"pool-{i}", image=e.image, question=e.question, candidates=tuple(c))
+             for i, (e, c, _) in enumerate(pool)]
+    pool_scores = backend.client_scores(items, purpose="benchmark")
+    rows = []
+    for name in features:
+        fx = FeatureExtractor(parts=FEATURES[name], schema=schema)
+        t0 = time.perf_counter()
+        router = calibrate_router(backend, public, fx, seed=seed, schema=schema)
+        seconds = time.perf_counter() - t0
+        cal = router.calibration
+        h = cal["heldout"]
+        feats = fx.batch([e.image for e, _, _ in pool], [e.question for e, _, _ in pool])
+        p = compare_routings(router, feats, pool_scores, [t for _, _, t in pool], [domain_of(e) for e, _, _ in pool],
+                             h["oracle_choice"])
+        rows.append({"seed": seed, "scenario": scenario, "features": name, "seconds": seconds, "alpha": cal["alpha"],
+                     "heldout_items": h["items"], **{s: h[s]["accuracy"] for s in STRATEGIES if s in h},
+                     "pool_items": p["items"], "pool": {s: p[s]["accuracy"] for s in STRATEGIES if s in p},
+                     "pool_by_domain": p["by_domain"],
+                     "pool_clients": {c: v["accuracy"] for c, v in p["clients"].items()},
+                     "clients": {c: v["accuracy"] for c, v in h["clients"].items()},
+                     "mean_weight": {c: v["mean_weight"] for c, v in cal["clients"].items()},
+                     "by_domain": h["by_domain"], "oracle_choice": h["oracle_choice"],
+                     "weights_by_domain": cal["weights_by_domain"]})
+    return rows
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--scenarios", nargs="+", default=["honest", "adversary", "experts"],
-                    choices=["honest", "adversary", "experts", "shapes"])
-    ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_router")
+    ap.add_argument("--scenarios", nargs="+", default=["honest", "adversary", "inflating", "experts"],
+                    choices=["honest", "adversary", "inflating", "experts", "shapes"])
+    ap.add_argument("--features", nargs="+", default=list(FEATURES), choices=list(FEATURES),
+                    help="router feature sets compared side by side (AlignmentConfig.router_features; default: all)")
+    ap.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".cache" / "reward_ablation" / "reward_models",
+                    help="where the clients' reward models are trained and cached (shared with bench_reward_ablation)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "router.json")
     a = ap.parse_args()
     rows = []
     for scenario in a.scenarios:
         for seed in a.seeds:
-            r = run(seed, scenario, a.workdir)
-            rows.append(r)
-            print(f"{scenario:<10} seed {seed}: " + "  ".join(f"{s} {100 * r[s]:.1f}" for s in STRATEGIES if s in r)
-                  + "   weights " + ", ".join(f"{c} {w:.2f}" for c, w in r["mean_weight"].items()), flush=True)
-    print(f"\nheld-out public items, right answer ranked first among the valid ones (%), mean ± spread over seeds "
-          f"{a.seeds}:")
-    print(f"{'scenario':<10}" + "".join(f"{s:>16}" for s in STRATEGIES) + f"{'router-uniform':>16}")
+            for r in run(seed, scenario, a.workdir, a.features):
+                rows.append(r)
+                print(f"{scenario:<10} seed {seed} {r['features']:<15} pool: "
+                      + "  ".join(f"{s} {100 * r['pool'][s]:.1f}" for s in STRATEGIES if s in r["pool"])
+                      + "   weights " + ", ".join(f"{c} {w:.2f}" for c, w in r["mean_weight"].items()), flush=True)
     summary = {}
-    for scenario in a.scenarios:
-        rs = [r for r in rows if r["scenario"] == scenario]
-        cell = {}
-        line = f"{scenario:<10}"
-        for s in STRATEGIES:
-            v = [100 * r[s] for r in rs if s in r]
-            cell[s] = {"mean": statistics.mean(v), "min": min(v), "max": max(v)} if v else None
-            line += f"{cell[s]['mean']:>9.1f} ({max(v) - min(v):4.1f})" if v else f"{'-':>16}"
-        gap = [100 * (r["router"] - r["uniform"]) for r in rs]
-        cell["router_minus_uniform"] = {"mean": statistics.mean(gap), "min": min(gap), "max": max(gap)}
-        line += f"{statistics.mean(gap):>+10.1f} ({max(gap) - min(gap):4.1f})"
-        summary[scenario] = cell
-        print(line)
+    for where, label in (("pool", "the server's GRPO prompt pool (600 items a seed)"),
+                         ("heldout", "held-out public items (60 a seed)")):
+        print(f"\n{label}: right answer ranked first among the valid ones (%), mean (spread) over seeds {a.seeds}:")
+        print(f"{'scenario':<11}{'features':<16}" + "".join(f"{s:>14}" for s in STRATEGIES) + f"{'router-uniform':>16}")
+        for scenario in a.scenarios:
+            for name in a.features:
+                rs = [r for r in rows if r["scenario"] == scenario and r["features"] == name]
+                get = (lambda r, s: r["pool"].get(s)) if where == "pool" else (lambda r, s: r.get(s))
+                cell, line = {}, f"{scenario:<11}{name:<16}"
+                for s in STRATEGIES:
+                    v = [100 * get(r, s) for r in rs if get(r, s) is not None]
+                    cell[s] = {"mean": statistics.mean(v), "min": min(v), "max": max(v)} if v else None
+                    line += f"{statistics.mean(v):>8.1f} ({max(v) - min(v):3.1f})" if v else f"{'-':>14}"
+                gap = [100 * (get(r, "router") - get(r, "uniform")) for r in rs]
+                cell["router_minus_uniform"] = {"mean": statistics.mean(gap), "min": min(gap), "max": max(gap)}
+                line += f"{statistics.mean(gap):>+10.1f} ({max(gap) - min(gap):3.1f})"
+                summary.setdefault(where, {}).setdefault(scenario, {})[name] = cell
+                print(line)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"command": " ".join(["benchmarks/bench_router.py", *sys.argv[1:]]),
                                  "summary": summary, "runs": rows}, indent=1))

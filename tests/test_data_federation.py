@@ -89,3 +89,25 @@ def test_federation_split_heterogeneous_disjoint_deterministic():
         make_federation_split(seed=0, scheme="random")
     with pytest.raises(ValueError, match="pairs_per_client"):
         make_federation_split(seed=0, pairs_per_client=[1, 2])
+
+
+def test_synthetic_prompt_images_extend_the_prompt_pool_and_change_nothing_else():
+    """More public images to align on: rendered by the server, answerable, disjoint from easy-vqa's images, and the
+    clients' data, the server's labelled split and the held-out test stay exactly as without them."""
+    from mor_server.alignment.pipeline import heldout_test
+
+    base = make_federation_split(seed=3, n_clients=3)
+    more = make_federation_split(seed=3, n_clients=3, synthetic_prompt_images=40)
+    extra = more.server_unlabeled[len(base.server_unlabeled):]
+    assert more.server_unlabeled[:len(base.server_unlabeled)] == base.server_unlabeled
+    assert len(extra) == 120 and {e.domain for e in extra} == {"synthetic"}
+    assert {e.question_type for e in extra} == {"color", "shape", "yesno"}
+    assert all(e.answer in candidate_answers(e.question_type) for e in extra)
+    assert len({e.image_id for e in extra}) == 40 and len({e.image for e in extra}) == 40
+    assert not {e.image for e in extra} & {e.image for e in base.server_unlabeled + base.server_public}
+    assert more.server_public == base.server_public
+    assert {k: (c.train, c.heldout) for k, c in more.clients.items()} == \
+        {k: (c.train, c.heldout) for k, c in base.clients.items()}
+    assert [e.example_id for e in heldout_test(more)] == [e.example_id for e in heldout_test(base)]
+    with pytest.raises(ValueError, match="synthetic_prompt_images"):
+        make_federation_split(seed=3, synthetic_prompt_images=-1)

@@ -60,7 +60,8 @@ def make_federation_split(*, seed: int, scheme: str = "by_question_type", n_clie
                           public_size: int = 300, unlabeled_size: int = 600, flip_fraction: float = 0.0,
                           include_shapes_client: bool = False, heldout_fraction: float = 0.1,
                           max_heldout: int = 600, rejected_per_example: int = 1,
-                          n_annotators: int = 8, shapes_test_size: int = 150) -> FederationSplit:
+                          n_annotators: int = 8, shapes_test_size: int = 150,
+                          synthetic_prompt_images: int = 0) -> FederationSplit:
     """Split easy-vqa (and optionally the procedural family) into a federation.
 
     scheme:
@@ -73,6 +74,10 @@ def make_federation_split(*, seed: int, scheme: str = "by_question_type", n_clie
     ``include_shapes_client``: the last client instead holds the procedural "shapes" domain
     (count / relation questions); the server's public and unlabeled sets then also contain shapes items, and
     ``server_heldout`` holds ``shapes_test_size`` more (a third index range) for the held-out test.
+    ``synthetic_prompt_images``: the server also renders this many public synthetic images
+    (:mod:`mor_client.data.synthetic`, a seed of their own; a colour, a shape and a yes/no question each) and adds
+    them to ``server_unlabeled`` as GRPO prompts: more images to align on at no privacy cost, without taking any
+    from easy-vqa's test split (so the held-out test is unchanged).
     Each client's held-out split uses images its training split does not.
     """
     if scheme not in SCHEMES:
@@ -81,6 +86,8 @@ def make_federation_split(*, seed: int, scheme: str = "by_question_type", n_clie
         raise ValueError(f"n_clients must be >= 1, got {n_clients}")
     if dirichlet_alpha <= 0:
         raise ValueError(f"dirichlet_alpha must be > 0, got {dirichlet_alpha}")
+    if synthetic_prompt_images < 0:
+        raise ValueError(f"synthetic_prompt_images must be >= 0, got {synthetic_prompt_images}")
     if not 0 < heldout_fraction < 1:
         raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
     caps = _sizes(pairs_per_client, n_clients, "pairs_per_client")
@@ -107,6 +114,11 @@ def make_federation_split(*, seed: int, scheme: str = "by_question_type", n_clie
     rng.shuffle(public)
     rng.shuffle(unlabeled)
     public, unlabeled = public[:public_size], unlabeled[:unlabeled_size]
+    if synthetic_prompt_images:
+        from .synthetic import make_synthetic_examples
+
+        # appended (the trainer shuffles its prompts), drawing nothing from ``rng``: the clients' split is unchanged
+        unlabeled += make_synthetic_examples(synthetic_prompt_images, seed=20_000 + seed, questions_per_image=3)
 
     # ---- client side: easy-vqa train split
     train = load_easyvqa("train")

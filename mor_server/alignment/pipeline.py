@@ -55,6 +55,12 @@ class AlignmentConfig:
     router_steps: int = 300
     top_k: int | None = None
     """Route each item to its top-k clients only (None: all live clients)."""
+    router_features: tuple = ("type",)
+    """The router's input features (:mod:`mor_server.alignment.features`): any of ``type`` (the question's answer
+    type under the answer schema), ``image`` (pooled pixels) and ``question`` (hashed words). ``("type",)``: on the
+    demo's federation the router then ranks as well as routing every question to its own domain's client, where
+    image + question left 5-15% of the weight on clients that know nothing about the question (docs/alignment.md,
+    "The router's features")."""
     routing: str = "learned"
     """``learned``: the Mixture of Rewards router; ``uniform``: the ablation without a router (uniform weights over
     the live clients, only the reward scale calibrated, on the same objective and calibration round)."""
@@ -134,6 +140,14 @@ PRESET_DEFAULTS: dict[str, dict] = {
     "byo": {"grpo": {"learning_rate": 5e-5, "beta": 0.1, "lora_r": 16, "lora_alpha": 32, "prompts_per_step": 4,
                      "num_generations": 8, "max_completion_length": 8}, "sft": {"steps": 0}},
 }
+
+
+def router_features(parts, schema) -> FeatureExtractor:
+    """The router's feature extractor for ``AlignmentConfig.router_features``, with a one-line error naming the field."""
+    try:
+        return FeatureExtractor(parts=parts, schema=schema)
+    except ValueError as e:
+        raise ValueError(f"AlignmentConfig.router_features: {e}") from None
 
 
 def heldout_test(split) -> list:
@@ -253,14 +267,16 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
 
     # 2. router (calibrated on the answer-softmax objective over the format rule's valid answers)
     t0 = time.perf_counter()
-    features = FeatureExtractor()
     schema = answer_schema(public, unlabeled, cfg.answer_vocabulary, typed=cfg.typed_answers)
     if plan.reuse_router:  # calibrated by the interrupted run: no second calibration round (nor its charge)
         router = MoRRouter.load(work / "router")
+        features = FeatureExtractor.from_config(router.feature_config)
     elif not ranks.main:  # rank 0 runs the calibration round; the other ranks load the router it saves
         ranks.wait()
         router = MoRRouter.load(work / "router")
+        features = FeatureExtractor.from_config(router.feature_config)
     else:
+        features = router_features(cfg.router_features, schema)
         router = calibrate_router(backend, public, features, hidden=cfg.router_hidden, steps=cfg.router_steps,
                                   top_k=cfg.top_k, objective=cfg.objective, seed=cfg.seed,
                                   purpose=cfg.calibration_purpose, retries=cfg.retries, routing=cfg.routing,
