@@ -253,3 +253,16 @@ def test_feature_parts_one_hot_types_and_config_round_trip(public):
         FeatureExtractor(parts=("type",))
     with pytest.raises(ValueError, match="parts must be"):
         FeatureExtractor(parts=("pixels",))
+
+
+def test_bad_router_features_fail_before_any_work(tmp_path, public):
+    from mor_server.alignment.pipeline import AlignmentConfig, run_alignment
+
+    backend = InProcessBackend({"a": LabelExpertScorer(public, ["color"])})
+    with pytest.raises(ValueError, match="AlignmentConfig.router_features: .*parts must be"):
+        run_alignment(backend, public=public, unlabeled=public, test=public,
+                      config=AlignmentConfig(work_dir=str(tmp_path / "a"), router_features=("pixels",)))
+    with pytest.raises(ValueError, match="needs typed_answers"):
+        run_alignment(backend, public=public, unlabeled=public, test=public,
+                      config=AlignmentConfig(work_dir=str(tmp_path / "b"), typed_answers=False))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -57,10 +57,10 @@ class AlignmentConfig:
     """Route each item to its top-k clients only (None: all live clients)."""
     router_features: tuple = ("type",)
     """The router's input features (:mod:`mor_server.alignment.features`): any of ``type`` (the question's answer
-    type under the answer schema), ``image`` (pooled pixels) and ``question`` (hashed words). ``("type",)``: on the
-    demo's federation the router then ranks as well as routing every question to its own domain's client, where
-    image + question left 5-15% of the weight on clients that know nothing about the question (docs/alignment.md,
-    "The router's features")."""
+    type under the answer schema; needs ``typed_answers``), ``image`` (pooled pixels) and ``question`` (hashed words).
+    ``("type",)``: on the demo's federation the router then ranks as well as routing every question to its own
+    domain's client, where image + question overfit the calibration items and left weight on clients that know
+    nothing about the question (docs/alignment.md, "The router's features")."""
     routing: str = "learned"
     """``learned``: the Mixture of Rewards router; ``uniform``: the ablation without a router (uniform weights over
     the live clients, only the reward scale calibrated, on the same objective and calibration round)."""
@@ -142,6 +142,13 @@ PRESET_DEFAULTS: dict[str, dict] = {
 }
 
 
+class _SchemaCheck:
+    """Stands in for the answer schema when only the names of ``router_features`` are checked."""
+
+    def types(self):
+        return []
+
+
 def router_features(parts, schema) -> FeatureExtractor:
     """The router's feature extractor for ``AlignmentConfig.router_features``, with a one-line error naming the field."""
     try:
@@ -217,6 +224,10 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
     for name, seq in (("public", public), ("unlabeled", unlabeled), ("test", test)):
         if not seq:
             raise ValueError(f"run_alignment: {name} is empty")
+    router_features(cfg.router_features, _SchemaCheck())  # a bad value fails here, not after the warm start
+    if "type" in cfg.router_features and not cfg.typed_answers:
+        raise ValueError("AlignmentConfig.router_features: 'type' needs typed_answers=True (an untyped answer schema "
+                         "has no answer types); drop 'type' or keep the typed format rule")
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
