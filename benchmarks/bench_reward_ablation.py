@@ -12,7 +12,11 @@ calibration -> GRPO -> evaluation on the same held-out test examples) that diffe
 * ``client:<name>``: one client's reward model alone;
 * ``server``: a reward model the server trains on its own public labelled split (no client at all; the same cnn
   architecture as the colour client, non-private since the data is the server's own): what a server gets without
-  a federation.
+  a federation;
+* ``server-sft``: no GRPO and no reward at all: the same warm-start recipe with SFT-300 instead of SFT-50 on the
+  server's public split (the server-labels-only baseline of ``bench_alignment_seeds.py``), on the same test
+  items: what the server's own labels give by supervision alone. Its reference column is the SFT-50 reference's
+  accuracy when that reference is cached, else blank.
 
 Scenarios: ``honest`` (the demo's three clients: cnn / colour, vit / shape, lora / yes-no; DP-SGD at epsilon 8, trained by
 ``mor client train`` exactly as ``mor demo`` trains them) and ``adversary`` (plus a fourth client that inverts a label
@@ -52,6 +56,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+METHODS = ("mor", "mor-iq", "uniform", "oracle", "server", "server-sft")
+SERVER_SFT_STEPS = 300  # bench_alignment_seeds.py's --baseline-steps default: 32 epochs of the 300-example split
 
 from bench_router import INFLATE, SHAPES_CLIENTS, SHAPES_SPLIT_ARGS, Inverted, Scaled, trained_models  # noqa: E402  (the router bench's models)
 
@@ -178,6 +185,8 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
     from mor_server.alignment.warmstart import SFTConfig
 
     split = scenario_split(scenario, seed, split_label(policy)[1])
+    if method == "server-sft":
+        return server_sft_cell(policy, scenario, seed, split, cache)
     ref = reference(policy, seed, split, cache, tag="-shapes" if scenario == "shapes" else "")
     scorers = scorers_for(scenario, method, seed, split, cache)
     work = cache / "runs" / cell_name(policy, scenario, method, seed)
@@ -213,6 +222,53 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
     return out
 
 
+def server_sft_cell(policy: str, scenario: str, seed: int, split, cache: Path) -> dict:
+    """The server-labels-only baseline as a cell: the policy's warm-start recipe with SFT-300 on the server's public
+    split (``bench_alignment_seeds.baseline``'s settings), evaluated on the cell's held-out test."""
+    from mor_server.alignment.evaluate import accuracy
+    from mor_server.alignment.pipeline import heldout_test
+    from mor_server.alignment.warmstart import SFTConfig, warm_start_cached
+
+    tag = "-shapes" if scenario == "shapes" else ""
+    test = heldout_test(split)
+    tiny, pre = recipe(policy, seed)
+    name = split_label(policy)[0].replace("+", "_").replace("/", "_")
+    t0 = time.perf_counter()
+    model, processor, info = warm_start_cached(cache / "baselines" / f"{name}-sft{SERVER_SFT_STEPS}-seed{seed}{tag}",
+                                               split.server_public, tiny=tiny, pretrain=pre,
+                                               sft=SFTConfig(steps=SERVER_SFT_STEPS, seed=seed, max_seconds=3600),
+                                               progress=False)
+    after = accuracy(model, processor, test)
+    before = None
+    ref_dir = cache / "references" / f"{name}-seed{seed}{tag}"
+    if (ref_dir / "warm_start.json").is_file():  # only when built already: the baseline does not need it
+        ref, ref_proc, _ = warm_start_cached(ref_dir, split.server_public, tiny=tiny, sft=SFTConfig(steps=50, seed=seed),
+                                             pretrain=pre, progress=False)
+        before = accuracy(ref, ref_proc, test)
+    return {"policy": policy, "scenario": scenario, "method": "server-sft", "seed": seed,
+            "seconds": time.perf_counter() - t0, "grpo_seconds": 0.0, "sft_steps": info.get("steps"),
+            "before": before, "after": after}
+
+
+def restore_cells(out: Path, cells_dir: Path) -> int:
+    """Write the cells recorded in a results file (``--out``) that the cache lacks back into it, so a fresh clone
+    can re-report, and extend, the committed grid without re-running it. Returns how many were restored."""
+    try:
+        recorded = json.loads(out.read_text()).get("cells", [])
+    except (OSError, ValueError):
+        return 0
+    n = 0
+    for c in recorded:
+        try:
+            f = cells_dir / f"{cell_name(c['policy'], c['scenario'], c['method'], c['seed'])}.json"
+        except (KeyError, TypeError):
+            continue
+        if not f.is_file():
+            f.write_text(json.dumps(c, indent=1, default=str))
+            n += 1
+    return n
+
+
 def fmt(v: list[float]) -> str:
     return f"{statistics.mean(v):5.1f} ({max(v) - min(v):4.1f})" if v else "    -     "
 
@@ -231,7 +287,7 @@ def report(cells: list[dict], out: Path) -> dict:
     summary = {}
     for (pol, sc, m), cs in sorted(groups.items()):
         cs = sorted(cs, key=lambda c: c["seed"])
-        before = [100 * c["before"]["overall"] for c in cs]
+        before = [100 * c["before"]["overall"] for c in cs if c.get("before")]
         after = [100 * c["after"]["overall"] for c in cs]
         per = {}
         line = f"{pol:<14}{sc:<10}{m:<22}{','.join(str(c['seed']) for c in cs):<8}{fmt(before):>13}{fmt(after):>13}"
@@ -255,7 +311,7 @@ def report(cells: list[dict], out: Path) -> dict:
                                        "aligned_mean": statistics.mean(after), "by_type": per,
                                        "grpo_seconds": [c["grpo_seconds"] for c in cs]}
     # paired differences that the issues ask about
-    pairs = [("mor", "uniform"), ("mor", "oracle"), ("mor", "mor-iq")]
+    pairs = [("mor", "uniform"), ("mor", "oracle"), ("mor", "mor-iq"), ("mor", "server-sft")]
     for pol in sorted({c["policy"] for c in cells}):
         for sc in SCENARIOS:
             for a, b in pairs:
@@ -290,7 +346,7 @@ def plot(summary: dict, path: Path) -> None:
     ax.bar(xs, [statistics.mean(v["aligned"]) for _, v in rows],
            yerr=[[statistics.mean(v["aligned"]) - min(v["aligned"]) for _, v in rows],
                  [max(v["aligned"]) - statistics.mean(v["aligned"]) for _, v in rows]], capsize=3, label="aligned")
-    ax.scatter(xs, [statistics.mean(v["reference"]) for _, v in rows], color="k", marker="_", s=200,
+    ax.scatter(xs, [statistics.mean(v["reference"]) if v["reference"] else float("nan") for _, v in rows], color="k", marker="_", s=200,
                label="reference", zorder=3)
     ax.set_xticks(list(xs), [k.replace("/", "\n") for k, _ in rows], fontsize=7)
     ax.set_ylabel("held-out accuracy (%)")
@@ -312,7 +368,8 @@ def main() -> int:
                          "(make_federation_split(synthetic_prompt_images=N)); cells are labelled <warm start>@spN")
     ap.add_argument("--scenario", choices=SCENARIOS, nargs="+", default=["honest"])
     ap.add_argument("--methods", nargs="+", default=["oracle", "mor", "uniform"],
-                    help="mor, mor-iq (router on image + question words), uniform, oracle, server, client:<name> (hospital-color, bank-shape, lab-yesno; "
+                    help="mor, mor-iq (router on image + question words), uniform, oracle, server, server-sft "
+                         "(SFT-300 on the server's labels, no GRPO), client:<name> (hospital-color, bank-shape, lab-yesno; "
                          "studio-shapes in the shapes scenario)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=400, help="GRPO steps (the demo's 400)")
@@ -323,11 +380,13 @@ def main() -> int:
                     help="only train the reward models and build the references of the selected seeds / policies")
     a = ap.parse_args()
     for m in a.methods:
-        if m not in ("mor", "mor-iq", "uniform", "oracle", "server") and not m.startswith("client:"):
-            raise SystemExit(f"--methods: unknown reward {m!r}; use mor, mor-iq, uniform, oracle, server or "
-                             "client:<name>")
+        if m not in METHODS and not m.startswith("client:"):
+            raise SystemExit(f"--methods: unknown reward {m!r}; use {', '.join(METHODS)} or client:<name>")
     cells_dir = a.cache / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
+    restored = restore_cells(a.out, cells_dir)
+    if restored:
+        print(f"restored {restored} cells recorded in {a.out} into {cells_dir}")
     if not a.report_only:
         if a.caption_prompts != "fixed":
             a.policy = [f"{p}/{a.caption_prompts}" for p in a.policy]
@@ -336,13 +395,13 @@ def main() -> int:
         if a.synthetic_prompts:
             a.policy = [f"{p}@sp{a.synthetic_prompts}" for p in a.policy]
         todo = [(p, s, m, seed) for seed in a.seeds for p in a.policy for s in a.scenario for m in a.methods
-                if not (m in ("oracle", "server") and s in ("adversary", "inflating"))]  # no client in them
+                if not (m in ("oracle", "server", "server-sft") and s in ("adversary", "inflating"))]  # no client in them
         if a.prepare_only:
             for seed in a.seeds:
                 for s in a.scenario:
                     split = scenario_split(s, seed, a.synthetic_prompts)
                     for m in a.methods:
-                        if m != "oracle":
+                        if m not in ("oracle", "server-sft"):
                             scorers_for(s, m, seed, split, a.cache)
                     for p in a.policy:
                         reference(p, seed, split, a.cache, tag="-shapes" if s == "shapes" else "")
@@ -362,7 +421,8 @@ def main() -> int:
             tmp = f.with_suffix(".tmp")
             tmp.write_text(json.dumps(cell, indent=1, default=str))
             tmp.replace(f)
-            print(f"    reference {100 * cell['before']['overall']:.1f}% -> {100 * cell['after']['overall']:.1f}%  "
+            ref = f"{100 * cell['before']['overall']:.1f}%" if cell.get("before") else "(not built)"
+            print(f"    reference {ref} -> {100 * cell['after']['overall']:.1f}%  "
                   + "  ".join(f"{t} {100 * v:.0f}" for t, v in cell["after"]["by_domain"].items())
                   + f"  ({cell['seconds']:.0f} s)", flush=True)
     cells = [json.loads(f.read_text()) for f in sorted(cells_dir.glob("*.json"))]

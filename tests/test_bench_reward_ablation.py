@@ -1,0 +1,72 @@
+"""benchmarks/bench_reward_ablation.py re-reports the committed grid from a fresh clone: the cells recorded in the
+results file are restored into an empty cache (never over a cached cell), and a ``server-sft`` cell (no GRPO, no
+reference built) is reported and paired with MoR."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _acc(overall: float, color: float) -> dict:
+    div = {t: {"distinct_answers": 3, "top_answer_share": 0.4, "majority_rate": 0.5, "gold_distinct": 3}
+           for t in ("color", "shape", "yesno")}
+    return {"overall": overall, "by_domain": {"color": color, "shape": 0.5, "yesno": 0.6}, "diversity": div}
+
+
+def _cell(method: str, seed: int, after: float, before: float | None = 0.4) -> dict:
+    return {"policy": "compact+synthetic+sft", "scenario": "honest", "method": method, "seed": seed,
+            "seconds": 1.0, "grpo_seconds": 0.0 if method == "server-sft" else 1.0,
+            "before": _acc(before, 0.2) if before is not None else None, "after": _acc(after, 0.9)}
+
+
+def _report(cache: Path, out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_reward_ablation.py"), "--report-only",
+                           "--cache", str(cache), "--out", str(out)],
+                          capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+
+
+def test_report_only_restores_recorded_cells_and_pairs_mor_with_the_server_sft_baseline(tmp_path):
+    out = tmp_path / "results.json"
+    cells = [_cell("mor", 0, 0.75), _cell("mor", 1, 0.70), _cell("server-sft", 0, 0.65, before=None),
+             _cell("server-sft", 1, 0.72, before=None)]
+    out.write_text(json.dumps({"summary": {}, "cells": cells}))
+    cache = tmp_path / "cache"
+    # a cell already in the cache wins over the recorded one (the cache holds the newer measurement)
+    (cache / "cells").mkdir(parents=True)
+    newer = _cell("mor", 1, 0.80)
+    (cache / "cells" / "compact_synthetic_sft-honest-mor-seed1.json").write_text(json.dumps(newer))
+
+    r = _report(cache, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "restored 3 cells" in r.stdout
+    assert sorted(p.name for p in (cache / "cells").glob("*.json")) == [
+        "compact_synthetic_sft-honest-mor-seed0.json", "compact_synthetic_sft-honest-mor-seed1.json",
+        "compact_synthetic_sft-honest-server-sft-seed0.json", "compact_synthetic_sft-honest-server-sft-seed1.json"]
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["compact+synthetic+sft/honest/mor"]["aligned"] == [75.0, 80.0]
+    base = summary["compact+synthetic+sft/honest/server-sft"]
+    assert base["aligned"] == [65.0, 72.0] and base["reference"] == []  # no reference built: blank, not zero
+    pair = summary["compact+synthetic+sft/honest/mor-minus-server-sft"]
+    assert [round(x, 6) for x in pair["points"]] == [10.0, 8.0]
+
+    # a second report restores nothing and gives the same summary
+    r2 = _report(cache, out)
+    assert r2.returncode == 0 and "restored" not in r2.stdout
+    assert json.loads(out.read_text())["summary"] == summary
+
+
+def test_unknown_method_is_one_line_naming_the_choices(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_reward_ablation.py"), "--methods", "sft300",
+                        "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o.json")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1] == ("--methods: unknown reward 'sft300'; use mor, mor-iq, uniform, "
+                                                 "oracle, server, server-sft or client:<name>")
+    assert not (tmp_path / "c").exists()  # nothing was created before the check
