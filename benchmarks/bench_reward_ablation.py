@@ -40,7 +40,13 @@ printed. Writes ``benchmarks/results/reward_ablation.json`` and a PNG.
 
     .venv/bin/python benchmarks/bench_reward_ablation.py --warm-start sft synthetic+sft --methods oracle mor uniform
     .venv/bin/python benchmarks/bench_reward_ablation.py --scenario adversary inflating --methods mor uniform
+    .venv/bin/python benchmarks/bench_reward_ablation.py --warm-start compact+synthetic+sft --methods server-sft
+    .venv/bin/python benchmarks/bench_reward_ablation.py --warm-start compact+synthetic+sft --reference-sft 300 \
+        --methods oracle mor                                # GRPO from the server-sft baseline's checkpoint
     .venv/bin/python benchmarks/bench_reward_ablation.py --report-only          # the table from the cached cells
+
+The cells recorded in ``--out`` are restored into an empty cache first, so a fresh clone re-reports (and extends) the
+committed grid without re-running it.
 """
 
 from __future__ import annotations
@@ -80,9 +86,27 @@ def scenario_split(scenario: str, seed: int, synthetic_prompt_images: int = 0):
 
 
 def split_label(label: str) -> tuple[str, int]:
-    """``(warm-start label, synthetic prompt images)`` of a cell's policy label ``<warm start>[@sp<N>]``."""
-    base, _, pool = label.partition("@sp")
+    """``(warm-start label, synthetic prompt images)`` of a cell's policy label ``<warm start>[@sp<N>][#ref<K>]``."""
+    base, _, pool = label.split("#ref")[0].partition("@sp")
     return base, int(pool or 0)
+
+
+def reference_sft(label: str) -> "SFTConfig":  # noqa: F821  (imported inside: torch loads lazily)
+    """The reference's SFT of a policy label: SFT-50 (the demo's), or SFT-K for ``...#ref<K>`` (``--reference-sft``),
+    built with the settings of the ``server-sft`` baseline so that ``#ref300`` aligns from that very checkpoint."""
+    from mor_server.alignment.warmstart import SFTConfig
+
+    _, _, k = label.partition("#ref")
+    return SFTConfig(steps=50) if not k else SFTConfig(steps=int(k), max_seconds=3600)
+
+
+def reference_dir(label: str, seed: int, cache: Path, tag: str = "") -> Path:
+    """Where the reference of a policy label and seed is cached (``server-sft`` cells share the SFT-K folders)."""
+    name = split_label(label)[0].replace("+", "_").replace("/", "_")
+    sft = reference_sft(label)
+    if sft.steps == 50:
+        return cache / "references" / f"{name}-seed{seed}{tag}"
+    return cache / "baselines" / f"{name}-sft{sft.steps}-seed{seed}{tag}"
 
 
 def server_model(seed: int, split, work: Path):
@@ -111,7 +135,7 @@ def server_model(seed: int, split, work: Path):
 
 def cell_name(policy: str, scenario: str, method: str, seed: int) -> str:
     """The file name of a cell (and of its run folder): the warm start, scenario, reward and seed."""
-    return f"{policy.replace('+', '_').replace('/', '_').replace('@', '_')}-{scenario}-{method.replace(':', '_')}-seed{seed}"
+    return f"{policy.replace('+', '_').replace('/', '_').replace('@', '_').replace('#', '_')}-{scenario}-{method.replace(':', '_')}-seed{seed}"
 
 
 def recipe(label: str, seed: int):
@@ -133,16 +157,18 @@ def recipe(label: str, seed: int):
 def reference(policy: str, seed: int, split, cache: Path, tag: str = "") -> Path:
     """The cell's reference, built once per (policy, seed, split: ``tag``) and copied into each cell
     (warm_start_cached's key)."""
-    from mor_server.alignment.warmstart import SFTConfig, warm_start_cached
+    from dataclasses import replace
+
+    from mor_server.alignment.warmstart import warm_start_cached
 
     tiny, pre = recipe(policy, seed)
-    policy = split_label(policy)[0]  # the prompt pool does not change the reference
-    d = cache / "references" / f"{policy.replace('+', '_').replace('/', '_')}-seed{seed}{tag}"
+    d = reference_dir(policy, seed, cache, tag)  # the prompt pool does not change the reference
     t0 = time.perf_counter()
-    _, _, info = warm_start_cached(d, split.server_public, tiny=tiny, sft=SFTConfig(steps=50, seed=seed),
+    _, _, info = warm_start_cached(d, split.server_public, tiny=tiny, sft=replace(reference_sft(policy), seed=seed),
                                    pretrain=pre, progress=False)
     if not info.get("cached"):
-        print(f"  built the {policy} reference of seed {seed} in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"  built the {split_label(policy)[0]} reference of seed {seed} in {time.perf_counter() - t0:.0f} s",
+              flush=True)
     return d
 
 
@@ -194,7 +220,7 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
         shutil.rmtree(work)
     shutil.copytree(ref, work / "reference")
     tiny, pre = recipe(policy, seed)
-    cfg = AlignmentConfig(work_dir=str(work), tiny=tiny, sft=SFTConfig(steps=50), pretrain=pre,
+    cfg = AlignmentConfig(work_dir=str(work), tiny=tiny, sft=reference_sft(policy), pretrain=pre,
                           grpo=GRPORunConfig(**{**DEMO_GRPO_DEFAULTS, "max_steps": steps, "save_steps": 0}),
                           seed=seed, w_format=4.0,
                           answer_vocabulary=list(get_answers()) + (list(SHAPES_ANSWERS) if scenario == "shapes" else []),
@@ -231,16 +257,16 @@ def server_sft_cell(policy: str, scenario: str, seed: int, split, cache: Path) -
 
     tag = "-shapes" if scenario == "shapes" else ""
     test = heldout_test(split)
-    tiny, pre = recipe(policy, seed)
-    name = split_label(policy)[0].replace("+", "_").replace("/", "_")
+    base = split_label(policy)[0]
+    tiny, pre = recipe(base, seed)
     t0 = time.perf_counter()
-    model, processor, info = warm_start_cached(cache / "baselines" / f"{name}-sft{SERVER_SFT_STEPS}-seed{seed}{tag}",
+    model, processor, info = warm_start_cached(reference_dir(f"{base}#ref{SERVER_SFT_STEPS}", seed, cache, tag),
                                                split.server_public, tiny=tiny, pretrain=pre,
                                                sft=SFTConfig(steps=SERVER_SFT_STEPS, seed=seed, max_seconds=3600),
                                                progress=False)
     after = accuracy(model, processor, test)
     before = None
-    ref_dir = cache / "references" / f"{name}-seed{seed}{tag}"
+    ref_dir = reference_dir(base, seed, cache, tag)
     if (ref_dir / "warm_start.json").is_file():  # only when built already: the baseline does not need it
         ref, ref_proc, _ = warm_start_cached(ref_dir, split.server_public, tiny=tiny, sft=SFTConfig(steps=50, seed=seed),
                                              pretrain=pre, progress=False)
@@ -366,6 +392,9 @@ def main() -> int:
     ap.add_argument("--synthetic-prompts", type=int, default=0, metavar="N",
                     help="add N public synthetic images (3 questions each) to the server's GRPO prompt pool "
                          "(make_federation_split(synthetic_prompt_images=N)); cells are labelled <warm start>@spN")
+    ap.add_argument("--reference-sft", type=int, default=50, metavar="K",
+                    help="SFT steps of the reference GRPO starts from (the demo's 50); K=300 aligns from the "
+                         "server-sft baseline's own checkpoint; cells are labelled <warm start>#ref<K>")
     ap.add_argument("--scenario", choices=SCENARIOS, nargs="+", default=["honest"])
     ap.add_argument("--methods", nargs="+", default=["oracle", "mor", "uniform"],
                     help="mor, mor-iq (router on image + question words), uniform, oracle, server, server-sft "
@@ -394,6 +423,10 @@ def main() -> int:
             raise SystemExit(f"--synthetic-prompts must be >= 0, got {a.synthetic_prompts}")
         if a.synthetic_prompts:
             a.policy = [f"{p}@sp{a.synthetic_prompts}" for p in a.policy]
+        if a.reference_sft < 1:
+            raise SystemExit(f"--reference-sft must be >= 1 step, got {a.reference_sft}")
+        if a.reference_sft != 50:
+            a.policy = [f"{p}#ref{a.reference_sft}" for p in a.policy]
         todo = [(p, s, m, seed) for seed in a.seeds for p in a.policy for s in a.scenario for m in a.methods
                 if not (m in ("oracle", "server", "server-sft") and s in ("adversary", "inflating"))]  # no client in them
         if a.prepare_only:

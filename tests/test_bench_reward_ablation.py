@@ -70,3 +70,21 @@ def test_unknown_method_is_one_line_naming_the_choices(tmp_path):
     assert r.stderr.strip().splitlines()[-1] == ("--methods: unknown reward 'sft300'; use mor, mor-iq, uniform, "
                                                  "oracle, server, server-sft or client:<name>")
     assert not (tmp_path / "c").exists()  # nothing was created before the check
+
+
+def test_reference_sft_300_aligns_from_the_server_sft_baselines_own_checkpoint():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_reward_ablation as b
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    cache = Path("/cache")
+    assert b.reference_dir("compact+synthetic+sft#ref300", 1, cache) == \
+        cache / "baselines" / f"compact_synthetic_sft-sft{b.SERVER_SFT_STEPS}-seed1"
+    assert b.reference_sft("compact+synthetic+sft#ref300").steps == 300
+    # the demo's reference (SFT-50) keeps its own folder, and the prompt pool does not change either
+    assert b.reference_dir("compact+synthetic+sft@sp600", 1, cache) == cache / "references" / "compact_synthetic_sft-seed1"
+    assert b.reference_sft("sft").steps == 50
+    assert b.split_label("compact+synthetic+sft@sp600#ref300") == ("compact+synthetic+sft", 600)
+    assert b.cell_name("compact+synthetic+sft#ref300", "honest", "oracle", 0) == \
+        "compact_synthetic_sft_ref300-honest-oracle-seed0"
