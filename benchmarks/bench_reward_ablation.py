@@ -307,7 +307,7 @@ def report(cells: list[dict], out: Path) -> dict:
         groups.setdefault((c["policy"], c["scenario"], c["method"]), []).append(c)
     print("\nheld-out test accuracy %, mean (spread max-min) over seeds; per type: mean accuracy / distinct answers "
           "per seed (more than the type's answers: wrong-type answers), cN: N runs collapsed to one answer")
-    head = f"{'warm start':<14}{'scenario':<10}{'reward':<22}{'seeds':<8}{'reference':>13}{'aligned':>13}" + \
+    head = f"{'warm start':<22}{'scenario':<10}{'reward':<22}{'seeds':<8}{'reference':>13}{'aligned':>13}" + \
         "".join(f"{t:>20}" for t in TYPES + SHAPES_TYPES)
     print(head)
     summary = {}
@@ -316,7 +316,7 @@ def report(cells: list[dict], out: Path) -> dict:
         before = [100 * c["before"]["overall"] for c in cs if c.get("before")]
         after = [100 * c["after"]["overall"] for c in cs]
         per = {}
-        line = f"{pol:<14}{sc:<10}{m:<22}{','.join(str(c['seed']) for c in cs):<8}{fmt(before):>13}{fmt(after):>13}"
+        line = f"{pol:<22}{sc:<10}{m:<22}{','.join(str(c['seed']) for c in cs):<8}{fmt(before):>13}{fmt(after):>13}"
         for t in TYPES + SHAPES_TYPES:
             if not all(t in c["after"]["by_domain"] for c in cs):  # a type this scenario's test does not have
                 line += f"{'-':>20}"
