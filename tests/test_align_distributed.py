@@ -6,6 +6,7 @@ and the router it saved, trains on the gathered rewards, and never calls the rew
 from __future__ import annotations
 
 import json
+import re
 import os
 from pathlib import Path
 
@@ -101,8 +102,9 @@ def test_mor_align_runs_under_torchrun_with_two_processes(tmp_path):
                         "--w-format", "0", "--collapse-every", "1", "--workdir", str(work)],
                        capture_output=True, text=True, timeout=540, env=env, cwd=tmp_path)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
-    lines = [json.loads(ln.split("rounds ", 1)[1].split("; GRPO")[0]) for ln in r.stdout.splitlines()
-             if ln.startswith("KL to reference")]
+    # the two ranks share one stdout, so one rank's line can land in the middle of the other's: match the
+    # summaries anywhere, not at line starts
+    lines = [json.loads(m) for m in re.findall(r"KL to reference [0-9.]+; rounds (\{[^}]*\}); GRPO", r.stdout)]
     assert len(lines) == 2, r.stdout[-2000:]  # both ranks finished
     rank0 = max(lines, key=lambda x: x["ok"])
     rank1 = min(lines, key=lambda x: x["ok"])
