@@ -64,6 +64,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 METHODS = ("mor", "mor-iq", "uniform", "oracle", "server", "server-sft")
+REFERENCE_SFT_STEPS = 50  # the demo's reference: SFT-50
 SERVER_SFT_STEPS = 300  # bench_alignment_seeds.py's --baseline-steps default: 32 epochs of the 300-example split
 
 from bench_router import INFLATE, SHAPES_CLIENTS, SHAPES_SPLIT_ARGS, Inverted, Scaled, trained_models  # noqa: E402  (the router bench's models)
@@ -97,14 +98,14 @@ def reference_sft(label: str) -> "SFTConfig":  # noqa: F821  (imported inside: t
     from mor_server.alignment.warmstart import SFTConfig
 
     _, _, k = label.partition("#ref")
-    return SFTConfig(steps=50) if not k else SFTConfig(steps=int(k), max_seconds=3600)
+    return SFTConfig(steps=REFERENCE_SFT_STEPS) if not k else SFTConfig(steps=int(k), max_seconds=3600)
 
 
 def reference_dir(label: str, seed: int, cache: Path, tag: str = "") -> Path:
     """Where the reference of a policy label and seed is cached (``server-sft`` cells share the SFT-K folders)."""
     name = split_label(label)[0].replace("+", "_").replace("/", "_")
     sft = reference_sft(label)
-    if sft.steps == 50:
+    if sft.steps == REFERENCE_SFT_STEPS:
         return cache / "references" / f"{name}-seed{seed}{tag}"
     return cache / "baselines" / f"{name}-sft{sft.steps}-seed{seed}{tag}"
 
@@ -208,7 +209,6 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
     from mor_server.alignment.grpo import GRPORunConfig
     from mor_server.alignment.guard import CollapseGuardConfig
     from mor_server.alignment.inprocess import InProcessBackend
-    from mor_server.alignment.warmstart import SFTConfig
 
     split = scenario_split(scenario, seed, split_label(policy)[1])
     if method == "server-sft":
@@ -253,23 +253,24 @@ def server_sft_cell(policy: str, scenario: str, seed: int, split, cache: Path) -
     split (``bench_alignment_seeds.baseline``'s settings), evaluated on the cell's held-out test."""
     from mor_server.alignment.evaluate import accuracy
     from mor_server.alignment.pipeline import heldout_test
-    from mor_server.alignment.warmstart import SFTConfig, warm_start_cached
+    from dataclasses import replace
+
+    from mor_server.alignment.warmstart import warm_start_cached
 
     tag = "-shapes" if scenario == "shapes" else ""
     test = heldout_test(split)
     base = split_label(policy)[0]
     tiny, pre = recipe(base, seed)
     t0 = time.perf_counter()
-    model, processor, info = warm_start_cached(reference_dir(f"{base}#ref{SERVER_SFT_STEPS}", seed, cache, tag),
-                                               split.server_public, tiny=tiny, pretrain=pre,
-                                               sft=SFTConfig(steps=SERVER_SFT_STEPS, seed=seed, max_seconds=3600),
-                                               progress=False)
+    def load(label: str):  # the checkpoint reference() builds for a label (same folder and cache key)
+        return warm_start_cached(reference_dir(label, seed, cache, tag), split.server_public, tiny=tiny, pretrain=pre,
+                                 sft=replace(reference_sft(label), seed=seed), progress=False)
+
+    model, processor, info = load(f"{base}#ref{SERVER_SFT_STEPS}")
     after = accuracy(model, processor, test)
     before = None
-    ref_dir = reference_dir(base, seed, cache, tag)
-    if (ref_dir / "warm_start.json").is_file():  # only when built already: the baseline does not need it
-        ref, ref_proc, _ = warm_start_cached(ref_dir, split.server_public, tiny=tiny, sft=SFTConfig(steps=50, seed=seed),
-                                             pretrain=pre, progress=False)
+    if (reference_dir(base, seed, cache, tag) / "warm_start.json").is_file():  # only when built: not needed here
+        ref, ref_proc, _ = load(base)
         before = accuracy(ref, ref_proc, test)
     return {"policy": policy, "scenario": scenario, "method": "server-sft", "seed": seed,
             "seconds": time.perf_counter() - t0, "grpo_seconds": 0.0, "sft_steps": info.get("steps"),
@@ -392,7 +393,7 @@ def main() -> int:
     ap.add_argument("--synthetic-prompts", type=int, default=0, metavar="N",
                     help="add N public synthetic images (3 questions each) to the server's GRPO prompt pool "
                          "(make_federation_split(synthetic_prompt_images=N)); cells are labelled <warm start>@spN")
-    ap.add_argument("--reference-sft", type=int, default=50, metavar="K",
+    ap.add_argument("--reference-sft", type=int, default=REFERENCE_SFT_STEPS, metavar="K",
                     help="SFT steps of the reference GRPO starts from (the demo's 50); K=300 aligns from the "
                          "server-sft baseline's own checkpoint; cells are labelled <warm start>#ref<K>")
     ap.add_argument("--scenario", choices=SCENARIOS, nargs="+", default=["honest"])
@@ -425,7 +426,7 @@ def main() -> int:
             a.policy = [f"{p}@sp{a.synthetic_prompts}" for p in a.policy]
         if a.reference_sft < 1:
             raise SystemExit(f"--reference-sft must be >= 1 step, got {a.reference_sft}")
-        if a.reference_sft != 50:
+        if a.reference_sft != REFERENCE_SFT_STEPS:
             a.policy = [f"{p}#ref{a.reference_sft}" for p in a.policy]
         todo = [(p, s, m, seed) for seed in a.seeds for p in a.policy for s in a.scenario for m in a.methods
                 if not (m in ("oracle", "server", "server-sft") and s in ("adversary", "inflating"))]  # no client in them
