@@ -66,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 METHODS = ("mor", "mor-iq", "uniform", "oracle", "server", "server-sft")
 REFERENCE_SFT_STEPS = 50  # the demo's reference: SFT-50
 SERVER_SFT_STEPS = 300  # bench_alignment_seeds.py's --baseline-steps default: 32 epochs of the 300-example split
+EVAL_ITEMS = 600  # every cell is evaluated on the first EVAL_ITEMS held-out test items of its split (the demo's eval_size)
 
 from bench_router import INFLATE, SHAPES_CLIENTS, SHAPES_SPLIT_ARGS, Inverted, Scaled, trained_models  # noqa: E402  (the router bench's models)
 
@@ -132,6 +133,23 @@ def server_model(seed: int, split, work: Path):
         save_model_dir(work, res.model, res.vocab, res.card)
         print(f"  trained the server-only reward model (seed {seed}) in {time.perf_counter() - t0:.0f} s", flush=True)
     return RewardModelScorer.from_dir(work)
+
+
+def cell_test(split) -> list:
+    """The held-out test items every cell of a split is evaluated on (GRPO cells and server-sft alike)."""
+    from mor_server.alignment.pipeline import heldout_test
+
+    return list(heldout_test(split))[:EVAL_ITEMS]
+
+
+def stale(cell: dict) -> str | None:
+    """Why a recorded cell cannot be compared with the others (None: it can): evaluated on another number of test
+    items than :data:`EVAL_ITEMS` (the server-sft cells recorded before the fix were scored on the whole held-out
+    test, 7,500+ items, while the GRPO cells used the first 600)."""
+    n = (cell.get("after") or {}).get("n")
+    if n is not None and n != EVAL_ITEMS:
+        return f"evaluated on {n} test items, not the first {EVAL_ITEMS}"
+    return None
 
 
 def cell_name(policy: str, scenario: str, method: str, seed: int) -> str:
@@ -204,7 +222,7 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
     from easy_vqa import get_answers
 
     from mor_client.data.shapes import SHAPES_ANSWERS
-    from mor_server.alignment.pipeline import AlignmentConfig, heldout_test, run_alignment
+    from mor_server.alignment.pipeline import AlignmentConfig, run_alignment
     from mor_server.apps.demo import DEMO_GRPO_DEFAULTS
     from mor_server.alignment.grpo import GRPORunConfig
     from mor_server.alignment.guard import CollapseGuardConfig
@@ -226,13 +244,13 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
                           answer_vocabulary=list(get_answers()) + (list(SHAPES_ANSWERS) if scenario == "shapes" else []),
                           routing="uniform" if method == "uniform" else "learned",
                           **({"router_features": ("image", "question")} if method == "mor-iq" else {}),
-                          curve_every=100, resume=False, progress=False,
+                          eval_size=EVAL_ITEMS, curve_every=100, resume=False, progress=False,
                           # every cell runs its whole GRPO budget: the collapse guard (on in the demo) would end
                           # some runs early and the rewards would no longer be compared at the same budget
                           collapse_guard=CollapseGuardConfig(every=0))
     t0 = time.perf_counter()
     rep = run_alignment(InProcessBackend(scorers), public=split.server_public, unlabeled=split.server_unlabeled,
-                        test=heldout_test(split), config=cfg)
+                        test=cell_test(split), config=cfg)
     seconds = time.perf_counter() - t0
     cal = rep["router"]
     out = {"policy": policy, "scenario": scenario, "method": method, "seed": seed, "seconds": seconds,
@@ -251,14 +269,13 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
 def server_sft_cell(policy: str, scenario: str, seed: int, split, cache: Path) -> dict:
     """The server-labels-only baseline as a cell: the policy's warm-start recipe with SFT-300 on the server's public
     split (``bench_alignment_seeds.baseline``'s settings), evaluated on the cell's held-out test."""
-    from mor_server.alignment.evaluate import accuracy
-    from mor_server.alignment.pipeline import heldout_test
     from dataclasses import replace
 
+    from mor_server.alignment.evaluate import accuracy
     from mor_server.alignment.warmstart import warm_start_cached
 
     tag = "-shapes" if scenario == "shapes" else ""
-    test = heldout_test(split)
+    test = cell_test(split)
     base = split_label(policy)[0]
     tiny, pre = recipe(base, seed)
     t0 = time.perf_counter()
@@ -279,7 +296,8 @@ def server_sft_cell(policy: str, scenario: str, seed: int, split, cache: Path) -
 
 def restore_cells(out: Path, cells_dir: Path) -> int:
     """Write the cells recorded in a results file (``--out``) that the cache lacks back into it, so a fresh clone
-    can re-report, and extend, the committed grid without re-running it. Returns how many were restored."""
+    can re-report, and extend, the committed grid without re-running it. Returns how many were restored; a
+    :func:`stale` cell is not restored (it is measured again when its cell is run)."""
     try:
         recorded = json.loads(out.read_text()).get("cells", [])
     except (OSError, ValueError):
@@ -290,7 +308,7 @@ def restore_cells(out: Path, cells_dir: Path) -> int:
             f = cells_dir / f"{cell_name(c['policy'], c['scenario'], c['method'], c['seed'])}.json"
         except (KeyError, TypeError):
             continue
-        if not f.is_file():
+        if not f.is_file() and not stale(c):
             f.write_text(json.dumps(c, indent=1, default=str))
             n += 1
     return n
@@ -304,7 +322,13 @@ def report(cells: list[dict], out: Path) -> dict:
     from mor_server.alignment.evaluate import is_collapsed
 
     groups: dict[tuple, list[dict]] = {}
-    for c in cells:
+    for c in list(cells):
+        why = stale(c)
+        if why:  # not in the table, the pairs or the written record: its cell has to be run again
+            print(f"not compared: {cell_name(c['policy'], c['scenario'], c['method'], c['seed'])} was {why}; "
+                  "run its cell again")
+            cells.remove(c)
+            continue
         groups.setdefault((c["policy"], c["scenario"], c["method"]), []).append(c)
     print("\nheld-out test accuracy %, mean (spread max-min) over seeds; per type: mean accuracy / distinct answers "
           "per seed (more than the type's answers: wrong-type answers), cN: N runs collapsed to one answer")
@@ -443,7 +467,7 @@ def main() -> int:
         done_s: list[float] = []
         for i, (p, s, m, seed) in enumerate(todo):
             f = cells_dir / f"{cell_name(p, s, m, seed)}.json"
-            if f.is_file():
+            if f.is_file() and not stale(json.loads(f.read_text())):
                 continue
             left = sum(1 for (p2, s2, m2, sd2) in todo[i:]
                        if not (cells_dir / f"{cell_name(p2, s2, m2, sd2)}.json").is_file())

@@ -13,16 +13,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _acc(overall: float, color: float) -> dict:
+def _acc(overall: float, color: float, n: int = 600) -> dict:
     div = {t: {"distinct_answers": 3, "top_answer_share": 0.4, "majority_rate": 0.5, "gold_distinct": 3}
            for t in ("color", "shape", "yesno")}
-    return {"overall": overall, "by_domain": {"color": color, "shape": 0.5, "yesno": 0.6}, "diversity": div}
+    return {"overall": overall, "n": n, "by_domain": {"color": color, "shape": 0.5, "yesno": 0.6}, "diversity": div}
 
 
-def _cell(method: str, seed: int, after: float, before: float | None = 0.4) -> dict:
+def _cell(method: str, seed: int, after: float, before: float | None = 0.4, n: int = 600) -> dict:
     return {"policy": "compact+synthetic+sft", "scenario": "honest", "method": method, "seed": seed,
             "seconds": 1.0, "grpo_seconds": 0.0 if method == "server-sft" else 1.0,
-            "before": _acc(before, 0.2) if before is not None else None, "after": _acc(after, 0.9)}
+            "before": _acc(before, 0.2) if before is not None else None, "after": _acc(after, 0.9, n)}
+
+
+def _bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_reward_ablation as b
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return b
 
 
 def _report(cache: Path, out: Path) -> subprocess.CompletedProcess:
@@ -73,11 +82,7 @@ def test_unknown_method_is_one_line_naming_the_choices(tmp_path):
 
 
 def test_reference_sft_300_aligns_from_the_server_sft_baselines_own_checkpoint():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_reward_ablation as b
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    b = _bench()
     cache = Path("/cache")
     assert b.reference_dir("compact+synthetic+sft#ref300", 1, cache) == \
         cache / "baselines" / f"compact_synthetic_sft-sft{b.SERVER_SFT_STEPS}-seed1"
@@ -88,3 +93,46 @@ def test_reference_sft_300_aligns_from_the_server_sft_baselines_own_checkpoint()
     assert b.split_label("compact+synthetic+sft@sp600#ref300") == ("compact+synthetic+sft", 600)
     assert b.cell_name("compact+synthetic+sft#ref300", "honest", "oracle", 0) == \
         "compact_synthetic_sft_ref300-honest-oracle-seed0"
+
+
+def test_a_cell_scored_on_other_test_items_is_not_compared_and_not_restored(tmp_path):
+    # the server-sft cells recorded before the fix were scored on the whole held-out test (7,551 items on seed 0)
+    # while the GRPO cells beside them used the first 600: their difference was not a paired comparison
+    out = tmp_path / "results.json"
+    cells = [_cell("mor", 0, 0.75), _cell("server-sft", 0, 0.65, before=None, n=7551)]
+    out.write_text(json.dumps({"summary": {}, "cells": cells}))
+    cache = tmp_path / "cache"
+    r = _report(cache, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "restored 1 cells" in r.stdout
+    assert not (cache / "cells" / "compact_synthetic_sft-honest-server-sft-seed0.json").exists()
+    rec = json.loads(out.read_text())
+    assert "compact+synthetic+sft/honest/mor-minus-server-sft" not in rec["summary"]
+    assert [c["method"] for c in rec["cells"]] == ["mor"]
+
+    # one already in the cache is named, left out of the table and the record
+    (cache / "cells" / "compact_synthetic_sft-honest-server-sft-seed0.json").write_text(json.dumps(cells[1]))
+    r = _report(cache, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("not compared: compact_synthetic_sft-honest-server-sft-seed0 was evaluated on 7551 test items, not the "
+            "first 600; run its cell again") in r.stdout
+    assert "compact+synthetic+sft/honest/server-sft" not in json.loads(out.read_text())["summary"]
+
+
+def test_server_sft_cell_is_scored_on_the_same_items_as_the_grpo_cells(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import mor_server.alignment.evaluate as evaluate
+    import mor_server.alignment.pipeline as pipeline
+    import mor_server.alignment.warmstart as warmstart
+
+    b = _bench()
+    items = [SimpleNamespace(image_id=i) for i in range(2000)]
+    monkeypatch.setattr(pipeline, "heldout_test", lambda split: items)
+    monkeypatch.setattr(warmstart, "warm_start_cached", lambda *a, **k: ("model", "processor", {"steps": 300}))
+    seen = []
+    monkeypatch.setattr(evaluate, "accuracy", lambda model, proc, test: seen.append(list(test)) or {"overall": 0.5})
+    cell = b.server_sft_cell("compact+synthetic+sft", "honest", 0, SimpleNamespace(server_public=[]), tmp_path)
+    assert seen == [items[: b.EVAL_ITEMS]] and b.EVAL_ITEMS == 600
+    assert b.cell_test(SimpleNamespace()) == items[:600]  # what run_alignment gets for the GRPO cells
+    assert cell["after"] == {"overall": 0.5} and cell["before"] is None
