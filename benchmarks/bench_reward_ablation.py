@@ -464,13 +464,16 @@ def main() -> int:
                     for p in a.policy:
                         reference(p, seed, split, a.cache, tag="-shapes" if s == "shapes" else "")
             return 0
+        def measured(cell: tuple) -> bool:  # cached and comparable (a stale cell is run again)
+            f = cells_dir / f"{cell_name(*cell)}.json"
+            return f.is_file() and not stale(json.loads(f.read_text()))
+
         done_s: list[float] = []
         for i, (p, s, m, seed) in enumerate(todo):
             f = cells_dir / f"{cell_name(p, s, m, seed)}.json"
-            if f.is_file() and not stale(json.loads(f.read_text())):
+            if measured((p, s, m, seed)):
                 continue
-            left = sum(1 for (p2, s2, m2, sd2) in todo[i:]
-                       if not (cells_dir / f"{cell_name(p2, s2, m2, sd2)}.json").is_file())
+            left = sum(1 for c in todo[i:] if not measured(c))
             eta = f", about {statistics.mean(done_s) * left / 60:.0f} min left" if done_s else ""
             print(f"[{i + 1}/{len(todo)}] {p} {s} {m} seed {seed}{eta}", flush=True)
             t0 = time.perf_counter()
