@@ -72,6 +72,27 @@ def caption_accuracy(model, processor, *, seed: int, n: int = 200) -> float:
                for e, c in zip(items, caps)) / n
 
 
+def yesno_by_prior(model, processor, items) -> dict:
+    """Yes/no accuracy split by whether the question's wording alone gives the answer: on easy-vqa an affirmative
+    question ("is there a red shape?") is mostly "no" and a negated one mostly "yes". A policy that answers from
+    the wording is right on the first group and wrong on the second; one that looks at the image is right on both."""
+    from mor_client.data.synthetic import is_negated
+    from mor_server.alignment.evaluate import domain_of
+    from mor_server.alignment.policy import exact_match, generate_answers
+
+    yn = [e for e in items if domain_of(e) == "yesno"]
+    if not yn:
+        return {}
+    ans = generate_answers(model, processor, yn, max_new_tokens=4)
+    out: dict = {}
+    for e, a in zip(yn, ans):
+        group = "wording_right" if e.answer == ("yes" if is_negated(e.question) else "no") else "wording_wrong"
+        g = out.setdefault(group, {"n": 0, "right": 0})
+        g["n"] += 1
+        g["right"] += int(exact_match(a, e.answer))
+    return {k: {**v, "accuracy": v["right"] / v["n"]} for k, v in sorted(out.items())}
+
+
 def oracle_grpo(model, processor, split, test, a) -> dict:
     import tempfile
 
@@ -99,7 +120,9 @@ def oracle_grpo(model, processor, split, test, a) -> dict:
     after = accuracy(res["model"], res["processor"], test)
     print(f"then oracle GRPO {a.oracle_grpo_steps} steps: overall {100 * after['overall']:.1f}% ({seconds:.0f} s)")
     print(format_accuracy_table(after))
-    return {"steps": a.oracle_grpo_steps, "seconds": seconds, "accuracy": after,
+    by_prior = yesno_by_prior(res["model"], res["processor"], test)
+    print("yes/no by wording prior:", {k: f"{100 * v['accuracy']:.1f}% of {v['n']}" for k, v in by_prior.items()})
+    return {"steps": a.oracle_grpo_steps, "seconds": seconds, "accuracy": after, "yesno_by_wording_prior": by_prior,
             "settings": {"temperature": cfg.temperature, "num_generations": cfg.num_generations,
                          "learning_rate": cfg.learning_rate, "beta": cfg.beta},
             "train_reward_per_20_steps": [sum(curve[i:i + 20]) / len(curve[i:i + 20])
@@ -112,6 +135,8 @@ def main() -> int:
     ap.add_argument("--data", choices=("public", "synthetic"), default="synthetic", help="SFT data source")
     ap.add_argument("--synthetic", type=int, default=3000, help="synthetic images (with --data synthetic)")
     ap.add_argument("--types", default="color,shape,yesno", help="question types of the synthetic SFT data")
+    ap.add_argument("--balanced-yesno", action="store_true",
+                    help="synthetic yes/no questions whose wording says nothing (each asked value present half the time)")
     ap.add_argument("--sft-steps", type=int, default=1000, help="supervised steps (batch 32)")
     ap.add_argument("--lr", type=float, default=3e-3, help="SFT learning rate")
     ap.add_argument("--patch", type=int, default=16, help="vision patch size (64x64 images: 16 -> 16 image tokens)")
@@ -177,7 +202,8 @@ def main() -> int:
     if a.data == "public":
         data = list(split.server_public)
     else:
-        data = make_synthetic_examples(a.synthetic, seed=99, question_types=tuple(a.types.split(",")))
+        data = make_synthetic_examples(a.synthetic, seed=99, question_types=tuple(a.types.split(",")),
+                                       balanced_yesno=a.balanced_yesno)
     info = sft_warm_start(model, processor, data, SFTConfig(steps=a.sft_steps, learning_rate=a.lr, seed=a.seed,
                                                             max_seconds=7200), progress=True)
     seconds = time.perf_counter() - t0
@@ -185,6 +211,8 @@ def main() -> int:
     print(f"reference: stage 1 vision {a.vision_steps} + captions {a.caption_steps} + matching {a.match_steps} steps ({stage1_s:.0f} s), "
           f"{a.data} SFT-{a.sft_steps}, patch {a.patch}: overall {100 * acc['overall']:.1f}% ({seconds:.0f} s)")
     print(format_accuracy_table(acc))
+    by_prior = yesno_by_prior(model, processor, test)
+    print("yes/no by wording prior:", {k: f"{100 * v['accuracy']:.1f}% of {v['n']}" for k, v in by_prior.items()})
     explore = None
     if a.explore_prompts:
         explore = exploration(model, processor, list(split.server_unlabeled)[: a.explore_prompts],
@@ -193,7 +221,8 @@ def main() -> int:
               {t: round(v["any_right_rate"], 2) for t, v in explore.items()})
     grpo = oracle_grpo(model, processor, split, test, a) if a.oracle_grpo_steps else None
     rec = {"args": {k: str(v) for k, v in vars(a).items()}, "stage1": stage1, "stage1_seconds": stage1_s,
-           "sft": info, "seconds": seconds, "accuracy": acc, "exploration": explore, "oracle_grpo": grpo,
+           "sft": info, "seconds": seconds, "accuracy": acc,
+           "yesno_by_wording_prior": by_prior, "exploration": explore, "oracle_grpo": grpo,
            "parameters": sum(p.numel() for p in model.parameters())}
     runs = json.loads(a.out.read_text()) if a.out.is_file() else []
     a.out.parent.mkdir(parents=True, exist_ok=True)

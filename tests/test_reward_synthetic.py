@@ -51,6 +51,29 @@ def test_synthetic_examples_deterministic_public_and_answerable():
         make_synthetic_examples(1, seed=0, question_types=("count",))
 
 
+def test_balanced_yesno_questions_carry_no_wording_prior():
+    """easy-vqa's format lets the wording answer most yes/no questions (affirmative -> mostly "no"); the balanced
+    variant asks about what is in the image half of the time, so "yes" and "no" are equally common whatever the
+    wording, and the answers still agree with the pixels. Other question types are unchanged."""
+    def wording_rate(examples):
+        return sum(e.answer == ("yes" if is_negated(e.question) else "no") for e in examples) / len(examples)
+
+    plain = make_synthetic_examples(2000, seed=3, question_types=("yesno",))
+    bal = make_synthetic_examples(2000, seed=3, question_types=("yesno",), balanced_yesno=True)
+    assert wording_rate(plain) > 0.75  # the shortcut a policy can learn instead of looking
+    assert 0.45 < wording_rate(bal) < 0.55
+    assert 0.45 < sum(e.answer == "yes" for e in bal) / len(bal) < 0.55
+    assert 0.4 < sum(is_negated(e.question) for e in bal) / len(bal) < 0.6
+    for e in bal[:200]:
+        shape, colour = synthetic_attributes(3, int(e.image_id.rsplit("-", 1)[1]))
+        asked = next(w.strip("?") for w in e.question.split() if w.strip("?") in COLORS + SHAPE_NAMES)
+        assert (e.answer == "yes") == ((asked in (shape, colour)) != is_negated(e.question))
+    assert [e.image for e in bal] == [e.image for e in plain]  # same images, only the questions differ
+    mixed = dict(n_images=30, seed=3, question_types=("color", "shape", "yesno"))
+    assert [e for e in make_synthetic_examples(**mixed, balanced_yesno=True) if e.question_type != "yesno"] == \
+        [e for e in make_synthetic_examples(**mixed) if e.question_type != "yesno"]
+
+
 def test_synthetic_pretraining_grounds_a_model_before_any_private_data():
     """A small CNN pre-trained only on synthetic public shape questions already ranks real easy-vqa shape
     pairs well; the DP phase then starts from it (the card records the synthetic pairs)."""

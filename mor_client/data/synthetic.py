@@ -67,14 +67,19 @@ def _render(rng: random.Random, shape: str, color: str) -> bytes:
     return buf.getvalue()
 
 
-def _question(rng: random.Random, qtype: str, shape: str, color: str) -> tuple[str, str]:
+def _question(rng: random.Random, qtype: str, shape: str, color: str, *, balanced: bool = False) -> tuple[str, str]:
     if qtype == "color":
         return rng.choice(_COLOR_Q).format(shape=shape), color
     if qtype == "shape":
         return rng.choice(_SHAPE_Q).format(color=color), shape
-    # like easy-vqa's format: the asked value is any of the 8 colours or 3 shapes (so "is there a red shape?"
-    # is mostly "no"), half of the questions negated
-    x = rng.choice(COLORS + SHAPE_NAMES)
+    if balanced:  # the asked value is in the image half of the time: the wording alone says nothing
+        about_color = rng.random() < len(COLORS) / (len(COLORS) + len(SHAPE_NAMES))
+        truth, pool = (color, COLORS) if about_color else (shape, SHAPE_NAMES)
+        x = truth if rng.random() < 0.5 else rng.choice([p for p in pool if p != truth])
+    else:
+        # like easy-vqa's format: the asked value is any of the 8 colours or 3 shapes (so "is there a red
+        # shape?" is mostly "no"), half of the questions negated
+        x = rng.choice(COLORS + SHAPE_NAMES)
     present = x in (color, shape)
     negated = rng.random() < 0.5
     q = rng.choice(_NOT_Q if negated else _YES_Q).format(x=f"{x} shape" if x in COLORS else x)
@@ -82,10 +87,16 @@ def _question(rng: random.Random, qtype: str, shape: str, color: str) -> tuple[s
 
 
 def make_synthetic_examples(n_images: int, *, seed: int, question_types: tuple[str, ...] = SYNTHETIC_TYPES,
-                            questions_per_image: int = 1, start: int = 0) -> list[VQAExample]:
+                            questions_per_image: int = 1, start: int = 0,
+                            balanced_yesno: bool = False) -> list[VQAExample]:
     """``n_images`` freshly drawn images with ``questions_per_image`` questions each (question types cycle
     over ``question_types``). ``domain`` is ``"synthetic"``; ids are ``synthetic-{seed}-{index}[-{j}]``.
-    Public by construction: nothing here comes from easy-vqa's data files."""
+    Public by construction: nothing here comes from easy-vqa's data files.
+
+    ``balanced_yesno``: a yes/no question asks about a colour or shape that is in the image half of the time
+    (negated or not, also half the time), so every question string is answered "yes" as often as "no" and only
+    the image tells. The default follows easy-vqa's format, where the wording alone predicts most answers
+    ("is there a red shape?" is "no" for 7 images in 8)."""
     if n_images < 0:
         raise ValueError(f"n_images must be >= 0, got {n_images}")
     if questions_per_image < 1:
@@ -100,7 +111,7 @@ def make_synthetic_examples(n_images: int, *, seed: int, question_types: tuple[s
         png = _render(rng, shape, color)
         for j in range(questions_per_image):
             qt = question_types[(i * questions_per_image + j) % len(question_types)]
-            q, a = _question(rng, qt, shape, color)
+            q, a = _question(rng, qt, shape, color, balanced=balanced_yesno)
             out.append(VQAExample(example_id=f"synthetic-{seed}-{i}-{j}", image=png, question=q, answer=a,
                                   question_type=qt, domain="synthetic", image_id=f"synthetic-{seed}-{i}"))
     return out
