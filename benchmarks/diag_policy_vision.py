@@ -93,6 +93,31 @@ def yesno_by_prior(model, processor, items) -> dict:
     return {k: {**v, "accuracy": v["right"] / v["n"]} for k, v in sorted(out.items())}
 
 
+def stage1_cached(model, processor, cfg, pre):
+    """Run stage 1 (``pre``) on ``model`` in place, or load it from ``benchmarks/.cache`` (keyed by the policy's
+    and stage 1's settings and the warm-start code version) so the variants after it share it. Returns
+    ``(model, summary or None)``."""
+    if not pre.enabled():
+        return model, None
+    import hashlib
+
+    from transformers import LlavaForConditionalGeneration
+
+    from mor_server.alignment.policy import pick_device, save_policy
+    from mor_server.alignment.warmstart import WARM_START_CODE_VERSION, pretrain_policy
+
+    key = json.dumps({"tiny": vars(cfg), "pretrain": vars(pre), "code": WARM_START_CODE_VERSION}, sort_keys=True)
+    cache = ROOT / "benchmarks" / ".cache" / f"stage1-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    if (cache / "stage1.json").is_file():
+        model = LlavaForConditionalGeneration.from_pretrained(cache, local_files_only=True)
+        model.to(pick_device()[0])
+        return model, {**json.loads((cache / "stage1.json").read_text()), "cached": True}
+    stage1 = pretrain_policy(model, processor, pre)
+    save_policy(model, processor, cache)
+    (cache / "stage1.json").write_text(json.dumps(stage1))
+    return model, stage1
+
+
 def oracle_grpo(model, processor, split, test, a) -> dict:
     import tempfile
 
@@ -165,7 +190,7 @@ def main() -> int:
     from mor_server.alignment.pipeline import heldout_test
     from mor_server.alignment.evaluate import accuracy, format_accuracy_table
     from mor_server.alignment.policy import TinyLlavaConfig, build_tiny_llava, pick_device
-    from mor_server.alignment.warmstart import PretrainConfig, SFTConfig, pretrain_policy, sft_warm_start
+    from mor_server.alignment.warmstart import PretrainConfig, SFTConfig, sft_warm_start
 
     cfg = TinyLlavaConfig(patch_size=a.patch, seed=a.seed, text_hidden=a.text_hidden, vision_hidden=a.text_hidden,
                           intermediate=2 * a.text_hidden, text_layers=a.layers, vision_layers=a.layers)
@@ -176,25 +201,7 @@ def main() -> int:
     t0 = time.perf_counter()
     pre = PretrainConfig(vision_steps=a.vision_steps, caption_steps=a.caption_steps, match_steps=a.match_steps, images=a.pretrain_images,
                          seed=a.seed)
-    stage1 = None
-    if pre.enabled():  # stage 1 is cached (keyed by its settings and the policy's) so variants after it share it
-        import hashlib
-
-        from transformers import LlavaForConditionalGeneration
-
-        from mor_server.alignment.policy import save_policy
-        from mor_server.alignment.warmstart import WARM_START_CODE_VERSION
-
-        key = json.dumps({"tiny": vars(cfg), "pretrain": vars(pre), "code": WARM_START_CODE_VERSION}, sort_keys=True)
-        cache = ROOT / "benchmarks" / ".cache" / f"stage1-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-        if (cache / "stage1.json").is_file():
-            model = LlavaForConditionalGeneration.from_pretrained(cache, local_files_only=True)
-            model.to(pick_device()[0])
-            stage1 = {**json.loads((cache / "stage1.json").read_text()), "cached": True}
-        else:
-            stage1 = pretrain_policy(model, processor, pre)
-            save_policy(model, processor, cache)
-            (cache / "stage1.json").write_text(json.dumps(stage1))
+    model, stage1 = stage1_cached(model, processor, cfg, pre)
     stage1_s = time.perf_counter() - t0
     if a.caption_steps:
         stage1["heldout_caption_accuracy"] = caption_accuracy(model, processor, seed=a.seed)

@@ -1,0 +1,141 @@
+"""Diagnostic (issue #17): can the compact policy learn to *compare* the colour or shape a yes/no question names
+with the image's, or only the question's wording?
+
+Supervised on easy-vqa-format synthetic data the compact family answers yes/no from the wording alone (82.5-84.3%,
+docs/alignment.md, "Where the 85% ceiling stops"). This script starts from the seed's stage-1 checkpoint (vision
+pre-training, shared with ``diag_policy_vision.py`` through ``benchmarks/.cache``) and trains a sequence of
+supervised phases on public synthetic questions (mor_client.data.synthetic, never easy-vqa's data), then measures:
+
+* on held-out synthetic **prior-balanced** yes/no questions (each asked colour or shape present half the time, so
+  the wording says nothing; chance is 50%): affirmative and negated accuracy;
+* on the held-out easy-vqa test: yes/no accuracy split by whether the wording alone gives the answer.
+
+Phases (``--phases``, comma-separated ``name=steps``, run in order):
+
+* ``words:red+blue``: affirmative balanced presence questions that name only these colours/shapes;
+* ``affirmative``: affirmative balanced presence questions about any colour or shape;
+* ``balanced``: balanced yes/no questions, half negated (``balanced_yesno=True``);
+* ``colorshape``: colour and shape questions (what the policy learns to 100% / 95%).
+
+Appends one record per run to ``benchmarks/results/yesno_composition.json``. Example (about 10 min on one core):
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/diag_yesno_composition.py --phases words:red=400,affirmative=1500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def phase_data(name: str, index: int, seed: int):
+    from mor_client.data.synthetic import is_negated, make_synthetic_examples
+
+    data_seed = 1000 + 100 * seed + index  # a fresh stream per phase, disjoint from the held-out one
+    if name == "colorshape":
+        return make_synthetic_examples(12000, seed=data_seed, question_types=("color", "shape"))
+    if name == "balanced":
+        return make_synthetic_examples(12000, seed=data_seed, question_types=("yesno",), balanced_yesno=True)
+    pool = make_synthetic_examples(24000 if name == "affirmative" else 60000, seed=data_seed,
+                                   question_types=("yesno",), balanced_yesno=True)
+    pool = [e for e in pool if not is_negated(e.question)]
+    if name == "affirmative":
+        return pool
+    if name.startswith("words:"):
+        words = name.split(":", 1)[1].split("+")
+        return [e for e in pool if any(f" {w} " in f" {e.question.rstrip('?')} " for w in words)]
+    raise ValueError(f"unknown phase {name!r}: words:<a>+<b>, affirmative, balanced or colorshape")
+
+
+def balanced_accuracy(model, processor, items) -> dict:
+    from mor_client.data.synthetic import is_negated
+    from mor_server.alignment.policy import exact_match, generate_answers
+
+    ans = generate_answers(model, processor, items, max_new_tokens=4)
+    out: dict = {}
+    for e, a in zip(items, ans):
+        g = out.setdefault("negated" if is_negated(e.question) else "affirmative", {"n": 0, "right": 0, "yes": 0})
+        g["n"] += 1
+        g["right"] += int(exact_match(a, e.answer))
+        g["yes"] += int(exact_match(a, "yes"))
+    return {k: {**v, "accuracy": v["right"] / v["n"]} for k, v in sorted(out.items())}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--phases", required=True, help="comma-separated name=steps (see the module docstring)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of every phase")
+    ap.add_argument("--vision-steps", type=int, default=600, help="stage 1: vision-tower classification steps")
+    ap.add_argument("--seed", type=int, default=0, help="policy init, stage 1 and data seed")
+    ap.add_argument("--heldout", type=int, default=800, help="held-out balanced synthetic yes/no questions")
+    ap.add_argument("--save", type=Path, default=None, help="save the policy after the last phase here")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "yesno_composition.json")
+    a = ap.parse_args()
+    phases = []
+    for part in a.phases.split(","):
+        name, _, steps = part.partition("=")
+        if not steps.isdigit() or int(steps) < 1:
+            ap.error(f"--phases: {part!r} must be name=steps with steps >= 1")
+        if name not in ("affirmative", "balanced", "colorshape") and not name.startswith("words:"):
+            ap.error(f"--phases: unknown phase {name!r}; use words:<a>+<b>, affirmative, balanced or colorshape")
+        phases.append((name, int(steps)))
+
+    from diag_policy_vision import stage1_cached, yesno_by_prior
+
+    from mor_client.data.partition import make_federation_split
+    from mor_client.data.synthetic import make_synthetic_examples
+    from mor_server.alignment.pipeline import heldout_test
+    from mor_server.alignment.policy import TinyLlavaConfig, build_tiny_llava, pick_device
+    from mor_server.alignment.warmstart import PretrainConfig, SFTConfig, sft_warm_start
+
+    # the compact width as in diag_policy_vision's supervised-ceiling runs (3 layers in both towers)
+    cfg = TinyLlavaConfig(patch_size=8, seed=a.seed, text_hidden=128, vision_hidden=128, intermediate=256,
+                          text_layers=3, vision_layers=3)
+    model, processor = build_tiny_llava(config=cfg)
+    model.to(pick_device()[0])
+    model, _ = stage1_cached(model, processor, cfg, PretrainConfig(vision_steps=a.vision_steps, seed=a.seed))
+    test = heldout_test(make_federation_split(seed=a.seed, n_clients=3))[:600]
+    heldout = make_synthetic_examples(a.heldout, seed=500_000 + a.seed, question_types=("yesno",),
+                                      balanced_yesno=True)
+    evals = []
+    for i, (name, steps) in enumerate(phases):
+        data = phase_data(name, i, a.seed)
+        t0 = time.perf_counter()
+        info = sft_warm_start(model, processor, data, SFTConfig(steps=steps, learning_rate=a.lr, seed=a.seed + i,
+                                                                max_seconds=7200), progress=False)
+        ev = {"phase": f"{name}={steps}", "examples": len(data), "final_loss": info["final_loss"],
+              "seconds": round(time.perf_counter() - t0, 1),
+              "synthetic_balanced": balanced_accuracy(model, processor, heldout),
+              "easyvqa_yesno_by_wording_prior": yesno_by_prior(model, processor, test),
+              "easyvqa_yesno": balanced_accuracy(model, processor, [e for e in test if e.question_type == "yesno"])}
+        print(f"after {ev['phase']}: loss {info['final_loss']:.3f}; balanced held-out "
+              + ", ".join(f"{k} {100 * v['accuracy']:.1f}% (says yes {100 * v['yes'] / v['n']:.0f}%)"
+                          for k, v in ev["synthetic_balanced"].items())
+              + "; easy-vqa yes/no " + ", ".join(f"{k} {100 * v['accuracy']:.1f}%"
+                                                 for k, v in ev["easyvqa_yesno_by_wording_prior"].items())
+              + ", " + ", ".join(f"{k} {100 * v['accuracy']:.1f}%" for k, v in ev["easyvqa_yesno"].items()),
+              flush=True)
+        evals.append(ev)
+    if a.save:
+        from mor_server.alignment.policy import save_policy
+
+        save_policy(model, processor, a.save)
+    rec = {"args": {k: str(v) for k, v in vars(a).items()}, "evals": evals,
+           "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/diag_yesno_composition.py " + " ".join(sys.argv[1:])}
+    runs = json.loads(a.out.read_text()) if a.out.is_file() else []
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(runs + [rec], indent=1))
+    print("appended to", a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
