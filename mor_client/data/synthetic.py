@@ -67,15 +67,20 @@ def _render(rng: random.Random, shape: str, color: str) -> bytes:
     return buf.getvalue()
 
 
+def _balanced_asked(rng: random.Random, shape: str, color: str) -> str:
+    """A colour (8 in 11) or shape to ask about, the one in the image half of the time."""
+    about_color = rng.random() < len(COLORS) / (len(COLORS) + len(SHAPE_NAMES))
+    truth, pool = (color, COLORS) if about_color else (shape, SHAPE_NAMES)
+    return truth if rng.random() < 0.5 else rng.choice([p for p in pool if p != truth])
+
+
 def _question(rng: random.Random, qtype: str, shape: str, color: str, *, balanced: bool = False) -> tuple[str, str]:
     if qtype == "color":
         return rng.choice(_COLOR_Q).format(shape=shape), color
     if qtype == "shape":
         return rng.choice(_SHAPE_Q).format(color=color), shape
     if balanced:  # the asked value is in the image half of the time: the wording alone says nothing
-        about_color = rng.random() < len(COLORS) / (len(COLORS) + len(SHAPE_NAMES))
-        truth, pool = (color, COLORS) if about_color else (shape, SHAPE_NAMES)
-        x = truth if rng.random() < 0.5 else rng.choice([p for p in pool if p != truth])
+        x = _balanced_asked(rng, shape, color)
     else:
         # like easy-vqa's format: the asked value is any of the 8 colours or 3 shapes (so "is there a red
         # shape?" is mostly "no"), half of the questions negated
@@ -149,8 +154,5 @@ def presence_question(seed: int, index: int) -> tuple[str, bool]:
     Returns (question, present). Used as an auxiliary public label in visual pre-training."""
     shape, color = synthetic_attributes(seed, index)
     rng = random.Random(f"mor-synthetic-presence:{seed}:{index}")
-    about_color = rng.random() < len(COLORS) / (len(COLORS) + len(SHAPE_NAMES))
-    truth, pool = (color, COLORS) if about_color else (shape, SHAPE_NAMES)
-    present = rng.random() < 0.5
-    x = truth if present else rng.choice([p for p in pool if p != truth])
-    return rng.choice(_YES_Q).format(x=f"{x} shape" if about_color else x), present
+    x = _balanced_asked(rng, shape, color)
+    return rng.choice(_YES_Q).format(x=f"{x} shape" if x in COLORS else x), x in (shape, color)
