@@ -136,3 +136,34 @@ def test_server_sft_cell_is_scored_on_the_same_items_as_the_grpo_cells(monkeypat
     assert seen == [items[: b.EVAL_ITEMS]] and b.EVAL_ITEMS == 600
     assert b.cell_test(SimpleNamespace()) == items[:600]  # what run_alignment gets for the GRPO cells
     assert cell["after"] == {"overall": 0.5} and cell["before"] is None
+
+
+def test_a_run_measures_a_stale_cached_cell_again_and_keeps_a_comparable_one(tmp_path, monkeypatch, capsys):
+    # the grid loop: a cell cached from the old code (scored on 7,551 items) is run again and replaced; a comparable
+    # cached cell is not run; the time-left estimate counts only the cells still to run
+    b = _bench()
+    cache = tmp_path / "cache"
+    (cache / "cells").mkdir(parents=True)
+    stale_f = cache / "cells" / "compact_synthetic_sft-honest-server-sft-seed0.json"
+    kept_f = cache / "cells" / "compact_synthetic_sft-honest-server-sft-seed1.json"
+    stale_f.write_text(json.dumps(_cell("server-sft", 0, 0.65, before=None, n=7551)))
+    kept_f.write_text(json.dumps(_cell("server-sft", 1, 0.72, before=None)))
+    ran = []
+
+    def fake_run_cell(policy, scenario, method, seed, cache_dir, steps):
+        ran.append((policy, scenario, method, seed))
+        return _cell(method, seed, 0.70, before=None)
+
+    monkeypatch.setattr(b, "run_cell", fake_run_cell)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setattr(sys, "argv", ["bench_reward_ablation.py", "--warm-start", "compact+synthetic+sft",
+                                      "--methods", "server-sft", "--seeds", "0", "1", "--cache", str(cache),
+                                      "--out", str(tmp_path / "out.json")])
+    assert b.main() == 0
+    assert ran == [("compact+synthetic+sft", "honest", "server-sft", 0)]
+    assert json.loads(stale_f.read_text())["after"]["n"] == 600
+    assert json.loads(kept_f.read_text())["after"]["overall"] == 0.72
+    out = capsys.readouterr().out
+    assert "[1/2] compact+synthetic+sft honest server-sft seed 0" in out and "not compared" not in out
+    assert json.loads((tmp_path / "out.json").read_text())["summary"][
+        "compact+synthetic+sft/honest/server-sft"]["aligned"] == [70.0, 72.0]
