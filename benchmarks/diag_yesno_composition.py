@@ -10,11 +10,12 @@ supervised phases on public synthetic questions (mor_client.data.synthetic, neve
   the wording says nothing; chance is 50%): affirmative and negated accuracy;
 * on the held-out easy-vqa test: yes/no accuracy split by whether the wording alone gives the answer.
 
-Phases (``--phases``, comma-separated ``name=steps``, run in order):
+Phases (``--phases``, comma-separated ``name=steps`` or ``name=steps@lr``, run in order):
 
 * ``words:red+blue``: affirmative balanced presence questions that name only these colours/shapes;
 * ``affirmative``: affirmative balanced presence questions about any colour or shape;
 * ``balanced``: balanced yes/no questions, half negated (``balanced_yesno=True``);
+* ``mixed:0.2``: balanced yes/no questions of which this fraction is negated, the rest affirmative;
 * ``colorshape``: colour and shape questions (what the policy learns to 100% / 95%).
 
 Appends one record per run to ``benchmarks/results/yesno_composition.json``. Example (about 10 min on one core):
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -43,6 +45,14 @@ def phase_data(name: str, index: int, seed: int):
         return make_synthetic_examples(12000, seed=data_seed, question_types=("color", "shape"))
     if name == "balanced":
         return make_synthetic_examples(12000, seed=data_seed, question_types=("yesno",), balanced_yesno=True)
+    if name.startswith("mixed:"):
+        frac = float(name.split(":", 1)[1])
+        pool = make_synthetic_examples(24000, seed=data_seed, question_types=("yesno",), balanced_yesno=True)
+        aff = [e for e in pool if not is_negated(e.question)]
+        neg = [e for e in pool if is_negated(e.question)]
+        mixed = aff + neg[: int(len(aff) * frac / (1 - frac))]
+        random.Random(data_seed).shuffle(mixed)
+        return mixed
     pool = make_synthetic_examples(24000 if name == "affirmative" else 60000, seed=data_seed,
                                    question_types=("yesno",), balanced_yesno=True)
     pool = [e for e in pool if not is_negated(e.question)]
@@ -72,7 +82,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--phases", required=True, help="comma-separated name=steps (see the module docstring)")
-    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of every phase")
+    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of the phases that do not name one")
     ap.add_argument("--vision-steps", type=int, default=600, help="stage 1: vision-tower classification steps")
     ap.add_argument("--seed", type=int, default=0, help="policy init, stage 1 and data seed")
     ap.add_argument("--heldout", type=int, default=800, help="held-out balanced synthetic yes/no questions")
@@ -81,12 +91,21 @@ def main() -> int:
     a = ap.parse_args()
     phases = []
     for part in a.phases.split(","):
-        name, _, steps = part.partition("=")
+        name, _, spec = part.partition("=")
+        steps, _, lr = spec.partition("@")
         if not steps.isdigit() or int(steps) < 1:
-            ap.error(f"--phases: {part!r} must be name=steps with steps >= 1")
-        if name not in ("affirmative", "balanced", "colorshape") and not name.startswith("words:"):
-            ap.error(f"--phases: unknown phase {name!r}; use words:<a>+<b>, affirmative, balanced or colorshape")
-        phases.append((name, int(steps)))
+            ap.error(f"--phases: {part!r} must be name=steps[@lr] with steps >= 1")
+        try:
+            lr_v = float(lr) if lr else a.lr
+            frac = float(name.split(":", 1)[1]) if name.startswith("mixed:") else 0.0
+        except ValueError:
+            ap.error(f"--phases: {part!r}: the learning rate and the mixed fraction must be numbers")
+        if not 0.0 <= frac < 1.0:
+            ap.error(f"--phases: {part!r}: the negated fraction of mixed:<f> must be in [0, 1)")
+        if name not in ("affirmative", "balanced", "colorshape") and not name.startswith(("words:", "mixed:")):
+            ap.error(f"--phases: unknown phase {name!r}; use words:<a>+<b>, affirmative, mixed:<f>, balanced or "
+                     "colorshape")
+        phases.append((name, int(steps), lr_v))
 
     from diag_policy_vision import stage1_cached, yesno_by_prior
 
@@ -106,12 +125,12 @@ def main() -> int:
     heldout = make_synthetic_examples(a.heldout, seed=500_000 + a.seed, question_types=("yesno",),
                                       balanced_yesno=True)
     evals = []
-    for i, (name, steps) in enumerate(phases):
+    for i, (name, steps, lr) in enumerate(phases):
         data = phase_data(name, i, a.seed)
         t0 = time.perf_counter()
-        info = sft_warm_start(model, processor, data, SFTConfig(steps=steps, learning_rate=a.lr, seed=a.seed + i,
+        info = sft_warm_start(model, processor, data, SFTConfig(steps=steps, learning_rate=lr, seed=a.seed + i,
                                                                 max_seconds=7200), progress=False)
-        ev = {"phase": f"{name}={steps}", "examples": len(data), "final_loss": info["final_loss"],
+        ev = {"phase": f"{name}={steps}" + (f"@{lr:g}" if lr != a.lr else ""), "examples": len(data), "final_loss": info["final_loss"],
               "seconds": round(time.perf_counter() - t0, 1),
               "synthetic_balanced": balanced_accuracy(model, processor, heldout),
               "easyvqa_yesno_by_wording_prior": yesno_by_prior(model, processor, test),
