@@ -1,5 +1,8 @@
+import importlib
 import io
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,3 +29,18 @@ def png_bytes():
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+@pytest.fixture
+def benchmark_script():
+    """Import a script of ``benchmarks/`` by module name (they are scripts, not a package)."""
+    folder = str(Path(__file__).resolve().parent.parent / "benchmarks")
+
+    def load(name: str):
+        sys.path.insert(0, folder)
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(folder)
+
+    return load

@@ -25,14 +25,6 @@ def _cell(method: str, seed: int, after: float, before: float | None = 0.4, n: i
             "before": _acc(before, 0.2) if before is not None else None, "after": _acc(after, 0.9, n)}
 
 
-def _bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_reward_ablation as b
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return b
-
 
 def _report(cache: Path, out: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
@@ -81,8 +73,8 @@ def test_unknown_method_is_one_line_naming_the_choices(tmp_path):
     assert not (tmp_path / "c").exists()  # nothing was created before the check
 
 
-def test_reference_sft_300_aligns_from_the_server_sft_baselines_own_checkpoint():
-    b = _bench()
+def test_reference_sft_300_aligns_from_the_server_sft_baselines_own_checkpoint(benchmark_script):
+    b = benchmark_script("bench_reward_ablation")
     cache = Path("/cache")
     assert b.reference_dir("compact+synthetic+sft#ref300", 1, cache) == \
         cache / "baselines" / f"compact_synthetic_sft-sft{b.SERVER_SFT_STEPS}-seed1"
@@ -119,14 +111,14 @@ def test_a_cell_scored_on_other_test_items_is_not_compared_and_not_restored(tmp_
     assert "compact+synthetic+sft/honest/server-sft" not in json.loads(out.read_text())["summary"]
 
 
-def test_server_sft_cell_is_scored_on_the_same_items_as_the_grpo_cells(monkeypatch, tmp_path):
+def test_server_sft_cell_is_scored_on_the_same_items_as_the_grpo_cells(monkeypatch, tmp_path, benchmark_script):
     from types import SimpleNamespace
 
     import mor_server.alignment.evaluate as evaluate
     import mor_server.alignment.pipeline as pipeline
     import mor_server.alignment.warmstart as warmstart
 
-    b = _bench()
+    b = benchmark_script("bench_reward_ablation")
     items = [SimpleNamespace(image_id=i) for i in range(2000)]
     monkeypatch.setattr(pipeline, "heldout_test", lambda split: items)
     monkeypatch.setattr(warmstart, "warm_start_cached", lambda *a, **k: ("model", "processor", {"steps": 300}))
@@ -138,10 +130,11 @@ def test_server_sft_cell_is_scored_on_the_same_items_as_the_grpo_cells(monkeypat
     assert cell["after"] == {"overall": 0.5} and cell["before"] is None
 
 
-def test_a_run_measures_a_stale_cached_cell_again_and_keeps_a_comparable_one(tmp_path, monkeypatch, capsys):
+def test_a_run_measures_a_stale_cached_cell_again_and_keeps_a_comparable_one(tmp_path, monkeypatch, capsys,
+                                                                             benchmark_script):
     # the grid loop: a cell cached from the old code (scored on 7,551 items) is run again and replaced; a comparable
     # cached cell is not run; the time-left estimate counts only the cells still to run
-    b = _bench()
+    b = benchmark_script("bench_reward_ablation")
     cache = tmp_path / "cache"
     (cache / "cells").mkdir(parents=True)
     stale_f = cache / "cells" / "compact_synthetic_sft-honest-server-sft-seed0.json"

@@ -4,40 +4,27 @@ not, one that reads the image scores on both, and the split is measured on easy-
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _diag():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import diag_policy_vision
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return diag_policy_vision
-
-
-def test_wording_only_answers_are_told_apart_from_looking(monkeypatch):
+def test_wording_only_answers_are_told_apart_from_looking(monkeypatch, benchmark_script):
     from mor_client.data import make_federation_split
     from mor_client.data.synthetic import is_negated
     from mor_server.alignment import policy
     from mor_server.alignment.pipeline import heldout_test
 
+    diag = benchmark_script("diag_policy_vision")
     test = heldout_test(make_federation_split(seed=0, n_clients=3))[:600]
     yn = [e for e in test if e.question_type == "yesno"]
     assert any(is_negated(e.question) for e in yn) and not all(is_negated(e.question) for e in yn)
     by_wording = lambda m, p, items, **kw: ["yes" if is_negated(e.question) else "no" for e in items]  # noqa: E731
     monkeypatch.setattr(policy, "generate_answers", by_wording)
-    split = _diag().yesno_by_prior(None, None, test)
+    split = diag.yesno_by_prior(None, None, test)
     assert split["wording_right"]["accuracy"] == 1.0 and split["wording_wrong"]["accuracy"] == 0.0
     assert split["wording_right"]["n"] + split["wording_wrong"]["n"] == len(yn)
     assert split["wording_wrong"]["n"] > 0.05 * len(yn)  # enough items where only the image tells
     monkeypatch.setattr(policy, "generate_answers", lambda m, p, items, **kw: [e.answer for e in items])
-    split = _diag().yesno_by_prior(None, None, test)
+    split = diag.yesno_by_prior(None, None, test)
     assert split["wording_right"]["accuracy"] == split["wording_wrong"]["accuracy"] == 1.0
     always_yes = lambda m, p, items, **kw: ["yes"] * len(items)  # noqa: E731
     monkeypatch.setattr(policy, "generate_answers", always_yes)
-    split = _diag().yesno_by_prior(None, None, test)
+    split = diag.yesno_by_prior(None, None, test)
     assert 0.0 < split["wording_right"]["accuracy"] < 1.0
