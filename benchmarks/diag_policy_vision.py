@@ -72,25 +72,35 @@ def caption_accuracy(model, processor, *, seed: int, n: int = 200) -> float:
                for e, c in zip(items, caps)) / n
 
 
-def yesno_by_prior(model, processor, items) -> dict:
-    """Yes/no accuracy split by whether the question's wording alone gives the answer: on easy-vqa an affirmative
-    question ("is there a red shape?") is mostly "no" and a negated one mostly "yes". A policy that answers from
-    the wording is right on the first group and wrong on the second; one that looks at the image is right on both."""
-    from mor_client.data.synthetic import is_negated
-    from mor_server.alignment.evaluate import domain_of
-    from mor_server.alignment.policy import exact_match, generate_answers
+def tally(items, answers, group_of) -> dict:
+    """Per group (``group_of(item)``): items, exact-match right answers, "yes" answers and accuracy."""
+    from mor_server.alignment.policy import exact_match
 
-    yn = [e for e in items if domain_of(e) == "yesno"]
-    if not yn:
-        return {}
-    ans = generate_answers(model, processor, yn, max_new_tokens=4)
     out: dict = {}
-    for e, a in zip(yn, ans):
-        group = "wording_right" if e.answer == ("yes" if is_negated(e.question) else "no") else "wording_wrong"
-        g = out.setdefault(group, {"n": 0, "right": 0})
+    for e, a in zip(items, answers):
+        g = out.setdefault(group_of(e), {"n": 0, "right": 0, "yes": 0})
         g["n"] += 1
         g["right"] += int(exact_match(a, e.answer))
+        g["yes"] += int(exact_match(a, "yes"))
     return {k: {**v, "accuracy": v["right"] / v["n"]} for k, v in sorted(out.items())}
+
+
+def wording_group(example) -> str:
+    """``wording_right`` when a yes/no question's wording alone gives its answer (on easy-vqa an affirmative question
+    is mostly "no", a negated one mostly "yes"), else ``wording_wrong``."""
+    from mor_client.data.synthetic import is_negated
+
+    return "wording_right" if example.answer == ("yes" if is_negated(example.question) else "no") else "wording_wrong"
+
+
+def yesno_by_prior(model, processor, items) -> dict:
+    """Yes/no accuracy split by :func:`wording_group`. A policy that answers from the wording is right on the first
+    group and wrong on the second; one that looks at the image is right on both."""
+    from mor_server.alignment.evaluate import domain_of
+    from mor_server.alignment.policy import generate_answers
+
+    yn = [e for e in items if domain_of(e) == "yesno"]
+    return tally(yn, generate_answers(model, processor, yn, max_new_tokens=4), wording_group) if yn else {}
 
 
 def stage1_cached(model, processor, cfg, pre):
@@ -161,7 +171,8 @@ def main() -> int:
     ap.add_argument("--synthetic", type=int, default=3000, help="synthetic images (with --data synthetic)")
     ap.add_argument("--types", default="color,shape,yesno", help="question types of the synthetic SFT data")
     ap.add_argument("--balanced-yesno", action="store_true",
-                    help="synthetic yes/no questions whose wording says nothing (each asked value present half the time)")
+                    help="synthetic yes/no questions whose wording says nothing (each asked value present half "
+                         "the time)")
     ap.add_argument("--sft-steps", type=int, default=1000, help="supervised steps (batch 32)")
     ap.add_argument("--lr", type=float, default=3e-3, help="SFT learning rate")
     ap.add_argument("--patch", type=int, default=16, help="vision patch size (64x64 images: 16 -> 16 image tokens)")

@@ -61,21 +61,13 @@ def phase_data(name: str, index: int, seed: int):
     if name.startswith("words:"):
         words = name.split(":", 1)[1].split("+")
         return [e for e in pool if any(f" {w} " in f" {e.question.rstrip('?')} " for w in words)]
-    raise ValueError(f"unknown phase {name!r}: words:<a>+<b>, affirmative, balanced or colorshape")
+    raise ValueError(f"unknown phase {name!r}: words:<a>+<b>, affirmative, mixed:<f>, balanced or colorshape")
 
 
-def balanced_accuracy(model, processor, items) -> dict:
+def negation_group(example) -> str:
     from mor_client.data.synthetic import is_negated
-    from mor_server.alignment.policy import exact_match, generate_answers
 
-    ans = generate_answers(model, processor, items, max_new_tokens=4)
-    out: dict = {}
-    for e, a in zip(items, ans):
-        g = out.setdefault("negated" if is_negated(e.question) else "affirmative", {"n": 0, "right": 0, "yes": 0})
-        g["n"] += 1
-        g["right"] += int(exact_match(a, e.answer))
-        g["yes"] += int(exact_match(a, "yes"))
-    return {k: {**v, "accuracy": v["right"] / v["n"]} for k, v in sorted(out.items())}
+    return "negated" if is_negated(example.question) else "affirmative"
 
 
 def main() -> int:
@@ -107,12 +99,13 @@ def main() -> int:
                      "colorshape")
         phases.append((name, int(steps), lr_v))
 
-    from diag_policy_vision import stage1_cached, yesno_by_prior
+    from diag_policy_vision import stage1_cached, tally, wording_group
 
     from mor_client.data.partition import make_federation_split
     from mor_client.data.synthetic import make_synthetic_examples
+    from mor_server.alignment.evaluate import domain_of
     from mor_server.alignment.pipeline import heldout_test
-    from mor_server.alignment.policy import TinyLlavaConfig, build_tiny_llava, pick_device
+    from mor_server.alignment.policy import TinyLlavaConfig, build_tiny_llava, generate_answers, pick_device
     from mor_server.alignment.warmstart import PretrainConfig, SFTConfig, sft_warm_start
 
     # the compact width as in diag_policy_vision's supervised-ceiling runs (3 layers in both towers)
@@ -121,7 +114,8 @@ def main() -> int:
     model, processor = build_tiny_llava(config=cfg)
     model.to(pick_device()[0])
     model, _ = stage1_cached(model, processor, cfg, PretrainConfig(vision_steps=a.vision_steps, seed=a.seed))
-    test = heldout_test(make_federation_split(seed=a.seed, n_clients=3))[:600]
+    test_yn = [e for e in heldout_test(make_federation_split(seed=a.seed, n_clients=3))[:600]
+               if domain_of(e) == "yesno"]
     heldout = make_synthetic_examples(a.heldout, seed=500_000 + a.seed, question_types=("yesno",),
                                       balanced_yesno=True)
     evals = []
@@ -130,11 +124,14 @@ def main() -> int:
         t0 = time.perf_counter()
         info = sft_warm_start(model, processor, data, SFTConfig(steps=steps, learning_rate=lr, seed=a.seed + i,
                                                                 max_seconds=7200), progress=False)
-        ev = {"phase": f"{name}={steps}" + (f"@{lr:g}" if lr != a.lr else ""), "examples": len(data), "final_loss": info["final_loss"],
-              "seconds": round(time.perf_counter() - t0, 1),
-              "synthetic_balanced": balanced_accuracy(model, processor, heldout),
-              "easyvqa_yesno_by_wording_prior": yesno_by_prior(model, processor, test),
-              "easyvqa_yesno": balanced_accuracy(model, processor, [e for e in test if e.question_type == "yesno"])}
+        seconds = round(time.perf_counter() - t0, 1)
+        held_ans = generate_answers(model, processor, heldout, max_new_tokens=4)
+        test_ans = generate_answers(model, processor, test_yn, max_new_tokens=4)  # once for both splits below
+        ev = {"phase": f"{name}={steps}" + (f"@{lr:g}" if lr != a.lr else ""), "examples": len(data),
+              "final_loss": info["final_loss"], "seconds": seconds,
+              "synthetic_balanced": tally(heldout, held_ans, negation_group),
+              "easyvqa_yesno_by_wording_prior": tally(test_yn, test_ans, wording_group),
+              "easyvqa_yesno": tally(test_yn, test_ans, negation_group)}
         print(f"after {ev['phase']}: loss {info['final_loss']:.3f}; balanced held-out "
               + ", ".join(f"{k} {100 * v['accuracy']:.1f}% (says yes {100 * v['yes'] / v['n']:.0f}%)"
                           for k, v in ev["synthetic_balanced"].items())
@@ -148,7 +145,8 @@ def main() -> int:
 
         save_policy(model, processor, a.save)
     rec = {"args": {k: str(v) for k, v in vars(a).items()}, "evals": evals,
-           "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/diag_yesno_composition.py " + " ".join(sys.argv[1:])}
+           "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/diag_yesno_composition.py "
+                      + " ".join(sys.argv[1:])}
     runs = json.loads(a.out.read_text()) if a.out.is_file() else []
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(runs + [rec], indent=1))
