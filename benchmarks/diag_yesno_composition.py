@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -38,30 +37,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def phase_data(name: str, index: int, seed: int):
-    from mor_client.data.synthetic import is_negated, make_synthetic_examples
+    """A phase's examples (mor_client.data.synthetic.curriculum_phase_examples, the warm start's curriculum data) from
+    this script's own data seeds, disjoint from the held-out draw."""
+    from mor_client.data.synthetic import curriculum_phase_examples
 
-    data_seed = 1000 + 100 * seed + index  # a fresh stream per phase, disjoint from the held-out one
-    if name == "colorshape":
-        return make_synthetic_examples(12000, seed=data_seed, question_types=("color", "shape"))
-    if name == "balanced":
-        return make_synthetic_examples(12000, seed=data_seed, question_types=("yesno",), balanced_yesno=True)
-    if name.startswith("mixed:"):
-        frac = float(name.split(":", 1)[1])
-        pool = make_synthetic_examples(24000, seed=data_seed, question_types=("yesno",), balanced_yesno=True)
-        aff = [e for e in pool if not is_negated(e.question)]
-        neg = [e for e in pool if is_negated(e.question)]
-        mixed = aff + neg[: int(len(aff) * frac / (1 - frac))]
-        random.Random(data_seed).shuffle(mixed)
-        return mixed
-    pool = make_synthetic_examples(24000 if name == "affirmative" else 60000, seed=data_seed,
-                                   question_types=("yesno",), balanced_yesno=True)
-    pool = [e for e in pool if not is_negated(e.question)]
-    if name == "affirmative":
-        return pool
-    if name.startswith("words:"):
-        words = name.split(":", 1)[1].split("+")
-        return [e for e in pool if any(f" {w} " in f" {e.question.rstrip('?')} " for w in words)]
-    raise ValueError(f"unknown phase {name!r}: words:<a>+<b>, affirmative, mixed:<f>, balanced or colorshape")
+    return curriculum_phase_examples(name, 1000 + 100 * seed + index)
 
 
 def negation_group(example) -> str:
@@ -81,23 +61,14 @@ def main() -> int:
     ap.add_argument("--save", type=Path, default=None, help="save the policy after the last phase here")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "yesno_composition.json")
     a = ap.parse_args()
-    phases = []
-    for part in a.phases.split(","):
-        name, _, spec = part.partition("=")
-        steps, _, lr = spec.partition("@")
-        if not steps.isdigit() or int(steps) < 1:
-            ap.error(f"--phases: {part!r} must be name=steps[@lr] with steps >= 1")
-        try:
-            lr_v = float(lr) if lr else a.lr
-            frac = float(name.split(":", 1)[1]) if name.startswith("mixed:") else 0.0
-        except ValueError:
-            ap.error(f"--phases: {part!r}: the learning rate and the mixed fraction must be numbers")
-        if not 0.0 <= frac < 1.0:
-            ap.error(f"--phases: {part!r}: the negated fraction of mixed:<f> must be in [0, 1)")
-        if name not in ("affirmative", "balanced", "colorshape") and not name.startswith(("words:", "mixed:")):
-            ap.error(f"--phases: unknown phase {name!r}; use words:<a>+<b>, affirmative, mixed:<f>, balanced or "
-                     "colorshape")
-        phases.append((name, int(steps), lr_v))
+    from mor_client.data.synthetic import parse_curriculum
+
+    try:
+        phases = parse_curriculum(a.phases, default_lr=a.lr)
+    except ValueError as e:
+        ap.error(f"--phases: {e}")
+    if not phases:
+        ap.error("--phases: name at least one phase, e.g. words:red=400,affirmative=1500")
 
     from diag_policy_vision import stage1_cached, tally, wording_group
 

@@ -98,3 +98,79 @@ def test_warm_start_cache_key_follows_the_stage1_config(tmp_path):
         _, _, info = warm_start_cached(tmp_path / "ref", public, tiny=SMALL, sft=sft, pretrain=changed,
                                        progress=False)
         assert info["cached"] is False, changed  # another stage-1 config never reuses the cached reference
+
+
+def test_curriculum_phases_ask_what_they_name_and_the_wording_never_gives_the_answer():
+    """The yes/no curriculum (docs/alignment.md, "Why yes/no stops at the wording prior") only works if each phase's
+    questions are what it says: affirmative ones naming only the phase's words, a set share negated, and every
+    question string answered "yes" about as often as "no" (else the policy learns the wording again)."""
+    from collections import Counter, defaultdict
+
+    from mor_client.data.synthetic import curriculum_phase_examples, is_negated, synthetic_presence
+
+    red = curriculum_phase_examples("words:red+circle", 3, pool=3000)
+    assert red and all(not is_negated(e.question) and ("red" in e.question or "circle" in e.question) for e in red)
+    assert {e.answer for e in red} == {"yes", "no"}
+    aff = curriculum_phase_examples("affirmative", 3, pool=3000)
+    assert not any(is_negated(e.question) for e in aff) and len(aff) > len(red)
+    mixed = curriculum_phase_examples("mixed:0.2", 3, pool=3000)
+    share = sum(is_negated(e.question) for e in mixed) / len(mixed)
+    assert 0.17 < share < 0.23, share
+    by_text: dict[str, Counter] = defaultdict(Counter)
+    for e in mixed + aff:
+        by_text[e.question][e.answer] += 1
+        assert (e.answer == "yes") == (synthetic_presence(e) != is_negated(e.question))
+    yes = sum(c["yes"] for c in by_text.values()) / sum(sum(c.values()) for c in by_text.values())
+    assert 0.45 < yes < 0.55, yes  # every asked value is in the image half of the time
+    assert [e.question for e in curriculum_phase_examples("affirmative", 3, pool=300)] == \
+        [e.question for e in curriculum_phase_examples("affirmative", 3, pool=300)]  # deterministic
+
+
+@pytest.mark.parametrize("spec, fix", [("words:red", "name=steps"), ("words:purple=3", "purple"),
+                                       ("mixed:1.5=3", r"\[0, 1\)"), ("negated=3", "unknown curriculum phase"),
+                                       ("affirmative=3@fast", "learning rate")])
+def test_a_bad_curriculum_fails_before_any_training_naming_the_part(spec, fix):
+    import torch
+
+    model, processor = build_tiny_llava(config=SMALL)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=fix):
+        pretrain_policy(model, processor, PretrainConfig(vision_steps=2, images=8, yesno_curriculum=spec),
+                        progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_curriculum_trains_its_phases_in_order_on_fresh_draws(monkeypatch):
+    import torch
+
+    from mor_client.data import synthetic
+
+    calls = []
+    real = synthetic.curriculum_phase_examples
+
+    def small(phase, data_seed, pool=None):
+        calls.append((phase, data_seed))
+        return real(phase, data_seed, pool=200)
+
+    monkeypatch.setattr(synthetic, "curriculum_phase_examples", small)
+    model, processor = build_tiny_llava(config=SMALL)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    info = pretrain_policy(model, processor, PretrainConfig(yesno_curriculum="words:red=2,mixed:0.2=3@3e-4", seed=4,
+                                                            batch_size=8), progress=False)
+    assert calls == [("words:red", 20_400), ("mixed:0.2", 20_401)]
+    assert [(p["phase"], p["steps"], p["lr"]) for p in info["yesno_curriculum"]] == \
+        [("words:red", 2, 1e-3), ("mixed:0.2", 3, 3e-4)]
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if "language_model" in k)
+
+
+def test_the_curriculum_recipe_is_the_measured_one():
+    from mor_client.data.synthetic import YESNO_CURRICULUM, parse_curriculum
+    from mor_server.alignment.recipes import WARM_STARTS, warm_start_recipe
+
+    assert "compact+curriculum+sft" in WARM_STARTS
+    tiny, pre = warm_start_recipe("compact+curriculum+sft", seed=2)
+    assert (tiny.vision_layers, tiny.text_layers, tiny.vision_hidden, tiny.patch_size, tiny.seed) == (3, 3, 128, 8, 2)
+    assert pre.yesno_curriculum == YESNO_CURRICULUM and pre.seed == 2 and pre.vision_steps == 600
+    assert [(n, s) for n, s, _ in parse_curriculum(YESNO_CURRICULUM, default_lr=1e-3)] == [
+        ("words:red", 400), ("words:red+blue", 400), ("words:red+blue+green+black", 600), ("affirmative", 1500),
+        ("mixed:0.2", 1500)]

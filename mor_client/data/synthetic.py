@@ -156,3 +156,86 @@ def presence_question(seed: int, index: int) -> tuple[str, bool]:
     rng = random.Random(f"mor-synthetic-presence:{seed}:{index}")
     x = _balanced_asked(rng, shape, color)
     return rng.choice(_YES_Q).format(x=f"{x} shape" if x in COLORS else x), x in (shape, color)
+
+
+#: The yes/no curriculum that made the compact policy family compare the colour or shape a question names with the
+#: image's (docs/alignment.md, "Why yes/no stops at the wording prior"): affirmative prior-balanced presence questions
+#: about one word, then two, four, any colour or shape, then a fifth of the questions negated.
+YESNO_CURRICULUM = "words:red=400,words:red+blue=400,words:red+blue+green+black=600,affirmative=1500,mixed:0.2=1500"
+
+
+def _negated_fraction(phase: str) -> float:
+    try:
+        frac = float(phase.split(":", 1)[1])
+    except ValueError:
+        frac = -1.0
+    if not 0.0 <= frac < 1.0:
+        raise ValueError(f"curriculum phase {phase!r}: the negated fraction of mixed:<f> must be in [0, 1)")
+    return frac
+
+
+def _phase_words(phase: str) -> list[str]:
+    words = [w for w in phase.split(":", 1)[1].split("+") if w]
+    unknown = [w for w in words if w not in COLORS + SHAPE_NAMES]
+    if not words or unknown:
+        raise ValueError(f"curriculum phase {phase!r}: words:<a>+<b> names colours or shapes of "
+                         f"{', '.join(COLORS + SHAPE_NAMES)}" + (f" (not {', '.join(unknown)})" if unknown else ""))
+    return words
+
+
+def curriculum_phase_examples(phase: str, data_seed: int, *, pool: int | None = None) -> list[VQAExample]:
+    """The public synthetic examples of one yes/no curriculum phase (every yes/no question prior-balanced:
+    ``balanced_yesno=True``), drawn from ``data_seed``; ``pool``: images drawn before the phase's filter (default the
+    measured sizes: 60,000 for ``words:``, 24,000 for ``affirmative`` and ``mixed:``, 12,000 for the others):
+
+    * ``words:red+blue``: affirmative presence questions that name only these colours or shapes;
+    * ``affirmative``: affirmative presence questions about any colour or shape;
+    * ``mixed:0.2``: presence questions of which this fraction is negated, the rest affirmative;
+    * ``balanced``: half of the questions negated;
+    * ``colorshape``: colour and shape questions."""
+    if phase == "colorshape":
+        return make_synthetic_examples(pool or 12000, seed=data_seed, question_types=("color", "shape"))
+    if phase == "balanced":
+        return make_synthetic_examples(pool or 12000, seed=data_seed, question_types=("yesno",), balanced_yesno=True)
+    if phase.startswith("mixed:"):
+        frac = _negated_fraction(phase)
+        drawn = make_synthetic_examples(pool or 24000, seed=data_seed, question_types=("yesno",), balanced_yesno=True)
+        aff = [e for e in drawn if not is_negated(e.question)]
+        neg = [e for e in drawn if is_negated(e.question)]
+        mixed = aff + neg[: int(len(aff) * frac / (1 - frac))]
+        random.Random(data_seed).shuffle(mixed)
+        return mixed
+    if phase.startswith("words:"):
+        words = _phase_words(phase)
+    elif phase != "affirmative":
+        raise ValueError(f"unknown curriculum phase {phase!r}: use words:<a>+<b>, affirmative, mixed:<f>, balanced "
+                         "or colorshape")
+    drawn = make_synthetic_examples(pool or (24000 if phase == "affirmative" else 60000), seed=data_seed,
+                                    question_types=("yesno",), balanced_yesno=True)
+    affirmative = [e for e in drawn if not is_negated(e.question)]
+    if phase == "affirmative":
+        return affirmative
+    return [e for e in affirmative if any(f" {w} " in f" {e.question.rstrip('?')} " for w in words)]
+
+
+def parse_curriculum(spec: str, *, default_lr: float) -> list[tuple[str, int, float]]:
+    """``"name=steps[@lr],..."`` -> ``[(phase, steps, lr), ...]``; a ValueError names the bad part and the fix."""
+    phases = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        name, _, rest = part.partition("=")
+        steps, _, lr = rest.partition("@")
+        if not steps.isdigit() or int(steps) < 1:
+            raise ValueError(f"curriculum phase {part!r} must be name=steps[@lr] with steps >= 1")
+        try:
+            lr_v = float(lr) if lr else default_lr
+        except ValueError:
+            raise ValueError(f"curriculum phase {part!r}: the learning rate after @ must be a number") from None
+        if name not in ("affirmative", "balanced", "colorshape") and not name.startswith(("words:", "mixed:")):
+            raise ValueError(f"unknown curriculum phase {name!r}: use words:<a>+<b>, affirmative, mixed:<f>, "
+                             "balanced or colorshape")
+        if name.startswith("mixed:"):
+            _negated_fraction(name)
+        if name.startswith("words:"):
+            _phase_words(name)
+        phases.append((name, int(steps), lr_v))
+    return phases

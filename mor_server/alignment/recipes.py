@@ -11,11 +11,16 @@
 * ``compact+synthetic+sft``: the same stage 1 and SFT on the ``compact`` policy preset (0.96M parameters, 64 image
   tokens): with an oracle reward GRPO teaches colour, shape and yes/no on seeds where the tiny policy learns nothing
   (issue #17, docs/alignment.md), at 2-3x the tiny policy's GRPO time on a CPU.
+* ``compact+curriculum+sft``: the ``compact`` width with a third vision layer (the family measured under full
+  supervision), the same stage 1, then the public yes/no curriculum (``YESNO_CURRICULUM``, 4,400 supervised steps on
+  prior-balanced synthetic presence questions) before the same SFT: the reference compares the colour or shape a
+  yes/no question names with the image instead of answering from the wording (docs/alignment.md, "Why yes/no stops
+  at the wording prior"). Stage 1 takes about 20 minutes of one CPU core.
 """
 
 from __future__ import annotations
 
-WARM_STARTS = ("sft", "synthetic+sft", "compact+synthetic+sft")
+WARM_STARTS = ("sft", "synthetic+sft", "compact+synthetic+sft", "compact+curriculum+sft")
 
 
 def warm_start_recipe(name: str, *, seed: int = 0):
@@ -33,4 +38,9 @@ def warm_start_recipe(name: str, *, seed: int = 0):
         return replace(tiny, patch_size=8), PretrainConfig(vision_steps=600, caption_steps=1000, seed=seed)
     if name == "compact+synthetic+sft":
         return policy_preset("compact", seed=seed), PretrainConfig(vision_steps=600, caption_steps=1000, seed=seed)
+    if name == "compact+curriculum+sft":
+        from mor_client.data.synthetic import YESNO_CURRICULUM
+
+        return replace(policy_preset("compact", seed=seed), vision_layers=3), PretrainConfig(
+            vision_steps=600, caption_steps=1000, yesno_curriculum=YESNO_CURRICULUM, seed=seed, max_seconds=7200)
     raise ValueError(f"warm start must be one of {', '.join(WARM_STARTS)}, got {name!r}")

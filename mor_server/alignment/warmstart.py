@@ -25,6 +25,8 @@ from typing import Sequence
 
 import torch
 
+from mor_client.data.synthetic import parse_curriculum
+
 from .policy import (ASSISTANT, EOS, ImageCache, TinyLlavaConfig, autocast_for, build_tiny_llava, model_device,
                      pick_device, policy_vocabulary, save_policy, to_pil, user_message)
 
@@ -213,8 +215,15 @@ class PretrainConfig:
     """``fixed``: every caption follows the one prompt "the image"; ``varied``: the prompt ("the image", "the color",
     "the shape") decides what the caption names, so the language model learns to read the text after the image
     (:func:`mor_client.data.synthetic_captions.prompted_caption`)."""
+    yesno_curriculum: str = ""
+    """Supervised phases on public prior-balanced synthetic yes/no questions after the other parts, ``name=steps[@lr]``
+    comma-separated (:func:`mor_client.data.synthetic.curriculum_phase_examples`; ``YESNO_CURRICULUM`` there is the
+    one measured in docs/alignment.md): teaches the policy to compare the colour or shape a question names with the
+    image's, which easy-vqa's own wording lets it skip. Empty: none."""
+    curriculum_lr: float = 1e-3
+    """Learning rate of the curriculum phases that do not name one."""
     images: int = 2000
-    """Synthetic images drawn for stage 1 (both parts use the same images)."""
+    """Synthetic images drawn for stage 1 (the vision, caption and matching parts use the same images)."""
     batch_size: int = 32
     learning_rate: float = 3e-3
     seed: int = 0
@@ -223,7 +232,7 @@ class PretrainConfig:
     """Safety cap on each part's wall-clock time."""
 
     def enabled(self) -> bool:
-        return self.vision_steps > 0 or self.caption_steps > 0 or self.match_steps > 0
+        return self.vision_steps > 0 or self.caption_steps > 0 or self.match_steps > 0 or bool(self.yesno_curriculum)
 
 
 def pretrain_vision_tower(model, processor, examples: Sequence, labels: Sequence[tuple[int, int]], *, steps: int,
@@ -278,6 +287,7 @@ def pretrain_policy(model, processor, config: PretrainConfig, *, progress: bool 
     for name in ("vision_steps", "caption_steps", "match_steps", "images"):
         if getattr(config, name) < 0:
             raise ValueError(f"PretrainConfig.{name} must be >= 0, got {getattr(config, name)}")
+    phases = parse_curriculum(config.yesno_curriculum, default_lr=config.curriculum_lr)  # bad specs fail first
     out: dict = {"images": config.images}
     if not config.enabled():
         return out
@@ -302,7 +312,28 @@ def pretrain_policy(model, processor, config: PretrainConfig, *, progress: bool 
                                             with_captions=config.caption_steps > 0,
                                             batch_size=config.batch_size, learning_rate=config.learning_rate,
                                             train_seed=config.seed, max_seconds=config.max_seconds)
+    if phases:
+        out["yesno_curriculum"] = yesno_curriculum(model, processor, phases, seed=config.seed,
+                                                   batch_size=config.batch_size, max_seconds=config.max_seconds,
+                                                   progress=progress)
     return out
+
+
+def yesno_curriculum(model, processor, phases: Sequence[tuple[str, int, float]], *, seed: int, batch_size: int = 32,
+                     max_seconds: float = 1800.0, progress: bool = True) -> list[dict]:
+    """Supervised training through the curriculum phases ``[(phase, steps, lr), ...]`` in order, each on its own fresh
+    draw of public synthetic examples (data seed ``20_000 + 100 * seed + index``: disjoint from stage 1's images and
+    from any held-out draw of small seeds). Returns one summary per phase."""
+    from mor_client.data.synthetic import curriculum_phase_examples
+
+    done = []
+    for i, (name, steps, lr) in enumerate(phases):
+        data = curriculum_phase_examples(name, 20_000 + 100 * seed + i)
+        info = sft_warm_start(model, processor, data, SFTConfig(steps=steps, batch_size=batch_size, learning_rate=lr,
+                                                                seed=seed + i, max_seconds=max_seconds),
+                              progress=progress)
+        done.append({"phase": name, "lr": lr, **{k: info[k] for k in ("steps", "seconds", "final_loss", "examples")}})
+    return done
 
 
 def pretrain_matching(model, processor, images: Sequence, *, seed: int, steps: int, batch_size: int = 32,
