@@ -252,6 +252,14 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
     rep = run_alignment(InProcessBackend(scorers), public=split.server_public, unlabeled=split.server_unlabeled,
                         test=cell_test(split), config=cfg)
     seconds = time.perf_counter() - t0
+    from diag_policy_vision import yesno_by_prior
+
+    from mor_server.alignment.policy import load_policy
+
+    test = cell_test(split)
+    ref_model, ref_proc = load_policy(ref)
+    yesno_split = {"before": yesno_by_prior(ref_model, ref_proc, test),
+                   "after": yesno_by_prior(rep["model"], rep["processor"], test)}
     cal = rep["router"]
     out = {"policy": policy, "scenario": scenario, "method": method, "seed": seed, "seconds": seconds,
            "grpo_seconds": rep["timings"]["grpo_s"], "before": rep["accuracy_before"], "after": rep["accuracy_after"],
@@ -261,7 +269,9 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
                       "weights_by_domain": cal.get("weights_by_domain"),
                       "heldout": {k: (v["accuracy"] if isinstance(v, dict) and "accuracy" in v else None)
                                   for k, v in cal.get("heldout", {}).items()}},
-           "routing_by_domain_grpo": rep["routing_by_domain_grpo"], "accuracy_curve": rep["accuracy_curve"]}
+           "routing_by_domain_grpo": rep["routing_by_domain_grpo"], "accuracy_curve": rep["accuracy_curve"],
+           # yes/no accuracy where the question's wording alone gives the answer and where only the image does
+           "yesno_by_wording": yesno_split}
     shutil.rmtree(work / "grpo", ignore_errors=True)  # checkpoints are not needed once evaluated
     return out
 
@@ -486,6 +496,9 @@ def main() -> int:
             print(f"    reference {ref} -> {100 * cell['after']['overall']:.1f}%  "
                   + "  ".join(f"{t} {100 * v:.0f}" for t, v in cell["after"]["by_domain"].items())
                   + f"  ({cell['seconds']:.0f} s)", flush=True)
+            for when, by in cell.get("yesno_by_wording", {}).items():
+                print(f"    yes/no {when}: " + ", ".join(f"{g} {100 * v['accuracy']:.1f}% of {v['n']}"
+                                                         for g, v in by.items()), flush=True)
     cells = [json.loads(f.read_text()) for f in sorted(cells_dir.glob("*.json"))]
     if not cells:
         print("no cached cells yet")
