@@ -16,7 +16,12 @@ Phases (``--phases``, comma-separated ``name=steps`` or ``name=steps@lr``, run i
 * ``affirmative``: affirmative balanced presence questions about any colour or shape;
 * ``balanced``: balanced yes/no questions, half negated (``balanced_yesno=True``);
 * ``mixed:0.2``: balanced yes/no questions of which this fraction is negated, the rest affirmative;
-* ``colorshape``: colour and shape questions (what the policy learns to 100% / 95%).
+* ``colorshape``: colour and shape questions (what the policy learns to 100% / 95%);
+* ``public``: the seed's server public split (300 labelled easy-vqa examples: the warm start's SFT, e.g.
+  ``public=50@3e-3`` as in the ``compact+curriculum+sft`` recipe).
+
+``--caption-steps 1000`` adds the recipes' captioning part to stage 1. After each phase the easy-vqa colour and
+shape accuracy is recorded too.
 
 Appends one record per run to ``benchmarks/results/yesno_composition.json``. Example (about 10 min on one core):
 
@@ -56,6 +61,7 @@ def main() -> int:
     ap.add_argument("--phases", required=True, help="comma-separated name=steps (see the module docstring)")
     ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of the phases that do not name one")
     ap.add_argument("--vision-steps", type=int, default=600, help="stage 1: vision-tower classification steps")
+    ap.add_argument("--caption-steps", type=int, default=0, help="stage 1: captioning steps after the vision part")
     ap.add_argument("--seed", type=int, default=0, help="policy init, stage 1 and data seed")
     ap.add_argument("--heldout", type=int, default=800, help="held-out balanced synthetic yes/no questions")
     ap.add_argument("--save", type=Path, default=None, help="save the policy after the last phase here")
@@ -63,10 +69,13 @@ def main() -> int:
     a = ap.parse_args()
     from mor_client.data.synthetic import parse_curriculum
 
-    try:
-        phases = parse_curriculum(a.phases, default_lr=a.lr)
-    except ValueError as e:
-        ap.error(f"--phases: {e}")
+    phases = []
+    for part in (p.strip() for p in a.phases.split(",") if p.strip()):
+        try:  # public=steps[@lr] is the server's public split, parsed like an affirmative phase
+            parsed = parse_curriculum(part.replace("public=", "affirmative=", 1), default_lr=a.lr)
+        except ValueError as e:
+            ap.error(f"--phases: {e}")
+        phases += [("public", s, lr) for _, s, lr in parsed] if part.startswith("public=") else parsed
     if not phases:
         ap.error("--phases: name at least one phase, e.g. words:red=400,affirmative=1500")
 
@@ -84,31 +93,37 @@ def main() -> int:
                           text_layers=3, vision_layers=3)
     model, processor = build_tiny_llava(config=cfg)
     model.to(pick_device()[0])
-    model, _ = stage1_cached(model, processor, cfg, PretrainConfig(vision_steps=a.vision_steps, seed=a.seed))
-    test_yn = [e for e in heldout_test(make_federation_split(seed=a.seed, n_clients=3))[:600]
-               if domain_of(e) == "yesno"]
+    model, _ = stage1_cached(model, processor, cfg, PretrainConfig(vision_steps=a.vision_steps,
+                                                                   caption_steps=a.caption_steps, seed=a.seed))
+    split = make_federation_split(seed=a.seed, n_clients=3)
+    test = heldout_test(split)[:600]
+    test_yn = [e for e in test if domain_of(e) == "yesno"]
+    test_cs = [e for e in test if domain_of(e) != "yesno"]
     heldout = make_synthetic_examples(a.heldout, seed=500_000 + a.seed, question_types=("yesno",),
                                       balanced_yesno=True)
     evals = []
     for i, (name, steps, lr) in enumerate(phases):
-        data = phase_data(name, i, a.seed)
+        data = list(split.server_public) if name == "public" else phase_data(name, i, a.seed)
         t0 = time.perf_counter()
         info = sft_warm_start(model, processor, data, SFTConfig(steps=steps, learning_rate=lr, seed=a.seed + i,
                                                                 max_seconds=7200), progress=False)
         seconds = round(time.perf_counter() - t0, 1)
         held_ans = generate_answers(model, processor, heldout, max_new_tokens=4)
         test_ans = generate_answers(model, processor, test_yn, max_new_tokens=4)  # once for both splits below
+        cs_ans = generate_answers(model, processor, test_cs, max_new_tokens=4)
         ev = {"phase": f"{name}={steps}" + (f"@{lr:g}" if lr != a.lr else ""), "examples": len(data),
               "final_loss": info["final_loss"], "seconds": seconds,
               "synthetic_balanced": tally(heldout, held_ans, negation_group),
               "easyvqa_yesno_by_wording_prior": tally(test_yn, test_ans, wording_group),
-              "easyvqa_yesno": tally(test_yn, test_ans, negation_group)}
+              "easyvqa_yesno": tally(test_yn, test_ans, negation_group),
+              "easyvqa_color_shape": tally(test_cs, cs_ans, domain_of)}
         print(f"after {ev['phase']}: loss {info['final_loss']:.3f}; balanced held-out "
               + ", ".join(f"{k} {100 * v['accuracy']:.1f}% (says yes {100 * v['yes'] / v['n']:.0f}%)"
                           for k, v in ev["synthetic_balanced"].items())
               + "; easy-vqa yes/no " + ", ".join(f"{k} {100 * v['accuracy']:.1f}%"
                                                  for k, v in ev["easyvqa_yesno_by_wording_prior"].items())
-              + ", " + ", ".join(f"{k} {100 * v['accuracy']:.1f}%" for k, v in ev["easyvqa_yesno"].items()),
+              + ", " + ", ".join(f"{k} {100 * v['accuracy']:.1f}%" for k, v in ev["easyvqa_yesno"].items())
+              + "; " + ", ".join(f"{k} {100 * v['accuracy']:.1f}%" for k, v in ev["easyvqa_color_shape"].items()),
               flush=True)
         evals.append(ev)
     if a.save:
