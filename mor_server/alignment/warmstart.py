@@ -4,7 +4,8 @@ One module although a little over 400 lines: both stages train through the same 
 ``SFTEncoded``) and the cache key covers both, so a split would separate a stage from the key that decides its reuse.
 
 * stage 1 (optional, :class:`PretrainConfig`): learn to see from synthetic images drawn by the project's own renderer
-  (vision-tower classification, captioning, image-text matching; no private data, no privacy cost);
+  (vision-tower classification, captioning, image-text matching, a yes/no curriculum on prior-balanced synthetic
+  questions; no private data, no privacy cost);
 * stage 2 (:class:`SFTConfig`, :func:`sft_warm_start`): supervised fine-tuning on the server's labelled public split;
 * :func:`warm_start_cached`: both, cached in a folder keyed by every stage's settings, the data digest and
   :data:`WARM_START_CODE_VERSION`, swapped in whole so a killed run never leaves a cache that is trusted.

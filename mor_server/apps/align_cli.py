@@ -26,7 +26,7 @@ from mor.cliargs import (RawHelpFormatter, UsageError, bind_host, existing_dir, 
                          output_dir, port, positive_float, positive_int)
 from mor.modes import MODES, PER_CLIENT_MODES, SECAGG_MODES
 
-from ..alignment.recipes import WARM_STARTS
+from ..alignment.recipes import WARM_START_HELP, WARM_STARTS
 
 #: privacy modes of the federated reward rounds (``--mode``)
 ALIGN_MODES = MODES
@@ -56,8 +56,7 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=positive_float, default=None, help="sampling temperature")
     p.add_argument("--top-k", type=positive_int, default=None, help="route each item to its top-k clients only")
     p.add_argument("--warm-start", dest="warm_start", choices=WARM_STARTS, default="sft",
-                   help="warm-start recipe of the built-in tiny policy (as mor demo --warm-start): sft, or "
-                        "synthetic+sft (vision pre-training and captioning of synthetic images first) (default: sft)")
+                   help=WARM_START_HELP + " (as mor demo --warm-start)")
     p.add_argument("--routing", choices=("learned", "uniform"), default="learned",
                    help="learned: the Mixture-of-Rewards router; uniform: the ablation without a router (uniform "
                         "weights, only the reward scale calibrated) (default: learned)")

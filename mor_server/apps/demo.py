@@ -34,7 +34,7 @@ from typing_extensions import NotRequired, TypedDict
 
 from mor.cliargs import non_negative_int, output_dir, positive_int
 from mor.modes import MODES, PER_CLIENT_MODES, SECAGG_MODES
-from ..alignment.recipes import WARM_STARTS
+from ..alignment.recipes import WARM_START_HELP, WARM_STARTS
 from privacy import pki
 
 from privacy.fsutil import replace_dir, staging_dir
@@ -555,8 +555,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=non_negative_int, help="seed of the split, inits, DP noise and sampling (default: 0)")
     p.add_argument("--steps", type=positive_int, help="GRPO steps (overrides grpo.max_steps; default: 400)")
     p.add_argument("--warm-start", dest="warm_start", choices=WARM_STARTS,
-                   help="warm-start recipe of the built-in policy: sft, or synthetic+sft (vision pre-training and "
-                        "captioning of synthetic images first, 64 image tokens; default: sft)")
+                   help=WARM_START_HELP)
     p.add_argument("--fresh", action="store_true", default=None, help="retrain cached reward models and warm start")
     p.set_defaults(func=_demo_cmd)
 
