@@ -248,15 +248,15 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
                           # every cell runs its whole GRPO budget: the collapse guard (on in the demo) would end
                           # some runs early and the rewards would no longer be compared at the same budget
                           collapse_guard=CollapseGuardConfig(every=0))
+    test = cell_test(split)
     t0 = time.perf_counter()
     rep = run_alignment(InProcessBackend(scorers), public=split.server_public, unlabeled=split.server_unlabeled,
-                        test=cell_test(split), config=cfg)
+                        test=test, config=cfg)
     seconds = time.perf_counter() - t0
     from diag_policy_vision import yesno_by_prior
 
     from mor_server.alignment.policy import load_policy
 
-    test = cell_test(split)
     ref_model, ref_proc = load_policy(ref)
     yesno_split = {"before": yesno_by_prior(ref_model, ref_proc, test),
                    "after": yesno_by_prior(rep["model"], rep["processor"], test)}
