@@ -35,7 +35,7 @@ reward can teach colour (docs/alignment.md).
 
 The demo's GRPO settings (400 steps, 8 prompts x 8 completions, lr 3e-4, beta 0.05, typed format rule at weight 4,
 answer-softmax shaping). Each finished cell is cached as one JSON file, so an interrupted grid resumes where it stopped
-and two invocations with disjoint ``--only`` filters can share the work; progress and an estimate of the time left are
+and two invocations with disjoint ``--seeds`` or ``--methods`` can share the work; progress and an estimate of the time left are
 printed. Each GRPO cell also records yes/no accuracy on the items whose wording alone gives the answer and on the
 others, for the reference and the aligned policy (``yesno_by_wording``: does the policy answer from the image?). Writes ``benchmarks/results/reward_ablation.json`` and a PNG.
 
