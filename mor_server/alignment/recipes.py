@@ -16,8 +16,8 @@
   prior-balanced synthetic presence questions) before the same SFT: the reference compares the colour or shape a
   yes/no question names with the image instead of answering from the wording (docs/alignment.md, "Why yes/no stops
   at the wording prior"). Measured worse, not recommended: the SFT after it erases the comparison and colour and
-  shape questions are answered "yes" or "no", so oracle GRPO reached 61.7 / 43.0% on seeds 0 / 1 against 71.7 / 78.0%
-  for ``compact+synthetic+sft`` (docs/alignment.md, "A warm start that ends with the curriculum"). Kept to reproduce
+  shape questions are answered "yes" or "no", so oracle GRPO reached 54.2% (3 seeds) against 74.1% for
+  ``compact+synthetic+sft`` (docs/alignment.md, "A warm start that ends with the curriculum"). Kept to reproduce
   that measurement. Stage 1 takes about 25 minutes of one CPU core.
 """
 
