@@ -69,13 +69,10 @@ def main() -> int:
     a = ap.parse_args()
     from mor_client.data.synthetic import parse_curriculum
 
-    phases = []
-    for part in (p.strip() for p in a.phases.split(",") if p.strip()):
-        try:  # public=steps[@lr] is the server's public split, parsed like an affirmative phase
-            parsed = parse_curriculum(part.replace("public=", "affirmative=", 1), default_lr=a.lr)
-        except ValueError as e:
-            ap.error(f"--phases: {e}")
-        phases += [("public", s, lr) for _, s, lr in parsed] if part.startswith("public=") else parsed
+    try:  # public: the seed's server public split (trained below)
+        phases = parse_curriculum(a.phases, default_lr=a.lr, extra_phases=("public",))
+    except ValueError as e:
+        ap.error(f"--phases: {e}")
     if not phases:
         ap.error("--phases: name at least one phase, e.g. words:red=400,affirmative=1500")
 

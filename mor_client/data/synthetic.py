@@ -183,6 +183,17 @@ def _phase_words(phase: str) -> list[str]:
     return words
 
 
+def _check_phase(phase: str) -> None:
+    """A ValueError naming the fix unless ``phase`` is a curriculum phase :func:`curriculum_phase_examples` draws."""
+    if phase.startswith("mixed:"):
+        _negated_fraction(phase)
+    elif phase.startswith("words:"):
+        _phase_words(phase)
+    elif phase not in ("affirmative", "balanced", "colorshape"):
+        raise ValueError(f"unknown curriculum phase {phase!r}: use words:<a>+<b>, affirmative, mixed:<f>, balanced "
+                         "or colorshape")
+
+
 def curriculum_phase_examples(phase: str, data_seed: int, *, pool: int | None = None) -> list[VQAExample]:
     """The public synthetic examples of one yes/no curriculum phase (every yes/no question prior-balanced:
     ``balanced_yesno=True``), drawn from ``data_seed``; ``pool``: images drawn before the phase's filter (default the
@@ -193,6 +204,7 @@ def curriculum_phase_examples(phase: str, data_seed: int, *, pool: int | None = 
     * ``mixed:0.2``: presence questions of which this fraction is negated, the rest affirmative;
     * ``balanced``: half of the questions negated;
     * ``colorshape``: colour and shape questions."""
+    _check_phase(phase)
     if phase == "colorshape":
         return make_synthetic_examples(pool or 12000, seed=data_seed, question_types=("color", "shape"))
     if phase == "balanced":
@@ -205,21 +217,19 @@ def curriculum_phase_examples(phase: str, data_seed: int, *, pool: int | None = 
         mixed = aff + neg[: int(len(aff) * frac / (1 - frac))]
         random.Random(data_seed).shuffle(mixed)
         return mixed
-    if phase.startswith("words:"):
-        words = _phase_words(phase)
-    elif phase != "affirmative":
-        raise ValueError(f"unknown curriculum phase {phase!r}: use words:<a>+<b>, affirmative, mixed:<f>, balanced "
-                         "or colorshape")
     drawn = make_synthetic_examples(pool or (24000 if phase == "affirmative" else 60000), seed=data_seed,
                                     question_types=("yesno",), balanced_yesno=True)
     affirmative = [e for e in drawn if not is_negated(e.question)]
     if phase == "affirmative":
         return affirmative
+    words = _phase_words(phase)
     return [e for e in affirmative if any(f" {w} " in f" {e.question.rstrip('?')} " for w in words)]
 
 
-def parse_curriculum(spec: str, *, default_lr: float) -> list[tuple[str, int, float]]:
-    """``"name=steps[@lr],..."`` -> ``[(phase, steps, lr), ...]``; a ValueError names the bad part and the fix."""
+def parse_curriculum(spec: str, *, default_lr: float, extra_phases: tuple[str, ...] = ()
+                     ) -> list[tuple[str, int, float]]:
+    """``"name=steps[@lr],..."`` -> ``[(phase, steps, lr), ...]``; a ValueError names the bad part and the fix.
+    ``extra_phases``: names the caller trains on data of its own, accepted as they are."""
     phases = []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         name, _, rest = part.partition("=")
@@ -230,12 +240,7 @@ def parse_curriculum(spec: str, *, default_lr: float) -> list[tuple[str, int, fl
             lr_v = float(lr) if lr else default_lr
         except ValueError:
             raise ValueError(f"curriculum phase {part!r}: the learning rate after @ must be a number") from None
-        if name not in ("affirmative", "balanced", "colorshape") and not name.startswith(("words:", "mixed:")):
-            raise ValueError(f"unknown curriculum phase {name!r}: use words:<a>+<b>, affirmative, mixed:<f>, "
-                             "balanced or colorshape")
-        if name.startswith("mixed:"):
-            _negated_fraction(name)
-        if name.startswith("words:"):
-            _phase_words(name)
+        if name not in extra_phases:
+            _check_phase(name)
         phases.append((name, int(steps), lr_v))
     return phases
