@@ -44,6 +44,8 @@ others, for the reference and the aligned policy (``yesno_by_wording``: does the
     .venv/bin/python benchmarks/bench_reward_ablation.py --warm-start compact+synthetic+sft --methods server-sft
     .venv/bin/python benchmarks/bench_reward_ablation.py --warm-start compact+synthetic+sft --reference-sft 300 \
         --methods oracle mor                                # GRPO from the server-sft baseline's checkpoint
+    .venv/bin/python benchmarks/bench_reward_ablation.py --warm-start compact+synthetic+sft --methods oracle \
+        --grpo learning_rate=1e-3                           # other GRPO settings: cells <warm start>~key=value,...
     .venv/bin/python benchmarks/bench_reward_ablation.py --report-only          # the table from the cached cells
 
 The cells recorded in ``--out`` are restored into an empty cache first, so a fresh clone re-reports (and extends) the
@@ -89,9 +91,34 @@ def scenario_split(scenario: str, seed: int, synthetic_prompt_images: int = 0):
 
 
 def split_label(label: str) -> tuple[str, int]:
-    """``(warm-start label, synthetic prompt images)`` of a cell's policy label ``<warm start>[@sp<N>][#ref<K>]``."""
-    base, _, pool = label.split("#ref")[0].partition("@sp")
+    """``(warm-start label, synthetic prompt images)`` of a cell's policy label
+    ``<warm start>[@sp<N>][#ref<K>][~<GRPO overrides>]``."""
+    base, _, pool = label.split("~")[0].split("#ref")[0].partition("@sp")
     return base, int(pool or 0)
+
+
+GRPO_OVERRIDABLE = {"learning_rate": float, "beta": float, "temperature": float, "prompts_per_step": int,
+                    "num_generations": int, "scale_rewards": str, "loss_type": str, "epsilon": float}
+
+
+def parse_grpo_overrides(items: list[str]) -> dict:
+    """``--grpo key=value ...`` -> GRPORunConfig overrides (checked here: a bad one fails before any training)."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in GRPO_OVERRIDABLE:
+            raise SystemExit(f"--grpo: {item!r} is not key=value with key one of {', '.join(GRPO_OVERRIDABLE)}")
+        try:
+            out[key] = GRPO_OVERRIDABLE[key](value)
+        except ValueError:
+            raise SystemExit(f"--grpo {key}: {value!r} is not a {GRPO_OVERRIDABLE[key].__name__}") from None
+    return out
+
+
+def grpo_overrides(label: str) -> dict:
+    """The GRPO overrides a cell's policy label carries after ``~`` (``key=value,...``; none: the demo's settings)."""
+    _, _, tail = label.partition("~")
+    return parse_grpo_overrides(tail.split(",")) if tail else {}
 
 
 def reference_sft(label: str) -> "SFTConfig":  # noqa: F821  (imported inside: torch loads lazily)
@@ -99,7 +126,7 @@ def reference_sft(label: str) -> "SFTConfig":  # noqa: F821  (imported inside: t
     built with the settings of the ``server-sft`` baseline so that ``#ref300`` aligns from that very checkpoint."""
     from mor_server.alignment.warmstart import SFTConfig
 
-    _, _, k = label.partition("#ref")
+    _, _, k = label.split("~")[0].partition("#ref")
     return SFTConfig(steps=REFERENCE_SFT_STEPS) if not k else SFTConfig(steps=int(k), max_seconds=3600)
 
 
@@ -240,7 +267,8 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
     shutil.copytree(ref, work / "reference")
     tiny, pre = recipe(policy, seed)
     cfg = AlignmentConfig(work_dir=str(work), tiny=tiny, sft=reference_sft(policy), pretrain=pre,
-                          grpo=GRPORunConfig(**{**DEMO_GRPO_DEFAULTS, "max_steps": steps, "save_steps": 0}),
+                          grpo=GRPORunConfig(**{**DEMO_GRPO_DEFAULTS, "max_steps": steps, "save_steps": 0,
+                                                **grpo_overrides(policy)}),
                           seed=seed, w_format=4.0,
                           answer_vocabulary=list(get_answers()) + (list(SHAPES_ANSWERS) if scenario == "shapes" else []),
                           routing="uniform" if method == "uniform" else "learned",
@@ -431,6 +459,9 @@ def main() -> int:
     ap.add_argument("--reference-sft", type=int, default=REFERENCE_SFT_STEPS, metavar="K",
                     help="SFT steps of the reference GRPO starts from (the demo's 50); K=300 aligns from the "
                          "server-sft baseline's own checkpoint; cells are labelled <warm start>#ref<K>")
+    ap.add_argument("--grpo", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="GRPO settings other than the demo's (" + ", ".join(GRPO_OVERRIDABLE) + "); cells are "
+                         "labelled <warm start>~key=value,...")
     ap.add_argument("--scenario", choices=SCENARIOS, nargs="+", default=["honest"])
     ap.add_argument("--methods", nargs="+", default=["oracle", "mor", "uniform"],
                     help="mor, mor-iq (router on image + question words), uniform, oracle, server, server-sft "
@@ -447,6 +478,7 @@ def main() -> int:
     for m in a.methods:
         if m not in METHODS and not m.startswith("client:"):
             raise SystemExit(f"--methods: unknown reward {m!r}; use {', '.join(METHODS)} or client:<name>")
+    overrides = parse_grpo_overrides(a.grpo)
     cells_dir = a.cache / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     restored = restore_cells(a.out, cells_dir)
@@ -463,6 +495,8 @@ def main() -> int:
             raise SystemExit(f"--reference-sft must be >= 1 step, got {a.reference_sft}")
         if a.reference_sft != REFERENCE_SFT_STEPS:
             a.policy = [f"{p}#ref{a.reference_sft}" for p in a.policy]
+        if overrides:
+            a.policy = [f"{p}~" + ",".join(f"{k}={v}" for k, v in overrides.items()) for p in a.policy]
         todo = [(p, s, m, seed) for seed in a.seeds for p in a.policy for s in a.scenario for m in a.methods
                 if not (m in ("oracle", "server", "server-sft") and s in ("adversary", "inflating"))]  # no client in them
         if a.prepare_only:

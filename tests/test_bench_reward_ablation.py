@@ -87,6 +87,26 @@ def test_reference_sft_300_aligns_from_the_server_sft_baselines_own_checkpoint(b
         "compact_synthetic_sft_ref300-honest-oracle-seed0"
 
 
+def test_grpo_overrides_travel_in_the_label_and_share_the_reference(benchmark_script, tmp_path):
+    b = benchmark_script("bench_reward_ablation")
+    cache = Path("/cache")
+    label = "compact+synthetic+sft#ref300~learning_rate=0.001,num_generations=4"
+    assert b.grpo_overrides(label) == {"learning_rate": 1e-3, "num_generations": 4}
+    assert b.grpo_overrides("compact+synthetic+sft") == {}
+    # the overrides change GRPO only: the reference (and its cache folder) is the label's without them
+    assert b.reference_dir(label, 2, cache) == b.reference_dir("compact+synthetic+sft#ref300", 2, cache)
+    assert b.split_label(label) == ("compact+synthetic+sft", 0)
+    assert b.cell_name(label, "honest", "oracle", 2) != b.cell_name("compact+synthetic+sft#ref300", "honest", "oracle", 2)
+    # a bad override is one line naming the key or the type, before anything is created
+    for bad, msg in ((["lr=1e-3"], "--grpo: 'lr=1e-3' is not key=value with key one of learning_rate"),
+                     (["num_generations=four"], "--grpo num_generations: 'four' is not a int")):
+        r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_reward_ablation.py"), "--grpo", *bad,
+                            "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o.json")],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(msg), r.stderr[-2000:]
+        assert not (tmp_path / "c").exists()
+
+
 def test_a_cell_scored_on_other_test_items_is_not_compared_and_not_restored(tmp_path):
     # the server-sft cells recorded before the fix were scored on the whole held-out test (7,551 items on seed 0)
     # while the GRPO cells beside them used the first 600: their difference was not a paired comparison
