@@ -127,16 +127,38 @@ def reference_sft(label: str) -> "SFTConfig":  # noqa: F821  (imported inside: t
     from mor_server.alignment.warmstart import SFTConfig
 
     _, _, k = label.split("~")[0].partition("#ref")
-    return SFTConfig(steps=REFERENCE_SFT_STEPS) if not k else SFTConfig(steps=int(k), max_seconds=3600)
+    if not k:
+        return SFTConfig(steps=REFERENCE_SFT_STEPS)
+    steps, _, lr = k.partition(":")
+    return SFTConfig(steps=int(steps), max_seconds=3600, **({"learning_rate": float(lr)} if lr else {}))
+
+
+def parse_reference_sft(text: str) -> str:
+    """``--reference-sft K[:LR]`` -> the label suffix (``""`` for the demo's SFT-50 at its lr)."""
+    from mor_server.alignment.warmstart import SFTConfig
+
+    steps, _, lr = text.partition(":")
+    try:
+        k, rate = int(steps), float(lr) if lr else SFTConfig.learning_rate
+    except ValueError:
+        raise SystemExit(f"--reference-sft: {text!r} is not K or K:LR (steps, then an optional learning rate)") from None
+    if k < 1 or rate <= 0:
+        raise SystemExit(f"--reference-sft must be >= 1 step at a positive learning rate, got {text!r}")
+    if k == REFERENCE_SFT_STEPS and rate == SFTConfig.learning_rate:
+        return ""
+    return f"#ref{k}" + (f":{rate:g}" if rate != SFTConfig.learning_rate else "")
 
 
 def reference_dir(label: str, seed: int, cache: Path, tag: str = "") -> Path:
     """Where the reference of a policy label and seed is cached (``server-sft`` cells share the SFT-K folders)."""
     name = split_label(label)[0].replace("+", "_").replace("/", "_")
     sft = reference_sft(label)
-    if sft.steps == REFERENCE_SFT_STEPS:
+    from mor_server.alignment.warmstart import SFTConfig
+
+    lr = "" if sft.learning_rate == SFTConfig.learning_rate else f"-lr{sft.learning_rate:g}"
+    if sft.steps == REFERENCE_SFT_STEPS and not lr:
         return cache / "references" / f"{name}-seed{seed}{tag}"
-    return cache / "baselines" / f"{name}-sft{sft.steps}-seed{seed}{tag}"
+    return cache / "baselines" / f"{name}-sft{sft.steps}{lr}-seed{seed}{tag}"
 
 
 def server_model(seed: int, split, work: Path):
@@ -456,9 +478,10 @@ def main() -> int:
     ap.add_argument("--synthetic-prompts", type=int, default=0, metavar="N",
                     help="add N public synthetic images (3 questions each) to the server's GRPO prompt pool "
                          "(make_federation_split(synthetic_prompt_images=N)); cells are labelled <warm start>@spN")
-    ap.add_argument("--reference-sft", type=int, default=REFERENCE_SFT_STEPS, metavar="K",
-                    help="SFT steps of the reference GRPO starts from (the demo's 50); K=300 aligns from the "
-                         "server-sft baseline's own checkpoint; cells are labelled <warm start>#ref<K>")
+    ap.add_argument("--reference-sft", default=str(REFERENCE_SFT_STEPS), metavar="K[:LR]",
+                    help="SFT steps (and learning rate, default 3e-3) of the reference GRPO starts from (the demo's "
+                         "50); K=300 aligns from the server-sft baseline's own checkpoint; cells are labelled "
+                         "<warm start>#ref<K>[:<LR>]")
     ap.add_argument("--grpo", nargs="+", default=[], metavar="KEY=VALUE",
                     help="GRPO settings other than the demo's (" + ", ".join(GRPO_OVERRIDABLE) + "); cells are "
                          "labelled <warm start>~key=value,...")
@@ -491,10 +514,9 @@ def main() -> int:
             raise SystemExit(f"--synthetic-prompts must be >= 0, got {a.synthetic_prompts}")
         if a.synthetic_prompts:
             a.policy = [f"{p}@sp{a.synthetic_prompts}" for p in a.policy]
-        if a.reference_sft < 1:
-            raise SystemExit(f"--reference-sft must be >= 1 step, got {a.reference_sft}")
-        if a.reference_sft != REFERENCE_SFT_STEPS:
-            a.policy = [f"{p}#ref{a.reference_sft}" for p in a.policy]
+        ref_suffix = parse_reference_sft(a.reference_sft)
+        if ref_suffix:
+            a.policy = [f"{p}{ref_suffix}" for p in a.policy]
         if overrides:
             a.policy = [f"{p}~" + ",".join(f"{k}={v}" for k, v in overrides.items()) for p in a.policy]
         todo = [(p, s, m, seed) for seed in a.seeds for p in a.policy for s in a.scenario for m in a.methods

@@ -87,6 +87,25 @@ def test_reference_sft_300_aligns_from_the_server_sft_baselines_own_checkpoint(b
         "compact_synthetic_sft_ref300-honest-oracle-seed0"
 
 
+def test_reference_sft_learning_rate_gets_its_own_reference(benchmark_script):
+    b = benchmark_script("bench_reward_ablation")
+    cache = Path("/cache")
+    assert b.parse_reference_sft("50") == "" and b.parse_reference_sft("50:3e-3") == ""  # the demo's SFT-50
+    assert b.parse_reference_sft("300") == "#ref300"
+    label = "compact+synthetic+sft" + b.parse_reference_sft("200:3e-4")
+    sft = b.reference_sft(label)
+    assert (sft.steps, sft.learning_rate) == (200, 3e-4)
+    # another learning rate is another checkpoint: it must not reuse SFT-200 at the default rate
+    assert b.reference_dir(label, 0, cache) != b.reference_dir("compact+synthetic+sft#ref200", 0, cache)
+    for bad in ("two", "200:fast", "0", "50:-1"):
+        try:
+            b.parse_reference_sft(bad)
+        except SystemExit as e:
+            assert str(e).startswith("--reference-sft"), e
+        else:
+            raise AssertionError(f"--reference-sft {bad} was accepted")
+
+
 def test_grpo_overrides_travel_in_the_label_and_share_the_reference(benchmark_script, tmp_path):
     b = benchmark_script("bench_reward_ablation")
     cache = Path("/cache")
