@@ -129,12 +129,14 @@ def reference_sft(label: str) -> "SFTConfig":  # noqa: F821  (imported inside: t
     _, _, k = label.split("~")[0].partition("#ref")
     if not k:
         return SFTConfig(steps=REFERENCE_SFT_STEPS)
+    k, _, balanced = k.partition(",")
     steps, _, lr = k.partition(":")
-    return SFTConfig(steps=int(steps), max_seconds=3600, **({"learning_rate": float(lr)} if lr else {}))
+    return SFTConfig(steps=int(steps), max_seconds=3600, balance_types=balanced == "balanced",
+                     **({"learning_rate": float(lr)} if lr else {}))
 
 
-def parse_reference_sft(text: str) -> str:
-    """``--reference-sft K[:LR]`` -> the label suffix (``""`` for the demo's SFT-50 at its lr)."""
+def parse_reference_sft(text: str, balanced: bool = False) -> str:
+    """``--reference-sft K[:LR]`` (and ``--balanced-sft``) -> the label suffix (``""`` for the demo's SFT-50)."""
     from mor_server.alignment.warmstart import SFTConfig
 
     steps, _, lr = text.partition(":")
@@ -144,9 +146,9 @@ def parse_reference_sft(text: str) -> str:
         raise SystemExit(f"--reference-sft: {text!r} is not K or K:LR (steps, then an optional learning rate)") from None
     if k < 1 or rate <= 0:
         raise SystemExit(f"--reference-sft must be >= 1 step at a positive learning rate, got {text!r}")
-    if k == REFERENCE_SFT_STEPS and rate == SFTConfig.learning_rate:
+    if k == REFERENCE_SFT_STEPS and rate == SFTConfig.learning_rate and not balanced:
         return ""
-    return f"#ref{k}" + (f":{rate:g}" if rate != SFTConfig.learning_rate else "")
+    return f"#ref{k}" + (f":{rate:g}" if rate != SFTConfig.learning_rate else "") + (",balanced" if balanced else "")
 
 
 def reference_dir(label: str, seed: int, cache: Path, tag: str = "") -> Path:
@@ -156,6 +158,7 @@ def reference_dir(label: str, seed: int, cache: Path, tag: str = "") -> Path:
     from mor_server.alignment.warmstart import SFTConfig
 
     lr = "" if sft.learning_rate == SFTConfig.learning_rate else f"-lr{sft.learning_rate:g}"
+    lr += "-balanced" if sft.balance_types else ""
     if sft.steps == REFERENCE_SFT_STEPS and not lr:
         return cache / "references" / f"{name}-seed{seed}{tag}"
     return cache / "baselines" / f"{name}-sft{sft.steps}{lr}-seed{seed}{tag}"
@@ -482,6 +485,9 @@ def main() -> int:
                     help="SFT steps (and learning rate, default 3e-3) of the reference GRPO starts from (the demo's "
                          "50); K=300 aligns from the server-sft baseline's own checkpoint; cells are labelled "
                          "<warm start>#ref<K>[:<LR>]")
+    ap.add_argument("--balanced-sft", action="store_true",
+                    help="the reference's SFT draws each batch with an equal share of every question type "
+                         "(SFTConfig.balance_types); cells are labelled <warm start>#ref<K>[:<LR>],balanced")
     ap.add_argument("--grpo", nargs="+", default=[], metavar="KEY=VALUE",
                     help="GRPO settings other than the demo's (" + ", ".join(GRPO_OVERRIDABLE) + "); cells are "
                          "labelled <warm start>~key=value,...")
@@ -514,7 +520,7 @@ def main() -> int:
             raise SystemExit(f"--synthetic-prompts must be >= 0, got {a.synthetic_prompts}")
         if a.synthetic_prompts:
             a.policy = [f"{p}@sp{a.synthetic_prompts}" for p in a.policy]
-        ref_suffix = parse_reference_sft(a.reference_sft)
+        ref_suffix = parse_reference_sft(a.reference_sft, a.balanced_sft)
         if ref_suffix:
             a.policy = [f"{p}{ref_suffix}" for p in a.policy]
         if overrides:

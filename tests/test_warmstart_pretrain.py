@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mor_client.data.easyvqa import COLORS, SHAPE_NAMES
@@ -174,3 +176,40 @@ def test_the_curriculum_recipe_is_the_measured_one():
     assert [(n, s) for n, s, _ in parse_curriculum(YESNO_CURRICULUM, default_lr=1e-3)] == [
         ("words:red", 400), ("words:red+blue", 400), ("words:red+blue+green+black", 600), ("affirmative", 1500),
         ("mixed:0.2", 1500)]
+
+
+def test_type_balanced_sft_gives_every_question_type_an_equal_share_of_each_batch(monkeypatch, tmp_path):
+    import random
+
+    import mor_server.alignment.warmstart as ws
+
+    # 72% yes/no like easy-vqa's public split: 18 yes/no, 4 colour, 3 shape
+    data = make_synthetic_examples(25, seed=3, question_types=("yesno",))[:18] + \
+        make_synthetic_examples(4, seed=4, question_types=("color",)) + \
+        make_synthetic_examples(3, seed=5, question_types=("shape",))
+    draw = ws._type_balanced_order(data, random.Random(0))
+    first = [next(draw) for _ in range(30)]
+    types = [data[i].question_type for i in first]
+    assert all(types.count(t) == 10 for t in ("color", "shape", "yesno"))
+    # a type's examples are all used before any is repeated
+    assert sorted(i for i in first[:12] if data[i].question_type == "color") == [18, 19, 20, 21]
+
+    seen: list[list[str]] = []
+    real = ws.SFTEncoded.batch
+    monkeypatch.setattr(ws.SFTEncoded, "batch",
+                        lambda self, idx, device: (seen.append([data[i].question_type for i in idx]),
+                                                   real(self, idx, device))[1])
+    model, processor = build_tiny_llava(task_words([e.question for e in data] + [e.answer for e in data]),
+                                        config=SMALL)
+    ws.sft_warm_start(model, processor, data, SFTConfig(steps=2, batch_size=9, balance_types=True), progress=False)
+    assert [sorted(set(b)) for b in seen] == [["color", "shape", "yesno"]] * 2
+    assert all(b.count("yesno") == 3 for b in seen)  # proportional batches would be ~72% yes/no
+
+    # the option is in the cache key when on, and references built before it keep theirs
+    sft = SFTConfig(steps=1, batch_size=8)
+    _, _, first_info = warm_start_cached(tmp_path / "ref", data, tiny=SMALL, sft=sft, progress=False)
+    key = json.loads((tmp_path / "ref" / "warm_start.json").read_text())["key"]
+    assert "balance_types" not in key["sft"]
+    _, _, info = warm_start_cached(tmp_path / "ref", data, tiny=SMALL,
+                                   sft=SFTConfig(steps=1, batch_size=8, balance_types=True), progress=False)
+    assert info["cached"] is False
