@@ -121,47 +121,56 @@ def grpo_overrides(label: str) -> dict:
     return parse_grpo_overrides(tail.split(",")) if tail else {}
 
 
-def reference_sft(label: str) -> "SFTConfig":  # noqa: F821  (imported inside: torch loads lazily)
-    """The reference's SFT of a policy label: SFT-50 (the demo's), or SFT-K for ``...#ref<K>`` (``--reference-sft``),
-    built with the settings of the ``server-sft`` baseline so that ``#ref300`` aligns from that very checkpoint."""
+def _sft_spec(spec: str) -> "SFTConfig":  # noqa: F821
+    """SFTConfig of a reference spec ``K[:LR][,balanced]`` (the text after ``#ref`` in a label); the one parser of
+    that form, for labels and for ``--reference-sft``."""
     from mor_server.alignment.warmstart import SFTConfig
 
-    _, _, k = label.split("~")[0].partition("#ref")
-    if not k:
-        return SFTConfig(steps=REFERENCE_SFT_STEPS)
-    k, _, balanced = k.partition(",")
+    k, _, balanced = spec.partition(",")
     steps, _, lr = k.partition(":")
+    if balanced not in ("", "balanced"):
+        raise ValueError(f"unknown reference option {balanced!r}")
     return SFTConfig(steps=int(steps), max_seconds=3600, balance_types=balanced == "balanced",
                      **({"learning_rate": float(lr)} if lr else {}))
+
+
+def reference_sft(label: str) -> "SFTConfig":  # noqa: F821  (imported inside: torch loads lazily)
+    """The reference's SFT of a policy label: SFT-50 (the demo's), or SFT-K for ``...#ref<K>[:<LR>][,balanced]``
+    (``--reference-sft``, ``--balanced-sft``), built with the settings of the ``server-sft`` baseline so that
+    ``#ref300`` aligns from that very checkpoint."""
+    from mor_server.alignment.warmstart import SFTConfig
+
+    _, _, spec = label.split("~")[0].partition("#ref")
+    return _sft_spec(spec) if spec else SFTConfig(steps=REFERENCE_SFT_STEPS)
 
 
 def parse_reference_sft(text: str, balanced: bool = False) -> str:
     """``--reference-sft K[:LR]`` (and ``--balanced-sft``) -> the label suffix (``""`` for the demo's SFT-50)."""
     from mor_server.alignment.warmstart import SFTConfig
 
-    steps, _, lr = text.partition(":")
     try:
-        k, rate = int(steps), float(lr) if lr else SFTConfig.learning_rate
+        sft = _sft_spec(text + (",balanced" if balanced else ""))
     except ValueError:
         raise SystemExit(f"--reference-sft: {text!r} is not K or K:LR (steps, then an optional learning rate)") from None
-    if k < 1 or rate <= 0:
+    if sft.steps < 1 or sft.learning_rate <= 0:
         raise SystemExit(f"--reference-sft must be >= 1 step at a positive learning rate, got {text!r}")
-    if k == REFERENCE_SFT_STEPS and rate == SFTConfig.learning_rate and not balanced:
+    lr = "" if sft.learning_rate == SFTConfig.learning_rate else f":{sft.learning_rate:g}"
+    if sft.steps == REFERENCE_SFT_STEPS and not lr and not balanced:
         return ""
-    return f"#ref{k}" + (f":{rate:g}" if rate != SFTConfig.learning_rate else "") + (",balanced" if balanced else "")
+    return f"#ref{sft.steps}{lr}" + (",balanced" if balanced else "")
 
 
 def reference_dir(label: str, seed: int, cache: Path, tag: str = "") -> Path:
     """Where the reference of a policy label and seed is cached (``server-sft`` cells share the SFT-K folders)."""
-    name = split_label(label)[0].replace("+", "_").replace("/", "_")
-    sft = reference_sft(label)
     from mor_server.alignment.warmstart import SFTConfig
 
-    lr = "" if sft.learning_rate == SFTConfig.learning_rate else f"-lr{sft.learning_rate:g}"
-    lr += "-balanced" if sft.balance_types else ""
-    if sft.steps == REFERENCE_SFT_STEPS and not lr:
+    name = split_label(label)[0].replace("+", "_").replace("/", "_")
+    sft = reference_sft(label)
+    variant = ("" if sft.learning_rate == SFTConfig.learning_rate else f"-lr{sft.learning_rate:g}") + \
+        ("-balanced" if sft.balance_types else "")
+    if sft.steps == REFERENCE_SFT_STEPS and not variant:
         return cache / "references" / f"{name}-seed{seed}{tag}"
-    return cache / "baselines" / f"{name}-sft{sft.steps}{lr}-seed{seed}{tag}"
+    return cache / "baselines" / f"{name}-sft{sft.steps}{variant}-seed{seed}{tag}"
 
 
 def server_model(seed: int, split, work: Path):
