@@ -121,53 +121,68 @@ def grpo_overrides(label: str) -> dict:
     return parse_grpo_overrides(tail.split(",")) if tail else {}
 
 
-def _sft_spec(spec: str) -> "SFTConfig":  # noqa: F821
-    """SFTConfig of a reference spec ``K[:LR][,balanced]`` (the text after ``#ref`` in a label); the one parser of
-    that form, for labels and for ``--reference-sft``."""
-    from mor_server.alignment.warmstart import SFTConfig
+def _recipe_name(label: str) -> str:
+    """The recipe of a policy label (``<recipe>[/varied][@spN][#ref...][~...]``)."""
+    return split_label(label)[0].partition("/")[0]
 
-    k, _, balanced = spec.partition(",")
+
+def _sft_spec(spec: str, recipe_name: str) -> "SFTConfig":  # noqa: F821
+    """SFTConfig of a reference spec ``K[:LR][,balanced|,proportional]`` (the text after ``#ref`` in a label) of a
+    recipe; without a batch option the recipe's own (``recipes.recipe_sft``: type-balanced for the compact recipe).
+    The one parser of that form, for labels and for ``--reference-sft``."""
+    from dataclasses import replace
+
+    from mor_server.alignment.recipes import recipe_sft
+
+    k, _, batches = spec.partition(",")
     steps, _, lr = k.partition(":")
-    if balanced not in ("", "balanced"):
-        raise ValueError(f"unknown reference option {balanced!r}")
-    return SFTConfig(steps=int(steps), max_seconds=3600, balance_types=balanced == "balanced",
-                     **({"learning_rate": float(lr)} if lr else {}))
+    if batches not in ("", "balanced", "proportional"):
+        raise ValueError(f"unknown reference option {batches!r}")
+    sft = recipe_sft(recipe_name, int(steps))
+    return replace(sft, max_seconds=3600, **({"learning_rate": float(lr)} if lr else {}),
+                   **({"balance_types": batches == "balanced"} if batches else {}))
 
 
 def reference_sft(label: str) -> "SFTConfig":  # noqa: F821  (imported inside: torch loads lazily)
-    """The reference's SFT of a policy label: SFT-50 (the demo's), or SFT-K for ``...#ref<K>[:<LR>][,balanced]``
-    (``--reference-sft``, ``--balanced-sft``), built with the settings of the ``server-sft`` baseline so that
-    ``#ref300`` aligns from that very checkpoint."""
-    from mor_server.alignment.warmstart import SFTConfig
+    """The reference's SFT of a policy label: the recipe's SFT-50 (exactly what the demo builds), or SFT-K for
+    ``...#ref<K>[:<LR>][,balanced|,proportional]`` (``--reference-sft``, ``--balanced-sft``, ``--proportional-sft``),
+    built with the settings of the ``server-sft`` baseline so that ``#ref300`` aligns from that very checkpoint."""
+    from mor_server.alignment.recipes import recipe_sft
 
     _, _, spec = label.split("~")[0].partition("#ref")
-    return _sft_spec(spec) if spec else SFTConfig(steps=REFERENCE_SFT_STEPS)
+    return _sft_spec(spec, _recipe_name(label)) if spec else recipe_sft(_recipe_name(label), REFERENCE_SFT_STEPS)
 
 
-def parse_reference_sft(text: str, balanced: bool = False) -> str:
-    """``--reference-sft K[:LR]`` (and ``--balanced-sft``) -> the label suffix (``""`` for the demo's SFT-50)."""
+def parse_reference_sft(text: str, recipe_name: str, batches: str = "") -> str:
+    """``--reference-sft K[:LR]`` (and ``--balanced-sft`` / ``--proportional-sft``: ``batches``) of a recipe -> the
+    label suffix (``""`` for the recipe's own SFT-50, which is what ``mor demo`` builds)."""
+    from mor_server.alignment.recipes import recipe_sft
     from mor_server.alignment.warmstart import SFTConfig
 
     try:
-        sft = _sft_spec(text + (",balanced" if balanced else ""))
+        sft = _sft_spec(text + (f",{batches}" if batches else ""), recipe_name)
     except ValueError:
         raise SystemExit(f"--reference-sft: {text!r} is not K or K:LR (steps, then an optional learning rate)") from None
     if sft.steps < 1 or sft.learning_rate <= 0:
         raise SystemExit(f"--reference-sft must be >= 1 step at a positive learning rate, got {text!r}")
     lr = "" if sft.learning_rate == SFTConfig.learning_rate else f":{sft.learning_rate:g}"
-    if sft.steps == REFERENCE_SFT_STEPS and not lr and not balanced:
+    own = sft.balance_types == recipe_sft(recipe_name).balance_types  # the recipe's own batches: no option in the label
+    opt = "" if own else (",balanced" if sft.balance_types else ",proportional")
+    if sft.steps == REFERENCE_SFT_STEPS and not lr and not opt:
         return ""
-    return f"#ref{sft.steps}{lr}" + (",balanced" if balanced else "")
+    return f"#ref{sft.steps}{lr}{opt}"
 
 
 def reference_dir(label: str, seed: int, cache: Path, tag: str = "") -> Path:
     """Where the reference of a policy label and seed is cached (``server-sft`` cells share the SFT-K folders)."""
+    from mor_server.alignment.recipes import recipe_sft
     from mor_server.alignment.warmstart import SFTConfig
 
     name = split_label(label)[0].replace("+", "_").replace("/", "_")
     sft = reference_sft(label)
-    variant = ("" if sft.learning_rate == SFTConfig.learning_rate else f"-lr{sft.learning_rate:g}") + \
-        ("-balanced" if sft.balance_types else "")
+    variant = "" if sft.learning_rate == SFTConfig.learning_rate else f"-lr{sft.learning_rate:g}"
+    if sft.balance_types != recipe_sft(_recipe_name(label)).balance_types:
+        variant += "-balanced" if sft.balance_types else "-proportional"
     if sft.steps == REFERENCE_SFT_STEPS and not variant:
         return cache / "references" / f"{name}-seed{seed}{tag}"
     return cache / "baselines" / f"{name}-sft{sft.steps}{variant}-seed{seed}{tag}"
@@ -356,11 +371,14 @@ def server_sft_cell(policy: str, scenario: str, seed: int, split, cache: Path) -
         return warm_start_cached(reference_dir(label, seed, cache, tag), split.server_public, tiny=tiny, pretrain=pre,
                                  sft=replace(reference_sft(label), seed=seed), progress=False)
 
-    model, processor, info = load(f"{base}#ref{SERVER_SFT_STEPS}")
+    _, _, spec = policy.split("~")[0].partition("#ref")
+    batches = spec.partition(",")[2]  # the label's batch option, if any, applies to the SFT-300 too
+    model, processor, info = load(f"{base}#ref{SERVER_SFT_STEPS}" + (f",{batches}" if batches else ""))
     after = accuracy(model, processor, test)
     before = None
-    if (reference_dir(base, seed, cache, tag) / "warm_start.json").is_file():  # only when built: not needed here
-        ref, ref_proc, _ = load(base)
+    ref_label = f"{base}#ref{REFERENCE_SFT_STEPS}" + (f",{batches}" if batches else "")
+    if (reference_dir(ref_label, seed, cache, tag) / "warm_start.json").is_file():  # only when built: not needed here
+        ref, ref_proc, _ = load(ref_label)
         before = accuracy(ref, ref_proc, test)
     return {"policy": policy, "scenario": scenario, "method": "server-sft", "seed": seed,
             "seconds": time.perf_counter() - t0, "grpo_seconds": 0.0, "sft_steps": info.get("steps"),
@@ -494,9 +512,15 @@ def main() -> int:
                     help="SFT steps (and learning rate, default 3e-3) of the reference GRPO starts from (the demo's "
                          "50); K=300 aligns from the server-sft baseline's own checkpoint; cells are labelled "
                          "<warm start>#ref<K>[:<LR>]")
-    ap.add_argument("--balanced-sft", action="store_true",
-                    help="the reference's SFT draws each batch with an equal share of every question type "
-                         "(SFTConfig.balance_types); cells are labelled <warm start>#ref<K>[:<LR>],balanced")
+    batches = ap.add_mutually_exclusive_group()
+    batches.add_argument("--balanced-sft", dest="sft_batches", action="store_const", const="balanced", default="",
+                         help="the reference's SFT draws each batch with an equal share of every question type "
+                              "(SFTConfig.balance_types; the compact recipe's own); where the recipe's SFT is "
+                              "proportional, cells are labelled <warm start>#ref<K>[:<LR>],balanced")
+    batches.add_argument("--proportional-sft", dest="sft_batches", action="store_const", const="proportional",
+                         help="the reference's SFT draws batches in proportion to the question types (72%% yes/no); "
+                              "where the recipe's SFT is balanced, cells are labelled "
+                              "<warm start>#ref<K>[:<LR>],proportional")
     ap.add_argument("--grpo", nargs="+", default=[], metavar="KEY=VALUE",
                     help="GRPO settings other than the demo's (" + ", ".join(GRPO_OVERRIDABLE) + "); cells are "
                          "labelled <warm start>~key=value,...")
@@ -529,9 +553,7 @@ def main() -> int:
             raise SystemExit(f"--synthetic-prompts must be >= 0, got {a.synthetic_prompts}")
         if a.synthetic_prompts:
             a.policy = [f"{p}@sp{a.synthetic_prompts}" for p in a.policy]
-        ref_suffix = parse_reference_sft(a.reference_sft, a.balanced_sft)
-        if ref_suffix:
-            a.policy = [f"{p}{ref_suffix}" for p in a.policy]
+        a.policy = [p + parse_reference_sft(a.reference_sft, _recipe_name(p), a.sft_batches) for p in a.policy]
         if overrides:
             a.policy = [f"{p}~" + ",".join(f"{k}={v}" for k, v in overrides.items()) for p in a.policy]
         todo = [(p, s, m, seed) for seed in a.seeds for p in a.policy for s in a.scenario for m in a.methods

@@ -90,20 +90,54 @@ def test_reference_sft_300_aligns_from_the_server_sft_baselines_own_checkpoint(b
 def test_reference_sft_learning_rate_gets_its_own_reference(benchmark_script):
     b = benchmark_script("bench_reward_ablation")
     cache = Path("/cache")
-    assert b.parse_reference_sft("50") == "" and b.parse_reference_sft("50:3e-3") == ""  # the demo's SFT-50
-    assert b.parse_reference_sft("300") == "#ref300"
-    label = "compact+synthetic+sft" + b.parse_reference_sft("200:3e-4")
+    rec = "compact+synthetic+sft"
+    assert b.parse_reference_sft("50", rec) == "" and b.parse_reference_sft("50:3e-3", rec) == ""  # the demo's SFT-50
+    assert b.parse_reference_sft("300", rec) == "#ref300"
+    label = "compact+synthetic+sft" + b.parse_reference_sft("200:3e-4", rec)
     sft = b.reference_sft(label)
     assert (sft.steps, sft.learning_rate) == (200, 3e-4)
     # another learning rate is another checkpoint: it must not reuse SFT-200 at the default rate
     assert b.reference_dir(label, 0, cache) != b.reference_dir("compact+synthetic+sft#ref200", 0, cache)
     for bad in ("two", "200:fast", "0", "50:-1"):
         try:
-            b.parse_reference_sft(bad)
+            b.parse_reference_sft(bad, rec)
         except SystemExit as e:
             assert str(e).startswith("--reference-sft"), e
         else:
             raise AssertionError(f"--reference-sft {bad} was accepted")
+
+
+def test_a_plain_label_builds_the_recipes_own_reference_and_the_batch_option_is_explicit(benchmark_script, tmp_path):
+    # the bench's plain label is what `mor demo --warm-start <recipe>` builds (recipes.recipe_sft: the compact recipe's
+    # SFT is type-balanced, the tiny ones' proportional); the other batching is a labelled variant with its own folder
+    from mor_server.alignment.recipes import recipe_sft
+
+    b = benchmark_script("bench_reward_ablation")
+    cache = Path("/cache")
+    assert b.reference_sft("compact+synthetic+sft") == recipe_sft("compact+synthetic+sft")
+    assert b.reference_sft("compact+synthetic+sft").balance_types and not b.reference_sft("synthetic+sft").balance_types
+    assert b.reference_sft("compact+synthetic+sft@sp600~beta=0.1") == recipe_sft("compact+synthetic+sft")
+    assert b.parse_reference_sft("50", "compact+synthetic+sft", "balanced") == ""  # its own: no option in the label
+    assert b.parse_reference_sft("50", "compact+synthetic+sft", "proportional") == "#ref50,proportional"
+    assert b.parse_reference_sft("50", "synthetic+sft", "balanced") == "#ref50,balanced"
+    assert b.parse_reference_sft("50", "synthetic+sft", "proportional") == ""
+    prop = "compact+synthetic+sft#ref50,proportional"
+    assert not b.reference_sft(prop).balance_types and b.reference_sft(prop).steps == 50
+    assert b.reference_dir(prop, 1, cache) == cache / "baselines" / "compact_synthetic_sft-sft50-proportional-seed1"
+    assert b.reference_dir("compact+synthetic+sft", 1, cache) == cache / "references" / "compact_synthetic_sft-seed1"
+    assert b.reference_dir("synthetic+sft#ref50,balanced", 0, cache) == \
+        cache / "baselines" / "synthetic_sft-sft50-balanced-seed0"
+    assert b.reference_sft("compact+synthetic+sft#ref300,proportional").steps == 300
+    try:
+        b.reference_sft("compact+synthetic+sft#ref50,shuffled")
+    except ValueError as e:
+        assert "shuffled" in str(e)
+    else:
+        raise AssertionError("an unknown batch option was accepted")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_reward_ablation.py"), "--balanced-sft",
+                        "--proportional-sft", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o.json")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "not allowed with argument" in r.stderr and not (tmp_path / "c").exists()
 
 
 def test_grpo_overrides_travel_in_the_label_and_share_the_reference(benchmark_script, tmp_path):

@@ -201,6 +201,11 @@ def test_align_routing_and_warm_start_reach_the_engine(tmp_path):
                                          "--workdir", str(tmp_path)]), "k")
     assert (compact.tiny.text_hidden, compact.tiny.text_layers, compact.tiny.patch_size, compact.tiny.seed) == (128, 3, 8, 2)
     assert compact.pretrain is not None and compact.pretrain.caption_steps > 0 and compact.pretrain.seed == 2
+    # the compact recipe's reference SFT is type-balanced (the proportional one answered colour and shape "yes")
+    assert compact.sft.balance_types and compact.sft.steps == 50 and not plain.sft.balance_types
+    sft300 = _config(parser.parse_args(["align", "--warm-start", "compact+synthetic+sft", "--sft-steps", "300",
+                                        "--workdir", str(tmp_path)]), "k")
+    assert sft300.sft.balance_types and sft300.sft.steps == 300
 
 
 def test_sigterm_while_align_waits_for_clients(tmp_path):

@@ -56,3 +56,22 @@ def test_cli_prints_one_line_error(tmp_path):
                         "demo", "--config", str(cfg)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "mode: must be" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and str(cfg) in r.stderr
+
+
+def test_demo_warm_start_recipe_sets_the_references_sft(tmp_path, monkeypatch):
+    """`mor demo --warm-start compact+synthetic+sft` builds its reference with a type-balanced SFT-50 (the proportional
+    one left colour and shape questions answered "yes" on 2 of 3 rebuilt seeds); the default `sft` recipe keeps the
+    proportional SFT-50; `alignment.sft_steps` changes the steps, not the batching."""
+    from types import SimpleNamespace
+
+    import mor_server.alignment.pipeline as pipeline
+    from mor_server.apps import demo
+
+    seen = []
+    monkeypatch.setattr(pipeline, "run_alignment", lambda backend, **kw: seen.append(kw["config"]) or {})
+    server = SimpleNamespace(metrics=SimpleNamespace(registry=None))
+    for warm, alignment in (("compact+synthetic+sft", None), ("sft", None), ("compact+synthetic+sft", {"sft_steps": 80})):
+        cfg = DemoConfig(workdir=str(tmp_path / warm), warm_start=warm, seed=1, alignment=alignment)
+        demo.align(cfg, tmp_path / warm, None, server)
+    assert [(c.sft.steps, c.sft.balance_types) for c in seen] == [(50, True), (50, False), (80, True)]
+    assert seen[0].tiny.text_hidden == 128 and seen[0].pretrain.caption_steps > 0

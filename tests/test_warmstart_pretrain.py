@@ -213,3 +213,31 @@ def test_type_balanced_sft_gives_every_question_type_an_equal_share_of_each_batc
     _, _, info = warm_start_cached(tmp_path / "ref", data, tiny=SMALL,
                                    sft=SFTConfig(steps=1, batch_size=8, balance_types=True), progress=False)
     assert info["cached"] is False
+
+
+def test_the_sft_time_cap_does_not_make_another_checkpoint_unless_it_stopped_the_sft(tmp_path, monkeypatch):
+    # max_seconds is a safety cap: a reference whose SFT ran every step under a 3600 s cap is the demo's (120 s);
+    # one the cap cut short is not, and is rebuilt
+    import mor_server.alignment.warmstart as ws
+
+    data = make_synthetic_examples(12, seed=3)
+    _, _, first = warm_start_cached(tmp_path / "ref", data, tiny=SMALL, sft=SFTConfig(steps=2, batch_size=4,
+                                                                                     max_seconds=3600),
+                                    progress=False)
+    assert first["steps"] == 2 and first["cached"] is False
+    _, _, again = warm_start_cached(tmp_path / "ref", data, tiny=SMALL, sft=SFTConfig(steps=2, batch_size=4),
+                                    progress=False)
+    assert again["cached"] is True
+    # other settings still make another checkpoint
+    _, _, other = warm_start_cached(tmp_path / "ref", data, tiny=SMALL, sft=SFTConfig(steps=3, batch_size=4),
+                                    progress=False)
+    assert other["cached"] is False
+    # a cached SFT that its cap stopped early (here: 1 of 3 steps) is not reused under another cap
+    meta = tmp_path / "ref" / "warm_start.json"
+    rec = json.loads(meta.read_text())
+    rec["info"]["steps"] = 1
+    meta.write_text(json.dumps(rec))
+    _, _, rebuilt = warm_start_cached(tmp_path / "ref", data, tiny=SMALL,
+                                      sft=SFTConfig(steps=3, batch_size=4, max_seconds=3600), progress=False)
+    assert rebuilt["cached"] is False and rebuilt["steps"] == 3
+    assert not ws._same_build(None, {"sft": {}}, {}, SFTConfig())

@@ -435,6 +435,21 @@ def examples_digest(examples: Sequence) -> str:
     return h.hexdigest()
 
 
+def _same_build(cached_key, key: dict, info, sft: SFTConfig) -> bool:
+    """Whether a cached warm start is the one ``key`` asks for. The SFT's ``max_seconds`` is a safety cap, not a
+    setting: a cached SFT that ran all its steps under another cap is the same checkpoint (the bench's references,
+    built with a larger cap, are the demo's)."""
+    if cached_key == key:
+        return True
+    if not isinstance(cached_key, dict) or not isinstance(cached_key.get("sft"), dict) or not isinstance(info, dict):
+        return False
+
+    def uncapped(k: dict) -> dict:
+        return {**k, "sft": {n: v for n, v in k["sft"].items() if n != "max_seconds"}}
+
+    return uncapped(cached_key) == uncapped(key) and info.get("steps") == sft.steps
+
+
 def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLlavaConfig | None = None,
                       sft: SFTConfig | None = None, pretrain: PretrainConfig | None = None,
                       progress: bool = True, device: str | torch.device | None = None):
@@ -460,7 +475,7 @@ def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLl
         cached = json.loads(meta.read_text()) if meta.is_file() else None
     except (OSError, ValueError):
         cached = None
-    if isinstance(cached, dict) and cached.get("key") == key:
+    if isinstance(cached, dict) and _same_build(cached.get("key"), key, cached.get("info"), sft or SFTConfig()):
         model = LlavaForConditionalGeneration.from_pretrained(cache_dir, local_files_only=True)
         processor = LlavaProcessor.from_pretrained(cache_dir, local_files_only=True)
         model.to(dev).eval()  # evaluation before GRPO runs where the policy will train

@@ -167,8 +167,7 @@ def _config(args, resume_key: str):
     from ..alignment.grpo import GRPORunConfig
     from ..alignment.guard import CollapseGuardConfig
     from ..alignment.pipeline import AlignmentConfig
-    from ..alignment.warmstart import SFTConfig
-    from ..alignment.recipes import warm_start_recipe
+    from ..alignment.recipes import recipe_sft, warm_start_recipe
 
     grpo = {k: v for k, v in dict(max_steps=args.steps, learning_rate=args.lr, beta=args.beta,
                                   temperature=args.temperature, lora_r=args.lora_r).items() if v is not None}
@@ -187,7 +186,7 @@ def _config(args, resume_key: str):
     if preset is not None:
         sft = {} if args.sft_steps is None else {"steps": args.sft_steps}
         return AlignmentConfig.from_preset(preset, grpo=grpo, sft=sft, **common)
-    extra = {} if args.sft_steps is None else {"sft": SFTConfig(steps=args.sft_steps)}
+    extra = {"sft": recipe_sft(args.warm_start, args.sft_steps)}
     extra["tiny"], extra["pretrain"] = warm_start_recipe(args.warm_start, seed=args.seed)
     return AlignmentConfig(grpo=GRPORunConfig(**grpo), **common, **extra)
 

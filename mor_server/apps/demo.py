@@ -363,15 +363,13 @@ def align(cfg: DemoConfig, work: Path, backend, server, *, cards: dict | None = 
         raise ValueError(f"grpo: unknown setting(s) {unknown}; known: {sorted(known)}")
     import easy_vqa
 
-    from ..alignment.warmstart import SFTConfig
-    from ..alignment.recipes import warm_start_recipe
+    from ..alignment.recipes import recipe_sft, warm_start_recipe
 
     extra = alignment_overrides(cfg)
     if "heldout_pairs" in extra:
         n = extra.pop("heldout_pairs")
         heldout = {c: list(p)[:n] for c, p in heldout.items()}
-    if "sft_steps" in extra:
-        extra["sft"] = SFTConfig(steps=extra.pop("sft_steps"))
+    extra["sft"] = recipe_sft(cfg.warm_start, extra.pop("sft_steps", None))
     extra["tiny"], extra["pretrain"] = warm_start_recipe(cfg.warm_start, seed=cfg.seed)
     acfg = AlignmentConfig(**extra, work_dir=str(work / "alignment"),
                            grpo=GRPORunConfig(**{**DEMO_GRPO_DEFAULTS, **cfg.grpo}),
