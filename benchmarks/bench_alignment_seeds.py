@@ -45,12 +45,14 @@ def run_demo(seed: int, workdir: Path, mode: str, extra: list[str]) -> dict:
 
 def baseline(seed: int, steps: int, eval_size: int, workdir: Path, warm_start: str) -> dict:
     """SFT on the server's public split only, evaluated like the demo (first eval_size held-out test examples): the
-    same warm-start recipe as the demo's reference (policy size and public stage 1), with a longer SFT."""
+    same warm-start recipe as the demo's reference (policy size, public stage 1, SFT batching), with a longer SFT."""
     from mor_client.data.partition import make_federation_split
     from mor_server.alignment.pipeline import heldout_test
     from mor_server.alignment.evaluate import accuracy
-    from mor_server.alignment.recipes import warm_start_recipe
-    from mor_server.alignment.warmstart import SFTConfig, warm_start_cached
+    from dataclasses import replace
+
+    from mor_server.alignment.recipes import recipe_sft, warm_start_recipe
+    from mor_server.alignment.warmstart import warm_start_cached
 
     split = make_federation_split(seed=seed, n_clients=3)
     test = heldout_test(split)[:eval_size]
@@ -58,7 +60,8 @@ def baseline(seed: int, steps: int, eval_size: int, workdir: Path, warm_start: s
     tag = warm_start.replace("+", "_")
     model, processor, info = warm_start_cached(workdir / f"baseline-{tag}-sft{steps}-seed{seed}", split.server_public,
                                                tiny=tiny, pretrain=pre,
-                                               sft=SFTConfig(steps=steps, seed=seed, max_seconds=3600),
+                                               sft=replace(recipe_sft(warm_start, steps), seed=seed,
+                                                           max_seconds=3600),
                                                progress=False)
     return {"sft_steps": info["steps"], "accuracy": accuracy(model, processor, test)}
 

@@ -334,6 +334,7 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
     from diag_policy_vision import yesno_by_prior
 
     from mor_server.alignment.policy import load_policy
+    from mor_server.alignment.warmstart import host_fingerprint
 
     ref_model, ref_proc = load_policy(ref)
     yesno_split = {"before": yesno_by_prior(ref_model, ref_proc, test),
@@ -349,7 +350,10 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
                                   for k, v in cal.get("heldout", {}).items()}},
            "routing_by_domain_grpo": rep["routing_by_domain_grpo"], "accuracy_curve": rep["accuracy_curve"],
            # yes/no accuracy where the question's wording alone gives the answer and where only the image does
-           "yesno_by_wording": yesno_split}
+           "yesno_by_wording": yesno_split,
+           # where it ran: another host's kernels can train another reference from the same settings
+           "host": host_fingerprint(), "reference_host": json.loads((ref / "warm_start.json").read_text())
+           .get("info", {}).get("host")}
     shutil.rmtree(work / "grpo", ignore_errors=True)  # checkpoints are not needed once evaluated
     return out
 

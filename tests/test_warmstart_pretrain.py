@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from mor_client.data.easyvqa import COLORS, SHAPE_NAMES
 from mor_client.data.synthetic import make_synthetic_examples, synthetic_attributes
@@ -225,6 +226,9 @@ def test_the_sft_time_cap_does_not_make_another_checkpoint_unless_it_stopped_the
                                                                                      max_seconds=3600),
                                     progress=False)
     assert first["steps"] == 2 and first["cached"] is False
+    # where it was built is recorded: other CPU kernels can train other weights from the same settings
+    assert first["host"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert first["host"]["torch"] == torch.__version__ and first["host"]["threads"] >= 1
     _, _, again = warm_start_cached(tmp_path / "ref", data, tiny=SMALL, sft=SFTConfig(steps=2, batch_size=4),
                                     progress=False)
     assert again["cached"] is True

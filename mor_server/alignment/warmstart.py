@@ -435,6 +435,19 @@ def examples_digest(examples: Sequence) -> str:
     return h.hexdigest()
 
 
+def host_fingerprint(device: str | torch.device | None = None) -> dict:
+    """What a checkpoint's bytes depend on beyond its settings and data: the torch build, the CPU kernels it picked
+    (AVX2 / AVX512) and the thread count. The same settings on another host can train other weights (measured:
+    the compact reference of seed 1 rebuilt on another session's machine ended at 46.0% instead of 54.3%), so every
+    warm start records where it was built (docs/alignment.md, "The reference is fragile")."""
+    dev = pick_device(device)[0]
+    out = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "threads": torch.get_num_threads(), "device": str(dev)}
+    if dev.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(dev)
+    return out
+
+
 def _same_build(cached_key, key: dict, info, sft: SFTConfig) -> bool:
     """Whether a cached warm start is the one ``key`` asks for. The SFT's ``max_seconds`` is a safety cap, not a
     setting: a cached SFT that ran all its steps under another cap is the same checkpoint (the bench's references,
@@ -487,6 +500,7 @@ def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLl
     info = sft_warm_start(model, processor, examples, sft, progress=progress)
     if pre is not None and pretrain.enabled():
         info = {**info, "pretrain": pre}
+    info["host"] = host_fingerprint(dev)
     # built in a staging folder and swapped in whole, warm_start.json (the cache's completion marker) written last
     # inside it: a run killed while saving leaves the old cache or none, never a half-written one that is trusted
     from privacy.fsutil import replace_dir, staging_dir
