@@ -409,6 +409,17 @@ def restore_cells(out: Path, cells_dir: Path) -> int:
     return n
 
 
+def same_reference(a: dict, b: dict) -> bool:
+    """Whether two cells of a seed started GRPO from the same reference checkpoint, as far as the records show: the
+    same accuracy before GRPO, overall and per type. A reference rebuilt on another host can differ (other CPU
+    kernels train other weights), and a paired difference across two builds would credit the reward with it. A
+    cell without a reference record (``server-sft``) pairs with any."""
+    ra, rb = a.get("before"), b.get("before")
+    if not ra or not rb:
+        return True
+    return ra.get("overall") == rb.get("overall") and ra.get("by_domain") == rb.get("by_domain")
+
+
 def fmt(v: list[float]) -> str:
     return f"{statistics.mean(v):5.1f} ({max(v) - min(v):4.1f})" if v else "    -     "
 
@@ -462,7 +473,15 @@ def report(cells: list[dict], out: Path) -> dict:
         for sc in SCENARIOS:
             for a, b in pairs:
                 ga, gb = groups.get((pol, sc, a), []), groups.get((pol, sc, b), [])
-                common = sorted({c["seed"] for c in ga} & {c["seed"] for c in gb})
+                common = []
+                for s in sorted({c["seed"] for c in ga} & {c["seed"] for c in gb}):
+                    ca, cb = (next(c for c in g if c["seed"] == s) for g in (ga, gb))
+                    if same_reference(ca, cb):
+                        common.append(s)
+                    else:  # another build of the reference (another host): the difference is not the reward's
+                        print(f"not paired: {pol} {sc} seed {s}: {a} and {b} started from different references "
+                              f"({100 * ca['before']['overall']:.1f}% and {100 * cb['before']['overall']:.1f}%); "
+                              "run both cells from one build")
                 if not common:
                     continue
                 d = [100 * (next(c for c in ga if c["seed"] == s)["after"]["overall"]

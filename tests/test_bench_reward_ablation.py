@@ -63,6 +63,21 @@ def test_report_only_restores_recorded_cells_and_pairs_mor_with_the_server_sft_b
     assert json.loads(out.read_text())["summary"] == summary
 
 
+def test_cells_from_different_builds_of_a_reference_are_not_paired(tmp_path):
+    # a reference rebuilt on another host can be another checkpoint: MoR from one build minus uniform from another
+    # would credit the reward with the difference between the references
+    out = tmp_path / "results.json"
+    cells = [_cell("mor", 0, 0.74, before=0.507), _cell("uniform", 0, 0.65, before=0.495),
+             _cell("mor", 1, 0.70), _cell("uniform", 1, 0.66)]
+    out.write_text(json.dumps({"summary": {}, "cells": cells}))
+    r = _report(tmp_path / "cache", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("not paired: compact+synthetic+sft honest seed 0: mor and uniform started from different references "
+            "(50.7% and 49.5%); run both cells from one build") in r.stdout
+    pair = json.loads(out.read_text())["summary"]["compact+synthetic+sft/honest/mor-minus-uniform"]
+    assert pair["seeds"] == [1] and [round(x, 6) for x in pair["points"]] == [4.0]
+
+
 def test_unknown_method_is_one_line_naming_the_choices(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_reward_ablation.py"), "--methods", "sft300",
                         "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o.json")],
