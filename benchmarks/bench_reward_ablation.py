@@ -30,8 +30,11 @@ splits and the held-out test gain shapes items, and the four reward models are t
 Warm starts (``--warm-start``, the recipes of ``mor demo --warm-start``, mor_server/alignment/recipes.py): ``sft`` (the
 demo's reference: the built-in tiny Llava, 16 image tokens, SFT-50 on the server's public split) and ``synthetic+sft``
 (64 image tokens; vision pre-training 600 steps and captioning 1000 steps of synthetic images, then the same SFT-50),
-the policy with which a
-reward can teach colour (docs/alignment.md).
+the policy with which a reward can teach colour (docs/alignment.md); ``compact+synthetic+sft`` (the 0.96M policy, the
+same stage 1, a type-balanced SFT-50). A plain label is the recipe's own reference, exactly what ``mor demo`` builds;
+``--reference-sft``, ``--balanced-sft`` and ``--proportional-sft`` build other references, labelled
+``<warm start>#ref<K>[:<LR>][,balanced|,proportional]``. Cells of one seed are paired only when they started from the
+same reference (a reference rebuilt on another host can be another checkpoint).
 
 The demo's GRPO settings (400 steps, 8 prompts x 8 completions, lr 3e-4, beta 0.05, typed format rule at weight 4,
 answer-softmax shaping). Each finished cell is cached as one JSON file, so an interrupted grid resumes where it stopped
