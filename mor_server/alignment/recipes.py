@@ -19,9 +19,9 @@
   prior-balanced synthetic presence questions) before the same SFT: the reference compares the colour or shape a
   yes/no question names with the image instead of answering from the wording (docs/alignment.md, "Why yes/no stops
   at the wording prior"). Measured worse, not recommended: the SFT after it erases the comparison and colour and
-  shape questions are answered "yes" or "no", so oracle GRPO reached 54.2% (3 seeds) against 74.1% for
-  ``compact+synthetic+sft`` (docs/alignment.md, "A warm start that ends with the curriculum"). Kept to reproduce
-  that measurement. Stage 1 takes about 25 minutes of one CPU core.
+  shape questions are answered "yes" or "no", so oracle GRPO reached 54.2% (3 seeds) against 74.1% from
+  ``compact+synthetic+sft``'s former proportional references and 63.0% from its type-balanced ones (other builds:
+  docs/alignment.md, "A warm start that ends with the curriculum"). Kept to reproduce that measurement. Stage 1 takes about 25 minutes of one CPU core.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from __future__ import annotations
 WARM_STARTS = ("sft", "synthetic+sft", "compact+synthetic+sft", "compact+curriculum+sft")
 WARM_START_HELP = ("warm-start recipe of the built-in policy: sft (the tiny policy, SFT-50 on the public split; the "
                    "default), synthetic+sft (64 image tokens; vision pre-training and captioning of synthetic images "
-                   "first), compact+synthetic+sft (the same on the 0.96M compact policy: the one that learns every "
-                   "question type, 20-30 min a run on 2 CPU cores), compact+curriculum+sft (plus a yes/no curriculum; "
-                   "measured worse, kept to reproduce docs/alignment.md)")
+                   "first), compact+synthetic+sft (the same on the 0.96M compact policy with a type-balanced SFT: "
+                   "the one that learns colour and shape, 20-30 min a run on 2 CPU cores), compact+curriculum+sft "
+                   "(plus a yes/no curriculum; measured worse, kept to reproduce docs/alignment.md)")
 
 
 def warm_start_recipe(name: str, *, seed: int = 0):
