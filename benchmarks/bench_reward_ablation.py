@@ -349,6 +349,7 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
            "router": {"alpha": cal.get("alpha"), "routing": cal.get("routing"),
                       "mean_weight": {c: v.get("mean_weight") for c, v in cal.get("clients", {}).items()},
                       "weights_by_domain": cal.get("weights_by_domain"),
+                      "effective_by_domain": cal.get("effective_by_domain"),
                       "heldout": {k: (v["accuracy"] if isinstance(v, dict) and "accuracy" in v else None)
                                   for k, v in cal.get("heldout", {}).items()}},
            "routing_by_domain_grpo": rep["routing_by_domain_grpo"], "accuracy_curve": rep["accuracy_curve"],

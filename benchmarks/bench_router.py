@@ -21,7 +21,9 @@ used on; their labels are read by this benchmark only).
     .venv/bin/python benchmarks/bench_router.py                    # seeds 0 1 2, ~5 min of training on first run
     .venv/bin/python benchmarks/bench_router.py --seeds 0 --scenarios honest --features type
 
-Prints accuracy (right answer ranked first among the valid ones) mean (spread) per strategy, and writes
+Prints accuracy (right answer ranked first among the valid ones) mean (spread) per strategy, then who decides each
+question type's mixed score on the pool under the router's and under uniform weights
+(``router.effective_shares``: a weight times the spread of that client's scores, normalised), and writes
 ``benchmarks/results/router.json``.
 """
 
@@ -125,6 +127,7 @@ def run(seed: int, scenario: str, work: Path, features: list[str]) -> list[dict]
     from mor_server.alignment.evaluate import domain_of
     from mor_server.alignment.features import FeatureExtractor
     from mor_server.alignment.inprocess import InProcessBackend
+    from mor_server.alignment.router import effective_shares
 
     split, scorers = scenario_scorers(seed, scenario, work)
     public = split.server_public
@@ -143,8 +146,12 @@ def run(seed: int, scenario: str, work: Path, features: list[str]) -> list[dict]
         cal = router.calibration
         h = cal["heldout"]
         feats = fx.batch([e.image for e, _, _ in pool], [e.question for e, _, _ in pool])
-        p = compare_routings(router, feats, pool_scores, [t for _, _, t in pool], [domain_of(e) for e, _, _ in pool],
-                             h["oracle_choice"])
+        doms = [domain_of(e) for e, _, _ in pool]
+        p = compare_routings(router, feats, pool_scores, [t for _, _, t in pool], doms, h["oracle_choice"])
+        # who decides each type's mixed score on the pool: weights times the spread of each client's scores
+        k, w = len(pool_scores), router.weights(feats, list(pool_scores))
+        effective = {"router": effective_shares(w, pool_scores, doms),
+                     "uniform": effective_shares({c: [1.0 / k] * len(doms) for c in pool_scores}, pool_scores, doms)}
         rows.append({"seed": seed, "scenario": scenario, "features": name, "seconds": seconds, "alpha": cal["alpha"],
                      "heldout_items": h["items"], **{s: h[s]["accuracy"] for s in STRATEGIES if s in h},
                      "pool_items": p["items"], "pool": {s: p[s]["accuracy"] for s in STRATEGIES if s in p},
@@ -153,7 +160,7 @@ def run(seed: int, scenario: str, work: Path, features: list[str]) -> list[dict]
                      "clients": {c: v["accuracy"] for c, v in h["clients"].items()},
                      "mean_weight": {c: v["mean_weight"] for c, v in cal["clients"].items()},
                      "by_domain": h["by_domain"], "oracle_choice": h["oracle_choice"],
-                     "weights_by_domain": cal["weights_by_domain"]})
+                     "weights_by_domain": cal["weights_by_domain"], "pool_effective_by_domain": effective})
     return rows
 
 
@@ -195,6 +202,22 @@ def main() -> int:
                 line += f"{statistics.mean(gap):>+10.1f} ({max(gap) - min(gap):3.1f})"
                 summary.setdefault(where, {}).setdefault(scenario, {})[name] = cell
                 print(line)
+    print("\nwho decides each type's mixed score on the pool (router.effective_shares: weight x spread of the"
+          " client's scores), router / uniform weights, mean over seeds:")
+    for scenario in a.scenarios:
+        for name in a.features:
+            rs = [r for r in rows if r["scenario"] == scenario and r["features"] == name]
+            share = {}
+            for how in ("router", "uniform"):
+                for d, by in rs[0]["pool_effective_by_domain"][how].items():
+                    for c in by:
+                        share.setdefault((d, c), {})[how] = statistics.mean(
+                            r["pool_effective_by_domain"][how].get(d, {}).get(c, 0.0) for r in rs)
+            line = "  ".join(f"{d}:{c} {v['router']:.2f}/{v['uniform']:.2f}" for (d, c), v in share.items()
+                             if max(v.values()) >= 0.02)
+            summary.setdefault("pool_effective", {}).setdefault(scenario, {})[name] = {
+                f"{d}:{c}": v for (d, c), v in share.items()}
+            print(f"{scenario:<11}{name:<16}{line}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"command": " ".join(["benchmarks/bench_router.py", *sys.argv[1:]]),
                                  "summary": summary, "runs": rows}, indent=1))

@@ -8,7 +8,7 @@ from mor_client.data.easyvqa import load_easyvqa
 from mor_server.alignment.calibration import answer_schema, calibrate_router, calibration_items
 from mor_server.alignment.features import FeatureExtractor
 from mor_server.alignment.inprocess import InProcessBackend, LabelExpertScorer
-from mor_server.alignment.router import MoRRouter
+from mor_server.alignment.router import MoRRouter, effective_shares
 
 DOMAINS = ("color", "shape", "yesno")
 
@@ -75,6 +75,42 @@ def test_calibrated_router_routes_each_domain_to_its_expert(public, tmp_path):
     np.testing.assert_allclose(loaded.logits(feats), router.logits(feats), rtol=1e-5, atol=1e-6)
     with pytest.raises(FileNotFoundError, match="router.json"):
         MoRRouter.load(tmp_path / "nothing")
+
+
+class Loud:
+    """A scorer whose scores are ``factor`` times another's (a reward model trained to larger margins)."""
+
+    def __init__(self, inner, factor):
+        self.inner, self.factor = inner, factor
+
+    def score(self, items):
+        return [[self.factor * v for v in row] for row in self.inner.score(items)]
+
+
+def test_effective_shares_weigh_each_client_by_the_spread_of_its_scores():
+    """A weight is not who decides the ranking: with 0.3 of the weight, a client whose scores spread ten times wider
+    than the other's carries 3 / (3 + 0.7) of the mixed score."""
+    scores = {"loud": [[0.0, 20.0], [5.0, 5.0]], "quiet": [[0.0, 2.0], [0.0, 2.0]]}
+    weights = {"loud": [0.3, 0.3], "quiet": [0.7, 0.7]}
+    shares = effective_shares(weights, scores, ["yesno", "color"])
+    assert shares["yesno"]["loud"] == pytest.approx(3 / 3.7) and shares["yesno"]["quiet"] == pytest.approx(0.7 / 3.7)
+    # an item where the loud client scores every candidate alike: it decides nothing there
+    assert shares["color"] == {"loud": 0.0, "quiet": 1.0}
+    # no weighted spread at all: the item is skipped, the type gets no entry
+    assert effective_shares({"a": [1.0]}, {"a": [[1.0, 1.0]]}, ["shape"]) == {}
+
+
+def test_calibration_records_who_decides_each_types_ranking(public):
+    """Uniform weights over a loud colour expert (its scores x10, its noise on other types too) and a quiet shape
+    expert: the weights say 0.5 / 0.5 on every type, the effective shares say the colour client's noise decides
+    most of the shape questions' mixed score."""
+    scorers = {"colour": Loud(LabelExpertScorer(public, ["color"]), 10.0), "shape": LabelExpertScorer(public, ["shape"])}
+    router = calibrate_router(InProcessBackend(scorers), public, FeatureExtractor(), steps=1, seed=0, routing="uniform")
+    cal = router.calibration
+    assert cal["weights_by_domain"]["shape"] == pytest.approx({"colour": 0.5, "shape": 0.5})
+    eff = cal["effective_by_domain"]
+    assert eff["color"]["colour"] > 0.9 and eff["shape"]["colour"] > 0.5, eff
+    assert all(sum(v.values()) == pytest.approx(1.0) for v in eff.values())
 
 
 class Flipped:
@@ -157,7 +193,7 @@ def test_an_items_weights_do_not_depend_on_its_batch():
 
     from mor_client.data.partition import make_federation_split
     from mor_server.alignment.features import FeatureExtractor
-    from mor_server.alignment.router import MoRRouter
+    from mor_server.alignment.router import MoRRouter, effective_shares
 
     fx = FeatureExtractor()
     split = make_federation_split(seed=0, n_clients=3)

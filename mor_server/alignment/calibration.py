@@ -18,7 +18,7 @@ from .evaluate import domain_of
 from .features import FeatureExtractor
 from .policy import normalize_answer
 from .rewards import RewardBackend, RoundFailed
-from .router import MoRRouter
+from .router import MoRRouter, effective_shares
 
 
 def answer_schema(public: Sequence, unlabeled: Sequence = (), vocabulary: Sequence[str] | None = None, *,
@@ -134,6 +134,8 @@ def calibrate_router(backend: RewardBackend, public: Sequence, features: Feature
     w = router.weights(feats, live=list(scores), objective=objective)
     router.calibration["weights_by_domain"] = {
         d: {c: float(np.mean([w[c][i] for i, dd in enumerate(doms) if dd == d])) for c in w} for d in sorted(set(doms))}
+    # who decides the ranking: the weights times the spread of each client's scores (router.effective_shares)
+    router.calibration["effective_by_domain"] = effective_shares(w, scores, doms)
     if held:
         from .router import candidate_tensor, ranking_quality
 

@@ -284,6 +284,28 @@ def ranking_quality(w: np.ndarray, S: np.ndarray, mask: np.ndarray, truth: np.nd
     return {"accuracy": float(np.mean(right > others.max(axis=1))), "loglik": float(np.mean(loglik))}
 
 
+def effective_shares(weights: Mapping[str, Sequence[float]], scores: Mapping[str, Sequence[Sequence[float]]],
+                     domains: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Each client's share of the mixed score, per question type: the mean over a type's items of
+    ``w_k * spread_k / sum_j w_j * spread_j``, where ``spread_k`` is the standard deviation of client k's scores over
+    the item's candidates. A weight alone does not say who decides the ranking: a client whose scores spread ten
+    times wider than another's outweighs it with a tenth of the weight. Items where every weighted spread is 0 are
+    skipped; a type with no such item gets no entry."""
+    clients = list(weights)
+    out: dict[str, dict[str, float]] = {}
+    for d in sorted(set(domains)):
+        rows = []
+        for i, dd in enumerate(domains):
+            if dd != d:
+                continue
+            v = np.array([weights[c][i] * float(np.std(scores[c][i])) for c in clients])
+            if v.sum() > 0:
+                rows.append(v / v.sum())
+        if rows:
+            out[d] = {c: float(x) for c, x in zip(clients, np.mean(rows, axis=0))}
+    return out
+
+
 def entropy(weights: Mapping[str, Sequence[float]]) -> float:
     """Mean entropy (nats) of per-item routing weights (a metric: log K is uniform, 0 is one client)."""
     w = np.array([list(v) for v in weights.values()], dtype=np.float64).T
@@ -293,4 +315,4 @@ def entropy(weights: Mapping[str, Sequence[float]]) -> float:
     return float(np.mean(-(w * np.log(w)).sum(axis=1)))
 
 
-__all__ = ["MoRRouter", "candidate_tensor", "entropy", "ranking_quality"]
+__all__ = ["MoRRouter", "candidate_tensor", "effective_shares", "entropy", "ranking_quality"]
