@@ -22,7 +22,10 @@ Scenarios: ``honest`` (the demo's three clients: cnn / colour, vit / shape, lora
 ``mor client train`` exactly as ``mor demo`` trains them) and ``adversary`` (plus a fourth client that inverts a label
 expert over every question type: an adversarially flipped annotator; the router should learn to ignore it, a uniform
 mixture cannot) and ``inflating`` (the same adversary, its scores multiplied by 100: still inside the
-federation's declared score bound of 1000, and enough to outweigh the honest clients in a uniform mixture) and
+federation's declared score bound of 1000, and enough to outweigh the honest clients in a uniform mixture),
+``flipped`` (a fourth client that trains the yes/no client's reward model on the same data with every preference
+flipped, DP-SGD at epsilon 8 like the others: a noisy client as loud as the honest ones, where the inverted label
+expert scores 0 or 1 and gets 0.02-0.05 of a uniform mixture's score) and
 ``shapes`` (another task family: a fourth client holds the procedural Pillow shapes domain, counting and left/right
 relations, ``make_federation_split(n_clients=4, include_shapes_client=True)``; the server's public and unlabeled
 splits and the held-out test gain shapes items, and the four reward models are trained on that split).
@@ -74,10 +77,11 @@ REFERENCE_SFT_STEPS = 50  # the demo's reference: SFT-50
 SERVER_SFT_STEPS = 300  # bench_alignment_seeds.py's --baseline-steps default: 32 epochs of the 300-example split
 EVAL_ITEMS = 600  # every cell is evaluated on the first EVAL_ITEMS held-out test items of its split (the demo's eval_size)
 
-from bench_router import INFLATE, SHAPES_CLIENTS, SHAPES_SPLIT_ARGS, Inverted, Scaled, trained_models  # noqa: E402  (the router bench's models)
+from bench_router import (FLIPPED_CLIENT, FLIPPED_SPLIT_ARGS, INFLATE, SHAPES_CLIENTS, SHAPES_SPLIT_ARGS,  # noqa: E402
+                          Inverted, Scaled, trained_models)  # noqa: E402  (the router bench's models)
 
 from mor_server.alignment.recipes import WARM_STARTS  # noqa: E402
-SCENARIOS = ("honest", "adversary", "inflating", "shapes")
+SCENARIOS = ("honest", "adversary", "inflating", "flipped", "shapes")
 TYPES = ("color", "shape", "yesno")
 SHAPES_TYPES = ("count", "relation")  # the procedural family's question types (scenario shapes)
 
@@ -286,6 +290,9 @@ def scorers_for(scenario: str, method: str, seed: int, split, cache: Path) -> di
                                  split_args=SHAPES_SPLIT_ARGS)
     else:
         scorers = trained_models(seed, cache / "reward_models")
+    if scenario == "flipped":
+        scorers.update(trained_models(seed, cache / "reward_models", clients=FLIPPED_CLIENT,
+                                      split_args=FLIPPED_SPLIT_ARGS))
     if scenario in ("adversary", "inflating"):
         scorers["adversary"] = Inverted(LabelExpertScorer(known, list(TYPES)))
     if scenario == "inflating":
@@ -584,7 +591,7 @@ def main() -> int:
         if overrides:
             a.policy = [f"{p}~" + ",".join(f"{k}={v}" for k, v in overrides.items()) for p in a.policy]
         todo = [(p, s, m, seed) for seed in a.seeds for p in a.policy for s in a.scenario for m in a.methods
-                if not (m in ("oracle", "server", "server-sft") and s in ("adversary", "inflating"))]  # no client in them
+                if not (m in ("oracle", "server", "server-sft") and s in ("adversary", "inflating", "flipped"))]  # no client in them
         if a.prepare_only:
             for seed in a.seeds:
                 for s in a.scenario:

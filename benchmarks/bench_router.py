@@ -8,7 +8,9 @@ answers of the other 20%: the learned router, the uniform mixture, the router's 
 routing by true question type (all weight on the client best for the type on the fit items) and each client alone.
 
 Scenarios: ``honest`` (the three clients), ``adversary`` (plus a fourth client that inverts a label expert over every
-question type: an adversarially flipped annotator), ``inflating`` (that adversary with its scores x100), ``experts`` (three label experts, one per type: an upper bound on
+question type: an adversarially flipped annotator; its 0/1 scores are quiet next to the trained models'),
+``inflating`` (that adversary with its scores x100), ``flipped`` (a fourth client training the yes/no client's model on
+the same data with every preference flipped, DP-SGD at epsilon 8: as loud as the honest clients), ``experts`` (three label experts, one per type: an upper bound on
 what trained reward models give) and ``shapes`` (four clients, the fourth holding the procedural shapes family:
 ``make_federation_split(n_clients=4, include_shapes_client=True)``).
 
@@ -45,6 +47,10 @@ CLIENTS = (("hospital-color", "cnn", "client0"), ("bank-shape", "vit", "client1"
 SHAPES_CLIENTS = CLIENTS + (("studio-shapes", "cnn", "client3"),)
 SHAPES_SPLIT_ARGS = ("--n-clients", "4", "--include-shapes-client")
 STRATEGIES = ("router", "uniform", "top1", "top2", "oracle_type")
+#: scenario ``flipped``: a fourth institution holding the yes/no client's data with every preference flipped, training
+#: its reward model exactly as the others do (DP-SGD, epsilon 8): a noisy client as loud as the honest ones
+FLIPPED_CLIENT = (("flipped-yesno", "lora", "client2"),)
+FLIPPED_SPLIT_ARGS = ("--n-clients", "3", "--flip-fraction", "1.0")
 
 
 class Inverted:
@@ -111,6 +117,8 @@ def scenario_scorers(seed: int, scenario: str, work: Path):
         scorers = trained_models(seed, work, clients=SHAPES_CLIENTS, split_args=SHAPES_SPLIT_ARGS, tag="-shapes")
     else:
         scorers = trained_models(seed, work)
+        if scenario == "flipped":
+            scorers.update(trained_models(seed, work, clients=FLIPPED_CLIENT, split_args=FLIPPED_SPLIT_ARGS))
         if scenario in ("adversary", "inflating"):
             scorers["adversary"] = Inverted(LabelExpertScorer(known, ["color", "shape", "yesno"]))
         if scenario == "inflating":
@@ -168,7 +176,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--scenarios", nargs="+", default=["honest", "adversary", "inflating", "experts"],
-                    choices=["honest", "adversary", "inflating", "experts", "shapes"])
+                    choices=["honest", "adversary", "inflating", "flipped", "experts", "shapes"])
     ap.add_argument("--features", nargs="+", default=list(FEATURES), choices=list(FEATURES),
                     help="router feature sets compared side by side (AlignmentConfig.router_features; default: all)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".cache" / "reward_ablation" / "reward_models",

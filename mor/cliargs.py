@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 
 __all__ = ["ArgumentParser", "verbose_everywhere", "VERBOSE_HELP", "HelpFormatter", "RawHelpFormatter", "UsageError",
            "run_main", "one_line", "int_range", "float_range", "positive_int", "non_negative_int", "positive_float",
-           "non_negative_float", "open_unit_interval", "fraction", "port", "bind_host", "host_name", "host_list",
+           "non_negative_float", "open_unit_interval", "fraction", "unit_interval", "port", "bind_host", "host_name", "host_list",
            "host_port", "client_name", "partition_name", "existing_file", "existing_dir", "output_file", "output_dir", "dir_path",
            "csv_choices", "device"]
 
@@ -239,6 +239,8 @@ non_negative_float = float_range(0)
 open_unit_interval = float_range(0, 1, lo_open=True, hi_open=True)
 #: [0, 1): a fraction of items
 fraction = float_range(0, 1, hi_open=True)
+#: [0, 1]: a share that may be all (e.g. every preference pair flipped)
+unit_interval = float_range(0, 1)
 port = int_range(0, 65535)
 
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")

@@ -11,8 +11,8 @@ import math
 import sys
 from pathlib import Path
 
-from mor.cliargs import (device, existing_dir, fraction, non_negative_int, open_unit_interval, output_dir, output_file,
-                         partition_name, positive_float, positive_int, register_missing)
+from mor.cliargs import (device, existing_dir, non_negative_int, open_unit_interval, output_dir, output_file,
+                         partition_name, positive_float, positive_int, register_missing, unit_interval)
 
 
 def _epsilon(text: str) -> float:
@@ -123,7 +123,8 @@ def register(subparsers) -> None:
     t.add_argument("--n-clients", type=positive_int, default=3, help="clients in the federation split")
     t.add_argument("--include-shapes-client", action="store_true",
                    help="the last client holds the procedural shapes domain")
-    t.add_argument("--flip-fraction", type=fraction, default=0.0, help="annotator noise: fraction of flipped pairs")
+    t.add_argument("--flip-fraction", type=unit_interval, default=0.0,
+                   help="annotator noise: fraction of flipped pairs (1 flips every pair: an adversarial annotator)")
     t.add_argument("--n-annotators", type=positive_int, default=8, help="annotators the split's pairs are spread over")
     t.add_argument("--unit", choices=UNITS, default=None,
                    help="privacy unit of DP-SGD: one preference pair (default) or all pairs of one annotator "

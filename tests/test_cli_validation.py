@@ -159,6 +159,24 @@ def test_train_flags_are_validated(monkeypatch, tmp_path, capsys, argv, field):
     assert_usage_error(call(client_cli.main, ["train", "--out", str(tmp_path / "m"), *argv], capsys), field)
 
 
+def test_train_can_flip_every_pair(monkeypatch, tmp_path):
+    """``--flip-fraction 1`` (an adversarial annotator: every preference inverted; the baselines' ``flipped``
+    client) is accepted, and every pair the reward model is trained on is flipped."""
+    import mor_client.rewards as rewards
+
+    seen = {}
+
+    def grab(train, heldout, cfg, **kw):
+        seen["train"] = train
+        raise WorkStarted("training reached")
+
+    monkeypatch.setattr(rewards, "train_reward_model", grab)
+    with pytest.raises(WorkStarted):
+        client_cli.main(["train", "--out", str(tmp_path / "m"), "--partition", "client2", "--flip-fraction", "1",
+                         "--quiet"])
+    assert seen["train"] and all(p.flipped for p in seen["train"])
+
+
 def test_train_out_that_is_a_file(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
