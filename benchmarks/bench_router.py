@@ -215,12 +215,10 @@ def main() -> int:
     for scenario in a.scenarios:
         for name in a.features:
             rs = [r for r in rows if r["scenario"] == scenario and r["features"] == name]
-            share = {}
-            for how in ("router", "uniform"):
-                for d, by in rs[0]["pool_effective_by_domain"][how].items():
-                    for c in by:
-                        share.setdefault((d, c), {})[how] = statistics.mean(
-                            r["pool_effective_by_domain"][how].get(d, {}).get(c, 0.0) for r in rs)
+            keys = sorted({(d, c) for r in rs for by in r["pool_effective_by_domain"].values()
+                           for d, cs in by.items() for c in cs})
+            share = {(d, c): {how: statistics.mean(r["pool_effective_by_domain"][how].get(d, {}).get(c, 0.0)
+                                                   for r in rs) for how in ("router", "uniform")} for d, c in keys}
             line = "  ".join(f"{d}:{c} {v['router']:.2f}/{v['uniform']:.2f}" for (d, c), v in share.items()
                              if max(v.values()) >= 0.02)
             summary.setdefault("pool_effective", {}).setdefault(scenario, {})[name] = {

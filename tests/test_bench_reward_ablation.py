@@ -78,6 +78,22 @@ def test_cells_from_different_builds_of_a_reference_are_not_paired(tmp_path):
     assert pair["seeds"] == [1] and [round(x, 6) for x in pair["points"]] == [4.0]
 
 
+def test_pairing_needs_the_same_reference_overall_and_per_type():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_reward_ablation import same_reference
+
+    mor = _cell("mor", 0, 0.7)
+    assert same_reference(mor, _cell("uniform", 0, 0.6))
+    other = _cell("uniform", 0, 0.6)
+    other["before"]["by_domain"]["shape"] = 0.45  # the same overall accuracy, another checkpoint
+    assert not same_reference(mor, other)
+    # the server-labels baseline records the label's own reference when it is built, and pairs only with its cells
+    assert same_reference(mor, _cell("server-sft", 0, 0.65))
+    assert not same_reference(mor, _cell("server-sft", 0, 0.65, before=0.5))
+    assert same_reference(mor, _cell("server-sft", 0, 0.65, before=None))  # that reference was not built
+    assert not same_reference(mor, _cell("uniform", 0, 0.6, before=None))  # a GRPO cell without its reference
+
+
 def test_unknown_method_is_one_line_naming_the_choices(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_reward_ablation.py"), "--methods", "sft300",
                         "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o.json")],

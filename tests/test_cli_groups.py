@@ -175,7 +175,8 @@ def test_align_flags_are_checked_before_work(tmp_path, capsys):
              (["align", "--serve", "--models", str(tmp_path)], "--models"),
              (["align", "--steps", "0"], "--steps"),
              (["align", "--warm-start", "synthetic+sft", "--preset", "small"], "--warm-start"),
-             (["align", "--routing", "mixture"], "--routing")]
+             (["align", "--routing", "mixture"], "--routing"),
+             (["align", "--sft-batches", "shuffled"], "--sft-batches")]
     for argv, field in cases:
         rc = server_cli.mor_main([*argv, "--workdir", str(tmp_path / "w")])
         err = capsys.readouterr().err.strip().splitlines()
@@ -206,6 +207,13 @@ def test_align_routing_and_warm_start_reach_the_engine(tmp_path):
     sft300 = _config(parser.parse_args(["align", "--warm-start", "compact+synthetic+sft", "--sft-steps", "300",
                                         "--workdir", str(tmp_path)]), "k")
     assert sft300.sft.balance_types and sft300.sft.steps == 300
+    # the best measured pipeline: the server's labels for 300 proportional steps, then MoR
+    best = _config(parser.parse_args(["align", "--warm-start", "compact+synthetic+sft", "--sft-steps", "300",
+                                      "--sft-batches", "proportional", "--workdir", str(tmp_path)]), "k")
+    assert not best.sft.balance_types and best.sft.steps == 300
+    byo = _config(parser.parse_args(["align", "--preset", "small", "--sft-batches", "balanced",
+                                     "--workdir", str(tmp_path)]), "k")
+    assert byo.sft.balance_types
 
 
 def test_sigterm_while_align_waits_for_clients(tmp_path):

@@ -61,7 +61,8 @@ def test_cli_prints_one_line_error(tmp_path):
 def test_demo_warm_start_recipe_sets_the_references_sft(tmp_path, monkeypatch):
     """`mor demo --warm-start compact+synthetic+sft` builds its reference with a type-balanced SFT-50 (the proportional
     one left colour and shape questions answered "yes" on 2 of 3 rebuilt seeds); the default `sft` recipe keeps the
-    proportional SFT-50; `alignment.sft_steps` changes the steps, not the batching."""
+    proportional SFT-50; `alignment.sft_steps` changes the steps, not the batching; `alignment.sft_batches` the
+    batching."""
     from types import SimpleNamespace
 
     import mor_server.alignment.pipeline as pipeline
@@ -70,8 +71,14 @@ def test_demo_warm_start_recipe_sets_the_references_sft(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(pipeline, "run_alignment", lambda backend, **kw: seen.append(kw["config"]) or {})
     server = SimpleNamespace(metrics=SimpleNamespace(registry=None))
-    for warm, alignment in (("compact+synthetic+sft", None), ("sft", None), ("compact+synthetic+sft", {"sft_steps": 80})):
+    for warm, alignment in (("compact+synthetic+sft", None), ("sft", None), ("compact+synthetic+sft", {"sft_steps": 80}),
+                            ("compact+synthetic+sft", {"sft_steps": 300, "sft_batches": "proportional"}),
+                            ("sft", {"sft_batches": "balanced"})):
         cfg = DemoConfig(workdir=str(tmp_path / warm), warm_start=warm, seed=1, alignment=alignment)
         demo.align(cfg, tmp_path / warm, None, server)
-    assert [(c.sft.steps, c.sft.balance_types) for c in seen] == [(50, True), (50, False), (80, True)]
+    assert [(c.sft.steps, c.sft.balance_types) for c in seen] == [(50, True), (50, False), (80, True), (300, False),
+                                                                  (50, True)]
+    with pytest.raises(ValueError, match="alignment.sft_batches must be one of balanced, proportional, got 'shuffled'"):
+        demo.align(DemoConfig(workdir=str(tmp_path / "x"), alignment={"sft_batches": "shuffled"}), tmp_path / "x",
+                   None, server)
     assert seen[0].tiny.text_hidden == 128 and seen[0].pretrain.caption_steps > 0

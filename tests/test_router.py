@@ -98,6 +98,10 @@ def test_effective_shares_weigh_each_client_by_the_spread_of_its_scores():
     assert shares["color"] == {"loud": 0.0, "quiet": 1.0}
     # no weighted spread at all: the item is skipped, the type gets no entry
     assert effective_shares({"a": [1.0]}, {"a": [[1.0, 1.0]]}, ["shape"]) == {}
+    with pytest.raises(ValueError, match="same clients"):
+        effective_shares({"a": [1.0]}, {"b": [[0.0, 1.0]]}, ["shape"])
+    with pytest.raises(ValueError, match="finite"):
+        effective_shares({"a": [1.0]}, {"a": [[float("nan"), 1.0]]}, ["shape"])
 
 
 def test_calibration_records_who_decides_each_types_ranking(public):
@@ -193,7 +197,7 @@ def test_an_items_weights_do_not_depend_on_its_batch():
 
     from mor_client.data.partition import make_federation_split
     from mor_server.alignment.features import FeatureExtractor
-    from mor_server.alignment.router import MoRRouter, effective_shares
+    from mor_server.alignment.router import MoRRouter
 
     fx = FeatureExtractor()
     split = make_federation_split(seed=0, n_clients=3)

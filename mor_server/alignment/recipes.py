@@ -61,11 +61,20 @@ BALANCED_SFT = ("compact+synthetic+sft",)
 """Recipes whose reference SFT draws type-balanced batches (``SFTConfig.balance_types``)."""
 
 
-def recipe_sft(name: str, steps: int | None = None):
+SFT_BATCHES = ("balanced", "proportional")
+"""How the reference's SFT draws its batches: an equal share of each question type, or in proportion to the public
+split (72% yes/no on easy-vqa)."""
+
+
+def recipe_sft(name: str, steps: int | None = None, batches: str | None = None):
     """The ``SFTConfig`` of a named recipe's reference: SFT-50 (or ``steps``), type-balanced for the recipes in
-    :data:`BALANCED_SFT`. The run's seed is applied by the pipeline (``AlignmentConfig.seed``)."""
+    :data:`BALANCED_SFT` unless ``batches`` (one of :data:`SFT_BATCHES`) says otherwise. The run's seed is applied
+    by the pipeline (``AlignmentConfig.seed``)."""
     from .warmstart import SFTConfig
 
     if name not in WARM_STARTS:
         raise ValueError(f"warm start must be one of {', '.join(WARM_STARTS)}, got {name!r}")
-    return SFTConfig(steps=50 if steps is None else steps, balance_types=name in BALANCED_SFT)
+    if batches is not None and batches not in SFT_BATCHES:
+        raise ValueError(f"sft_batches must be one of {', '.join(SFT_BATCHES)}, got {batches!r}")
+    balanced = name in BALANCED_SFT if batches is None else batches == "balanced"
+    return SFTConfig(steps=50 if steps is None else steps, balance_types=balanced)

@@ -290,8 +290,14 @@ def effective_shares(weights: Mapping[str, Sequence[float]], scores: Mapping[str
     ``w_k * spread_k / sum_j w_j * spread_j``, where ``spread_k`` is the standard deviation of client k's scores over
     the item's candidates. A weight alone does not say who decides the ranking: a client whose scores spread ten
     times wider than another's outweighs it with a tenth of the weight. Items where every weighted spread is 0 are
-    skipped; a type with no such item gets no entry."""
+    skipped; a type with no such item gets no entry. Raises ValueError unless ``weights`` and ``scores`` name the
+    same clients, each with one finite entry per item of ``domains``."""
     clients = list(weights)
+    n = len(domains)
+    if set(clients) != set(scores) or any(len(weights[c]) != n or len(scores[c]) != n for c in clients):
+        raise ValueError(f"effective_shares: weights and scores must name the same clients, each with {n} items")
+    if not all(np.isfinite(weights[c]).all() and all(np.isfinite(r).all() for r in scores[c]) for c in clients):
+        raise ValueError("effective_shares: weights and scores must be finite")
     out: dict[str, dict[str, float]] = {}
     for d in sorted(set(domains)):
         rows = []

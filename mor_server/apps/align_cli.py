@@ -26,7 +26,7 @@ from mor.cliargs import (RawHelpFormatter, UsageError, bind_host, existing_dir, 
                          output_dir, port, positive_float, positive_int)
 from mor.modes import MODES, PER_CLIENT_MODES, SECAGG_MODES
 
-from ..alignment.recipes import WARM_START_HELP, WARM_STARTS
+from ..alignment.recipes import SFT_BATCHES, WARM_START_HELP, WARM_STARTS
 
 #: privacy modes of the federated reward rounds (``--mode``)
 ALIGN_MODES = MODES
@@ -51,6 +51,9 @@ def register(sub) -> None:
     p.add_argument("--steps", type=positive_int, default=None, help="GRPO steps (default: the engine's, 400)")
     p.add_argument("--sft-steps", type=non_negative_int, default=None,
                    help="warm-start steps on the public split (default: the engine's, 50)")
+    p.add_argument("--sft-batches", choices=SFT_BATCHES, default=None,
+                   help="how the warm-start steps draw question types: balanced (an equal share each) or "
+                        "proportional (as in the public split); default: the --warm-start recipe's")
     p.add_argument("--lr", type=positive_float, default=None, help="GRPO learning rate (default: the engine's)")
     p.add_argument("--beta", type=non_negative_float, default=None, help="KL weight (default: the engine's)")
     p.add_argument("--temperature", type=positive_float, default=None, help="sampling temperature")
@@ -185,8 +188,10 @@ def _config(args, resume_key: str):
     preset = args.preset or ("byo" if args.policy is not None else None)
     if preset is not None:
         sft = {} if args.sft_steps is None else {"steps": args.sft_steps}
+        if args.sft_batches is not None:
+            sft["balance_types"] = args.sft_batches == "balanced"
         return AlignmentConfig.from_preset(preset, grpo=grpo, sft=sft, **common)
-    extra = {"sft": recipe_sft(args.warm_start, args.sft_steps)}
+    extra = {"sft": recipe_sft(args.warm_start, args.sft_steps, args.sft_batches)}
     extra["tiny"], extra["pretrain"] = warm_start_recipe(args.warm_start, seed=args.seed)
     return AlignmentConfig(grpo=GRPORunConfig(**grpo), **common, **extra)
 

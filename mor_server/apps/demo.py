@@ -48,7 +48,8 @@ DEFAULT_CLIENTS = (
     {"name": "lab-yesno", "arch": "lora", "partition": "client2"},
 )
 #: keys of DemoConfig.alignment (AlignmentConfig fields, plus sft_steps for the warm start's SFTConfig.steps)
-ALIGNMENT_OVERRIDES = ("eval_size", "curve_size", "curve_every", "sft_steps", "router_steps", "heldout_pairs")
+ALIGNMENT_OVERRIDES = ("eval_size", "curve_size", "curve_every", "sft_steps", "sft_batches", "router_steps",
+                       "heldout_pairs")
 #: GRPO settings of the demo (on top of GRPORunConfig's defaults): 400 steps at lr 3e-4 and beta 0.05 (measured
 #: over 3 seeds, docs/alignment.md); at lr 1e-3 / beta 0.02 runs of 400 steps collapsed to one answer per type.
 #: A checkpoint every 20 steps (two kept): a run that dies loses at most 19 steps (a rerun resumes from the newest).
@@ -153,8 +154,10 @@ class DemoConfig:
     alignment: dict = field(default_factory=dict)
     """Overrides of the alignment engine's evaluation and warm-start sizes, for quick runs and tests: any of
     eval_size (test examples for before/after accuracy, default 600), curve_size (120; 0: no accuracy curve),
-    curve_every (20), sft_steps (warm-start steps, 50), router_steps (300) and heldout_pairs (held-out pairs per
-    client for the policy's win rates; default all)."""
+    curve_every (20), sft_steps (warm-start steps, 50), sft_batches ("balanced" or "proportional": how those steps
+    draw question types; default the recipe's), router_steps (300) and heldout_pairs (held-out pairs per client for
+    the policy's win rates; default all). The best measured pipeline is {"sft_steps": 300, "sft_batches":
+    "proportional"} with --warm-start compact+synthetic+sft (README, "Which reward earns the alignment")."""
     fresh: Annotated[bool, Field(strict=True)] = False
     """Retrain reward models and the warm start even when cached ones match."""
 
@@ -252,7 +255,8 @@ def _check_grpo(grpo: dict) -> None:
 
 
 def alignment_overrides(cfg: DemoConfig) -> dict:
-    """``cfg.alignment`` checked: known keys only, each a whole number (>= 1 for steps and curve_every)."""
+    """``cfg.alignment`` checked: known keys only, each a whole number (>= 1 for steps and curve_every), sft_batches
+    one of ``recipes.SFT_BATCHES``."""
     extra = cfg.alignment if cfg.alignment is not None else {}
     if not isinstance(extra, dict):
         raise ValueError(f"alignment must be a JSON object of settings {list(ALIGNMENT_OVERRIDES)}, got {extra!r}")
@@ -260,6 +264,12 @@ def alignment_overrides(cfg: DemoConfig) -> dict:
     if bad:
         raise ValueError(f"alignment: unknown setting(s) {bad}; known: {list(ALIGNMENT_OVERRIDES)}")
     for k, v in extra.items():
+        if k == "sft_batches":
+            from ..alignment.recipes import SFT_BATCHES
+
+            if v not in SFT_BATCHES:
+                raise ValueError(f"alignment.sft_batches must be one of {', '.join(SFT_BATCHES)}, got {v!r}")
+            continue
         low = 0 if k in ("eval_size", "curve_size", "heldout_pairs") else 1
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ValueError(f"alignment.{k} must be a whole number >= {low}, got {v!r}")
@@ -369,7 +379,7 @@ def align(cfg: DemoConfig, work: Path, backend, server, *, cards: dict | None = 
     if "heldout_pairs" in extra:
         n = extra.pop("heldout_pairs")
         heldout = {c: list(p)[:n] for c, p in heldout.items()}
-    extra["sft"] = recipe_sft(cfg.warm_start, extra.pop("sft_steps", None))
+    extra["sft"] = recipe_sft(cfg.warm_start, extra.pop("sft_steps", None), extra.pop("sft_batches", None))
     extra["tiny"], extra["pretrain"] = warm_start_recipe(cfg.warm_start, seed=cfg.seed)
     acfg = AlignmentConfig(**extra, work_dir=str(work / "alignment"),
                            grpo=GRPORunConfig(**{**DEMO_GRPO_DEFAULTS, **cfg.grpo}),
