@@ -60,7 +60,7 @@ def test_cli_prints_one_line_error(tmp_path):
 
 def test_demo_warm_start_recipe_sets_the_references_sft(tmp_path, monkeypatch):
     """`mor demo --warm-start compact+synthetic+sft` builds its reference with a type-balanced SFT-50 (the proportional
-    one left colour and shape questions answered "yes" on 2 of 3 rebuilt seeds); the default `sft` recipe keeps the
+    one left colour and shape questions answered "yes" on both rebuilt seeds, 0 and 2); the default `sft` recipe keeps the
     proportional SFT-50; `alignment.sft_steps` changes the steps, not the batching; `alignment.sft_batches` the
     batching."""
     from types import SimpleNamespace

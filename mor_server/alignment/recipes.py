@@ -12,8 +12,9 @@
   then a **type-balanced** SFT-50 (``SFTConfig.balance_types``: every batch an equal share of colour, shape and
   yes/no questions): with an oracle reward GRPO teaches colour, shape and yes/no on seeds where the tiny policy
   learns nothing (issue #17, docs/alignment.md), at 2-3x the tiny policy's GRPO time on a CPU. The proportional
-  SFT-50 it used before (72% of the public split is yes/no) left colour and shape questions answered "yes" on 2 of
-  3 rebuilt seeds (docs/alignment.md, "The reference is fragile").
+  SFT-50 it used before (72% of the public split is yes/no) left colour and shape questions answered "yes" on both
+  seeds it was rebuilt on (0 and 2; docs/alignment.md, "The reference is fragile"). The curriculum recipe below keeps
+  proportional batches.
 * ``compact+curriculum+sft``: the ``compact`` width with a third vision layer (the family measured under full
   supervision), the same stage 1, then the public yes/no curriculum (``YESNO_CURRICULUM``, 4,400 supervised steps on
   prior-balanced synthetic presence questions) before the same SFT: the reference compares the colour or shape a
