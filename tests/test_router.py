@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mor_client.data.easyvqa import load_easyvqa
-from mor_server.alignment.calibration import answer_schema, calibrate_router, calibration_items
+from mor_server.alignment.calibration import answer_schema, calibrate_router, calibration_items, shares_summary
 from mor_server.alignment.features import FeatureExtractor
 from mor_server.alignment.inprocess import InProcessBackend, LabelExpertScorer
 from mor_server.alignment.router import MoRRouter, effective_shares
@@ -115,6 +115,9 @@ def test_calibration_records_who_decides_each_types_ranking(public):
     eff = cal["effective_by_domain"]
     assert eff["color"]["colour"] > 0.9 and eff["shape"]["colour"] > 0.5, eff
     assert all(sum(v.values()) == pytest.approx(1.0) for v in eff.values())
+    line = shares_summary(cal)  # what mor demo and mor align print
+    assert line.startswith("share of the mixed score") and "color: colour 0.9" in line, line
+    assert shares_summary({}) is None
 
 
 class Flipped:

@@ -103,6 +103,21 @@ def routing_summary(calibration: Mapping) -> str | None:
             + ", ".join(parts))
 
 
+def shares_summary(calibration: Mapping) -> str | None:
+    """One line: per question type, the clients that decide at least a tenth of the mixed score on the calibration
+    items (``calibration["effective_by_domain"]``, :func:`mor_server.alignment.router.effective_shares`); a weight
+    alone does not say it."""
+    eff = (calibration or {}).get("effective_by_domain")
+    if not eff:
+        return None
+    parts = []
+    for d, by in eff.items():
+        top = sorted(by.items(), key=lambda kv: -kv[1])
+        parts.append(f"{d}: " + ", ".join([f"{c} {v:.2f}" for c, v in top if v >= 0.1] or
+                                          [f"{top[0][0]} {top[0][1]:.2f}"]))
+    return "share of the mixed score (weight x spread of each client's scores): " + "; ".join(parts)
+
+
 def calibrate_router(backend: RewardBackend, public: Sequence, features: FeatureExtractor, *, hidden: int = 32,
                      steps: int = 300, top_k: int | None = None, objective: int = 0, seed: int = 0,
                      purpose: str = "calibration", retries: int = 1, progress: bool = False,

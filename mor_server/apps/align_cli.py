@@ -337,10 +337,10 @@ def _print(rep: dict) -> None:
         f"{d}: {b['by_domain'][d]:.3f} -> {f['by_domain'].get(d, 0):.3f}" for d in b["by_domain"]))
     if f.get("diversity"):
         print(format_accuracy_table(f))
-    from ..alignment.calibration import routing_summary
+    from ..alignment.calibration import routing_summary, shares_summary
 
-    line = routing_summary(rep.get("router") or {})
-    if line:
-        print(line)
+    for line in (routing_summary(rep.get("router") or {}), shares_summary(rep.get("router") or {})):
+        if line:
+            print(line)
     print(f"KL to reference {rep['kl_to_reference']:.3f}; rounds {json.dumps(rep['rounds'])}; "
           f"GRPO {rep['grpo']['seconds']:.0f}s; report {rep['report_path']}")

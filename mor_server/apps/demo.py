@@ -525,11 +525,11 @@ def print_summary(report: dict, out: Path) -> None:
         print("aligned policy's answers per domain (accuracy next to what always giving the commonest answer scores):")
         print(format_accuracy_table(after))
     print(f"KL(aligned || reference): {al['kl_to_reference']:.4f}")
-    from ..alignment.calibration import routing_summary
+    from ..alignment.calibration import routing_summary, shares_summary
 
-    line = routing_summary(al.get("router") or {})
-    if line:
-        print(line)
+    for line in (routing_summary(al.get("router") or {}), shares_summary(al.get("router") or {})):
+        if line:
+            print(line)
     print(f"\n{'client':<18}{'arch':<7}{'heldout acc':>12}{'ε example (pair)':>18}{'ε client':>10}")
     for name, card in report["cards"].items():
         priv = report["clients"].get(name, {})
