@@ -78,8 +78,7 @@ REFERENCE_SFT_STEPS = 50  # the demo's reference: SFT-50
 SERVER_SFT_STEPS = 300  # bench_alignment_seeds.py's --baseline-steps default: 32 epochs of the 300-example split
 EVAL_ITEMS = 600  # every cell is evaluated on the first EVAL_ITEMS held-out test items of its split (the demo's eval_size)
 
-from bench_router import (FLIPPED_CLIENT, FLIPPED_SPLIT_ARGS, INFLATE, SHAPES_CLIENTS, SHAPES_SPLIT_ARGS,  # noqa: E402
-                          Inverted, Scaled, trained_models)  # noqa: E402  (the router bench's models)
+from bench_router import client_scorers  # noqa: E402  (the router bench's models and scenarios)
 
 from mor_server.alignment.recipes import WARM_STARTS  # noqa: E402
 SCENARIOS = ("honest", "adversary", "inflating", "flipped", "shapes")
@@ -283,18 +282,7 @@ def scorers_for(scenario: str, method: str, seed: int, split, cache: Path) -> di
         return {"oracle": LabelExpertScorer(known, types)}
     if method == "server":
         return {"server": server_model(seed, split, cache / "reward_models" / f"seed{seed}{tag}" / "server")}
-    if scenario == "shapes":
-        scorers = trained_models(seed, cache / "reward_models", clients=SHAPES_CLIENTS, tag=tag,
-                                 split_args=SHAPES_SPLIT_ARGS)
-    else:
-        scorers = trained_models(seed, cache / "reward_models")
-    if scenario == "flipped":
-        scorers.update(trained_models(seed, cache / "reward_models", clients=FLIPPED_CLIENT,
-                                      split_args=FLIPPED_SPLIT_ARGS))
-    if scenario in ("adversary", "inflating"):
-        scorers["adversary"] = Inverted(LabelExpertScorer(known, list(TYPES)))
-    if scenario == "inflating":
-        scorers["adversary"] = Scaled(scorers["adversary"], INFLATE)
+    scorers = client_scorers(seed, scenario, cache / "reward_models", known)
     if method.startswith("client:"):
         name = method.split(":", 1)[1]
         if name not in scorers:

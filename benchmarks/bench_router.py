@@ -112,18 +112,26 @@ def scenario_scorers(seed: int, scenario: str, work: Path):
         split = make_federation_split(seed=seed, n_clients=3)
     known = list(split.server_public) + list(split.server_unlabeled)
     if scenario == "experts":
-        scorers = {f"expert_{d}": LabelExpertScorer(known, [d]) for d in ("color", "shape", "yesno")}
-    elif scenario == "shapes":
-        scorers = trained_models(seed, work, clients=SHAPES_CLIENTS, split_args=SHAPES_SPLIT_ARGS, tag="-shapes")
-    else:
-        scorers = trained_models(seed, work)
-        if scenario == "flipped":
-            scorers.update(trained_models(seed, work, clients=FLIPPED_CLIENT, split_args=FLIPPED_SPLIT_ARGS))
-        if scenario in ("adversary", "inflating"):
-            scorers["adversary"] = Inverted(LabelExpertScorer(known, ["color", "shape", "yesno"]))
-        if scenario == "inflating":
-            scorers["adversary"] = Scaled(scorers["adversary"], INFLATE)
-    return split, scorers
+        return split, {f"expert_{d}": LabelExpertScorer(known, [d]) for d in ("color", "shape", "yesno")}
+    return split, client_scorers(seed, scenario, work, known)
+
+
+def client_scorers(seed: int, scenario: str, work: Path, known) -> dict:
+    """The clients of a scenario (all but ``experts``): the trained reward models (the shapes split's for ``shapes``),
+    plus the fourth client of ``adversary``, ``inflating`` and ``flipped``; ``known``: the labelled examples the
+    inverted label expert holds. Shared with bench_reward_ablation."""
+    from mor_server.alignment.inprocess import LabelExpertScorer
+
+    if scenario == "shapes":
+        return trained_models(seed, work, clients=SHAPES_CLIENTS, split_args=SHAPES_SPLIT_ARGS, tag="-shapes")
+    scorers = trained_models(seed, work)
+    if scenario == "flipped":
+        scorers.update(trained_models(seed, work, clients=FLIPPED_CLIENT, split_args=FLIPPED_SPLIT_ARGS))
+    if scenario in ("adversary", "inflating"):
+        scorers["adversary"] = Inverted(LabelExpertScorer(known, ["color", "shape", "yesno"]))
+    if scenario == "inflating":
+        scorers["adversary"] = Scaled(scorers["adversary"], INFLATE)
+    return scorers
 
 
 def run(seed: int, scenario: str, work: Path, features: list[str]) -> list[dict]:

@@ -264,11 +264,13 @@ def alignment_overrides(cfg: DemoConfig) -> dict:
     if bad:
         raise ValueError(f"alignment: unknown setting(s) {bad}; known: {list(ALIGNMENT_OVERRIDES)}")
     for k, v in extra.items():
-        if k == "sft_batches":
-            from ..alignment.recipes import SFT_BATCHES
+        if k == "sft_batches":  # recipes.recipe_sft's own check, named by its field here
+            from ..alignment.recipes import recipe_sft
 
-            if v not in SFT_BATCHES:
-                raise ValueError(f"alignment.sft_batches must be one of {', '.join(SFT_BATCHES)}, got {v!r}")
+            try:
+                recipe_sft(cfg.warm_start, batches=v)
+            except ValueError as e:
+                raise ValueError(f"alignment.{e}") from None
             continue
         low = 0 if k in ("eval_size", "curve_size", "heldout_pairs") else 1
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
