@@ -74,7 +74,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 METHODS = ("mor", "mor-iq", "uniform", "oracle", "server", "server-sft")
-REFERENCE_SFT_STEPS = 50  # the demo's reference: SFT-50
 SERVER_SFT_STEPS = 300  # bench_alignment_seeds.py's --baseline-steps default: 32 epochs of the 300-example split
 EVAL_ITEMS = 600  # every cell is evaluated on the first EVAL_ITEMS held-out test items of its split (the demo's eval_size)
 
@@ -148,31 +147,34 @@ def _sft_spec(spec: str, recipe_name: str) -> "SFTConfig":  # noqa: F821
 
 
 def reference_sft(label: str) -> "SFTConfig":  # noqa: F821  (imported inside: torch loads lazily)
-    """The reference's SFT of a policy label: the recipe's SFT-50 (exactly what the demo builds), or SFT-K for
+    """The reference's SFT of a policy label: the recipe's own (SFT-50, or ``recipes.RECIPE_SFT_STEPS``; exactly what
+    the demo builds), or SFT-K for
     ``...#ref<K>[:<LR>][,balanced|,proportional]`` (``--reference-sft``, ``--balanced-sft``, ``--proportional-sft``),
     built with the settings of the ``server-sft`` baseline so that ``#ref300`` aligns from that very checkpoint."""
     from mor_server.alignment.recipes import recipe_sft
 
     _, _, spec = label.split("~")[0].partition("#ref")
-    return _sft_spec(spec, _recipe_name(label)) if spec else recipe_sft(_recipe_name(label), REFERENCE_SFT_STEPS)
+    return _sft_spec(spec, _recipe_name(label)) if spec else recipe_sft(_recipe_name(label))
 
 
 def parse_reference_sft(text: str, recipe_name: str, batches: str = "") -> str:
     """``--reference-sft K[:LR]`` (and ``--balanced-sft`` / ``--proportional-sft``: ``batches``) of a recipe -> the
-    label suffix (``""`` for the recipe's own SFT-50, which is what ``mor demo`` builds)."""
+    label suffix (``""`` for the recipe's own SFT, which is what ``mor demo`` builds; ``text`` None: that one)."""
     from mor_server.alignment.recipes import recipe_sft
     from mor_server.alignment.warmstart import SFTConfig
 
+    if text is None:
+        text = str(recipe_sft(recipe_name).steps)
     try:
         sft = _sft_spec(text + (f",{batches}" if batches else ""), recipe_name)
     except ValueError:
         raise SystemExit(f"--reference-sft: {text!r} is not K or K:LR (steps, then an optional learning rate)") from None
-    if sft.steps < 1 or not math.isfinite(sft.learning_rate) or sft.learning_rate <= 0:
-        raise SystemExit(f"--reference-sft must be >= 1 step at a positive learning rate, got {text!r}")
+    if sft.steps < 0 or not math.isfinite(sft.learning_rate) or sft.learning_rate <= 0:
+        raise SystemExit(f"--reference-sft must be >= 0 steps at a positive learning rate, got {text!r}")
     lr = "" if sft.learning_rate == SFTConfig.learning_rate else f":{sft.learning_rate:g}"
     own = sft.balance_types == recipe_sft(recipe_name).balance_types  # the recipe's own batches: no option in the label
     opt = "" if own else (",balanced" if sft.balance_types else ",proportional")
-    if sft.steps == REFERENCE_SFT_STEPS and not lr and not opt:
+    if sft.steps == recipe_sft(recipe_name).steps and not lr and not opt:
         return ""
     return f"#ref{sft.steps}{lr}{opt}"
 
@@ -187,7 +189,7 @@ def reference_dir(label: str, seed: int, cache: Path, tag: str = "") -> Path:
     variant = "" if sft.learning_rate == SFTConfig.learning_rate else f"-lr{sft.learning_rate:g}"
     if sft.balance_types != recipe_sft(_recipe_name(label)).balance_types:
         variant += "-balanced" if sft.balance_types else "-proportional"
-    if sft.steps == REFERENCE_SFT_STEPS and not variant:
+    if sft.steps == recipe_sft(_recipe_name(label)).steps and not variant:
         return cache / "references" / f"{name}-seed{seed}{tag}"
     return cache / "baselines" / f"{name}-sft{sft.steps}{variant}-seed{seed}{tag}"
 
@@ -533,9 +535,9 @@ def main() -> int:
     ap.add_argument("--synthetic-prompts", type=int, default=0, metavar="N",
                     help="add N public synthetic images (3 questions each) to the server's GRPO prompt pool "
                          "(make_federation_split(synthetic_prompt_images=N)); cells are labelled <warm start>@spN")
-    ap.add_argument("--reference-sft", default=str(REFERENCE_SFT_STEPS), metavar="K[:LR]",
-                    help="SFT steps (and learning rate, default 3e-3) of the reference GRPO starts from (the demo's "
-                         "50); K=300 aligns from the server-sft baseline's own checkpoint; cells are labelled "
+    ap.add_argument("--reference-sft", default=None, metavar="K[:LR]",
+                    help="SFT steps (and learning rate, default 3e-3) of the reference GRPO starts from (default the "
+                         "recipe's own, as the demo builds it: 50, 0 for compact+synthvqa); K=300 aligns from the server-sft baseline's own checkpoint; cells are labelled "
                          "<warm start>#ref<K>[:<LR>]")
     batches = ap.add_mutually_exclusive_group()
     batches.add_argument("--balanced-sft", dest="sft_batches", action="store_const", const="balanced", default="",

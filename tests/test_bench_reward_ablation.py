@@ -129,7 +129,8 @@ def test_reference_sft_learning_rate_gets_its_own_reference(benchmark_script):
     assert (sft.steps, sft.learning_rate) == (200, 3e-4)
     # another learning rate is another checkpoint: it must not reuse SFT-200 at the default rate
     assert b.reference_dir(label, 0, cache) != b.reference_dir("compact+synthetic+sft#ref200", 0, cache)
-    for bad in ("two", "200:fast", "0", "50:-1"):
+    assert b.parse_reference_sft("0", rec) == "#ref0"  # no SFT at all: stage 1's policy is the reference
+    for bad in ("two", "200:fast", "-1", "50:-1"):
         try:
             b.parse_reference_sft(bad, rec)
         except SystemExit as e:
@@ -148,6 +149,10 @@ def test_a_plain_label_builds_the_recipes_own_reference_and_the_batch_option_is_
     assert b.reference_sft("compact+synthetic+sft") == recipe_sft("compact+synthetic+sft")
     assert b.reference_sft("compact+synthetic+sft").balance_types and not b.reference_sft("synthetic+sft").balance_types
     assert b.reference_sft("compact+synthetic+sft@sp600~beta=0.1") == recipe_sft("compact+synthetic+sft")
+    # compact+synthvqa's own reference has no SFT on the server's split: its plain label, and its own folder
+    assert b.reference_sft("compact+synthvqa").steps == 0 and b.parse_reference_sft(None, "compact+synthvqa") == ""
+    assert b.parse_reference_sft("50", "compact+synthvqa") == "#ref50"
+    assert b.reference_dir("compact+synthvqa", 2, cache) == cache / "references" / "compact_synthvqa-seed2"
     assert b.parse_reference_sft("50", "compact+synthetic+sft", "balanced") == ""  # its own: no option in the label
     assert b.parse_reference_sft("50", "compact+synthetic+sft", "proportional") == "#ref50,proportional"
     assert b.parse_reference_sft("50", "synthetic+sft", "balanced") == "#ref50,balanced"

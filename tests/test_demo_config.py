@@ -73,11 +73,13 @@ def test_demo_warm_start_recipe_sets_the_references_sft(tmp_path, monkeypatch):
     server = SimpleNamespace(metrics=SimpleNamespace(registry=None))
     for warm, alignment in (("compact+synthetic+sft", None), ("sft", None), ("compact+synthetic+sft", {"sft_steps": 80}),
                             ("compact+synthetic+sft", {"sft_steps": 300, "sft_batches": "proportional"}),
-                            ("sft", {"sft_batches": "balanced"})):
+                            ("sft", {"sft_batches": "balanced"}), ("compact+synthvqa", None),
+                            ("compact+synthvqa", {"sft_steps": 50}), ("sft", {"sft_steps": 0})):
         cfg = DemoConfig(workdir=str(tmp_path / warm), warm_start=warm, seed=1, alignment=alignment)
         demo.align(cfg, tmp_path / warm, None, server)
     assert [(c.sft.steps, c.sft.balance_types) for c in seen] == [(50, True), (50, False), (80, True), (300, False),
-                                                                  (50, True)]
+                                                                  (50, True), (0, False), (50, False), (0, False)]
+    assert seen[5].pretrain.yesno_curriculum == "vqa=2000"  # compact+synthvqa: public synthetic VQA, no public SFT
     with pytest.raises(ValueError, match="alignment.sft_batches must be one of balanced, proportional, got 'shuffled'"):
         demo.align(DemoConfig(workdir=str(tmp_path / "x"), alignment={"sft_batches": "shuffled"}), tmp_path / "x",
                    None, server)

@@ -129,6 +129,53 @@ def test_curriculum_phases_ask_what_they_name_and_the_wording_never_gives_the_an
         [e.question for e in curriculum_phase_examples("affirmative", 3, pool=300)]  # deterministic
 
 
+def test_the_vqa_phase_asks_every_type_and_its_yes_no_wording_never_gives_the_answer():
+    """compact+synthvqa's public supervision: colour, shape and yes/no questions in turn, the yes/no ones
+    prior-balanced (answered from the image, never from the question string), the rest answered by the image."""
+    from collections import Counter
+
+    from mor_client.data.synthetic import curriculum_phase_examples, is_negated, synthetic_presence
+
+    data = curriculum_phase_examples("vqa", 5, pool=3000)
+    assert len(data) == 3000 and Counter(e.question_type for e in data) == {"color": 1000, "shape": 1000,
+                                                                              "yesno": 1000}
+    yn = [e for e in data if e.question_type == "yesno"]
+    assert all((e.answer == "yes") == (synthetic_presence(e) != is_negated(e.question)) for e in yn)
+    yes = sum(e.answer == "yes" for e in yn) / len(yn)
+    assert 0.45 < yes < 0.55, yes
+    assert 0.4 < sum(is_negated(e.question) for e in yn) / len(yn) < 0.6  # negated and affirmative alike
+    for e in data[:60]:
+        shape, color = synthetic_attributes(5, int(e.image_id.rsplit("-", 1)[1]))
+        if e.question_type == "color":
+            assert e.answer == color
+        elif e.question_type == "shape":
+            assert e.answer == shape
+
+
+def test_the_synthvqa_recipe_is_the_measured_one_and_takes_no_sft_on_the_public_split():
+    from mor_server.alignment.recipes import WARM_STARTS, recipe_sft, warm_start_recipe
+
+    assert "compact+synthvqa" in WARM_STARTS
+    tiny, pre = warm_start_recipe("compact+synthvqa", seed=1)
+    assert (tiny.vision_layers, tiny.text_layers, tiny.vision_hidden, tiny.patch_size, tiny.seed) == (3, 3, 128, 8, 1)
+    assert (pre.vision_steps, pre.caption_steps, pre.yesno_curriculum, pre.curriculum_lr, pre.seed) == \
+        (600, 0, "vqa=2000", 1e-3, 1)
+    assert recipe_sft("compact+synthvqa").steps == 0 and recipe_sft("compact+synthvqa", 30).steps == 30
+    assert recipe_sft("compact+synthetic+sft").steps == 50
+
+
+def test_zero_sft_steps_leave_the_policy_as_it_is():
+    """``--sft-steps 0`` (compact+synthvqa's default): the reference is stage 1's policy, not one step past it."""
+    from mor_server.alignment.warmstart import sft_warm_start
+
+    model, processor = build_tiny_llava(config=SMALL)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    info = sft_warm_start(model, processor, make_synthetic_examples(8, seed=1), SFTConfig(steps=0, batch_size=4),
+                          progress=False)
+    assert info["steps"] == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("spec, fix", [("words:red", "name=steps"), ("words:purple=3", "purple"),
                                        ("mixed:1.5=3", r"\[0, 1\)"), ("negated=3", "unknown curriculum phase"),
                                        ("affirmative=3@fast", "learning rate")])

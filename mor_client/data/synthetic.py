@@ -189,22 +189,28 @@ def _check_phase(phase: str) -> None:
         _negated_fraction(phase)
     elif phase.startswith("words:"):
         _phase_words(phase)
-    elif phase not in ("affirmative", "balanced", "colorshape"):
-        raise ValueError(f"unknown curriculum phase {phase!r}: use words:<a>+<b>, affirmative, mixed:<f>, balanced "
-                         "or colorshape")
+    elif phase not in ("affirmative", "balanced", "colorshape", "vqa"):
+        raise ValueError(f"unknown curriculum phase {phase!r}: use words:<a>+<b>, affirmative, mixed:<f>, balanced, "
+                         "colorshape or vqa")
 
 
 def curriculum_phase_examples(phase: str, data_seed: int, *, pool: int | None = None) -> list[VQAExample]:
     """The public synthetic examples of one yes/no curriculum phase (every yes/no question prior-balanced:
     ``balanced_yesno=True``), drawn from ``data_seed``; ``pool``: images drawn before the phase's filter (default the
-    measured sizes: 60,000 for ``words:``, 24,000 for ``affirmative`` and ``mixed:``, 12,000 for the others):
+    measured sizes: 60,000 for ``words:``, 24,000 for ``affirmative`` and ``mixed:``, 6,000 for ``vqa``, 12,000 for
+    the others):
 
     * ``words:red+blue``: affirmative presence questions that name only these colours or shapes;
     * ``affirmative``: affirmative presence questions about any colour or shape;
     * ``mixed:0.2``: presence questions of which this fraction is negated, the rest affirmative;
     * ``balanced``: half of the questions negated;
-    * ``colorshape``: colour and shape questions."""
+    * ``colorshape``: colour and shape questions;
+    * ``vqa``: colour, shape and yes/no questions in turn, one per image (the supervised mix of
+      ``benchmarks/results/supervised_ceiling.json``'s prior-balanced row: colour and shape are learned, yes/no is
+      answered in kind but at chance, since no question string predicts its answer)."""
     _check_phase(phase)
+    if phase == "vqa":
+        return make_synthetic_examples(pool or 6000, seed=data_seed, balanced_yesno=True)
     if phase == "colorshape":
         return make_synthetic_examples(pool or 12000, seed=data_seed, question_types=("color", "shape"))
     if phase == "balanced":

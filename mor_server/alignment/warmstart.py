@@ -153,6 +153,10 @@ def sft_warm_start(model, processor, examples: Sequence, config: SFTConfig | Non
     if cfg.max_examples:
         examples = examples[: cfg.max_examples]
     device = model_device(model)
+    if cfg.steps <= 0:  # no supervised steps (``--sft-steps 0``: the reference is stage 1's policy as it is)
+        model.eval()
+        return {"steps": 0, "seconds": 0.0, "final_loss": float("nan"), "examples": len(examples),
+                "device": str(device)}
     cache = ImageCache()
     encoded = SFTEncoded(processor, examples, cache)  # every example encoded once (one row per example)
     rng = random.Random(cfg.seed)

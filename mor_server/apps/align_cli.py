@@ -50,7 +50,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the split, policy init and sampling")
     p.add_argument("--steps", type=positive_int, default=None, help="GRPO steps (default: the engine's, 400)")
     p.add_argument("--sft-steps", type=non_negative_int, default=None,
-                   help="warm-start steps on the public split (default: the engine's, 50)")
+                   help="warm-start SFT steps on the public split (default: the --warm-start recipe's, 50; 0 for "
+                        "compact+synthvqa; 0: none)")
     p.add_argument("--sft-batches", choices=SFT_BATCHES, default=None,
                    help="how the warm-start steps draw question types: balanced (an equal share each) or "
                         "proportional (as in the public split); default: the --warm-start recipe's")

@@ -154,7 +154,7 @@ class DemoConfig:
     alignment: dict = field(default_factory=dict)
     """Overrides of the alignment engine's evaluation and warm-start sizes, for quick runs and tests: any of
     eval_size (test examples for before/after accuracy, default 600), curve_size (120; 0: no accuracy curve),
-    curve_every (20), sft_steps (warm-start steps, 50), sft_batches ("balanced" or "proportional": how those steps
+    curve_every (20), sft_steps (warm-start SFT steps on the public split: 50, 0 for compact+synthvqa), sft_batches ("balanced" or "proportional": how those steps
     draw question types; default the recipe's), router_steps (300) and heldout_pairs (held-out pairs per client for
     the policy's win rates; default all). The best measured pipeline is {"sft_steps": 300, "sft_batches":
     "proportional"} with --warm-start compact+synthetic+sft (README, "Which reward earns the alignment")."""
@@ -255,7 +255,8 @@ def _check_grpo(grpo: dict) -> None:
 
 
 def alignment_overrides(cfg: DemoConfig) -> dict:
-    """``cfg.alignment`` checked: known keys only, each a whole number (>= 1 for steps and curve_every), sft_batches
+    """``cfg.alignment`` checked: known keys only, each a whole number (>= 1 for router_steps and curve_every; 0 allowed
+    for sft_steps: no SFT on the public split), sft_batches
     one of ``recipes.SFT_BATCHES``."""
     extra = cfg.alignment if cfg.alignment is not None else {}
     if not isinstance(extra, dict):
@@ -272,7 +273,7 @@ def alignment_overrides(cfg: DemoConfig) -> dict:
             except ValueError as e:
                 raise ValueError(f"alignment.{e}") from None
             continue
-        low = 0 if k in ("eval_size", "curve_size", "heldout_pairs") else 1
+        low = 0 if k in ("eval_size", "curve_size", "heldout_pairs", "sft_steps") else 1
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ValueError(f"alignment.{k} must be a whole number >= {low}, got {v!r}")
     return dict(extra)
