@@ -176,6 +176,22 @@ def test_zero_sft_steps_leave_the_policy_as_it_is():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_cached_zero_step_reference_that_ran_a_step_is_rebuilt(tmp_path):
+    """Before 2026-12-03 ``steps=0`` ran one SFT step under the same cache key: such a cache is not the reference
+    ``--sft-steps 0`` asks for."""
+    public = make_synthetic_examples(8, seed=1)
+    sft = SFTConfig(steps=0, batch_size=4)
+    _, _, first = warm_start_cached(tmp_path / "ref", public, tiny=SMALL, sft=sft, progress=False)
+    _, _, again = warm_start_cached(tmp_path / "ref", public, tiny=SMALL, sft=sft, progress=False)
+    assert (first["cached"], first["steps"], again["cached"]) == (False, 0, True)
+    meta = tmp_path / "ref" / "warm_start.json"
+    old = json.loads(meta.read_text())
+    old["info"]["steps"] = 1  # what the old code recorded
+    meta.write_text(json.dumps(old))
+    _, _, rebuilt = warm_start_cached(tmp_path / "ref", public, tiny=SMALL, sft=sft, progress=False)
+    assert rebuilt["cached"] is False and rebuilt["steps"] == 0
+
+
 @pytest.mark.parametrize("spec, fix", [("words:red", "name=steps"), ("words:purple=3", "purple"),
                                        ("mixed:1.5=3", r"\[0, 1\)"), ("negated=3", "unknown curriculum phase"),
                                        ("affirmative=3@fast", "learning rate")])

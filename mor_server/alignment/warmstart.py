@@ -155,7 +155,7 @@ def sft_warm_start(model, processor, examples: Sequence, config: SFTConfig | Non
     device = model_device(model)
     if cfg.steps <= 0:  # no supervised steps (``--sft-steps 0``: the reference is stage 1's policy as it is)
         model.eval()
-        return {"steps": 0, "seconds": 0.0, "final_loss": float("nan"), "examples": len(examples),
+        return {"steps": 0, "seconds": 0.0, "final_loss": None, "examples": len(examples),
                 "device": str(device)}
     cache = ImageCache()
     encoded = SFTEncoded(processor, examples, cache)  # every example encoded once (one row per example)
@@ -455,9 +455,10 @@ def host_fingerprint(device: str | torch.device | None = None) -> dict:
 def _same_build(cached_key, key: dict, info, sft: SFTConfig) -> bool:
     """Whether a cached warm start is the one ``key`` asks for. The SFT's ``max_seconds`` is a safety cap, not a
     setting: a cached SFT that ran all its steps under another cap is the same checkpoint (the bench's references,
-    built with a larger cap, are the demo's)."""
+    built with a larger cap, are the demo's). A reference asked with 0 SFT steps is only one that ran none (code
+    before 2026-12-03 ran one step for ``steps=0`` under the same key)."""
     if cached_key == key:
-        return True
+        return sft.steps != 0 or not isinstance(info, dict) or info.get("steps", 0) == 0
     if not isinstance(cached_key, dict) or not isinstance(cached_key.get("sft"), dict) or not isinstance(info, dict):
         return False
 
