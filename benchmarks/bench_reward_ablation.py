@@ -302,6 +302,7 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
     from mor_server.alignment.grpo import GRPORunConfig
     from mor_server.alignment.guard import CollapseGuardConfig
     from mor_server.alignment.inprocess import InProcessBackend
+    from mor_server.alignment.recipes import recipe_grpo
 
     split = scenario_split(scenario, seed, split_label(policy)[1])
     if method == "server-sft":
@@ -314,8 +315,8 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
     shutil.copytree(ref, work / "reference")
     tiny, pre = recipe(policy, seed)
     cfg = AlignmentConfig(work_dir=str(work), tiny=tiny, sft=reference_sft(policy), pretrain=pre,
-                          grpo=GRPORunConfig(**{**DEMO_GRPO_DEFAULTS, "max_steps": steps, "save_steps": 0,
-                                                **grpo_overrides(policy)}),
+                          grpo=GRPORunConfig(**{**DEMO_GRPO_DEFAULTS, **recipe_grpo(_recipe_name(policy)),
+                                                "max_steps": steps, "save_steps": 0, **grpo_overrides(policy)}),
                           seed=seed, w_format=4.0,
                           answer_vocabulary=list(get_answers()) + (list(SHAPES_ANSWERS) if scenario == "shapes" else []),
                           routing="uniform" if method == "uniform" else "learned",

@@ -214,6 +214,14 @@ def test_align_routing_and_warm_start_reach_the_engine(tmp_path):
     byo = _config(parser.parse_args(["align", "--preset", "small", "--sft-batches", "balanced",
                                      "--workdir", str(tmp_path)]), "k")
     assert byo.sft.balance_types
+    # compact+synthvqa: public synthetic VQA in stage 1, no SFT on the public split, GRPO at temperature 1.5 unless
+    # --temperature says otherwise
+    vqa = _config(parser.parse_args(["align", "--warm-start", "compact+synthvqa", "--workdir", str(tmp_path)]), "k")
+    assert vqa.sft.steps == 0 and vqa.pretrain.yesno_curriculum == "vqa=2000" and vqa.grpo.temperature == 1.5
+    assert plain.grpo.temperature == compact.grpo.temperature == 1.0
+    hot = _config(parser.parse_args(["align", "--warm-start", "compact+synthvqa", "--temperature", "1.1",
+                                     "--sft-steps", "20", "--workdir", str(tmp_path)]), "k")
+    assert hot.grpo.temperature == 1.1 and hot.sft.steps == 20
 
 
 def test_sigterm_while_align_waits_for_clients(tmp_path):

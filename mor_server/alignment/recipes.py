@@ -78,6 +78,17 @@ RECIPE_SFT_STEPS = {"compact+synthvqa": 0}
 """Reference SFT steps on the server's public split of the recipes that do not take the default 50."""
 
 
+RECIPE_GRPO = {"compact+synthvqa": {"temperature": 1.5}}
+"""GRPO settings a recipe runs with unless the run sets them (on top of the demo's defaults). compact+synthvqa's
+reference answers every yes/no question of a seed mostly with one word; at temperature 1.0 oracle GRPO on seed 2 did
+not move yes/no off it in 400 steps (65.0%), at 1.5 it reached 84.7% (docs/alignment.md)."""
+
+
+def recipe_grpo(name: str) -> dict:
+    """The GRPO settings of a named recipe (:data:`RECIPE_GRPO`; empty: the demo's defaults)."""
+    return dict(RECIPE_GRPO.get(name, {}))
+
+
 SFT_BATCHES = ("balanced", "proportional")
 """How the reference's SFT draws its batches: an equal share of each question type, or in proportion to the public
 split (72% yes/no on easy-vqa)."""

@@ -57,7 +57,7 @@ def register(sub) -> None:
                         "proportional (as in the public split); default: the --warm-start recipe's")
     p.add_argument("--lr", type=positive_float, default=None, help="GRPO learning rate (default: the engine's)")
     p.add_argument("--beta", type=non_negative_float, default=None, help="KL weight (default: the engine's)")
-    p.add_argument("--temperature", type=positive_float, default=None, help="sampling temperature")
+    p.add_argument("--temperature", type=positive_float, default=None, help="sampling temperature (default 1.0; 1.5 for --warm-start compact+synthvqa)")
     p.add_argument("--top-k", type=positive_int, default=None, help="route each item to its top-k clients only")
     p.add_argument("--warm-start", dest="warm_start", choices=WARM_STARTS, default="sft",
                    help=WARM_START_HELP + " (as mor demo --warm-start)")
@@ -171,7 +171,7 @@ def _config(args, resume_key: str):
     from ..alignment.grpo import GRPORunConfig
     from ..alignment.guard import CollapseGuardConfig
     from ..alignment.pipeline import AlignmentConfig
-    from ..alignment.recipes import recipe_sft, warm_start_recipe
+    from ..alignment.recipes import recipe_grpo, recipe_sft, warm_start_recipe
 
     grpo = {k: v for k, v in dict(max_steps=args.steps, learning_rate=args.lr, beta=args.beta,
                                   temperature=args.temperature, lora_r=args.lora_r).items() if v is not None}
@@ -192,6 +192,7 @@ def _config(args, resume_key: str):
         if args.sft_batches is not None:
             sft["balance_types"] = args.sft_batches == "balanced"
         return AlignmentConfig.from_preset(preset, grpo=grpo, sft=sft, **common)
+    grpo = {**recipe_grpo(args.warm_start), **grpo}  # the recipe's GRPO settings, unless a flag sets them
     extra = {"sft": recipe_sft(args.warm_start, args.sft_steps, args.sft_batches)}
     extra["tiny"], extra["pretrain"] = warm_start_recipe(args.warm_start, seed=args.seed)
     return AlignmentConfig(grpo=GRPORunConfig(**grpo), **common, **extra)

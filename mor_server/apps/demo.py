@@ -34,7 +34,7 @@ from typing_extensions import NotRequired, TypedDict
 
 from mor.cliargs import non_negative_int, output_dir, positive_int
 from mor.modes import MODES, PER_CLIENT_MODES, SECAGG_MODES
-from ..alignment.recipes import WARM_START_HELP, WARM_STARTS
+from ..alignment.recipes import WARM_START_HELP, WARM_STARTS, recipe_grpo
 from privacy import pki
 
 from privacy.fsutil import replace_dir, staging_dir
@@ -385,7 +385,7 @@ def align(cfg: DemoConfig, work: Path, backend, server, *, cards: dict | None = 
     extra["sft"] = recipe_sft(cfg.warm_start, extra.pop("sft_steps", None), extra.pop("sft_batches", None))
     extra["tiny"], extra["pretrain"] = warm_start_recipe(cfg.warm_start, seed=cfg.seed)
     acfg = AlignmentConfig(**extra, work_dir=str(work / "alignment"),
-                           grpo=GRPORunConfig(**{**DEMO_GRPO_DEFAULTS, **cfg.grpo}),
+                           grpo=GRPORunConfig(**{**DEMO_GRPO_DEFAULTS, **recipe_grpo(cfg.warm_start), **cfg.grpo}),
                            seed=cfg.seed, answer_vocabulary=list(easy_vqa.get_answers()),
                            deadline_s=cfg.round_timeout * 2, w_format=cfg.w_format, w_length=cfg.w_length,
                            resume=False if cfg.fresh else "auto",
