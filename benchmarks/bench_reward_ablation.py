@@ -104,7 +104,8 @@ def split_label(label: str) -> tuple[str, int]:
 
 
 GRPO_OVERRIDABLE = {"learning_rate": float, "beta": float, "temperature": float, "prompts_per_step": int,
-                    "num_generations": int, "scale_rewards": str, "loss_type": str, "epsilon": float}
+                    "num_generations": int, "scale_rewards": str, "loss_type": str, "epsilon": float,
+                    "max_steps": int}
 
 
 def parse_grpo_overrides(items: list[str]) -> dict:
@@ -558,7 +559,8 @@ def main() -> int:
                          "(SFT-300 on the server's labels, no GRPO), client:<name> (hospital-color, bank-shape, lab-yesno; "
                          "studio-shapes in the shapes scenario)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=400, help="GRPO steps (the demo's 400)")
+    ap.add_argument("--steps", type=int, default=400, help="GRPO steps (the demo's 400); cells of another budget are "
+                                                            "labelled <warm start>~max_steps=N")
     ap.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache" / "reward_ablation")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reward_ablation.json")
     ap.add_argument("--report-only", action="store_true", help="only print the table of the cached cells")
@@ -569,6 +571,12 @@ def main() -> int:
         if m not in METHODS and not m.startswith("client:"):
             raise SystemExit(f"--methods: unknown reward {m!r}; use {', '.join(METHODS)} or client:<name>")
     overrides = parse_grpo_overrides(a.grpo)
+    if a.steps < 1:
+        raise SystemExit(f"--steps must be >= 1, got {a.steps}")
+    from mor_server.apps.demo import DEMO_GRPO_DEFAULTS
+
+    if a.steps != DEMO_GRPO_DEFAULTS["max_steps"]:  # another budget is another cell, never the 400-step one
+        overrides["max_steps"] = a.steps
     cells_dir = a.cache / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     restored = restore_cells(a.out, cells_dir)
