@@ -94,6 +94,18 @@ def test_pairing_needs_the_same_reference_overall_and_per_type():
     assert not same_reference(mor, _cell("uniform", 0, 0.6, before=None))  # a GRPO cell without its reference
 
 
+def test_another_grpo_budget_is_another_cell(benchmark_script, tmp_path):
+    """`--steps 800` must not write (or reuse) the 400-step cell: its cells carry ~max_steps=800, which run_cell applies."""
+    b = benchmark_script("bench_reward_ablation")
+    assert b.grpo_overrides("compact+synthvqa~max_steps=800") == {"max_steps": 800}
+    assert b.cell_name("compact+synthvqa~max_steps=800", "honest", "oracle", 1) != \
+        b.cell_name("compact+synthvqa", "honest", "oracle", 1)
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_reward_ablation.py"), "--steps", "0",
+                        "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o.json")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == "--steps must be >= 1, got 0"
+
+
 def test_unknown_method_is_one_line_naming_the_choices(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_reward_ablation.py"), "--methods", "sft300",
                         "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o.json")],
