@@ -539,8 +539,8 @@ def main() -> int:
                          "(make_federation_split(synthetic_prompt_images=N)); cells are labelled <warm start>@spN")
     ap.add_argument("--reference-sft", default=None, metavar="K[:LR]",
                     help="SFT steps (and learning rate, default 3e-3) of the reference GRPO starts from (default the "
-                         "recipe's own, as the demo builds it: 50, 0 for compact+synthvqa); K=300 aligns from the server-sft baseline's own checkpoint; cells are labelled "
-                         "<warm start>#ref<K>[:<LR>]")
+                         "recipe's own, as the demo builds it: 50, 0 for compact+synthvqa); K=300 aligns from the "
+                         "server-sft baseline's own checkpoint; cells are labelled <warm start>#ref<K>[:<LR>]")
     batches = ap.add_mutually_exclusive_group()
     batches.add_argument("--balanced-sft", dest="sft_batches", action="store_const", const="balanced", default="",
                          help="the reference's SFT draws each batch with an equal share of every question type "

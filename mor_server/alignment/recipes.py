@@ -29,8 +29,8 @@
   says nothing), and **no SFT on the server's split** by default (:data:`RECIPE_SFT_STEPS`); GRPO at temperature
   1.5 (:data:`RECIPE_GRPO`). The reference answers colour and shape from the image (94-98% / 91-92% on the held-out
   easy-vqa test, seeds 0-2) and every yes/no question with one word (49-52%): what a reward then has to teach is
-  yes/no. Oracle GRPO reached 86.0 / 61.2 / 82.2% on seeds 0 / 1 / 2, MoR 86.5% on seed 0 (docs/alignment.md, "A
-  reference that sees"). No private data, no privacy cost; stage 1 takes about 20-25 minutes of one CPU core.
+  yes/no. Oracle GRPO reached 86.0 / 61.2 / 82.2% on seeds 0 / 1 / 2, MoR 86.5 / 62.5 / 81.2% (docs/alignment.md,
+  "A reference that sees"). No private data, no privacy cost; stage 1 takes about 20-25 minutes of one CPU core.
 """
 
 from __future__ import annotations
