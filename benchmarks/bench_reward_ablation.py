@@ -164,8 +164,9 @@ def parse_reference_sft(text: str, recipe_name: str, batches: str = "") -> str:
     from mor_server.alignment.recipes import recipe_sft
     from mor_server.alignment.warmstart import SFTConfig
 
+    recipes_own = recipe_sft(recipe_name)
     if text is None:
-        text = str(recipe_sft(recipe_name).steps)
+        text = str(recipes_own.steps)
     try:
         sft = _sft_spec(text + (f",{batches}" if batches else ""), recipe_name)
     except ValueError:
@@ -173,9 +174,9 @@ def parse_reference_sft(text: str, recipe_name: str, batches: str = "") -> str:
     if sft.steps < 0 or not math.isfinite(sft.learning_rate) or sft.learning_rate <= 0:
         raise SystemExit(f"--reference-sft must be >= 0 steps at a positive learning rate, got {text!r}")
     lr = "" if sft.learning_rate == SFTConfig.learning_rate else f":{sft.learning_rate:g}"
-    own = sft.balance_types == recipe_sft(recipe_name).balance_types  # the recipe's own batches: no option in the label
+    own = sft.balance_types == recipes_own.balance_types  # the recipe's own batches: no option in the label
     opt = "" if own else (",balanced" if sft.balance_types else ",proportional")
-    if sft.steps == recipe_sft(recipe_name).steps and not lr and not opt:
+    if sft.steps == recipes_own.steps and not lr and not opt:
         return ""
     return f"#ref{sft.steps}{lr}{opt}"
 
@@ -188,9 +189,10 @@ def reference_dir(label: str, seed: int, cache: Path, tag: str = "") -> Path:
     name = split_label(label)[0].replace("+", "_").replace("/", "_")
     sft = reference_sft(label)
     variant = "" if sft.learning_rate == SFTConfig.learning_rate else f"-lr{sft.learning_rate:g}"
-    if sft.balance_types != recipe_sft(_recipe_name(label)).balance_types:
+    recipes_own = recipe_sft(_recipe_name(label))
+    if sft.balance_types != recipes_own.balance_types:
         variant += "-balanced" if sft.balance_types else "-proportional"
-    if sft.steps == recipe_sft(_recipe_name(label)).steps and not variant:
+    if sft.steps == recipes_own.steps and not variant:
         return cache / "references" / f"{name}-seed{seed}{tag}"
     return cache / "baselines" / f"{name}-sft{sft.steps}{variant}-seed{seed}{tag}"
 

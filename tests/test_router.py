@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from mor_client.data.easyvqa import load_easyvqa
-from mor_server.alignment.calibration import answer_schema, calibrate_router, calibration_items, shares_summary
+from mor_server.alignment.calibration import (answer_schema, calibrate_router, calibration_items, shares_summary,
+                                              summary_lines)
 from mor_server.alignment.features import FeatureExtractor
 from mor_server.alignment.inprocess import InProcessBackend, LabelExpertScorer
 from mor_server.alignment.router import MoRRouter, effective_shares
@@ -118,6 +119,7 @@ def test_calibration_records_who_decides_each_types_ranking(public):
     line = shares_summary(cal)  # what mor demo and mor align print
     assert line.startswith("share of the mixed score") and "color: colour 0.9" in line, line
     assert shares_summary({}) is None
+    assert summary_lines(cal)[-1] == line and summary_lines({}) == []
 
 
 class Flipped:

@@ -103,6 +103,12 @@ def routing_summary(calibration: Mapping) -> str | None:
             + ", ".join(parts))
 
 
+def summary_lines(calibration: Mapping) -> list[str]:
+    """What ``mor demo`` and ``mor align`` print about the router after a run: :func:`routing_summary` and
+    :func:`shares_summary`, those that have something to say."""
+    return [line for line in (routing_summary(calibration), shares_summary(calibration)) if line]
+
+
 def shares_summary(calibration: Mapping) -> str | None:
     """One line: per question type, the clients that decide at least a tenth of the mixed score on the calibration
     items (``calibration["effective_by_domain"]``, :func:`mor_server.alignment.router.effective_shares`); a weight

@@ -455,10 +455,10 @@ def host_fingerprint(device: str | torch.device | None = None) -> dict:
 def _same_build(cached_key, key: dict, info, sft: SFTConfig) -> bool:
     """Whether a cached warm start is the one ``key`` asks for. The SFT's ``max_seconds`` is a safety cap, not a
     setting: a cached SFT that ran all its steps under another cap is the same checkpoint (the bench's references,
-    built with a larger cap, are the demo's). A reference asked with 0 SFT steps is only one that ran none (code
-    before 2026-12-03 ran one step for ``steps=0`` under the same key)."""
+    built with a larger cap, are the demo's). A cache that ran more SFT steps than asked never is (code before
+    2026-12-03 ran one step for ``steps=0`` under the same key)."""
     if cached_key == key:
-        return sft.steps != 0 or not isinstance(info, dict) or info.get("steps", 0) == 0
+        return not isinstance(info, dict) or info.get("steps", 0) <= sft.steps
     if not isinstance(cached_key, dict) or not isinstance(cached_key.get("sft"), dict) or not isinstance(info, dict):
         return False
 

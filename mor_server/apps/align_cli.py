@@ -57,7 +57,8 @@ def register(sub) -> None:
                         "proportional (as in the public split); default: the --warm-start recipe's")
     p.add_argument("--lr", type=positive_float, default=None, help="GRPO learning rate (default: the engine's)")
     p.add_argument("--beta", type=non_negative_float, default=None, help="KL weight (default: the engine's)")
-    p.add_argument("--temperature", type=positive_float, default=None, help="sampling temperature (default 1.0; 1.5 for --warm-start compact+synthvqa)")
+    p.add_argument("--temperature", type=positive_float, default=None,
+                   help="sampling temperature (default 1.0; 1.5 for --warm-start compact+synthvqa)")
     p.add_argument("--top-k", type=positive_int, default=None, help="route each item to its top-k clients only")
     p.add_argument("--warm-start", dest="warm_start", choices=WARM_STARTS, default="sft",
                    help=WARM_START_HELP + " (as mor demo --warm-start)")
@@ -339,10 +340,9 @@ def _print(rep: dict) -> None:
         f"{d}: {b['by_domain'][d]:.3f} -> {f['by_domain'].get(d, 0):.3f}" for d in b["by_domain"]))
     if f.get("diversity"):
         print(format_accuracy_table(f))
-    from ..alignment.calibration import routing_summary, shares_summary
+    from ..alignment.calibration import summary_lines
 
-    for line in (routing_summary(rep.get("router") or {}), shares_summary(rep.get("router") or {})):
-        if line:
-            print(line)
+    for line in summary_lines(rep.get("router") or {}):
+        print(line)
     print(f"KL to reference {rep['kl_to_reference']:.3f}; rounds {json.dumps(rep['rounds'])}; "
           f"GRPO {rep['grpo']['seconds']:.0f}s; report {rep['report_path']}")

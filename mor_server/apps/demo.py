@@ -154,10 +154,11 @@ class DemoConfig:
     alignment: dict = field(default_factory=dict)
     """Overrides of the alignment engine's evaluation and warm-start sizes, for quick runs and tests: any of
     eval_size (test examples for before/after accuracy, default 600), curve_size (120; 0: no accuracy curve),
-    curve_every (20), sft_steps (warm-start SFT steps on the public split: 50, 0 for compact+synthvqa), sft_batches ("balanced" or "proportional": how those steps
-    draw question types; default the recipe's), router_steps (300) and heldout_pairs (held-out pairs per client for
-    the policy's win rates; default all). The best measured pipeline is {"sft_steps": 300, "sft_batches":
-    "proportional"} with --warm-start compact+synthetic+sft (README, "Which reward earns the alignment")."""
+    curve_every (20), sft_steps (warm-start SFT steps on the public split: 50, 0 for compact+synthvqa), sft_batches
+    ("balanced" or "proportional": how those steps draw question types; default the recipe's), router_steps (300)
+    and heldout_pairs (held-out pairs per client for the policy's win rates; default all). The best measured pipeline
+    is {"sft_steps": 300, "sft_batches": "proportional"} with --warm-start compact+synthetic+sft (README, "Which
+    reward earns the alignment")."""
     fresh: Annotated[bool, Field(strict=True)] = False
     """Retrain reward models and the warm start even when cached ones match."""
 
@@ -528,11 +529,10 @@ def print_summary(report: dict, out: Path) -> None:
         print("aligned policy's answers per domain (accuracy next to what always giving the commonest answer scores):")
         print(format_accuracy_table(after))
     print(f"KL(aligned || reference): {al['kl_to_reference']:.4f}")
-    from ..alignment.calibration import routing_summary, shares_summary
+    from ..alignment.calibration import summary_lines
 
-    for line in (routing_summary(al.get("router") or {}), shares_summary(al.get("router") or {})):
-        if line:
-            print(line)
+    for line in summary_lines(al.get("router") or {}):
+        print(line)
     print(f"\n{'client':<18}{'arch':<7}{'heldout acc':>12}{'ε example (pair)':>18}{'ε client':>10}")
     for name, card in report["cards"].items():
         priv = report["clients"].get(name, {})
