@@ -242,11 +242,17 @@ def test_server_sft_cell_is_scored_on_the_same_items_as_the_grpo_cells(monkeypat
     b = benchmark_script("bench_reward_ablation")
     items = [SimpleNamespace(image_id=i) for i in range(2000)]
     monkeypatch.setattr(pipeline, "heldout_test", lambda split: items)
-    monkeypatch.setattr(warmstart, "warm_start_cached", lambda *a, **k: ("model", "processor", {"steps": 300}))
+    built = []
+    monkeypatch.setattr(warmstart, "warm_start_cached",
+                        lambda d, *a, **k: built.append((d, k)) or ("model", "processor", {"steps": 300}))
     seen = []
     monkeypatch.setattr(evaluate, "accuracy", lambda model, proc, test: seen.append(list(test)) or {"overall": 0.5})
     cell = b.server_sft_cell("compact+synthetic+sft", "honest", 0, SimpleNamespace(server_public=[]), tmp_path)
     assert seen == [items[: b.EVAL_ITEMS]] and b.EVAL_ITEMS == 600
+    # the SFT-300 may start from the recipe's own reference when that is stage 1 as it is (no pre-training again)
+    (folder, kwargs), = built
+    assert kwargs["sft"].steps == b.SERVER_SFT_STEPS and folder != b.reference_dir("compact+synthetic+sft", 0, tmp_path)
+    assert kwargs["stage1_from"] == [b.reference_dir("compact+synthetic+sft", 0, tmp_path)]
     assert b.cell_test(SimpleNamespace()) == items[:600]  # what run_alignment gets for the GRPO cells
     assert cell["after"] == {"overall": 0.5} and cell["before"] is None
 

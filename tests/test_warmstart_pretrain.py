@@ -308,3 +308,38 @@ def test_the_sft_time_cap_does_not_make_another_checkpoint_unless_it_stopped_the
                                       sft=SFTConfig(steps=3, batch_size=4, max_seconds=3600), progress=False)
     assert rebuilt["cached"] is False and rebuilt["steps"] == 3
     assert not ws._same_build(None, {"sft": {}}, {}, SFTConfig())
+
+
+def test_sft_starts_from_a_cached_stage1_and_trains_what_a_build_from_scratch_trains(tmp_path, monkeypatch):
+    """``stage1_from``: a warm start with no SFT step is stage 1's checkpoint, so an SFT variant of the same recipe
+    (the benchmark's server-labels baseline) starts from it instead of pre-training again, and ends with the
+    weights a build from scratch ends with. Another stage-1 config, or a cache that ran SFT steps, is never used."""
+    from mor_server.alignment import warmstart
+
+    public = make_synthetic_examples(16, seed=1)
+    pre = PretrainConfig(caption_steps=1, images=8, batch_size=8)
+    warm_start_cached(tmp_path / "stage1", public, tiny=SMALL, sft=SFTConfig(steps=0), pretrain=pre, progress=False)
+    sft = SFTConfig(steps=2, batch_size=8)
+    scratch, _, _ = warm_start_cached(tmp_path / "scratch", public, tiny=SMALL, sft=sft, pretrain=pre,
+                                      progress=False)
+
+    calls = []
+    real = warmstart.pretrain_policy
+    monkeypatch.setattr(warmstart, "pretrain_policy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    reused, _, info = warm_start_cached(tmp_path / "reused", public, tiny=SMALL, sft=sft, pretrain=pre,
+                                        progress=False, stage1_from=[tmp_path / "missing", tmp_path / "stage1"])
+    assert calls == [] and info["steps"] == 2 and info["pretrain"]["reused_from"] == str(tmp_path / "stage1")
+    assert info["pretrain"]["captions"]["steps"] == 1  # the stage-1 summary travels with the checkpoint
+    a, b = scratch.state_dict(), reused.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    other = PretrainConfig(caption_steps=2, images=8, batch_size=8)
+    warm_start_cached(tmp_path / "other", public, tiny=SMALL, sft=sft, pretrain=other, progress=False,
+                      stage1_from=[tmp_path / "stage1"])
+    assert calls == [1]  # another pre-training config pre-trains again
+    warm_start_cached(tmp_path / "again", public, tiny=SMALL, sft=SFTConfig(steps=3, batch_size=8), pretrain=pre,
+                      progress=False, stage1_from=[tmp_path / "scratch"])
+    assert calls == [1, 1]  # a cache that ran SFT steps is not stage 1
+    warm_start_cached(tmp_path / "digest", make_synthetic_examples(16, seed=2), tiny=SMALL, sft=sft, pretrain=pre,
+                      progress=False, stage1_from=[tmp_path / "stage1"])
+    assert calls == [1, 1, 1]  # nor is one built on other data (its vocabulary may differ)

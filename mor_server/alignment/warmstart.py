@@ -468,11 +468,35 @@ def _same_build(cached_key, key: dict, info, sft: SFTConfig) -> bool:
     return uncapped(cached_key) == uncapped(key) and info.get("steps") == sft.steps
 
 
+def stage1_checkpoint(candidates: Sequence[str | Path], key: dict) -> tuple[Path, dict] | None:
+    """The first of ``candidates`` (warm-start cache folders) whose checkpoint is stage 1 of the build ``key``
+    describes: complete (its ``warm_start.json`` written), the same policy config, pre-training, data digest and
+    code version, and no SFT step run. Returns ``(folder, its stage-1 summary)``, or None."""
+    same = ("tiny", "pretrain", "n", "data_sha256", "code")
+    for folder in candidates:
+        try:
+            cached = json.loads((Path(folder) / "warm_start.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(cached, dict) or not isinstance(cached.get("key"), dict):
+            continue
+        info = cached.get("info") if isinstance(cached.get("info"), dict) else {}
+        if all(cached["key"].get(k) == key[k] for k in same) and info.get("steps") == 0:
+            return Path(folder), info.get("pretrain") or {}
+    return None
+
+
 def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLlavaConfig | None = None,
                       sft: SFTConfig | None = None, pretrain: PretrainConfig | None = None,
-                      progress: bool = True, device: str | torch.device | None = None):
+                      progress: bool = True, device: str | torch.device | None = None,
+                      stage1_from: Sequence[str | Path] = ()):
     """Build + (stage 1: ``pretrain`` on synthetic images, optional) + SFT the tiny policy, or reuse the checkpoint
     cached in ``cache_dir`` when its settings match (configs of every stage, data digest and code version).
+
+    stage1_from: other warm-start caches whose checkpoint may stand in for stage 1 (:func:`stage1_checkpoint`):
+    one built with the same policy config, pre-training, data digest and code version that ran no SFT step is
+    stage 1's output as it is, so the SFT starts from it instead of pre-training again (tens of minutes on a CPU
+    for the compact recipes). The SFT seeds itself, so the result is the one a build from scratch gives.
 
     device: where the policy is built, warm-started and returned (default :func:`pick_device`: CUDA when present,
     with bf16 autocast; fp32 weights are trained and saved). The device is not part of the cache key.
@@ -498,10 +522,17 @@ def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLl
         processor = LlavaProcessor.from_pretrained(cache_dir, local_files_only=True)
         model.to(dev).eval()  # evaluation before GRPO runs where the policy will train
         return model, processor, {**cached.get("info", {}), "cached": True}
-    # the vocabulary covers the public split's words (easy-vqa's, plus another family's when a client holds one)
-    model, processor = build_tiny_llava(policy_vocabulary(examples), config=tiny)
-    model.to(dev)  # the warm start trains on the GPU when there is one (fp32 weights; saved as such)
-    pre = pretrain_policy(model, processor, pretrain, progress=progress) if pretrain is not None else None
+    stage1 = stage1_checkpoint(stage1_from, key) if key["pretrain"] is not None else None
+    if stage1 is not None:  # stage 1 already ran with these settings: start the SFT from its checkpoint
+        model = LlavaForConditionalGeneration.from_pretrained(stage1[0], local_files_only=True)
+        processor = LlavaProcessor.from_pretrained(stage1[0], local_files_only=True)
+        model.to(dev)
+        pre = {**stage1[1], "reused_from": str(stage1[0])}
+    else:
+        # the vocabulary covers the public split's words (easy-vqa's, plus another family's when a client holds one)
+        model, processor = build_tiny_llava(policy_vocabulary(examples), config=tiny)
+        model.to(dev)  # the warm start trains on the GPU when there is one (fp32 weights; saved as such)
+        pre = pretrain_policy(model, processor, pretrain, progress=progress) if pretrain is not None else None
     info = sft_warm_start(model, processor, examples, sft, progress=progress)
     if pre is not None and pretrain.enabled():
         info = {**info, "pretrain": pre}
