@@ -28,3 +28,19 @@ def test_wording_only_answers_are_told_apart_from_looking(monkeypatch, benchmark
     monkeypatch.setattr(policy, "generate_answers", always_yes)
     split = diag.yesno_by_prior(None, None, test)
     assert 0.0 < split["wording_right"]["accuracy"] < 1.0
+
+
+def test_reference_probe_counts_the_grpo_groups_that_hold_both_answers(benchmark_script):
+    """diag_reference_yesno's figures: a reference at 50/50 has contrast in nearly every group of 8 whatever the
+    temperature; a confident one has almost none at temperature 1, and a higher temperature flattens it."""
+    import math
+
+    diag = benchmark_script("diag_reference_yesno")
+    even = diag.group_contrast([0.5, 0.5], 1.5)
+    assert math.isclose(even["mean_p_no"], 0.5) and math.isclose(even["groups_with_both"], 1 - 2 * 0.5 ** 8)
+    sure = diag.group_contrast([0.999], 1.0)
+    assert sure["mean_minority"] < 0.002 and sure["groups_with_both"] < 0.01
+    hot = diag.group_contrast([0.99], 2.0)
+    assert math.isclose(hot["mean_p_no"], math.sqrt(99) / (1 + math.sqrt(99)), rel_tol=1e-9)
+    assert hot["groups_with_both"] > diag.group_contrast([0.99], 1.0)["groups_with_both"]
+    assert diag.group_contrast([], 1.0)["groups_with_both"] is None
