@@ -363,11 +363,12 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
 
 def server_sft_cell(policy: str, scenario: str, seed: int, split, cache: Path) -> dict:
     """The server-labels-only baseline as a cell: the policy's warm-start recipe with SFT-300 on the server's public
-    split (``bench_alignment_seeds.baseline``'s settings), evaluated on the cell's held-out test."""
+    split (``bench_alignment_seeds.baseline``'s settings; the learning rate of ``--reference-sft K:LR`` when the label
+    names one), evaluated on the cell's held-out test."""
     from dataclasses import replace
 
     from mor_server.alignment.evaluate import accuracy
-    from mor_server.alignment.warmstart import warm_start_cached
+    from mor_server.alignment.warmstart import SFTConfig, warm_start_cached
 
     tag = "-shapes" if scenario == "shapes" else ""
     test = cell_test(split)
@@ -386,7 +387,11 @@ def server_sft_cell(policy: str, scenario: str, seed: int, split, cache: Path) -
     # the server's labels at their best: proportional batches unless the label names its batching (measured for
     # compact+synthetic+sft: type-balanced SFT-300 62.8%, proportional 73.6%, docs/alignment.md)
     batches = spec.partition(",")[2] or "proportional"
-    model, processor, info = load(f"{base}#ref{SERVER_SFT_STEPS},{batches}")
+    # and at the label's learning rate when it names one (``--reference-sft K:LR``): the recipe's 3e-3 can cost the
+    # vision stage 1 taught (compact+synthvqa, docs/alignment.md)
+    lr = reference_sft(policy).learning_rate if spec else SFTConfig.learning_rate
+    lr_spec = "" if lr == SFTConfig.learning_rate else f":{lr:g}"
+    model, processor, info = load(f"{base}#ref{SERVER_SFT_STEPS}{lr_spec},{batches}")
     after = accuracy(model, processor, test)
     before = None
     # "before" is the label's own reference, the one its GRPO cells start from (so that the cells pair)
@@ -562,7 +567,7 @@ def main() -> int:
     ap.add_argument("--scenario", choices=SCENARIOS, nargs="+", default=["honest"])
     ap.add_argument("--methods", nargs="+", default=["oracle", "mor", "uniform"],
                     help="mor, mor-iq (router on image + question words), uniform, oracle, server, server-sft "
-                         "(SFT-300 on the server's labels, no GRPO), client:<name> (hospital-color, bank-shape, lab-yesno; "
+                         "(SFT-300 on the server's labels, no GRPO; at the LR of --reference-sft K:LR), client:<name> (hospital-color, bank-shape, lab-yesno; "
                          "studio-shapes in the shapes scenario)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=400, help="GRPO steps (the demo's 400); cells of another budget are "

@@ -287,3 +287,27 @@ def test_a_run_measures_a_stale_cached_cell_again_and_keeps_a_comparable_one(tmp
     assert "[1/2] compact+synthetic+sft honest server-sft seed 0" in out and "not compared" not in out
     assert json.loads((tmp_path / "out.json").read_text())["summary"][
         "compact+synthetic+sft/honest/server-sft"]["aligned"] == [70.0, 72.0]
+
+
+def test_server_sft_cell_trains_at_the_learning_rate_the_label_names(monkeypatch, tmp_path, benchmark_script):
+    """``--reference-sft 300:3e-4 --methods server-sft``: the server-labels baseline at a gentler learning rate
+    (the recipe's 3e-3 can cost what stage 1 taught), in its own cache folder; without one, the recipe's rate."""
+    from types import SimpleNamespace
+
+    import mor_server.alignment.evaluate as evaluate
+    import mor_server.alignment.pipeline as pipeline
+    import mor_server.alignment.warmstart as warmstart
+
+    b = benchmark_script("bench_reward_ablation")
+    monkeypatch.setattr(pipeline, "heldout_test", lambda split: [SimpleNamespace(image_id=i) for i in range(700)])
+    monkeypatch.setattr(evaluate, "accuracy", lambda model, proc, test: {"overall": 0.5})
+    built = []
+    monkeypatch.setattr(warmstart, "warm_start_cached",
+                        lambda d, *a, **k: built.append((d, k["sft"])) or ("model", "processor", {"steps": 300}))
+    label = "compact+synthvqa" + b.parse_reference_sft("300:3e-4", "compact+synthvqa")
+    b.server_sft_cell(label, "honest", 0, SimpleNamespace(server_public=[]), tmp_path)
+    b.server_sft_cell("compact+synthvqa", "honest", 0, SimpleNamespace(server_public=[]), tmp_path)
+    (gentle_dir, gentle), (own_dir, own) = built
+    assert gentle.steps == own.steps == b.SERVER_SFT_STEPS and gentle.seed == own.seed == 0
+    assert gentle.learning_rate == 3e-4 and own.learning_rate == warmstart.SFTConfig.learning_rate
+    assert gentle_dir != own_dir  # two checkpoints, never one cache answering for both
