@@ -148,7 +148,7 @@ def _sft_spec(spec: str, recipe_name: str) -> "SFTConfig":  # noqa: F821
 
 
 def reference_sft(label: str) -> "SFTConfig":  # noqa: F821  (imported inside: torch loads lazily)
-    """The reference's SFT of a policy label: the recipe's own (SFT-50, or ``recipes.RECIPE_SFT_STEPS``; exactly what
+    """The reference's SFT of a policy label: the recipe's own (SFT-50, or ``recipes.Recipe.sft_steps``; exactly what
     the demo builds), or SFT-K for
     ``...#ref<K>[:<LR>][,balanced|,proportional]`` (``--reference-sft``, ``--balanced-sft``, ``--proportional-sft``),
     built with the settings of the ``server-sft`` baseline so that ``#ref300`` aligns from that very checkpoint."""

@@ -81,7 +81,7 @@ def test_demo_warm_start_recipe_sets_the_references_sft(tmp_path, monkeypatch):
     assert [(c.sft.steps, c.sft.balance_types) for c in seen] == [(50, True), (50, False), (80, True), (300, False),
                                                                   (50, True), (0, False), (50, False), (0, False)]
     assert seen[5].pretrain.yesno_curriculum == "vqa=2000"  # compact+synthvqa: public synthetic VQA, no public SFT
-    # and its GRPO samples at temperature 1.5 (recipes.RECIPE_GRPO) unless the config sets one; the others at 1.0
+    # and its GRPO samples at temperature 1.5 (recipes.RECIPES[...].grpo) unless the config sets one; the others at 1.0
     assert [c.grpo.temperature for c in seen] == [1.0] * 5 + [1.5, 1.5, 1.0]
     demo.align(DemoConfig(workdir=str(tmp_path / "t"), warm_start="compact+synthvqa", grpo={"temperature": 1.2}),
                tmp_path / "t", None, server)

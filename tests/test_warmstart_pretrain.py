@@ -343,3 +343,18 @@ def test_sft_starts_from_a_cached_stage1_and_trains_what_a_build_from_scratch_tr
     warm_start_cached(tmp_path / "digest", make_synthetic_examples(16, seed=2), tiny=SMALL, sft=sft, pretrain=pre,
                       progress=False, stage1_from=[tmp_path / "stage1"])
     assert calls == [1, 1, 1]  # nor is one built on other data (its vocabulary may differ)
+
+
+def test_every_recipe_setting_comes_from_its_one_record_and_an_unknown_name_is_one_line():
+    from mor_server.alignment.recipes import RECIPES, WARM_START_HELP, WARM_STARTS, recipe_grpo, recipe_sft, \
+        warm_start_recipe
+
+    assert WARM_STARTS == tuple(RECIPES) and all(r.summary in WARM_START_HELP for r in RECIPES.values())
+    for name, r in RECIPES.items():
+        tiny, pre = warm_start_recipe(name, seed=3)
+        assert tiny.seed == 3 and (pre is None) == (r.pretrain is None) and (pre is None or pre.seed == 3)
+        assert recipe_sft(name).steps == r.sft_steps and recipe_sft(name).balance_types == r.balanced_sft
+        assert recipe_grpo(name) == dict(r.grpo)
+    for f in (warm_start_recipe, recipe_sft, recipe_grpo):
+        with pytest.raises(ValueError, match="warm start must be one of sft, synthetic"):
+            f("compact+nothing")

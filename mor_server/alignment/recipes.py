@@ -26,8 +26,8 @@
 * ``compact+synthvqa``: the same family (``compact`` with a third vision layer), vision pre-training (600 steps),
   then 2,000 supervised steps on public synthetic VQA (``vqa`` curriculum phase: colour, shape and yes/no questions
   drawn by the project's renderer in easy-vqa's templates, every yes/no question prior-balanced so that its wording
-  says nothing), and **no SFT on the server's split** by default (:data:`RECIPE_SFT_STEPS`); GRPO at temperature
-  1.5 (:data:`RECIPE_GRPO`). The reference answers colour and shape from the image (94-98% / 91-92% on the held-out
+  says nothing), and **no SFT on the server's split** by default (``Recipe.sft_steps``); GRPO at temperature
+  1.5 (``Recipe.grpo``). The reference answers colour and shape from the image (94-98% / 91-92% on the held-out
   easy-vqa test, seeds 0-2) and every yes/no question with one word (49-52%): what a reward then has to teach is
   yes/no. Oracle GRPO reached 86.0 / 61.2 / 82.2% on seeds 0 / 1 / 2, MoR 86.5 / 62.5 / 81.2% (docs/alignment.md,
   "A reference that sees"). No private data, no privacy cost; stage 1 takes about 20-25 minutes of one CPU core.
@@ -35,14 +35,69 @@
 
 from __future__ import annotations
 
-WARM_STARTS = ("sft", "synthetic+sft", "compact+synthetic+sft", "compact+curriculum+sft", "compact+synthvqa")
-WARM_START_HELP = ("warm-start recipe of the built-in policy: sft (the tiny policy, SFT-50 on the public split; the "
-                   "default), synthetic+sft (64 image tokens; vision pre-training and captioning of synthetic images "
-                   "first), compact+synthetic+sft (the same on the 0.96M compact policy with a type-balanced SFT: "
-                   "the one that learns colour and shape, 20-30 min a run on 2 CPU cores), compact+curriculum+sft "
-                   "(plus a yes/no curriculum; measured worse, kept to reproduce docs/alignment.md), "
-                   "compact+synthvqa (the compact family supervised on public synthetic VQA, no SFT on the public "
-                   "split: sees colour and shape, yes/no left to the reward; about 25 min more on a CPU)")
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+from mor_client.data.synthetic import YESNO_CURRICULUM
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything a named warm start sets, in one record: the policy it builds, its public stage 1, the reference's
+    SFT on the server's split and the GRPO settings it runs with unless the run sets them."""
+
+    summary: str
+    """One clause for ``--warm-start``'s help."""
+    preset: str = "tiny"
+    """``policy.policy_preset`` the policy starts from."""
+    policy: Mapping = field(default_factory=dict)
+    """``TinyLlavaConfig`` fields changed from the preset (e.g. ``patch_size=8``: 64 image tokens)."""
+    pretrain: Mapping | None = None
+    """``PretrainConfig`` fields of stage 1 (None: no stage 1); the run's seed is added."""
+    sft_steps: int = 50
+    """Reference SFT steps on the server's public split."""
+    balanced_sft: bool = False
+    """Type-balanced SFT batches (``SFTConfig.balance_types``) instead of proportional ones."""
+    grpo: Mapping = field(default_factory=dict)
+    """GRPO settings on top of the demo's defaults (a run's own settings override them)."""
+
+
+_STAGE1 = {"vision_steps": 600, "caption_steps": 1000}
+
+RECIPES: Mapping[str, Recipe] = MappingProxyType({
+    "sft": Recipe("sft (the tiny policy, SFT-50 on the public split; the default)"),
+    "synthetic+sft": Recipe("synthetic+sft (64 image tokens; vision pre-training and captioning of synthetic images "
+                            "first)", policy={"patch_size": 8}, pretrain=_STAGE1),
+    "compact+synthetic+sft": Recipe(
+        "compact+synthetic+sft (the same on the 0.96M compact policy with a type-balanced SFT: the one that learns "
+        "colour and shape, 20-30 min a run on 2 CPU cores)", preset="compact", pretrain=_STAGE1, balanced_sft=True),
+    "compact+curriculum+sft": Recipe(
+        "compact+curriculum+sft (plus a yes/no curriculum; measured worse, kept to reproduce docs/alignment.md)",
+        preset="compact", policy={"vision_layers": 3},
+        pretrain={**_STAGE1, "yesno_curriculum": YESNO_CURRICULUM, "max_seconds": 7200}),
+    # compact+synthvqa's reference answers every yes/no question of a seed mostly with one word; at temperature 1.0
+    # oracle GRPO on seed 2 did not move yes/no off it in 400 steps (65.0%), at 1.5 it reached 84.7%
+    # (docs/alignment.md, "A reference that sees")
+    "compact+synthvqa": Recipe(
+        "compact+synthvqa (the compact family supervised on public synthetic VQA, no SFT on the public split: sees "
+        "colour and shape, yes/no left to the reward; about 25 min more on a CPU)",
+        preset="compact", policy={"vision_layers": 3},
+        pretrain={"vision_steps": 600, "yesno_curriculum": "vqa=2000", "max_seconds": 7200},
+        sft_steps=0, grpo={"temperature": 1.5}),
+})
+"""The named warm starts (one record each; the module's docstring says what each is for)."""
+
+WARM_STARTS = tuple(RECIPES)
+WARM_START_HELP = ("warm-start recipe of the built-in policy: "
+                   + ", ".join(r.summary for r in RECIPES.values()))
+
+
+def _recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"warm start must be one of {', '.join(WARM_STARTS)}, got {name!r}") from None
 
 
 def warm_start_recipe(name: str, *, seed: int = 0):
@@ -53,41 +108,14 @@ def warm_start_recipe(name: str, *, seed: int = 0):
     from .policy import policy_preset
     from .warmstart import PretrainConfig
 
-    tiny = policy_preset("tiny", seed=seed)  # the built-in size the first two recipes start from
-    if name == "sft":
-        return tiny, None
-    if name == "synthetic+sft":
-        return replace(tiny, patch_size=8), PretrainConfig(vision_steps=600, caption_steps=1000, seed=seed)
-    if name == "compact+synthetic+sft":
-        return policy_preset("compact", seed=seed), PretrainConfig(vision_steps=600, caption_steps=1000, seed=seed)
-    if name == "compact+curriculum+sft":
-        from mor_client.data.synthetic import YESNO_CURRICULUM
-
-        return replace(policy_preset("compact", seed=seed), vision_layers=3), PretrainConfig(
-            vision_steps=600, caption_steps=1000, yesno_curriculum=YESNO_CURRICULUM, seed=seed, max_seconds=7200)
-    if name == "compact+synthvqa":
-        return replace(policy_preset("compact", seed=seed), vision_layers=3), PretrainConfig(
-            vision_steps=600, yesno_curriculum="vqa=2000", seed=seed, max_seconds=7200)
-    raise ValueError(f"warm start must be one of {', '.join(WARM_STARTS)}, got {name!r}")
-
-
-BALANCED_SFT = ("compact+synthetic+sft",)
-"""Recipes whose reference SFT draws type-balanced batches (``SFTConfig.balance_types``)."""
-
-
-RECIPE_SFT_STEPS = {"compact+synthvqa": 0}
-"""Reference SFT steps on the server's public split of the recipes that do not take the default 50."""
-
-
-RECIPE_GRPO = {"compact+synthvqa": {"temperature": 1.5}}
-"""GRPO settings a recipe runs with unless the run sets them (on top of the demo's defaults). compact+synthvqa's
-reference answers every yes/no question of a seed mostly with one word; at temperature 1.0 oracle GRPO on seed 2 did
-not move yes/no off it in 400 steps (65.0%), at 1.5 it reached 84.7% (docs/alignment.md)."""
+    r = _recipe(name)
+    tiny = replace(policy_preset(r.preset, seed=seed), **r.policy)
+    return tiny, (PretrainConfig(**r.pretrain, seed=seed) if r.pretrain is not None else None)
 
 
 def recipe_grpo(name: str) -> dict:
-    """The GRPO settings of a named recipe (:data:`RECIPE_GRPO`; empty: the demo's defaults)."""
-    return dict(RECIPE_GRPO.get(name, {}))
+    """The GRPO settings of a named recipe (:attr:`Recipe.grpo`; empty: the demo's defaults)."""
+    return dict(_recipe(name).grpo)
 
 
 SFT_BATCHES = ("balanced", "proportional")
@@ -96,15 +124,13 @@ split (72% yes/no on easy-vqa)."""
 
 
 def recipe_sft(name: str, steps: int | None = None, batches: str | None = None):
-    """The ``SFTConfig`` of a named recipe's reference: SFT-50 (or the recipe's :data:`RECIPE_SFT_STEPS`, or
-    ``steps``), type-balanced for the recipes in
-    :data:`BALANCED_SFT` unless ``batches`` (one of :data:`SFT_BATCHES`) says otherwise. The run's seed is applied
-    by the pipeline (``AlignmentConfig.seed``)."""
+    """The ``SFTConfig`` of a named recipe's reference: its :attr:`Recipe.sft_steps` (or ``steps``), type-balanced
+    when :attr:`Recipe.balanced_sft` unless ``batches`` (one of :data:`SFT_BATCHES`) says otherwise. The run's seed
+    is applied by the pipeline (``AlignmentConfig.seed``)."""
     from .warmstart import SFTConfig
 
-    if name not in WARM_STARTS:
-        raise ValueError(f"warm start must be one of {', '.join(WARM_STARTS)}, got {name!r}")
+    r = _recipe(name)
     if batches is not None and batches not in SFT_BATCHES:
         raise ValueError(f"sft_batches must be one of {', '.join(SFT_BATCHES)}, got {batches!r}")
-    balanced = name in BALANCED_SFT if batches is None else batches == "balanced"
-    return SFTConfig(steps=RECIPE_SFT_STEPS.get(name, 50) if steps is None else steps, balance_types=balanced)
+    balanced = r.balanced_sft if batches is None else batches == "balanced"
+    return SFTConfig(steps=r.sft_steps if steps is None else steps, balance_types=balanced)
