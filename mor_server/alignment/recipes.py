@@ -29,7 +29,8 @@
   says nothing), and **no SFT on the server's split** by default (``Recipe.sft_steps``); GRPO at temperature
   1.5 (``Recipe.grpo``). The reference answers colour and shape from the image (94-98% / 91-92% on the held-out
   easy-vqa test, seeds 0-2) and every yes/no question with one word (49-52%): what a reward then has to teach is
-  yes/no. Oracle GRPO reached 86.0 / 61.2 / 82.2% on seeds 0 / 1 / 2, MoR 86.5 / 62.5 / 81.2% (docs/alignment.md,
+  yes/no. Oracle GRPO reached 86.0 / 61.2 / 82.2% on seeds 0 / 1 / 2, MoR 86.5 / 62.5 / 81.2%, the uniform mixture
+  69.2% in the mean, and the server's labels alone (SFT-300 at lr 3e-4 from the same stage 1) 76.4% (docs/alignment.md,
   "A reference that sees"). No private data, no privacy cost; stage 1 takes about 20-25 minutes of one CPU core.
 """
 
