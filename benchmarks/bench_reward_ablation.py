@@ -389,7 +389,7 @@ def server_sft_cell(policy: str, scenario: str, seed: int, split, cache: Path) -
     batches = spec.partition(",")[2] or "proportional"
     # and at the label's learning rate when it names one (``--reference-sft K:LR``): the recipe's 3e-3 can cost the
     # vision stage 1 taught (compact+synthvqa, docs/alignment.md)
-    lr = reference_sft(policy).learning_rate if spec else SFTConfig.learning_rate
+    lr = reference_sft(policy).learning_rate
     lr_spec = "" if lr == SFTConfig.learning_rate else f":{lr:g}"
     model, processor, info = load(f"{base}#ref{SERVER_SFT_STEPS}{lr_spec},{batches}")
     after = accuracy(model, processor, test)

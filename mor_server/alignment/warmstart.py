@@ -468,17 +468,31 @@ def _same_build(cached_key, key: dict, info, sft: SFTConfig) -> bool:
     return uncapped(cached_key) == uncapped(key) and info.get("steps") == sft.steps
 
 
+def _read_meta(folder: str | Path) -> dict | None:
+    """A warm-start cache's ``warm_start.json`` (written last: present means complete), or None."""
+    try:
+        cached = json.loads((Path(folder) / "warm_start.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cached if isinstance(cached, dict) else None
+
+
+def _load_checkpoint(folder: str | Path, dev):
+    """The policy and processor saved in a warm-start cache, on ``dev`` (fp32, as trained and saved)."""
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    model = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True).to(dev)
+    return model, LlavaProcessor.from_pretrained(folder, local_files_only=True)
+
+
 def stage1_checkpoint(candidates: Sequence[str | Path], key: dict) -> tuple[Path, dict] | None:
     """The first of ``candidates`` (warm-start cache folders) whose checkpoint is stage 1 of the build ``key``
     describes: complete (its ``warm_start.json`` written), the same policy config, pre-training, data digest and
     code version, and no SFT step run. Returns ``(folder, its stage-1 summary)``, or None."""
     same = ("tiny", "pretrain", "n", "data_sha256", "code")
     for folder in candidates:
-        try:
-            cached = json.loads((Path(folder) / "warm_start.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(cached, dict) or not isinstance(cached.get("key"), dict):
+        cached = _read_meta(folder)
+        if cached is None or not isinstance(cached.get("key"), dict):
             continue
         info = cached.get("info") if isinstance(cached.get("info"), dict) else {}
         if all(cached["key"].get(k) == key[k] for k in same) and info.get("steps") == 0:
@@ -503,8 +517,6 @@ def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLl
     Returns ``(model, processor, info)``; the directory holds the frozen reference checkpoint.
     """
     dev = pick_device(device)[0]
-    from transformers import LlavaForConditionalGeneration, LlavaProcessor
-
     cache_dir = Path(cache_dir)
     sft_key = asdict(sft or SFTConfig())
     if not sft_key["balance_types"]:  # added later: references built before it keep their key
@@ -512,21 +524,14 @@ def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLl
     key = {"tiny": asdict(tiny or TinyLlavaConfig()), "sft": sft_key, "n": len(examples),
            "data_sha256": examples_digest(examples), "code": WARM_START_CODE_VERSION,
            "pretrain": asdict(pretrain) if pretrain is not None and pretrain.enabled() else None}
-    meta = cache_dir / "warm_start.json"
-    try:
-        cached = json.loads(meta.read_text()) if meta.is_file() else None
-    except (OSError, ValueError):
-        cached = None
-    if isinstance(cached, dict) and _same_build(cached.get("key"), key, cached.get("info"), sft or SFTConfig()):
-        model = LlavaForConditionalGeneration.from_pretrained(cache_dir, local_files_only=True)
-        processor = LlavaProcessor.from_pretrained(cache_dir, local_files_only=True)
-        model.to(dev).eval()  # evaluation before GRPO runs where the policy will train
+    cached = _read_meta(cache_dir)
+    if cached is not None and _same_build(cached.get("key"), key, cached.get("info"), sft or SFTConfig()):
+        model, processor = _load_checkpoint(cache_dir, dev)
+        model.eval()  # evaluation before GRPO runs where the policy will train
         return model, processor, {**cached.get("info", {}), "cached": True}
     stage1 = stage1_checkpoint(stage1_from, key) if key["pretrain"] is not None else None
     if stage1 is not None:  # stage 1 already ran with these settings: start the SFT from its checkpoint
-        model = LlavaForConditionalGeneration.from_pretrained(stage1[0], local_files_only=True)
-        processor = LlavaProcessor.from_pretrained(stage1[0], local_files_only=True)
-        model.to(dev)
+        model, processor = _load_checkpoint(stage1[0], dev)
         pre = {**stage1[1], "reused_from": str(stage1[0])}
     else:
         # the vocabulary covers the public split's words (easy-vqa's, plus another family's when a client holds one)
