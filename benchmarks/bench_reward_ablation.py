@@ -197,6 +197,15 @@ def reference_dir(label: str, seed: int, cache: Path, tag: str = "") -> Path:
     return cache / "baselines" / f"{name}-sft{sft.steps}{variant}-seed{seed}{tag}"
 
 
+def stage1_candidates(seed: int, cache: Path, tag: str = "") -> list[Path]:
+    """Every recipe's own reference folder of a seed: a reference that ran no SFT step is a stage-1 checkpoint
+    another label of the same recipe (or a recipe whose curriculum continues it) starts from
+    (``warm_start_cached(stage1_from=...)`` checks which one fits; about 25 min a seed saved on 2 cores)."""
+    from mor_server.alignment.recipes import WARM_STARTS
+
+    return [reference_dir(name, seed, cache, tag) for name in WARM_STARTS]
+
+
 def server_model(seed: int, split, work: Path):
     """The server-only reward model: the cnn architecture trained on the server's public split's pairs (8 wrong
     answers per example; one image in ten held out), non-private (the server's own data); cached in ``work``."""
@@ -270,7 +279,8 @@ def reference(policy: str, seed: int, split, cache: Path, tag: str = "") -> Path
     d = reference_dir(policy, seed, cache, tag)  # the prompt pool does not change the reference
     t0 = time.perf_counter()
     _, _, info = warm_start_cached(d, split.server_public, tiny=tiny, sft=replace(reference_sft(policy), seed=seed),
-                                   pretrain=pre, progress=False)
+                                   pretrain=pre, progress=False,
+                                   stage1_from=[c for c in stage1_candidates(seed, cache, tag) if c != d])
     if not info.get("cached"):
         print(f"  built the {split_label(policy)[0]} reference of seed {seed} in {time.perf_counter() - t0:.0f} s",
               flush=True)
@@ -356,7 +366,7 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
            "yesno_by_wording": yesno_split,
            # where it ran: another host's kernels can train another reference from the same settings
            "host": host_fingerprint(), "reference_host": json.loads((ref / "warm_start.json").read_text())
-           .get("info", {}).get("host")}
+           .get("info", {}).get("host"), "reference_sha256": reference_digest(ref)}
     shutil.rmtree(work / "grpo", ignore_errors=True)  # checkpoints are not needed once evaluated
     return out
 
@@ -377,7 +387,7 @@ def server_sft_cell(policy: str, scenario: str, seed: int, split, cache: Path) -
     t0 = time.perf_counter()
     # a recipe whose own reference runs no SFT step (compact+synthvqa) has stage 1's checkpoint there: the SFT-300
     # starts from it instead of pre-training again (about 25 min a seed on 2 cores)
-    stage1 = [reference_dir(base, seed, cache, tag)]
+    stage1 = stage1_candidates(seed, cache, tag)
 
     def load(label: str):  # the checkpoint reference() builds for a label (same folder and cache key)
         return warm_start_cached(reference_dir(label, seed, cache, tag), split.server_public, tiny=tiny, pretrain=pre,
@@ -403,6 +413,17 @@ def server_sft_cell(policy: str, scenario: str, seed: int, split, cache: Path) -
             "before": before, "after": after}
 
 
+def other_reference(cell: dict, cache: Path) -> bool:
+    """Whether a cached GRPO cell started from another checkpoint than the reference now in ``cache`` for its label
+    and seed (cells recorded before 2026-12-03's fourth session carry no digest and are trusted)."""
+    want = cell.get("reference_sha256")
+    if not want:
+        return False
+    tag = "-shapes" if cell.get("scenario") == "shapes" else ""
+    have = reference_digest(reference_dir(cell["policy"], cell["seed"], cache, tag))
+    return have is not None and have != want
+
+
 def restore_cells(out: Path, cells_dir: Path) -> int:
     """Write the cells recorded in a results file (``--out``) that the cache lacks back into it, so a fresh clone
     can re-report, and extend, the committed grid without re-running it. Returns how many were restored; a
@@ -421,6 +442,16 @@ def restore_cells(out: Path, cells_dir: Path) -> int:
             f.write_text(json.dumps(c, indent=1, default=str))
             n += 1
     return n
+
+
+def reference_digest(folder: Path) -> str | None:
+    """SHA-256 of a reference checkpoint's weights (None while it is not built): a GRPO cell records the one it
+    started from, and is measured again when the reference in the cache is another (a rebuilt recipe, another
+    host's build)."""
+    import hashlib
+
+    f = folder / "model.safetensors"
+    return hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
 
 
 def same_reference(a: dict, b: dict) -> bool:
@@ -617,7 +648,8 @@ def main() -> int:
             return 0
         def measured(cell: tuple) -> bool:  # cached and comparable (a stale cell is run again)
             f = cells_dir / f"{cell_name(*cell)}.json"
-            return f.is_file() and not stale(json.loads(f.read_text()))
+            return f.is_file() and not stale(json.loads(f.read_text())) and \
+                not other_reference(json.loads(f.read_text()), a.cache)
 
         done_s: list[float] = []
         for i, (p, s, m, seed) in enumerate(todo):

@@ -252,7 +252,8 @@ def test_server_sft_cell_is_scored_on_the_same_items_as_the_grpo_cells(monkeypat
     # the SFT-300 may start from the recipe's own reference when that is stage 1 as it is (no pre-training again)
     (folder, kwargs), = built
     assert kwargs["sft"].steps == b.SERVER_SFT_STEPS and folder != b.reference_dir("compact+synthetic+sft", 0, tmp_path)
-    assert kwargs["stage1_from"] == [b.reference_dir("compact+synthetic+sft", 0, tmp_path)]
+    assert b.reference_dir("compact+synthetic+sft", 0, tmp_path) in kwargs["stage1_from"]
+    assert kwargs["stage1_from"] == b.stage1_candidates(0, tmp_path)  # and every other recipe's reference of the seed
     assert b.cell_test(SimpleNamespace()) == items[:600]  # what run_alignment gets for the GRPO cells
     assert cell["after"] == {"overall": 0.5} and cell["before"] is None
 
@@ -287,6 +288,32 @@ def test_a_run_measures_a_stale_cached_cell_again_and_keeps_a_comparable_one(tmp
     assert "[1/2] compact+synthetic+sft honest server-sft seed 0" in out and "not compared" not in out
     assert json.loads((tmp_path / "out.json").read_text())["summary"][
         "compact+synthetic+sft/honest/server-sft"]["aligned"] == [70.0, 72.0]
+
+
+def test_a_cached_cell_from_another_reference_checkpoint_is_measured_again(tmp_path, monkeypatch, benchmark_script):
+    """A GRPO cell records the digest of the reference it started from. When the recipe's reference in the cache is
+    rebuilt (other code, another host), the cached cell no longer pairs with it and is run again; a cell from the
+    reference now in the cache, or from before digests were recorded, is kept."""
+    b = benchmark_script("bench_reward_ablation")
+    cache = tmp_path / "cache"
+    (cache / "cells").mkdir(parents=True)
+    for seed, weights in ((0, b"rebuilt"), (1, b"as built"), (2, b"as built")):
+        ref = b.reference_dir("compact+synthetic+sft", seed, cache)
+        ref.mkdir(parents=True)
+        (ref / "model.safetensors").write_bytes(weights)
+    old_digest = b.reference_digest(b.reference_dir("compact+synthetic+sft", 1, cache))  # the bytes b"as built"
+    for seed, digest in ((0, old_digest), (1, old_digest), (2, None)):
+        cell = {**_cell("oracle", seed, 0.7), **({"reference_sha256": digest} if digest else {})}
+        (cache / "cells" / f"compact_synthetic_sft-honest-oracle-seed{seed}.json").write_text(json.dumps(cell))
+    ran = []
+    monkeypatch.setattr(b, "run_cell", lambda p, s, m, seed, c, steps: ran.append(seed) or _cell(m, seed, 0.8))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setattr(sys, "argv", ["bench_reward_ablation.py", "--warm-start", "compact+synthetic+sft",
+                                      "--methods", "oracle", "--seeds", "0", "1", "2", "--cache", str(cache),
+                                      "--out", str(tmp_path / "out.json")])
+    assert b.main() == 0
+    assert ran == [0]
+    assert b.reference_digest(tmp_path / "missing") is None
 
 
 def test_server_sft_cell_trains_at_the_learning_rate_the_label_names(monkeypatch, tmp_path, benchmark_script):

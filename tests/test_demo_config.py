@@ -42,8 +42,8 @@ def test_config_file_errors_name_the_setting(tmp_path):
     ({"epsilon": -1}, "epsilon: must be greater than 0, got -1"),
     ({"epsilon": None}, "epsilon: must be a valid number, got None"),
     ({"mode": "secagg", "clients": [{"name": "a", "arch": "cnn", "partition": "client0"}]}, "at least 2 clients"),
-    ({"warm_start": "imagenet"}, r"warm_start: must be 'sft', 'synthetic\+sft', 'compact\+synthetic\+sft', 'compact\+curriculum\+sft' or "
-                              r"'compact\+synthvqa', got 'imagenet'"),
+    ({"warm_start": "imagenet"}, r"warm_start: must be 'sft', 'synthetic\+sft', 'compact\+synthetic\+sft', 'compact\+curriculum\+sft', "
+                              r"'compact\+synthvqa' or 'compact\+synthvqa\+negation', got 'imagenet'"),
 ])
 def test_validate_rejects_bad_settings(change, msg):
     with pytest.raises(ValueError, match=msg):

@@ -358,3 +358,79 @@ def test_every_recipe_setting_comes_from_its_one_record_and_an_unknown_name_is_o
     for f in (warm_start_recipe, recipe_sft, recipe_grpo):
         with pytest.raises(ValueError, match="warm start must be one of sft, synthetic"):
             f("compact+nothing")
+
+
+def test_a_longer_curriculum_continues_a_cached_stage1_and_ends_where_a_build_from_scratch_ends(tmp_path,
+                                                                                                  monkeypatch):
+    """A recipe whose curriculum adds phases to a cached one (``vqa`` then ``negation``) continues the cached
+    checkpoint with the new phases only, and gets the weights a build through every phase gets; a cache whose phases
+    are not the beginning of the wanted ones (or whose other stage-1 settings differ) is not continued."""
+    from mor_client.data import synthetic
+    from mor_server.alignment import warmstart
+
+    real = synthetic.curriculum_phase_examples
+    monkeypatch.setattr(synthetic, "curriculum_phase_examples", lambda p, s, pool=None: real(p, s, pool=24))
+    public = make_synthetic_examples(16, seed=1)
+    base = dict(vision_steps=1, images=8, batch_size=8)
+    first = PretrainConfig(**base, yesno_curriculum="vqa=2")
+    longer = PretrainConfig(**base, yesno_curriculum="vqa=2,negation=2")
+    warm_start_cached(tmp_path / "first", public, tiny=SMALL, sft=SFTConfig(steps=0), pretrain=first, progress=False)
+    scratch, _, built = warm_start_cached(tmp_path / "scratch", public, tiny=SMALL, sft=SFTConfig(steps=0),
+                                          pretrain=longer, progress=False)
+    phases = built["pretrain"]["yesno_curriculum"]
+    assert [p["phase"] for p in phases] == ["vqa", "negation"] and "readout_last_batch_accuracy" in phases[1]
+
+    calls = []
+    real_vision = warmstart.pretrain_vision_tower
+    monkeypatch.setattr(warmstart, "pretrain_vision_tower", lambda *a, **k: calls.append(1) or real_vision(*a, **k))
+    cont, _, info = warm_start_cached(tmp_path / "cont", public, tiny=SMALL, sft=SFTConfig(steps=0), pretrain=longer,
+                                      progress=False, stage1_from=[tmp_path / "first"])
+    assert calls == [] and info["pretrain"]["reused_from"] == str(tmp_path / "first")
+    assert [p["phase"] for p in info["pretrain"]["yesno_curriculum"]] == ["vqa", "negation"]
+    a, b = scratch.state_dict(), cont.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    other = PretrainConfig(**base, yesno_curriculum="negation=2,vqa=2")  # not a continuation of "vqa=2"
+    warm_start_cached(tmp_path / "other", public, tiny=SMALL, sft=SFTConfig(steps=0), pretrain=other,
+                      progress=False, stage1_from=[tmp_path / "first"])
+    assert calls == [1]
+    wider = PretrainConfig(**{**base, "vision_steps": 2}, yesno_curriculum="vqa=2,negation=2")
+    warm_start_cached(tmp_path / "wider", public, tiny=SMALL, sft=SFTConfig(steps=0), pretrain=wider,
+                      progress=False, stage1_from=[tmp_path / "first"])
+    assert calls == [1, 1]
+
+
+def test_the_negation_readout_needs_one_target_per_example_and_is_learned():
+    """``sft_warm_start(readout=...)``: a wrong number of targets is one line naming the fix; the readout is trained
+    (on a set where only the yes/no questions carry a target) and reported."""
+    from mor_client.data.synthetic import curriculum_phase_examples, negation_targets
+    from mor_server.alignment.warmstart import sft_warm_start
+
+    data = curriculum_phase_examples("negation", 3, pool=60)
+    targets = negation_targets(data)
+    assert {t for t, e in zip(targets, data) if e.question_type != "yesno"} == {None}
+    assert {t for t, e in zip(targets, data) if e.question_type == "yesno"} == {0.0, 1.0}
+    model, processor = build_tiny_llava(config=SMALL)
+    with pytest.raises(ValueError, match="one per example"):
+        sft_warm_start(model, processor, data, SFTConfig(steps=1), readout=targets[:-1], progress=False)
+    info = sft_warm_start(model, processor, data, SFTConfig(steps=40, batch_size=16, learning_rate=3e-3),
+                          readout=targets, progress=False)
+    assert info["steps"] == 40 and info["readout_last_batch_accuracy"] >= 0.75
+
+
+def test_the_readout_penalises_answers_that_shift_with_its_target():
+    """The negation readout must not choose an answer: ``_answer_shift`` is zero when negated and affirmative rows
+    give the answer tokens the same mean log-probabilities, grows with a tilt between the groups, and ignores
+    tokens that are no row's answer."""
+    from mor_server.alignment.warmstart import _answer_shift
+
+    same = torch.tensor([[2.0, 0.0, 5.0], [2.0, 0.0, -5.0], [2.0, 0.0, 5.0], [2.0, 0.0, -5.0]])
+    y = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    first = torch.tensor([0, 1, 0, 1])  # answer tokens 0 and 1 ("yes", "no"); token 2 is no row's answer
+    assert float(_answer_shift(same, first, y)) == pytest.approx(0.0, abs=1e-6)
+    tilted = same.clone()
+    tilted[:2, 0] += 1.0  # negated rows lean to token 0
+    small = float(_answer_shift(tilted, first, y))
+    tilted[:2, 0] += 2.0
+    assert 0 < small < float(_answer_shift(tilted, first, y))
+    assert float(_answer_shift(tilted, first, torch.ones(4))) == 0.0  # one group only: nothing to compare

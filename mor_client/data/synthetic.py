@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import random
+from typing import Sequence
 
 from .easyvqa import COLORS, SHAPE_NAMES, VQAExample
 
@@ -140,6 +141,14 @@ def is_negated(question: str) -> bool:
     return " not " in f" {q} " or q.startswith("is no ")
 
 
+def negation_targets(examples: Sequence[VQAExample]) -> list[float | None]:
+    """Per example, 1.0 / 0.0 for a negated / affirmative yes/no question and None for other question types: the
+    readout target of the ``negation`` curriculum phase. Public and prior-free: on prior-balanced questions negation
+    says nothing about the answer, so training it teaches the policy to carry the word "not" to where it answers,
+    not which answer goes with it."""
+    return [float(is_negated(e.question)) if e.question_type == "yesno" else None for e in examples]
+
+
 def synthetic_presence(example: VQAExample) -> bool | None:
     """For a yes/no example: whether the asked colour or shape is in the image (the answer with the
     negation undone); None for other question types."""
@@ -189,9 +198,9 @@ def _check_phase(phase: str) -> None:
         _negated_fraction(phase)
     elif phase.startswith("words:"):
         _phase_words(phase)
-    elif phase not in ("affirmative", "balanced", "colorshape", "vqa"):
+    elif phase not in ("affirmative", "balanced", "colorshape", "vqa", "negation"):
         raise ValueError(f"unknown curriculum phase {phase!r}: use words:<a>+<b>, affirmative, mixed:<f>, balanced, "
-                         "colorshape or vqa")
+                         "colorshape, vqa or negation")
 
 
 def curriculum_phase_examples(phase: str, data_seed: int, *, pool: int | None = None) -> list[VQAExample]:
@@ -207,9 +216,11 @@ def curriculum_phase_examples(phase: str, data_seed: int, *, pool: int | None = 
     * ``colorshape``: colour and shape questions;
     * ``vqa``: colour, shape and yes/no questions in turn, one per image (the supervised mix of
       ``benchmarks/results/supervised_ceiling.json``'s prior-balanced row: colour and shape are learned, yes/no is
-      answered in kind but at chance, since no question string predicts its answer)."""
+      answered in kind but at chance, since no question string predicts its answer);
+    * ``negation``: the ``vqa`` mix again, trained with a readout of :func:`negation_targets` (whether each yes/no
+      question is negated) from the state that predicts the answer (``warmstart.yesno_curriculum``)."""
     _check_phase(phase)
-    if phase == "vqa":
+    if phase in ("vqa", "negation"):
         return make_synthetic_examples(pool or 6000, seed=data_seed, balanced_yesno=True)
     if phase == "colorshape":
         return make_synthetic_examples(pool or 12000, seed=data_seed, question_types=("color", "shape"))

@@ -32,6 +32,13 @@
   yes/no. Oracle GRPO reached 86.0 / 61.2 / 82.2% on seeds 0 / 1 / 2, MoR 86.5 / 62.5 / 81.2%, the uniform mixture
   69.2% in the mean, and the server's labels alone (SFT-300 at lr 3e-4 from the same stage 1) 76.4% (docs/alignment.md,
   "A reference that sees"). No private data, no privacy cost; stage 1 takes about 20-25 minutes of one CPU core.
+* ``compact+synthvqa+negation``: ``compact+synthvqa`` plus 300 more steps of the same synthetic VQA with a readout of
+  negation (curriculum phase ``negation``: a throwaway linear head reads from the state that predicts the answer
+  whether a yes/no question is negated, and a penalty keeps the answers from shifting with it). The reference is as
+  blind to yes/no as ``compact+synthvqa``'s (60.8 / 62.3 / 61.5%, "no" to every yes/no question), but "not" now
+  reaches the answer position, so GRPO learns easy-vqa's wording prior within 100 steps instead of 300-700 or never:
+  oracle 86.8 / 85.8 / 84.8% (85.8), MoR 86.3 / 86.5 / 84.0% (85.6) on seeds 0 / 1 / 2 (docs/alignment.md, "Carrying
+  negation to the answer"). Continues a cached ``compact+synthvqa`` stage 1 when there is one (about 4 min more).
 """
 
 from __future__ import annotations
@@ -85,6 +92,12 @@ RECIPES: Mapping[str, Recipe] = MappingProxyType({
         "colour and shape, yes/no left to the reward; about 25 min more on a CPU)",
         preset="compact", policy={"vision_layers": 3},
         pretrain={"vision_steps": 600, "yesno_curriculum": "vqa=2000", "max_seconds": 7200},
+        sft_steps=0, grpo={"temperature": 1.5}),
+    "compact+synthvqa+negation": Recipe(
+        "compact+synthvqa+negation (the same plus a readout of negation at the answer: GRPO teaches yes/no within "
+        "100 steps: the oracle reward reached 85.8 on average over 3 seeds, MoR 85.6)",
+        preset="compact", policy={"vision_layers": 3},
+        pretrain={"vision_steps": 600, "yesno_curriculum": "vqa=2000,negation=300", "max_seconds": 7200},
         sft_steps=0, grpo={"temperature": 1.5}),
 })
 """The named warm starts (one record each; the module's docstring says what each is for)."""

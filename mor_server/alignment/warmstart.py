@@ -133,11 +133,17 @@ class SFTEncoded:
         return {k: v.to(device) for k, v in out.items()}
 
 
-def sft_warm_start(model, processor, examples: Sequence, config: SFTConfig | None = None, *, progress: bool = True
-                   ) -> dict:
+def sft_warm_start(model, processor, examples: Sequence, config: SFTConfig | None = None, *, progress: bool = True,
+                   readout: Sequence[float | None] | None = None) -> dict:
     """Supervised fine-tuning on labelled examples (the server's public split): answers in the right format.
 
-    Returns a summary dict (steps, seconds, final loss). The model is trained in place and left in eval mode.
+    readout: one binary target per example (None: no target), read by a throwaway linear head from the language
+    model's last hidden state at the position that predicts the answer's first token, trained alongside the answers
+    (binary cross-entropy added to the loss). It makes that state encode a property of the input the answers do not
+    teach (the ``negation`` curriculum phase: whether a yes/no question is negated), without choosing an answer for it.
+
+    Returns a summary dict (steps, seconds, final loss; with ``readout`` also the readout's last-batch accuracy). The
+    model is trained in place and left in eval mode.
     """
     import time
 
@@ -150,6 +156,9 @@ def sft_warm_start(model, processor, examples: Sequence, config: SFTConfig | Non
     for attr in ("image", "question", "answer"):
         if not hasattr(examples[0], attr):
             raise TypeError(f"sft_warm_start: examples need an .{attr} field (got {type(examples[0]).__name__})")
+    if readout is not None and len(readout) != len(examples):
+        raise ValueError(f"sft_warm_start: readout has {len(readout)} targets for {len(examples)} examples; "
+                         "give one per example (None where there is none)")
     if cfg.max_examples:
         examples = examples[: cfg.max_examples]
     device = model_device(model)
@@ -161,8 +170,14 @@ def sft_warm_start(model, processor, examples: Sequence, config: SFTConfig | Non
     encoded = SFTEncoded(processor, examples, cache)  # every example encoded once (one row per example)
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                            weight_decay=cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    head = targets = None
+    if readout is not None:
+        head = torch.nn.Linear(model.config.text_config.hidden_size, 1).to(device)
+        targets = torch.tensor([-1.0 if t is None else float(t) for t in readout[: len(examples)]], device=device)
+        params += list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    readout_acc = float("nan")
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = min(cfg.steps, steps_per_epoch * cfg.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
@@ -182,9 +197,22 @@ def sft_warm_start(model, processor, examples: Sequence, config: SFTConfig | Non
             batch = encoded.batch(idx, device) if encoded.ok else \
                 _sft_batch(processor, [examples[i] for i in idx], device, cache)
             with autocast_for(device):  # bf16 matmuls on CUDA (fp32 weights and optimizer); fp32 on the CPU
-                out = model(**batch)
+                out = model(**batch, output_hidden_states=head is not None)
+            loss = out.loss
+            if head is not None:
+                y = targets[torch.as_tensor(idx, device=device)]
+                has = y >= 0
+                if bool(has.any()):
+                    # the state at the position that predicts the answer's first token (right-padded rows)
+                    rows = torch.arange(len(idx), device=device)
+                    pos = (batch["labels"] != -100).float().argmax(dim=1) - 1
+                    logit = head(out.hidden_states[-1][rows, pos][has].float()).squeeze(-1)
+                    loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(logit, y[has])
+                    readout_acc = float(((logit > 0).float() == y[has]).float().mean())
+                    loss = loss + READOUT_NEUTRAL_WEIGHT * _answer_shift(out.logits[rows, pos][has],
+                                                                         batch["labels"][rows, pos + 1][has], y[has])
             opt.zero_grad()
-            out.loss.backward()
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
@@ -199,8 +227,29 @@ def sft_warm_start(model, processor, examples: Sequence, config: SFTConfig | Non
             break
     bar.close()
     model.eval()
-    return {"steps": step, "seconds": round(time.perf_counter() - t0, 2), "final_loss": loss_v,
-            "examples": len(examples), "device": str(device)}
+    out = {"steps": step, "seconds": round(time.perf_counter() - t0, 2), "final_loss": loss_v,
+           "examples": len(examples), "device": str(device)}
+    if head is not None:
+        out["readout_last_batch_accuracy"] = readout_acc
+    return out
+
+
+READOUT_NEUTRAL_WEIGHT = 10.0
+"""Weight of :func:`_answer_shift` in a readout phase."""
+
+
+def _answer_shift(logits, first_tokens, y):
+    """How far the first answer token's log-probabilities differ between the rows whose readout target is 1 and those
+    whose target is 0 (squared difference of the two groups' means, over the answer tokens of these rows): the
+    readout's property must reach the answer position without choosing an answer. On prior-balanced data it says
+    nothing about the answer, yet a readout trained without this term tilted greedy yes/no answers by it in a random
+    direction (measured: the ``negation`` phase left one seed's reference answering every negated question "yes" and
+    every other one "no", the wording prior of easy-vqa, and another seed's the opposite; docs/alignment.md)."""
+    on, off = y > 0.5, y <= 0.5
+    if not bool(on.any()) or not bool(off.any()):
+        return logits.new_zeros(())
+    lp = logits.float().log_softmax(-1)[:, torch.unique(first_tokens)]
+    return ((lp[on].mean(0) - lp[off].mean(0)) ** 2).sum()
 
 
 def _type_balanced_order(examples: Sequence, rng: random.Random):
@@ -307,8 +356,12 @@ def pretrain_vision_tower(model, processor, examples: Sequence, labels: Sequence
             "last_batch_shape_acc": acc_s}
 
 
-def pretrain_policy(model, processor, config: PretrainConfig, *, progress: bool = True) -> dict:
-    """Stage 1 of the warm start (see :class:`PretrainConfig`), in place. Returns a summary dict."""
+def pretrain_policy(model, processor, config: PretrainConfig, *, progress: bool = True,
+                    done_phases: int | None = None) -> dict:
+    """Stage 1 of the warm start (see :class:`PretrainConfig`), in place. Returns a summary dict.
+
+    done_phases: the model is a checkpoint of this stage 1 that ran the parts before the curriculum and its first
+    ``done_phases`` phases (:func:`stage1_checkpoint`): only the remaining phases run (None: everything runs)."""
     from mor_client.data.easyvqa import COLORS, SHAPE_NAMES
     from mor_client.data.synthetic import synthetic_attributes
     from mor_client.data.synthetic_captions import make_caption_examples
@@ -319,6 +372,11 @@ def pretrain_policy(model, processor, config: PretrainConfig, *, progress: bool 
     phases = parse_curriculum(config.yesno_curriculum, default_lr=config.curriculum_lr)  # bad specs fail first
     out: dict = {"images": config.images}
     if not config.enabled():
+        return out
+    if done_phases is not None:  # the parts before the curriculum (and its first phases) are in the checkpoint
+        out["yesno_curriculum"] = yesno_curriculum(model, processor, phases, seed=config.seed,
+                                                   batch_size=config.batch_size, max_seconds=config.max_seconds,
+                                                   progress=progress, start=done_phases)
         return out
     if config.images < 1:
         raise ValueError("PretrainConfig.images must be >= 1 when vision_steps, caption_steps or match_steps > 0")
@@ -349,19 +407,24 @@ def pretrain_policy(model, processor, config: PretrainConfig, *, progress: bool 
 
 
 def yesno_curriculum(model, processor, phases: Sequence[tuple[str, int, float]], *, seed: int, batch_size: int = 32,
-                     max_seconds: float = 1800.0, progress: bool = True) -> list[dict]:
+                     max_seconds: float = 1800.0, progress: bool = True, start: int = 0) -> list[dict]:
     """Supervised training through the curriculum phases ``[(phase, steps, lr), ...]`` in order, each on its own fresh
     draw of public synthetic examples (data seed ``20_000 + 100 * seed + index``: disjoint from stage 1's images and
-    from any held-out draw of small seeds). Returns one summary per phase."""
-    from mor_client.data.synthetic import curriculum_phase_examples
+    from any held-out draw of small seeds; the ``negation`` phase also trains a readout of negation). ``start``: the
+    first ``start`` phases already ran (a cached checkpoint continued); every phase seeds itself, so the result is
+    the one a run through all of them gives. Returns one summary per phase trained."""
+    from mor_client.data.synthetic import curriculum_phase_examples, negation_targets
 
     done = []
     for i, (name, steps, lr) in enumerate(phases):
+        if i < start:
+            continue
         data = curriculum_phase_examples(name, 20_000 + 100 * seed + i)
         info = sft_warm_start(model, processor, data, SFTConfig(steps=steps, batch_size=batch_size, learning_rate=lr,
                                                                 seed=seed + i, max_seconds=max_seconds),
-                              progress=progress)
-        done.append({"phase": name, "lr": lr, **{k: info[k] for k in ("steps", "seconds", "final_loss", "examples")}})
+                              progress=progress, readout=negation_targets(data) if name == "negation" else None)
+        done.append({"phase": name, "lr": lr, **{k: info[k] for k in ("steps", "seconds", "final_loss", "examples",
+                                                                      "readout_last_batch_accuracy") if k in info}})
     return done
 
 
@@ -485,19 +548,43 @@ def _load_checkpoint(folder: str | Path, dev):
     return model, LlavaProcessor.from_pretrained(folder, local_files_only=True)
 
 
-def stage1_checkpoint(candidates: Sequence[str | Path], key: dict) -> tuple[Path, dict] | None:
-    """The first of ``candidates`` (warm-start cache folders) whose checkpoint is stage 1 of the build ``key``
-    describes: complete (its ``warm_start.json`` written), the same policy config, pre-training, data digest and
-    code version, and no SFT step run. Returns ``(folder, its stage-1 summary)``, or None."""
-    same = ("tiny", "pretrain", "n", "data_sha256", "code")
+def _phases_done(cached: dict | None, wanted: dict) -> int | None:
+    """How many of the curriculum phases of the stage-1 config ``wanted`` (a ``PretrainConfig`` as a dict) the
+    cached stage-1 config ``cached`` ran, when ``cached`` is a beginning of ``wanted``: every other field equal and
+    its phases the first ones of ``wanted``'s. None when it is not."""
+    if not isinstance(cached, dict) or set(cached) != set(wanted):
+        return None
+    if any(cached[k] != wanted[k] for k in wanted if k != "yesno_curriculum"):
+        return None
+    try:
+        have = parse_curriculum(cached["yesno_curriculum"], default_lr=wanted["curriculum_lr"])
+        want = parse_curriculum(wanted["yesno_curriculum"], default_lr=wanted["curriculum_lr"])
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return len(have) if want[: len(have)] == have else None
+
+
+def stage1_checkpoint(candidates: Sequence[str | Path], key: dict) -> tuple[Path, dict, int | None] | None:
+    """The candidate (warm-start cache folders) whose checkpoint is stage 1 of the build ``key`` describes, or its
+    beginning: complete (its ``warm_start.json`` written), the same policy config, data digest and code version, no
+    SFT step run, and the same pre-training or one whose curriculum phases are the first of ``key``'s (the rest then
+    continue from it). The one furthest along wins. Returns ``(folder, its stage-1 summary, curriculum phases it
+    ran, or None when it is the whole stage 1)``, or None."""
+    same = ("tiny", "n", "data_sha256", "code")
+    best = None
     for folder in candidates:
         cached = _read_meta(folder)
         if cached is None or not isinstance(cached.get("key"), dict):
             continue
         info = cached.get("info") if isinstance(cached.get("info"), dict) else {}
-        if all(cached["key"].get(k) == key[k] for k in same) and info.get("steps") == 0:
-            return Path(folder), info.get("pretrain") or {}
-    return None
+        if not all(cached["key"].get(k) == key[k] for k in same) or info.get("steps") != 0:
+            continue
+        if cached["key"].get("pretrain") == key["pretrain"]:
+            return Path(folder), info.get("pretrain") or {}, None
+        done = _phases_done(cached["key"].get("pretrain"), key["pretrain"])
+        if done is not None and (best is None or done > best[2]):
+            best = (Path(folder), info.get("pretrain") or {}, done)
+    return best
 
 
 def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLlavaConfig | None = None,
@@ -510,7 +597,8 @@ def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLl
     stage1_from: other warm-start caches whose checkpoint may stand in for stage 1 (:func:`stage1_checkpoint`):
     one built with the same policy config, pre-training, data digest and code version that ran no SFT step is
     stage 1's output as it is, so the SFT starts from it instead of pre-training again (tens of minutes on a CPU
-    for the compact recipes). The SFT seeds itself, so the result is the one a build from scratch gives.
+    for the compact recipes); one whose curriculum is the beginning of this one's is continued with the remaining
+    phases. The SFT and every phase seed themselves, so the result is the one a build from scratch gives.
 
     device: where the policy is built, warm-started and returned (default :func:`pick_device`: CUDA when present,
     with bf16 autocast; fp32 weights are trained and saved). The device is not part of the cache key.
@@ -530,9 +618,13 @@ def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLl
         model.eval()  # evaluation before GRPO runs where the policy will train
         return model, processor, {**cached.get("info", {}), "cached": True}
     stage1 = stage1_checkpoint(stage1_from, key) if key["pretrain"] is not None else None
-    if stage1 is not None:  # stage 1 already ran with these settings: start the SFT from its checkpoint
-        model, processor = _load_checkpoint(stage1[0], dev)
-        pre = {**stage1[1], "reused_from": str(stage1[0])}
+    if stage1 is not None:  # stage 1, or its beginning, already ran with these settings: start from its checkpoint
+        folder, summary, done = stage1
+        model, processor = _load_checkpoint(folder, dev)
+        pre = {**summary, "reused_from": str(folder)}
+        if done is not None:  # the curriculum's remaining phases
+            more = pretrain_policy(model, processor, pretrain, progress=progress, done_phases=done)
+            pre = {**pre, "yesno_curriculum": list(summary.get("yesno_curriculum", [])) + more["yesno_curriculum"]}
     else:
         # the vocabulary covers the public split's words (easy-vqa's, plus another family's when a client holds one)
         model, processor = build_tiny_llava(policy_vocabulary(examples), config=tiny)
