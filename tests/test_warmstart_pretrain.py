@@ -434,3 +434,18 @@ def test_the_readout_penalises_answers_that_shift_with_its_target():
     tilted[:2, 0] += 2.0
     assert 0 < small < float(_answer_shift(tilted, first, y))
     assert float(_answer_shift(tilted, first, torch.ones(4))) == 0.0  # one group only: nothing to compare
+
+
+def test_the_negation_recipe_is_compact_synthvqa_plus_one_phase_so_it_continues_its_stage1():
+    from dataclasses import asdict
+
+    from mor_server.alignment.recipes import recipe_grpo, recipe_sft, warm_start_recipe
+    from mor_server.alignment.warmstart import _phases_done
+
+    base_tiny, base = warm_start_recipe("compact+synthvqa", seed=2)
+    tiny, neg = warm_start_recipe("compact+synthvqa+negation", seed=2)
+    assert tiny == base_tiny and recipe_grpo("compact+synthvqa+negation") == recipe_grpo("compact+synthvqa")
+    assert recipe_sft("compact+synthvqa+negation") == recipe_sft("compact+synthvqa")
+    assert neg.yesno_curriculum == "vqa=2000,negation=300"
+    assert _phases_done(asdict(base), asdict(neg)) == 1  # the cached compact+synthvqa stage 1 is its beginning
+    assert _phases_done(asdict(neg), asdict(base)) is None

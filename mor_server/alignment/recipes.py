@@ -43,7 +43,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Mapping
 
@@ -72,6 +72,12 @@ class Recipe:
 
 
 _STAGE1 = {"vision_steps": 600, "caption_steps": 1000}
+_SYNTHVQA = Recipe(
+    "compact+synthvqa (the compact family supervised on public synthetic VQA, no SFT on the public split: sees "
+    "colour and shape, yes/no left to the reward; about 25 min more on a CPU)",
+    preset="compact", policy={"vision_layers": 3},
+    pretrain={"vision_steps": 600, "yesno_curriculum": "vqa=2000", "max_seconds": 7200},
+    sft_steps=0, grpo={"temperature": 1.5})
 
 RECIPES: Mapping[str, Recipe] = MappingProxyType({
     "sft": Recipe("sft (the tiny policy, SFT-50 on the public split; the default)"),
@@ -87,18 +93,12 @@ RECIPES: Mapping[str, Recipe] = MappingProxyType({
     # compact+synthvqa's reference answers every yes/no question of a seed mostly with one word; at temperature 1.0
     # oracle GRPO on seed 2 did not move yes/no off it in 400 steps (65.0%), at 1.5 it reached 84.7%
     # (docs/alignment.md, "A reference that sees")
-    "compact+synthvqa": Recipe(
-        "compact+synthvqa (the compact family supervised on public synthetic VQA, no SFT on the public split: sees "
-        "colour and shape, yes/no left to the reward; about 25 min more on a CPU)",
-        preset="compact", policy={"vision_layers": 3},
-        pretrain={"vision_steps": 600, "yesno_curriculum": "vqa=2000", "max_seconds": 7200},
-        sft_steps=0, grpo={"temperature": 1.5}),
-    "compact+synthvqa+negation": Recipe(
-        "compact+synthvqa+negation (the same plus a readout of negation at the answer: GRPO teaches yes/no within "
-        "100 steps: the oracle reward reached 85.8 on average over 3 seeds, MoR 85.6)",
-        preset="compact", policy={"vision_layers": 3},
-        pretrain={"vision_steps": 600, "yesno_curriculum": "vqa=2000,negation=300", "max_seconds": 7200},
-        sft_steps=0, grpo={"temperature": 1.5}),
+    "compact+synthvqa": _SYNTHVQA,
+    # the same with the negation readout phase after it: its stage 1 continues a cached compact+synthvqa one
+    "compact+synthvqa+negation": replace(
+        _SYNTHVQA, summary="compact+synthvqa+negation (the same plus a readout of negation at the answer: GRPO teaches "
+                           "yes/no within 100 steps: the oracle reward reached 85.8 on average over 3 seeds, MoR 85.6)",
+        pretrain={**_SYNTHVQA.pretrain, "yesno_curriculum": "vqa=2000,negation=300"}),
 })
 """The named warm starts (one record each; the module's docstring says what each is for)."""
 
@@ -117,7 +117,6 @@ def _recipe(name: str) -> Recipe:
 def warm_start_recipe(name: str, *, seed: int = 0):
     """``(TinyLlavaConfig, PretrainConfig or None)`` of a named recipe, seeded with the run's seed. (The policy module
     is imported here, not at the top: the command line reads WARM_STARTS without loading torch.)"""
-    from dataclasses import replace
 
     from .policy import policy_preset
     from .warmstart import PretrainConfig
