@@ -394,6 +394,13 @@ def test_a_longer_curriculum_continues_a_cached_stage1_and_ends_where_a_build_fr
     warm_start_cached(tmp_path / "other", public, tiny=SMALL, sft=SFTConfig(steps=0), pretrain=other,
                       progress=False, stage1_from=[tmp_path / "first"])
     assert calls == [1]
+    meta = tmp_path / "first" / "warm_start.json"  # a phase a time cap ended early is not the phase asked for
+    rec = json.loads(meta.read_text())
+    rec["info"]["pretrain"]["yesno_curriculum"][0]["steps"] = 1
+    (tmp_path / "capped").mkdir()
+    (tmp_path / "capped" / "warm_start.json").write_text(json.dumps(rec))
+    assert warmstart.stage1_checkpoint([tmp_path / "capped"], {**json.loads((tmp_path / "cont" / "warm_start.json")
+                                                                            .read_text())["key"]}) is None
     wider = PretrainConfig(**{**base, "vision_steps": 2}, yesno_curriculum="vqa=2,negation=2")
     warm_start_cached(tmp_path / "wider", public, tiny=SMALL, sft=SFTConfig(steps=0), pretrain=wider,
                       progress=False, stage1_from=[tmp_path / "first"])

@@ -582,6 +582,11 @@ def stage1_checkpoint(candidates: Sequence[str | Path], key: dict) -> tuple[Path
         if cached["key"].get("pretrain") == key["pretrain"]:
             return Path(folder), info.get("pretrain") or {}, None
         done = _phases_done(cached["key"].get("pretrain"), key["pretrain"])
+        ran = (info.get("pretrain") or {}).get("yesno_curriculum") or []
+        if done is not None:  # every phase it ran ran all its steps (a time cap can end one early)
+            want = parse_curriculum(key["pretrain"]["yesno_curriculum"], default_lr=key["pretrain"]["curriculum_lr"])
+            if len(ran) != done or any(not isinstance(r, dict) or r.get("steps") != w[1] for r, w in zip(ran, want)):
+                done = None
         if done is not None and (best is None or done > best[2]):
             best = (Path(folder), info.get("pretrain") or {}, done)
     return best
