@@ -390,6 +390,17 @@ def test_a_longer_curriculum_continues_a_cached_stage1_and_ends_where_a_build_fr
     a, b = scratch.state_dict(), cont.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+    # the pipeline offers its own reference folder: a run of the longer recipe in the work dir of the shorter one
+    import shutil
+
+    shutil.copytree(tmp_path / "first", tmp_path / "workdir")
+    inplace, _, _ = warm_start_cached(tmp_path / "workdir", public, tiny=SMALL, sft=SFTConfig(steps=0),
+                                      pretrain=longer, progress=False, stage1_from=[tmp_path / "workdir"])
+    c = inplace.state_dict()
+    assert calls == [] and all(torch.equal(a[k], c[k]) for k in a)
+    assert json.loads((tmp_path / "workdir" / "warm_start.json").read_text())["key"]["pretrain"][
+        "yesno_curriculum"] == "vqa=2,negation=2"
+
     other = PretrainConfig(**base, yesno_curriculum="negation=2,vqa=2")  # not a continuation of "vqa=2"
     warm_start_cached(tmp_path / "other", public, tiny=SMALL, sft=SFTConfig(steps=0), pretrain=other,
                       progress=False, stage1_from=[tmp_path / "first"])

@@ -253,7 +253,10 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
         model, processor, warm = warm_start_cached(ref_dir, public, tiny=replace(cfg.tiny, seed=cfg.seed),
                                                    sft=replace(cfg.sft, seed=cfg.seed),
                                                    pretrain=replace(cfg.pretrain, seed=cfg.seed) if cfg.pretrain
-                                                   else None, progress=cfg.progress, device=cfg.device)
+                                                   else None, progress=cfg.progress, device=cfg.device,
+                                                   # a reference built there by a recipe whose stage 1 this one
+                                                   # continues (compact+synthvqa -> +negation) is not built again
+                                                   stage1_from=[ref_dir])
     if ranks.main:
         ranks.wait()
     timings["warm_start_s"] = time.perf_counter() - t0
