@@ -5,6 +5,8 @@ calibration -> GRPO -> evaluation on the same held-out test examples) that diffe
 
 * ``mor``: the Mixture of Rewards, the learned router over the clients' trained DP reward models (the router's
   default features: the question's answer type, ``AlignmentConfig.router_features``);
+* ``mor-ce``: the same router fitted on the likelihood alone (``AlignmentConfig.router_rank_weight=0``: no
+  ranking-error term; every ``mor`` cell measured before 2026-12-04 is stored under this name);
 * ``mor-iq``: the same with the router on image + question-word features (the default before issue #17's router
   measurement; cells measured before it are stored under this name);
 * ``uniform``: the same reward models mixed uniformly (no router; only the reward scale is calibrated);
@@ -73,7 +75,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-METHODS = ("mor", "mor-iq", "uniform", "oracle", "server", "server-sft")
+METHODS = ("mor", "mor-ce", "mor-iq", "uniform", "oracle", "server", "server-sft")
 SERVER_SFT_STEPS = 300  # bench_alignment_seeds.py's --baseline-steps default: 32 epochs of the 300-example split
 EVAL_ITEMS = 600  # every cell is evaluated on the first EVAL_ITEMS held-out test items of its split (the demo's eval_size)
 
@@ -333,6 +335,7 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
                           seed=seed, w_format=4.0,
                           answer_vocabulary=list(get_answers()) + (list(SHAPES_ANSWERS) if scenario == "shapes" else []),
                           routing="uniform" if method == "uniform" else "learned",
+                          router_rank_weight=0.0 if method == "mor-ce" else 1.0,
                           **({"router_features": ("image", "question")} if method == "mor-iq" else {}),
                           eval_size=EVAL_ITEMS, curve_every=100, resume=False, progress=False,
                           # every cell runs its whole GRPO budget: the collapse guard (on in the demo) would end
@@ -516,7 +519,8 @@ def report(cells: list[dict], out: Path) -> dict:
                                        "aligned_mean": statistics.mean(after), "by_type": per,
                                        "grpo_seconds": [c["grpo_seconds"] for c in cs]}
     # paired differences that the issues ask about
-    pairs = [("mor", "uniform"), ("mor", "oracle"), ("mor", "mor-iq"), ("mor", "server-sft")]
+    pairs = [("mor", "uniform"), ("mor", "oracle"), ("mor", "mor-ce"), ("mor-ce", "uniform"), ("mor", "mor-iq"),
+             ("mor", "server-sft")]
     for pol in sorted({c["policy"] for c in cells}):
         for sc in SCENARIOS:
             for a, b in pairs:
@@ -597,7 +601,7 @@ def main() -> int:
                          "labelled <warm start>~key=value,...")
     ap.add_argument("--scenario", choices=SCENARIOS, nargs="+", default=["honest"])
     ap.add_argument("--methods", nargs="+", default=["oracle", "mor", "uniform"],
-                    help="mor, mor-iq (router on image + question words), uniform, oracle, server, server-sft "
+                    help="mor, mor-ce (router fitted on the likelihood alone), mor-iq (router on image + question words), uniform, oracle, server, server-sft "
                          "(SFT-300 on the server's labels, no GRPO; at the LR of --reference-sft K:LR), client:<name> (hospital-color, bank-shape, lab-yesno; "
                          "studio-shapes in the shapes scenario)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -111,7 +111,7 @@ def test_unknown_method_is_one_line_naming_the_choices(tmp_path):
                         "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o.json")],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode != 0
-    assert r.stderr.strip().splitlines()[-1] == ("--methods: unknown reward 'sft300'; use mor, mor-iq, uniform, "
+    assert r.stderr.strip().splitlines()[-1] == ("--methods: unknown reward 'sft300'; use mor, mor-ce, mor-iq, uniform, "
                                                  "oracle, server, server-sft or client:<name>")
     assert not (tmp_path / "c").exists()  # nothing was created before the check
 

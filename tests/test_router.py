@@ -310,4 +310,63 @@ def test_bad_router_features_fail_before_any_work(tmp_path, public):
     with pytest.raises(ValueError, match="needs typed_answers"):
         run_alignment(backend, public=public, unlabeled=public, test=public,
                       config=AlignmentConfig(work_dir=str(tmp_path / "b"), typed_answers=False))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match="AlignmentConfig.router_rank_weight: must be a finite number >= 0"):
+        run_alignment(backend, public=public, unlabeled=public, test=public,
+                      config=AlignmentConfig(work_dir=str(tmp_path / "c"), router_rank_weight=-1.0))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def _noisy_flipped_round(seed: int, n: int = 230):
+    """Yes/no calibration items scored as measured on the flipped-client scenario (docs/alignment.md): an honest
+    expert whose scores spread widely and rank ~97% of items right, a client trained on flipped labels whose scores
+    spread a quarter as wide and rank ~13% right (right exactly where the expert errs), and an off-domain client at
+    chance."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 2, n)
+    m_expert = 22 * rng.normal(1.0, 0.5, n)
+    m_flipped = -6 * rng.normal(1.0, 0.9, n)
+    m_flipped[m_expert < 0] = np.abs(m_flipped[m_expert < 0])
+    m_off = 8 * rng.normal(0.0, 1.0, n)
+
+    def rows(m):
+        out = np.zeros((n, 2))
+        out[np.arange(n), truth] = m / 2
+        out[np.arange(n), 1 - truth] = -m / 2
+        return out.tolist()
+
+    return {"expert": rows(m_expert), "offdomain": rows(m_off), "flipped": rows(m_flipped)}, truth
+
+
+def test_router_shuts_out_a_noisy_flipped_client():
+    """The attack of the flipped-client scenario: a client whose reward model ranks answers the wrong way round,
+    less loudly than the honest expert. The likelihood alone is nearly flat in that client's weight (it saturates
+    once the expert ranks the item right, and the flipped client hedges the expert's few confident errors), so
+    before the ranking-error term the router left it 0.10-0.17 of the weight on three of these five rounds (and
+    0.11-0.15 of the yes/no score on the real scenario). With the term it gets almost none, and the mixture ranks
+    as well as the expert alone."""
+    for seed in range(5):
+        scores, truth = _noisy_flipped_round(seed)
+        r = MoRRouter(list(scores), 3, seed=0)
+        cal = r.calibrate(np.zeros((len(truth), 3), np.float32), scores, truth)
+        assert cal["clients"]["flipped"]["mean_weight"] < 0.01, (seed, cal["clients"])
+        assert cal["clients"]["expert"]["mean_weight"] > 0.98, (seed, cal["clients"])
+        assert cal["mixture"]["accuracy"] >= cal["clients"]["expert"]["accuracy"], (seed, cal)
+        assert cal["rank_weight"] == 1.0
+    likelihood_only = [MoRRouter(list(sc), 3, seed=0).calibrate(np.zeros((len(t), 3), np.float32), sc, t,
+                                                                 rank_weight=0.0)["clients"]["flipped"]["mean_weight"]
+                       for sc, t in map(_noisy_flipped_round, range(5))]
+    assert max(likelihood_only) > 0.05, likelihood_only  # the ablation: what the term fixes
+    with pytest.raises(ValueError, match="rank_weight must be a finite number >= 0"):
+        MoRRouter(["a"], 3).calibrate(np.zeros((2, 3), np.float32), {"a": [1.0, 2.0]}, rank_weight=float("nan"))
+
+
+def test_rank_errors_are_the_fraction_of_wrong_candidates_ranked_at_or_above_the_right_one():
+    from mor_server.alignment.router import candidate_tensor, rank_errors
+
+    scores = {"a": [[3.0, 1.0, 2.0], [0.0, 1.0]], "b": [[1.0, 2.0, 3.0], [5.0, 5.0]]}
+    S, mask, t = candidate_tensor(scores, [0, 1], 2)
+    R = rank_errors(S, mask, t)
+    # item 0 (right: candidate 0): a ranks it first, b last; item 1 (two candidates, right: 1): a right, b a tie
+    np.testing.assert_allclose(R, [[0.0, 1.0], [0.0, 1.0]])
+    # free of the clients' score scales (a padded candidate never counts)
+    np.testing.assert_array_equal(rank_errors(S * 1000.0, mask, t), R)

@@ -125,12 +125,13 @@ def shares_summary(calibration: Mapping) -> str | None:
 
 
 def calibrate_router(backend: RewardBackend, public: Sequence, features: FeatureExtractor, *, hidden: int = 32,
-                     steps: int = 300, top_k: int | None = None, objective: int = 0, seed: int = 0,
+                     steps: int = 300, rank_weight: float = 1.0, top_k: int | None = None, objective: int = 0, seed: int = 0,
                      purpose: str = "calibration", retries: int = 1, progress: bool = False,
                      schema: AnswerSchema | None = None, heldout_fraction: float = 0.2,
                      routing: str = "learned") -> MoRRouter:
     """Run one calibration scoring round over the server's labelled public examples (each with every valid answer
-    as a candidate) and fit a router on the answer-softmax objective GRPO uses. A seeded ``heldout_fraction`` of the
+    as a candidate) and fit a router on the answer-softmax objective GRPO uses (plus ``rank_weight`` times the routed
+    clients' expected ranking error, :meth:`MoRRouter.calibrate`). A seeded ``heldout_fraction`` of the
     examples is kept out of the fit and used to compare the router with uniform, top-k and oracle routing
     (``router.calibration["heldout"]``); they are in the same round, so the comparison costs no extra release."""
     schema = schema or answer_schema(public)
@@ -151,7 +152,8 @@ def calibrate_router(backend: RewardBackend, public: Sequence, features: Feature
     pick = lambda idx: {c: [rows[i] for i in idx] for c, rows in scores.items()}  # noqa: E731
     router = MoRRouter(list(scores), features.dim, hidden=hidden, top_k=top_k, seed=seed,
                        feature_config=features.config(), routing=routing)
-    router.calibrate(feats[fit], pick(fit), truth[fit], objective=objective, steps=steps, progress=progress)
+    router.calibrate(feats[fit], pick(fit), truth[fit], objective=objective, steps=steps, rank_weight=rank_weight,
+                     progress=progress)
     w = router.weights(feats, live=list(scores), objective=objective)
     router.calibration["weights_by_domain"] = {
         d: {c: float(np.mean([w[c][i] for i, dd in enumerate(doms) if dd == d])) for c in w} for d in sorted(set(doms))}

@@ -11,6 +11,7 @@ The server only reads labels of ``public`` (its small calibration split); ``unla
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -53,6 +54,10 @@ class AlignmentConfig:
     """Purpose string of the calibration scoring round (the backend decides plain vs dp)."""
     router_hidden: int = 32
     router_steps: int = 300
+    router_rank_weight: float = 1.0
+    """Weight of the routed clients' expected ranking error in the router's fit, next to the likelihood
+    (:meth:`MoRRouter.calibrate`); 0: the likelihood alone, which left a client with flipped preferences 11-15% of
+    the yes/no score (docs/alignment.md, "A router that shuts out a flipped client")."""
     top_k: int | None = None
     """Route each item to its top-k clients only (None: all live clients)."""
     router_features: tuple = ("type",)
@@ -228,6 +233,10 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
     if "type" in cfg.router_features and not cfg.typed_answers:
         raise ValueError("AlignmentConfig.router_features: 'type' needs typed_answers=True (an untyped answer schema "
                          "has no answer types); drop 'type' or keep the typed format rule")
+    if not (isinstance(cfg.router_rank_weight, (int, float)) and math.isfinite(cfg.router_rank_weight)
+            and cfg.router_rank_weight >= 0):
+        raise ValueError(f"AlignmentConfig.router_rank_weight: must be a finite number >= 0 (default 1.0; 0 fits the "
+                         f"router on the likelihood alone), got {cfg.router_rank_weight!r}")
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -292,7 +301,7 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
     else:
         features = router_features(cfg.router_features, schema)
         router = calibrate_router(backend, public, features, hidden=cfg.router_hidden, steps=cfg.router_steps,
-                                  top_k=cfg.top_k, objective=cfg.objective, seed=cfg.seed,
+                                  rank_weight=cfg.router_rank_weight, top_k=cfg.top_k, objective=cfg.objective, seed=cfg.seed,
                                   purpose=cfg.calibration_purpose, retries=cfg.retries, routing=cfg.routing,
                                   schema=schema)
         runstate.save_router(router, work / "router")

@@ -12,6 +12,15 @@ stay on the simplex, because in secagg mode clients multiply their own scores by
 is the Bradley-Terry likelihood of a preference pair, ``sigmoid(alpha * sum_k w_k (s_k(chosen) - s_k(rejected)))``;
 :meth:`MoRRouter.calibrate` also takes pairs as score differences.
 
+The likelihood alone is nearly indifferent to a client that ranks answers the wrong way round: once the mixture
+ranks an item right it saturates, and a client whose scores spread a few times less than the expert's changes the
+likelihood by a hundredth whether it gets 0 or 0.3 of the weight (measured on the flipped-client scenario,
+docs/alignment.md), so such a client keeps much of the share it started with. The fit therefore adds the *expected
+ranking error of the routed clients*, ``rank_weight * mean_i sum_k w_k(x_i) * r_k(i)``, where ``r_k(i)`` is the
+fraction of item i's wrong candidates client k scores at least as high as the right one: linear in the weights,
+free of the clients' score scales, and it does not saturate, so weight moves to the clients that rank each item
+right.
+
 Clients that join or leave are handled at routing time: weights are renormalised over the live clients the
 router knows; live clients it does not know get weight 0 until :meth:`MoRRouter.calibrate` is run again
 (:meth:`MoRRouter.needs_recalibration` says when). Optional top-k keeps the k largest weights per item.
@@ -142,8 +151,10 @@ class MoRRouter:
 
     # ------------------------------------------------------------------ calibration
     def calibrate(self, features: np.ndarray, scores: Mapping[str, Sequence], truth: Sequence[int] | None = None,
-                  *, objective=0, steps: int = 300, lr: float = 0.05, l2: float = 1e-3, progress: bool = False) -> dict:
-        """Fit the router: maximise the likelihood of the right candidate under softmax(alpha * mixed scores).
+                  *, objective=0, steps: int = 300, lr: float = 0.05, l2: float = 1e-3, rank_weight: float = 1.0,
+                  progress: bool = False) -> dict:
+        """Fit the router: maximise the likelihood of the right candidate under softmax(alpha * mixed scores), plus
+        ``rank_weight`` times the routed clients' expected ranking error (module docstring; 0: the likelihood alone).
 
         features: (n, feature_dim) features of the n calibration items.
         scores: ``{client: [[s(candidate 0), s(candidate 1), ...] for each item]}`` (items may have different
@@ -162,6 +173,8 @@ class MoRRouter:
         n = f.shape[0]
         if n == 0:
             raise ValueError("MoRRouter.calibrate: no calibration pairs")
+        if not (np.isfinite(rank_weight) and rank_weight >= 0):
+            raise ValueError(f"MoRRouter.calibrate: rank_weight must be a finite number >= 0, got {rank_weight}")
         S, mask, t = candidate_tensor(scores, truth, n)
         if clients != self.client_ids:
             self.client_ids = clients
@@ -173,6 +186,7 @@ class MoRRouter:
         obj = self._objectives(objective, n)
         St, neg, tt = torch.from_numpy(S), torch.from_numpy(np.where(mask, 0.0, -np.inf).astype(np.float32)), \
             torch.from_numpy(t)
+        R = torch.from_numpy(rank_errors(S, mask, t))
         # uniform routing: the network's output layer stays at its zero init (logits 0, weights uniform); only alpha
         params = [self.net.log_alpha] if self.routing == "uniform" else list(self.net.parameters())
         opt = torch.optim.Adam(params, lr=lr)
@@ -181,6 +195,8 @@ class MoRRouter:
             w = torch.softmax(self.net(x, obj), dim=1)
             mixed = torch.einsum("nk,nkm->nm", w, St)
             loss = torch.nn.functional.cross_entropy(torch.exp(self.net.log_alpha) * mixed + neg, tt)
+            if rank_weight:
+                loss = loss + rank_weight * (w * R).sum(dim=1).mean()
             reg = sum((p ** 2).sum() for name, p in self.net.named_parameters() if "weight" in name)
             opt.zero_grad()
             (loss + l2 * reg).backward()
@@ -192,6 +208,7 @@ class MoRRouter:
         k = len(clients)
         self.calibration = {
             "items": n, "pairs": n, "alpha": alpha, "objective": "softmax over each item's candidates",
+            "rank_weight": float(rank_weight),
             "routing": self.routing,
             "mixture": ranking_quality(w, S, mask, t, alpha),
             "uniform": ranking_quality(np.full((n, k), 1.0 / k), S, mask, t, alpha),
@@ -271,6 +288,18 @@ def candidate_tensor(scores: Mapping[str, Sequence], truth: Sequence[int] | None
     return S, mask, t
 
 
+def rank_errors(S: np.ndarray, mask: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Each client's ranking error on each item, shape (n, clients): the fraction of the item's wrong candidates the
+    client scores at least as high as the right one (0: ranked first, 1: ranked last; a tie counts as an error, as in
+    :func:`ranking_quality`). Scale-free: a client's score unit does not change it."""
+    n = len(truth)
+    right = S[np.arange(n), :, truth][:, :, None]  # (n, clients, 1)
+    wrong = mask.copy()
+    wrong[np.arange(n), truth] = False
+    above = ((S >= right) & wrong[:, None, :]).sum(axis=2)
+    return (above / np.maximum(wrong.sum(axis=1), 1)[:, None]).astype(np.float32)
+
+
 def ranking_quality(w: np.ndarray, S: np.ndarray, mask: np.ndarray, truth: np.ndarray, alpha: float) -> dict:
     """How well the mixture ``sum_k w[:, k] * S[:, k]`` ranks each item's right candidate: top-1 accuracy (a tie
     counts as wrong) and mean log-likelihood of the right candidate under softmax(alpha * mixture)."""
@@ -321,4 +350,4 @@ def entropy(weights: Mapping[str, Sequence[float]]) -> float:
     return float(np.mean(-(w * np.log(w)).sum(axis=1)))
 
 
-__all__ = ["MoRRouter", "candidate_tensor", "effective_shares", "entropy", "ranking_quality"]
+__all__ = ["MoRRouter", "candidate_tensor", "effective_shares", "entropy", "rank_errors", "ranking_quality"]
