@@ -176,7 +176,8 @@ def test_align_flags_are_checked_before_work(tmp_path, capsys):
              (["align", "--steps", "0"], "--steps"),
              (["align", "--warm-start", "synthetic+sft", "--preset", "small"], "--warm-start"),
              (["align", "--routing", "mixture"], "--routing"),
-             (["align", "--sft-batches", "shuffled"], "--sft-batches")]
+             (["align", "--sft-batches", "shuffled"], "--sft-batches"),
+             (["align", "--router-rank-weight", "-1"], "--router-rank-weight")]
     for argv, field in cases:
         rc = server_cli.mor_main([*argv, "--workdir", str(tmp_path / "w")])
         err = capsys.readouterr().err.strip().splitlines()
@@ -192,7 +193,9 @@ def test_align_routing_and_warm_start_reach_the_engine(tmp_path):
     args = parser.parse_args(["align", "--routing", "uniform", "--warm-start", "synthetic+sft", "--seed", "3",
                               "--workdir", str(tmp_path)])
     cfg = _config(args, "k")
-    assert cfg.routing == "uniform"
+    assert cfg.routing == "uniform" and cfg.router_rank_weight == 1.0
+    assert _config(parser.parse_args(["align", "--router-rank-weight", "0", "--workdir", str(tmp_path)]),
+                   "k").router_rank_weight == 0.0  # the likelihood-only router of the ablation
     assert cfg.tiny.patch_size == 8 and cfg.tiny.seed == 3
     assert cfg.pretrain is not None and cfg.pretrain.vision_steps > 0 and cfg.pretrain.caption_steps > 0
     assert cfg.pretrain.seed == 3
