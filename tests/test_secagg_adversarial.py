@@ -489,3 +489,29 @@ def test_property_isolation_floor_makes_honest_weights_acceptable(k, n, sharp, s
     inputs = {f"c{i}": rng.uniform(-1, 1, n) for i in range(k)}
     res, st_ = run_secagg_round(inputs, weights=f)  # per-item weights, default client policy
     assert res.ok, st_.client_errors
+    if k >= 3:  # a stricter policy (3 effective contributors) is met the same way, totals kept
+        f3 = floor_for_isolation(w, min_contributors=3)
+        np.testing.assert_allclose(f3.sum(axis=0), w.sum(axis=0), rtol=1e-12)
+        assert (np.sort(f3, axis=0)[-3] >= 0.1 * f3.max(axis=0)).all() and (f3 >= 0).all()
+
+
+def test_isolation_floor_does_not_hand_weight_to_a_client_the_router_shut_out():
+    """The router gives a client that ranks answers backwards ~0 weight (tests/test_router.py); a floor that mixed
+    in the uniform distribution handed it 0.075 of every sharp yes/no prompt back in plain secagg (0.03-0.04 of the
+    yes/no score on the flipped-client scenario, docs/alignment.md). The floor lifts only the runner-up: the top
+    client still has an effective peer, every client's default rule accepts the round, and the shut-out client
+    keeps its ~0."""
+    from privacy.secagg.weights import floor_for_isolation
+
+    # clients: yes/no expert, colour, shape, flipped; 3 sharp yes/no prompts and one already mixed
+    w = np.array([[0.9990, 0.9985, 0.9992, 0.50],
+                  [0.0006, 0.0010, 0.0004, 0.30],
+                  [0.0003, 0.0004, 0.0003, 0.15],
+                  [0.0001, 0.0001, 0.0001, 0.05]])
+    f = floor_for_isolation(w)
+    np.testing.assert_allclose(f.sum(axis=0), w.sum(axis=0), rtol=1e-12)
+    np.testing.assert_array_equal(f[:, 3], w[:, 3])  # acceptable prompts untouched
+    np.testing.assert_array_equal(f[2:, :3], w[2:, :3])  # only the top client and its runner-up move
+    assert (f[1, :3] >= 0.1 * f[0, :3]).all() and (f[0, :3] > 0.9).all()
+    res, st_ = run_secagg_round({f"c{i}": np.random.default_rng(i).uniform(-1, 1, 4) for i in range(4)}, weights=f)
+    assert res.ok, st_.client_errors
