@@ -8,7 +8,8 @@ calibration -> GRPO -> evaluation on the same held-out test examples) that diffe
 * ``mor-ce``: the same router fitted on the likelihood alone (``AlignmentConfig.router_rank_weight=0``: no
   ranking-error term; every ``mor`` cell measured before 2026-12-04 is stored under this name);
 * ``mor-iq``: the same with the router on image + question-word features (the default before issue #17's router
-  measurement; cells measured before it are stored under this name);
+  measurement); ``mor-iq-ce`` the same fitted on the likelihood alone (every ``mor-iq`` cell measured before
+  2026-12-04 is stored under this name);
 * ``uniform``: the same reward models mixed uniformly (no router; only the reward scale is calibrated);
 * ``oracle``: one client holding every label of the server's prompts (exact match): the ceiling any reward gives;
 * ``client:<name>``: one client's reward model alone;
@@ -75,7 +76,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-METHODS = ("mor", "mor-ce", "mor-iq", "uniform", "oracle", "server", "server-sft")
+METHODS = ("mor", "mor-ce", "mor-iq", "mor-iq-ce", "uniform", "oracle", "server", "server-sft")
 SERVER_SFT_STEPS = 300  # bench_alignment_seeds.py's --baseline-steps default: 32 epochs of the 300-example split
 EVAL_ITEMS = 600  # every cell is evaluated on the first EVAL_ITEMS held-out test items of its split (the demo's eval_size)
 
@@ -239,13 +240,28 @@ def cell_test(split) -> list:
     return list(heldout_test(split))[:EVAL_ITEMS]
 
 
+def rank_weight_of(method: str) -> float:
+    """The router's ``rank_weight`` (AlignmentConfig.router_rank_weight) of a learned-router method: 0 for the
+    likelihood-only ``-ce`` variants, 1 (the default) otherwise."""
+    return 0.0 if method.endswith("-ce") else 1.0
+
+
+ROUTED = ("mor", "mor-ce", "mor-iq", "mor-iq-ce")
+
+
 def stale(cell: dict) -> str | None:
     """Why a recorded cell cannot be compared with the others (None: it can): evaluated on another number of test
     items than :data:`EVAL_ITEMS` (the server-sft cells recorded before the fix were scored on the whole held-out
-    test, 7,500+ items, while the GRPO cells used the first 600)."""
+    test, 7,500+ items, while the GRPO cells used the first 600); or a learned-router cell whose router was fitted
+    with another ``rank_weight`` than its method's (a cell recorded before the ranking-error term carries none: 0)."""
     n = (cell.get("after") or {}).get("n")
     if n is not None and n != EVAL_ITEMS:
         return f"evaluated on {n} test items, not the first {EVAL_ITEMS}"
+    if cell.get("method") in ROUTED:
+        got = (cell.get("router") or {}).get("rank_weight") or 0.0
+        if got != rank_weight_of(cell["method"]):
+            return (f"fitted with router rank_weight {got:g}, not {rank_weight_of(cell['method']):g} (a cell measured "
+                    f"before the ranking-error term belongs to {cell['method']}-ce)")
     return None
 
 
@@ -335,8 +351,8 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
                           seed=seed, w_format=4.0,
                           answer_vocabulary=list(get_answers()) + (list(SHAPES_ANSWERS) if scenario == "shapes" else []),
                           routing="uniform" if method == "uniform" else "learned",
-                          router_rank_weight=0.0 if method == "mor-ce" else 1.0,
-                          **({"router_features": ("image", "question")} if method == "mor-iq" else {}),
+                          router_rank_weight=rank_weight_of(method),
+                          **({"router_features": ("image", "question")} if method.startswith("mor-iq") else {}),
                           eval_size=EVAL_ITEMS, curve_every=100, resume=False, progress=False,
                           # every cell runs its whole GRPO budget: the collapse guard (on in the demo) would end
                           # some runs early and the rewards would no longer be compared at the same budget
@@ -358,7 +374,7 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
     out = {"policy": policy, "scenario": scenario, "method": method, "seed": seed, "seconds": seconds,
            "grpo_seconds": rep["timings"]["grpo_s"], "before": rep["accuracy_before"], "after": rep["accuracy_after"],
            "kl_to_reference": rep["kl_to_reference"], "rounds": rep["rounds"],
-           "router": {"alpha": cal.get("alpha"), "routing": cal.get("routing"),
+           "router": {"alpha": cal.get("alpha"), "routing": cal.get("routing"), "rank_weight": cal.get("rank_weight"),
                       "mean_weight": {c: v.get("mean_weight") for c, v in cal.get("clients", {}).items()},
                       "weights_by_domain": cal.get("weights_by_domain"),
                       "effective_by_domain": cal.get("effective_by_domain"),
@@ -520,7 +536,7 @@ def report(cells: list[dict], out: Path) -> dict:
                                        "grpo_seconds": [c["grpo_seconds"] for c in cs]}
     # paired differences that the issues ask about
     pairs = [("mor", "uniform"), ("mor", "oracle"), ("mor", "mor-ce"), ("mor-ce", "uniform"), ("mor", "mor-iq"),
-             ("mor", "server-sft")]
+             ("mor-ce", "mor-iq-ce"), ("mor", "server-sft")]
     for pol in sorted({c["policy"] for c in cells}):
         for sc in SCENARIOS:
             for a, b in pairs:
@@ -601,7 +617,7 @@ def main() -> int:
                          "labelled <warm start>~key=value,...")
     ap.add_argument("--scenario", choices=SCENARIOS, nargs="+", default=["honest"])
     ap.add_argument("--methods", nargs="+", default=["oracle", "mor", "uniform"],
-                    help="mor, mor-ce (router fitted on the likelihood alone), mor-iq (router on image + question words), uniform, oracle, server, server-sft "
+                    help="mor, mor-ce (router fitted on the likelihood alone), mor-iq (router on image + question words), mor-iq-ce, uniform, oracle, server, server-sft "
                          "(SFT-300 on the server's labels, no GRPO; at the LR of --reference-sft K:LR), client:<name> (hospital-color, bank-shape, lab-yesno; "
                          "studio-shapes in the shapes scenario)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -19,10 +19,16 @@ def _acc(overall: float, color: float, n: int = 600) -> dict:
     return {"overall": overall, "n": n, "by_domain": {"color": color, "shape": 0.5, "yesno": 0.6}, "diversity": div}
 
 
-def _cell(method: str, seed: int, after: float, before: float | None = 0.4, n: int = 600) -> dict:
-    return {"policy": "compact+synthetic+sft", "scenario": "honest", "method": method, "seed": seed,
+def _cell(method: str, seed: int, after: float, before: float | None = 0.4, n: int = 600,
+          rank_weight: float | None = None) -> dict:
+    cell = {"policy": "compact+synthetic+sft", "scenario": "honest", "method": method, "seed": seed,
             "seconds": 1.0, "grpo_seconds": 0.0 if method == "server-sft" else 1.0,
             "before": _acc(before, 0.2) if before is not None else None, "after": _acc(after, 0.9, n)}
+    if method.startswith("mor"):  # a learned router records the rank_weight it was fitted with
+        cell["router"] = {"routing": "learned",
+                          "rank_weight": (0.0 if method.endswith("-ce") else 1.0) if rank_weight is None
+                          else rank_weight}
+    return cell
 
 
 
@@ -111,7 +117,7 @@ def test_unknown_method_is_one_line_naming_the_choices(tmp_path):
                         "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o.json")],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode != 0
-    assert r.stderr.strip().splitlines()[-1] == ("--methods: unknown reward 'sft300'; use mor, mor-ce, mor-iq, uniform, "
+    assert r.stderr.strip().splitlines()[-1] == ("--methods: unknown reward 'sft300'; use mor, mor-ce, mor-iq, mor-iq-ce, uniform, "
                                                  "oracle, server, server-sft or client:<name>")
     assert not (tmp_path / "c").exists()  # nothing was created before the check
 
@@ -338,3 +344,24 @@ def test_server_sft_cell_trains_at_the_learning_rate_the_label_names(monkeypatch
     assert gentle.steps == own.steps == b.SERVER_SFT_STEPS and gentle.seed == own.seed == 0
     assert gentle.learning_rate == 3e-4 and own.learning_rate == warmstart.SFTConfig.learning_rate
     assert gentle_dir != own_dir  # two checkpoints, never one cache answering for both
+
+
+def test_a_router_cell_fitted_without_the_ranking_error_term_is_never_reported_as_mor(tmp_path, benchmark_script):
+    """A cached ``mor`` cell measured before the router's ranking-error term (its record carries no rank_weight)
+    must not be paired or tabled as today's ``mor``: it is reported as not compared (and would be run again); the
+    same cell under ``mor-ce`` (the likelihood-only router) is compared."""
+    out = tmp_path / "results.json"
+    old = _cell("mor", 0, 0.65)
+    del old["router"]["rank_weight"]
+    cells = [old, _cell("mor-ce", 1, 0.66), _cell("uniform", 1, 0.60)]
+    out.write_text(json.dumps({"cells": cells}))
+    r = _report(tmp_path / "cache", out)
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "cache" / "cells" / "compact_synthetic_sft-honest-mor-seed0.json").exists()
+    b = benchmark_script("bench_reward_ablation")
+    assert b.stale(old).startswith("fitted with router rank_weight 0, not 1")
+    assert b.stale(_cell("mor", 0, 0.65)) is None and b.stale(_cell("mor-iq-ce", 0, 0.65)) is None
+    assert b.stale(_cell("mor-iq", 0, 0.65, rank_weight=0.0)) is not None
+    summary = json.loads(out.read_text())["summary"]
+    assert "compact+synthetic+sft/honest/mor" not in summary
+    assert summary["compact+synthetic+sft/honest/mor-ce"]["aligned"] == [66.0]

@@ -1,6 +1,7 @@
 """Router calibration (the Mixture of Rewards' one labelled step): the answer schema of the format rule, the
 calibration items (each labelled public example with every answer valid for its question), one calibration scoring
-round through the ``RewardBackend``, the fit on the answer-softmax objective GRPO uses, and the held-out comparison
+round through the ``RewardBackend``, the fit on the answer-softmax objective GRPO uses (plus the routed clients'
+expected ranking error, :meth:`MoRRouter.calibrate`), and the held-out comparison
 with uniform, top-k and oracle routing (``router.calibration["heldout"]``).
 """
 

@@ -288,7 +288,8 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
     before = accuracy(model, processor, eval_set)
     before_win = {c: win_rate(model, processor, list(p)) for c, p in (heldout_pairs or {}).items() if p}
 
-    # 2. router (calibrated on the answer-softmax objective over the format rule's valid answers)
+    # 2. router (calibrated on the answer-softmax objective over the format rule's valid answers, plus the routed
+    # clients' expected ranking error: router_rank_weight)
     t0 = time.perf_counter()
     schema = answer_schema(public, unlabeled, cfg.answer_vocabulary, typed=cfg.typed_answers)
     if plan.reuse_router:  # calibrated by the interrupted run: no second calibration round (nor its charge)

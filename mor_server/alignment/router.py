@@ -3,7 +3,8 @@
 The router is a small MLP over input features (:mod:`mor_server.alignment.features`) plus a learned embedding of the
 alignment objective. It is calibrated on the objective it is used for: on the server's labelled public
 examples, each with its candidate answers (every answer valid for the question, as GRPO's ``answer_softmax``
-reward scores them), by maximising the likelihood of the right answer under the softmax of the *mixed* reward::
+reward scores them), by maximising the likelihood of the right answer under the softmax of the *mixed* reward
+(plus a ranking-error term, below)::
 
     P(answer a | x) = softmax_a(alpha * sum_k w_k(x) * s_k(x, a))
 
