@@ -32,7 +32,8 @@ def test_run_alignment_writes_report_and_plots(split, tmp_path):
         sft=SFTConfig(steps=10, batch_size=16),
         grpo=GRPORunConfig(max_steps=2, prompts_per_step=2, num_generations=2, max_completion_length=2,
                            save_steps=0),
-        router_steps=100, eval_size=40, curve_size=8, curve_every=1, progress=False, w_length=0.1)
+        router_steps=100, router_rank_weight=0.5, eval_size=40, curve_size=8, curve_every=1, progress=False,
+        w_length=0.1)
     heldout = {name: c.heldout[:8] for name, c in split.clients.items()}
     reg = CollectorRegistry()
     rep = run_alignment(backend, public=split.server_public, unlabeled=split.server_unlabeled, test=test,
@@ -47,6 +48,12 @@ def test_run_alignment_writes_report_and_plots(split, tmp_path):
     assert [p["step"] for p in saved["accuracy_curve"]] == [1, 2]
     assert {p.split("/")[-1] for p in rep["plots"]} == {"training.png", "accuracy.png", "routing.png", "epsilon.png"}
     assert reg.get_sample_value("mor_grpo_step") == 2
+    assert rep["router"]["rank_weight"] == 0.5  # AlignmentConfig.router_rank_weight reaches the router's fit
+    from mor_server.alignment import runstate
+
+    # a resumed run must not reuse a router fitted with another rank weight
+    key = lambda c: runstate.run_key(c, tmp_path / "run" / "reference", sizes={})  # noqa: E731
+    assert key(cfg) != key(AlignmentConfig(**{**cfg.__dict__, "router_rank_weight": 1.0}))
     # the router was saved with the run, and a second run reuses the cached reference (no new SFT)
     assert (tmp_path / "run" / "router" / "router.json").is_file()
     assert saved["warm_start"]["cached"] is False

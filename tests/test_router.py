@@ -363,10 +363,11 @@ def test_router_shuts_out_a_noisy_flipped_client():
 def test_rank_errors_are_the_fraction_of_wrong_candidates_ranked_at_or_above_the_right_one():
     from mor_server.alignment.router import candidate_tensor, rank_errors
 
-    scores = {"a": [[3.0, 1.0, 2.0], [0.0, 1.0]], "b": [[1.0, 2.0, 3.0], [5.0, 5.0]]}
+    scores = {"a": [[3.0, 1.0, 2.0], [-2.0, -1.0]], "b": [[1.0, 2.0, 3.0], [-5.0, -5.0]]}
     S, mask, t = candidate_tensor(scores, [0, 1], 2)
     R = rank_errors(S, mask, t)
-    # item 0 (right: candidate 0): a ranks it first, b last; item 1 (two candidates, right: 1): a right, b a tie
+    # item 0 (right: candidate 0): a ranks it first, b last; item 1 (two candidates, right: 1): a right, b a tie.
+    # Item 1's padded third slot scores 0, above both clients' right answer: it must not count
     np.testing.assert_allclose(R, [[0.0, 1.0], [0.0, 1.0]])
     # free of the clients' score scales (a padded candidate never counts)
     np.testing.assert_array_equal(rank_errors(S * 1000.0, mask, t), R)
