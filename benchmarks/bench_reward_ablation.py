@@ -374,7 +374,8 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
     out = {"policy": policy, "scenario": scenario, "method": method, "seed": seed, "seconds": seconds,
            "grpo_seconds": rep["timings"]["grpo_s"], "before": rep["accuracy_before"], "after": rep["accuracy_after"],
            "kl_to_reference": rep["kl_to_reference"], "rounds": rep["rounds"],
-           "router": {"alpha": cal.get("alpha"), "routing": cal.get("routing"), "rank_weight": cal.get("rank_weight"),
+           "router": {"alpha": cal.get("alpha"), "routing": cal.get("routing"),
+                      "rank_weight": cal.get("rank_weight"),
                       "mean_weight": {c: v.get("mean_weight") for c, v in cal.get("clients", {}).items()},
                       "weights_by_domain": cal.get("weights_by_domain"),
                       "effective_by_domain": cal.get("effective_by_domain"),
@@ -617,7 +618,8 @@ def main() -> int:
                          "labelled <warm start>~key=value,...")
     ap.add_argument("--scenario", choices=SCENARIOS, nargs="+", default=["honest"])
     ap.add_argument("--methods", nargs="+", default=["oracle", "mor", "uniform"],
-                    help="mor, mor-ce (router fitted on the likelihood alone), mor-iq (router on image + question words), mor-iq-ce, uniform, oracle, server, server-sft "
+                    help="mor, mor-ce (router fitted on the likelihood alone), mor-iq (router on image + question words), "
+                         "mor-iq-ce, uniform, oracle, server, server-sft "
                          "(SFT-300 on the server's labels, no GRPO; at the LR of --reference-sft K:LR), client:<name> (hospital-color, bank-shape, lab-yesno; "
                          "studio-shapes in the shapes scenario)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

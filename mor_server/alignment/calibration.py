@@ -126,7 +126,8 @@ def shares_summary(calibration: Mapping) -> str | None:
 
 
 def calibrate_router(backend: RewardBackend, public: Sequence, features: FeatureExtractor, *, hidden: int = 32,
-                     steps: int = 300, rank_weight: float = 1.0, top_k: int | None = None, objective: int = 0, seed: int = 0,
+                     steps: int = 300, rank_weight: float = 1.0, top_k: int | None = None, objective: int = 0,
+                     seed: int = 0,
                      purpose: str = "calibration", retries: int = 1, progress: bool = False,
                      schema: AnswerSchema | None = None, heldout_fraction: float = 0.2,
                      routing: str = "learned") -> MoRRouter:

@@ -302,7 +302,8 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
     else:
         features = router_features(cfg.router_features, schema)
         router = calibrate_router(backend, public, features, hidden=cfg.router_hidden, steps=cfg.router_steps,
-                                  rank_weight=cfg.router_rank_weight, top_k=cfg.top_k, objective=cfg.objective, seed=cfg.seed,
+                                  rank_weight=cfg.router_rank_weight, top_k=cfg.top_k, objective=cfg.objective,
+                                  seed=cfg.seed,
                                   purpose=cfg.calibration_purpose, retries=cfg.retries, routing=cfg.routing,
                                   schema=schema)
         runstate.save_router(router, work / "router")

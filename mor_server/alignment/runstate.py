@@ -31,8 +31,8 @@ STATE_FILE = "run.json"
 MOR_STATE = "mor_state.json"
 _NOT_SEMANTIC = ("output_dir", "progress", "save_steps", "save_total_limit", "logging_steps")
 _CONFIG_FIELDS = ("seed", "objective", "w_mix", "w_format", "w_length", "reward_shaping", "typed_answers", "top_k",
-                  "router_hidden", "router_steps", "router_rank_weight", "calibration_purpose", "answer_vocabulary", "policy_path",
-                  "adapter_path", "resume_key", "routing")
+                  "router_hidden", "router_steps", "router_rank_weight", "calibration_purpose", "answer_vocabulary",
+                  "policy_path", "adapter_path", "resume_key", "routing")
 
 
 def _file_digest(paths) -> str:
