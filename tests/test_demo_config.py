@@ -90,3 +90,24 @@ def test_demo_warm_start_recipe_sets_the_references_sft(tmp_path, monkeypatch):
         demo.align(DemoConfig(workdir=str(tmp_path / "x"), alignment={"sft_batches": "shuffled"}), tmp_path / "x",
                    None, server)
     assert seen[0].tiny.text_hidden == 128 and seen[0].pretrain.caption_steps > 0
+
+
+def test_alignment_router_rank_weight_is_a_number_and_reaches_the_config(tmp_path):
+    """`mor demo --config` may set the router's ranking-error weight (0: the likelihood-only router of the ablation);
+    anything but a finite number >= 0 is one line naming the setting."""
+    from mor_server.apps.demo import alignment_overrides
+
+    ok = DemoConfig.from_file(_write(tmp_path, {"alignment": {"router_rank_weight": 0}}))
+    assert alignment_overrides(ok) == {"router_rank_weight": 0}
+    assert alignment_overrides(DemoConfig.from_file(_write(tmp_path, {"alignment": {"router_rank_weight": 2.5}}))) \
+        == {"router_rank_weight": 2.5}
+    for bad in (-1, "1", True, float("inf")):
+        cfg = DemoConfig.from_file(_write(tmp_path, {"alignment": {"router_rank_weight": bad}}))
+        with pytest.raises(ValueError, match=r"^alignment.router_rank_weight must be a finite number >= 0"):
+            alignment_overrides(cfg)
+
+
+def _write(tmp_path, obj) -> "object":
+    f = tmp_path / "run.json"
+    f.write_text(json.dumps(obj))
+    return f
