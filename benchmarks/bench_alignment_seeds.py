@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -99,7 +100,7 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".cache" / "alignment_seeds")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "alignment_seeds.json")
     a = ap.parse_args()
-    if a.baseline_lr is not None and not (a.baseline_lr > 0 and a.baseline_lr < float("inf")):
+    if a.baseline_lr is not None and not (a.baseline_lr > 0 and math.isfinite(a.baseline_lr)):
         raise SystemExit(f"--baseline-lr must be a number > 0, got {a.baseline_lr}")
 
     rows = []

@@ -11,7 +11,6 @@ The server only reads labels of ``public`` (its small calibration split); ``unla
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,7 +25,7 @@ from .grpo import GRPOMetrics, GRPORunConfig, make_prompt_dataset, run_grpo
 from .guard import CollapseGuardConfig, collapse_guard_callback
 from .policy import TinyLlavaConfig, load_policy, pick_device, policy_preset, save_policy
 from .rewards import MoRReward, RewardBackend, hybrid_rewards
-from .router import MoRRouter
+from .router import MoRRouter, check_rank_weight
 from .warmstart import PretrainConfig, SFTConfig, warm_start_cached
 
 
@@ -233,10 +232,7 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
     if "type" in cfg.router_features and not cfg.typed_answers:
         raise ValueError("AlignmentConfig.router_features: 'type' needs typed_answers=True (an untyped answer schema "
                          "has no answer types); drop 'type' or keep the typed format rule")
-    if not (isinstance(cfg.router_rank_weight, (int, float)) and math.isfinite(cfg.router_rank_weight)
-            and cfg.router_rank_weight >= 0):
-        raise ValueError(f"AlignmentConfig.router_rank_weight: must be a finite number >= 0 (default 1.0; 0 fits the "
-                         f"router on the likelihood alone), got {cfg.router_rank_weight!r}")
+    check_rank_weight(cfg.router_rank_weight, "AlignmentConfig.router_rank_weight:")  # fails before any work
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

@@ -174,8 +174,7 @@ class MoRRouter:
         n = f.shape[0]
         if n == 0:
             raise ValueError("MoRRouter.calibrate: no calibration pairs")
-        if not (np.isfinite(rank_weight) and rank_weight >= 0):
-            raise ValueError(f"MoRRouter.calibrate: rank_weight must be a finite number >= 0, got {rank_weight}")
+        rank_weight = check_rank_weight(rank_weight, "MoRRouter.calibrate: rank_weight")
         S, mask, t = candidate_tensor(scores, truth, n)
         if clients != self.client_ids:
             self.client_ids = clients
@@ -209,7 +208,7 @@ class MoRRouter:
         k = len(clients)
         self.calibration = {
             "items": n, "pairs": n, "alpha": alpha, "objective": "softmax over each item's candidates",
-            "rank_weight": float(rank_weight),
+            "rank_weight": rank_weight,
             "routing": self.routing,
             "mixture": ranking_quality(w, S, mask, t, alpha),
             "uniform": ranking_quality(np.full((n, k), 1.0 / k), S, mask, t, alpha),
@@ -289,6 +288,15 @@ def candidate_tensor(scores: Mapping[str, Sequence], truth: Sequence[int] | None
     return S, mask, t
 
 
+def check_rank_weight(value, name: str = "rank_weight") -> float:
+    """``value`` as the router's ranking-error weight (:meth:`MoRRouter.calibrate`), or ValueError naming ``name``:
+    it must be a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (default 1.0; 0: the router fitted on the likelihood "
+                         f"alone), got {value!r}")
+    return float(value)
+
+
 def rank_errors(S: np.ndarray, mask: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Each client's ranking error on each item, shape (n, clients): the fraction of the item's wrong candidates the
     client scores at least as high as the right one (0: ranked first, 1: ranked last; a tie counts as an error, as in
@@ -351,4 +359,5 @@ def entropy(weights: Mapping[str, Sequence[float]]) -> float:
     return float(np.mean(-(w * np.log(w)).sum(axis=1)))
 
 
-__all__ = ["MoRRouter", "candidate_tensor", "effective_shares", "entropy", "rank_errors", "ranking_quality"]
+__all__ = ["MoRRouter", "candidate_tensor", "check_rank_weight", "effective_shares", "entropy", "rank_errors",
+           "ranking_quality"]

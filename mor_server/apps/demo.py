@@ -156,7 +156,8 @@ class DemoConfig:
     eval_size (test examples for before/after accuracy, default 600), curve_size (120; 0: no accuracy curve),
     curve_every (20), sft_steps (warm-start SFT steps on the public split: 50, 0 for compact+synthvqa), sft_batches
     ("balanced" or "proportional": how those steps draw question types; default the recipe's), router_steps (300),
-    router_rank_weight (1.0; 0 fits the router on the likelihood alone, docs/alignment.md) and heldout_pairs (held-out pairs per client for the policy's win rates; default all). The best measured pipeline
+    router_rank_weight (1.0; 0 fits the router on the likelihood alone, docs/alignment.md) and heldout_pairs
+    (held-out pairs per client for the policy's win rates; default all). The best measured pipeline
     is {"sft_steps": 300, "sft_batches": "proportional"} with --warm-start compact+synthetic+sft (README, "Which
     reward earns the alignment")."""
     fresh: Annotated[bool, Field(strict=True)] = False
@@ -274,10 +275,10 @@ def alignment_overrides(cfg: DemoConfig) -> dict:
             except ValueError as e:
                 raise ValueError(f"alignment.{e}") from None
             continue
-        if k == "router_rank_weight":
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"alignment.router_rank_weight must be a finite number >= 0 (default 1.0; 0: the "
-                                 f"router fitted on the likelihood alone), got {v!r}")
+        if k == "router_rank_weight":  # the router's own check, named by its field here
+            from ..alignment.router import check_rank_weight
+
+            check_rank_weight(v, "alignment.router_rank_weight")
             continue
         low = 0 if k in ("eval_size", "curve_size", "heldout_pairs", "sft_steps") else 1
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
