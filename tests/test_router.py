@@ -371,3 +371,23 @@ def test_rank_errors_are_the_fraction_of_wrong_candidates_ranked_at_or_above_the
     np.testing.assert_allclose(R, [[0.0, 1.0], [0.0, 1.0]])
     # free of the clients' score scales (a padded candidate never counts)
     np.testing.assert_array_equal(rank_errors(S * 1000.0, mask, t), R)
+
+
+def test_router_weights_do_not_depend_on_the_order_clients_answered(public):
+    """Over the wire, a round's reports arrive in whatever order the clients answer, so a rerun of the same alignment
+    saw its calibration scores in another client order. The router's fit then differed in the last bits, every
+    secagg weight with it, and each client's query audit refused every GRPO round of the rerun as a differencing
+    attempt ("already summed ... with different weights"): 300 of 301 rounds failed in a second `mor demo`. The
+    same scores in any order must give bit-identical weights."""
+    experts = {f"expert_{d}": LabelExpertScorer(public, [d]) for d in DOMAINS}
+    fx = FeatureExtractor()
+    cal = calibration_items(public, answer_schema(public))[:40]
+    feats = fx.batch([e.image for e, _, _ in cal], [e.question for e, _, _ in cal])
+    weights = []
+    for order in (list(experts), list(reversed(experts)), sorted(experts, key=lambda c: c[-3:])):
+        router = calibrate_router(InProcessBackend({c: experts[c] for c in order}), public, fx, steps=60, seed=0)
+        w = router.weights(feats, live=order)
+        weights.append({c: np.asarray(w[c]) for c in experts})
+    for other in weights[1:]:
+        for c in experts:
+            assert np.array_equal(weights[0][c], other[c]), c

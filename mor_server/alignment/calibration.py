@@ -145,6 +145,9 @@ def calibrate_router(backend: RewardBackend, public: Sequence, features: Feature
                                                    what="router calibration round")
     if not scores:
         raise RoundFailed("router calibration round returned no client scores (no live clients?)")
+    # clients in name order, not in the order their reports arrived: the fit (and every weight GRPO sends) is then
+    # bit-identical on a rerun, which the clients' query audit needs to let the same items be summed again
+    scores = {c: scores[c] for c in sorted(scores)}
     order = np.random.default_rng(seed).permutation(len(cal))
     n_held = int(round(heldout_fraction * len(cal))) if len(cal) >= 10 else 0
     held, fit = sorted(order[:n_held].tolist()), sorted(order[n_held:].tolist())

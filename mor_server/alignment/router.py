@@ -129,7 +129,7 @@ class MoRRouter:
             raise ValueError("MoRRouter.weights: no live clients to route to")
         f = np.asarray(features, dtype=np.float32)
         n = f.shape[0] if f.ndim == 2 else 0
-        known = [c for c in live if c in self.client_ids]
+        known = [c for c in self.client_ids if c in live]  # the router's order: the sums' last bits do not follow live's
         if not known:
             return {c: [1.0 / len(live)] * n for c in live}
         if self.routing == "uniform":

@@ -56,7 +56,9 @@ class FederatedBackend:
         self.rounds = {"ok": 0, "failed": 0, "cancelled": 0}
 
     def client_ids(self) -> list[str]:
-        return self.server.online_clients()
+        """The clients online now, in name order (not connection order: weights and the isolation floor are then
+        computed in the same order on every run, so a rerun sends bit-identical weights)."""
+        return sorted(self.server.online_clients())
 
     def cancel(self, reason: str = "abandoned by its caller") -> int:
         """Cancel the round(s) in flight on the server and wait until they have ended; returns how many."""
@@ -86,7 +88,7 @@ class FederatedBackend:
     def mixed_scores(self, items: Sequence[ScoringItem], weights: dict[str, list[float]]) -> list[list[float]]:
         items = list(items)
         online = set(self.client_ids())
-        live = [c for c in weights if c in online]
+        live = sorted(c for c in weights if c in online)
         if not live:
             raise RoundFailed(f"no routed client is online (routed: {sorted(weights)}, online: {sorted(online)})")
         W = {c: np.asarray(weights[c], dtype=np.float64) for c in live}
