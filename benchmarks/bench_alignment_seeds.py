@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mor_server.alignment.recipes import WARM_STARTS  # noqa: E402
+from mor_server.alignment.recipes import DEFAULT_WARM_START, WARM_STARTS  # noqa: E402
 
 
 def run_demo(seed: int, workdir: Path, mode: str, extra: list[str]) -> dict:
@@ -90,8 +90,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--mode", default="secagg", choices=("plain", "secagg", "secagg+dp"))
-    ap.add_argument("--warm-start", dest="warm_start", choices=WARM_STARTS, default="sft",
-                    help="mor demo --warm-start (the demo's default: sft); the baseline uses the same recipe")
+    ap.add_argument("--warm-start", dest="warm_start", choices=WARM_STARTS, default=DEFAULT_WARM_START,
+                    help=f"mor demo --warm-start (the demo's default: {DEFAULT_WARM_START}); the baseline uses the same "
+                         "recipe")
     ap.add_argument("--baseline-steps", type=int, default=300,
                     help="SFT steps of the server-labels-only baseline (300 = 32 epochs of the 300-example split)")
     ap.add_argument("--baseline-lr", type=float, default=None,

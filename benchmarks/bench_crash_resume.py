@@ -40,7 +40,7 @@ def main() -> int:
     work = base / "demo"
     clients = [{"name": n, "arch": "cnn", "partition": f"client{i}", "max_pairs": 48, "epochs": 1,
                 "pretrain_epochs": 0} for i, n in enumerate(("a-color", "b-shape"))]
-    cfg = {"workdir": str(work), "mode": "secagg+dp", "calibration_mode": "dp", "w_format": 0.0,
+    cfg = {"workdir": str(work), "mode": "secagg+dp", "calibration_mode": "dp", "w_format": 0.0, "warm_start": "sft",
            "client_budget": 1000, "dp_noise_multiplier": 4.0, "clients": clients,
            "grpo": {"max_steps": a.steps, "save_steps": 2, "prompts_per_step": 2, "num_generations": 2},
            "alignment": {"eval_size": 12, "curve_size": 0, "sft_steps": 2, "router_steps": 20, "heldout_pairs": 0}}

@@ -131,6 +131,16 @@ def grpo_overrides(label: str) -> dict:
     return parse_grpo_overrides(tail.split(",")) if tail else {}
 
 
+def recipe_steps(label: str) -> int:
+    """GRPO steps of a cell: its label's ``max_steps`` override, else its recipe's own budget (``Recipe.grpo``), else the
+    demo's 400."""
+    from mor_server.alignment.recipes import recipe_grpo
+    from mor_server.apps.demo import DEMO_GRPO_DEFAULTS
+
+    return grpo_overrides(label).get("max_steps") or recipe_grpo(_recipe_name(label)).get(
+        "max_steps", DEMO_GRPO_DEFAULTS["max_steps"])
+
+
 def _recipe_name(label: str) -> str:
     """The recipe of a policy label (``<recipe>[/varied][@spN][#ref...][~...]``)."""
     return split_label(label)[0].partition("/")[0]
@@ -623,8 +633,9 @@ def main() -> int:
                          "(SFT-300 on the server's labels, no GRPO; at the LR of --reference-sft K:LR), client:<name> (hospital-color, bank-shape, lab-yesno; "
                          "studio-shapes in the shapes scenario)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=400, help="GRPO steps (the demo's 400); cells of another budget are "
-                                                            "labelled <warm start>~max_steps=N")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="GRPO steps (default: the warm start's own, as in the demo: 150 for seeing, 400 for the "
+                         "others); cells of another budget are labelled <warm start>~max_steps=N")
     ap.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache" / "reward_ablation")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reward_ablation.json")
     ap.add_argument("--report-only", action="store_true", help="only print the table of the cached cells")
@@ -635,12 +646,8 @@ def main() -> int:
         if m not in METHODS and not m.startswith("client:"):
             raise SystemExit(f"--methods: unknown reward {m!r}; use {', '.join(METHODS)} or client:<name>")
     overrides = parse_grpo_overrides(a.grpo)
-    if a.steps < 1:
+    if a.steps is not None and a.steps < 1:
         raise SystemExit(f"--steps must be >= 1, got {a.steps}")
-    from mor_server.apps.demo import DEMO_GRPO_DEFAULTS
-
-    if a.steps != DEMO_GRPO_DEFAULTS["max_steps"]:  # another budget is another cell, never the 400-step one
-        overrides["max_steps"] = a.steps
     cells_dir = a.cache / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     restored = restore_cells(a.out, cells_dir)
@@ -654,8 +661,11 @@ def main() -> int:
         if a.synthetic_prompts:
             a.policy = [f"{p}@sp{a.synthetic_prompts}" for p in a.policy]
         a.policy = [p + parse_reference_sft(a.reference_sft, _recipe_name(p), a.sft_batches) for p in a.policy]
-        if overrides:
-            a.policy = [f"{p}~" + ",".join(f"{k}={v}" for k, v in overrides.items()) for p in a.policy]
+        labelled = []
+        for p in a.policy:  # another budget than the recipe's own is another cell, never the recipe's one
+            own = {**overrides, **({"max_steps": a.steps} if a.steps not in (None, recipe_steps(p)) else {})}
+            labelled.append(f"{p}~" + ",".join(f"{k}={v}" for k, v in own.items()) if own else p)
+        a.policy = labelled
         todo = [(p, s, m, seed) for seed in a.seeds for p in a.policy for s in a.scenario for m in a.methods
                 if not (m in ("oracle", "server", "server-sft") and s in ("adversary", "inflating", "flipped"))]  # no client in them
         if a.prepare_only:
@@ -682,7 +692,7 @@ def main() -> int:
             eta = f", about {statistics.mean(done_s) * left / 60:.0f} min left" if done_s else ""
             print(f"[{i + 1}/{len(todo)}] {p} {s} {m} seed {seed}{eta}", flush=True)
             t0 = time.perf_counter()
-            cell = run_cell(p, s, m, seed, a.cache, a.steps)
+            cell = run_cell(p, s, m, seed, a.cache, recipe_steps(p))
             done_s.append(time.perf_counter() - t0)
             tmp = f.with_suffix(".tmp")
             tmp.write_text(json.dumps(cell, indent=1, default=str))

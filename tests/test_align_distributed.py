@@ -98,7 +98,8 @@ def test_mor_align_runs_under_torchrun_with_two_processes(tmp_path):
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
     work = tmp_path / "w"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "mor.entry",
-                        "align", "--steps", "2", "--sft-steps", "2", "--eval-size", "8", "--device", "cpu",
+                        "align", "--warm-start", "sft", "--steps", "2", "--sft-steps", "2", "--eval-size", "8",
+                        "--device", "cpu",
                         "--w-format", "0", "--collapse-every", "1", "--workdir", str(work)],
                        capture_output=True, text=True, timeout=540, env=env, cwd=tmp_path)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])

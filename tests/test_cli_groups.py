@@ -199,8 +199,13 @@ def test_align_routing_and_warm_start_reach_the_engine(tmp_path):
     assert cfg.tiny.patch_size == 8 and cfg.tiny.seed == 3
     assert cfg.pretrain is not None and cfg.pretrain.vision_steps > 0 and cfg.pretrain.caption_steps > 0
     assert cfg.pretrain.seed == 3
-    plain = _config(parser.parse_args(["align", "--workdir", str(tmp_path)]), "k")
+    plain = _config(parser.parse_args(["align", "--warm-start", "sft", "--workdir", str(tmp_path)]), "k")
     assert plain.routing == "learned" and plain.pretrain is None and plain.tiny.patch_size == 16
+    # no --warm-start: the policy that sees (recipes.DEFAULT_WARM_START), its short stage 1 and 150 GRPO steps
+    default = _config(parser.parse_args(["align", "--workdir", str(tmp_path)]), "k")
+    assert default.pretrain.yesno_curriculum == "vqa=1000,negation=300" and default.sft.steps == 0
+    assert (default.tiny.patch_size, default.tiny.vision_layers, default.grpo.max_steps) == (8, 3, 150)
+    assert _config(parser.parse_args(["align", "--steps", "40", "--workdir", str(tmp_path)]), "k").grpo.max_steps == 40
     compact = _config(parser.parse_args(["align", "--warm-start", "compact+synthetic+sft", "--seed", "2",
                                          "--workdir", str(tmp_path)]), "k")
     assert (compact.tiny.text_hidden, compact.tiny.text_layers, compact.tiny.patch_size, compact.tiny.seed) == (128, 3, 8, 2)
@@ -256,7 +261,7 @@ def test_align_serve_with_two_clients(tmp_path):
     work = tmp_path / "w"
     p = subprocess.Popen([*MOR, "align", "--serve", "--pki", str(pki), "--port",
                           str(port), "--workdir", str(work), "--mode", "plain", "--min-clients", "2", "--steps", "2",
-                          "--sft-steps", "2", "--eval-size", "16", "--w-format", "0"],  # 0: every completion scored
+                          "--warm-start", "sft", "--sft-steps", "2", "--eval-size", "16", "--w-format", "0"],  # 0: every completion scored
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
     procs = [ClientProcess(n, mor_client_argv("join", "--server", f"localhost:{port}", "--creds",
                                               str(pki / "clients" / n), "--scorer", "fedutil:LengthScorer"),
@@ -287,6 +292,7 @@ def test_demo_in_dp_mode(tmp_path):
 
     work = tmp_path / "demo"
     cfg = {"seed": 0, "calibration_mode": "plain", "w_format": 0.0, "client_budget": 1000, "dp_noise_multiplier": 4.0,
+           "warm_start": "sft",
            "clients": [{"name": "a-color", "arch": "cnn", "partition": "client0", "max_pairs": 48, "epochs": 1,
                         "pretrain_epochs": 0},
                        {"name": "b-shape", "arch": "cnn", "partition": "client1", "max_pairs": 48, "epochs": 1,

@@ -260,6 +260,7 @@ def test_killed_demo_leaves_nothing_behind_and_resumes(tmp_path):
     work = tmp_path / "demo"
     # w_format 0: every completion is sent to the clients, so every GRPO step is a charged secagg+dp round
     cfg = {"workdir": str(work), "seed": 0, "mode": "secagg+dp", "calibration_mode": "dp", "w_format": 0.0,
+           "warm_start": "sft",
            "client_budget": 1000, "dp_noise_multiplier": 4.0,
            "clients": [{"name": "a-color", "arch": "cnn", "partition": "client0", "max_pairs": 48, "epochs": 1,
                         "pretrain_epochs": 0},

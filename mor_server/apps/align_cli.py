@@ -26,7 +26,7 @@ from mor.cliargs import (RawHelpFormatter, UsageError, bind_host, existing_dir, 
                          output_dir, port, positive_float, positive_int)
 from mor.modes import MODES, PER_CLIENT_MODES, SECAGG_MODES
 
-from ..alignment.recipes import SFT_BATCHES, WARM_START_HELP, WARM_STARTS
+from ..alignment.recipes import DEFAULT_WARM_START, SFT_BATCHES, WARM_START_HELP, WARM_STARTS
 
 #: privacy modes of the federated reward rounds (``--mode``)
 ALIGN_MODES = MODES
@@ -48,20 +48,23 @@ def register(sub) -> None:
     p.add_argument("--workdir", "--work-dir", dest="workdir", type=output_dir, default=Path("runs/align"),
                    help="output folder: reference, router, GRPO checkpoints, report (--work-dir: the same)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the split, policy init and sampling")
-    p.add_argument("--steps", type=positive_int, default=None, help="GRPO steps (default: the engine's, 400)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="GRPO steps (default: the warm start's, 150 for seeing; 400 for the other recipes and with "
+                        "--preset/--policy)")
     p.add_argument("--sft-steps", type=non_negative_int, default=None,
                    help="warm-start SFT steps on the public split (default: the --warm-start recipe's, 50; 0 for "
-                        "compact+synthvqa; 0: none)")
+                        "seeing and the compact+synthvqa recipes; 0: none)")
     p.add_argument("--sft-batches", choices=SFT_BATCHES, default=None,
                    help="how the warm-start steps draw question types: balanced (an equal share each) or "
                         "proportional (as in the public split); default: the --warm-start recipe's")
     p.add_argument("--lr", type=positive_float, default=None, help="GRPO learning rate (default: the engine's)")
     p.add_argument("--beta", type=non_negative_float, default=None, help="KL weight (default: the engine's)")
     p.add_argument("--temperature", type=positive_float, default=None,
-                   help="sampling temperature (default 1.0; 1.5 for --warm-start compact+synthvqa)")
+                   help="sampling temperature (default 1.0; 1.5 for seeing and the compact+synthvqa recipes)")
     p.add_argument("--top-k", type=positive_int, default=None, help="route each item to its top-k clients only")
-    p.add_argument("--warm-start", dest="warm_start", choices=WARM_STARTS, default="sft",
-                   help=WARM_START_HELP + " (as mor demo --warm-start)")
+    p.add_argument("--warm-start", dest="warm_start", choices=WARM_STARTS, default=None,
+                   help=WARM_START_HELP + f" (as mor demo --warm-start; default: {DEFAULT_WARM_START} for the built-in "
+                        "policy, none with --preset or --policy)")
     p.add_argument("--routing", choices=("learned", "uniform"), default="learned",
                    help="learned: the Mixture-of-Rewards router; uniform: the ablation without a router (uniform "
                         "weights, only the reward scale calibrated) (default: learned)")
@@ -133,8 +136,8 @@ def _check(args) -> None:
     if args.preset in ("tiny", "small", "base") and args.policy is not None:
         raise UsageError(f"--preset {args.preset} is a built-in policy size; with --policy DIR use --preset byo "
                          "(or leave --preset out)")
-    if args.warm_start != "sft" and (args.policy is not None or args.preset is not None):
-        raise UsageError(f"--warm-start {args.warm_start} is a recipe of the built-in tiny policy (the default); "
+    if args.warm_start is not None and (args.policy is not None or args.preset is not None):
+        raise UsageError(f"--warm-start {args.warm_start} is a recipe of the built-in policy (the default); "
                          "leave out --preset and --policy, or leave out --warm-start")
     if args.device is not None and args.device.startswith("cuda"):
         import torch
@@ -198,9 +201,10 @@ def _config(args, resume_key: str):
         if args.sft_batches is not None:
             sft["balance_types"] = args.sft_batches == "balanced"
         return AlignmentConfig.from_preset(preset, grpo=grpo, sft=sft, **common)
-    grpo = {**recipe_grpo(args.warm_start), **grpo}  # the recipe's GRPO settings, unless a flag sets them
-    extra = {"sft": recipe_sft(args.warm_start, args.sft_steps, args.sft_batches)}
-    extra["tiny"], extra["pretrain"] = warm_start_recipe(args.warm_start, seed=args.seed)
+    warm = args.warm_start or DEFAULT_WARM_START
+    grpo = {**recipe_grpo(warm), **grpo}  # the recipe's GRPO settings, unless a flag sets them
+    extra = {"sft": recipe_sft(warm, args.sft_steps, args.sft_batches)}
+    extra["tiny"], extra["pretrain"] = warm_start_recipe(warm, seed=args.seed)
     return AlignmentConfig(grpo=GRPORunConfig(**grpo), **common, **extra)
 
 

@@ -34,7 +34,7 @@ from typing_extensions import NotRequired, TypedDict
 
 from mor.cliargs import non_negative_int, output_dir, positive_int
 from mor.modes import MODES, PER_CLIENT_MODES, SECAGG_MODES
-from ..alignment.recipes import WARM_START_HELP, WARM_STARTS, recipe_grpo
+from ..alignment.recipes import DEFAULT_WARM_START, WARM_START_HELP, WARM_STARTS, recipe_grpo
 from privacy import pki
 
 from privacy.fsutil import replace_dir, staging_dir
@@ -144,10 +144,11 @@ class DemoConfig:
     answering with one of the task's answers, so it cannot drift to strings no reward model was trained on."""
     w_length: Annotated[_Real, Field(ge=0)] = 0.0
     """Weight of the length rule reward."""
-    warm_start: Literal[WARM_STARTS] = "sft"
-    """Warm-start recipe of the built-in policy (mor_server.alignment.recipes): ``sft`` (SFT on the server's public
-    split) or ``synthetic+sft`` (64 image tokens; vision pre-training and captioning of synthetic images first, no
-    privacy cost: the policy learns to see, so the clients' colour and shape rewards reach it)."""
+    warm_start: Literal[WARM_STARTS] = DEFAULT_WARM_START
+    """Warm-start recipe of the built-in policy (mor_server.alignment.recipes, whose docstring says what each is for):
+    ``seeing`` (the default: the compact policy pre-trained on public synthetic VQA, no privacy cost, so the clients'
+    colour and shape rewards reach a policy that sees; 150 GRPO steps unless ``grpo.max_steps`` says otherwise) or
+    ``sft`` (the tiny image-blind policy, SFT on the server's public split: fast, for smoke tests)."""
     grpo: Annotated[dict[str, Any], Field(strict=True)] = field(default_factory=dict)
     """Overrides of the alignment engine's GRPO settings (e.g. {"max_steps": 200}), applied on top of
     DEMO_GRPO_DEFAULTS; see docs/alignment.md for every field."""
@@ -570,9 +571,11 @@ def register(sub) -> None:
     p.add_argument("--workdir", type=output_dir, help="output folder (default: runs/demo)")
     p.add_argument("--mode", choices=MODES, help="privacy mode of GRPO's scoring rounds (default: secagg)")
     p.add_argument("--seed", type=non_negative_int, help="seed of the split, inits, DP noise and sampling (default: 0)")
-    p.add_argument("--steps", type=positive_int, help="GRPO steps (overrides grpo.max_steps; default: 400)")
+    p.add_argument("--steps", type=positive_int,
+                   help="GRPO steps (overrides grpo.max_steps; default: the warm start's, 150 for seeing, 400 for the "
+                        "others)")
     p.add_argument("--warm-start", dest="warm_start", choices=WARM_STARTS,
-                   help=WARM_START_HELP)
+                   help=WARM_START_HELP + f" (default: {DEFAULT_WARM_START})")
     p.add_argument("--fresh", action="store_true", default=None, help="retrain cached reward models and warm start")
     p.set_defaults(func=_demo_cmd)
 
