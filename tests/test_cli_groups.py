@@ -315,6 +315,35 @@ def test_demo_in_dp_mode(tmp_path):
         assert {r[1] for r in rows} == {"gaussian"}, (name, rows)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_second_demo_in_the_same_workdir_is_not_refused_by_the_clients_query_audit(tmp_path):
+    """A completed `mor demo` rerun in its work dir starts GRPO over with the cached reward models and reference, so
+    the clients are asked to sum the same items again. They allow that only with bit-identical weights (anything
+    else could difference out one client's score). The router used to be fitted with its clients in the order their
+    reports arrived, and on the rerun every secagg round was refused (12 of 13 failed here before the fix)."""
+    import json
+
+    cfg = {"seed": 0, "mode": "secagg", "warm_start": "sft", "w_format": 0.0,
+           "clients": [{"name": n, "arch": "cnn", "partition": f"client{i}", "max_pairs": 48, "epochs": 1,
+                        "pretrain_epochs": 0} for i, n in enumerate(("a-color", "b-shape", "c-yesno"))],
+           "grpo": {"max_steps": 6, "save_steps": 2, "prompts_per_step": 2, "num_generations": 2},
+           "alignment": {"eval_size": 12, "curve_size": 0, "sft_steps": 2, "router_steps": 20, "heldout_pairs": 0}}
+    (tmp_path / "run.json").write_text(json.dumps(cfg))
+    work = tmp_path / "demo"
+    reports = []
+    for _ in range(2):
+        r = subprocess.run([*MOR, "demo", "--config", str(tmp_path / "run.json"), "--workdir", str(work)],
+                           capture_output=True, text=True, timeout=280,
+                           env={**ENV, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+        assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+        reports.append(json.loads((work / "report" / "demo.json").read_text()))
+    first, second = (rep["federation"] for rep in reports)
+    assert first["rounds_failed"] == 0 and first["rounds_completed"] >= 7, first
+    assert second["rounds_failed"] == 0 and second["rounds_completed"] == first["rounds_completed"], second
+    assert reports[1]["alignment"]["accuracy_after"] == reports[0]["alignment"]["accuracy_after"]
+
+
 #: value-taking flags that are free text by design (anything is a valid value)
 FREE_TEXT = {"--scorer",  # resolved and checked by scorer_from_spec (tests/test_sdk.py)
              "--federation", "--model-id",  # labels written into a roster / the ledger
