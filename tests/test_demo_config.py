@@ -132,3 +132,15 @@ def _write(tmp_path, obj) -> "object":
     f = tmp_path / "run.json"
     f.write_text(json.dumps(obj))
     return f
+
+
+def test_report_warns_when_most_federated_rounds_failed(tmp_path):
+    """A run whose reward rounds were mostly refused (a spent budget, the query audit) trained on the format rule
+    alone; its report must say so instead of presenting the accuracy as the federation's."""
+    from mor_server.apps.demo import rounds_warning
+
+    assert rounds_warning({"rounds_completed": 151, "rounds_failed": 0}, tmp_path) is None
+    assert rounds_warning({"rounds_completed": 100, "rounds_failed": 40}, tmp_path) is None
+    w = rounds_warning({"rounds_completed": 1, "rounds_failed": 300}, tmp_path)
+    assert w.startswith("300 of 301 federated rounds failed") and "audit.jsonl" in w and "--workdir" in w
+    assert str(tmp_path / "clients") in w and "\n" not in w

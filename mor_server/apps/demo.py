@@ -489,6 +489,9 @@ def _run_demo_locked(cfg: DemoConfig, work: Path, stop, sigs) -> dict:
     if resumed:  # the server's counters restarted with this run; ledgers and audit logs span every attempt
         fed["scope"] = (f"this run only (it resumed GRPO from {Path(resumed).name}); the ledgers, the audit logs and "
                         "alignment.rounds cover the interrupted runs too")
+    warning = rounds_warning(fed, work)
+    if warning:
+        fed["warning"] = warning
     report = {"config": asdict(cfg), "cards": cards, "federation": fed, "alignment": result,
               "clients": _client_privacy(cfg, work), "seconds": time.perf_counter() - t_start,
               "reaped_stale_processes": [{k: r[k] for k in ("pid", "role", "pidfile")} for r in reaped]}
@@ -500,6 +503,18 @@ def _run_demo_locked(cfg: DemoConfig, work: Path, stop, sigs) -> dict:
     atomic_write_text(out / "demo.json", json.dumps(report, indent=2, default=str))
     print_summary(report, out)
     return report
+
+
+def rounds_warning(fed: dict, work: Path) -> str | None:
+    """One line for the report when most federated rounds failed (None otherwise): the aligned policy then learned
+    from the format rule, not from the clients, and the report's accuracy must not be read as MoR's."""
+    done, failed = int(fed.get("rounds_completed", 0)), int(fed.get("rounds_failed", 0))
+    if failed == 0 or 2 * failed <= done + failed:
+        return None
+    return (f"{failed} of {done + failed} federated rounds failed, so GRPO learned mostly from the format rule, not "
+            f"from the clients' rewards. Each client's audit log says why ({work / 'clients'}/<name>/audit.jsonl, "
+            "'refusal' events): a spent privacy budget (raise client_budget or dp_noise_multiplier), or the query "
+            "audit refusing items this work dir's clients already summed with other weights (use a new --workdir)")
 
 
 def _client_privacy(cfg: DemoConfig, work: Path) -> dict:
@@ -553,6 +568,8 @@ def print_summary(report: dict, out: Path) -> None:
     f = report["federation"]
     print(f"\nfederated rounds: {f['rounds_completed']} completed, {f['rounds_failed']} failed, "
           f"{f['dropouts']} dropouts; mode {report['config']['mode']}; total {report['seconds']:.0f} s")
+    if f.get("warning"):
+        print(f"WARNING: {f['warning']}")
     g = al.get("grpo", {})
     if g.get("resumed_from"):
         print(f"GRPO resumed from {Path(g['resumed_from']).name} of an interrupted run; finished at step "
