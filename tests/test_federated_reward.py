@@ -92,3 +92,66 @@ def test_failed_round_is_none_not_zero(fed, png_bytes):
     assert out == [None] * len(completions)
     assert reward.rounds_failed == 1 and reward.attempts_failed == 2
     assert backend.rounds["failed"] == 2 and backend.rounds["ok"] == 0
+
+
+class GradedScorer:
+    """Scores answers on a wide scale (up to 40), ranking a favourite above a second choice above the rest."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def score(self, items):
+        return [[40.0 if c == self.first else 25.0 if c == self.second else -10.0 for c in it.candidates]
+                for it in items]
+
+
+@pytest.fixture(scope="module")
+def loud_fed(pki_dir):
+    scorers = {"alice": GradedScorer("red", "blue"), "bob": GradedScorer("circle", "yes"),
+               "carol": GradedScorer("yes", "red")}
+    srv = ServerThread(ServerConfig(pki_dir=pki_dir))
+    srv.start()
+    threads = []
+    for n in NAMES:
+        creds = ClientCredentials.from_dir(pki_dir / "clients" / n)
+        card = {"architecture": "graded", "parameter_count": 0, "supported_modes": ["plain", "secagg"]}
+        c = FederationClient(f"localhost:{srv.port}", creds, scorers[n], card=card,
+                             policy=ReleasePolicy(("plain", "secagg")), secagg_handler=SecAggSession(creds))
+        threads.append(ClientThread(c).start())
+    srv.wait_for_clients(3, timeout=20)
+    yield srv, scorers
+    for t in threads:
+        t.stop()
+    srv.stop()
+
+
+def test_secagg_encodes_scores_in_the_range_the_calibration_measured(loud_fed, png_bytes):
+    """secagg clips every score to the round's value range before weighting. With the transport's default range (16)
+    a client scoring its first and second choice 40 and 25 sends both as 16: the mixture can no longer tell them
+    apart (in the demo this took a colour client's held-out ranking from 91% to 53%). The calibration's score bound
+    (router.calibration["score_bound"]) sets a range that holds them."""
+    from mor_server.federation.backend import secagg_value_range
+
+    assert secagg_value_range(0.0) == secagg_value_range(float("nan")) == 16.0
+    assert secagg_value_range(9.0) == 16.0 and secagg_value_range(40.0) == 64.0 and secagg_value_range(47.5) == 128.0
+    srv, scorers = loud_fed
+    fe = FeatureExtractor()
+    router = MoRRouter(list(NAMES), fe.dim, seed=3)
+    completions, kw = _batch(png_bytes)
+    expect = MoRReward(InProcessBackend(scorers), router, fe)(prompts=None, completions=completions, **kw)
+    clipped = MoRReward(FederatedBackend(srv, mix_mode="secagg", timeout=20), router, fe)(
+        prompts=None, completions=completions, **kw)
+    # "red" (alice's 40) and "blue" (alice's 25) on the colour question: alice's part of the gap is gone once clipped
+    assert np.max(np.abs(np.asarray(clipped) - np.asarray(expect))) > 5.0
+    assert abs(clipped[0] - clipped[3]) < 0.6 * abs(expect[0] - expect[3])
+    backend = FederatedBackend(srv, mix_mode="secagg", timeout=20)
+    backend.set_score_bound(40.0)
+    assert backend.secagg_options["value_range"] == 64.0
+    got = MoRReward(backend, router, fe)(prompts=None, completions=completions, **kw)
+    np.testing.assert_allclose(got, expect, atol=2e-3)
+    fixed = FederatedBackend(srv, mix_mode="secagg", timeout=20, secagg_options={"value_range": 32.0})
+    fixed.set_score_bound(40.0)  # an operator's explicit range wins
+    assert fixed.secagg_options["value_range"] == 32.0
+    noisy = FederatedBackend(srv, mix_mode="secagg+dp", timeout=20)
+    noisy.set_score_bound(40.0)  # secagg+dp: the range is the DP clipping bound (noise scales with it): unchanged
+    assert "value_range" not in noisy.secagg_options

@@ -383,11 +383,13 @@ def test_router_weights_do_not_depend_on_the_order_clients_answered(public):
     fx = FeatureExtractor()
     cal = calibration_items(public, answer_schema(public))[:40]
     feats = fx.batch([e.image for e, _, _ in cal], [e.question for e, _, _ in cal])
-    weights = []
+    weights, bounds = [], set()
     for order in (list(experts), list(reversed(experts)), sorted(experts, key=lambda c: c[-3:])):
         router = calibrate_router(InProcessBackend({c: experts[c] for c in order}), public, fx, steps=60, seed=0)
         w = router.weights(feats, live=order)
         weights.append({c: np.asarray(w[c]) for c in experts})
+        bounds.add(router.calibration["score_bound"])  # the largest score magnitude (sets the secagg value range)
+    assert len(bounds) == 1 and bounds.pop() > 0
     for other in weights[1:]:
         for c in experts:
             assert np.array_equal(weights[0][c], other[c]), c

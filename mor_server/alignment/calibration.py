@@ -160,6 +160,10 @@ def calibrate_router(backend: RewardBackend, public: Sequence, features: Feature
     router.calibrate(feats[fit], pick(fit), truth[fit], objective=objective, steps=steps, rank_weight=rank_weight,
                      progress=progress)
     w = router.weights(feats, live=list(scores), objective=objective)
+    # the scale the clients' scores live on (largest magnitude in the round): a secagg mixture clips every score to its
+    # value range, and a range below this ties the answers a client ranks apart (FederatedBackend.set_score_bound)
+    router.calibration["score_bound"] = float(max((abs(v) for rows in scores.values() for r in rows for v in r),
+                                                  default=0.0))
     router.calibration["weights_by_domain"] = {
         d: {c: float(np.mean([w[c][i] for i, dd in enumerate(doms) if dd == d])) for c in w} for d in sorted(set(doms))}
     # who decides the ranking: the weights times the spread of each client's scores (router.effective_shares)

@@ -304,6 +304,9 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
                                   schema=schema)
         runstate.save_router(router, work / "router")
         ranks.wait()
+    bound = router.calibration.get("score_bound")
+    if bound and callable(getattr(backend, "set_score_bound", None)):  # a backend with a bounded encoding (secagg)
+        backend.set_score_bound(bound)
     timings["router_s"] = time.perf_counter() - t0
     stages.set_postfix_str("router calibrated")
     stages.update(1)

@@ -41,8 +41,9 @@
   negation to the answer"). Continues a cached ``compact+synthvqa`` stage 1 when there is one (about 4 min more).
 * ``seeing`` (the default of ``mor demo`` and ``mor align``): ``compact+synthvqa+negation`` on the demo's budget,
   1,000 synthetic VQA steps instead of 2,000 and 150 GRPO steps instead of 400, so that a run from scratch fits the
-  demo's 10 minutes on 2 CPU cores: the real ``mor demo`` took 500-525 s and reached 86.0 / 83.7 / 83.3% (84.3) on
-  seeds 0 / 1 / 2 against 78.9% for the server's labels alone, no collapsed type (README, "Measured: the main job";
+  demo's 10 minutes on 2 CPU cores: the real ``mor demo`` took 500-525 s from scratch (125-131 s rerun) and reached
+  87.0 / 84.3 / 83.3% (84.9) on seeds 0 / 1 / 2 against 78.9% for the server's labels alone, no collapsed type
+  (README, "Measured: the main job";
   docs/alignment.md, "The default on the demo's budget").
 """
 

@@ -430,7 +430,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 def _run_demo_locked(cfg: DemoConfig, work: Path, stop, sigs) -> dict:
     from privacy.audit import AuditError, AuditLog
 
-    from ..federation.backend import FederatedBackend
+    from ..federation.backend import DEFAULT_VALUE_RANGE, FederatedBackend
     from ..federation.config import ServerConfig
     from ..federation.thread import ServerThread
 
@@ -477,6 +477,8 @@ def _run_demo_locked(cfg: DemoConfig, work: Path, stop, sigs) -> dict:
                "rounds_failed": int(m.total("mor_rounds_failed_total")),
                "dropouts": int(m.total("mor_client_dropouts_total")),
                "backend": dict(backend.rounds)}
+        if cfg.mode in SECAGG_MODES:  # the score range the clients encoded in (secagg: set by the calibration)
+            fed["secagg_value_range"] = backend.secagg_options.get("value_range", DEFAULT_VALUE_RANGE)
     finally:
         if sigs.signum is not None:
             sigs.quiet()

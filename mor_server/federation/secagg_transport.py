@@ -25,6 +25,11 @@ from ..baselines.training_round import TrainingSpec
 from .orchestrator import _Pending, cancel_reason
 from .rounds import Round, RoundOutcome, RoundState, stage_key
 
+DEFAULT_VALUE_RANGE = 16.0
+"""Scores are encoded in [-range, range] unless a round names another (``run_secagg_round(value_range=...)``); the
+alignment engine's backend sets it from the calibration round in plain ``secagg``
+(``mor_server.federation.backend.secagg_value_range``)."""
+
 
 class SecAggTransport:
     """The secure-aggregation rounds of :class:`~mor_server.federation.server.FederationServer`."""
@@ -70,7 +75,8 @@ class SecAggTransport:
 
     async def run_secagg_round(self, items: Sequence[ScoringItem], *, weights: dict[str, Sequence[float]],
                                mode: str = "secagg", participants: Sequence[str] | None = None,
-                               min_clients: int | None = None, timeout: float = 30.0, value_range: float = 16.0,
+                               min_clients: int | None = None, timeout: float = 30.0,
+                               value_range: float = DEFAULT_VALUE_RANGE,
                                weight_cap: float = 1.0, frac_bits: int = 16, out_of_range: str = "clip",
                                dp_noise_multiplier: float = 1.0, dp_min_survivors: int | None = None,
                                stage_timeout: float | None = None, round_id: str | None = None,
