@@ -46,17 +46,16 @@ W = router.weights(feats, live=clients)
 Wm = np.array([W[c] for c in clients])
 F = floor_for_isolation(Wm)
 truth = [t for _, _, t in cal]; doms = [domain_of(e) for e, _, _ in cal]
-res = {}
 Sc = {c: [list(np.clip(r, -16, 16)) for r in S[c]] for c in clients}
 outside = {c: round(100 * float(np.mean([np.mean(np.abs(r) > 16) for r in S[c]])), 1) for c in clients}
-for name, M, SS in (("router", Wm, S), ("floored", F, S), ("floored+clip16", F, Sc)):
-    S_ = SS
+res = {}
+for name, M, scores in (("router", Wm, S), ("floored", F, S), ("floored+clip16", F, Sc)):
     acc = {}
     for d in sorted(set(doms)):
         idx = [i for i, dd in enumerate(doms) if dd == d]
         ok = 0
         for i in idx:
-            mix = sum(M[k, i] * np.asarray(S_[c][i]) for k, c in enumerate(clients))
+            mix = sum(M[k, i] * np.asarray(scores[c][i]) for k, c in enumerate(clients))
             ok += int(np.argmax(mix) == truth[i])
         acc[d] = round(100 * ok / len(idx), 1)
     res[name] = acc

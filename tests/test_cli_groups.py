@@ -261,7 +261,8 @@ def test_align_serve_with_two_clients(tmp_path):
     work = tmp_path / "w"
     p = subprocess.Popen([*MOR, "align", "--serve", "--pki", str(pki), "--port",
                           str(port), "--workdir", str(work), "--mode", "plain", "--min-clients", "2", "--steps", "2",
-                          "--warm-start", "sft", "--sft-steps", "2", "--eval-size", "16", "--w-format", "0"],  # 0: every completion scored
+                          "--warm-start", "sft", "--sft-steps", "2", "--eval-size", "16",
+                          "--w-format", "0"],  # 0: every completion scored
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
     procs = [ClientProcess(n, mor_client_argv("join", "--server", f"localhost:{port}", "--creds",
                                               str(pki / "clients" / n), "--scorer", "fedutil:LengthScorer"),

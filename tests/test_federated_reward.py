@@ -29,23 +29,29 @@ class WordScorer:
         return [[1.0 if c == self.word else -0.5 * len(c) / 8 for c in it.candidates] for it in items]
 
 
-@pytest.fixture(scope="module")
-def fed(pki_dir):
-    scorers = {"alice": WordScorer("red"), "bob": WordScorer("circle"), "carol": WordScorer("yes")}
+def _federation(pki_dir, scorers: dict, architecture: str):
+    """A server and one client thread per scorer (plain and secagg), over mTLS; yields (server, client threads)."""
     srv = ServerThread(ServerConfig(pki_dir=pki_dir))
     srv.start()
     threads = []
     for n in NAMES:
         creds = ClientCredentials.from_dir(pki_dir / "clients" / n)
-        card = {"architecture": "word", "parameter_count": 0, "supported_modes": ["plain", "secagg"]}
+        card = {"architecture": architecture, "parameter_count": 0, "supported_modes": ["plain", "secagg"]}
         c = FederationClient(f"localhost:{srv.port}", creds, scorers[n], card=card,
                              policy=ReleasePolicy(("plain", "secagg")), secagg_handler=SecAggSession(creds))
         threads.append(ClientThread(c).start())
     srv.wait_for_clients(3, timeout=20)
-    yield srv, scorers, threads
+    yield srv, threads
     for t in threads:
         t.stop()
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def fed(pki_dir):
+    scorers = {"alice": WordScorer("red"), "bob": WordScorer("circle"), "carol": WordScorer("yes")}
+    for srv, threads in _federation(pki_dir, scorers, "word"):
+        yield srv, scorers, threads
 
 
 def _batch(png):
@@ -109,20 +115,8 @@ class GradedScorer:
 def loud_fed(pki_dir):
     scorers = {"alice": GradedScorer("red", "blue"), "bob": GradedScorer("circle", "yes"),
                "carol": GradedScorer("yes", "red")}
-    srv = ServerThread(ServerConfig(pki_dir=pki_dir))
-    srv.start()
-    threads = []
-    for n in NAMES:
-        creds = ClientCredentials.from_dir(pki_dir / "clients" / n)
-        card = {"architecture": "graded", "parameter_count": 0, "supported_modes": ["plain", "secagg"]}
-        c = FederationClient(f"localhost:{srv.port}", creds, scorers[n], card=card,
-                             policy=ReleasePolicy(("plain", "secagg")), secagg_handler=SecAggSession(creds))
-        threads.append(ClientThread(c).start())
-    srv.wait_for_clients(3, timeout=20)
-    yield srv, scorers
-    for t in threads:
-        t.stop()
-    srv.stop()
+    for srv, _ in _federation(pki_dir, scorers, "graded"):
+        yield srv, scorers
 
 
 def test_secagg_encodes_scores_in_the_range_the_calibration_measured(loud_fed, png_bytes):
