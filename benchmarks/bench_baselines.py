@@ -2,7 +2,7 @@
 
 Each cell runs a server and three clients over loopback gRPC with mTLS in this process: every client is a
 ``FederationClient`` with a ``PolicyTrainer`` on its own private partition of the federation split (the same
-split, warm-started tiny Llava and held-out test examples as ``mor demo --seed S``), optionally under Opacus
+split, warm start (``--warm-start``) and held-out test examples as ``mor demo --seed S``), optionally under Opacus
 DP-SGD at epsilon 8 for the whole run charged to its own ledger; the server runs R training rounds with
 ``mor_server.baselines.federated`` and evaluates the merged policy. Every finished cell is cached as one JSON file
 (``--cache``), so an interrupted grid resumes where it stopped; progress and an estimate of the time left are
@@ -15,13 +15,21 @@ like the others) and ``shapes`` (a fourth client holds the procedural shapes fam
 the held-out test are those of ``make_federation_split(n_clients=4, include_shapes_client=True)``).
 
 The Mixture-of-Rewards side of the comparison (``--methods mor uniform oracle server``) runs through
-``bench_reward_ablation.py``'s cells (the same split, the same SFT-50 warm start, the demo's 400 GRPO steps, in
-process; cached in its own cache), so one invocation prints MoR and the baselines side by side, per scenario.
+``bench_reward_ablation.py``'s cells (the same split, the same warm start, the recipe's own GRPO budget as in the
+demo, in process; cached in its own cache), so one invocation prints MoR and the baselines side by side, per scenario.
+
+Warm start (``--warm-start``, a recipe of ``mor demo --warm-start``): ``sft`` (the default, the committed table: the
+tiny Llava with SFT-50 on the server's public split, 400 GRPO steps) or any other recipe, e.g. ``seeing``, the demo's
+default (150 GRPO steps): every cell, MoR's and the baselines', then starts from bench_reward_ablation.py's reference
+of that recipe in ``--reward-cache`` (one checkpoint per seed for both families).
 
     .venv/bin/python benchmarks/bench_baselines.py --quick            # CI-sized smoke grid (1 seed, small)
     .venv/bin/python benchmarks/bench_baselines.py --seeds 0 1 2      # the grid (hours on 2 CPU cores)
     .venv/bin/python benchmarks/bench_baselines.py --scenario honest adversary shapes \\
         --methods mor uniform oracle server fedit stack ffa fedcmp   # everything, side by side
+    .venv/bin/python benchmarks/bench_baselines.py --warm-start seeing --privacy 8 \\
+        --reward-cache benchmarks/.cache/reward_ablation_seeing --out benchmarks/results/baselines_seeing.json \\
+        --methods mor uniform oracle fedit stack ffa fedcmp        # the same on the demo's default policy
 """
 
 from __future__ import annotations
@@ -41,8 +49,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_reward_ablation (the Mixture-of-Rewards cells)
 
+from mor_server.alignment.recipes import WARM_STARTS  # noqa: E402
+
 METHODS = ("fedit", "stack", "ffa", "fedcmp")
-REWARD_METHODS = ("mor", "uniform", "oracle", "server")  # bench_reward_ablation.py's cells (the sft warm start)
+REWARD_METHODS = ("mor", "uniform", "oracle", "server")  # bench_reward_ablation.py's cells (the same warm start)
 SCENARIOS = ("honest", "adversary", "shapes")
 
 
@@ -75,10 +85,20 @@ def client_examples(scenario: str, split, seed: int, max_pairs: int) -> dict:
     return out
 
 
-def _reference(seed: int, cache: Path, eval_size: int, scenario: str = "honest"):
-    """The warm start of ``mor demo --seed S`` (tiny Llava, SFT-50 on the server's public split) of a scenario's
-    split, its held-out test examples and its accuracy (cached)."""
-    from bench_reward_ablation import scenario_split
+def reference_folder(cache: Path, seed: int, scenario: str = "honest", warm_start: str = "sft") -> Path:
+    """Where a seed's reference accuracy (and, for ``sft``, the reference itself) is cached: the adversary adds no
+    server data, so it shares the honest scenario's."""
+    return cache / f"{'' if warm_start == 'sft' else warm_start.replace('+', '_') + '-'}seed{seed}" \
+        f"{'-shapes' if scenario == 'shapes' else ''}"
+
+
+def _reference(seed: int, cache: Path, eval_size: int, scenario: str = "honest", warm_start: str = "sft",
+               reward_cache: Path | None = None):
+    """The warm start of ``mor demo --seed S --warm-start W`` of a scenario's split, its held-out test examples and
+    its accuracy (cached). ``sft`` (tiny Llava, SFT-50 on the server's public split) is cached here, as this bench
+    always did; any other recipe is bench_reward_ablation.py's reference in ``reward_cache`` (the very checkpoint
+    the Mixture-of-Rewards cells start from)."""
+    from bench_reward_ablation import reference_model, scenario_split
 
     from mor_server.alignment.pipeline import heldout_test
     from mor_server.alignment.evaluate import accuracy
@@ -87,10 +107,15 @@ def _reference(seed: int, cache: Path, eval_size: int, scenario: str = "honest")
 
     split = scenario_split(scenario, seed)
     test = heldout_test(split)[:eval_size]
-    cache = cache / f"seed{seed}{'-shapes' if scenario == 'shapes' else ''}"  # the adversary adds no server data
-    model, proc, _ = warm_start_cached(cache / "reference", split.server_public,
-                                       tiny=TinyLlavaConfig(seed=seed), sft=SFTConfig(steps=50, seed=seed),
-                                       progress=False)
+    cache = reference_folder(cache, seed, scenario, warm_start)
+    if warm_start == "sft":
+        model, proc, _ = warm_start_cached(cache / "reference", split.server_public,
+                                           tiny=TinyLlavaConfig(seed=seed), sft=SFTConfig(steps=50, seed=seed),
+                                           progress=False)
+    else:
+        model, proc, _ = reference_model(warm_start, seed, split, reward_cache,
+                                         tag="-shapes" if scenario == "shapes" else "")
+    cache.mkdir(parents=True, exist_ok=True)
     model.to("cpu").eval()
     f = cache / f"reference_accuracy_{eval_size}.json"
     if f.is_file():
@@ -174,15 +199,18 @@ class _NoScore:
 
 
 def _cell_key(method, eps, seed, args, scenario: str = "honest") -> str:
+    ws = args.warm_start  # the sft cells keep the keys they were recorded under
     h = hashlib.sha256(json.dumps({"m": method, "e": eps, "s": seed, "r": args.rounds, "lr": args.lr,
                                    "b": args.batch_size, "ep": args.local_epochs, "d": args.delta,
                                    "c": args.max_grad_norm, "p": args.max_pairs, "n": args.eval_size,
                                    "sa": bool(args.secagg), "v": 1,
                                    **({"o": args.objective, "beta": args.dpo_beta} if args.objective != "sft" else {}),
-                                   **({"sc": scenario} if scenario != "honest" else {})},
+                                   **({"sc": scenario} if scenario != "honest" else {}),
+                                   **({"ws": ws} if ws != "sft" else {})},
                                   sort_keys=True).encode()).hexdigest()[:12]
     sc = "" if scenario == "honest" else f"{scenario}-"
-    return f"{sc}{method}-{'inf' if math.isinf(eps) else f'eps{eps:g}'}-seed{seed}-{h}"
+    w = "" if ws == "sft" else f"{ws.replace('+', '_')}-"
+    return f"{w}{sc}{method}-{'inf' if math.isinf(eps) else f'eps{eps:g}'}-seed{seed}-{h}"
 
 
 def _fmt(vals) -> str:
@@ -193,16 +221,26 @@ def _fmt(vals) -> str:
     return f"{100 * statistics.mean(vals):.1f} ± {100 * statistics.stdev(vals):.1f}"
 
 
-def _reward_cell(scenario: str, method: str, seed: int, cache: Path, steps: int, cells: Path) -> dict:
-    """A Mixture-of-Rewards cell (bench_reward_ablation.py, the sft warm start; its reward models and references in
-    ``cache``), run or read from ``cells``, in the baselines' row format."""
-    from bench_reward_ablation import cell_name, run_cell
+def reward_label(warm_start: str, steps: int | None) -> str:
+    """bench_reward_ablation.py's policy label of the Mixture-of-Rewards cells: the warm start, with
+    ``~max_steps=N`` when ``--grpo-steps`` is not the recipe's own budget (as that bench's ``--steps`` labels it)."""
+    from bench_reward_ablation import recipe_steps
 
-    f = cells / f"{cell_name('sft', scenario, method, seed)}.json"
-    if f.is_file():
-        c = json.loads(f.read_text())
-    else:
-        c = run_cell("sft", scenario, method, seed, cache, steps)
+    return warm_start if steps in (None, recipe_steps(warm_start)) else f"{warm_start}~max_steps={steps}"
+
+
+def _reward_cell(scenario: str, method: str, seed: int, cache: Path, label: str, cells: Path) -> dict:
+    """A Mixture-of-Rewards cell (bench_reward_ablation.py's cell of policy label ``label``; its reward models and
+    references in ``cache``), run or read from ``cells``, in the baselines' row format. A cached cell that started
+    from another build of the reference than the one in ``cache`` (another host's kernels) is measured again, so
+    that it pairs with the baselines' cells, which start from the reference in ``cache``."""
+    from bench_reward_ablation import cell_name, other_reference, recipe_steps, run_cell
+
+    steps = recipe_steps(label)
+    f = cells / f"{cell_name(label, scenario, method, seed)}.json"
+    c = json.loads(f.read_text()) if f.is_file() else None
+    if c is None or other_reference(c, cache):
+        c = run_cell(label, scenario, method, seed, cache, steps)
         f.parent.mkdir(parents=True, exist_ok=True)
         tmp = f.with_suffix(".tmp")
         tmp.write_text(json.dumps(c, indent=1, default=str))
@@ -246,11 +284,22 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache" / "baselines")
     ap.add_argument("--reward-cache", type=Path, default=ROOT / "benchmarks" / ".cache" / "reward_ablation",
                     help="bench_reward_ablation.py's cache (the Mixture-of-Rewards cells)")
-    ap.add_argument("--grpo-steps", type=int, default=400, help="GRPO steps of the Mixture-of-Rewards cells")
+    ap.add_argument("--grpo-steps", type=int, default=None,
+                    help="GRPO steps of the Mixture-of-Rewards cells (default: the warm start's own, as in the demo: "
+                         "150 for seeing, 400 for the others)")
+    ap.add_argument("--warm-start", default="sft", choices=WARM_STARTS,
+                    help="the policy every cell starts from (mor demo --warm-start): sft (default; the committed "
+                         "table), or e.g. seeing, the demo's default, whose reference is bench_reward_ablation.py's "
+                         "in --reward-cache")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.rounds, args.max_pairs, args.eval_size, args.grpo_steps = [0], 2, 64, 120, 4
+    if args.grpo_steps is not None and args.grpo_steps < 1:
+        raise SystemExit(f"--grpo-steps must be >= 1, got {args.grpo_steps}")
+    reward_policy = reward_label(args.warm_start, args.grpo_steps)
+    from bench_reward_ablation import recipe_steps
+    args.grpo_steps = recipe_steps(reward_policy)
     # the quick cells (other GRPO steps) never mix with the full ones; reward models and references are shared
     reward_cells = args.cache / "reward_quick_cells" if args.quick else args.reward_cache / "cells"
     out_path = args.out or ROOT / "benchmarks" / "results" / ("baselines_quick.json" if args.quick else
@@ -267,7 +316,7 @@ def main(argv=None) -> int:
     def cached(sc, m, e, s) -> Path | None:
         if m in REWARD_METHODS:
             from bench_reward_ablation import cell_name
-            f = reward_cells / f"{cell_name('sft', sc, m, s)}.json"
+            f = reward_cells / f"{cell_name(reward_policy, sc, m, s)}.json"
         else:
             f = args.cache / "cells" / f"{_cell_key(m, e, s, args, sc)}.json"
         return f
@@ -277,16 +326,20 @@ def main(argv=None) -> int:
         label = f"[{i + 1}/{len(cells)}] {sc} {method}" + ("" if eps is None else f" eps={eps:g}") + f" seed={seed}"
         f = cached(sc, method, eps, seed)
         was_cached = f.is_file()
+        if was_cached and method in REWARD_METHODS:  # recorded from another build of the reference: run again
+            from bench_reward_ablation import other_reference
+            was_cached = not other_reference(json.loads(f.read_text()), args.reward_cache)
         t0 = time.perf_counter()
         if method in REWARD_METHODS:
             if not was_cached:
                 print(f"{label}: running ({args.grpo_steps} GRPO steps)", flush=True)
-            cell = _reward_cell(sc, method, seed, args.reward_cache, args.grpo_steps, reward_cells)
+            cell = _reward_cell(sc, method, seed, args.reward_cache, reward_policy, reward_cells)
         elif was_cached:
             cell = json.loads(f.read_text())
         else:
             if (sc, seed) not in refs:
-                refs[(sc, seed)] = _reference(seed, args.cache, args.eval_size, sc)
+                refs[(sc, seed)] = _reference(seed, args.cache, args.eval_size, sc, args.warm_start,
+                                              args.reward_cache)
             split, test, model, proc, _ = refs[(sc, seed)]
             data = client_examples(sc, split, seed, args.max_pairs)
             cell = asyncio.run(_federated_run(data, test, model, proc, method, eps, seed, args))
@@ -308,9 +361,9 @@ def main(argv=None) -> int:
     ref_acc = {}
     for sc in args.scenario:
         for s in args.seeds:
-            fr = args.cache / f"seed{s}{'-shapes' if sc == 'shapes' else ''}" / f"reference_accuracy_{args.eval_size}.json"
+            fr = reference_folder(args.cache, s, sc, args.warm_start) / f"reference_accuracy_{args.eval_size}.json"
             if not fr.is_file():  # every cell was cached: the reference's accuracy is measured once here
-                _reference(s, args.cache, args.eval_size, sc)
+                _reference(s, args.cache, args.eval_size, sc, args.warm_start, args.reward_cache)
             if fr.is_file():
                 ref_acc[f"{sc}/{s}"] = json.loads(fr.read_text())
     print(f"\nheld-out test accuracy (%), seeds {args.seeds}, mean ± std over seeds; baselines: {args.rounds} rounds, "
@@ -327,7 +380,7 @@ def main(argv=None) -> int:
         if refs_sc:
             print(f"{'ref':<8} {'-':>8} {_fmt([x['overall'] for x in refs_sc]):>14} "
                   + "".join(f"{_fmt([x['by_domain'][d] for x in refs_sc if d in x['by_domain']]):>13}" for d in domains)
-                  + f" {'-':>24} {'-':>10} {'-':>7}  (SFT-50 warm start)")
+                  + f" {'-':>24} {'-':>10} {'-':>7}  ({args.warm_start} warm start)")
         for method in args.methods:
             for p in (["-"] if method in REWARD_METHODS else args.privacy):
                 eps = None if p == "-" else (math.inf if p == "inf" else float(p))
@@ -378,7 +431,7 @@ def main(argv=None) -> int:
             refs_sc = [v for k, v in ref_acc.items() if k.startswith(f"{sc}/")]
             if refs_sc:
                 ax.axhline(100 * statistics.mean(x["overall"] for x in refs_sc), color="gray", ls="--",
-                           label="reference (SFT-50)")
+                           label=f"reference ({args.warm_start})")
                 ax.legend(fontsize=7)
             ax.set_xticks(range(len(rs)), labels, fontsize=6)
             ax.set_ylabel("held-out accuracy (%)")

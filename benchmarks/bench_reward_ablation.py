@@ -296,9 +296,9 @@ def recipe(label: str, seed: int):
     return tiny, pre
 
 
-def reference(policy: str, seed: int, split, cache: Path, tag: str = "") -> Path:
-    """The cell's reference, built once per (policy, seed, split: ``tag``) and copied into each cell
-    (warm_start_cached's key)."""
+def reference_model(policy: str, seed: int, split, cache: Path, tag: str = ""):
+    """``(model, processor, folder)`` of the cell's reference, built once per (policy, seed, split: ``tag``) and
+    copied into each cell (warm_start_cached's key); bench_baselines.py starts its parameter-sharing cells from it."""
     from dataclasses import replace
 
     from mor_server.alignment.warmstart import warm_start_cached
@@ -306,13 +306,18 @@ def reference(policy: str, seed: int, split, cache: Path, tag: str = "") -> Path
     tiny, pre = recipe(policy, seed)
     d = reference_dir(policy, seed, cache, tag)  # the prompt pool does not change the reference
     t0 = time.perf_counter()
-    _, _, info = warm_start_cached(d, split.server_public, tiny=tiny, sft=replace(reference_sft(policy), seed=seed),
-                                   pretrain=pre, progress=False,
-                                   stage1_from=[c for c in stage1_candidates(seed, cache, tag) if c != d])
+    model, proc, info = warm_start_cached(d, split.server_public, tiny=tiny,
+                                          sft=replace(reference_sft(policy), seed=seed), pretrain=pre, progress=False,
+                                          stage1_from=[c for c in stage1_candidates(seed, cache, tag) if c != d])
     if not info.get("cached"):
         print(f"  built the {split_label(policy)[0]} reference of seed {seed} in {time.perf_counter() - t0:.0f} s",
               flush=True)
-    return d
+    return model, proc, d
+
+
+def reference(policy: str, seed: int, split, cache: Path, tag: str = "") -> Path:
+    """The folder of the cell's reference (:func:`reference_model`)."""
+    return reference_model(policy, seed, split, cache, tag)[2]
 
 
 def scorers_for(scenario: str, method: str, seed: int, split, cache: Path) -> dict:
