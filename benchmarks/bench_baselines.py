@@ -92,6 +92,28 @@ def reference_folder(cache: Path, seed: int, scenario: str = "honest", warm_star
         f"{'-shapes' if scenario == 'shapes' else ''}"
 
 
+def reference_checkpoint(cache: Path, seed: int, scenario: str = "honest", warm_start: str = "sft",
+                         reward_cache: Path | None = None) -> Path:
+    """The folder of the checkpoint every cell of a seed starts from: ``sft``'s in this bench's cache, any other
+    recipe's in bench_reward_ablation.py's ``reward_cache``."""
+    if warm_start == "sft":
+        return reference_folder(cache, seed, scenario, warm_start) / "reference"
+    from bench_reward_ablation import reference_dir
+
+    return reference_dir(warm_start, seed, reward_cache, "-shapes" if scenario == "shapes" else "")
+
+
+def from_other_build(cell: dict, checkpoint: Path) -> bool:
+    """Whether a cached cell (or reference accuracy) recorded another reference digest than the checkpoint now at
+    ``checkpoint`` (a rebuild, another host's kernels): then it is measured again. Records without a digest (cells
+    from before 2026-12-05) and a checkpoint not built yet are trusted."""
+    from bench_reward_ablation import reference_digest
+
+    want = cell.get("reference_sha256")
+    have = reference_digest(checkpoint) if want else None
+    return have is not None and have != want
+
+
 def _reference(seed: int, cache: Path, eval_size: int, scenario: str = "honest", warm_start: str = "sft",
                reward_cache: Path | None = None):
     """The warm start of ``mor demo --seed S --warm-start W`` of a scenario's split, its held-out test examples and
@@ -115,14 +137,17 @@ def _reference(seed: int, cache: Path, eval_size: int, scenario: str = "honest",
     else:
         model, proc, _ = reference_model(warm_start, seed, split, reward_cache,
                                          tag="-shapes" if scenario == "shapes" else "")
+    from bench_reward_ablation import reference_digest
+
+    checkpoint = reference_checkpoint(cache.parent, seed, scenario, warm_start, reward_cache)
     cache.mkdir(parents=True, exist_ok=True)
     model.to("cpu").eval()
     f = cache / f"reference_accuracy_{eval_size}.json"
-    if f.is_file():
-        acc = json.loads(f.read_text())
-    else:
+    acc = json.loads(f.read_text()) if f.is_file() else None
+    if acc is None or from_other_build(acc, checkpoint):
         acc = accuracy(model, proc, test)
         acc = {k: acc[k] for k in ("overall", "by_domain", "n")}
+        acc["reference_sha256"] = reference_digest(checkpoint)
         f.write_text(json.dumps(acc))
     return split, test, model, proc, acc
 
@@ -326,9 +351,12 @@ def main(argv=None) -> int:
         label = f"[{i + 1}/{len(cells)}] {sc} {method}" + ("" if eps is None else f" eps={eps:g}") + f" seed={seed}"
         f = cached(sc, method, eps, seed)
         was_cached = f.is_file()
-        if was_cached and method in REWARD_METHODS:  # recorded from another build of the reference: run again
+        if was_cached:  # recorded from another build of the reference: run again
             from bench_reward_ablation import other_reference
-            was_cached = not other_reference(json.loads(f.read_text()), args.reward_cache)
+            rec = json.loads(f.read_text())
+            was_cached = not (other_reference(rec, args.reward_cache) if method in REWARD_METHODS else
+                              from_other_build(rec, reference_checkpoint(args.cache, seed, sc, args.warm_start,
+                                                                         args.reward_cache)))
         t0 = time.perf_counter()
         if method in REWARD_METHODS:
             if not was_cached:
@@ -340,9 +368,10 @@ def main(argv=None) -> int:
             if (sc, seed) not in refs:
                 refs[(sc, seed)] = _reference(seed, args.cache, args.eval_size, sc, args.warm_start,
                                               args.reward_cache)
-            split, test, model, proc, _ = refs[(sc, seed)]
+            split, test, model, proc, ref_acc_now = refs[(sc, seed)]
             data = client_examples(sc, split, seed, args.max_pairs)
             cell = asyncio.run(_federated_run(data, test, model, proc, method, eps, seed, args))
+            cell["reference_sha256"] = ref_acc_now.get("reference_sha256")  # the checkpoint it started from
             cell["scenario"] = sc
             f.parent.mkdir(parents=True, exist_ok=True)
             tmp = f.with_suffix(".tmp")
@@ -362,7 +391,8 @@ def main(argv=None) -> int:
     for sc in args.scenario:
         for s in args.seeds:
             fr = reference_folder(args.cache, s, sc, args.warm_start) / f"reference_accuracy_{args.eval_size}.json"
-            if not fr.is_file():  # every cell was cached: the reference's accuracy is measured once here
+            if not fr.is_file() or from_other_build(json.loads(fr.read_text()), reference_checkpoint(
+                    args.cache, s, sc, args.warm_start, args.reward_cache)):  # measured once here (or again)
                 _reference(s, args.cache, args.eval_size, sc, args.warm_start, args.reward_cache)
             if fr.is_file():
                 ref_acc[f"{sc}/{s}"] = json.loads(fr.read_text())

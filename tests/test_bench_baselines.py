@@ -104,3 +104,66 @@ def test_a_mor_cell_from_another_build_of_the_reference_is_measured_again(tmp_pa
     assert json.loads(f.read_text())["reference_sha256"] == here  # the re-measured cell replaced the stale one
     row = bench_baselines._reward_cell("honest", "mor", 0, tmp_path, "seeing", cells)
     assert len(runs) == 1 and row["accuracy"] == 0.7
+
+
+def test_a_baseline_cell_from_another_build_of_the_reference_is_measured_again(tmp_path):
+    """A baseline cell records the digest of the checkpoint it started from; once the reference in the cache is
+    another build, the cell (and the reference's accuracy) no longer count as measured, and one without a digest,
+    recorded before cells carried one, is still trusted."""
+    from bench_baselines import from_other_build, reference_checkpoint
+    from bench_reward_ablation import reference_digest, reference_dir
+
+    ckpt = reference_checkpoint(tmp_path / "baselines", 0, "honest", "seeing", tmp_path / "rewards")
+    assert ckpt == reference_dir("seeing", 0, tmp_path / "rewards")
+    assert reference_checkpoint(tmp_path / "baselines", 1, "shapes", "sft").parts[-2:] == ("seed1-shapes", "reference")
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"first build")
+    cell = {"accuracy": 0.8, "reference_sha256": reference_digest(ckpt)}
+    assert not from_other_build(cell, ckpt)
+    (ckpt / "model.safetensors").write_bytes(b"a rebuild on another host")
+    assert from_other_build(cell, ckpt)
+    assert not from_other_build({"accuracy": 0.8}, ckpt)
+    assert not from_other_build(cell, tmp_path / "not-built")
+
+
+def test_the_grid_reruns_a_baseline_cell_recorded_from_another_build(tmp_path, monkeypatch):
+    """End to end through main(): the cached fedit cell recorded another checkpoint than the seeing reference now in
+    the reward cache, so it is trained again (here a recorded stand-in for the federated run) and re-recorded with
+    this build's digest."""
+    import bench_baselines
+    from bench_baselines import _cell_key, reference_folder
+    from bench_reward_ablation import reference_digest, reference_dir
+
+    ckpt = reference_dir("seeing", 0, tmp_path / "rewards")
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"this host's build")
+    here = reference_digest(ckpt)
+    cache = tmp_path / "baselines"
+    (cache / "cells").mkdir(parents=True)
+    f = cache / "cells" / f"{_cell_key('fedit', 8.0, 0, _args('seeing'))}.json"
+    stale = {"method": "fedit", "epsilon_target": 8.0, "seed": 0, "secagg": False, "accuracy": 0.6,
+             "by_domain": {"color": 0.9, "shape": 0.7, "yesno": 0.5}, "collapsed": [], "rounds": 5,
+             "epsilon_per_client": {"client0": 7.9}, "update_bytes_per_client_per_round": 4096,
+             "server_sees": "every client's update", "wall_s": 2.0, "scenario": "honest",
+             "reference_sha256": "0" * 64}
+    f.write_text(json.dumps(stale))
+    acc = {"overall": 0.6, "n": 600, "by_domain": {"color": 0.95, "shape": 0.8, "yesno": 0.5}, "reference_sha256": here}
+    ref = reference_folder(cache, 0, "honest", "seeing")
+    ref.mkdir(parents=True)
+    (ref / "reference_accuracy_600.json").write_text(json.dumps(acc))
+    monkeypatch.setattr(bench_baselines, "_reference", lambda *a, **k: (None, [], None, None, acc))
+    monkeypatch.setattr(bench_baselines, "client_examples", lambda *a, **k: {})
+    trained = []
+
+    async def fake_run(data, test, model, proc, method, eps, seed, args):
+        trained.append((method, eps, seed))
+        return dict(stale, accuracy=0.75, reference_sha256=None)
+
+    monkeypatch.setattr(bench_baselines, "_federated_run", fake_run)
+    out = tmp_path / "out.json"
+    assert bench_baselines.main(["--warm-start", "seeing", "--privacy", "8", "--seeds", "0", "--methods", "fedit",
+                                 "--cache", str(cache), "--reward-cache", str(tmp_path / "rewards"),
+                                 "--out", str(out)]) == 0
+    assert trained == [("fedit", 8.0, 0)]
+    assert json.loads(f.read_text())["reference_sha256"] == here
+    assert json.loads(out.read_text())["rows"][0]["accuracy"] == [0.75]
