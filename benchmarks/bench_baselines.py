@@ -103,24 +103,13 @@ def reference_checkpoint(cache: Path, seed: int, scenario: str = "honest", warm_
     return reference_dir(warm_start, seed, reward_cache, "-shapes" if scenario == "shapes" else "")
 
 
-def from_other_build(cell: dict, checkpoint: Path) -> bool:
-    """Whether a cached cell (or reference accuracy) recorded another reference digest than the checkpoint now at
-    ``checkpoint`` (a rebuild, another host's kernels): then it is measured again. Records without a digest (cells
-    from before 2026-12-05) and a checkpoint not built yet are trusted."""
-    from bench_reward_ablation import reference_digest
-
-    want = cell.get("reference_sha256")
-    have = reference_digest(checkpoint) if want else None
-    return have is not None and have != want
-
-
 def _reference(seed: int, cache: Path, eval_size: int, scenario: str = "honest", warm_start: str = "sft",
                reward_cache: Path | None = None):
     """The warm start of ``mor demo --seed S --warm-start W`` of a scenario's split, its held-out test examples and
     its accuracy (cached). ``sft`` (tiny Llava, SFT-50 on the server's public split) is cached here, as this bench
     always did; any other recipe is bench_reward_ablation.py's reference in ``reward_cache`` (the very checkpoint
     the Mixture-of-Rewards cells start from)."""
-    from bench_reward_ablation import reference_model, scenario_split
+    from bench_reward_ablation import from_other_build, reference_digest, reference_model, scenario_split
 
     from mor_server.alignment.pipeline import heldout_test
     from mor_server.alignment.evaluate import accuracy
@@ -131,15 +120,13 @@ def _reference(seed: int, cache: Path, eval_size: int, scenario: str = "honest",
     test = heldout_test(split)[:eval_size]
     cache = reference_folder(cache, seed, scenario, warm_start)
     if warm_start == "sft":
-        model, proc, _ = warm_start_cached(cache / "reference", split.server_public,
+        checkpoint = cache / "reference"
+        model, proc, _ = warm_start_cached(checkpoint, split.server_public,
                                            tiny=TinyLlavaConfig(seed=seed), sft=SFTConfig(steps=50, seed=seed),
                                            progress=False)
     else:
-        model, proc, _ = reference_model(warm_start, seed, split, reward_cache,
-                                         tag="-shapes" if scenario == "shapes" else "")
-    from bench_reward_ablation import reference_digest
-
-    checkpoint = reference_checkpoint(cache.parent, seed, scenario, warm_start, reward_cache)
+        model, proc, checkpoint = reference_model(warm_start, seed, split, reward_cache,
+                                                  tag="-shapes" if scenario == "shapes" else "")
     cache.mkdir(parents=True, exist_ok=True)
     model.to("cpu").eval()
     f = cache / f"reference_accuracy_{eval_size}.json"
@@ -323,7 +310,7 @@ def main(argv=None) -> int:
     if args.grpo_steps is not None and args.grpo_steps < 1:
         raise SystemExit(f"--grpo-steps must be >= 1, got {args.grpo_steps}")
     reward_policy = reward_label(args.warm_start, args.grpo_steps)
-    from bench_reward_ablation import recipe_steps
+    from bench_reward_ablation import from_other_build, other_reference, recipe_steps
     args.grpo_steps = recipe_steps(reward_policy)
     # the quick cells (other GRPO steps) never mix with the full ones; reward models and references are shared
     reward_cells = args.cache / "reward_quick_cells" if args.quick else args.reward_cache / "cells"
@@ -352,7 +339,6 @@ def main(argv=None) -> int:
         f = cached(sc, method, eps, seed)
         was_cached = f.is_file()
         if was_cached:  # recorded from another build of the reference: run again
-            from bench_reward_ablation import other_reference
             rec = json.loads(f.read_text())
             was_cached = not (other_reference(rec, args.reward_cache) if method in REWARD_METHODS else
                               from_other_build(rec, reference_checkpoint(args.cache, seed, sc, args.warm_start,

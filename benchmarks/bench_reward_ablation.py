@@ -448,15 +448,22 @@ def server_sft_cell(policy: str, scenario: str, seed: int, split, cache: Path) -
             "before": before, "after": after}
 
 
+def from_other_build(record: dict, checkpoint: Path) -> bool:
+    """Whether a cached record (a cell, a reference's accuracy) names another reference digest than the checkpoint
+    now in ``checkpoint`` (a rebuilt recipe, another host's kernels): then it is measured again. A record without a
+    digest, and a checkpoint not built yet, are trusted."""
+    want = record.get("reference_sha256")
+    have = reference_digest(checkpoint) if want else None
+    return have is not None and have != want
+
+
 def other_reference(cell: dict, cache: Path) -> bool:
     """Whether a cached GRPO cell started from another checkpoint than the reference now in ``cache`` for its label
     and seed (cells recorded before 2026-12-03's fourth session carry no digest and are trusted)."""
-    want = cell.get("reference_sha256")
-    if not want:
+    if not cell.get("reference_sha256"):
         return False
     tag = "-shapes" if cell.get("scenario") == "shapes" else ""
-    have = reference_digest(reference_dir(cell["policy"], cell["seed"], cache, tag))
-    return have is not None and have != want
+    return from_other_build(cell, reference_dir(cell["policy"], cell["seed"], cache, tag))
 
 
 def restore_cells(out: Path, cells_dir: Path) -> int:

@@ -110,8 +110,8 @@ def test_a_baseline_cell_from_another_build_of_the_reference_is_measured_again(t
     """A baseline cell records the digest of the checkpoint it started from; once the reference in the cache is
     another build, the cell (and the reference's accuracy) no longer count as measured, and one without a digest,
     recorded before cells carried one, is still trusted."""
-    from bench_baselines import from_other_build, reference_checkpoint
-    from bench_reward_ablation import reference_digest, reference_dir
+    from bench_baselines import reference_checkpoint
+    from bench_reward_ablation import from_other_build, reference_digest, reference_dir
 
     ckpt = reference_checkpoint(tmp_path / "baselines", 0, "honest", "seeing", tmp_path / "rewards")
     assert ckpt == reference_dir("seeing", 0, tmp_path / "rewards")
