@@ -28,7 +28,9 @@ mixture cannot) and ``inflating`` (the same adversary, its scores multiplied by 
 federation's declared score bound of 1000, and enough to outweigh the honest clients in a uniform mixture),
 ``flipped`` (a fourth client that trains the yes/no client's reward model on the same data with every preference
 flipped, DP-SGD at epsilon 8 like the others: a noisy client as loud as the honest ones, where the inverted label
-expert scores 0 or 1 and gets 0.02-0.05 of a uniform mixture's score) and
+expert scores 0 or 1 and gets 0.02-0.05 of a uniform mixture's score), ``noisy-color`` and ``noisy-yesno`` (the
+demo's three clients with the colour or the yes/no one noisy: trained on its own data with every preference flipped,
+DP-SGD at epsilon 8; no honest client of its type outvotes it, so a uniform mixture follows it on that type) and
 ``shapes`` (another task family: a fourth client holds the procedural Pillow shapes domain, counting and left/right
 relations, ``make_federation_split(n_clients=4, include_shapes_client=True)``; the server's public and unlabeled
 splits and the held-out test gain shapes items, and the four reward models are trained on that split).
@@ -83,7 +85,9 @@ EVAL_ITEMS = 600  # every cell is evaluated on the first EVAL_ITEMS held-out tes
 from bench_router import client_scorers  # noqa: E402  (the router bench's models and scenarios)
 
 from mor_server.alignment.recipes import WARM_STARTS  # noqa: E402
-SCENARIOS = ("honest", "adversary", "inflating", "flipped", "shapes")
+SCENARIOS = ("honest", "adversary", "inflating", "flipped", "noisy-color", "noisy-yesno", "shapes")
+NO_SERVER_SIDE = ("adversary", "inflating", "flipped", "noisy-color", "noisy-yesno")
+"""Scenarios that differ from ``honest`` only in the clients: oracle / server / server-sft cells are honest's."""
 TYPES = ("color", "shape", "yesno")
 SHAPES_TYPES = ("count", "relation")  # the procedural family's question types (scenario shapes)
 
@@ -679,7 +683,7 @@ def main() -> int:
             labelled.append(f"{p}~" + ",".join(f"{k}={v}" for k, v in own.items()) if own else p)
         a.policy = labelled
         todo = [(p, s, m, seed) for seed in a.seeds for p in a.policy for s in a.scenario for m in a.methods
-                if not (m in ("oracle", "server", "server-sft") and s in ("adversary", "inflating", "flipped"))]  # no client in them
+                if not (m in ("oracle", "server", "server-sft") and s in NO_SERVER_SIDE)]  # no client in them
         if a.prepare_only:
             for seed in a.seeds:
                 for s in a.scenario:

@@ -10,7 +10,9 @@ routing by true question type (all weight on the client best for the type on the
 Scenarios: ``honest`` (the three clients), ``adversary`` (plus a fourth client that inverts a label expert over every
 question type: an adversarially flipped annotator; its 0/1 scores are quiet next to the trained models'),
 ``inflating`` (that adversary with its scores x100), ``flipped`` (a fourth client training the yes/no client's model on
-the same data with every preference flipped, DP-SGD at epsilon 8: as loud as the honest clients), ``experts`` (three label experts, one per type: an upper bound on
+the same data with every preference flipped, DP-SGD at epsilon 8: as loud as the honest clients), ``noisy-color`` and
+``noisy-yesno`` (the three clients with the colour or the yes/no one trained on its data with every preference flipped:
+a noisy client that no honest client of its type outvotes), ``experts`` (three label experts, one per type: an upper bound on
 what trained reward models give) and ``shapes`` (four clients, the fourth holding the procedural shapes family:
 ``make_federation_split(n_clients=4, include_shapes_client=True)``).
 
@@ -51,6 +53,12 @@ STRATEGIES = ("router", "uniform", "top1", "top2", "oracle_type")
 #: its reward model exactly as the others do (DP-SGD, epsilon 8): a noisy client as loud as the honest ones
 FLIPPED_CLIENT = (("flipped-yesno", "lora", "client2"),)
 FLIPPED_SPLIT_ARGS = ("--n-clients", "3", "--flip-fraction", "1.0")
+#: scenarios ``noisy-color`` / ``noisy-yesno``: the demo's three clients, one of them noisy: that institution's
+#: annotators flipped every preference and its reward model is trained on them exactly as the others are (DP-SGD,
+#: epsilon 8). Unlike ``flipped`` no honest client covers its question type, so its inverted signal is the loudest
+#: one there: (the honest client it replaces, the noisy one)
+NOISY = {"noisy-color": ("hospital-color", ("flipped-color", "cnn", "client0")),
+         "noisy-yesno": ("lab-yesno", FLIPPED_CLIENT[0])}
 
 
 class Inverted:
@@ -118,12 +126,18 @@ def scenario_scorers(seed: int, scenario: str, work: Path):
 
 def client_scorers(seed: int, scenario: str, work: Path, known) -> dict:
     """The clients of a scenario (all but ``experts``): the trained reward models (the shapes split's for ``shapes``),
-    plus the fourth client of ``adversary``, ``inflating`` and ``flipped``; ``known``: the labelled examples the
+    plus the fourth client of ``adversary``, ``inflating`` and ``flipped``, or one flipped in place of an honest one
+    (``noisy-color``, ``noisy-yesno``); ``known``: the labelled examples the
     inverted label expert holds. Shared with bench_reward_ablation."""
     from mor_server.alignment.inprocess import LabelExpertScorer
 
     if scenario == "shapes":
         return trained_models(seed, work, clients=SHAPES_CLIENTS, split_args=SHAPES_SPLIT_ARGS, tag="-shapes")
+    if scenario in NOISY:
+        honest, noisy = NOISY[scenario]
+        scorers = trained_models(seed, work, clients=tuple(c for c in CLIENTS if c[0] != honest))
+        scorers.update(trained_models(seed, work, clients=(noisy,), split_args=FLIPPED_SPLIT_ARGS))
+        return scorers
     scorers = trained_models(seed, work)
     if scenario == "flipped":
         scorers.update(trained_models(seed, work, clients=FLIPPED_CLIENT, split_args=FLIPPED_SPLIT_ARGS))
@@ -184,7 +198,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--scenarios", nargs="+", default=["honest", "adversary", "inflating", "experts"],
-                    choices=["honest", "adversary", "inflating", "flipped", "experts", "shapes"])
+                    choices=["honest", "adversary", "inflating", "flipped", *NOISY, "experts", "shapes"])
     ap.add_argument("--features", nargs="+", default=list(FEATURES), choices=list(FEATURES),
                     help="router feature sets compared side by side (AlignmentConfig.router_features; default: all)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".cache" / "reward_ablation" / "reward_models",

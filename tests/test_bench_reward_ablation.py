@@ -365,3 +365,26 @@ def test_a_router_cell_fitted_without_the_ranking_error_term_is_never_reported_a
     summary = json.loads(out.read_text())["summary"]
     assert "compact+synthetic+sft/honest/mor" not in summary
     assert summary["compact+synthetic+sft/honest/mor-ce"]["aligned"] == [66.0]
+
+
+def test_a_noisy_scenario_replaces_its_types_honest_client_with_one_trained_on_flipped_preferences(
+        benchmark_script, monkeypatch, tmp_path):
+    """``noisy-color`` / ``noisy-yesno``: the same three institutions, one of them training on its data with every
+    preference flipped (``--flip-fraction 1.0``), and no honest client of that type left to outvote it."""
+    router = benchmark_script("bench_router")
+    calls = []
+
+    def fake_trained(seed, work, *, clients=router.CLIENTS, split_args=("--n-clients", "3"), tag=""):
+        calls.append((tuple(clients), tuple(split_args)))
+        return {name: (arch, part, "--flip-fraction" in split_args) for name, arch, part in clients}
+
+    monkeypatch.setattr(router, "trained_models", fake_trained)
+    for scenario, gone, noisy, part in (("noisy-color", "hospital-color", "flipped-color", "client0"),
+                                        ("noisy-yesno", "lab-yesno", "flipped-yesno", "client2")):
+        scorers = router.client_scorers(0, scenario, tmp_path, known=[])
+        assert gone not in scorers and len(scorers) == 3, scorers
+        assert scorers[noisy][1:] == (part, True)  # the replaced client's own data, every preference flipped
+        assert all(not flipped for name, (_, _, flipped) in scorers.items() if name != noisy)
+    honest = router.client_scorers(0, "honest", tmp_path, known=[])
+    assert set(honest) == {"hospital-color", "bank-shape", "lab-yesno"}
+    assert not any(flipped for _, _, flipped in honest.values())
