@@ -82,11 +82,11 @@ METHODS = ("mor", "mor-ce", "mor-iq", "mor-iq-ce", "uniform", "oracle", "server"
 SERVER_SFT_STEPS = 300  # bench_alignment_seeds.py's --baseline-steps default: 32 epochs of the 300-example split
 EVAL_ITEMS = 600  # every cell is evaluated on the first EVAL_ITEMS held-out test items of its split (the demo's eval_size)
 
-from bench_router import client_scorers  # noqa: E402  (the router bench's models and scenarios)
+from bench_router import NOISY, client_scorers  # noqa: E402  (the router bench's models and scenarios)
 
 from mor_server.alignment.recipes import WARM_STARTS  # noqa: E402
-SCENARIOS = ("honest", "adversary", "inflating", "flipped", "noisy-color", "noisy-yesno", "shapes")
-NO_SERVER_SIDE = ("adversary", "inflating", "flipped", "noisy-color", "noisy-yesno")
+SCENARIOS = ("honest", "adversary", "inflating", "flipped", *NOISY, "shapes")
+NO_SERVER_SIDE = ("adversary", "inflating", "flipped", *NOISY)
 """Scenarios that differ from ``honest`` only in the clients: oracle / server / server-sft cells are honest's."""
 TYPES = ("color", "shape", "yesno")
 SHAPES_TYPES = ("count", "relation")  # the procedural family's question types (scenario shapes)

@@ -372,10 +372,8 @@ def test_a_noisy_scenario_replaces_its_types_honest_client_with_one_trained_on_f
     """``noisy-color`` / ``noisy-yesno``: the same three institutions, one of them training on its data with every
     preference flipped (``--flip-fraction 1.0``), and no honest client of that type left to outvote it."""
     router = benchmark_script("bench_router")
-    calls = []
 
     def fake_trained(seed, work, *, clients=router.CLIENTS, split_args=("--n-clients", "3"), tag=""):
-        calls.append((tuple(clients), tuple(split_args)))
         return {name: (arch, part, "--flip-fraction" in split_args) for name, arch, part in clients}
 
     monkeypatch.setattr(router, "trained_models", fake_trained)
