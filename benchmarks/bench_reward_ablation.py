@@ -78,7 +78,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-METHODS = ("mor", "mor-ce", "mor-iq", "mor-iq-ce", "uniform", "oracle", "server", "server-sft")
+METHODS = ("mor", "mor-ce", "mor-iq", "mor-iq-ce", "uniform", "oracle", "server", "server-sft", "mor+abstain",
+           "uniform+abstain")
+ABSTAIN_Z = 2.0  # the "+abstain" methods' AlignmentConfig.router_abstain_z (the pipeline's default); the others: None
 SERVER_SFT_STEPS = 300  # bench_alignment_seeds.py's --baseline-steps default: 32 epochs of the 300-example split
 EVAL_ITEMS = 600  # every cell is evaluated on the first EVAL_ITEMS held-out test items of its split (the demo's eval_size)
 
@@ -260,7 +262,7 @@ def rank_weight_of(method: str) -> float:
     return 0.0 if method.endswith("-ce") else 1.0
 
 
-ROUTED = ("mor", "mor-ce", "mor-iq", "mor-iq-ce")
+ROUTED = ("mor", "mor-ce", "mor-iq", "mor-iq-ce", "mor+abstain")
 
 
 def stale(cell: dict) -> str | None:
@@ -369,8 +371,11 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
                                                 "max_steps": steps, "save_steps": 0, **grpo_overrides(policy)}),
                           seed=seed, w_format=4.0,
                           answer_vocabulary=list(get_answers()) + (list(SHAPES_ANSWERS) if scenario == "shapes" else []),
-                          routing="uniform" if method == "uniform" else "learned",
+                          routing="uniform" if method.startswith("uniform") else "learned",
                           router_rank_weight=rank_weight_of(method),
+                          # the router's abstention (a type no routed client ranks above chance gets no client's
+                          # reward) only in the "+abstain" methods: mor and uniform stay what they were measured as
+                          router_abstain_z=ABSTAIN_Z if method.endswith("+abstain") else None,
                           **({"router_features": ("image", "question")} if method.startswith("mor-iq") else {}),
                           eval_size=EVAL_ITEMS, curve_every=100, resume=False, progress=False,
                           # every cell runs its whole GRPO budget: the collapse guard (on in the demo) would end
@@ -398,6 +403,7 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
                       "mean_weight": {c: v.get("mean_weight") for c, v in cal.get("clients", {}).items()},
                       "weights_by_domain": cal.get("weights_by_domain"),
                       "effective_by_domain": cal.get("effective_by_domain"),
+                      "abstain_z": cal.get("abstain_z"), "trust": cal.get("trust"),
                       "heldout": {k: (v["accuracy"] if isinstance(v, dict) and "accuracy" in v else None)
                                   for k, v in cal.get("heldout", {}).items()}},
            "routing_by_domain_grpo": rep["routing_by_domain_grpo"], "accuracy_curve": rep["accuracy_curve"],
@@ -563,7 +569,8 @@ def report(cells: list[dict], out: Path) -> dict:
                                        "grpo_seconds": [c["grpo_seconds"] for c in cs]}
     # paired differences that the issues ask about
     pairs = [("mor", "uniform"), ("mor", "oracle"), ("mor", "mor-ce"), ("mor-ce", "uniform"), ("mor", "mor-iq"),
-             ("mor-ce", "mor-iq-ce"), ("mor", "server-sft")]
+             ("mor-ce", "mor-iq-ce"), ("mor", "server-sft"), ("mor+abstain", "uniform"), ("mor+abstain", "mor"),
+             ("uniform+abstain", "uniform"), ("mor+abstain", "uniform+abstain")]
     for pol in sorted({c["policy"] for c in cells}):
         for sc in SCENARIOS:
             for a, b in pairs:
@@ -645,7 +652,9 @@ def main() -> int:
     ap.add_argument("--scenario", choices=SCENARIOS, nargs="+", default=["honest"])
     ap.add_argument("--methods", nargs="+", default=["oracle", "mor", "uniform"],
                     help="mor, mor-ce (router fitted on the likelihood alone), mor-iq (router on image + question words), "
-                         "mor-iq-ce, uniform, oracle, server, server-sft "
+                         "mor-iq-ce, uniform, oracle, server, server-sft, mor+abstain / uniform+abstain (mor / uniform "
+                         "with the pipeline's default router_abstain_z 2.0: a question type no routed client ranks "
+                         "above chance gets no client's reward; mor and uniform run without it) "
                          "(SFT-300 on the server's labels, no GRPO; at the LR of --reference-sft K:LR), client:<name> (hospital-color, bank-shape, lab-yesno; "
                          "studio-shapes in the shapes scenario)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

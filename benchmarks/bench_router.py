@@ -190,7 +190,11 @@ def run(seed: int, scenario: str, work: Path, features: list[str]) -> list[dict]
                      "clients": {c: v["accuracy"] for c, v in h["clients"].items()},
                      "mean_weight": {c: v["mean_weight"] for c, v in cal["clients"].items()},
                      "by_domain": h["by_domain"], "oracle_choice": h["oracle_choice"],
-                     "weights_by_domain": cal["weights_by_domain"], "pool_effective_by_domain": effective})
+                     "weights_by_domain": cal["weights_by_domain"], "pool_effective_by_domain": effective,
+                     # the router's abstention (AlignmentConfig.router_abstain_z, default 2.0): per type, how often
+                     # the routed mixture ranks the right answer above a wrong one on the calibration items
+                     "trust": cal.get("trust"),
+                     "abstains_on": sorted(d for d, v in (cal.get("trust") or {}).items() if not v["trusted"])})
     return rows
 
 
@@ -246,6 +250,14 @@ def main() -> int:
             summary.setdefault("pool_effective", {}).setdefault(scenario, {})[name] = {
                 f"{d}:{c}": v for (d, c), v in share.items()}
             print(f"{scenario:<11}{name:<16}{line}")
+    print("\nthe router abstains on (no client's reward used; calibration win rate ± standard error, chance 0.50):")
+    for scenario in a.scenarios:
+        for name in a.features:
+            for r in (r for r in rows if r["scenario"] == scenario and r["features"] == name):
+                trust = r["trust"] or {}
+                print(f"{scenario:<11}{name:<16}seed {r['seed']}: " + ("  ".join(
+                    f"{d} {v['win_rate']:.2f}±{v['se']:.2f}{'' if v['trusted'] else ' ABSTAIN'}"
+                    for d, v in trust.items()) or "-"))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"command": " ".join(["benchmarks/bench_router.py", *sys.argv[1:]]),
                                  "summary": summary, "runs": rows}, indent=1))

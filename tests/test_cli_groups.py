@@ -196,6 +196,10 @@ def test_align_routing_and_warm_start_reach_the_engine(tmp_path):
     assert cfg.routing == "uniform" and cfg.router_rank_weight == 1.0
     assert _config(parser.parse_args(["align", "--router-rank-weight", "0", "--workdir", str(tmp_path)]),
                    "k").router_rank_weight == 0.0  # the likelihood-only router of the ablation
+    assert cfg.router_abstain_z == 2.0 and _config(parser.parse_args(
+        ["align", "--no-router-abstain", "--workdir", str(tmp_path)]), "k").router_abstain_z is None
+    assert _config(parser.parse_args(["align", "--router-abstain-z", "3", "--workdir", str(tmp_path)]),
+                   "k").router_abstain_z == 3.0
     assert cfg.tiny.patch_size == 8 and cfg.tiny.seed == 3
     assert cfg.pretrain is not None and cfg.pretrain.vision_steps > 0 and cfg.pretrain.caption_steps > 0
     assert cfg.pretrain.seed == 3

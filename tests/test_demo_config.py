@@ -128,6 +128,20 @@ def test_alignment_router_rank_weight_is_a_number_and_reaches_the_config(tmp_pat
             alignment_overrides(cfg)
 
 
+def test_alignment_router_abstain_z_is_a_number_or_null(tmp_path):
+    """`mor demo --config` may set how sure the router must be that a question type's mixture ranks above chance
+    before it uses any client's reward there (null: always use them); anything else is one line naming it."""
+    from mor_server.apps.demo import alignment_overrides
+
+    for ok in (0, 3.5, None):
+        cfg = DemoConfig.from_file(_write(tmp_path, {"alignment": {"router_abstain_z": ok}}))
+        assert alignment_overrides(cfg) == {"router_abstain_z": ok}
+    for bad in (-1, "2", True, float("nan")):
+        cfg = DemoConfig.from_file(_write(tmp_path, {"alignment": {"router_abstain_z": bad}}))
+        with pytest.raises(ValueError, match=r"^alignment.router_abstain_z must be a finite number >= 0 .* or None"):
+            alignment_overrides(cfg)
+
+
 def _write(tmp_path, obj) -> "object":
     f = tmp_path / "run.json"
     f.write_text(json.dumps(obj))

@@ -239,3 +239,52 @@ def test_answer_softmax_rewards_are_the_mixtures_probability_among_the_questions
     assert lone[0] == pytest.approx(want) and want > 0.5
     with pytest.raises(ValueError, match="anchors"):
         MoRReward(backend, router, FeatureExtractor(), shaping="answer_softmax")
+
+
+def test_a_type_the_router_abstains_on_is_sent_to_no_client_and_gets_no_advantage(examples, router):
+    """The attack: every client that knows colour is replaced by one with flipped preferences. The router shuts it
+    out, but without abstention the colour completions still got the other clients' opinion of colour answers, and
+    GRPO's per-group normalisation made that noise a full-size advantage (colour 98-100% -> 37-86%, docs). A type
+    the router abstains on is now never sent to a client and every completion of its prompt gets the same reward,
+    while the other types are scored as before."""
+    import copy
+
+    from mor_server.alignment.answers import AnswerSchema
+
+    class Recording(InProcessBackend):
+        def __init__(self, scorers):
+            super().__init__(scorers)
+            self.sent = []
+
+        def mixed_scores(self, items, weights):
+            self.sent.extend(it.question for it in items)
+            return super().mixed_scores(items, weights)
+
+    schema = AnswerSchema.fit([(e.question, e.answer) for e in examples])
+    colour = [e for e in examples if e.question_type == "color"][:2]
+    shape = [e for e in examples if e.question_type == "shape"][:1]
+    backend = Recording({"a": LabelScorer(examples), "b": LabelScorer(examples)})
+    router = copy.deepcopy(router)
+    router.calibration = {"alpha": 5.0}
+    router.abstain = [tuple(sorted(schema.valid_answers(colour[0].question)))]
+    mor = MoRReward(backend, router, FeatureExtractor(), valid=schema.is_valid, shaping="answer_softmax",
+                    anchors=schema.valid_answers)
+    exs = colour + shape
+    other = {"color": "blue", "shape": "circle"}
+    answers = [a for e in exs for a in (e.answer, other[e.question_type] if e.answer != other[e.question_type]
+                                        else "red" if e.question_type == "color" else "square", "maybe")]
+    got = mor(completions=answers, **trl_kwargs(exs, 3))
+    assert not any(q in backend.sent for q in (e.question for e in colour)), backend.sent
+    assert backend.sent == [shape[0].question]
+    n_colour = len(schema.valid_answers(colour[0].question))
+    for i in range(2):  # both well-formed colour completions: 1/candidates, the right one no better than the wrong
+        assert got[3 * i] == got[3 * i + 1] == pytest.approx(1.0 / n_colour) and got[3 * i + 2] is None
+    assert got[6] > 0.5 > got[7]  # the shape prompt still ranks its right answer first
+    assert mor.abstained == 2 and mor.rounds_ok == 1
+    # a batch of abstained prompts only: no round at all
+    backend.sent.clear()
+    again = mor(completions=answers[:6], **trl_kwargs(colour, 3))
+    assert backend.sent == [] and again[0] == again[1] and mor.rounds_ok == 1 and mor.abstained == 4
+    # without a way to recognise the abstained questions the reward refuses to start
+    with pytest.raises(ValueError, match="answer_sets"):
+        MoRReward(backend, router, FeatureExtractor())

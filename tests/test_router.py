@@ -119,7 +119,9 @@ def test_calibration_records_who_decides_each_types_ranking(public):
     line = shares_summary(cal)  # what mor demo and mor align print
     assert line.startswith("share of the mixed score") and "color: colour 0.9" in line, line
     assert shares_summary({}) is None
-    assert summary_lines(cal)[-1] == line and summary_lines({}) == []
+    assert line in summary_lines(cal) and summary_lines({}) == []
+    # no client knows yes/no here: the router routes those questions to no client, and says so last
+    assert summary_lines(cal)[-1].startswith("router abstains on yesno (") and cal["trust"]["color"]["trusted"]
 
 
 class Flipped:
@@ -393,3 +395,40 @@ def test_router_weights_do_not_depend_on_the_order_clients_answered(public):
     for other in weights[1:]:
         for c in experts:
             assert np.array_equal(weights[0][c], other[c]), c
+
+
+def test_router_abstains_on_a_type_no_client_ranks_above_chance(public, tmp_path):
+    """The only colour client has flipped preferences (noisy-color). The router shuts it out, which leaves colour
+    with no client that ranks it above chance: calibration says so (``trust``: win rate, standard error) and routes
+    colour questions to no client; shape and yes/no keep their experts. Saved and loaded with the router; an honest
+    federation abstains on nothing, and abstain_z=None turns it off."""
+    from mor_server.alignment.router import answer_set_trust
+
+    scorers = {"expert_shape": LabelExpertScorer(public, ["shape"]), "expert_yesno": LabelExpertScorer(public, ["yesno"]),
+               "flipped_color": Flipped(LabelExpertScorer(public, ["color"]))}
+    schema = answer_schema(public)
+    colour = tuple(sorted(schema.valid_answers(next(e.question for e in public if e.question_type == "color"))))
+    router = calibrate_router(InProcessBackend(scorers), public, FeatureExtractor(), steps=300, seed=0, schema=schema)
+    trust = router.calibration["trust"]
+    assert router.abstain == [colour], trust
+    assert not trust["color"]["trusted"] and trust["color"]["win_rate"] - 2 * trust["color"]["se"] <= 0.5
+    assert trust["shape"]["trusted"] and trust["yesno"]["trusted"] and trust["shape"]["win_rate"] > 0.9
+    assert router.abstains(list(reversed(colour))) and not router.abstains(["yes", "no"])
+    line = summary_lines(router.calibration)[-1]
+    assert line.startswith("router abstains on color (") and "chance 0.50" in line, line
+    assert MoRRouter.load(router.save(tmp_path / "r")).abstain == [colour]
+    off = calibrate_router(InProcessBackend(scorers), public, FeatureExtractor(), steps=300, seed=0, schema=schema,
+                           abstain_z=None)
+    assert off.abstain == [] and "trust" not in off.calibration
+    honest = calibrate_router(InProcessBackend({f"expert_{d}": LabelExpertScorer(public, [d]) for d in DOMAINS}),
+                              public, FeatureExtractor(), steps=300, seed=0, schema=schema)
+    assert honest.abstain == [] and all(v["trusted"] for v in honest.calibration["trust"].values())
+    with pytest.raises(ValueError, match="abstain_z must be a finite number >= 0"):
+        calibrate_router(InProcessBackend(scorers), public, FeatureExtractor(), abstain_z=float("nan"))
+    # the statistic itself: chance is 0.5 whatever the number of candidates, ties count half, few items are kept
+    S = np.array([[[1.0, 0.0, 0.0]], [[0.0, 0.0, 0.0]], [[0.0, 1.0, 1.0]]] * 4, dtype=np.float32)
+    mask = np.ones((12, 3), dtype=bool)
+    t = np.zeros(12, dtype=np.int64)
+    got = answer_set_trust(np.ones((12, 1)), S, mask, t, ["a"] * 6 + ["b"] * 3 + ["c"] * 3, z=2.0, min_items=4)
+    assert got["a"]["win_rate"] == pytest.approx(0.5) and not got["a"]["trusted"]
+    assert got["b"]["items"] == 3 and got["b"]["trusted"]  # too few to judge

@@ -19,7 +19,7 @@ from .evaluate import domain_of
 from .features import FeatureExtractor
 from .policy import normalize_answer
 from .rewards import RewardBackend, RoundFailed
-from .router import MoRRouter, effective_shares
+from .router import MoRRouter, answer_set_trust, candidate_tensor, check_abstain_z, effective_shares
 
 
 def answer_schema(public: Sequence, unlabeled: Sequence = (), vocabulary: Sequence[str] | None = None, *,
@@ -107,7 +107,22 @@ def routing_summary(calibration: Mapping) -> str | None:
 def summary_lines(calibration: Mapping) -> list[str]:
     """What ``mor demo`` and ``mor align`` print about the router after a run: :func:`routing_summary` and
     :func:`shares_summary`, those that have something to say."""
-    return [line for line in (routing_summary(calibration), shares_summary(calibration)) if line]
+    return [line for line in (routing_summary(calibration), shares_summary(calibration),
+                              abstain_summary(calibration)) if line]
+
+
+def abstain_summary(calibration: Mapping) -> str | None:
+    """One line naming the question types the router routes to no client (``calibration["trust"]``), with the
+    evidence: no client's reward is used for them."""
+    trust = (calibration or {}).get("trust") or {}
+    off = {d: v for d, v in trust.items() if not v.get("trusted", True)}
+    if not off:
+        return None
+    parts = [f"{d} ({v['items']} public items, right answer above a wrong one {v['win_rate']:.2f} of the time, "
+             f"± {v['se']:.2f}; chance 0.50)" for d, v in off.items()]
+    return ("router abstains on " + "; ".join(parts) + ": the routed clients rank these answers no better than "
+            "chance, so their completions get a constant reward, are sent to no client, and keep the reference's "
+            "answers under the KL term")
 
 
 def shares_summary(calibration: Mapping) -> str | None:
@@ -130,12 +145,16 @@ def calibrate_router(backend: RewardBackend, public: Sequence, features: Feature
                      seed: int = 0,
                      purpose: str = "calibration", retries: int = 1, progress: bool = False,
                      schema: AnswerSchema | None = None, heldout_fraction: float = 0.2,
-                     routing: str = "learned") -> MoRRouter:
+                     routing: str = "learned", abstain_z: float | None = 2.0) -> MoRRouter:
     """Run one calibration scoring round over the server's labelled public examples (each with every valid answer
     as a candidate) and fit a router on the answer-softmax objective GRPO uses (plus ``rank_weight`` times the routed
     clients' expected ranking error, :meth:`MoRRouter.calibrate`). A seeded ``heldout_fraction`` of the
     examples is kept out of the fit and used to compare the router with uniform, top-k and oracle routing
-    (``router.calibration["heldout"]``); they are in the same round, so the comparison costs no extra release."""
+    (``router.calibration["heldout"]``); they are in the same round, so the comparison costs no extra release.
+    With ``abstain_z`` (not None), answer sets whose routed mixture does not rank the right answer above chance by
+    ``abstain_z`` standard errors on all calibration items are routed to no client (:attr:`MoRRouter.abstain`,
+    :func:`~mor_server.alignment.router.answer_set_trust`; the evidence is in ``router.calibration["trust"]``)."""
+    abstain_z = check_abstain_z(abstain_z, "calibrate_router: abstain_z")
     schema = schema or answer_schema(public)
     cal = calibration_items(public, schema)
     items = [ScoringItem(item_id=f"cal-{i}", image=e.image, question=e.question, candidates=tuple(c))
@@ -168,8 +187,19 @@ def calibrate_router(backend: RewardBackend, public: Sequence, features: Feature
         d: {c: float(np.mean([w[c][i] for i, dd in enumerate(doms) if dd == d])) for c in w} for d in sorted(set(doms))}
     # who decides the ranking: the weights times the spread of each client's scores (router.effective_shares)
     router.calibration["effective_by_domain"] = effective_shares(w, scores, doms)
+    if abstain_z is not None:
+        keys = [tuple(sorted(schema.valid_answers(e.question))) for e, _, _ in cal]
+        S, mask, t = candidate_tensor(scores, truth, len(cal))
+        trust = answer_set_trust(np.array([[w[c][i] for c in scores] for i in range(len(cal))]), S, mask, t, keys,
+                                 z=abstain_z)
+        router.abstain = sorted(k for k, v in trust.items() if not v["trusted"])
+        label = {k: max(set(d for d, kk in zip(doms, keys) if kk == k), key=doms.count) for k in trust}
+        clash = {d for d in label.values() if list(label.values()).count(d) > 1}  # one type, several answer sets
+        router.calibration["trust"] = {(f"{label[k]} [{', '.join(k)}]" if label[k] in clash else label[k]):
+                                       {**v, "answers": list(k)} for k, v in trust.items()}
+        router.calibration["abstain_z"] = abstain_z
     if held:
-        from .router import candidate_tensor, ranking_quality
+        from .router import ranking_quality
 
         S, mask, t = candidate_tensor(pick(fit), truth[fit], len(fit))
         fit_doms = [doms[i] for i in fit]

@@ -25,7 +25,7 @@ from .grpo import GRPOMetrics, GRPORunConfig, make_prompt_dataset, run_grpo
 from .guard import CollapseGuardConfig, collapse_guard_callback
 from .policy import TinyLlavaConfig, load_policy, pick_device, policy_preset, save_policy
 from .rewards import MoRReward, RewardBackend, hybrid_rewards
-from .router import MoRRouter, check_rank_weight
+from .router import MoRRouter, check_abstain_z, check_rank_weight
 from .warmstart import PretrainConfig, SFTConfig, warm_start_cached
 
 
@@ -57,6 +57,12 @@ class AlignmentConfig:
     """Weight of the routed clients' expected ranking error in the router's fit, next to the likelihood
     (:meth:`MoRRouter.calibrate`); 0: the likelihood alone, which left a client with flipped preferences 11-15% of
     the yes/no score (docs/alignment.md, "A router that shuts out a flipped client")."""
+    router_abstain_z: float | None = 2.0
+    """The router routes a question type (all questions with the same valid answers) to no client when its mixture
+    does not rank the right answer above chance by this many standard errors on the calibration items; those
+    prompts get a constant MoR reward and are sent to no client (:func:`mor_server.alignment.router.answer_set_trust`).
+    None: never. With every client of a type replaced by one trained on flipped preferences, the router without it
+    still let the other clients' noise take colour from 98-100% to 37-86% (docs/alignment.md)."""
     top_k: int | None = None
     """Route each item to its top-k clients only (None: all live clients)."""
     router_features: tuple = ("type",)
@@ -233,6 +239,7 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
         raise ValueError("AlignmentConfig.router_features: 'type' needs typed_answers=True (an untyped answer schema "
                          "has no answer types); drop 'type' or keep the typed format rule")
     check_rank_weight(cfg.router_rank_weight, "AlignmentConfig.router_rank_weight:")  # fails before any work
+    check_abstain_z(cfg.router_abstain_z, "AlignmentConfig.router_abstain_z:")
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -301,7 +308,7 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
                                   rank_weight=cfg.router_rank_weight, top_k=cfg.top_k, objective=cfg.objective,
                                   seed=cfg.seed,
                                   purpose=cfg.calibration_purpose, retries=cfg.retries, routing=cfg.routing,
-                                  schema=schema)
+                                  schema=schema, abstain_z=cfg.router_abstain_z)
         runstate.save_router(router, work / "router")
         ranks.wait()
     bound = router.calibration.get("score_bound")
@@ -319,7 +326,8 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
     mor = MoRReward(backend, router, features, objective=cfg.objective, deadline_s=cfg.deadline_s,
                     retries=cfg.retries, metrics=metrics, shaping=cfg.reward_shaping,
                     valid=schema.is_valid if cfg.w_format > 0 else None,
-                    anchors=schema.valid_answers if cfg.reward_shaping == "answer_softmax" else None)
+                    anchors=schema.valid_answers if cfg.reward_shaping == "answer_softmax" else None,
+                    answer_sets=schema.valid_answers)
     funcs, weights = hybrid_rewards(mor, answers=schema, w_mix=cfg.w_mix, w_format=cfg.w_format,
                                     w_length=cfg.w_length)
     gcfg = GRPORunConfig(**{**asdict(cfg.grpo), "output_dir": str(work / "grpo"), "seed": cfg.seed,
@@ -363,7 +371,7 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
         "accuracy_gain_points": 100 * (after["overall"] - before["overall"]),
         "kl_to_reference": kl, "win_rate_before": before_win, "win_rate_after": after_win,
         "rounds": {"ok": mor.rounds_ok, "failed": mor.rounds_failed, "failed_attempts": mor.attempts_failed,
-                   "unscored_completions": mor.unscored},
+                   "unscored_completions": mor.unscored, "abstained_prompts": mor.abstained},
         "answer_types": [sorted(t) for t in schema.types()],
         "router": router.calibration, "routing_by_domain_grpo": routing_mean, "epsilon": eps,
         "grpo": {"global_step": res["global_step"], "seconds": res["seconds"], "resumed_from": res["resumed_from"],

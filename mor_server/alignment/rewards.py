@@ -119,6 +119,11 @@ class MoRReward:
         ``softmax_a(alpha * r(a))[completion]``: an absolute signal in (0, 1) that does not depend on which other
         completions were sampled (with group_sigmoid a group whose only well-formed completion is right gets 0.5).
     anchors: ``anchors(question) -> answers`` for ``"answer_softmax"``.
+    answer_sets: ``answer_sets(question) -> answers valid for it`` (e.g. ``AnswerSchema.valid_answers``): questions
+        whose answer set the router abstains on (:attr:`MoRRouter.abstain`) are sent to no client, and every
+        completion of theirs gets the reward of an all-zero score (raw 0, answer_softmax 1/candidates, group_sigmoid
+        0.5): one constant per prompt, so GRPO's advantage from this reward is 0 there. Counted in ``abstained``.
+        Defaults to ``anchors``; with neither, the router's abstentions cannot be applied and construction fails.
     """
 
     __name__ = "mor_reward"
@@ -126,7 +131,8 @@ class MoRReward:
     def __init__(self, backend: RewardBackend, router: MoRRouter, features: FeatureExtractor, *, objective: int = 0,
                  deadline_s: float = 30.0, retries: int = 1, metrics=None,
                  valid: Callable[[str, str], bool] | None = None, shaping: str = "raw",
-                 anchors: Callable[[str], Sequence[str]] | None = None, retry: RetryPolicy | None = None):
+                 anchors: Callable[[str], Sequence[str]] | None = None, retry: RetryPolicy | None = None,
+                 answer_sets: Callable[[str], Sequence[str]] | None = None):
         if retries < 0:
             raise ValueError(f"MoRReward: retries must be >= 0, got {retries}")
         if deadline_s <= 0:
@@ -138,6 +144,11 @@ class MoRReward:
             raise ValueError("MoRReward: shaping='answer_softmax' needs anchors=(question -> possible answers), e.g. "
                              "AnswerSchema.valid_answers")
         self.anchors = anchors
+        self.answer_sets = answer_sets or anchors
+        if getattr(router, "abstain", None) and self.answer_sets is None:
+            raise ValueError("MoRReward: the router abstains on some answer sets (router.abstain) but no "
+                             "answer_sets=(question -> valid answers) was given to recognise their questions")
+        self.abstained = 0
         self.valid = valid
         self.shaping = shaping
         self.unscored = 0
@@ -261,24 +272,39 @@ class MoRReward:
         """One scoring round (with retries) for these completions."""
         n = len(completions)
         items, pos, domains = self.build_items(completions, kwargs)
+        # questions the router routes to no client (MoRRouter.abstain): an all-zero score, never sent
+        off = [bool(getattr(self.router, "abstain", None)) and self.router.abstains(self.answer_sets(it.question))
+               for it in items]
+        ask = [k for k in range(len(items)) if not off[k]]
+        scores: list = [[0.0] * len(it.candidates) if o else None for it, o in zip(items, off)]
+        with self._lock:
+            self.abstained += len(items) - len(ask)
+        if not ask:
+            with self._lock:
+                self.history.append({"step": step, "ok": True, "items": 0, "abstained": len(items), "seconds": 0.0,
+                                     "mean_reward": None})
+            return self._shape(scores, pos)
+        asked = [items[k] for k in ask]
+        domains = [domains[k] for k in ask]
         live = list(self.backend.client_ids())
         t0 = time.perf_counter()
         if not live:
             return self._fail(n, step, "no live clients")
-        feats = self.features.batch([it.image for it in items], [it.question for it in items])
+        feats = self.features.batch([it.image for it in asked], [it.question for it in asked])
         weights = self.router.weights(feats, live=live, objective=self.objective)
         def attempt(_i):
-            scores = self._round(items, weights)
-            if len(scores) != len(items) or any(len(s) != len(it.candidates) for s, it in zip(scores, items)):
+            got = self._round(asked, weights)
+            if len(got) != len(asked) or any(len(s) != len(it.candidates) for s, it in zip(got, asked)):
                 raise RoundFailed("backend returned scores of the wrong shape")
-            return scores
+            return got
 
         def failed(_i, _e):
             with self._lock:
                 self.attempts_failed += 1
 
         try:  # bounded retries (RoundFailed only; anything else is a bug and propagates)
-            scores = self.retry.run(attempt, what="reward round", on_failure=failed)
+            for k, got in zip(ask, self.retry.run(attempt, what="reward round", on_failure=failed)):
+                scores[k] = got
         except RoundFailed as e:
             return self._fail(n, step, str(e))
         rewards = self._shape(scores, pos)
@@ -289,7 +315,8 @@ class MoRReward:
                 idx = [i for i, dd in enumerate(domains) if dd == d]
                 by_domain[d] = {c: sum(weights[c][i] for i in idx) / len(idx) for c in weights}
             self.history.append({"step": step, "ok": True, "mean_reward": sum(rewards) / n,
-                                 "seconds": time.perf_counter() - t0, "items": len(items),
+                                 "seconds": time.perf_counter() - t0, "items": len(asked),
+                                 "abstained": len(items) - len(asked),
                                  "weights": {c: sum(w) / len(w) for c, w in weights.items()},
                                  "weights_by_domain": by_domain, "routing_entropy": entropy(weights)})
         if self.metrics is not None:

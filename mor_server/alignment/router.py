@@ -22,6 +22,15 @@ fraction of item i's wrong candidates client k scores at least as high as the ri
 free of the clients' score scales, and it does not saturate, so weight moves to the clients that rank each item
 right.
 
+The router may also route a question to *no* client. A mixture that ranks a type of question (all questions with
+the same valid answers) no better than chance on the calibration items carries no signal for it, and GRPO's
+per-group normalisation would blow that noise up to unit-variance advantages: with the colour client replaced by
+one trained on flipped preferences, the router shut it out (weight 0.001) and the other clients' opinions of colour
+answers still took colour from 98-100% to 37-86% (docs/alignment.md, "A noisy client with no honest twin").
+:func:`answer_set_trust` tests each answer set; the untrusted ones are listed in :attr:`MoRRouter.abstain`, and
+:class:`~mor_server.alignment.rewards.MoRReward` gives their completions a constant reward and sends them to no
+client (GRPO's KL term then keeps the reference's answers there).
+
 Clients that join or leave are handled at routing time: weights are renormalised over the live clients the
 router knows; live clients it does not know get weight 0 until :meth:`MoRRouter.calibrate` is run again
 (:meth:`MoRRouter.needs_recalibration` says when). Optional top-k keeps the k largest weights per item.
@@ -92,8 +101,15 @@ class MoRRouter:
         self.net = _RouterNet(self.feature_dim, len(client_ids), self.n_objectives, self.hidden)
         self.mean = np.zeros(self.feature_dim, dtype=np.float32)
         self.std = np.ones(self.feature_dim, dtype=np.float32)
+        self.abstain: list[tuple[str, ...]] = []
+        """Answer sets (sorted tuples of the answers valid for a question) the router routes to no client: set by
+        :func:`~mor_server.alignment.calibration.calibrate_router` from :func:`answer_set_trust`."""
 
     # ------------------------------------------------------------------ routing
+    def abstains(self, answers: Sequence[str]) -> bool:
+        """Whether questions whose valid answers are ``answers`` get no client's reward (:attr:`abstain`)."""
+        return bool(self.abstain) and tuple(sorted(str(a) for a in answers)) in set(map(tuple, self.abstain))
+
     def _tensor(self, features: np.ndarray) -> torch.Tensor:
         f = np.asarray(features, dtype=np.float32)
         if f.ndim != 2 or f.shape[1] != self.feature_dim:
@@ -180,6 +196,7 @@ class MoRRouter:
             self.client_ids = clients
             torch.manual_seed(self.seed)
             self.net = _RouterNet(self.feature_dim, len(clients), self.n_objectives, self.hidden)
+        self.abstain = []  # a new fit: calibrate_router decides again which answer sets to route to no client
         self.mean = f.mean(axis=0)
         self.std = f.std(axis=0) + 1e-6
         x = self._tensor(f)
@@ -225,7 +242,7 @@ class MoRRouter:
         path.mkdir(parents=True, exist_ok=True)
         meta = {"client_ids": self.client_ids, "feature_dim": self.feature_dim, "n_objectives": self.n_objectives,
                 "hidden": self.hidden, "top_k": self.top_k, "seed": self.seed, "feature_config": self.feature_config,
-                "routing": self.routing,
+                "routing": self.routing, "abstain": [list(k) for k in self.abstain],
                 "mean": self.mean.tolist(), "std": self.std.tolist(), "calibration": self.calibration}
         (path / "router.json").write_text(json.dumps(meta))
         from safetensors.torch import save_file
@@ -254,6 +271,7 @@ class MoRRouter:
         r.mean = np.asarray(meta["mean"], dtype=np.float32)
         r.std = np.asarray(meta["std"], dtype=np.float32)
         r.calibration = meta.get("calibration", {})
+        r.abstain = [tuple(k) for k in meta.get("abstain", [])]  # routers saved before 2026-12-06: none
         return r
 
 
@@ -322,6 +340,43 @@ def ranking_quality(w: np.ndarray, S: np.ndarray, mask: np.ndarray, truth: np.nd
     return {"accuracy": float(np.mean(right > others.max(axis=1))), "loglik": float(np.mean(loglik))}
 
 
+def check_abstain_z(value, name: str = "abstain_z") -> float | None:
+    """``value`` as the confidence (standard errors) :func:`answer_set_trust` asks for, or ValueError naming ``name``:
+    None (never abstain) or a finite number >= 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (default 2.0) or None (the router never abstains), "
+                         f"got {value!r}")
+    return float(value)
+
+
+def answer_set_trust(w: np.ndarray, S: np.ndarray, mask: np.ndarray, truth: np.ndarray, keys: Sequence,
+                     *, z: float = 2.0, min_items: int = 5) -> dict:
+    """Whether the mixture ``sum_k w[:, k] * S[:, k]`` ranks the right answer of each answer set's items better than
+    chance. ``keys[i]`` is item i's answer set (any hashable). Per item, the *win rate* is the share of its wrong
+    candidates the mixture scores below the right one, a tie counting half (0.5 is chance for any number of
+    candidates, and it does not depend on the clients' score scales). An answer set is trusted when its mean win rate
+    minus ``z`` standard errors is above 0.5, or when it has fewer than ``min_items`` items (too few to judge: the
+    router keeps routing it). Returns ``{key: {"items", "win_rate", "se", "trusted"}}``."""
+    n = len(truth)
+    if len(keys) != n:
+        raise ValueError(f"answer_set_trust: {len(keys)} keys for {n} items")
+    mixed = np.einsum("nk,nkm->nm", np.asarray(w, dtype=np.float64), S.astype(np.float64))
+    right = mixed[np.arange(n), truth][:, None]
+    wrong = mask.copy()
+    wrong[np.arange(n), truth] = False
+    wins = (((mixed < right) + 0.5 * (mixed == right)) * wrong).sum(axis=1) / np.maximum(wrong.sum(axis=1), 1)
+    out = {}
+    for key in dict.fromkeys(keys):
+        v = wins[[i for i, k in enumerate(keys) if k == key]]
+        se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+        mean = float(v.mean())
+        out[key] = {"items": int(len(v)), "win_rate": mean, "se": se,
+                    "trusted": bool(len(v) < min_items or mean - z * se > 0.5)}
+    return out
+
+
 def effective_shares(weights: Mapping[str, Sequence[float]], scores: Mapping[str, Sequence[Sequence[float]]],
                      domains: Sequence[str]) -> dict[str, dict[str, float]]:
     """Each client's share of the mixed score, per question type: the mean over a type's items of
@@ -359,5 +414,5 @@ def entropy(weights: Mapping[str, Sequence[float]]) -> float:
     return float(np.mean(-(w * np.log(w)).sum(axis=1)))
 
 
-__all__ = ["MoRRouter", "candidate_tensor", "check_rank_weight", "effective_shares", "entropy", "rank_errors",
-           "ranking_quality"]
+__all__ = ["MoRRouter", "answer_set_trust", "candidate_tensor", "check_abstain_z", "check_rank_weight",
+           "effective_shares", "entropy", "rank_errors", "ranking_quality"]

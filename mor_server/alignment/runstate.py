@@ -135,6 +135,7 @@ def state_callback(mor, curve=None):
             with mor._lock:
                 data = {"step": state.global_step, "rounds_ok": mor.rounds_ok, "rounds_failed": mor.rounds_failed,
                         "attempts_failed": mor.attempts_failed, "unscored": mor.unscored,
+                        "abstained": getattr(mor, "abstained", 0),
                         "history": list(mor.history), "curve_points": list(curve.points) if curve else []}
             atomic_write_text(ck / MOR_STATE, json.dumps(data, default=float))
 
@@ -145,7 +146,7 @@ def restore(checkpoint: Path, mor, curve=None) -> dict:
     """Load ``mor_state.json`` of ``checkpoint`` into the reward (counters, history) and the accuracy curve."""
     data = json.loads((Path(checkpoint) / MOR_STATE).read_text())
     with mor._lock:
-        for k in ("rounds_ok", "rounds_failed", "attempts_failed", "unscored"):
+        for k in ("rounds_ok", "rounds_failed", "attempts_failed", "unscored", "abstained"):
             setattr(mor, k, int(data.get(k, 0)))
         mor.history = list(data.get("history", []))
     if curve is not None:

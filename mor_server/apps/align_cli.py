@@ -75,6 +75,11 @@ def register(sub) -> None:
                    help="weight of the routed clients' expected ranking error in the router's fit, next to the "
                         "likelihood; 0: the likelihood alone, which leaves a client ranking answers backwards part of "
                         "the score (default: 1.0; docs/alignment.md, \"A router that shuts out a flipped client\")")
+    p.add_argument("--router-abstain-z", type=non_negative_float, default=2.0,
+                   help="route a question type to no client when the router's mixture does not rank its right answer "
+                        "above chance by this many standard errors on the calibration items (default: 2.0)")
+    p.add_argument("--no-router-abstain", dest="router_abstain_z", action="store_const", const=None,
+                   help="never route a question type to no client")
     p.add_argument("--w-format", type=non_negative_float, default=4.0, help="weight of the typed answer-format rule")
     p.add_argument("--eval-size", type=positive_int, default=600, help="held-out test examples evaluated")
     p.add_argument("--policy", type=existing_dir, default=None, metavar="DIR",
@@ -190,7 +195,7 @@ def _config(args, resume_key: str):
     common = dict(work_dir=str(args.workdir), seed=args.seed, eval_size=args.eval_size,
                   resume=False if args.fresh else "auto", resume_key=resume_key, top_k=args.top_k,
                   routing=args.routing, router_features=tuple(args.router_features),
-                  router_rank_weight=args.router_rank_weight,
+                  router_rank_weight=args.router_rank_weight, router_abstain_z=args.router_abstain_z,
                   w_format=args.w_format, answer_vocabulary=list(easy_vqa.get_answers()),
                   deadline_s=args.round_timeout * 2, device=args.device, collapse_guard=guard,
                   policy_path=None if args.policy is None else str(args.policy),

@@ -49,7 +49,7 @@ DEFAULT_CLIENTS = (
 )
 #: keys of DemoConfig.alignment (AlignmentConfig fields, plus sft_steps for the warm start's SFTConfig.steps)
 ALIGNMENT_OVERRIDES = ("eval_size", "curve_size", "curve_every", "sft_steps", "sft_batches", "router_steps",
-                       "router_rank_weight", "heldout_pairs")
+                       "router_rank_weight", "router_abstain_z", "heldout_pairs")
 #: GRPO settings of the demo (on top of GRPORunConfig's defaults): 400 steps at lr 3e-4 and beta 0.05 (measured
 #: over 3 seeds, docs/alignment.md); at lr 1e-3 / beta 0.02 runs of 400 steps collapsed to one answer per type.
 #: A checkpoint every 20 steps (two kept): a run that dies loses at most 19 steps (a rerun resumes from the newest).
@@ -157,7 +157,8 @@ class DemoConfig:
     eval_size (test examples for before/after accuracy, default 600), curve_size (120; 0: no accuracy curve),
     curve_every (20), sft_steps (warm-start SFT steps on the public split: 50, 0 for compact+synthvqa), sft_batches
     ("balanced" or "proportional": how those steps draw question types; default the recipe's), router_steps (300),
-    router_rank_weight (1.0; 0 fits the router on the likelihood alone, docs/alignment.md) and heldout_pairs
+    router_rank_weight (1.0; 0 fits the router on the likelihood alone, docs/alignment.md), router_abstain_z (2.0;
+    null: the router never routes a question type to no client, docs/alignment.md) and heldout_pairs
     (held-out pairs per client for the policy's win rates; default all). The best measured pipeline
     is {"sft_steps": 300, "sft_batches": "proportional"} with --warm-start compact+synthetic+sft (README, "Which
     reward earns the alignment")."""
@@ -260,7 +261,7 @@ def _check_grpo(grpo: dict) -> None:
 def alignment_overrides(cfg: DemoConfig) -> dict:
     """``cfg.alignment`` checked: known keys only, each a whole number (>= 1 for router_steps and curve_every; 0 allowed
     for sft_steps: no SFT on the public split), sft_batches one of ``recipes.SFT_BATCHES``, router_rank_weight a
-    finite number >= 0."""
+    finite number >= 0, router_abstain_z one or null."""
     extra = cfg.alignment if cfg.alignment is not None else {}
     if not isinstance(extra, dict):
         raise ValueError(f"alignment must be a JSON object of settings {list(ALIGNMENT_OVERRIDES)}, got {extra!r}")
@@ -280,6 +281,11 @@ def alignment_overrides(cfg: DemoConfig) -> dict:
             from ..alignment.router import check_rank_weight
 
             check_rank_weight(v, "alignment.router_rank_weight")
+            continue
+        if k == "router_abstain_z":
+            from ..alignment.router import check_abstain_z
+
+            check_abstain_z(v, "alignment.router_abstain_z")
             continue
         low = 0 if k in ("eval_size", "curve_size", "heldout_pairs", "sft_steps") else 1
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
