@@ -109,6 +109,7 @@ def test_mor_align_runs_under_torchrun_with_two_processes(tmp_path):
     assert len(lines) == 2, r.stdout[-2000:]  # both ranks finished
     rank0 = max(lines, key=lambda x: x["ok"])
     rank1 = min(lines, key=lambda x: x["ok"])
-    assert rank0["ok"] == 2 and rank1 == {"ok": 0, "failed": 0, "failed_attempts": 0, "unscored_completions": 0}
+    assert rank0["ok"] == 2 and rank1 == {"ok": 0, "failed": 0, "failed_attempts": 0, "unscored_completions": 0,
+                                             "abstained_prompts": 0}
     rep = json.loads((work / "report" / "report.json").read_text())
     assert rep["grpo"]["global_step"] == 2 and rep["rounds"]["ok"] == 2

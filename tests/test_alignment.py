@@ -41,7 +41,7 @@ def test_run_alignment_writes_report_and_plots(split, tmp_path):
                         epsilon=lambda: {"expert_color": 1.5, "expert_shape": 2.0, "expert_yesno": 0.5})
     saved = json.loads((tmp_path / "run" / "report" / "report.json").read_text())
     assert saved["grpo"]["global_step"] == 2 and saved["rounds"] == {"ok": 2, "failed": 0, "failed_attempts": 0,
-                                                                "unscored_completions": 0}
+                                                                "unscored_completions": 0, "abstained_prompts": 0}
     assert set(saved["accuracy_before"]["by_domain"]) <= {"color", "shape", "yesno"}
     assert 0.0 <= saved["accuracy_after"]["overall"] <= 1.0 and saved["kl_to_reference"] >= -1e-6
     assert set(saved["win_rate_after"]) == set(split.clients)

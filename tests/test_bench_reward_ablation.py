@@ -118,7 +118,7 @@ def test_unknown_method_is_one_line_naming_the_choices(tmp_path):
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1] == ("--methods: unknown reward 'sft300'; use mor, mor-ce, mor-iq, mor-iq-ce, uniform, "
-                                                 "oracle, server, server-sft or client:<name>")
+                                                 "oracle, server, server-sft, mor+abstain, uniform+abstain or client:<name>")
     assert not (tmp_path / "c").exists()  # nothing was created before the check
 
 
