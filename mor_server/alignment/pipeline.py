@@ -62,7 +62,7 @@ class AlignmentConfig:
     does not rank the right answer above chance by this many standard errors on the calibration items; those
     prompts get a constant MoR reward and are sent to no client (:func:`mor_server.alignment.router.answer_set_trust`).
     None: never. With every client of a type replaced by one trained on flipped preferences, the router without it
-    still let the other clients' noise take colour from 98-100% to 37-86% (docs/alignment.md)."""
+    still let the other clients' noise take colour from 97-100% to 37-86% (docs/alignment.md)."""
     top_k: int | None = None
     """Route each item to its top-k clients only (None: all live clients)."""
     router_features: tuple = ("type",)

@@ -279,10 +279,7 @@ class MoRReward:
         scores: list = [[0.0] * len(it.candidates) if o else None for it, o in zip(items, off)]
         with self._lock:
             self.abstained += len(items) - len(ask)
-        if not ask:
-            with self._lock:
-                self.history.append({"step": step, "ok": True, "items": 0, "abstained": len(items), "seconds": 0.0,
-                                     "mean_reward": None})
+        if not ask:  # no round at all (nothing in history: it records rounds)
             return self._shape(scores, pos)
         asked = [items[k] for k in ask]
         domains = [domains[k] for k in ask]

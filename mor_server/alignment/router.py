@@ -26,7 +26,7 @@ The router may also route a question to *no* client. A mixture that ranks a type
 the same valid answers) no better than chance on the calibration items carries no signal for it, and GRPO's
 per-group normalisation would blow that noise up to unit-variance advantages: with the colour client replaced by
 one trained on flipped preferences, the router shut it out (weight 0.001) and the other clients' opinions of colour
-answers still took colour from 98-100% to 37-86% (docs/alignment.md, "A noisy client with no honest twin").
+answers still took colour from 97-100% to 37-86% (docs/alignment.md, "A noisy client with no honest twin").
 :func:`answer_set_trust` tests each answer set; the untrusted ones are listed in :attr:`MoRRouter.abstain`, and
 :class:`~mor_server.alignment.rewards.MoRReward` gives their completions a constant reward and sends them to no
 client (GRPO's KL term then keeps the reference's answers there).
