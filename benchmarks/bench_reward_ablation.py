@@ -652,11 +652,11 @@ def main() -> int:
     ap.add_argument("--scenario", choices=SCENARIOS, nargs="+", default=["honest"])
     ap.add_argument("--methods", nargs="+", default=["oracle", "mor", "uniform"],
                     help="mor, mor-ce (router fitted on the likelihood alone), mor-iq (router on image + question words), "
-                         "mor-iq-ce, uniform, oracle, server, server-sft, mor+abstain / uniform+abstain (mor / uniform "
-                         "with the pipeline's default router_abstain_z 2.0: a question type no routed client ranks "
-                         "above chance gets no client's reward; mor and uniform run without it) "
+                         "mor-iq-ce, uniform, oracle, server, server-sft "
                          "(SFT-300 on the server's labels, no GRPO; at the LR of --reference-sft K:LR), client:<name> (hospital-color, bank-shape, lab-yesno; "
-                         "studio-shapes in the shapes scenario)")
+                         "studio-shapes in the shapes scenario), mor+abstain / uniform+abstain (mor / uniform with the "
+                         "pipeline's default router_abstain_z 2.0: a question type no routed client ranks above chance "
+                         "gets no client's reward; mor and uniform run without it)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=None,
                     help="GRPO steps (default: the warm start's own, as in the demo: 150 for seeing, 400 for the "

@@ -244,7 +244,7 @@ def test_answer_softmax_rewards_are_the_mixtures_probability_among_the_questions
 def test_a_type_the_router_abstains_on_is_sent_to_no_client_and_gets_no_advantage(examples, router):
     """The attack: every client that knows colour is replaced by one with flipped preferences. The router shuts it
     out, but without abstention the colour completions still got the other clients' opinion of colour answers, and
-    GRPO's per-group normalisation made that noise a full-size advantage (colour 98-100% -> 37-86%, docs). A type
+    GRPO's per-group normalisation made that noise a full-size advantage (colour 97-100% -> 37-86%, docs). A type
     the router abstains on is now never sent to a client and every completion of its prompt gets the same reward,
     while the other types are scored as before."""
     import copy
