@@ -266,7 +266,10 @@ def test_align_serve_with_two_clients(tmp_path):
     p = subprocess.Popen([*MOR, "align", "--serve", "--pki", str(pki), "--port",
                           str(port), "--workdir", str(work), "--mode", "plain", "--min-clients", "2", "--steps", "2",
                           "--warm-start", "sft", "--sft-steps", "2", "--eval-size", "16",
-                          "--w-format", "0"],  # 0: every completion scored
+                          "--w-format", "0",  # 0: every completion scored
+                          # the toy LengthScorer ranks answers at chance, so the router would (rightly) abstain on
+                          # every type and run no GRPO round; this test is about the rounds
+                          "--no-router-abstain"],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
     procs = [ClientProcess(n, mor_client_argv("join", "--server", f"localhost:{port}", "--creds",
                                               str(pki / "clients" / n), "--scorer", "fedutil:LengthScorer"),
@@ -303,7 +306,10 @@ def test_demo_in_dp_mode(tmp_path):
                        {"name": "b-shape", "arch": "cnn", "partition": "client1", "max_pairs": 48, "epochs": 1,
                         "pretrain_epochs": 0}],
            "grpo": {"max_steps": 2, "prompts_per_step": 2, "num_generations": 2},
-           "alignment": {"eval_size": 12, "curve_size": 0, "sft_steps": 2, "router_steps": 20, "heldout_pairs": 0}}
+           # 48 pairs, one epoch: clients that rank at chance, which the router would (rightly) abstain on, leaving
+           # no GRPO round; this test is about the dp rounds
+           "alignment": {"eval_size": 12, "curve_size": 0, "sft_steps": 2, "router_steps": 20, "heldout_pairs": 0,
+                         "router_abstain_z": None}}
     (tmp_path / "run.json").write_text(json.dumps(cfg))
     r = subprocess.run([*MOR, "demo", "--config", str(tmp_path / "run.json"), "--mode", "dp", "--workdir", str(work)],
                        capture_output=True, text=True, timeout=580,
@@ -333,7 +339,9 @@ def test_second_demo_in_the_same_workdir_is_not_refused_by_the_clients_query_aud
            "clients": [{"name": n, "arch": "cnn", "partition": f"client{i}", "max_pairs": 48, "epochs": 1,
                         "pretrain_epochs": 0} for i, n in enumerate(("a-color", "b-shape", "c-yesno"))],
            "grpo": {"max_steps": 6, "save_steps": 2, "prompts_per_step": 2, "num_generations": 2},
-           "alignment": {"eval_size": 12, "curve_size": 0, "sft_steps": 2, "router_steps": 20, "heldout_pairs": 0}}
+           # toy clients rank at chance; without this the router abstains on every type and no round is repeated
+           "alignment": {"eval_size": 12, "curve_size": 0, "sft_steps": 2, "router_steps": 20, "heldout_pairs": 0,
+                         "router_abstain_z": None}}
     (tmp_path / "run.json").write_text(json.dumps(cfg))
     work = tmp_path / "demo"
     reports = []

@@ -425,6 +425,13 @@ def test_router_abstains_on_a_type_no_client_ranks_above_chance(public, tmp_path
     assert honest.abstain == [] and all(v["trusted"] for v in honest.calibration["trust"].values())
     with pytest.raises(ValueError, match="abstain_z must be a finite number >= 0"):
         calibrate_router(InProcessBackend(scorers), public, FeatureExtractor(), abstain_z=float("nan"))
+    # clients that rank nothing above chance: every type abstained, and the printed line says so first
+    from mor_server.alignment.calibration import abstain_summary
+
+    blind = {d: {"items": 40, "win_rate": 0.5, "se": 0.05, "trusted": False} for d in DOMAINS}
+    assert abstain_summary({"trust": blind}).startswith("WARNING: router abstains on color (")
+    assert "every question type" in abstain_summary({"trust": blind})
+    assert not abstain_summary(router.calibration).startswith("WARNING")
     # the statistic itself: chance is 0.5 whatever the number of candidates, ties count half, few items are kept
     S = np.array([[[1.0, 0.0, 0.0]], [[0.0, 0.0, 0.0]], [[0.0, 1.0, 1.0]]] * 4, dtype=np.float32)
     mask = np.ones((12, 3), dtype=bool)

@@ -120,9 +120,13 @@ def abstain_summary(calibration: Mapping) -> str | None:
         return None
     parts = [f"{d} ({v['items']} public items, right answer above a wrong one {v['win_rate']:.2f} of the time, "
              f"± {v['se']:.2f}; chance 0.50)" for d, v in off.items()]
-    return ("router abstains on " + "; ".join(parts) + ": the routed clients rank these answers no better than "
+    line = ("router abstains on " + "; ".join(parts) + ": the routed clients rank these answers no better than "
             "chance, so their completions get a constant reward, are sent to no client, and keep the reference's "
             "answers under the KL term")
+    if len(off) == len(trust):
+        line = ("WARNING: " + line + ". That is every question type: no client's reward reaches GRPO. Check the "
+                "clients' reward models (their held-out accuracy), or set router_abstain_z to None to use them anyway")
+    return line
 
 
 def shares_summary(calibration: Mapping) -> str | None:
