@@ -87,7 +87,8 @@ def main() -> int:
     dataset = make_prompt_dataset(split.server_unlabeled)
     scorers = {n: RewardModelScorer.from_dir(d) for n, d in model_dirs.items()}
     fe = FeatureExtractor()
-    router = calibrate_router(InProcessBackend(scorers), split.server_public, fe, seed=args.seed)
+    # abstain_z=None: every prompt goes to the clients (this measures rounds, not the router)
+    router = calibrate_router(InProcessBackend(scorers), split.server_public, fe, seed=args.seed, abstain_z=None)
 
     print(f"in-process: {args.steps} GRPO steps ...", flush=True)
     local = timed_grpo(ref_dir, dataset, MoRReward(InProcessBackend(scorers), router, fe), args.steps,

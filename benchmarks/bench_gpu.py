@@ -219,7 +219,8 @@ def main(argv=None) -> int:
     local = InProcessBackend({n.lower(): cls() for n, cls in (("ColorExpert", ColorExpert),
                                                               ("ShapeExpert", ShapeExpert),
                                                               ("YesNoExpert", YesNoExpert))})
-    router = calibrate_router(local, split.server_public, features, seed=a.seed)
+    # abstain_z=None: every prompt goes to the clients (this measures rounds, not the router)
+    router = calibrate_router(local, split.server_public, features, seed=a.seed, abstain_z=None)
     fed = None if a.in_process else Federation(work, a.seed, a.mode)
     cases = []
     try:

@@ -128,7 +128,8 @@ def main() -> int:
     dataset = make_prompt_dataset(split.server_unlabeled)
     scorers = {n: RewardModelScorer.from_dir(d) for n, d in model_dirs.items()}
     fe = FeatureExtractor()
-    router = calibrate_router(InProcessBackend(scorers), split.server_public, fe, seed=args.seed)
+    # abstain_z=None: every prompt goes to the clients (this measures rounds, not the router)
+    router = calibrate_router(InProcessBackend(scorers), split.server_public, fe, seed=args.seed, abstain_z=None)
     backend = GuardedBackend(InProcessBackend(scorers), work, floor=args.floor)
     run = timed_grpo(ref_dir, dataset, MoRReward(backend, router, fe), args.steps, work / "grpo")
     res = {"command": "python benchmarks/bench_query_audit.py " + " ".join(sys.argv[1:]), "steps": args.steps,
