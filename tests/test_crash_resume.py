@@ -166,6 +166,37 @@ def test_resume_plan_needs_the_same_unfinished_run(tmp_path):
     assert p.checkpoint is None and not (work / "grpo" / "checkpoint-2").exists()
 
 
+def test_a_resumed_run_never_reuses_a_router_or_reward_built_with_other_settings(tmp_path):
+    """Changing how the router is built (its features, its abstention) or the collapse guard between a killed run and
+    its restart must start fresh: a resumed run reloads the interrupted run's router, so a key without them would
+    silently ignore `--no-router-abstain` or `--router-features` on the restart."""
+    from dataclasses import fields, replace
+
+    from mor_server.alignment import runstate
+    from mor_server.alignment.guard import CollapseGuardConfig
+    from mor_server.alignment.pipeline import AlignmentConfig
+
+    base = AlignmentConfig()
+    key = lambda c: runstate.run_key(c, tmp_path, sizes={})  # noqa: E731
+    for other in (replace(base, router_abstain_z=None), replace(base, router_abstain_z=3.0),
+                  replace(base, router_features=("type", "image")),
+                  replace(base, collapse_guard=CollapseGuardConfig(every=7))):
+        assert key(other) != key(base), other
+    # settings that do not change what the run computes may change on a restart
+    assert key(replace(base, eval_size=10, curve_every=5, progress=False, retries=3)) == key(base)
+    # every field is either in the key or named as not in it (a new field forces the decision)
+    named = set(runstate._CONFIG_FIELDS) | set(runstate._NOT_IN_KEY)
+    assert {f.name for f in fields(AlignmentConfig)} == named
+    # the restart says which setting changed, and that the interrupted run is not continued
+    work = tmp_path / "work"
+    s1 = runstate.run_settings(base, tmp_path, sizes={})
+    runstate.plan(work, runstate.settings_key(s1), "auto", settings=s1)
+    s2 = runstate.run_settings(replace(base, router_abstain_z=None), tmp_path, sizes={})
+    p = runstate.plan(work, runstate.settings_key(s2), "auto", settings=s2)
+    assert p.interrupted and not p.reuse_router
+    assert p.why_fresh == "settings changed since the interrupted run: router_abstain_z: 2.0 -> None"
+
+
 def test_warm_start_cache_is_swapped_in_whole(tmp_path, monkeypatch):
     """A warm start killed while saving leaves no cache that the next run would trust."""
     from mor_server.alignment import warmstart

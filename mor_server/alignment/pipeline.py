@@ -277,10 +277,15 @@ def run_alignment(backend: RewardBackend, *, public: Sequence, unlabeled: Sequen
 
     from . import runstate
 
-    plan = runstate.plan(work, runstate.run_key(cfg, ref_dir, sizes={"public": len(public),
-                                                                     "unlabeled": len(unlabeled)}), cfg.resume) \
-        if ranks.main else None
+    if ranks.main:
+        settings = runstate.run_settings(cfg, ref_dir, sizes={"public": len(public), "unlabeled": len(unlabeled)})
+        plan = runstate.plan(work, runstate.settings_key(settings), cfg.resume, settings=settings)
+    else:
+        plan = None
     plan = ranks.share(plan)
+    if plan.interrupted and ranks.main:
+        print(f"    not resuming the interrupted alignment run in {work} ({plan.why_fresh}): starting fresh",
+              flush=True)
     if plan.reuse_router and ranks.main:
         print(f"    resuming the interrupted alignment run in {work}: "
               + (f"GRPO from {plan.checkpoint.name}" if plan.checkpoint else "GRPO from step 0 (no checkpoint yet)")

@@ -21,7 +21,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
 from privacy.fsutil import atomic_write_text, replace_dir, staging_dir
@@ -30,9 +30,18 @@ from .grpo import discard_incomplete_checkpoints, latest_checkpoint
 STATE_FILE = "run.json"
 MOR_STATE = "mor_state.json"
 _NOT_SEMANTIC = ("output_dir", "progress", "save_steps", "save_total_limit", "logging_steps")
+# AlignmentConfig fields that change what a run computes: a restart with any of them changed starts fresh (the router
+# and the GRPO checkpoints of the interrupted run were built with the old values)
 _CONFIG_FIELDS = ("seed", "objective", "w_mix", "w_format", "w_length", "reward_shaping", "typed_answers", "top_k",
-                  "router_hidden", "router_steps", "router_rank_weight", "calibration_purpose", "answer_vocabulary",
-                  "policy_path", "adapter_path", "resume_key", "routing")
+                  "router_hidden", "router_steps", "router_rank_weight", "router_abstain_z", "router_features",
+                  "calibration_purpose", "answer_vocabulary", "policy_path", "adapter_path", "resume_key", "routing",
+                  "collapse_guard")
+# and the ones that are not in the key, with why (tests/test_crash_resume.py checks that every field is in one list):
+# the warm start's settings (tiny, sft, pretrain, preset) reach the key through the reference policy's weights; grpo
+# is keyed on its own (less its bookkeeping fields, _NOT_SEMANTIC); the rest only say where, how verbosely, on which
+# device, or how much to evaluate, and a run may be resumed on a GPU after starting on the CPU
+_NOT_IN_KEY = ("work_dir", "tiny", "sft", "pretrain", "preset", "grpo", "deadline_s", "retries", "eval_size",
+               "curve_size", "curve_every", "resume", "progress", "device")
 
 
 def _file_digest(paths) -> str:
@@ -45,13 +54,39 @@ def _file_digest(paths) -> str:
     return h.hexdigest()
 
 
-def run_key(cfg, ref_dir: Path, *, sizes: dict) -> str:
-    """Digest of what a resumed GRPO run must share with the interrupted one (``cfg`` is an AlignmentConfig)."""
+def run_settings(cfg, ref_dir: Path, *, sizes: dict) -> dict:
+    """What a resumed GRPO run must share with the interrupted one (``cfg`` is an AlignmentConfig), as plain JSON
+    values: the key is its digest, and ``run.json`` keeps it so that a restart can say which setting changed."""
     grpo = {k: v for k, v in asdict(cfg.grpo).items() if k not in _NOT_SEMANTIC}
     weights = [p for p in Path(ref_dir).glob("*.safetensors")] or [p for p in Path(ref_dir).glob("*.bin")]
-    blob = {"grpo": grpo, "config": {k: getattr(cfg, k, None) for k in _CONFIG_FIELDS}, "sizes": sizes,
-            "reference": _file_digest(weights) if weights else None, "v": 1}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    config = {k: getattr(cfg, k, None) for k in _CONFIG_FIELDS}
+    if is_dataclass(config["collapse_guard"]):
+        config["collapse_guard"] = asdict(config["collapse_guard"])
+    blob = {"grpo": grpo, "config": config, "sizes": sizes,
+            "reference": _file_digest(weights) if weights else None, "v": 2}
+    return json.loads(json.dumps(blob, sort_keys=True, default=str))
+
+
+def run_key(cfg, ref_dir: Path, *, sizes: dict) -> str:
+    """Digest of :func:`run_settings`."""
+    return settings_key(run_settings(cfg, ref_dir, sizes=sizes))
+
+
+def settings_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def changed_settings(old: dict, new: dict) -> list[str]:
+    """The settings that differ between two :func:`run_settings` (``config.router_abstain_z: 2.0 -> None``)."""
+    out = []
+    for part in sorted(set(old) | set(new)):
+        a, b = old.get(part), new.get(part)
+        if isinstance(a, dict) and isinstance(b, dict):
+            label = "" if part == "config" else part + "."
+            out += [f"{label}{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            out.append("the reference policy's weights" if part == "reference" else f"{part}: {a!r} -> {b!r}")
+    return out
 
 
 def read_state(work: Path) -> dict | None:
@@ -76,21 +111,28 @@ class ResumePlan:
     """Checkpoint folders the interrupted run left incomplete (removed)."""
     why_fresh: str | None = None
     """Why nothing was resumed (None when something was)."""
+    interrupted: bool = False
+    """An unfinished run was there and is not continued (its checkpoints were removed): the caller says why."""
 
 
-def plan(work: Path, key: str, resume) -> ResumePlan:
-    """Decide how a run with ``key`` starts. ``resume``: False (always fresh), "auto" (continue a matching,
-    unfinished run if there is one) or True (continue one, or raise FileNotFoundError saying why not)."""
+def plan(work: Path, key: str, resume, settings: dict | None = None) -> ResumePlan:
+    """Decide how a run with ``key`` (the digest of ``settings``, :func:`run_settings`) starts. ``resume``: False
+    (always fresh), "auto" (continue a matching, unfinished run if there is one) or True (continue one, or raise
+    FileNotFoundError saying why not). ``settings`` are kept in run.json to name what changed on a later restart."""
     work = Path(work)
     grpo = work / "grpo"
     state = read_state(work)
+    interrupted = bool(state) and not state.get("complete")
     why = None
     if not resume:
         why = "resume is off"
     elif state is None:
         why = f"no {STATE_FILE} in {grpo}"
     elif state.get("key") != key:
-        why = "the settings, reference policy or reward models differ from the interrupted run's"
+        changed = changed_settings(state["settings"], settings) \
+            if isinstance(state.get("settings"), dict) and settings else []
+        why = ("settings changed since the interrupted run: " + "; ".join(changed)) if changed else \
+            "the settings, reference policy or reward models differ from the interrupted run's"
     elif state.get("complete"):
         why = "the previous run completed"
     elif not (state.get("router") and (work / "router" / "router.json").is_file()):
@@ -102,8 +144,9 @@ def plan(work: Path, key: str, resume) -> ResumePlan:
         raise FileNotFoundError(f"resume=True but there is nothing to resume in {grpo}: {why}")
     if grpo.exists():
         shutil.rmtree(grpo)
-    _write_state(work, {"key": key, "router": False, "complete": False, "started": time.time()})
-    return ResumePlan(None, False, [], why)
+    _write_state(work, {"key": key, "router": False, "complete": False, "started": time.time(),
+                        **({"settings": settings} if settings else {})})
+    return ResumePlan(None, False, [], why, interrupted=interrupted and bool(resume))
 
 
 def save_router(router, path: Path) -> None:
