@@ -182,6 +182,8 @@ def test_a_resumed_run_never_reuses_a_router_or_reward_built_with_other_settings
                   replace(base, router_features=("type", "image")),
                   replace(base, collapse_guard=CollapseGuardConfig(every=7))):
         assert key(other) != key(base), other
+    # a config file's 2 is the default's 2.0
+    assert key(replace(base, router_abstain_z=2, router_rank_weight=1)) == key(base)
     # settings that do not change what the run computes may change on a restart
     assert key(replace(base, eval_size=10, curve_every=5, progress=False, retries=3)) == key(base)
     # every field is either in the key or named as not in it (a new field forces the decision)

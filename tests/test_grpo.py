@@ -288,3 +288,46 @@ def test_a_type_the_router_abstains_on_is_sent_to_no_client_and_gets_no_advantag
     # without a way to recognise the abstained questions the reward refuses to start
     with pytest.raises(ValueError, match="answer_sets"):
         MoRReward(backend, router, FeatureExtractor())
+
+
+def test_prompts_of_a_type_whose_only_expert_went_offline_are_sent_to_no_client(examples):
+    """Calibrated with its colour expert, the federation then loses it. Renormalised over the live clients, colour
+    questions went to the shape and yes/no clients, whose opinions of colour answers are noise, and GRPO learned from
+    that noise (the failure abstention exists to prevent). The reward now asks the router which types it trusts
+    with the clients live at this round: colour is sent to no client, shape still is, and when the expert is back
+    colour is scored again."""
+    from mor_server.alignment.calibration import answer_schema, calibrate_router
+    from mor_server.alignment.inprocess import LabelExpertScorer
+
+    class Recording(InProcessBackend):
+        def __init__(self, scorers):
+            super().__init__(scorers)
+            self.sent, self.offline = [], set()
+
+        def client_ids(self):
+            return [c for c in super().client_ids() if c not in self.offline]
+
+        def mixed_scores(self, items, weights):
+            self.sent.extend(it.question for it in items)
+            return super().mixed_scores(items, weights)
+
+    public = examples[:300]
+    schema = answer_schema(public)
+    backend = Recording({f"expert_{d}": LabelExpertScorer(public, [d]) for d in ("color", "shape", "yesno")})
+    router = calibrate_router(backend, public, FeatureExtractor(parts=["type"], schema=schema), steps=200, seed=0,
+                              schema=schema)
+    assert router.abstain == []
+    mor = MoRReward(backend, router, FeatureExtractor(parts=["type"], schema=schema), shaping="answer_softmax",
+                    anchors=schema.valid_answers)
+    colour = [e for e in public if e.question_type == "color"][:1]
+    shape = [e for e in public if e.question_type == "shape"][:1]
+    exs = colour + shape
+    completions = [colour[0].answer, "blue" if colour[0].answer != "blue" else "red",
+                   shape[0].answer, "circle" if shape[0].answer != "circle" else "triangle"]
+    backend.offline = {"expert_color"}
+    got = mor(completions=completions, **trl_kwargs(exs, 2))
+    assert backend.sent == [shape[0].question] and mor.abstained == 1
+    assert got[0] == got[1] and got[2] > got[3]
+    backend.offline, backend.sent = set(), []
+    got = mor(completions=completions, **trl_kwargs(exs, 2))
+    assert backend.sent == [colour[0].question, shape[0].question] and got[0] > got[1] and mor.abstained == 1

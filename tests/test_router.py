@@ -439,3 +439,97 @@ def test_router_abstains_on_a_type_no_client_ranks_above_chance(public, tmp_path
     got = answer_set_trust(np.ones((12, 1)), S, mask, t, ["a"] * 6 + ["b"] * 3 + ["c"] * 3, z=2.0, min_items=4)
     assert got["a"]["win_rate"] == pytest.approx(0.5) and not got["a"]["trusted"]
     assert got["b"]["items"] == 3 and got["b"]["trusted"]  # too few to judge
+
+
+def test_abstention_is_not_fooled_by_a_router_that_fits_noise_item_by_item(public):
+    """The attack: no client knows colour (its client has flipped preferences, the others answer colour with their
+    own independent noise), and the router reads per-item features (image + question). Tested on the weights it was
+    fitted on, the router picked, item by item, whichever client's noise happened to rank that item right, and
+    colour passed the trust test (39 of 40 random federations). Tested out of fold, colour is abstained on, and the
+    honest federation still is not."""
+    schema = answer_schema(public)
+    colour = tuple(sorted(schema.valid_answers(next(e.question for e in public if e.question_type == "color"))))
+    fx = FeatureExtractor(parts=["image", "question"], schema=schema)
+    noisy = {"expert_shape": SaltedExpert(public, "shape", "s"), "expert_yesno": SaltedExpert(public, "yesno", "y"),
+             "yesno_2": SaltedExpert(public, "yesno", "y2"), "yesno_3": SaltedExpert(public, "yesno", "y3")}
+    for seed in (0, 1):
+        router = calibrate_router(InProcessBackend(noisy), public, fx, steps=300, seed=seed, schema=schema)
+        assert colour in router.abstain, router.calibration["trust"]
+    honest = calibrate_router(InProcessBackend({f"expert_{d}": SaltedExpert(public, d, d) for d in DOMAINS}), public,
+                              fx, steps=300, seed=0, schema=schema)
+    assert honest.abstain == [], honest.calibration["trust"]
+
+
+class SaltedExpert:
+    """Right on its own question type (1 for the right answer, 0 otherwise), and on other questions uniform noise of
+    its own (salted per client: independent of every other client's, unlike LabelExpertScorer's shared noise)."""
+
+    def __init__(self, examples, qtype, salt):
+        import hashlib
+
+        self._sha = lambda b: hashlib.sha1(b).digest()
+        self.truth = {(self._sha(e.image), e.question): (e.answer, e.question_type) for e in examples}
+        self.qtype, self.salt = qtype, salt
+
+    def score(self, items):
+        out = []
+        for it in items:
+            answer, qtype = self.truth[(self._sha(it.image), it.question)]
+            out.append([float(c == answer) if qtype == self.qtype else
+                        int.from_bytes(self._sha(f"{self.salt}|{it.item_id}|{c}".encode())[:4], "little") / 2**32
+                        for c in it.candidates])
+        return out
+
+
+def test_a_type_whose_only_expert_goes_offline_is_abstained_on(public, tmp_path):
+    """The colour client leaves after calibration. The router renormalises its weights over the live clients, so
+    colour questions went to the shape and yes/no clients, whose opinions of colour answers are noise: the failure
+    abstention exists to prevent. The router keeps its calibration evidence and tests again for the live clients."""
+    schema = answer_schema(public)
+    colour = tuple(sorted(schema.valid_answers(next(e.question for e in public if e.question_type == "color"))))
+    yesno = ("no", "yes")
+    scorers = {f"expert_{d}": NoisyExpert(public, d) for d in DOMAINS}
+    router = calibrate_router(InProcessBackend(scorers), public, FeatureExtractor(), steps=300, seed=0, schema=schema)
+    assert router.abstain == [] and not router.abstains(colour)
+    left = ["expert_shape", "expert_yesno"]
+    assert router.abstains(colour, live=left) and not router.abstains(yesno, live=left)
+    assert not router.abstains(colour, live=list(scorers) + ["newcomer"])  # every known client live: as calibrated
+    assert router.abstain_for(live=[]) >= {colour, yesno}  # none of the clients it knows: nothing is trusted
+    loaded = MoRRouter.load(router.save(tmp_path / "r"))
+    assert loaded.abstains(colour, live=left) and not loaded.abstains(colour)
+    # abstention off: no evidence is kept, nothing is re-tested
+    off = calibrate_router(InProcessBackend(scorers), public, FeatureExtractor(), steps=300, seed=0, schema=schema,
+                           abstain_z=None)
+    assert off.trust_evidence is None and not off.abstains(colour, live=left)
+    assert not (off.save(tmp_path / "r") / "trust.json").exists()  # the old evidence does not outlive its router
+
+
+def test_a_saved_router_with_a_malformed_abstain_list_is_refused_in_one_line(tmp_path, public):
+    import json
+
+    router = calibrate_router(InProcessBackend({f"expert_{d}": LabelExpertScorer(public, [d]) for d in DOMAINS}),
+                              public, FeatureExtractor(), steps=50, seed=0, abstain_z=None)
+    path = router.save(tmp_path / "r")
+    meta = json.loads((path / "router.json").read_text())
+    for bad in (None, ["color"], [[1, 2]], [[]]):
+        (path / "router.json").write_text(json.dumps({**meta, "abstain": bad}))
+        with pytest.raises(ValueError, match="abstain must be a list of answer lists"):
+            MoRRouter.load(path)
+    (path / "router.json").write_text(json.dumps({**meta, "abstain": [["yes", "no"]]}))
+    loaded = MoRRouter.load(path)
+    assert loaded.abstain == [("no", "yes")] and loaded.abstains(["yes", "no"])
+    # numpy numbers are numbers (a threshold computed with numpy), a JSON user is told to write null
+    from mor_server.alignment.router import check_abstain_z
+
+    assert check_abstain_z(np.float32(2)) == 2.0 and check_abstain_z(np.int64(3)) == 3.0
+    with pytest.raises(ValueError, match="null in JSON"):
+        check_abstain_z(-1)
+
+
+def test_an_answer_set_spanning_several_question_types_is_named_by_all_of_them(public):
+    """Untyped answers: one answer set holds every question. The trust entry (and the printed line) names every
+    type in it, not the most common type of the whole calibration set."""
+    schema = answer_schema(public, typed=False)
+    router = calibrate_router(InProcessBackend({f"expert_{d}": LabelExpertScorer(public, [d]) for d in DOMAINS}),
+                              public, FeatureExtractor(), steps=100, seed=0, schema=schema)
+    assert list(router.calibration["trust"]) == ["color/shape/yesno"], router.calibration["trust"]

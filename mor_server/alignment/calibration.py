@@ -144,6 +144,29 @@ def shares_summary(calibration: Mapping) -> str | None:
     return "share of the mixed score (weight x spread of each client's scores): " + "; ".join(parts)
 
 
+def out_of_fold_weights(router: MoRRouter, feats: np.ndarray, scores: Mapping, truth: np.ndarray, *, objective: int,
+                        steps: int, rank_weight: float, seed: int, folds: int = 5) -> np.ndarray:
+    """Each calibration item's routing weights, shape (n, clients in ``scores``' order), from a router fitted (like
+    ``router``) on the other folds' items: what the router does on an item it has not seen, as on GRPO's prompts.
+    Uniform routing has no fit: its weights are returned as they are."""
+    n, clients = len(truth), list(scores)
+    if router.routing != "learned" or n < 2 * folds:
+        w = router.weights(feats, live=clients, objective=objective)
+        return np.array([[w[c][i] for c in clients] for i in range(n)], dtype=np.float64)
+    order = np.random.default_rng(seed + 1).permutation(n)
+    out = np.zeros((n, len(clients)), dtype=np.float64)
+    for f in range(folds):
+        test = np.sort(order[f::folds])
+        train = np.setdiff1d(np.arange(n), test)
+        r = MoRRouter(clients, router.feature_dim, n_objectives=router.n_objectives, hidden=router.hidden,
+                      top_k=router.top_k, seed=seed, feature_config=router.feature_config, routing=router.routing)
+        r.calibrate(feats[train], {c: [scores[c][i] for i in train] for c in clients}, truth[train],
+                    objective=objective, steps=steps, rank_weight=rank_weight)
+        w = r.weights(feats[test], live=clients, objective=objective)
+        out[test] = np.array([[w[c][i] for c in clients] for i in range(len(test))], dtype=np.float64)
+    return out
+
+
 def calibrate_router(backend: RewardBackend, public: Sequence, features: FeatureExtractor, *, hidden: int = 32,
                      steps: int = 300, rank_weight: float = 1.0, top_k: int | None = None, objective: int = 0,
                      seed: int = 0,
@@ -156,7 +179,8 @@ def calibrate_router(backend: RewardBackend, public: Sequence, features: Feature
     examples is kept out of the fit and used to compare the router with uniform, top-k and oracle routing
     (``router.calibration["heldout"]``); they are in the same round, so the comparison costs no extra release.
     With ``abstain_z`` (not None), answer sets whose routed mixture does not rank the right answer above chance by
-    ``abstain_z`` standard errors on all calibration items are routed to no client (:attr:`MoRRouter.abstain`,
+    ``abstain_z`` standard errors on all calibration items, each weighted by a router fitted without it
+    (:func:`out_of_fold_weights`), are routed to no client (:attr:`MoRRouter.abstain`,
     :func:`~mor_server.alignment.router.answer_set_trust`; the evidence is in ``router.calibration["trust"]``)."""
     abstain_z = check_abstain_z(abstain_z, "calibrate_router: abstain_z")
     schema = schema or answer_schema(public)
@@ -194,10 +218,16 @@ def calibrate_router(backend: RewardBackend, public: Sequence, features: Feature
     if abstain_z is not None:
         keys = [tuple(sorted(schema.valid_answers(e.question))) for e, _, _ in cal]
         S, mask, t = candidate_tensor(scores, truth, len(cal))
-        trust = answer_set_trust(np.array([[w[c][i] for c in scores] for i in range(len(cal))]), S, mask, t, keys,
-                                 z=abstain_z)
+        # out-of-fold weights: tested on the weights the router fitted on an item, a router over per-item features
+        # (image, question) passes a type no client knows by picking whichever client's noise ranked each item right
+        w_oof = out_of_fold_weights(router, feats, scores, truth, objective=objective, steps=steps,
+                                    rank_weight=rank_weight, seed=seed)
+        trust = answer_set_trust(w_oof, S, mask, t, keys, z=abstain_z)
         router.abstain = sorted(k for k, v in trust.items() if not v["trusted"])
-        label = {k: max(set(d for d, kk in zip(doms, keys) if kk == k), key=doms.count) for k in trust}
+        router.trust_evidence = {"w": w_oof, "S": S, "mask": mask, "truth": t, "keys": keys, "z": abstain_z,
+                                 "min_items": 5}
+        # each answer set named by the question types of its own items (several when it spans types)
+        label = {k: "/".join(sorted({d for d, kk in zip(doms, keys) if kk == k and d})) or "questions" for k in trust}
         clash = {d for d in label.values() if list(label.values()).count(d) > 1}  # one type, several answer sets
         router.calibration["trust"] = {(f"{label[k]} [{', '.join(k)}]" if label[k] in clash else label[k]):
                                        {**v, "answers": list(k)} for k, v in trust.items()}

@@ -120,9 +120,11 @@ class MoRReward:
         completions were sampled (with group_sigmoid a group whose only well-formed completion is right gets 0.5).
     anchors: ``anchors(question) -> answers`` for ``"answer_softmax"``.
     answer_sets: ``answer_sets(question) -> answers valid for it`` (e.g. ``AnswerSchema.valid_answers``): questions
-        whose answer set the router abstains on (:attr:`MoRRouter.abstain`) are sent to no client, and every
-        completion of theirs gets the reward of an all-zero score (raw 0, answer_softmax 1/candidates, group_sigmoid
-        0.5): one constant per prompt, so GRPO's advantage from this reward is 0 there. Counted in ``abstained``.
+        whose answer set the router abstains on with the clients live at the round (:meth:`MoRRouter.abstain_for`)
+        are sent to no client, and every well-formed completion of theirs gets the reward of an all-zero score (raw
+        0, answer_softmax 1/candidates, group_sigmoid 0.5): one constant per prompt, so this reward gives them no
+        advantage beyond the format rule's (well-formed over malformed). Counted in ``abstained`` (prompts with at
+        least one well-formed completion).
         Defaults to ``anchors``; with neither, the router's abstentions cannot be applied and construction fails.
     """
 
@@ -148,6 +150,11 @@ class MoRReward:
         if getattr(router, "abstain", None) and self.answer_sets is None:
             raise ValueError("MoRReward: the router abstains on some answer sets (router.abstain) but no "
                              "answer_sets=(question -> valid answers) was given to recognise their questions")
+        if getattr(router, "trust_evidence", None) is not None and self.answer_sets is None:
+            import warnings
+
+            warnings.warn("MoRReward: without answer_sets=(question -> valid answers) the router cannot abstain on a "
+                          "question type whose trusted clients go offline (MoRRouter.abstain_for)", stacklevel=2)
         self.abstained = 0
         self.valid = valid
         self.shaping = shaping
@@ -272,9 +279,12 @@ class MoRReward:
         """One scoring round (with retries) for these completions."""
         n = len(completions)
         items, pos, domains = self.build_items(completions, kwargs)
-        # questions the router routes to no client (MoRRouter.abstain): an all-zero score, never sent
-        off = [bool(getattr(self.router, "abstain", None)) and self.router.abstains(self.answer_sets(it.question))
-               for it in items]
+        live = list(self.backend.client_ids())
+        # questions the router routes to no client with these clients live (MoRRouter.abstain_for: a type whose
+        # only trusted client is offline is abstained on too): an all-zero score, never sent
+        routes = self.answer_sets is not None and (getattr(self.router, "abstain", None) or
+                                                   getattr(self.router, "trust_evidence", None) is not None)
+        off = [bool(routes) and self.router.abstains(self.answer_sets(it.question), live=live) for it in items]
         ask = [k for k in range(len(items)) if not off[k]]
         scores: list = [[0.0] * len(it.candidates) if o else None for it, o in zip(items, off)]
         with self._lock:
@@ -283,7 +293,6 @@ class MoRReward:
             return self._shape(scores, pos)
         asked = [items[k] for k in ask]
         domains = [domains[k] for k in ask]
-        live = list(self.backend.client_ids())
         t0 = time.perf_counter()
         if not live:
             return self._fail(n, step, "no live clients")

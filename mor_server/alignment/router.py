@@ -29,7 +29,12 @@ one trained on flipped preferences, the router shut it out (weight 0.001) and th
 answers still took colour from 97-100% to 37-86% (docs/alignment.md, "A noisy client with no honest twin").
 :func:`answer_set_trust` tests each answer set; the untrusted ones are listed in :attr:`MoRRouter.abstain`, and
 :class:`~mor_server.alignment.rewards.MoRReward` gives their completions a constant reward and sends them to no
-client (GRPO's KL term then keeps the reference's answers there).
+client (GRPO's KL term then keeps the reference's answers there). The test is run on *out-of-fold* weights (each
+calibration item weighted by a router fitted without it): a router over per-item features (image, question) can
+otherwise pick, item by item, whichever client's noise happened to rank it right, and pass a type no client knows.
+The evidence (out-of-fold weights, the clients' calibration scores) stays with the router, so when clients go
+offline :meth:`MoRRouter.abstain_for` runs the test again for the live ones: a type whose only expert has left is
+then abstained on rather than handed to the remaining clients' noise.
 
 Clients that join or leave are handled at routing time: weights are renormalised over the live clients the
 router knows; live clients it does not know get weight 0 until :meth:`MoRRouter.calibrate` is run again
@@ -39,6 +44,7 @@ router knows; live clients it does not know get weight 0 until :meth:`MoRRouter.
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -102,13 +108,45 @@ class MoRRouter:
         self.mean = np.zeros(self.feature_dim, dtype=np.float32)
         self.std = np.ones(self.feature_dim, dtype=np.float32)
         self.abstain: list[tuple[str, ...]] = []
-        """Answer sets (sorted tuples of the answers valid for a question) the router routes to no client: set by
-        :func:`~mor_server.alignment.calibration.calibrate_router` from :func:`answer_set_trust`."""
+        """Answer sets (sorted tuples of the answers valid for a question) the router routes to no client with every
+        client it knows live: set by :func:`~mor_server.alignment.calibration.calibrate_router` from
+        :func:`answer_set_trust`."""
+        self.trust_evidence: dict | None = None
+        """What :meth:`abstain_for` re-tests when clients are offline (set by calibrate_router with abstention on):
+        ``w`` (n, clients) out-of-fold weights, ``S``/``mask``/``truth`` (:func:`candidate_tensor`) of the
+        calibration items, ``keys`` (each item's answer set), ``z`` and ``min_items``. None: no re-test (the
+        static :attr:`abstain` holds whoever is live)."""
+        self._abstain_cache: dict = {}
 
     # ------------------------------------------------------------------ routing
-    def abstains(self, answers: Sequence[str]) -> bool:
-        """Whether questions whose valid answers are ``answers`` get no client's reward (:attr:`abstain`)."""
-        return bool(self.abstain) and tuple(sorted(str(a) for a in answers)) in set(map(tuple, self.abstain))
+    def abstains(self, answers: Sequence[str], live: Sequence[str] | None = None) -> bool:
+        """Whether questions whose valid answers are ``answers`` get no client's reward when ``live`` clients are
+        online (None: every client the router knows; :meth:`abstain_for`)."""
+        if not self.abstain and self.trust_evidence is None:
+            return False
+        return tuple(sorted(str(a) for a in answers)) in self.abstain_for(live)
+
+    def abstain_for(self, live: Sequence[str] | None = None) -> frozenset:
+        """The answer sets routed to no client when ``live`` clients are online. With every known client live (or
+        no evidence kept): :attr:`abstain`. Otherwise :func:`answer_set_trust` again on the calibration items, with
+        the out-of-fold weights renormalised over the live clients it knows (as :meth:`weights` renormalises); with
+        none of them live, every answer set it has evidence for."""
+        known = tuple(c for c in self.client_ids if live is None or c in set(live))
+        ev = self.trust_evidence
+        if ev is None or known == tuple(self.client_ids):
+            return frozenset(tuple(k) for k in self.abstain)
+        if known not in self._abstain_cache:
+            if not known:
+                self._abstain_cache[known] = frozenset(ev["keys"])
+            else:
+                idx = [self.client_ids.index(c) for c in known]
+                w = np.asarray(ev["w"], dtype=np.float64)[:, idx]
+                tot = w.sum(axis=1, keepdims=True)
+                w = np.where(tot > 0, w / np.where(tot > 0, tot, 1.0), 1.0 / len(idx))
+                trust = answer_set_trust(w, ev["S"][:, idx], ev["mask"], ev["truth"], ev["keys"], z=ev["z"],
+                                         min_items=ev["min_items"])
+                self._abstain_cache[known] = frozenset(k for k, v in trust.items() if not v["trusted"])
+        return self._abstain_cache[known]
 
     def _tensor(self, features: np.ndarray) -> torch.Tensor:
         f = np.asarray(features, dtype=np.float32)
@@ -197,6 +235,7 @@ class MoRRouter:
             torch.manual_seed(self.seed)
             self.net = _RouterNet(self.feature_dim, len(clients), self.n_objectives, self.hidden)
         self.abstain = []  # a new fit: calibrate_router decides again which answer sets to route to no client
+        self.trust_evidence, self._abstain_cache = None, {}
         self.mean = f.mean(axis=0)
         self.std = f.std(axis=0) + 1e-6
         x = self._tensor(f)
@@ -248,6 +287,20 @@ class MoRRouter:
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(path / "router.safetensors"))
+        ev = self.trust_evidence
+        if ev is not None:  # the calibration round's scores and the out-of-fold weights (abstain_for's re-test)
+            from safetensors.numpy import save_file as save_np
+
+            sets = list(dict.fromkeys(ev["keys"]))
+            save_np({"w": np.asarray(ev["w"], dtype=np.float64), "S": np.asarray(ev["S"], dtype=np.float32),
+                     "mask": np.asarray(ev["mask"], dtype=np.uint8), "truth": np.asarray(ev["truth"], dtype=np.int64),
+                     "key_index": np.asarray([sets.index(k) for k in ev["keys"]], dtype=np.int64)},
+                    str(path / "trust.safetensors"))
+            (path / "trust.json").write_text(json.dumps({"answer_sets": [list(k) for k in sets], "z": ev["z"],
+                                                         "min_items": ev["min_items"]}))
+        else:
+            for name in ("trust.safetensors", "trust.json"):
+                (path / name).unlink(missing_ok=True)
         return path
 
     @classmethod
@@ -271,8 +324,31 @@ class MoRRouter:
         r.mean = np.asarray(meta["mean"], dtype=np.float32)
         r.std = np.asarray(meta["std"], dtype=np.float32)
         r.calibration = meta.get("calibration", {})
-        r.abstain = [tuple(k) for k in meta.get("abstain", [])]  # routers saved before 2026-12-06: none
+        r.abstain = sorted(_answer_sets(meta.get("abstain", []), path / "router.json", "abstain"))  # before 2026-12-06: none
+        if (path / "trust.safetensors").is_file() and (path / "trust.json").is_file():
+            from safetensors.numpy import load_file as load_np
+
+            arr, tj = load_np(str(path / "trust.safetensors")), json.loads((path / "trust.json").read_text())
+            sets = _answer_sets(tj.get("answer_sets"), path / "trust.json", "answer_sets")
+            if arr["w"].shape != (len(arr["truth"]), len(r.client_ids)) or \
+                    int(arr["key_index"].max(initial=-1)) >= len(sets):
+                raise ValueError(f"MoRRouter.load: {path / 'trust.safetensors'} does not match router.json's "
+                                 f"{len(r.client_ids)} clients; calibrate the router again")
+            r.trust_evidence = {"w": arr["w"], "S": arr["S"], "mask": arr["mask"].astype(bool), "truth": arr["truth"],
+                                "keys": [sets[i] for i in arr["key_index"]],
+                                "z": check_abstain_z(tj.get("z"), f"{path / 'trust.json'}: z"),
+                                "min_items": int(tj.get("min_items", 5))}
         return r
+
+
+def _answer_sets(value, where: Path, field: str) -> list[tuple[str, ...]]:
+    """``value`` from a saved router as answer-set tuples (each sorted; the list in its order), or ValueError naming
+    the file and field."""
+    if not isinstance(value, list) or not all(isinstance(k, list) and k and all(isinstance(a, str) for a in k)
+                                              for k in value):
+        raise ValueError(f"MoRRouter.load: {where}: {field} must be a list of answer lists (e.g. [[\"no\", \"yes\"]]), "
+                         f"got {value!r}; calibrate the router again")
+    return [tuple(sorted(k)) for k in value]
 
 
 def candidate_tensor(scores: Mapping[str, Sequence], truth: Sequence[int] | None, n: int) \
@@ -309,7 +385,7 @@ def candidate_tensor(scores: Mapping[str, Sequence], truth: Sequence[int] | None
 def check_rank_weight(value, name: str = "rank_weight") -> float:
     """``value`` as the router's ranking-error weight (:meth:`MoRRouter.calibrate`), or ValueError naming ``name``:
     it must be a finite number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0 (default 1.0; 0: the router fitted on the likelihood "
                          f"alone), got {value!r}")
     return float(value)
@@ -345,9 +421,10 @@ def check_abstain_z(value, name: str = "abstain_z") -> float | None:
     None (never abstain) or a finite number >= 0."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0 (default 2.0) or None (the router never abstains), "
-                         f"got {value!r}")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not np.isfinite(value) \
+            or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (default 2.0) or None (null in JSON: the router never "
+                         f"abstains), got {value!r}")
     return float(value)
 
 

@@ -21,7 +21,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 
 from privacy.fsutil import atomic_write_text, replace_dir, staging_dir
@@ -57,14 +57,22 @@ def _file_digest(paths) -> str:
 def run_settings(cfg, ref_dir: Path, *, sizes: dict) -> dict:
     """What a resumed GRPO run must share with the interrupted one (``cfg`` is an AlignmentConfig), as plain JSON
     values: the key is its digest, and ``run.json`` keeps it so that a restart can say which setting changed."""
-    grpo = {k: v for k, v in asdict(cfg.grpo).items() if k not in _NOT_SEMANTIC}
+    grpo = {k: v for k, v in _floats(cfg.grpo, asdict(cfg.grpo)).items() if k not in _NOT_SEMANTIC}
     weights = [p for p in Path(ref_dir).glob("*.safetensors")] or [p for p in Path(ref_dir).glob("*.bin")]
-    config = {k: getattr(cfg, k, None) for k in _CONFIG_FIELDS}
+    config = _floats(cfg, {k: getattr(cfg, k, None) for k in _CONFIG_FIELDS})
     if is_dataclass(config["collapse_guard"]):
         config["collapse_guard"] = asdict(config["collapse_guard"])
     blob = {"grpo": grpo, "config": config, "sizes": sizes,
             "reference": _file_digest(weights) if weights else None, "v": 2}
     return json.loads(json.dumps(blob, sort_keys=True, default=str))
+
+
+def _floats(obj, values: dict) -> dict:
+    """``values`` with the ints of ``obj``'s float-typed dataclass fields as floats: a config file's ``2`` and the
+    default ``2.0`` are the same setting and must give the same key."""
+    kinds = {f.name: str(f.type) for f in fields(obj)} if is_dataclass(obj) else {}
+    return {k: float(v) if "float" in kinds.get(k, "") and isinstance(v, int) and not isinstance(v, bool) else v
+            for k, v in values.items()}
 
 
 def run_key(cfg, ref_dir: Path, *, sizes: dict) -> str:
