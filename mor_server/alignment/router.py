@@ -324,7 +324,8 @@ class MoRRouter:
         r.mean = np.asarray(meta["mean"], dtype=np.float32)
         r.std = np.asarray(meta["std"], dtype=np.float32)
         r.calibration = meta.get("calibration", {})
-        r.abstain = sorted(_answer_sets(meta.get("abstain", []), path / "router.json", "abstain"))  # before 2026-12-06: none
+        # routers saved before 2026-12-06 have no abstain list: none
+        r.abstain = sorted(_answer_sets(meta.get("abstain", []), path / "router.json", "abstain"))
         if (path / "trust.safetensors").is_file() and (path / "trust.json").is_file():
             from safetensors.numpy import load_file as load_np
 

@@ -91,7 +91,8 @@ def changed_settings(old: dict, new: dict) -> list[str]:
         a, b = old.get(part), new.get(part)
         if isinstance(a, dict) and isinstance(b, dict):
             label = "" if part == "config" else part + "."
-            out += [f"{label}{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            out += [f"{label}{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                    if a.get(k) != b.get(k)]
         elif a != b:
             out.append("the reference policy's weights" if part == "reference" else f"{part}: {a!r} -> {b!r}")
     return out
