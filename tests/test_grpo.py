@@ -302,13 +302,15 @@ def test_prompts_of_a_type_whose_only_expert_went_offline_are_sent_to_no_client(
     class Recording(InProcessBackend):
         def __init__(self, scorers):
             super().__init__(scorers)
-            self.sent, self.offline = [], set()
+            self.sent, self.offline, self.fail = [], set(), False
 
         def client_ids(self):
             return [c for c in super().client_ids() if c not in self.offline]
 
         def mixed_scores(self, items, weights):
             self.sent.extend(it.question for it in items)
+            if self.fail:
+                raise RoundFailed("injected failure")
             return super().mixed_scores(items, weights)
 
     public = examples[:300]
@@ -328,6 +330,11 @@ def test_prompts_of_a_type_whose_only_expert_went_offline_are_sent_to_no_client(
     got = mor(completions=completions, **trl_kwargs(exs, 2))
     assert backend.sent == [shape[0].question] and mor.abstained == 1
     assert got[0] == got[1] and got[2] > got[3]
+    # a failed round: the scored prompt's rewards are missing (None), the abstained one keeps its constant
+    backend.fail = True
+    failed = mor(completions=completions, **trl_kwargs(exs, 2))
+    assert failed[:2] == got[:2] and failed[2:] == [None, None] and mor.rounds_failed == 1
+    backend.fail = False
     backend.offline, backend.sent = set(), []
     got = mor(completions=completions, **trl_kwargs(exs, 2))
-    assert backend.sent == [colour[0].question, shape[0].question] and got[0] > got[1] and mor.abstained == 1
+    assert backend.sent == [colour[0].question, shape[0].question] and got[0] > got[1] and mor.abstained == 2

@@ -295,7 +295,7 @@ class MoRReward:
         domains = [domains[k] for k in ask]
         t0 = time.perf_counter()
         if not live:
-            return self._fail(n, step, "no live clients")
+            return self._abstained_kept(self._fail(n, step, "no live clients"), scores, pos, items, off)
         feats = self.features.batch([it.image for it in asked], [it.question for it in asked])
         weights = self.router.weights(feats, live=live, objective=self.objective)
         def attempt(_i):
@@ -312,7 +312,7 @@ class MoRReward:
             for k, got in zip(ask, self.retry.run(attempt, what="reward round", on_failure=failed)):
                 scores[k] = got
         except RoundFailed as e:
-            return self._fail(n, step, str(e))
+            return self._abstained_kept(self._fail(n, step, str(e)), scores, pos, items, off)
         rewards = self._shape(scores, pos)
         with self._lock:
             self.rounds_ok += 1
@@ -345,6 +345,14 @@ class MoRReward:
         means = [sum(s) / len(s) for s in scores]
         return [1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, alpha * (float(scores[k][j]) - means[k])))))
                 for k, j in pos]
+
+    def _abstained_kept(self, out: list, scores: list, pos, items, off) -> list:
+        """A failed round's rewards (None) with the abstained prompts' constant kept: they were never asked."""
+        if not any(off):
+            return out
+        filled = [s if s is not None else [0.0] * len(it.candidates) for s, it in zip(scores, items)]
+        shaped = self._shape(filled, pos)
+        return [shaped[i] if off[k] else r for i, ((k, _j), r) in enumerate(zip(pos, out))]
 
     def _fail(self, n: int, step, reason: str) -> list[None]:
         with self._lock:
