@@ -319,8 +319,9 @@ def test_prompts_of_a_type_whose_only_expert_went_offline_are_sent_to_no_client(
     router = calibrate_router(backend, public, FeatureExtractor(parts=["type"], schema=schema), steps=200, seed=0,
                               schema=schema)
     assert router.abstain == []
+    metrics = GRPOMetrics(CollectorRegistry())
     mor = MoRReward(backend, router, FeatureExtractor(parts=["type"], schema=schema), shaping="answer_softmax",
-                    anchors=schema.valid_answers)
+                    anchors=schema.valid_answers, metrics=metrics)
     colour = [e for e in public if e.question_type == "color"][:1]
     shape = [e for e in public if e.question_type == "shape"][:1]
     exs = colour + shape
@@ -330,6 +331,7 @@ def test_prompts_of_a_type_whose_only_expert_went_offline_are_sent_to_no_client(
     got = mor(completions=completions, **trl_kwargs(exs, 2))
     assert backend.sent == [shape[0].question] and mor.abstained == 1
     assert got[0] == got[1] and got[2] > got[3]
+    assert metrics.value("mor_reward_abstained_prompts_total") == 1  # what the MorRewardTypeAbstained alert reads
     # a failed round: the scored prompt's rewards are missing (None), the abstained one keeps its constant
     backend.fail = True
     failed = mor(completions=completions, **trl_kwargs(exs, 2))

@@ -179,6 +179,9 @@ class GRPOMetrics:
                                           registry=r), "outcome", REWARD_ROUND_OUTCOMES)
         self.round_seconds = Histogram("mor_reward_round_seconds", "Wall time of a successful reward round",
                                        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        self.abstained = Counter("mor_reward_abstained_prompts",
+                                 "GRPO prompts sent to no client: their question type is one the live clients do not "
+                                 "rank above chance (the router's abstention)", registry=r)
 
     def round_done(self, ok: bool, seconds: float) -> None:
         self.rounds.labels(outcome="ok" if ok else "failed").inc()  # REWARD_ROUND_OUTCOMES; others are refused

@@ -289,6 +289,8 @@ class MoRReward:
         scores: list = [[0.0] * len(it.candidates) if o else None for it, o in zip(items, off)]
         with self._lock:
             self.abstained += len(items) - len(ask)
+        if self.metrics is not None and len(items) > len(ask):
+            self.metrics.abstained.inc(len(items) - len(ask))
         if not ask:  # no round at all (nothing in history: it records rounds)
             return self._shape(scores, pos)
         asked = [items[k] for k in ask]
