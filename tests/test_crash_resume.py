@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mor_server.apps.procs import pid_alive, read_pidfile, reap_stale, write_pidfile
@@ -184,6 +185,9 @@ def test_a_resumed_run_never_reuses_a_router_or_reward_built_with_other_settings
         assert key(other) != key(base), other
     # a config file's 2 is the default's 2.0
     assert key(replace(base, router_abstain_z=2, router_rank_weight=1)) == key(base)
+    assert key(replace(base, router_abstain_z=np.float32(2), top_k=np.int64(2))) == key(replace(base, top_k=2))
+    assert key(replace(base, collapse_guard=CollapseGuardConfig(max_empty_share=1))) == \
+        key(replace(base, collapse_guard=CollapseGuardConfig(max_empty_share=1.0)))
     # settings that do not change what the run computes may change on a restart
     assert key(replace(base, eval_size=10, curve_every=5, progress=False, retries=3)) == key(base)
     # every field is either in the key or named as not in it (a new field forces the decision)

@@ -337,6 +337,11 @@ def test_prompts_of_a_type_whose_only_expert_went_offline_are_sent_to_no_client(
     failed = mor(completions=completions, **trl_kwargs(exs, 2))
     assert failed[:2] == got[:2] and failed[2:] == [None, None] and mor.rounds_failed == 1
     backend.fail = False
+    # every client offline is an outage, not an abstention: the round fails (None), as the alerts expect
+    backend.offline = {"expert_color", "expert_shape", "expert_yesno"}
+    out = mor(completions=completions, **trl_kwargs(exs, 2))
+    assert out == [None] * 4 and mor.rounds_failed == 2 and mor.abstained == 2  # (1 + the failed round's)
+    backend.offline = {"expert_color"}
     backend.offline, backend.sent = set(), []
     got = mor(completions=completions, **trl_kwargs(exs, 2))
     assert backend.sent == [colour[0].question, shape[0].question] and got[0] > got[1] and mor.abstained == 2

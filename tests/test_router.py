@@ -494,7 +494,9 @@ def test_a_type_whose_only_expert_goes_offline_is_abstained_on(public, tmp_path)
     left = ["expert_shape", "expert_yesno"]
     assert router.abstains(colour, live=left) and not router.abstains(yesno, live=left)
     assert not router.abstains(colour, live=list(scorers) + ["newcomer"])  # every known client live: as calibrated
-    assert router.abstain_for(live=[]) >= {colour, yesno}  # none of the clients it knows: nothing is trusted
+    # none of the clients it knows live: no evidence either way, so the calibrated list (an outage must fail the
+    # round, not pass as abstention)
+    assert router.abstain_for(live=[]) == router.abstain_for(live=["newcomer"]) == frozenset()
     loaded = MoRRouter.load(router.save(tmp_path / "r"))
     assert loaded.abstains(colour, live=left) and not loaded.abstains(colour)
     # abstention off: no evidence is kept, nothing is re-tested
@@ -533,3 +535,40 @@ def test_an_answer_set_spanning_several_question_types_is_named_by_all_of_them(p
     router = calibrate_router(InProcessBackend({f"expert_{d}": LabelExpertScorer(public, [d]) for d in DOMAINS}),
                               public, FeatureExtractor(), steps=100, seed=0, schema=schema)
     assert list(router.calibration["trust"]) == ["color/shape/yesno"], router.calibration["trust"]
+
+
+def test_the_live_re_test_applies_top_k_among_the_live_clients_as_routing_does(public):
+    """With top_k=1, when the top colour client leaves, routing gives colour to the best live client. The re-test
+    must test that mixture (here: a noisy second colour client is not chosen; the yes/no client is, and it knows
+    nothing of colour), not a renormalised mixture of the top-k weights computed with everyone live."""
+    from mor_server.alignment.router import live_weights
+
+    class Scaled:
+        def __init__(self, inner, k):
+            self.inner, self.k = inner, k
+
+        def score(self, items):
+            return [[self.k * v for v in row] for row in self.inner.score(items)]
+
+    schema = answer_schema(public)
+    colour = tuple(sorted(schema.valid_answers(next(e.question for e in public if e.question_type == "color"))))
+    fx = FeatureExtractor(parts=["type"], schema=schema)
+    scorers = {"color_a": NoisyExpert(public, "color"), "color_b": Scaled(NoisyExpert(public, "color", noise=1.5), 5.0),
+               "expert_shape": NoisyExpert(public, "shape"), "expert_yesno": NoisyExpert(public, "yesno")}
+    router = calibrate_router(InProcessBackend(scorers), public, fx, steps=300, seed=0, schema=schema, top_k=1)
+    live = ["color_b", "expert_shape", "expert_yesno"]
+    q = next(e for e in public if e.question_type == "color")
+    routed = router.weights(fx.batch([q.image], [q.question]), live=live)
+    assert routed["expert_yesno"] == [1.0]  # what GRPO would send colour questions to
+    assert router.abstains(colour, live=live)
+    assert not router.abstains(colour)
+    # live_weights reproduces MoRRouter.weights' restriction exactly
+    full = __import__("copy").copy(router)
+    full.top_k = None
+    feats = fx.batch([e.image for e in public[:40]], [e.question for e in public[:40]])
+    w = full.weights(feats, live=router.client_ids)
+    W = np.array([[w[c][i] for c in router.client_ids] for i in range(40)])
+    for sub in (live, ["color_a", "expert_yesno"], router.client_ids):
+        got = live_weights(W, [router.client_ids.index(c) for c in sub], 1)
+        want = router.weights(feats, live=sub)
+        assert np.allclose(got, np.array([[want[c][i] for c in sub] for i in range(40)]), atol=1e-6), sub

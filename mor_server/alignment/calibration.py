@@ -19,7 +19,8 @@ from .evaluate import domain_of
 from .features import FeatureExtractor
 from .policy import normalize_answer
 from .rewards import RewardBackend, RoundFailed
-from .router import MoRRouter, answer_set_trust, candidate_tensor, check_abstain_z, effective_shares
+from .router import (MoRRouter, answer_set_trust, candidate_tensor, check_abstain_z, effective_shares,
+                     live_weights)
 
 
 def answer_schema(public: Sequence, unlabeled: Sequence = (), vocabulary: Sequence[str] | None = None, *,
@@ -148,10 +149,15 @@ def out_of_fold_weights(router: MoRRouter, feats: np.ndarray, scores: Mapping, t
                         steps: int, rank_weight: float, seed: int, folds: int = 5) -> np.ndarray:
     """Each calibration item's routing weights, shape (n, clients in ``scores``' order), from a router fitted (like
     ``router``) on the other folds' items: what the router does on an item it has not seen, as on GRPO's prompts.
-    Uniform routing has no fit: its weights are returned as they are."""
+    Before any top-k (:func:`~mor_server.alignment.router.live_weights` applies it, among whichever clients are
+    live). Uniform routing has no fit, and too few items no folds: the router's own weights are returned."""
+    import copy
+
     n, clients = len(truth), list(scores)
     if router.routing != "learned" or n < 2 * folds:
-        w = router.weights(feats, live=clients, objective=objective)
+        full = copy.copy(router)
+        full.top_k = None
+        w = full.weights(feats, live=clients, objective=objective)
         return np.array([[w[c][i] for c in clients] for i in range(n)], dtype=np.float64)
     order = np.random.default_rng(seed + 1).permutation(n)
     out = np.zeros((n, len(clients)), dtype=np.float64)
@@ -159,7 +165,7 @@ def out_of_fold_weights(router: MoRRouter, feats: np.ndarray, scores: Mapping, t
         test = np.sort(order[f::folds])
         train = np.setdiff1d(np.arange(n), test)
         r = MoRRouter(clients, router.feature_dim, n_objectives=router.n_objectives, hidden=router.hidden,
-                      top_k=router.top_k, seed=seed, feature_config=router.feature_config, routing=router.routing)
+                      top_k=None, seed=seed, feature_config=router.feature_config, routing=router.routing)
         r.calibrate(feats[train], {c: [scores[c][i] for i in train] for c in clients}, truth[train],
                     objective=objective, steps=steps, rank_weight=rank_weight)
         w = r.weights(feats[test], live=clients, objective=objective)
@@ -222,7 +228,7 @@ def calibrate_router(backend: RewardBackend, public: Sequence, features: Feature
         # (image, question) passes a type no client knows by picking whichever client's noise ranked each item right
         w_oof = out_of_fold_weights(router, feats, scores, truth, objective=objective, steps=steps,
                                     rank_weight=rank_weight, seed=seed)
-        trust = answer_set_trust(w_oof, S, mask, t, keys, z=abstain_z)
+        trust = answer_set_trust(live_weights(w_oof, range(len(scores)), router.top_k), S, mask, t, keys, z=abstain_z)
         router.abstain = sorted(k for k, v in trust.items() if not v["trusted"])
         router.trust_evidence = {"w": w_oof, "S": S, "mask": mask, "truth": t, "keys": keys, "z": abstain_z,
                                  "min_items": 5}

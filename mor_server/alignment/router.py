@@ -127,25 +127,22 @@ class MoRRouter:
         return tuple(sorted(str(a) for a in answers)) in self.abstain_for(live)
 
     def abstain_for(self, live: Sequence[str] | None = None) -> frozenset:
-        """The answer sets routed to no client when ``live`` clients are online. With every known client live (or
-        no evidence kept): :attr:`abstain`. Otherwise :func:`answer_set_trust` again on the calibration items, with
-        the out-of-fold weights renormalised over the live clients it knows (as :meth:`weights` renormalises); with
-        none of them live, every answer set it has evidence for."""
+        """The answer sets routed to no client when ``live`` clients are online. With every known client live, none
+        of them live, or no evidence kept: :attr:`abstain`. Otherwise :func:`answer_set_trust` again on the
+        calibration items, with the out-of-fold weights restricted to the live clients it knows as :meth:`weights`
+        does it (renormalised, then top-k among them: :func:`live_weights`)."""
         known = tuple(c for c in self.client_ids if live is None or c in set(live))
         ev = self.trust_evidence
-        if ev is None or known == tuple(self.client_ids):
+        # none of the clients it knows live: no evidence either way; the round goes ahead as weights() routes it
+        # (uniform over newcomers) or fails when no client is live at all, which is what an outage must look like
+        if ev is None or not known or known == tuple(self.client_ids):
             return frozenset(tuple(k) for k in self.abstain)
         if known not in self._abstain_cache:
-            if not known:
-                self._abstain_cache[known] = frozenset(ev["keys"])
-            else:
-                idx = [self.client_ids.index(c) for c in known]
-                w = np.asarray(ev["w"], dtype=np.float64)[:, idx]
-                tot = w.sum(axis=1, keepdims=True)
-                w = np.where(tot > 0, w / np.where(tot > 0, tot, 1.0), 1.0 / len(idx))
-                trust = answer_set_trust(w, ev["S"][:, idx], ev["mask"], ev["truth"], ev["keys"], z=ev["z"],
-                                         min_items=ev["min_items"])
-                self._abstain_cache[known] = frozenset(k for k, v in trust.items() if not v["trusted"])
+            idx = [self.client_ids.index(c) for c in known]
+            w = live_weights(ev["w"], idx, self.top_k)
+            trust = answer_set_trust(w, ev["S"][:, idx], ev["mask"], ev["truth"], ev["keys"], z=ev["z"],
+                                     min_items=ev["min_items"])
+            self._abstain_cache[known] = frozenset(k for k, v in trust.items() if not v["trusted"])
         return self._abstain_cache[known]
 
     def _tensor(self, features: np.ndarray) -> torch.Tensor:
@@ -331,15 +328,32 @@ class MoRRouter:
 
             arr, tj = load_np(str(path / "trust.safetensors")), json.loads((path / "trust.json").read_text())
             sets = _answer_sets(tj.get("answer_sets"), path / "trust.json", "answer_sets")
-            if arr["w"].shape != (len(arr["truth"]), len(r.client_ids)) or \
-                    int(arr["key_index"].max(initial=-1)) >= len(sets):
-                raise ValueError(f"MoRRouter.load: {path / 'trust.safetensors'} does not match router.json's "
-                                 f"{len(r.client_ids)} clients; calibrate the router again")
+            n, k = len(arr["truth"]), len(r.client_ids)
+            if arr["w"].shape != (n, k) or arr["S"].ndim != 3 or arr["S"].shape[:2] != (n, k) or \
+                    arr["mask"].shape != (n, arr["S"].shape[2]) or arr["key_index"].shape != (n,) or \
+                    int(arr["key_index"].min(initial=0)) < 0 or int(arr["key_index"].max(initial=-1)) >= len(sets) \
+                    or ((arr["truth"] < 0) | (arr["truth"] >= arr["S"].shape[2])).any():
+                raise ValueError(f"MoRRouter.load: {path / 'trust.safetensors'} is not consistent (shapes, indices) "
+                                 f"with itself or router.json's {k} clients; calibrate the router again")
             r.trust_evidence = {"w": arr["w"], "S": arr["S"], "mask": arr["mask"].astype(bool), "truth": arr["truth"],
                                 "keys": [sets[i] for i in arr["key_index"]],
                                 "z": check_abstain_z(tj.get("z"), f"{path / 'trust.json'}: z"),
                                 "min_items": int(tj.get("min_items", 5))}
         return r
+
+
+def live_weights(w: np.ndarray, idx: Sequence[int], top_k: int | None) -> np.ndarray:
+    """Routing weights (n, clients; a softmax before any top-k) restricted to the clients ``idx`` as
+    :meth:`MoRRouter.weights` restricts them: renormalised over those clients (a softmax over their logits), then
+    the ``top_k`` largest per item kept (ties kept) and renormalised."""
+    w = np.asarray(w, dtype=np.float64)[:, list(idx)]
+    tot = w.sum(axis=1, keepdims=True)
+    w = np.where(tot > 0, w / np.where(tot > 0, tot, 1.0), 1.0 / max(len(idx), 1))
+    if top_k is not None and top_k < w.shape[1]:
+        kth = np.sort(w, axis=1)[:, -top_k][:, None]
+        w = np.where(w >= kth, w, 0.0)
+        w = w / w.sum(axis=1, keepdims=True)
+    return w
 
 
 def _answer_sets(value, where: Path, field: str) -> list[tuple[str, ...]]:
@@ -493,4 +507,4 @@ def entropy(weights: Mapping[str, Sequence[float]]) -> float:
 
 
 __all__ = ["MoRRouter", "answer_set_trust", "candidate_tensor", "check_abstain_z", "check_rank_weight",
-           "effective_shares", "entropy", "rank_errors", "ranking_quality"]
+           "effective_shares", "entropy", "live_weights", "rank_errors", "ranking_quality"]

@@ -24,6 +24,8 @@ import time
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 
+import numpy as np
+
 from privacy.fsutil import atomic_write_text, replace_dir, staging_dir
 from .grpo import discard_incomplete_checkpoints, latest_checkpoint
 
@@ -61,16 +63,18 @@ def run_settings(cfg, ref_dir: Path, *, sizes: dict) -> dict:
     weights = [p for p in Path(ref_dir).glob("*.safetensors")] or [p for p in Path(ref_dir).glob("*.bin")]
     config = _floats(cfg, {k: getattr(cfg, k, None) for k in _CONFIG_FIELDS})
     if is_dataclass(config["collapse_guard"]):
-        config["collapse_guard"] = asdict(config["collapse_guard"])
+        config["collapse_guard"] = _floats(config["collapse_guard"], asdict(config["collapse_guard"]))
     blob = {"grpo": grpo, "config": config, "sizes": sizes,
             "reference": _file_digest(weights) if weights else None, "v": 2}
     return json.loads(json.dumps(blob, sort_keys=True, default=str))
 
 
 def _floats(obj, values: dict) -> dict:
-    """``values`` with the ints of ``obj``'s float-typed dataclass fields as floats: a config file's ``2`` and the
-    default ``2.0`` are the same setting and must give the same key."""
+    """``values`` with numpy scalars as Python numbers and the ints of ``obj``'s float-typed dataclass fields as
+    floats: a config file's ``2``, ``np.float32(2)`` and the default ``2.0`` are the same setting and must give the
+    same key."""
     kinds = {f.name: str(f.type) for f in fields(obj)} if is_dataclass(obj) else {}
+    values = {k: v.item() if isinstance(v, np.generic) else v for k, v in values.items()}  # numpy scalars: Python's
     return {k: float(v) if "float" in kinds.get(k, "") and isinstance(v, int) and not isinstance(v, bool) else v
             for k, v in values.items()}
 
