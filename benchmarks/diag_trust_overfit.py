@@ -18,7 +18,6 @@ Writes ``benchmarks/results/trust_overfit.json``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -28,24 +27,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-class SaltedExpert:
-    """Right on its own question type; uniform noise of its own (salted) on every other question."""
-
-    def __init__(self, examples, qtype: str, salt: str):
-        self._sha = lambda b: hashlib.sha1(b).digest()
-        self.truth = {(self._sha(e.image), e.question): (e.answer, e.question_type) for e in examples}
-        self.qtype, self.salt = qtype, salt
-
-    def score(self, items):
-        out = []
-        for it in items:
-            answer, qtype = self.truth[(self._sha(it.image), it.question)]
-            out.append([float(c == answer) if qtype == self.qtype else
-                        int.from_bytes(self._sha(f"{self.salt}|{it.item_id}|{c}".encode())[:4], "little") / 2**32
-                        for c in it.candidates])
-        return out
 
 
 def main(argv=None) -> int:
@@ -62,7 +43,7 @@ def main(argv=None) -> int:
     from mor_client.data.easyvqa import load_easyvqa
     from mor_server.alignment.calibration import answer_schema, calibrate_router
     from mor_server.alignment.features import FeatureExtractor
-    from mor_server.alignment.inprocess import InProcessBackend
+    from mor_server.alignment.inprocess import InProcessBackend, LabelExpertScorer
     from mor_server.alignment.router import answer_set_trust
 
     test = load_easyvqa("test")
@@ -71,9 +52,9 @@ def main(argv=None) -> int:
     colour = tuple(sorted(schema.valid_answers(next(e.question for e in public if e.question_type == "color"))))
     rows, t0 = [], time.perf_counter()
     for trial in range(a.trials):
-        scorers = {"shape": SaltedExpert(public, "shape", f"{trial}s")}
+        scorers = {"shape": LabelExpertScorer(public, ["shape"], salt=f"{trial}s")}
         for k in range(a.clients - 1):
-            scorers[f"yesno{k}"] = SaltedExpert(public, "yesno", f"{trial}y{k}")
+            scorers[f"yesno{k}"] = LabelExpertScorer(public, ["yesno"], salt=f"{trial}y{k}")
         fx = FeatureExtractor(parts=a.features, schema=schema)
         router = calibrate_router(InProcessBackend(scorers), public, fx, steps=300, seed=trial, schema=schema)
         ev = router.trust_evidence

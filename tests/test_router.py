@@ -450,35 +450,16 @@ def test_abstention_is_not_fooled_by_a_router_that_fits_noise_item_by_item(publi
     schema = answer_schema(public)
     colour = tuple(sorted(schema.valid_answers(next(e.question for e in public if e.question_type == "color"))))
     fx = FeatureExtractor(parts=["image", "question"], schema=schema)
-    noisy = {"expert_shape": SaltedExpert(public, "shape", "s"), "expert_yesno": SaltedExpert(public, "yesno", "y"),
-             "yesno_2": SaltedExpert(public, "yesno", "y2"), "yesno_3": SaltedExpert(public, "yesno", "y3")}
+    noisy = {"expert_shape": LabelExpertScorer(public, ["shape"], salt="s"),
+             "expert_yesno": LabelExpertScorer(public, ["yesno"], salt="y"),
+             "yesno_2": LabelExpertScorer(public, ["yesno"], salt="y2"),
+             "yesno_3": LabelExpertScorer(public, ["yesno"], salt="y3")}
     for seed in (0, 1):
         router = calibrate_router(InProcessBackend(noisy), public, fx, steps=300, seed=seed, schema=schema)
         assert colour in router.abstain, router.calibration["trust"]
-    honest = calibrate_router(InProcessBackend({f"expert_{d}": SaltedExpert(public, d, d) for d in DOMAINS}), public,
-                              fx, steps=300, seed=0, schema=schema)
+    salted = {f"expert_{d}": LabelExpertScorer(public, [d], salt=d) for d in DOMAINS}
+    honest = calibrate_router(InProcessBackend(salted), public, fx, steps=300, seed=0, schema=schema)
     assert honest.abstain == [], honest.calibration["trust"]
-
-
-class SaltedExpert:
-    """Right on its own question type (1 for the right answer, 0 otherwise), and on other questions uniform noise of
-    its own (salted per client: independent of every other client's, unlike LabelExpertScorer's shared noise)."""
-
-    def __init__(self, examples, qtype, salt):
-        import hashlib
-
-        self._sha = lambda b: hashlib.sha1(b).digest()
-        self.truth = {(self._sha(e.image), e.question): (e.answer, e.question_type) for e in examples}
-        self.qtype, self.salt = qtype, salt
-
-    def score(self, items):
-        out = []
-        for it in items:
-            answer, qtype = self.truth[(self._sha(it.image), it.question)]
-            out.append([float(c == answer) if qtype == self.qtype else
-                        int.from_bytes(self._sha(f"{self.salt}|{it.item_id}|{c}".encode())[:4], "little") / 2**32
-                        for c in it.candidates])
-        return out
 
 
 def test_a_type_whose_only_expert_goes_offline_is_abstained_on(public, tmp_path):

@@ -72,15 +72,18 @@ class LabelExpertScorer:
 
     examples: labelled examples (``.image`` bytes, ``.question``, ``.answer``, ``.question_type``) the client holds.
     It is an upper bound on what a trained reward model of that client can give, not a trained model.
+    salt: None (default): every such client gives the same noise for an item and answer; a string: this client's own
+    noise, independent of other salts' (clients whose opinions off their types are independent noise).
     """
 
-    def __init__(self, examples, question_types: Sequence[str]):
+    def __init__(self, examples, question_types: Sequence[str], salt: str | None = None):
         import hashlib
 
         from .policy import exact_match, normalize_answer
 
         self._sha = lambda b: hashlib.sha1(b).digest()
         self._match = exact_match
+        self._prefix = "" if salt is None else f"{salt}|"
         qt = set(question_types)
         self.truth = {(self._sha(e.image), e.question): normalize_answer(e.answer)
                       for e in examples if e.question_type in qt}
@@ -94,6 +97,7 @@ class LabelExpertScorer:
         for it in items:
             t = self.truth.get((self._sha(it.image), it.question))
             out.append([float(self._match(c, t)) if t is not None else
-                        int.from_bytes(hashlib.sha1((it.item_id + "|" + c).encode()).digest()[:4], "little") / 2**32
+                        int.from_bytes(hashlib.sha1(f"{self._prefix}{it.item_id}|{c}".encode()).digest()[:4],
+                                       "little") / 2**32
                         for c in it.candidates])
         return out
