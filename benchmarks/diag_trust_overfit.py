@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         router = calibrate_router(InProcessBackend(scorers), public, fx, steps=300, seed=trial, schema=schema)
         ev = router.trust_evidence
         w_in = router.weights(_cal_features(fx, public, schema), live=router.client_ids)
-        w_in = np.array([[w_in[c][i] for c in router.client_ids] for i in range(len(ev["truth"]))])
+        w_in = np.array([w_in[c] for c in router.client_ids], dtype=np.float64).T
         got = {}
         for name, w in (("in_sample", w_in), ("out_of_fold", ev["w"])):
             v = answer_set_trust(w, ev["S"], ev["mask"], ev["truth"], ev["keys"], z=2.0)[colour]

@@ -158,7 +158,7 @@ def out_of_fold_weights(router: MoRRouter, feats: np.ndarray, scores: Mapping, t
         full = copy.copy(router)
         full.top_k = None
         w = full.weights(feats, live=clients, objective=objective)
-        return np.array([[w[c][i] for c in clients] for i in range(n)], dtype=np.float64)
+        return np.array([w[c] for c in clients], dtype=np.float64).T
     order = np.random.default_rng(seed + 1).permutation(n)
     out = np.zeros((n, len(clients)), dtype=np.float64)
     for f in range(folds):
@@ -169,7 +169,7 @@ def out_of_fold_weights(router: MoRRouter, feats: np.ndarray, scores: Mapping, t
         r.calibrate(feats[train], {c: [scores[c][i] for i in train] for c in clients}, truth[train],
                     objective=objective, steps=steps, rank_weight=rank_weight)
         w = r.weights(feats[test], live=clients, objective=objective)
-        out[test] = np.array([[w[c][i] for c in clients] for i in range(len(test))], dtype=np.float64)
+        out[test] = np.array([w[c] for c in clients], dtype=np.float64).T
     return out
 
 

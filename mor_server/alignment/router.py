@@ -131,7 +131,8 @@ class MoRRouter:
         of them live, or no evidence kept: :attr:`abstain`. Otherwise :func:`answer_set_trust` again on the
         calibration items, with the out-of-fold weights restricted to the live clients it knows as :meth:`weights`
         does it (renormalised, then top-k among them: :func:`live_weights`)."""
-        known = tuple(c for c in self.client_ids if live is None or c in set(live))
+        online = None if live is None else set(live)
+        known = tuple(c for c in self.client_ids if online is None or c in online)
         ev = self.trust_evidence
         # none of the clients it knows live: no evidence either way; the round goes ahead as weights() routes it
         # (uniform over newcomers) or fails when no client is live at all, which is what an outage must look like
