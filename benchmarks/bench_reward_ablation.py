@@ -112,9 +112,22 @@ def split_label(label: str) -> tuple[str, int]:
     return base, int(pool or 0)
 
 
+def parts(value: str) -> str:
+    """A ``freeze`` value of ``--grpo``: parts joined by ``+`` (``embeddings+vision``; a comma separates overrides)."""
+    from mor_server.alignment.grpo import GRPORunConfig
+
+    if "," in value:
+        raise ValueError(value)
+    GRPORunConfig(freeze=value).frozen_parts()  # ValueError for an unknown part
+    return value
+
+
+parts.kind = "list of embeddings, vision joined by +, or empty"
+
+
 GRPO_OVERRIDABLE = {"learning_rate": float, "beta": float, "temperature": float, "prompts_per_step": int,
                     "num_generations": int, "scale_rewards": str, "loss_type": str, "epsilon": float,
-                    "max_steps": int}
+                    "max_steps": int, "freeze": parts, "lr_schedule": str, "warmup_steps": int}
 
 
 def parse_grpo_overrides(items: list[str]) -> dict:
@@ -127,7 +140,8 @@ def parse_grpo_overrides(items: list[str]) -> dict:
         try:
             out[key] = GRPO_OVERRIDABLE[key](value)
         except ValueError:
-            raise SystemExit(f"--grpo {key}: {value!r} is not a {GRPO_OVERRIDABLE[key].__name__}") from None
+            kind = getattr(GRPO_OVERRIDABLE[key], "kind", GRPO_OVERRIDABLE[key].__name__)
+            raise SystemExit(f"--grpo {key}: {value!r} is not a {kind}") from None
     return out
 
 

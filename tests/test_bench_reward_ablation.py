@@ -200,13 +200,17 @@ def test_grpo_overrides_travel_in_the_label_and_share_the_reference(benchmark_sc
     label = "compact+synthetic+sft#ref300~learning_rate=0.001,num_generations=4"
     assert b.grpo_overrides(label) == {"learning_rate": 1e-3, "num_generations": 4}
     assert b.grpo_overrides("compact+synthetic+sft") == {}
+    assert b.grpo_overrides("seeing~freeze=embeddings+vision,warmup_steps=10") == {"freeze": "embeddings+vision",
+                                                                                    "warmup_steps": 10}
+    assert b.grpo_overrides("seeing~freeze=") == {"freeze": ""}  # every weight trained: seeing-v1's GRPO
     # the overrides change GRPO only: the reference (and its cache folder) is the label's without them
     assert b.reference_dir(label, 2, cache) == b.reference_dir("compact+synthetic+sft#ref300", 2, cache)
     assert b.split_label(label) == ("compact+synthetic+sft", 0)
     assert b.cell_name(label, "honest", "oracle", 2) != b.cell_name("compact+synthetic+sft#ref300", "honest", "oracle", 2)
     # a bad override is one line naming the key or the type, before anything is created
     for bad, msg in ((["lr=1e-3"], "--grpo: 'lr=1e-3' is not key=value with key one of learning_rate"),
-                     (["num_generations=four"], "--grpo num_generations: 'four' is not a int")):
+                     (["num_generations=four"], "--grpo num_generations: 'four' is not a int"),
+                     (["freeze=head"], "--grpo freeze: 'head' is not a list of embeddings, vision joined by +")):
         r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_reward_ablation.py"), "--grpo", *bad,
                             "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o.json")],
                            capture_output=True, text=True, timeout=120, cwd=ROOT)

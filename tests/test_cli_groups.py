@@ -177,7 +177,8 @@ def test_align_flags_are_checked_before_work(tmp_path, capsys):
              (["align", "--warm-start", "synthetic+sft", "--preset", "small"], "--warm-start"),
              (["align", "--routing", "mixture"], "--routing"),
              (["align", "--sft-batches", "shuffled"], "--sft-batches"),
-             (["align", "--router-rank-weight", "-1"], "--router-rank-weight")]
+             (["align", "--router-rank-weight", "-1"], "--router-rank-weight"),
+             (["align", "--freeze", "head"], "--freeze")]
     for argv, field in cases:
         rc = server_cli.mor_main([*argv, "--workdir", str(tmp_path / "w")])
         err = capsys.readouterr().err.strip().splitlines()
@@ -209,6 +210,10 @@ def test_align_routing_and_warm_start_reach_the_engine(tmp_path):
     default = _config(parser.parse_args(["align", "--workdir", str(tmp_path)]), "k")
     assert default.pretrain.yesno_curriculum == "vqa=1000,negation=300" and default.sft.steps == 0
     assert (default.tiny.patch_size, default.tiny.vision_layers, default.grpo.max_steps) == (8, 3, 150)
+    assert default.grpo.freeze == "vision" and default.pretrain.curriculum_schedule == "cosine"
+    for flag, frozen in (("none", ""), ("embeddings,vision", "embeddings,vision")):
+        assert _config(parser.parse_args(["align", "--freeze", flag, "--workdir", str(tmp_path)]),
+                       "k").grpo.freeze == frozen
     assert _config(parser.parse_args(["align", "--steps", "40", "--workdir", str(tmp_path)]), "k").grpo.max_steps == 40
     compact = _config(parser.parse_args(["align", "--warm-start", "compact+synthetic+sft", "--seed", "2",
                                          "--workdir", str(tmp_path)]), "k")

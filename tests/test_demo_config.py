@@ -43,7 +43,7 @@ def test_config_file_errors_name_the_setting(tmp_path):
     ({"epsilon": None}, "epsilon: must be a valid number, got None"),
     ({"mode": "secagg", "clients": [{"name": "a", "arch": "cnn", "partition": "client0"}]}, "at least 2 clients"),
     ({"warm_start": "imagenet"}, r"warm_start: must be 'sft', 'synthetic\+sft', 'compact\+synthetic\+sft', 'compact\+curriculum\+sft', "
-                              r"'compact\+synthvqa', 'compact\+synthvqa\+negation' or 'seeing', got 'imagenet'"),
+                              r"'compact\+synthvqa', 'compact\+synthvqa\+negation', 'seeing' or 'seeing-v1', got 'imagenet'"),
 ])
 def test_validate_rejects_bad_settings(change, msg):
     with pytest.raises(ValueError, match=msg):
@@ -94,7 +94,8 @@ def test_demo_warm_start_recipe_sets_the_references_sft(tmp_path, monkeypatch):
 
 def test_demo_default_is_the_policy_that_sees_on_the_demo_budget(tmp_path, monkeypatch):
     """`mor demo` without --warm-start builds the compact policy with the short public stage 1 (synthetic VQA 1,000
-    steps, the negation readout 300) and runs 150 GRPO steps at temperature 1.5; --steps / grpo.max_steps still win."""
+    steps, the negation readout 300, each phase on a cosine-decayed learning rate) and runs 150 GRPO steps at
+    temperature 1.5 with the vision tower frozen; --steps / grpo.max_steps / grpo.freeze still win."""
     from types import SimpleNamespace
 
     import mor_server.alignment.pipeline as pipeline
@@ -105,12 +106,17 @@ def test_demo_default_is_the_policy_that_sees_on_the_demo_budget(tmp_path, monke
     server = SimpleNamespace(metrics=SimpleNamespace(registry=None))
     assert DemoConfig().warm_start == "seeing"
     demo.align(DemoConfig(workdir=str(tmp_path / "d"), seed=2), tmp_path / "d", None, server)
-    demo.align(DemoConfig(workdir=str(tmp_path / "e"), grpo={"max_steps": 400}), tmp_path / "e", None, server)
+    demo.align(DemoConfig(workdir=str(tmp_path / "e"), grpo={"max_steps": 400, "freeze": ""}), tmp_path / "e", None,
+               server)
     c = seen[0]
     assert c.pretrain.yesno_curriculum == "vqa=1000,negation=300" and c.pretrain.vision_steps == 600
     assert c.pretrain.seed == 2 and c.tiny.seed == 2 and (c.tiny.patch_size, c.tiny.vision_layers) == (8, 3)
-    assert c.sft.steps == 0 and (c.grpo.max_steps, c.grpo.temperature) == (150, 1.5)
-    assert seen[1].grpo.max_steps == 400
+    assert c.pretrain.curriculum_schedule == "cosine"
+    assert c.sft.steps == 0 and (c.grpo.max_steps, c.grpo.temperature, c.grpo.freeze) == (150, 1.5, "vision")
+    assert (seen[1].grpo.max_steps, seen[1].grpo.freeze) == (400, "")
+    with pytest.raises(ValueError, match="^grpo.freeze: unknown part 'head'; use a comma-separated list of embeddings, "
+                                         "vision"):
+        DemoConfig(grpo={"freeze": "head"}).validate()
 
 
 def test_alignment_router_rank_weight_is_a_number_and_reaches_the_config(tmp_path):

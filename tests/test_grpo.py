@@ -345,3 +345,26 @@ def test_prompts_of_a_type_whose_only_expert_went_offline_are_sent_to_no_client(
     backend.offline, backend.sent = set(), []
     got = mor(completions=completions, **trl_kwargs(exs, 2))
     assert backend.sent == [colour[0].question, shape[0].question] and got[0] > got[1] and mor.abstained == 2
+
+
+def test_freeze_leaves_the_named_parts_as_they_were_and_trains_the_rest(examples, router, policy_dir, tmp_path):
+    # GRPORunConfig.freeze="embeddings+vision": after GRPO steps the token embeddings (tied to the output head) and
+    # the vision tower are bit-identical to the warm start, while the language layers moved
+    import torch
+
+    from mor_server.alignment.policy import load_policy
+
+    def ranked(completions, **kw):  # distinct rewards in every group: every step has a non-zero advantage
+        return [float(i % 2) for i in range(len(completions))]
+
+    res = run_grpo(policy_dir, make_prompt_dataset(examples[:16]), [ranked], [1.0],
+                   small_cfg(tmp_path / "frozen", 2, save_steps=0, freeze="embeddings+vision", learning_rate=1e-2))
+    before, after = load_policy(policy_dir)[0].state_dict(), res["model"].state_dict()
+    emb = [k for k in before if "embed_tokens" in k or "lm_head" in k]
+    vision = [k for k in before if "vision_tower" in k or "multi_modal_projector" in k]
+    layers = [k for k in before if ".layers." in k and "vision_tower" not in k]
+    assert emb and vision and layers
+    assert all(torch.equal(before[k], after[k].cpu()) for k in emb + vision)
+    assert any(not torch.equal(before[k], after[k].cpu()) for k in layers)
+    with pytest.raises(ValueError, match="GRPORunConfig.freeze: unknown part 'head'"):
+        GRPORunConfig(freeze="embeddings,head").validate()

@@ -467,3 +467,42 @@ def test_the_negation_recipe_is_compact_synthvqa_plus_one_phase_so_it_continues_
     assert neg.yesno_curriculum == "vqa=2000,negation=300"
     assert _phases_done(asdict(base), asdict(neg)) == 1  # the cached compact+synthvqa stage 1 is its beginning
     assert _phases_done(asdict(neg), asdict(base)) is None
+
+
+def test_a_cosine_schedule_ends_a_phase_on_small_steps_and_keeps_old_cache_keys(tmp_path, monkeypatch):
+    # lr_schedule="cosine" decays the learning rate to ~0 by the phase's last step (the constant schedule keeps it);
+    # the option is in the cache key only when on, so references built before it keep theirs
+    import mor_server.alignment.warmstart as ws
+
+    data = make_synthetic_examples(12, seed=3)
+    lrs: dict[str, list[float]] = {}
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        lrs.setdefault(spy.tag, []).append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    for tag in ("constant", "cosine"):
+        spy.tag = tag
+        model, processor = build_tiny_llava(task_words([e.question for e in data] + [e.answer for e in data]),
+                                            config=SMALL)
+        ws.sft_warm_start(model, processor, data, SFTConfig(steps=40, batch_size=4, learning_rate=1e-3,
+                                                            lr_schedule=tag), progress=False)
+    assert lrs["constant"][-1] == pytest.approx(1e-3)
+    assert lrs["cosine"][19] > 0.9e-3 and lrs["cosine"][-1] < 0.01e-3  # warm-up, then down to ~0
+    assert all(a >= b for a, b in zip(lrs["cosine"][20:], lrs["cosine"][21:]))
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+
+    _, _, first = warm_start_cached(tmp_path / "ref", data, tiny=SMALL, sft=SFTConfig(steps=1, batch_size=4),
+                                    progress=False)
+    key = json.loads((tmp_path / "ref" / "warm_start.json").read_text())["key"]
+    assert "lr_schedule" not in key["sft"]
+    _, _, info = warm_start_cached(tmp_path / "ref", data, tiny=SMALL,
+                                   sft=SFTConfig(steps=1, batch_size=4, lr_schedule="cosine"), progress=False)
+    assert info["cached"] is False
+    with pytest.raises(ValueError, match="lr_schedule must be one of constant, cosine, got 'linear'"):
+        ws.sft_warm_start(model, processor, data, SFTConfig(steps=1, lr_schedule="linear"), progress=False)
+    with pytest.raises(ValueError, match="PretrainConfig.curriculum_schedule must be one of"):
+        ws.pretrain_policy(model, processor, PretrainConfig(yesno_curriculum="vqa=1", curriculum_schedule="step"),
+                           progress=False)

@@ -19,6 +19,27 @@ import torch
 from .policy import pick_device
 
 
+FREEZABLE = ("embeddings", "vision")
+"""The parts ``GRPORunConfig.freeze`` can name."""
+
+
+def freeze_parts(model, parts: Sequence[str]) -> int:
+    """Turn off the gradients of ``parts`` (``FREEZABLE``) of a Llava-style ``model``; returns how many parameters
+    stay trainable. With LoRA (peft) the base weights are frozen anyway and this is not needed."""
+    for part in parts:
+        if part == "embeddings":
+            mods = [model.get_input_embeddings()]
+        else:  # vision
+            inner = getattr(model, "model", model)
+            mods = [m for m in (getattr(inner, "vision_tower", None), getattr(inner, "multi_modal_projector", None))
+                    if m is not None]
+            if not mods:
+                raise ValueError("GRPORunConfig.freeze: 'vision' needs a model with a vision_tower (a Llava-style VLM)")
+        for m in mods:
+            m.requires_grad_(False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 @dataclass
 class GRPORunConfig:
     """Settings of one GRPO run (small defaults sized for the 5-minute demo on 2 CPU cores)."""
@@ -71,8 +92,33 @@ class GRPORunConfig:
     """Share of each GPU's memory vLLM may take in colocate mode."""
     device: str | None = None
     """Force a device ("cpu"); None: CUDA with bf16 when present, else CPU."""
+    lr_schedule: str = "constant"
+    """``constant`` or ``cosine`` (the learning rate decays along a half cosine to zero at ``max_steps``), after
+    ``warmup_steps`` of linear warm-up (transformers' schedulers)."""
+    warmup_steps: int = 0
+    """Steps of linear learning-rate warm-up from zero (0: the first step runs at the full learning rate)."""
+    freeze: str = ""
+    """Parts of the policy GRPO leaves as they are, separated by ``,`` or ``+`` (``FREEZABLE``): ``embeddings`` (the token
+    embeddings, which the built-in policies tie to the output head: the answer words' output vectors are the question
+    words' input vectors), ``vision`` (the vision tower and the projector). Empty: every weight trains. Full fine-tuning
+    only: with ``lora_r`` > 0 the base weights are frozen anyway and ``lora_target_modules`` decides what trains, so
+    ``freeze`` is not applied (a warning says so)."""
+
+    def frozen_parts(self) -> tuple[str, ...]:
+        """``freeze`` as a tuple of part names (ValueError naming the field for an unknown part)."""
+        parts = tuple(p.strip() for p in self.freeze.replace("+", ",").split(",") if p.strip())
+        bad = [p for p in parts if p not in FREEZABLE]
+        if bad:
+            raise ValueError(f"GRPORunConfig.freeze: unknown part {bad[0]!r}; use a comma-separated list of "
+                             f"{', '.join(FREEZABLE)} (or leave it empty)")
+        return parts
 
     def validate(self) -> None:
+        self.frozen_parts()
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"GRPORunConfig.lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"GRPORunConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
         for name in ("max_steps", "prompts_per_step", "num_generations", "max_completion_length", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GRPORunConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -130,7 +176,8 @@ class GRPORunConfig:
             data_seed=self.seed, report_to="none", use_cpu=cpu, bf16=not cpu, gradient_checkpointing=False,
             dataloader_num_workers=0, disable_tqdm=not self.progress,
             reward_weights=list(reward_weights) if reward_weights is not None else None,
-            lr_scheduler_type="constant", warmup_steps=0, **vllm,
+            lr_scheduler_type=("constant_with_warmup" if self.warmup_steps else "constant")
+            if self.lr_schedule == "constant" else "cosine", warmup_steps=self.warmup_steps, **vllm,
         )
 
 
@@ -322,6 +369,13 @@ def run_grpo(model_dir: str | Path, train_dataset, reward_funcs: list, reward_we
 
     processor = _load_processor(model_dir)  # AutoProcessor (image-only when a video half needs torchvision)
     processor.tokenizer.padding_side = "left"
+    if cfg.lora_r and cfg.frozen_parts():
+        import warnings
+
+        warnings.warn(f"GRPORunConfig.freeze={cfg.freeze!r} is not applied with lora_r={cfg.lora_r}: the base weights "
+                      f"are frozen and lora_target_modules decides what trains", stacklevel=2)
+    elif cfg.frozen_parts():
+        freeze_parts(model, cfg.frozen_parts())
     args = cfg.to_trl(reward_weights)
     extra = [_stop_callback(stop)] if stop is not None else []
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,

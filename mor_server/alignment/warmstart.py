@@ -52,6 +52,24 @@ class SFTConfig:
     when used up), instead of in proportion to the data. easy-vqa's public split is 72% yes/no, and at lr 3e-3 the
     proportional SFT-50 can leave colour and shape questions answered "yes" (docs/alignment.md, "The reference is
     fragile")."""
+    lr_schedule: str = "constant"
+    """``constant`` (after a 20-step linear warm-up) or ``cosine`` (transformers' cosine schedule with the same warm-up):
+    the learning rate then decays along a half cosine to zero at the last step, so the phase ends on small steps
+    instead of wherever the last large one left it."""
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def _scheduler(opt, schedule: str, total: int):
+    """The learning-rate scheduler of ``schedule`` over ``total`` optimizer steps, 20 warm-up steps first."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+    if schedule == "cosine":
+        from transformers import get_cosine_schedule_with_warmup
+
+        return get_cosine_schedule_with_warmup(opt, num_warmup_steps=min(20, total // 2), num_training_steps=total)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
 
 
 def _sft_batch(processor, examples, device, images: ImageCache | None = None):
@@ -180,7 +198,7 @@ def sft_warm_start(model, processor, examples: Sequence, config: SFTConfig | Non
     readout_acc = float("nan")
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = min(cfg.steps, steps_per_epoch * cfg.epochs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
+    sched = _scheduler(opt, cfg.lr_schedule, total)
     model.train()
     t0, step, loss_v = time.perf_counter(), 0, float("nan")
     bar = tqdm(total=total, desc="SFT warm start", disable=not progress, leave=False)
@@ -300,6 +318,8 @@ class PretrainConfig:
     image's, which easy-vqa's own wording lets it skip. Empty: none."""
     curriculum_lr: float = 1e-3
     """Learning rate of the curriculum phases that do not name one."""
+    curriculum_schedule: str = "constant"
+    """``SFTConfig.lr_schedule`` of every curriculum phase (``cosine``: each phase decays its learning rate to zero)."""
     images: int = 2000
     """Synthetic images drawn for stage 1 (the vision, caption and matching parts use the same images)."""
     batch_size: int = 32
@@ -370,13 +390,17 @@ def pretrain_policy(model, processor, config: PretrainConfig, *, progress: bool 
         if getattr(config, name) < 0:
             raise ValueError(f"PretrainConfig.{name} must be >= 0, got {getattr(config, name)}")
     phases = parse_curriculum(config.yesno_curriculum, default_lr=config.curriculum_lr)  # bad specs fail first
+    if config.curriculum_schedule not in LR_SCHEDULES:
+        raise ValueError(f"PretrainConfig.curriculum_schedule must be one of {', '.join(LR_SCHEDULES)}, got "
+                         f"{config.curriculum_schedule!r}")
     out: dict = {"images": config.images}
     if not config.enabled():
         return out
     if done_phases is not None:  # the parts before the curriculum (and its first phases) are in the checkpoint
         out["yesno_curriculum"] = yesno_curriculum(model, processor, phases, seed=config.seed,
                                                    batch_size=config.batch_size, max_seconds=config.max_seconds,
-                                                   progress=progress, start=done_phases)
+                                                   progress=progress, start=done_phases,
+                                                   schedule=config.curriculum_schedule)
         return out
     if config.images < 1:
         raise ValueError("PretrainConfig.images must be >= 1 when vision_steps, caption_steps or match_steps > 0")
@@ -402,12 +426,13 @@ def pretrain_policy(model, processor, config: PretrainConfig, *, progress: bool 
     if phases:
         out["yesno_curriculum"] = yesno_curriculum(model, processor, phases, seed=config.seed,
                                                    batch_size=config.batch_size, max_seconds=config.max_seconds,
-                                                   progress=progress)
+                                                   progress=progress, schedule=config.curriculum_schedule)
     return out
 
 
 def yesno_curriculum(model, processor, phases: Sequence[tuple[str, int, float]], *, seed: int, batch_size: int = 32,
-                     max_seconds: float = 1800.0, progress: bool = True, start: int = 0) -> list[dict]:
+                     max_seconds: float = 1800.0, progress: bool = True, start: int = 0,
+                     schedule: str = "constant") -> list[dict]:
     """Supervised training through the curriculum phases ``[(phase, steps, lr), ...]`` in order, each on its own fresh
     draw of public synthetic examples (data seed ``20_000 + 100 * seed + index``: disjoint from stage 1's images and
     from any held-out draw of small seeds; the ``negation`` phase also trains a readout of negation). ``start``: the
@@ -421,7 +446,8 @@ def yesno_curriculum(model, processor, phases: Sequence[tuple[str, int, float]],
             continue
         data = curriculum_phase_examples(name, 20_000 + 100 * seed + i)
         info = sft_warm_start(model, processor, data, SFTConfig(steps=steps, batch_size=batch_size, learning_rate=lr,
-                                                                seed=seed + i, max_seconds=max_seconds),
+                                                                seed=seed + i, max_seconds=max_seconds,
+                                                                lr_schedule=schedule),
                               progress=progress, readout=negation_targets(data) if name == "negation" else None)
         done.append({"phase": name, "lr": lr, **{k: info[k] for k in ("steps", "seconds", "final_loss", "examples",
                                                                       "readout_last_batch_accuracy") if k in info}})
@@ -612,11 +638,14 @@ def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLl
     dev = pick_device(device)[0]
     cache_dir = Path(cache_dir)
     sft_key = asdict(sft or SFTConfig())
-    if not sft_key["balance_types"]:  # added later: references built before it keep their key
-        del sft_key["balance_types"]
+    for name, default in (("balance_types", False), ("lr_schedule", "constant")):
+        if sft_key[name] == default:  # added later: references built before them keep their key
+            del sft_key[name]
+    pre_key = asdict(pretrain) if pretrain is not None and pretrain.enabled() else None
+    if pre_key is not None and pre_key["curriculum_schedule"] == "constant":
+        del pre_key["curriculum_schedule"]
     key = {"tiny": asdict(tiny or TinyLlavaConfig()), "sft": sft_key, "n": len(examples),
-           "data_sha256": examples_digest(examples), "code": WARM_START_CODE_VERSION,
-           "pretrain": asdict(pretrain) if pretrain is not None and pretrain.enabled() else None}
+           "data_sha256": examples_digest(examples), "code": WARM_START_CODE_VERSION, "pretrain": pre_key}
     cached = _read_meta(cache_dir)
     if cached is not None and _same_build(cached.get("key"), key, cached.get("info"), sft or SFTConfig()):
         model, processor = _load_checkpoint(cache_dir, dev)

@@ -41,6 +41,19 @@ def device_arg(text: str) -> str:
     return text.strip()
 
 
+def freeze_arg(text: str) -> str:
+    """``--freeze``: parts of the policy GRPO leaves untouched (``grpo.FREEZABLE``, comma-separated) or ``none``."""
+    if text.strip() == "none":
+        return ""
+    from ..alignment.grpo import FREEZABLE
+
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in parts if p not in FREEZABLE]
+    if not parts or bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: use none or a comma-separated list of {', '.join(FREEZABLE)}")
+    return ",".join(parts)
+
+
 def register(sub) -> None:
     p = sub.add_parser("align", help="align a VLM with GRPO on rewards from a live federation (--serve), trained "
                                      "reward models (--models) or label experts",
@@ -61,6 +74,10 @@ def register(sub) -> None:
     p.add_argument("--beta", type=non_negative_float, default=None, help="KL weight (default: the engine's)")
     p.add_argument("--temperature", type=positive_float, default=None,
                    help="sampling temperature (default 1.0; 1.5 for seeing and the compact+synthvqa recipes)")
+    p.add_argument("--freeze", type=freeze_arg, default=None, metavar="PARTS",
+                   help="parts of the policy GRPO leaves untouched, comma-separated: vision (vision tower and "
+                        "projector), embeddings; 'none' trains every weight (default: the warm start's: vision for "
+                        "seeing; none for --preset and --policy)")
     p.add_argument("--top-k", type=positive_int, default=None, help="route each item to its top-k clients only")
     p.add_argument("--warm-start", dest="warm_start", choices=WARM_STARTS, default=None,
                    help=WARM_START_HELP + f" (as mor demo --warm-start; default: {DEFAULT_WARM_START} for the built-in "
@@ -187,7 +204,8 @@ def _config(args, resume_key: str):
     from ..alignment.recipes import recipe_grpo, recipe_sft, warm_start_recipe
 
     grpo = {k: v for k, v in dict(max_steps=args.steps, learning_rate=args.lr, beta=args.beta,
-                                  temperature=args.temperature, lora_r=args.lora_r).items() if v is not None}
+                                  temperature=args.temperature, lora_r=args.lora_r,
+                                  freeze=args.freeze).items() if v is not None}
     if args.use_vllm:
         grpo["use_vllm"] = True
     guard = CollapseGuardConfig(action=args.collapse_action,
