@@ -497,7 +497,7 @@ def test_a_cosine_schedule_ends_a_phase_on_small_steps_and_keeps_old_cache_keys(
     _, _, first = warm_start_cached(tmp_path / "ref", data, tiny=SMALL, sft=SFTConfig(steps=1, batch_size=4),
                                     progress=False)
     key = json.loads((tmp_path / "ref" / "warm_start.json").read_text())["key"]
-    assert "lr_schedule" not in key["sft"]
+    assert first["cached"] is False and "lr_schedule" not in key["sft"]
     _, _, info = warm_start_cached(tmp_path / "ref", data, tiny=SMALL,
                                    sft=SFTConfig(steps=1, batch_size=4, lr_schedule="cosine"), progress=False)
     assert info["cached"] is False
