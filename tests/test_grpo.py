@@ -368,3 +368,15 @@ def test_freeze_leaves_the_named_parts_as_they_were_and_trains_the_rest(examples
     assert any(not torch.equal(before[k], after[k].cpu()) for k in layers)
     with pytest.raises(ValueError, match="GRPORunConfig.freeze: unknown part 'head'"):
         GRPORunConfig(freeze="embeddings,head").validate()
+
+
+def test_lr_schedule_and_warmup_reach_trl():
+    # GRPORunConfig's schedule settings become TRL's: constant (the default, as every figure was measured),
+    # constant after a warm-up, or cosine; anything else is one line naming the field
+    trl = [GRPORunConfig(**kw).to_trl(None) for kw in ({}, {"warmup_steps": 10}, {"lr_schedule": "cosine"})]
+    assert [(str(t.lr_scheduler_type).rsplit(".", 1)[-1].lower(), t.warmup_steps) for t in trl] == \
+        [("constant", 0), ("constant_with_warmup", 10), ("cosine", 0)]
+    with pytest.raises(ValueError, match="GRPORunConfig.lr_schedule must be constant or cosine, got 'linear'"):
+        GRPORunConfig(lr_schedule="linear").validate()
+    with pytest.raises(ValueError, match="GRPORunConfig.warmup_steps must be >= 0"):
+        GRPORunConfig(warmup_steps=-1).validate()

@@ -31,10 +31,12 @@ def freeze_parts(model, parts: Sequence[str]) -> int:
             mods = [model.get_input_embeddings()]
         else:  # vision
             inner = getattr(model, "model", model)
-            mods = [m for m in (getattr(inner, "vision_tower", None), getattr(inner, "multi_modal_projector", None))
+            mods = [m for m in (getattr(inner, "vision_tower", None), getattr(inner, "multi_modal_projector", None),
+                                getattr(inner, "visual", None))  # Llava-style; Qwen-VL-style towers are "visual"
                     if m is not None]
             if not mods:
-                raise ValueError("GRPORunConfig.freeze: 'vision' needs a model with a vision_tower (a Llava-style VLM)")
+                raise ValueError("GRPORunConfig.freeze: 'vision' needs a model with a vision_tower or visual module "
+                                 "(a Llava- or Qwen-VL-style VLM); leave freeze empty for this model")
         for m in mods:
             m.requires_grad_(False)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
