@@ -359,7 +359,10 @@ def scorers_for(scenario: str, method: str, seed: int, split, cache: Path) -> di
     return scorers
 
 
-def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, steps: int) -> dict:
+def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, steps: int, *, curve_every: int = 100,
+             curve_size: int | None = None) -> dict:
+    """One cell; its accuracy curve every ``curve_every`` GRPO steps on the first ``curve_size`` test items (None: the
+    pipeline's default, 120)."""
     from easy_vqa import get_answers
 
     from mor_client.data.shapes import SHAPES_ANSWERS
@@ -391,7 +394,8 @@ def run_cell(policy: str, scenario: str, method: str, seed: int, cache: Path, st
                           # reward) only in the "+abstain" methods: mor and uniform stay what they were measured as
                           router_abstain_z=ABSTAIN_Z if method.endswith("+abstain") else None,
                           **({"router_features": ("image", "question")} if method.startswith("mor-iq") else {}),
-                          eval_size=EVAL_ITEMS, curve_every=100, resume=False, progress=False,
+                          eval_size=EVAL_ITEMS, curve_every=curve_every, resume=False, progress=False,
+                          **({} if curve_size is None else {"curve_size": curve_size}),
                           # every cell runs its whole GRPO budget: the collapse guard (on in the demo) would end
                           # some runs early and the rewards would no longer be compared at the same budget
                           collapse_guard=CollapseGuardConfig(every=0))

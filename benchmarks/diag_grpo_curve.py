@@ -1,8 +1,8 @@
 """Where does GRPO lose what the reference sees? Per-type held-out accuracy every N GRPO steps (issue #17).
 
 Runs one cell of ``bench_reward_ablation.py`` (the same reference cache, reward, settings and test items; the label
-carries GRPO overrides after ``~`` as there) with the pipeline's accuracy curve taken on every evaluated item, not the
-first 120, and split by question type, every ``--every`` steps. Used to find that oracle GRPO from the ``seeing``
+carries GRPO overrides after ``~`` as there) with the pipeline's accuracy curve (overall and per question type) taken
+on every evaluated item, not the first 120, every ``--every`` steps. Used to find that oracle GRPO from the ``seeing``
 reference lost 10-18 points of shape within its first 25 steps while the vision tower trained, and not when it was
 frozen (docs/alignment.md, "Keeping what the reference sees"). Appends one record per run to ``--out``.
 
@@ -23,32 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_reward_ablation as bench  # noqa: E402
 
 
-def per_type_curve(every: int):
-    """An ``evaluate.accuracy_callback`` replacement recording overall and per-type accuracy every ``every`` steps."""
-    from transformers import TrainerCallback
-
-    from mor_server.alignment import evaluate
-
-    def make(processor, examples, _every, *, domain_field: str = "question_type"):
-        class PerTypeCurve(TrainerCallback):
-            def __init__(self):
-                self.points: list[dict] = []
-
-            def on_step_end(self, args, state, control, model=None, **kw):
-                if model is None or state.global_step % every:
-                    return
-                was_training = model.training
-                acc = evaluate.accuracy(model, processor, examples, domain_field=domain_field)
-                model.train(was_training)
-                self.points.append({"step": state.global_step, "accuracy": acc["overall"], **acc["by_domain"]})
-                print("  step {step}: {accuracy:.3f} ".format(**self.points[-1])
-                      + " ".join(f"{k} {v:.3f}" for k, v in acc["by_domain"].items()), flush=True)
-
-        return PerTypeCurve()
-
-    return make
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--warm-start", required=True, help="a bench_reward_ablation label, e.g. seeing or 'seeing~freeze='")
@@ -62,18 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.every < 1:
         raise SystemExit(f"--every must be >= 1, got {a.every}")
     bench.grpo_overrides(a.warm_start)  # a bad label fails before any work
-    from mor_server.alignment import pipeline
-
-    pipeline.accuracy_callback = per_type_curve(a.every)
-    real = pipeline.run_alignment
-
-    def whole_test_curve(*args, config, **kw):
-        config.curve_every, config.curve_size = a.every, config.eval_size
-        return real(*args, config=config, **kw)
-
-    pipeline.run_alignment = whole_test_curve
     t0 = time.perf_counter()
-    cell = bench.run_cell(a.warm_start, a.scenario, a.method, a.seed, a.cache, bench.recipe_steps(a.warm_start))
+    cell = bench.run_cell(a.warm_start, a.scenario, a.method, a.seed, a.cache, bench.recipe_steps(a.warm_start),
+                          curve_every=a.every, curve_size=bench.EVAL_ITEMS)
+    for p in cell["accuracy_curve"]:
+        print(f"  step {p['step']}: {p['accuracy']:.3f} " + " ".join(f"{k} {v:.3f}" for k, v in p["by_domain"].items()))
     rec = {"warm_start": a.warm_start, "scenario": a.scenario, "method": a.method, "seed": a.seed, "every": a.every,
            "seconds": round(time.perf_counter() - t0, 1), "reference_sha256": cell["reference_sha256"],
            "before": {"overall": cell["before"]["overall"], **cell["before"]["by_domain"]},

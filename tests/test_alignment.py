@@ -46,6 +46,7 @@ def test_run_alignment_writes_report_and_plots(split, tmp_path):
     assert 0.0 <= saved["accuracy_after"]["overall"] <= 1.0 and saved["kl_to_reference"] >= -1e-6
     assert set(saved["win_rate_after"]) == set(split.clients)
     assert [p["step"] for p in saved["accuracy_curve"]] == [1, 2]
+    assert all(set(p["by_domain"]) <= {"color", "shape", "yesno"} and p["by_domain"] for p in saved["accuracy_curve"])
     assert {p.split("/")[-1] for p in rep["plots"]} == {"training.png", "accuracy.png", "routing.png", "epsilon.png"}
     assert reg.get_sample_value("mor_grpo_step") == 2
     assert rep["router"]["rank_weight"] == 0.5  # AlignmentConfig.router_rank_weight reaches the router's fit

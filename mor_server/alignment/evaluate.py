@@ -185,7 +185,8 @@ def win_rate(model, processor, pairs: Sequence, *, batch_size: int = 64) -> floa
 
 
 def accuracy_callback(processor, examples: Sequence, every: int, *, domain_field: str = "question_type"):
-    """A TrainerCallback that records ``(step, accuracy)`` on ``examples`` every ``every`` steps (``.points``)."""
+    """A TrainerCallback that records ``{"step", "accuracy", "by_domain"}`` (overall and per-type accuracy) on
+    ``examples`` every ``every`` steps (``.points``)."""
     from transformers import TrainerCallback
 
     class AccuracyCallback(TrainerCallback):
@@ -196,7 +197,8 @@ def accuracy_callback(processor, examples: Sequence, every: int, *, domain_field
             if model is not None and every > 0 and state.global_step % every == 0:
                 was_training = model.training
                 acc = accuracy(model, processor, examples, domain_field=domain_field)
-                self.points.append({"step": state.global_step, "accuracy": acc["overall"]})
+                self.points.append({"step": state.global_step, "accuracy": acc["overall"],
+                                    "by_domain": acc["by_domain"]})
                 model.train(was_training)
 
     return AccuracyCallback()

@@ -23,9 +23,9 @@ FREEZABLE = ("embeddings", "vision")
 """The parts ``GRPORunConfig.freeze`` can name."""
 
 
-def freeze_parts(model, parts: Sequence[str]) -> int:
-    """Turn off the gradients of ``parts`` (``FREEZABLE``) of a Llava-style ``model``; returns how many parameters
-    stay trainable. With LoRA (peft) the base weights are frozen anyway and this is not needed."""
+def freeze_parts(model, parts: Sequence[str]) -> None:
+    """Turn off the gradients of ``parts`` (``FREEZABLE``) of a Llava-style ``model``. With LoRA (peft) the base
+    weights are frozen anyway and this is not needed."""
     for part in parts:
         if part == "embeddings":
             mods = [model.get_input_embeddings()]
@@ -39,7 +39,6 @@ def freeze_parts(model, parts: Sequence[str]) -> int:
                                  "(a Llava- or Qwen-VL-style VLM); leave freeze empty for this model")
         for m in mods:
             m.requires_grad_(False)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 @dataclass
@@ -371,13 +370,14 @@ def run_grpo(model_dir: str | Path, train_dataset, reward_funcs: list, reward_we
 
     processor = _load_processor(model_dir)  # AutoProcessor (image-only when a video half needs torchvision)
     processor.tokenizer.padding_side = "left"
-    if cfg.lora_r and cfg.frozen_parts():
+    frozen = cfg.frozen_parts()
+    if frozen and cfg.lora_r:
         import warnings
 
         warnings.warn(f"GRPORunConfig.freeze={cfg.freeze!r} is not applied with lora_r={cfg.lora_r}: the base weights "
                       f"are frozen and lora_target_modules decides what trains", stacklevel=2)
-    elif cfg.frozen_parts():
-        freeze_parts(model, cfg.frozen_parts())
+    elif frozen:
+        freeze_parts(model, frozen)
     args = cfg.to_trl(reward_weights)
     extra = [_stop_callback(stop)] if stop is not None else []
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,

@@ -618,6 +618,11 @@ def stage1_checkpoint(candidates: Sequence[str | Path], key: dict) -> tuple[Path
     return best
 
 
+def _without_defaults(values: dict, defaults: dict) -> dict:
+    """``values`` less the fields that hold their ``defaults`` value."""
+    return {k: v for k, v in values.items() if not (k in defaults and v == defaults[k])}
+
+
 def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLlavaConfig | None = None,
                       sft: SFTConfig | None = None, pretrain: PretrainConfig | None = None,
                       progress: bool = True, device: str | torch.device | None = None,
@@ -637,13 +642,10 @@ def warm_start_cached(cache_dir: str | Path, examples: Sequence, *, tiny: TinyLl
     """
     dev = pick_device(device)[0]
     cache_dir = Path(cache_dir)
-    sft_key = asdict(sft or SFTConfig())
-    for name, default in (("balance_types", False), ("lr_schedule", "constant")):
-        if sft_key[name] == default:  # added later: references built before them keep their key
-            del sft_key[name]
-    pre_key = asdict(pretrain) if pretrain is not None and pretrain.enabled() else None
-    if pre_key is not None and pre_key["curriculum_schedule"] == "constant":
-        del pre_key["curriculum_schedule"]
+    # fields added later are in the key only when set, so references built before them keep their key
+    sft_key = _without_defaults(asdict(sft or SFTConfig()), {"balance_types": False, "lr_schedule": "constant"})
+    pre_key = _without_defaults(asdict(pretrain), {"curriculum_schedule": "constant"}) \
+        if pretrain is not None and pretrain.enabled() else None
     key = {"tiny": asdict(tiny or TinyLlavaConfig()), "sft": sft_key, "n": len(examples),
            "data_sha256": examples_digest(examples), "code": WARM_START_CODE_VERSION, "pretrain": pre_key}
     cached = _read_meta(cache_dir)
